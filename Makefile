@@ -1,0 +1,67 @@
+# p2p-voice: two commands do all the set-up on a fresh Debian/Ubuntu machine.
+#   make run    installs what is missing, builds in release mode, starts `p2p-voice host`
+#   make test   installs what is missing, runs every test
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+# Build: cmake builds the bundled libopus; ALSA headers for cpal.
+BUILD_PKGS := build-essential pkg-config cmake libasound2-dev
+# The window: X11 client libraries and a Vulkan driver (software fallback: lavapipe).
+RUN_PKGS := $(BUILD_PKGS) libx11-6 libxcursor1 libxrandr2 libxi6 libxkbcommon-x11-0 libvulkan1 mesa-vulkan-drivers
+# Tests: PulseAudio null sink for the real-device test, iproute2/nftables for the NAT test,
+# Xvfb for screenshots.
+TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables xvfb xauth
+
+.PHONY: help deps-run deps-test run server test lint bench screenshots fmt
+
+help:
+	@echo "make run          build (release) and start the desktop app with its embedded server"
+	@echo "make test         run all tests (installs missing system packages first)"
+	@echo "make server       build (release) and start a dedicated metadata server"
+	@echo "make lint         cargo fmt --check and cargo clippy -D warnings"
+	@echo "make bench        run the benchmarks (figures go to docs/BENCHMARKS.md by hand)"
+	@echo "make screenshots  render the window under Xvfb and save PNGs to assets/screenshots/"
+
+deps-run:
+	@bash scripts/ensure-packages.sh $(RUN_PKGS)
+	@command -v $(CARGO) >/dev/null || { echo "[setup] cargo not found: install Rust from https://rustup.rs"; exit 1; }
+
+deps-test:
+	@bash scripts/ensure-packages.sh $(TEST_PKGS)
+	@command -v $(CARGO) >/dev/null || { echo "[setup] cargo not found: install Rust from https://rustup.rs"; exit 1; }
+
+run: deps-run
+	@echo "[run] building p2p-voice (release)"
+	$(CARGO) build --release --locked
+	@if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
+		echo "[run] starting: p2p-voice host (window + embedded server on port 7700)"; \
+		./target/release/p2p-voice host; \
+	else \
+		echo "[run] no display (DISPLAY/WAYLAND_DISPLAY unset): starting the headless metadata server instead"; \
+		./target/release/p2p-voice server; \
+	fi
+
+server: deps-run
+	$(CARGO) build --release --locked
+	./target/release/p2p-voice server
+
+test: deps-test
+	@echo "[test] checking formatting"
+	$(CARGO) fmt --check
+	@echo "[test] building and running all tests (unit, integration, doc, bench smoke runs)"
+	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked --doc
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+bench: deps-test
+	$(CARGO) bench --locked
+
+screenshots: deps-test
+	bash scripts/screenshots.sh

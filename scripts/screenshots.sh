@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Renders the real app under Xvfb (software Vulkan: lavapipe) against a real server with two
+# talking headless clients, and saves PNGs to assets/screenshots/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=assets/screenshots
+mkdir -p "$OUT"
+echo "[screenshots] building (dev profile, same as the tests)"
+cargo build --locked --bin p2p-voice
+BIN=target/debug/p2p-voice
+PORT=${PORT:-7811}
+DISPLAY_NUM=${DISPLAY_NUM:-:97}
+CFG=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -n "${STARTED_PULSE:-}" ] && pulseaudio --kill 2>/dev/null || true
+    rm -rf "$CFG"
+}
+trap cleanup EXIT
+
+# A virtual sound card so the app shows working devices (optional).
+if command -v pulseaudio >/dev/null && ! pactl info >/dev/null 2>&1; then
+    pulseaudio --daemonize=yes --exit-idle-time=-1 --system=false --disallow-exit -n \
+        --load="module-null-sink sink_name=vsink" --load="module-native-protocol-unix" \
+        --load="module-always-sink" 2>/dev/null && STARTED_PULSE=1 || true
+fi
+
+echo "[screenshots] starting Xvfb on $DISPLAY_NUM"
+Xvfb "$DISPLAY_NUM" -screen 0 1280x800x24 -nolisten tcp >/dev/null 2>&1 &
+PIDS+=($!)
+sleep 1
+
+echo "[screenshots] starting a server on 127.0.0.1:$PORT and two talking clients"
+"$BIN" server --bind 127.0.0.1 --port "$PORT" >/dev/null 2>&1 &
+PIDS+=($!)
+sleep 0.5
+"$BIN" client --headless --server "127.0.0.1:$PORT" --username bob --channel Lobby \
+    --input-tone 300 --always-transmit --duration 60 >/dev/null 2>&1 &
+PIDS+=($!)
+"$BIN" client --headless --server "127.0.0.1:$PORT" --username carol --channel Gaming \
+    --input-silence --duration 60 >/dev/null 2>&1 &
+PIDS+=($!)
+"$BIN" client --headless --server "127.0.0.1:$PORT" --username dave --channel Lobby \
+    --input-tone 520 --always-transmit --duration 60 >/dev/null 2>&1 &
+PIDS+=($!)
+sleep 1
+
+shot() {
+    local name=$1; shift
+    echo "[screenshots] $name"
+    env DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG" \
+        P2P_VOICE_SCREENSHOT="$OUT/$name.png" P2P_VOICE_SCREENSHOT_AFTER="${AFTER:-5}" \
+        "$BIN" "$@" >/dev/null 2>&1 || echo "[screenshots] $name: app exited with $?"
+}
+
+shot connect client --server "127.0.0.1:$PORT"
+shot overview client --server "127.0.0.1:$PORT" --username alice --channel Lobby
+shot password client --server "127.0.0.1:$PORT" --username erin --channel Private
+AFTER=6 shot host host --port $((PORT + 1)) --username host-user
+ls -l "$OUT"

@@ -1,0 +1,165 @@
+//! Builds the Bevy app for each mode. `main.rs` parses arguments and calls one of these.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bevy::app::{AppExit, ScheduleRunnerPlugin};
+use bevy::log::LogPlugin;
+use bevy::prelude::*;
+
+use crate::client::ClientNetPlugin;
+pub use crate::headless::HeadlessOptions;
+use crate::headless::HeadlessPlugin;
+use crate::server::{ServerConfig, ServerPlugin};
+use crate::ui::perf::PerfPlugin;
+use crate::ui::screenshot::{ScreenshotPlan, ScreenshotPlugin};
+use crate::ui::{UiOptions, UiPlugin};
+use crate::voice::{VoicePlugin, VoiceThreadConfig};
+
+fn exit_code(exit: AppExit) -> ExitCode {
+    match exit {
+        AppExit::Success => ExitCode::SUCCESS,
+        AppExit::Error(code) => ExitCode::from(code.get()),
+    }
+}
+
+fn log_plugin() -> LogPlugin {
+    LogPlugin {
+        filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,p2p_voice=info".into()),
+        ..default()
+    }
+}
+
+/// `p2p-voice server`: headless Bevy ticking about every millisecond; no window, no audio.
+pub fn run_server(cfg: ServerConfig) -> anyhow::Result<ExitCode> {
+    let plugin = ServerPlugin::bind(cfg)?;
+    let mut app = App::new();
+    app.add_plugins((
+        MinimalPlugins.set(ScheduleRunnerPlugin::run_loop(Duration::from_millis(1))),
+        log_plugin(),
+        plugin,
+    ));
+    Ok(exit_code(app.run()))
+}
+
+/// `p2p-voice client --headless`.
+pub fn run_headless_client(opts: HeadlessOptions) -> ExitCode {
+    let mut app = App::new();
+    app.add_plugins((
+        MinimalPlugins.set(ScheduleRunnerPlugin::run_loop(Duration::from_millis(2))),
+        log_plugin(),
+        ClientNetPlugin,
+        VoicePlugin(opts.voice.clone()),
+        HeadlessPlugin(opts),
+    ));
+    exit_code(app.run())
+}
+
+/// The address people on other machines should type to reach a server on `port`: this
+/// machine's primary LAN address (found by asking the routing table; nothing is sent).
+pub fn advertised_address(port: u16) -> String {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+        s.connect("192.0.2.1:9")?; // TEST-NET-1: a route lookup only, no packet leaves
+        s.local_addr()
+    });
+    match probe {
+        Ok(a) if !a.ip().is_unspecified() => format!("{}:{port}", a.ip()),
+        _ => format!("127.0.0.1:{port}"),
+    }
+}
+
+/// The desktop window (`host` with an embedded server, or `client`).
+pub fn run_desktop(
+    server: Option<ServerConfig>,
+    username: Option<String>,
+    connect_to: Option<String>,
+    join: Option<(String, Option<String>)>,
+    voice: VoiceThreadConfig,
+) -> anyhow::Result<ExitCode> {
+    use bevy::window::{Window, WindowPlugin};
+    use bevy_egui::EguiPlugin;
+
+    let devices = crate::audio::list_devices().ok();
+    let names = |v: &[crate::audio::DeviceInfo]| v.iter().map(|d| d.name.clone()).collect();
+    let mut ui = UiOptions {
+        input_devices: devices
+            .as_ref()
+            .map(|d| names(&d.inputs))
+            .unwrap_or_default(),
+        output_devices: devices
+            .as_ref()
+            .map(|d| names(&d.outputs))
+            .unwrap_or_default(),
+        username: username.clone(),
+        join,
+        ..Default::default()
+    };
+    let mut app = App::new();
+    app.add_plugins(
+        DefaultPlugins
+            .set(WindowPlugin {
+                primary_window: Some(Window {
+                    title: "p2p-voice".into(),
+                    resolution: (1100.0, 720.0).into(),
+                    ..default()
+                }),
+                ..default()
+            })
+            .set(log_plugin()),
+    );
+    if let Some(cfg) = server {
+        let port = cfg.port;
+        let plugin = ServerPlugin::bind(cfg)?;
+        let port = plugin.local_addr().map(|a| a.port()).unwrap_or(port);
+        app.add_plugins(plugin);
+        ui.host_address = Some(advertised_address(port));
+        ui.server = format!("127.0.0.1:{port}");
+        ui.auto_connect = true;
+    } else {
+        let settings = crate::config::ClientSettings::load();
+        ui.auto_connect = connect_to.is_some() && username.is_some();
+        ui.server = connect_to
+            .or(settings.server)
+            .unwrap_or_else(|| format!("127.0.0.1:{}", crate::protocol::DEFAULT_PORT));
+    }
+    app.add_plugins((
+        EguiPlugin::default(),
+        ClientNetPlugin,
+        VoicePlugin(voice),
+        UiPlugin(ui),
+        PerfPlugin,
+    ));
+    if let Some(plan) = ScreenshotPlan::from_env() {
+        app.add_plugins(ScreenshotPlugin(plan));
+    }
+    Ok(exit_code(app.run()))
+}
+
+/// `p2p-voice devices`.
+pub fn print_devices() -> anyhow::Result<()> {
+    let list = crate::audio::list_devices()?;
+    println!("audio host: {}", list.host);
+    println!("inputs:");
+    if list.inputs.is_empty() {
+        println!("  (none)");
+    }
+    for d in &list.inputs {
+        println!(
+            "  {}{}",
+            d.name,
+            if d.is_default { "  [default]" } else { "" }
+        );
+    }
+    println!("outputs:");
+    if list.outputs.is_empty() {
+        println!("  (none)");
+    }
+    for d in &list.outputs {
+        println!(
+            "  {}{}",
+            d.name,
+            if d.is_default { "  [default]" } else { "" }
+        );
+    }
+    Ok(())
+}

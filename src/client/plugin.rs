@@ -1,0 +1,221 @@
+//! `ClientNetPlugin`: drives [`ControlSession`] from a non-blocking TCP [`Transport`] every
+//! frame and mirrors the overview into `Channel` / `User` entities.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bevy::prelude::*;
+
+use super::components::*;
+use super::session::{Action, ControlSession, SessionEvent};
+use super::transport::Transport;
+use crate::protocol::{ChannelInfo, MemberInfo, UserId};
+
+/// User intents for the control plane (from the UI, the CLI or tests).
+#[derive(Event, Debug, Clone, PartialEq, Eq)]
+pub enum ClientIntent {
+    Connect {
+        server: String,
+        username: String,
+    },
+    Join {
+        channel: String,
+        password: Option<String>,
+    },
+    Leave,
+    Disconnect,
+}
+
+/// Everything the control session reports, re-published for other plugins (voice, UI,
+/// headless printer).
+#[derive(Event, Debug, Clone, PartialEq, Eq)]
+pub struct ControlEvent(pub SessionEvent);
+
+/// The control session and its transport.
+#[derive(Resource)]
+pub struct ControlLink {
+    pub session: ControlSession,
+    transport: Transport,
+    start: Instant,
+}
+
+impl ControlLink {
+    /// Time since the app started, the clock handed to the pure session.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    pub fn server_addr(&self) -> Option<std::net::SocketAddr> {
+        self.transport.remote()
+    }
+}
+
+/// Index from server names/ids to the mirrored entities.
+#[derive(Resource, Default)]
+pub struct Directory {
+    pub channels: HashMap<String, Entity>,
+    pub users: HashMap<UserId, Entity>,
+}
+
+/// Adds the control plane to an app.
+pub struct ClientNetPlugin;
+
+impl Plugin for ClientNetPlugin {
+    fn build(&self, app: &mut App) {
+        app.insert_resource(ControlLink {
+            session: ControlSession::new(),
+            transport: Transport::new(),
+            start: Instant::now(),
+        })
+        .init_resource::<Directory>()
+        .add_event::<ClientIntent>()
+        .add_event::<ControlEvent>()
+        .add_systems(
+            PreUpdate,
+            (apply_intents, drive_transport, mirror_overview).chain(),
+        );
+    }
+}
+
+fn apply_intents(mut link: ResMut<ControlLink>, mut intents: EventReader<ClientIntent>) {
+    let now = link.now();
+    for intent in intents.read() {
+        match intent.clone() {
+            ClientIntent::Connect { server, username } => {
+                link.session.connect(now, &server, &username)
+            }
+            ClientIntent::Join { channel, password } => link.session.join(now, &channel, password),
+            ClientIntent::Leave => link.session.leave(now),
+            ClientIntent::Disconnect => link.session.disconnect(now),
+        }
+    }
+}
+
+fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<ControlEvent>) {
+    let link = &mut *link;
+    let now = link.start.elapsed();
+    link.session.tick(now);
+    // Actions may be produced by the messages handled below; loop a couple of times so a
+    // reply goes out in the same frame.
+    for _ in 0..3 {
+        while let Some(action) = link.session.poll_action() {
+            match action {
+                Action::OpenTransport { server } => link.transport.open(&server),
+                Action::Send(msg) => link.transport.send(&msg),
+                Action::CloseTransport => link.transport.close(),
+            }
+        }
+        let progress = link.transport.poll();
+        if progress.connected {
+            link.session.transport_connected(now);
+        }
+        let had_messages = !progress.messages.is_empty();
+        for msg in progress.messages {
+            link.session.handle(now, msg);
+        }
+        if let Some(reason) = progress.lost {
+            link.session.transport_lost(now, &reason);
+        }
+        if !had_messages && !progress.connected {
+            break;
+        }
+    }
+    while let Some(action) = link.session.poll_action() {
+        match action {
+            Action::OpenTransport { server } => link.transport.open(&server),
+            Action::Send(msg) => link.transport.send(&msg),
+            Action::CloseTransport => link.transport.close(),
+        }
+    }
+    let _ = link.transport.poll();
+    while let Some(event) = link.session.poll_event() {
+        events.write(ControlEvent(event));
+    }
+}
+
+fn spawn_member(
+    commands: &mut Commands,
+    dir: &mut Directory,
+    channel: Entity,
+    member: &MemberInfo,
+    self_id: Option<UserId>,
+) {
+    if let Some(old) = dir.users.remove(&member.user_id) {
+        commands.entity(old).despawn();
+    }
+    let mut e = commands.spawn((
+        User {
+            id: member.user_id,
+            name: member.username.clone(),
+        },
+        MemberOf(channel),
+        Speaking::default(),
+        VoiceLevel::default(),
+        Muted::default(),
+        Volume::default(),
+    ));
+    if Some(member.user_id) == self_id {
+        e.insert(IsSelf);
+    } else {
+        e.insert(PeerLink::default());
+    }
+    dir.users.insert(member.user_id, e.id());
+}
+
+fn rebuild(
+    commands: &mut Commands,
+    dir: &mut Directory,
+    channels: &[ChannelInfo],
+    self_id: Option<UserId>,
+) {
+    for (_, e) in dir.users.drain() {
+        commands.entity(e).despawn();
+    }
+    for (_, e) in dir.channels.drain() {
+        commands.entity(e).despawn();
+    }
+    for (order, ch) in channels.iter().enumerate() {
+        let e = commands
+            .spawn(Channel {
+                name: ch.name.clone(),
+                has_password: ch.has_password,
+                max_members: ch.max_members,
+                order,
+            })
+            .id();
+        dir.channels.insert(ch.name.clone(), e);
+        for m in &ch.members {
+            spawn_member(commands, dir, e, m, self_id);
+        }
+    }
+}
+
+fn mirror_overview(
+    mut commands: Commands,
+    mut dir: ResMut<Directory>,
+    link: Res<ControlLink>,
+    mut events: EventReader<ControlEvent>,
+) {
+    let self_id = link.session.user_id();
+    for ControlEvent(event) in events.read() {
+        match event {
+            SessionEvent::Overview { channels } => {
+                rebuild(&mut commands, &mut dir, channels, self_id);
+            }
+            SessionEvent::MemberJoined { channel, member } => {
+                if let Some(&ch) = dir.channels.get(channel) {
+                    spawn_member(&mut commands, &mut dir, ch, member, self_id);
+                }
+            }
+            SessionEvent::MemberLeft { user_id, .. } => {
+                if let Some(e) = dir.users.remove(user_id) {
+                    commands.entity(e).despawn();
+                }
+            }
+            SessionEvent::Disconnected { .. } => {
+                rebuild(&mut commands, &mut dir, &[], self_id);
+            }
+            _ => {}
+        }
+    }
+}

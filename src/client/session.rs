@@ -1,0 +1,547 @@
+//! `ControlSession`: the client's side of the control protocol as a pure state machine.
+//!
+//! It owns no socket and reads no clock. The shell tells it when the transport connected,
+//! failed or closed and hands it each server message with the current time; it answers with
+//! [`Action`]s (open the transport, send a message, close) and [`SessionEvent`]s for the app.
+//! Reconnection with exponential backoff and rejoining the previous channel live here, so they
+//! are tested with a simulated clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use crate::protocol::{
+    ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, Status, UserId, APP_VERSION,
+    PROTOCOL_VERSION,
+};
+
+/// Interval between heartbeats while connected.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(4);
+/// A server silent this long is considered gone (it answers every heartbeat).
+pub const SERVER_SILENCE_TIMEOUT: Duration = Duration::from_secs(12);
+/// Giving up on a connect attempt that neither succeeds nor fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// Where the session stands, for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Not asked to connect, or disconnected on purpose.
+    Idle,
+    /// Transport being opened.
+    Connecting,
+    /// Hello sent, waiting for Welcome.
+    Handshake,
+    /// Identify sent.
+    Identifying,
+    /// Identified; may or may not be in a channel.
+    Ready,
+    /// Lost the server; next attempt at `retry_at`.
+    Reconnecting { retry_at: Duration, reason: String },
+    /// Refused for a reason retrying will not fix (version mismatch, name taken on first try).
+    Failed(String),
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    OpenTransport { server: String },
+    Send(ClientMsg),
+    CloseTransport,
+}
+
+/// What happened, for the ECS mirror, the voice plane and the UI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    Welcome {
+        udp_token: u64,
+    },
+    Identified {
+        user_id: UserId,
+        username: String,
+    },
+    /// Full picture (after identification and after each reconnect).
+    Overview {
+        channels: Vec<ChannelInfo>,
+    },
+    Joined {
+        channel: String,
+    },
+    JoinRefused {
+        channel: String,
+        status: Status,
+    },
+    Left {
+        channel: String,
+    },
+    MemberJoined {
+        channel: String,
+        member: MemberInfo,
+    },
+    MemberLeft {
+        channel: String,
+        user_id: UserId,
+    },
+    PeerEndpoints(PeerInfo),
+    PeerGone {
+        user_id: UserId,
+    },
+    /// The connection is gone; a new attempt follows after `retry_in` unless `None`.
+    Disconnected {
+        reason: String,
+        retry_in: Option<Duration>,
+    },
+    /// A refusal or problem to show the user.
+    Error {
+        status: Option<Status>,
+        message: String,
+    },
+}
+
+/// The client's control-plane state machine. See the module docs.
+#[derive(Debug)]
+pub struct ControlSession {
+    phase: Phase,
+    server: String,
+    username: String,
+    user_id: Option<UserId>,
+    /// The channel we are in (server's spelling).
+    channel: Option<String>,
+    /// Channel (and password) to be in after a reconnect, or requested and not yet answered.
+    wanted_channel: Option<(String, Option<String>)>,
+    channels: Vec<ChannelInfo>,
+    peers: HashMap<UserId, PeerInfo>,
+    local_endpoints: Vec<std::net::SocketAddr>,
+    attempts: u32,
+    ever_identified: bool,
+    phase_since: Duration,
+    last_sent: Duration,
+    last_heard: Duration,
+    actions: VecDeque<Action>,
+    events: VecDeque<SessionEvent>,
+}
+
+impl Default for ControlSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControlSession {
+    pub fn new() -> Self {
+        Self {
+            phase: Phase::Idle,
+            server: String::new(),
+            username: String::new(),
+            user_id: None,
+            channel: None,
+            wanted_channel: None,
+            channels: Vec::new(),
+            peers: HashMap::new(),
+            local_endpoints: Vec::new(),
+            attempts: 0,
+            ever_identified: false,
+            phase_since: Duration::ZERO,
+            last_sent: Duration::ZERO,
+            last_heard: Duration::ZERO,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+    pub fn user_id(&self) -> Option<UserId> {
+        self.user_id
+    }
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+    pub fn channel(&self) -> Option<&str> {
+        self.channel.as_deref()
+    }
+    pub fn channels(&self) -> &[ChannelInfo] {
+        &self.channels
+    }
+    pub fn peers(&self) -> impl Iterator<Item = &PeerInfo> {
+        self.peers.values()
+    }
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    fn set_phase(&mut self, now: Duration, phase: Phase) {
+        self.phase = phase;
+        self.phase_since = now;
+    }
+
+    fn send(&mut self, now: Duration, msg: ClientMsg) {
+        self.last_sent = now;
+        self.actions.push_back(Action::Send(msg));
+    }
+
+    /// User intent: connect to `server` ("host:port") as `username`.
+    pub fn connect(&mut self, now: Duration, server: &str, username: &str) {
+        if !matches!(
+            self.phase,
+            Phase::Idle | Phase::Failed(_) | Phase::Reconnecting { .. }
+        ) {
+            self.actions.push_back(Action::CloseTransport);
+        }
+        self.server = server.to_string();
+        self.username = username.to_string();
+        self.attempts = 0;
+        self.ever_identified = false;
+        self.channel = None;
+        self.wanted_channel = None;
+        self.open(now);
+    }
+
+    fn open(&mut self, now: Duration) {
+        self.set_phase(now, Phase::Connecting);
+        self.actions.push_back(Action::OpenTransport {
+            server: self.server.clone(),
+        });
+    }
+
+    /// User intent: join `channel` (leaving the current one).
+    pub fn join(&mut self, now: Duration, channel: &str, password: Option<String>) {
+        self.wanted_channel = Some((channel.to_string(), password.clone()));
+        if self.phase == Phase::Ready {
+            self.send(
+                now,
+                ClientMsg::Join {
+                    channel: channel.to_string(),
+                    password,
+                },
+            );
+        }
+    }
+
+    /// User intent: leave the current channel, stay connected.
+    pub fn leave(&mut self, now: Duration) {
+        self.wanted_channel = None;
+        if self.phase == Phase::Ready && self.channel.is_some() {
+            self.send(now, ClientMsg::Leave);
+        }
+    }
+
+    /// User intent: hang up completely (no reconnect).
+    pub fn disconnect(&mut self, now: Duration) {
+        if matches!(
+            self.phase,
+            Phase::Handshake | Phase::Identifying | Phase::Ready
+        ) {
+            self.send(now, ClientMsg::Disconnect);
+        }
+        self.actions.push_back(Action::CloseTransport);
+        self.clear_membership();
+        self.wanted_channel = None;
+        self.set_phase(now, Phase::Idle);
+    }
+
+    /// Our local UDP addresses, announced to the server (now and after every reconnect).
+    pub fn set_local_endpoints(&mut self, now: Duration, local: Vec<std::net::SocketAddr>) {
+        self.local_endpoints = local.clone();
+        if self.phase == Phase::Ready {
+            self.send(now, ClientMsg::AnnounceEndpoints { local });
+        }
+    }
+
+    /// Transport is up: say Hello.
+    pub fn transport_connected(&mut self, now: Duration) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        self.last_heard = now;
+        self.set_phase(now, Phase::Handshake);
+        self.send(
+            now,
+            ClientMsg::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                app_version: APP_VERSION.to_string(),
+            },
+        );
+    }
+
+    /// Transport failed to open or broke.
+    pub fn transport_lost(&mut self, now: Duration, reason: &str) {
+        match self.phase {
+            Phase::Idle | Phase::Failed(_) | Phase::Reconnecting { .. } => return,
+            _ => {}
+        }
+        self.actions.push_back(Action::CloseTransport);
+        if self.channel.is_some() {
+            let ch = self.channel.clone().unwrap_or_default();
+            if self.wanted_channel.is_none() {
+                self.wanted_channel = Some((ch, None));
+            }
+        }
+        self.clear_membership();
+        self.schedule_retry(now, reason.to_string());
+    }
+
+    fn clear_membership(&mut self) {
+        if let Some(ch) = self.channel.take() {
+            self.events.push_back(SessionEvent::Left { channel: ch });
+        }
+        for id in self.peers.keys().copied().collect::<Vec<_>>() {
+            self.events
+                .push_back(SessionEvent::PeerGone { user_id: id });
+        }
+        self.peers.clear();
+    }
+
+    fn schedule_retry(&mut self, now: Duration, reason: String) {
+        let exp = self.attempts.min(5);
+        self.attempts += 1;
+        let delay = (BACKOFF_MIN * 2u32.pow(exp)).min(BACKOFF_MAX);
+        self.events.push_back(SessionEvent::Disconnected {
+            reason: reason.clone(),
+            retry_in: Some(delay),
+        });
+        self.set_phase(
+            now,
+            Phase::Reconnecting {
+                retry_at: now + delay,
+                reason,
+            },
+        );
+    }
+
+    fn fail(&mut self, now: Duration, status: Option<Status>, message: String) {
+        self.actions.push_back(Action::CloseTransport);
+        self.clear_membership();
+        self.events.push_back(SessionEvent::Error {
+            status,
+            message: message.clone(),
+        });
+        self.events.push_back(SessionEvent::Disconnected {
+            reason: message.clone(),
+            retry_in: None,
+        });
+        self.set_phase(now, Phase::Failed(message));
+    }
+
+    /// Time passes: heartbeats, timeouts, reconnect attempts.
+    pub fn tick(&mut self, now: Duration) {
+        match self.phase.clone() {
+            Phase::Connecting if now.saturating_sub(self.phase_since) > CONNECT_TIMEOUT => {
+                self.transport_lost(now, "connection attempt timed out");
+            }
+            Phase::Handshake | Phase::Identifying | Phase::Ready => {
+                if now.saturating_sub(self.last_heard) > SERVER_SILENCE_TIMEOUT {
+                    self.transport_lost(now, "server stopped answering");
+                } else if now.saturating_sub(self.last_sent) >= HEARTBEAT_INTERVAL {
+                    self.send(now, ClientMsg::Heartbeat);
+                }
+            }
+            Phase::Reconnecting { retry_at, .. } if now >= retry_at => self.open(now),
+            _ => {}
+        }
+    }
+
+    /// When `tick` next has something to do.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        match &self.phase {
+            Phase::Connecting => Some(self.phase_since + CONNECT_TIMEOUT),
+            Phase::Handshake | Phase::Identifying | Phase::Ready => Some(
+                (self.last_sent + HEARTBEAT_INTERVAL).min(self.last_heard + SERVER_SILENCE_TIMEOUT),
+            ),
+            Phase::Reconnecting { retry_at, .. } => Some(*retry_at),
+            _ => None,
+        }
+    }
+
+    /// One message from the server.
+    pub fn handle(&mut self, now: Duration, msg: ServerMsg) {
+        self.last_heard = now;
+        match msg {
+            ServerMsg::Welcome {
+                protocol_version,
+                udp_token,
+                ..
+            } => {
+                if self.phase != Phase::Handshake {
+                    return;
+                }
+                if protocol_version != PROTOCOL_VERSION {
+                    self.fail(
+                        now,
+                        Some(Status::VersionMismatch),
+                        format!(
+                            "server speaks protocol {protocol_version}, this app speaks {PROTOCOL_VERSION}: update one of them"
+                        ),
+                    );
+                    return;
+                }
+                self.events.push_back(SessionEvent::Welcome { udp_token });
+                self.set_phase(now, Phase::Identifying);
+                let username = self.username.clone();
+                self.send(now, ClientMsg::Identify { username });
+            }
+            ServerMsg::Identified {
+                status,
+                user_id,
+                username,
+            } => {
+                if self.phase != Phase::Identifying {
+                    return;
+                }
+                match (status, user_id) {
+                    (Status::Ok, Some(id)) => {
+                        self.user_id = Some(id);
+                        self.username = username.clone();
+                        self.attempts = 0;
+                        self.ever_identified = true;
+                        self.set_phase(now, Phase::Ready);
+                        self.events.push_back(SessionEvent::Identified {
+                            user_id: id,
+                            username,
+                        });
+                        if !self.local_endpoints.is_empty() {
+                            let local = self.local_endpoints.clone();
+                            self.send(now, ClientMsg::AnnounceEndpoints { local });
+                        }
+                        if let Some((ch, pw)) = self.wanted_channel.clone() {
+                            self.send(
+                                now,
+                                ClientMsg::Join {
+                                    channel: ch,
+                                    password: pw,
+                                },
+                            );
+                        }
+                    }
+                    // After a network drop the server may still hold our old session for a
+                    // few seconds: keep retrying instead of giving up.
+                    (Status::NameTaken, _) if self.ever_identified => {
+                        self.actions.push_back(Action::CloseTransport);
+                        self.schedule_retry(
+                            now,
+                            "the server still holds our previous session".into(),
+                        );
+                    }
+                    (status, _) => {
+                        let message = format!("{username:?}: {}", status.message());
+                        self.fail(now, Some(status), message);
+                    }
+                }
+            }
+            ServerMsg::Overview { channels } => {
+                self.channels = channels.clone();
+                self.events.push_back(SessionEvent::Overview { channels });
+            }
+            ServerMsg::Joined { status, channel } => {
+                if status == Status::Ok {
+                    if let Some(old) = self.channel.replace(channel.clone()) {
+                        if old != channel {
+                            self.events.push_back(SessionEvent::Left { channel: old });
+                        }
+                    }
+                    if let Some((want, pw)) = self.wanted_channel.take() {
+                        self.wanted_channel = Some((
+                            if want.eq_ignore_ascii_case(&channel) {
+                                channel.clone()
+                            } else {
+                                want
+                            },
+                            pw,
+                        ));
+                    }
+                    self.events.push_back(SessionEvent::Joined { channel });
+                } else {
+                    if self
+                        .wanted_channel
+                        .as_ref()
+                        .is_some_and(|(w, _)| w.eq_ignore_ascii_case(&channel))
+                    {
+                        self.wanted_channel = self.channel.clone().map(|c| (c, None));
+                    }
+                    self.events.push_back(SessionEvent::Error {
+                        status: Some(status),
+                        message: format!("cannot join {channel}: {}", status.message()),
+                    });
+                    self.events
+                        .push_back(SessionEvent::JoinRefused { channel, status });
+                }
+            }
+            ServerMsg::Left { status, channel } => {
+                if status == Status::Ok {
+                    self.clear_membership();
+                    if let Some(c) = channel {
+                        // clear_membership already reported our channel; report the server's
+                        // spelling only if we did not know we were in one.
+                        if !self
+                            .events
+                            .iter()
+                            .any(|e| matches!(e, SessionEvent::Left { .. }))
+                        {
+                            self.events.push_back(SessionEvent::Left { channel: c });
+                        }
+                    }
+                }
+            }
+            ServerMsg::MemberJoined { channel, member } => {
+                for ch in &mut self.channels {
+                    ch.members.retain(|m| m.user_id != member.user_id);
+                    if ch.name == channel {
+                        ch.members.push(member.clone());
+                    }
+                }
+                self.events
+                    .push_back(SessionEvent::MemberJoined { channel, member });
+            }
+            ServerMsg::MemberLeft { channel, user_id } => {
+                for ch in &mut self.channels {
+                    if ch.name == channel {
+                        ch.members.retain(|m| m.user_id != user_id);
+                    }
+                }
+                self.events
+                    .push_back(SessionEvent::MemberLeft { channel, user_id });
+            }
+            ServerMsg::PeerEndpoints { peer } => {
+                if Some(peer.user_id) == self.user_id {
+                    return;
+                }
+                self.peers.insert(peer.user_id, peer.clone());
+                self.events.push_back(SessionEvent::PeerEndpoints(peer));
+            }
+            ServerMsg::PeerGone { user_id } => {
+                if self.peers.remove(&user_id).is_some() {
+                    self.events.push_back(SessionEvent::PeerGone { user_id });
+                }
+            }
+            ServerMsg::HeartbeatAck => {}
+            ServerMsg::Error { status, message } => {
+                if status == Status::VersionMismatch {
+                    self.fail(now, Some(status), message);
+                } else if !matches!(status, Status::NameTaken | Status::InvalidName) {
+                    // Identify refusals are reported through `Identified`; avoid doubling them.
+                    self.events.push_back(SessionEvent::Error {
+                        status: Some(status),
+                        message,
+                    });
+                }
+            }
+            ServerMsg::Closing { reason } => {
+                if matches!(self.phase, Phase::Failed(_)) {
+                    return;
+                }
+                self.transport_lost(now, &format!("server closed the connection: {reason}"));
+            }
+        }
+    }
+}

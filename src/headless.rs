@@ -1,0 +1,249 @@
+//! `HeadlessPlugin`: the windowless client used by tests, bots and benchmarks. It connects,
+//! joins the requested channel, prints every control event as one JSON line on stdout and
+//! exits after `--duration` (0), on a refused join (3) or on a fatal refusal (4).
+
+use std::time::{Duration, Instant};
+
+use bevy::app::AppExit;
+use bevy::prelude::*;
+use serde_json::json;
+
+use crate::client::{ClientIntent, ControlEvent, SessionEvent};
+use crate::protocol::Status;
+use crate::voice::{PeerState, Voice, VoiceCommand, VoiceSnapshot, VoiceThreadConfig};
+
+/// Exit code when the server refuses to let us join the channel.
+pub const EXIT_JOIN_REFUSED: u8 = 3;
+/// Exit code when the server refuses us for good (name taken, version mismatch).
+pub const EXIT_REFUSED: u8 = 4;
+
+/// What the headless client should do.
+#[derive(Resource, Debug, Clone)]
+pub struct HeadlessOptions {
+    pub server: String,
+    pub username: String,
+    pub channel: Option<String>,
+    pub password: Option<String>,
+    pub duration: Option<Duration>,
+    pub voice: VoiceThreadConfig,
+    /// Send continuously instead of following the voice activity detector.
+    pub always_transmit: bool,
+    pub start_muted: bool,
+}
+
+#[derive(Resource)]
+struct RunClock {
+    start: Instant,
+    stopping: Option<(Instant, u8)>,
+}
+
+/// See the module docs.
+pub struct HeadlessPlugin(pub HeadlessOptions);
+
+impl Plugin for HeadlessPlugin {
+    fn build(&self, app: &mut App) {
+        app.insert_resource(self.0.clone())
+            .insert_resource(RunClock {
+                start: Instant::now(),
+                stopping: None,
+            })
+            .add_systems(PostStartup, start_connect)
+            .add_systems(Update, (report_events, stop_when_done).chain());
+    }
+}
+
+fn start_connect(
+    opts: Res<HeadlessOptions>,
+    voice: Res<Voice>,
+    mut intents: EventWriter<ClientIntent>,
+) {
+    if let Some(t) = &voice.thread {
+        let us = t
+            .audio_started()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        println!(
+            "{}",
+            json!({"event": "audio_started", "unix_us": us, "voice_addr": t.local_addr().to_string()})
+        );
+        if opts.always_transmit {
+            t.send(VoiceCommand::SetPushToTalk(true));
+            t.send(VoiceCommand::SetPttPressed(true));
+        }
+        if opts.start_muted {
+            t.send(VoiceCommand::SetMuted(true));
+        }
+    }
+    if let Some(e) = &voice.error {
+        eprintln!("p2p-voice: {e}");
+    }
+    intents.write(ClientIntent::Connect {
+        server: opts.server.clone(),
+        username: opts.username.clone(),
+    });
+}
+
+/// The JSON form of a control event, one line per event.
+pub fn event_json(event: &SessionEvent) -> serde_json::Value {
+    match event {
+        SessionEvent::Welcome { .. } => json!({"event": "connected"}),
+        SessionEvent::Identified { user_id, username } => {
+            json!({"event": "identified", "user_id": user_id, "username": username})
+        }
+        SessionEvent::Overview { channels } => json!({
+            "event": "overview",
+            "channels": channels.iter().map(|c| json!({
+                "name": c.name,
+                "has_password": c.has_password,
+                "max_members": c.max_members,
+                "members": c.members.iter().map(|m| json!({"user_id": m.user_id, "username": m.username})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }),
+        SessionEvent::Joined { channel } => json!({"event": "joined", "channel": channel}),
+        SessionEvent::JoinRefused { channel, status } => json!({
+            "event": "join_refused", "channel": channel, "status": format!("{status:?}"), "message": status.message(),
+        }),
+        SessionEvent::Left { channel } => json!({"event": "left", "channel": channel}),
+        SessionEvent::MemberJoined { channel, member } => json!({
+            "event": "member_joined", "channel": channel, "user_id": member.user_id, "username": member.username,
+        }),
+        SessionEvent::MemberLeft { channel, user_id } => {
+            json!({"event": "member_left", "channel": channel, "user_id": user_id})
+        }
+        SessionEvent::PeerEndpoints(p) => json!({
+            "event": "peer_endpoints", "user_id": p.user_id, "username": p.username,
+            "candidates": p.candidates().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        }),
+        SessionEvent::PeerGone { user_id } => json!({"event": "peer_gone", "user_id": user_id}),
+        SessionEvent::Disconnected { reason, retry_in } => json!({
+            "event": "disconnected", "reason": reason, "retry_in_ms": retry_in.map(|d| d.as_millis() as u64),
+        }),
+        SessionEvent::Error { status, message } => json!({
+            "event": "error", "status": status.map(|s| format!("{s:?}")), "message": message,
+        }),
+    }
+}
+
+fn report_events(
+    opts: Res<HeadlessOptions>,
+    mut clock: ResMut<RunClock>,
+    mut events: EventReader<ControlEvent>,
+    mut intents: EventWriter<ClientIntent>,
+) {
+    for ControlEvent(event) in events.read() {
+        println!("{}", event_json(event));
+        match event {
+            SessionEvent::Identified { .. } => {
+                if let Some(channel) = &opts.channel {
+                    intents.write(ClientIntent::Join {
+                        channel: channel.clone(),
+                        password: opts.password.clone(),
+                    });
+                }
+            }
+            SessionEvent::JoinRefused { channel, status } => {
+                eprintln!("p2p-voice: cannot join {channel}: {}", status.message());
+                clock
+                    .stopping
+                    .get_or_insert((Instant::now(), EXIT_JOIN_REFUSED));
+            }
+            SessionEvent::Disconnected {
+                reason,
+                retry_in: None,
+            } => {
+                eprintln!("p2p-voice: {reason}");
+                clock.stopping.get_or_insert((Instant::now(), EXIT_REFUSED));
+            }
+            SessionEvent::Disconnected {
+                reason,
+                retry_in: Some(d),
+            } => {
+                eprintln!(
+                    "p2p-voice: {reason}; reconnecting in {:.1} s",
+                    d.as_secs_f32()
+                );
+            }
+            SessionEvent::Error {
+                status: Some(Status::NameTaken | Status::InvalidName),
+                ..
+            } => {}
+            _ => {}
+        }
+    }
+}
+
+/// The final JSON line: each peer's link state and stats.
+pub fn summary_json(snap: &VoiceSnapshot) -> serde_json::Value {
+    json!({
+        "event": "summary",
+        "self_id": snap.self_id,
+        "frames_sent": snap.frames_sent,
+        "bytes_sent": snap.bytes_sent,
+        "public_addr": snap.public_addr.map(|a| a.to_string()),
+        "dropped_datagrams": {
+            "garbage": snap.drops.garbage,
+            "unknown_sender": snap.drops.unknown_sender,
+            "wrong_recipient": snap.drops.wrong_recipient,
+            "unauthenticated_source": snap.drops.unauthenticated_source,
+            "replay": snap.drops.replay,
+            "stale_control": snap.drops.stale_control,
+            "unexpected_kind": snap.drops.unexpected_kind,
+        },
+        "peers": snap.peers.iter().map(|p| json!({
+            "user_id": p.user_id,
+            "username": p.name,
+            "link": match &p.state {
+                PeerState::Punching => json!({"state": "punching"}),
+                PeerState::Direct(a) => json!({"state": "direct", "addr": a.to_string()}),
+                PeerState::Unreachable(r) => json!({"state": "unreachable", "reason": r}),
+            },
+            "rtt_ms": p.rtt_ms,
+            "loss_pct": p.loss_pct,
+            "jitter_ms": p.jitter_ms,
+            "buffer_ms": p.buffer_ms,
+            "target_ms": p.target_ms,
+            "packets_in": p.packets_in,
+            "packets_out": p.packets_out,
+            "bytes_in": p.bytes_in,
+            "bytes_out": p.bytes_out,
+            "frames_decoded": p.frames_decoded,
+            "frames_fec": p.frames_fec,
+            "frames_concealed": p.frames_concealed,
+            "late": p.late,
+            "duplicates": p.duplicates,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn stop_when_done(
+    opts: Res<HeadlessOptions>,
+    mut voice: ResMut<Voice>,
+    mut clock: ResMut<RunClock>,
+    mut intents: EventWriter<ClientIntent>,
+    mut exit: EventWriter<AppExit>,
+) {
+    if clock.stopping.is_none() {
+        if let Some(d) = opts.duration {
+            if clock.start.elapsed() >= d {
+                intents.write(ClientIntent::Disconnect);
+                clock.stopping = Some((Instant::now(), 0));
+            }
+        }
+    }
+    // Give the goodbye a few frames to reach the socket.
+    if let Some((since, code)) = clock.stopping {
+        if since.elapsed() >= Duration::from_millis(50) {
+            if let Some(mut t) = voice.thread.take() {
+                if let Some(snap) = t.shutdown() {
+                    println!("{}", summary_json(&snap));
+                }
+            }
+            exit.write(if code == 0 {
+                AppExit::Success
+            } else {
+                AppExit::from_code(code)
+            });
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! `p2p-voice`: command-line entry. Parses the mode and builds the Bevy app for it; nothing else.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use p2p_voice::app::{self, HeadlessOptions};
+use p2p_voice::audio::{InputSource, OutputSink};
+use p2p_voice::config::{hash_password, load_channels};
+use p2p_voice::protocol::DEFAULT_PORT;
+use p2p_voice::server::{ServerConfig, ServerRules};
+use p2p_voice::voice::codec::FrameDuration;
+use p2p_voice::voice::impair::ImpairConfig;
+use p2p_voice::voice::{VoiceConfig, VoiceThreadConfig};
+
+#[derive(Parser)]
+#[command(name = "p2p-voice", version, about = "Peer-to-peer voice chat", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Desktop app with its own metadata server inside (the default).
+    Host(HostArgs),
+    /// Desktop app (or, with --headless, a windowless client) joining someone else's server.
+    Client(ClientArgs),
+    /// Dedicated metadata server: headless, no window, no audio.
+    Server(ServerArgs),
+    /// Print an argon2 hash of a channel password for the channels file.
+    HashPassword(HashArgs),
+    /// List audio input and output devices.
+    Devices,
+}
+
+#[derive(Args, Clone)]
+struct HostArgs {
+    /// TCP and UDP port of the embedded server.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// Address the embedded server listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// Channels file (TOML); the built-in list when absent.
+    #[arg(long)]
+    channels: Option<PathBuf>,
+    /// Username (defaults to the last one used).
+    #[arg(long)]
+    username: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct ServerArgs {
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    #[arg(long)]
+    channels: Option<PathBuf>,
+    /// Print the bound address as a JSON line on stdout (for scripts).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Server address, HOST or HOST:PORT.
+    #[arg(long)]
+    server: Option<String>,
+    #[arg(long)]
+    username: Option<String>,
+    /// Channel to join once connected.
+    #[arg(long)]
+    channel: Option<String>,
+    /// Password of that channel.
+    #[arg(long)]
+    password: Option<String>,
+    /// No window: print events as JSON lines; audio from/to files or a tone.
+    #[arg(long)]
+    headless: bool,
+    /// Seconds to run before exiting (headless).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Headless input: a WAV file (any rate and channel count; played once, then silence).
+    #[arg(long, value_name = "FILE", group = "input")]
+    input_wav: Option<PathBuf>,
+    /// Headless input: a sine tone of this frequency in Hz.
+    #[arg(long, value_name = "HZ", group = "input")]
+    input_tone: Option<f32>,
+    /// Headless input: silence.
+    #[arg(long, group = "input")]
+    input_silence: bool,
+    /// Repeat --input-wav forever.
+    #[arg(long, requires = "input_wav")]
+    loop_input: bool,
+    /// Headless output: write what you hear to this WAV file (48 kHz mono, 16-bit).
+    #[arg(long, value_name = "FILE")]
+    output_wav: Option<PathBuf>,
+    /// Frame length in milliseconds: 20 (default) or 10 (lower latency, more packets).
+    #[arg(long, default_value_t = 20, value_parser = parse_frame_ms)]
+    frame_ms: u32,
+    /// Opus bitrate in bits per second.
+    #[arg(long, default_value_t = 24_000, value_parser = clap::value_parser!(u32).range(6_000..=128_000))]
+    bitrate: u32,
+    /// Noise suppression: on by default for microphones, off for WAV/tone inputs.
+    #[arg(long, value_name = "on|off")]
+    noise_suppression: Option<OnOff>,
+    /// Send all the time instead of only while the voice activity detector hears speech.
+    #[arg(long)]
+    always_transmit: bool,
+    /// Start muted.
+    #[arg(long)]
+    mute: bool,
+    /// Simulate a bad network on received voice, e.g. loss=0.1,jitter_ms=30,duplicate=0.02,seed=7.
+    #[arg(long, value_name = "SPEC")]
+    impair: Option<ImpairConfig>,
+    /// Input device name (desktop app, or headless without --input-*).
+    #[arg(long)]
+    input_device: Option<String>,
+    /// Output device name (desktop app, or headless without --output-wav).
+    #[arg(long)]
+    output_device: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Args, Clone)]
+struct HashArgs {
+    /// The password; read from standard input when absent.
+    #[arg(long)]
+    password: Option<String>,
+}
+
+fn server_config(
+    bind: IpAddr,
+    port: u16,
+    channels: Option<&PathBuf>,
+    json: bool,
+) -> anyhow::Result<ServerConfig> {
+    let channels = load_channels(channels.map(|p| p.as_path()))?;
+    Ok(ServerConfig {
+        bind,
+        port,
+        channels,
+        rules: ServerRules::default(),
+        announce_json: json,
+    })
+}
+
+fn parse_frame_ms(s: &str) -> Result<u32, String> {
+    match s {
+        "10" => Ok(10),
+        "20" => Ok(20),
+        _ => Err(format!("frame length must be 10 or 20 ms, not {s:?}")),
+    }
+}
+
+fn voice_config(
+    frame_ms: u32,
+    bitrate: u32,
+    denoise: bool,
+    input: InputSource,
+    output: OutputSink,
+) -> VoiceThreadConfig {
+    let frame = if frame_ms == 10 {
+        FrameDuration::Ms10
+    } else {
+        FrameDuration::Ms20
+    };
+    let mut voice = VoiceConfig::for_frame(frame);
+    voice.bitrate_bps = bitrate;
+    voice.capture.denoise = denoise;
+    VoiceThreadConfig {
+        voice,
+        input,
+        output,
+        ..VoiceThreadConfig::default()
+    }
+}
+
+fn has_display() -> bool {
+    std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty())
+        || std::env::var_os("WAYLAND_DISPLAY").is_some_and(|d| !d.is_empty())
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let mode = cli.mode.unwrap_or(Mode::Host(HostArgs {
+        port: DEFAULT_PORT,
+        bind: "0.0.0.0".parse().expect("literal address"),
+        channels: None,
+        username: None,
+    }));
+    match mode {
+        Mode::Server(a) => {
+            let cfg = server_config(a.bind, a.port, a.channels.as_ref(), a.json)?;
+            Ok(app::run_server(cfg)?)
+        }
+        Mode::Host(a) => {
+            let cfg = server_config(a.bind, a.port, a.channels.as_ref(), false)?;
+            if !has_display() {
+                eprintln!(
+                    "p2p-voice host: no display found (DISPLAY/WAYLAND_DISPLAY unset), so no window can open; \
+                     running the metadata server only on port {}.",
+                    a.port
+                );
+                return Ok(app::run_server(cfg)?);
+            }
+            Ok(app::run_desktop(
+                Some(cfg),
+                a.username,
+                None,
+                None,
+                VoiceThreadConfig::default(),
+            )?)
+        }
+        Mode::Client(a) => {
+            if a.headless {
+                let file_input = a.input_wav.is_some() || a.input_tone.is_some() || a.input_silence;
+                let input = if let Some(path) = a.input_wav.clone() {
+                    InputSource::Wav {
+                        path,
+                        looped: a.loop_input,
+                    }
+                } else if let Some(hz) = a.input_tone {
+                    InputSource::Tone { hz, amplitude: 0.3 }
+                } else if a.input_silence {
+                    InputSource::Silence
+                } else {
+                    InputSource::Device(a.input_device.clone())
+                };
+                let output = match a.output_wav.clone() {
+                    Some(p) => OutputSink::Wav(p),
+                    None if a.output_device.is_some() => {
+                        OutputSink::Device(a.output_device.clone())
+                    }
+                    None => OutputSink::Null,
+                };
+                let denoise = match a.noise_suppression {
+                    Some(OnOff::On) => true,
+                    Some(OnOff::Off) => false,
+                    None => !file_input,
+                };
+                let opts = HeadlessOptions {
+                    server: a
+                        .server
+                        .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_PORT}")),
+                    username: a
+                        .username
+                        .context("--username is required with --headless")?,
+                    channel: a.channel,
+                    password: a.password,
+                    duration: a.duration.map(std::time::Duration::from_secs_f64),
+                    voice: VoiceThreadConfig {
+                        impair: a.impair.clone(),
+                        ..voice_config(a.frame_ms, a.bitrate, denoise, input, output)
+                    },
+                    always_transmit: a.always_transmit,
+                    start_muted: a.mute,
+                };
+                return Ok(app::run_headless_client(opts));
+            }
+            if !has_display() {
+                anyhow::bail!(
+                    "no display found (DISPLAY/WAYLAND_DISPLAY unset); use `p2p-voice client --headless` to run without a window"
+                );
+            }
+            let denoise = !matches!(a.noise_suppression, Some(OnOff::Off));
+            let voice = VoiceThreadConfig {
+                impair: a.impair.clone(),
+                ..voice_config(
+                    a.frame_ms,
+                    a.bitrate,
+                    denoise,
+                    InputSource::Device(a.input_device.clone()),
+                    OutputSink::Device(a.output_device.clone()),
+                )
+            };
+            let join = a.channel.map(|c| (c, a.password));
+            Ok(app::run_desktop(None, a.username, a.server, join, voice)?)
+        }
+        Mode::HashPassword(a) => {
+            let password = match a.password {
+                Some(p) => p,
+                None => {
+                    eprintln!("Type the channel password and press Enter:");
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            if password.is_empty() {
+                anyhow::bail!("the password is empty");
+            }
+            let hash = hash_password(&password).map_err(anyhow::Error::msg)?;
+            println!("{hash}");
+            eprintln!("Put it in the channels file as: password_hash = \"{hash}\"");
+            Ok(ExitCode::SUCCESS)
+        }
+        Mode::Devices => {
+            app::print_devices()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("p2p-voice: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,673 @@
+//! The UDP datagram format of the voice plane, version 1. Pure: no sockets, no allocation on
+//! the parse and write paths.
+//!
+//! Every datagram starts with one byte `(VERSION << 4) | kind`; all integers are big-endian.
+//!
+//! | kind | name        | body after byte 0                                     | total    |
+//! |------|-------------|-------------------------------------------------------|----------|
+//! | 0    | Register    | token u64                                             | 9        |
+//! | 1    | RegisterAck | family u8 (4 or 6), ip (4 or 16 bytes), port u16      | 8 or 20  |
+//! | 2    | Punch       | from u32, to u32, nonce u64                           | 17       |
+//! | 3    | PunchAck    | from u32, to u32, nonce u64 (echo of the Punch)       | 17       |
+//! | 4    | Ping        | from u32, to u32, sent_micros u64                     | 17       |
+//! | 5    | Pong        | from u32, to u32, echo_micros u64 (echo of the Ping)  | 17       |
+//! | 6    | Voice       | from u32, seq u32, timestamp u32 (48 kHz), payload    | 13 + n   |
+//!
+//! No datagram may exceed [`MAX_DATAGRAM_LEN`] bytes, which keeps it below common path MTUs
+//! (1500 minus IP/UDP headers and tunnel overhead) so it is never fragmented. Fixed-size kinds
+//! must have exactly their size: trailing bytes are refused, so a parsed datagram re-encodes to
+//! the identical bytes.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+/// Version of the datagram format, carried in the high nibble of byte 0. It equals the
+/// control protocol's `PROTOCOL_VERSION` and is bumped together with it.
+pub const VERSION: u8 = 1;
+
+/// Largest datagram (header included) that is written or accepted.
+pub const MAX_DATAGRAM_LEN: usize = 1400;
+
+/// Length of the Voice header (type byte, sender id, sequence number, timestamp) that precedes
+/// the payload. These bytes are meant to be the AEAD associated data once voice is encrypted.
+pub const VOICE_HEADER_LEN: usize = 13;
+
+/// Largest Voice payload that fits in [`MAX_DATAGRAM_LEN`].
+pub const MAX_VOICE_PAYLOAD: usize = MAX_DATAGRAM_LEN - VOICE_HEADER_LEN;
+
+/// Size of Punch, PunchAck, Ping and Pong datagrams.
+const PEER_CONTROL_LEN: usize = 17;
+const REGISTER_LEN: usize = 9;
+const REGISTER_ACK_V4_LEN: usize = 8;
+const REGISTER_ACK_V6_LEN: usize = 20;
+
+/// The kind nibble of byte 0. Exists so errors and counters can name a kind without a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DatagramKind {
+    Register = 0,
+    RegisterAck = 1,
+    Punch = 2,
+    PunchAck = 3,
+    Ping = 4,
+    Pong = 5,
+    Voice = 6,
+}
+
+impl DatagramKind {
+    fn from_nibble(kind: u8) -> Option<Self> {
+        Some(match kind {
+            0 => Self::Register,
+            1 => Self::RegisterAck,
+            2 => Self::Punch,
+            3 => Self::PunchAck,
+            4 => Self::Ping,
+            5 => Self::Pong,
+            6 => Self::Voice,
+            _ => return None,
+        })
+    }
+
+    /// Byte 0 of a datagram of this kind.
+    pub const fn type_byte(self) -> u8 {
+        (VERSION << 4) | self as u8
+    }
+}
+
+/// One decoded voice-plane datagram. `Voice` borrows its payload from the received buffer
+/// (zero-copy); every other kind is plain data, so `Datagram<'static>` can be queued freely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    /// Client to server: "this is the session holding `token`", so the server learns the
+    /// client's public (NAT-mapped) address. The token was handed out over TCP.
+    Register { token: u64 },
+    /// Server to client: the source address the server saw for the client's Register.
+    RegisterAck { observed: SocketAddr },
+    /// Peer to peer hole-punching probe; `nonce` is echoed by the PunchAck.
+    Punch { from: u32, to: u32, nonce: u64 },
+    /// Answer to a Punch, sent to the Punch's source address, echoing its nonce.
+    PunchAck { from: u32, to: u32, nonce: u64 },
+    /// Keepalive and round-trip probe; `sent_micros` is the sender's clock.
+    Ping {
+        from: u32,
+        to: u32,
+        sent_micros: u64,
+    },
+    /// Answer to a Ping, echoing its `sent_micros`.
+    Pong {
+        from: u32,
+        to: u32,
+        echo_micros: u64,
+    },
+    /// One encoded audio frame from sender `from`. `timestamp` counts 48 kHz samples.
+    Voice {
+        from: u32,
+        seq: u32,
+        timestamp: u32,
+        payload: &'a [u8],
+    },
+}
+
+/// Why a datagram could not be parsed or written. Every malformed input maps to one of these;
+/// parsing never panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatagramError {
+    #[error("empty datagram")]
+    Empty,
+    #[error("datagram of {len} bytes exceeds the {max}-byte limit", max = MAX_DATAGRAM_LEN)]
+    TooLarge { len: usize },
+    #[error(
+        "datagram format version {found} is not supported (this build speaks version {VERSION})"
+    )]
+    WrongVersion { found: u8 },
+    #[error("unknown datagram kind {kind}")]
+    UnknownKind { kind: u8 },
+    #[error("{kind:?} datagram is truncated: needs {needed} bytes, got {got}")]
+    Truncated {
+        kind: DatagramKind,
+        needed: usize,
+        got: usize,
+    },
+    #[error("{kind:?} datagram has {extra} unexpected trailing bytes")]
+    TrailingBytes { kind: DatagramKind, extra: usize },
+    #[error("RegisterAck carries unknown address family {family} (expected 4 or 6)")]
+    BadAddressFamily { family: u8 },
+    #[error("output buffer holds {available} bytes but the datagram needs {needed}")]
+    BufferTooSmall { needed: usize, available: usize },
+}
+
+/// The Voice header bytes for `(from, seq, timestamp)`: exactly what [`Datagram::write`] puts
+/// before the payload. Used as AEAD associated data so the header cannot be altered.
+pub fn voice_header(from: u32, seq: u32, timestamp: u32) -> [u8; VOICE_HEADER_LEN] {
+    let mut h = [0u8; VOICE_HEADER_LEN];
+    h[0] = DatagramKind::Voice.type_byte();
+    h[1..5].copy_from_slice(&from.to_be_bytes());
+    h[5..9].copy_from_slice(&seq.to_be_bytes());
+    h[9..13].copy_from_slice(&timestamp.to_be_bytes());
+    h
+}
+
+fn be_u16(b: &[u8], at: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    u16::from_be_bytes(a)
+}
+
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_be_bytes(a)
+}
+
+fn be_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Checks that a fixed-size kind has exactly `needed` bytes.
+fn exact(kind: DatagramKind, bytes: &[u8], needed: usize) -> Result<(), DatagramError> {
+    match bytes.len() {
+        n if n < needed => Err(DatagramError::Truncated {
+            kind,
+            needed,
+            got: n,
+        }),
+        n if n > needed => Err(DatagramError::TrailingBytes {
+            kind,
+            extra: n - needed,
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl<'a> Datagram<'a> {
+    /// Decodes one received datagram. The Voice payload borrows from `bytes`.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, DatagramError> {
+        let first = *bytes.first().ok_or(DatagramError::Empty)?;
+        if bytes.len() > MAX_DATAGRAM_LEN {
+            return Err(DatagramError::TooLarge { len: bytes.len() });
+        }
+        let version = first >> 4;
+        if version != VERSION {
+            return Err(DatagramError::WrongVersion { found: version });
+        }
+        let kind = DatagramKind::from_nibble(first & 0x0f)
+            .ok_or(DatagramError::UnknownKind { kind: first & 0x0f })?;
+        match kind {
+            DatagramKind::Register => {
+                exact(kind, bytes, REGISTER_LEN)?;
+                Ok(Self::Register {
+                    token: be_u64(bytes, 1),
+                })
+            }
+            DatagramKind::RegisterAck => {
+                let family = *bytes.get(1).ok_or(DatagramError::Truncated {
+                    kind,
+                    needed: REGISTER_ACK_V4_LEN,
+                    got: bytes.len(),
+                })?;
+                let observed = match family {
+                    4 => {
+                        exact(kind, bytes, REGISTER_ACK_V4_LEN)?;
+                        let mut ip = [0u8; 4];
+                        ip.copy_from_slice(&bytes[2..6]);
+                        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), be_u16(bytes, 6)))
+                    }
+                    6 => {
+                        exact(kind, bytes, REGISTER_ACK_V6_LEN)?;
+                        let mut ip = [0u8; 16];
+                        ip.copy_from_slice(&bytes[2..18]);
+                        SocketAddr::V6(SocketAddrV6::new(
+                            Ipv6Addr::from(ip),
+                            be_u16(bytes, 18),
+                            0,
+                            0,
+                        ))
+                    }
+                    family => return Err(DatagramError::BadAddressFamily { family }),
+                };
+                Ok(Self::RegisterAck { observed })
+            }
+            DatagramKind::Punch
+            | DatagramKind::PunchAck
+            | DatagramKind::Ping
+            | DatagramKind::Pong => {
+                exact(kind, bytes, PEER_CONTROL_LEN)?;
+                let (from, to, value) = (be_u32(bytes, 1), be_u32(bytes, 5), be_u64(bytes, 9));
+                Ok(match kind {
+                    DatagramKind::Punch => Self::Punch {
+                        from,
+                        to,
+                        nonce: value,
+                    },
+                    DatagramKind::PunchAck => Self::PunchAck {
+                        from,
+                        to,
+                        nonce: value,
+                    },
+                    DatagramKind::Ping => Self::Ping {
+                        from,
+                        to,
+                        sent_micros: value,
+                    },
+                    _ => Self::Pong {
+                        from,
+                        to,
+                        echo_micros: value,
+                    },
+                })
+            }
+            DatagramKind::Voice => {
+                if bytes.len() < VOICE_HEADER_LEN {
+                    return Err(DatagramError::Truncated {
+                        kind,
+                        needed: VOICE_HEADER_LEN,
+                        got: bytes.len(),
+                    });
+                }
+                Ok(Self::Voice {
+                    from: be_u32(bytes, 1),
+                    seq: be_u32(bytes, 5),
+                    timestamp: be_u32(bytes, 9),
+                    payload: &bytes[VOICE_HEADER_LEN..],
+                })
+            }
+        }
+    }
+
+    /// The kind of this datagram.
+    pub fn kind(&self) -> DatagramKind {
+        match self {
+            Self::Register { .. } => DatagramKind::Register,
+            Self::RegisterAck { .. } => DatagramKind::RegisterAck,
+            Self::Punch { .. } => DatagramKind::Punch,
+            Self::PunchAck { .. } => DatagramKind::PunchAck,
+            Self::Ping { .. } => DatagramKind::Ping,
+            Self::Pong { .. } => DatagramKind::Pong,
+            Self::Voice { .. } => DatagramKind::Voice,
+        }
+    }
+
+    /// The sending peer's id for peer-to-peer kinds; `None` for Register and RegisterAck.
+    pub fn sender(&self) -> Option<u32> {
+        match *self {
+            Self::Register { .. } | Self::RegisterAck { .. } => None,
+            Self::Punch { from, .. }
+            | Self::PunchAck { from, .. }
+            | Self::Ping { from, .. }
+            | Self::Pong { from, .. }
+            | Self::Voice { from, .. } => Some(from),
+        }
+    }
+
+    /// The addressed peer's id for Punch, PunchAck, Ping and Pong. Voice carries no recipient:
+    /// one encoded frame goes to every peer.
+    pub fn recipient(&self) -> Option<u32> {
+        match *self {
+            Self::Punch { to, .. }
+            | Self::PunchAck { to, .. }
+            | Self::Ping { to, .. }
+            | Self::Pong { to, .. } => Some(to),
+            _ => None,
+        }
+    }
+
+    /// Number of bytes [`Datagram::write`] produces.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Self::Register { .. } => REGISTER_LEN,
+            Self::RegisterAck {
+                observed: SocketAddr::V4(_),
+            } => REGISTER_ACK_V4_LEN,
+            Self::RegisterAck {
+                observed: SocketAddr::V6(_),
+            } => REGISTER_ACK_V6_LEN,
+            Self::Punch { .. } | Self::PunchAck { .. } | Self::Ping { .. } | Self::Pong { .. } => {
+                PEER_CONTROL_LEN
+            }
+            Self::Voice { payload, .. } => VOICE_HEADER_LEN + payload.len(),
+        }
+    }
+
+    /// Encodes into `out` without allocating and returns the number of bytes written.
+    /// A RegisterAck for an IPv6 address drops flow info and scope id (not meaningful remotely).
+    pub fn write(&self, out: &mut [u8]) -> Result<usize, DatagramError> {
+        let len = self.encoded_len();
+        if len > MAX_DATAGRAM_LEN {
+            return Err(DatagramError::TooLarge { len });
+        }
+        if out.len() < len {
+            return Err(DatagramError::BufferTooSmall {
+                needed: len,
+                available: out.len(),
+            });
+        }
+        let out = &mut out[..len];
+        out[0] = self.kind().type_byte();
+        match *self {
+            Self::Register { token } => out[1..9].copy_from_slice(&token.to_be_bytes()),
+            Self::RegisterAck { observed } => match observed {
+                SocketAddr::V4(a) => {
+                    out[1] = 4;
+                    out[2..6].copy_from_slice(&a.ip().octets());
+                    out[6..8].copy_from_slice(&a.port().to_be_bytes());
+                }
+                SocketAddr::V6(a) => {
+                    out[1] = 6;
+                    out[2..18].copy_from_slice(&a.ip().octets());
+                    out[18..20].copy_from_slice(&a.port().to_be_bytes());
+                }
+            },
+            Self::Punch {
+                from,
+                to,
+                nonce: value,
+            }
+            | Self::PunchAck {
+                from,
+                to,
+                nonce: value,
+            }
+            | Self::Ping {
+                from,
+                to,
+                sent_micros: value,
+            }
+            | Self::Pong {
+                from,
+                to,
+                echo_micros: value,
+            } => {
+                out[1..5].copy_from_slice(&from.to_be_bytes());
+                out[5..9].copy_from_slice(&to.to_be_bytes());
+                out[9..17].copy_from_slice(&value.to_be_bytes());
+            }
+            Self::Voice {
+                from,
+                seq,
+                timestamp,
+                payload,
+            } => {
+                out[..VOICE_HEADER_LEN].copy_from_slice(&voice_header(from, seq, timestamp));
+                out[VOICE_HEADER_LEN..].copy_from_slice(payload);
+            }
+        }
+        Ok(len)
+    }
+
+    /// Encodes into a fresh `Vec` (convenience for tests and cold paths).
+    pub fn to_vec(&self) -> Result<Vec<u8>, DatagramError> {
+        let mut v = vec![0u8; self.encoded_len()];
+        self.write(&mut v)?;
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::IpAddr;
+
+    fn v4(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn voice_layout_is_type_byte_then_big_endian_header_then_payload() {
+        let d = Datagram::Voice {
+            from: 0x0102_0304,
+            seq: 0x0506_0708,
+            timestamp: 0x090a_0b0c,
+            payload: &[0xaa, 0xbb],
+        };
+        let bytes = d.to_vec().unwrap();
+        assert_eq!(
+            bytes,
+            [0x16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0xaa, 0xbb]
+        );
+        assert_eq!(
+            &bytes[..VOICE_HEADER_LEN],
+            &voice_header(0x0102_0304, 0x0506_0708, 0x090a_0b0c)
+        );
+    }
+
+    #[test]
+    fn voice_payload_is_borrowed_from_the_input() {
+        let bytes = Datagram::Voice {
+            from: 1,
+            seq: 2,
+            timestamp: 3,
+            payload: b"opus",
+        }
+        .to_vec()
+        .unwrap();
+        match Datagram::parse(&bytes).unwrap() {
+            Datagram::Voice { payload, .. } => {
+                assert_eq!(payload, b"opus");
+                assert_eq!(payload.as_ptr(), bytes[VOICE_HEADER_LEN..].as_ptr());
+            }
+            other => panic!("expected voice, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn register_ack_round_trips_v4_and_v6() {
+        for observed in [v4("203.0.113.7:40000"), v4("[2001:db8::1]:7700")] {
+            let d = Datagram::RegisterAck { observed };
+            let bytes = d.to_vec().unwrap();
+            assert_eq!(bytes.len(), d.encoded_len());
+            assert_eq!(Datagram::parse(&bytes).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn wrong_version_is_refused() {
+        let mut bytes = Datagram::Register { token: 9 }.to_vec().unwrap();
+        bytes[0] = (2 << 4) | (bytes[0] & 0x0f);
+        assert_eq!(
+            Datagram::parse(&bytes),
+            Err(DatagramError::WrongVersion { found: 2 })
+        );
+    }
+
+    #[test]
+    fn unknown_kind_is_refused() {
+        assert_eq!(
+            Datagram::parse(&[(VERSION << 4) | 7, 0, 0]),
+            Err(DatagramError::UnknownKind { kind: 7 })
+        );
+    }
+
+    #[test]
+    fn empty_truncated_and_trailing_inputs_are_refused() {
+        assert_eq!(Datagram::parse(&[]), Err(DatagramError::Empty));
+        let ping = Datagram::Ping {
+            from: 1,
+            to: 2,
+            sent_micros: 3,
+        }
+        .to_vec()
+        .unwrap();
+        assert_eq!(
+            Datagram::parse(&ping[..16]),
+            Err(DatagramError::Truncated {
+                kind: DatagramKind::Ping,
+                needed: 17,
+                got: 16
+            })
+        );
+        let mut long = ping.clone();
+        long.push(0);
+        assert_eq!(
+            Datagram::parse(&long),
+            Err(DatagramError::TrailingBytes {
+                kind: DatagramKind::Ping,
+                extra: 1
+            })
+        );
+        assert!(matches!(
+            Datagram::parse(&[DatagramKind::Voice.type_byte(), 0, 0, 0]),
+            Err(DatagramError::Truncated {
+                needed: VOICE_HEADER_LEN,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Datagram::parse(&[DatagramKind::RegisterAck.type_byte()]),
+            Err(DatagramError::Truncated { .. })
+        ));
+        assert_eq!(
+            Datagram::parse(&[DatagramKind::RegisterAck.type_byte(), 5, 0, 0, 0, 0, 0, 0]),
+            Err(DatagramError::BadAddressFamily { family: 5 })
+        );
+    }
+
+    #[test]
+    fn oversized_datagrams_are_refused_on_parse_and_write() {
+        let mut big = vec![0u8; MAX_DATAGRAM_LEN + 1];
+        big[..VOICE_HEADER_LEN].copy_from_slice(&voice_header(1, 2, 3));
+        assert_eq!(
+            Datagram::parse(&big),
+            Err(DatagramError::TooLarge {
+                len: MAX_DATAGRAM_LEN + 1
+            })
+        );
+        let max = &big[..MAX_DATAGRAM_LEN];
+        assert!(Datagram::parse(max).is_ok());
+        let payload = vec![0u8; MAX_VOICE_PAYLOAD + 1];
+        let d = Datagram::Voice {
+            from: 1,
+            seq: 2,
+            timestamp: 3,
+            payload: &payload,
+        };
+        let mut out = [0u8; 2048];
+        assert_eq!(
+            d.write(&mut out),
+            Err(DatagramError::TooLarge {
+                len: MAX_DATAGRAM_LEN + 1
+            })
+        );
+    }
+
+    #[test]
+    fn write_into_a_short_buffer_fails_without_writing_past_it() {
+        let d = Datagram::Punch {
+            from: 1,
+            to: 2,
+            nonce: 3,
+        };
+        let mut out = [0u8; 10];
+        assert_eq!(
+            d.write(&mut out),
+            Err(DatagramError::BufferTooSmall {
+                needed: 17,
+                available: 10
+            })
+        );
+    }
+
+    #[test]
+    fn errors_read_as_sentences() {
+        let e = DatagramError::WrongVersion { found: 3 };
+        assert_eq!(
+            e.to_string(),
+            "datagram format version 3 is not supported (this build speaks version 1)"
+        );
+        assert_eq!(
+            DatagramError::TooLarge { len: 1500 }.to_string(),
+            "datagram of 1500 bytes exceeds the 1400-byte limit"
+        );
+    }
+
+    fn arb_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(IpAddr::from(ip), port)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(IpAddr::from(ip), port)),
+        ]
+    }
+
+    /// Owned description of a datagram so proptest can generate voice payloads.
+    fn arb_datagram() -> impl Strategy<Value = (u8, u32, u32, u64, SocketAddr, Vec<u8>)> {
+        (
+            0u8..7,
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            arb_addr(),
+            proptest::collection::vec(any::<u8>(), 0..=MAX_VOICE_PAYLOAD),
+        )
+    }
+
+    fn build(
+        (kind, a, b, c, addr, payload): &(u8, u32, u32, u64, SocketAddr, Vec<u8>),
+    ) -> Datagram<'_> {
+        let (a, b, c) = (*a, *b, *c);
+        match kind {
+            0 => Datagram::Register { token: c },
+            1 => Datagram::RegisterAck { observed: *addr },
+            2 => Datagram::Punch {
+                from: a,
+                to: b,
+                nonce: c,
+            },
+            3 => Datagram::PunchAck {
+                from: a,
+                to: b,
+                nonce: c,
+            },
+            4 => Datagram::Ping {
+                from: a,
+                to: b,
+                sent_micros: c,
+            },
+            5 => Datagram::Pong {
+                from: a,
+                to: b,
+                echo_micros: c,
+            },
+            _ => Datagram::Voice {
+                from: a,
+                seq: b,
+                timestamp: c as u32,
+                payload,
+            },
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_datagram_round_trips(spec in arb_datagram()) {
+            let d = build(&spec);
+            let mut buf = [0u8; MAX_DATAGRAM_LEN];
+            let n = d.write(&mut buf).unwrap();
+            prop_assert_eq!(n, d.encoded_len());
+            prop_assert_eq!(Datagram::parse(&buf[..n]).unwrap(), d);
+            prop_assert_eq!(d.to_vec().unwrap(), buf[..n].to_vec());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_valid_ones_reencode_identically(
+            bytes in proptest::collection::vec(any::<u8>(), 0..1600)
+        ) {
+            if let Ok(d) = Datagram::parse(&bytes) {
+                prop_assert_eq!(d.to_vec().unwrap(), bytes);
+            }
+        }
+
+        #[test]
+        fn bytes_with_a_valid_type_byte_never_panic(
+            kind in 0u8..16,
+            rest in proptest::collection::vec(any::<u8>(), 0..40)
+        ) {
+            let mut bytes = vec![(VERSION << 4) | kind];
+            bytes.extend_from_slice(&rest);
+            if let Ok(d) = Datagram::parse(&bytes) {
+                prop_assert_eq!(d.to_vec().unwrap(), bytes);
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Control messages exchanged over the TCP connection between a client and the metadata server.
+//!
+//! The server only introduces clients: who is here, which channels exist, who is in them, and
+//! where each member can be reached over UDP. Voice never travels on this connection.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::status::Status;
+
+/// Server-assigned identifier of a connected user; also the sender id in voice datagrams.
+pub type UserId = u32;
+
+/// Client to server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// Must be the first message on a connection.
+    Hello {
+        protocol_version: u32,
+        app_version: String,
+    },
+    /// Claim a username (unique on the server).
+    Identify { username: String },
+    /// Enter a channel; leaves the current one first. The password only matters for protected channels.
+    Join {
+        channel: String,
+        password: Option<String>,
+    },
+    /// Leave the current channel but stay connected.
+    Leave,
+    /// Keeps the session alive; the server drops sessions silent for longer than its timeout.
+    Heartbeat,
+    /// The client's own local UDP addresses (LAN candidates for hole punching).
+    AnnounceEndpoints { local: Vec<SocketAddr> },
+    /// Orderly goodbye; the server closes the connection.
+    Disconnect,
+}
+
+/// One member of a channel as shown in the overview.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub user_id: UserId,
+    pub username: String,
+}
+
+/// One channel as shown in the overview. Never carries the password or its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    pub name: String,
+    pub has_password: bool,
+    pub max_members: u32,
+    pub members: Vec<MemberInfo>,
+}
+
+/// How to reach a channel member over UDP: LAN addresses first, then the public address the
+/// server observed (if any yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub user_id: UserId,
+    pub username: String,
+    pub local: Vec<SocketAddr>,
+    pub public: Option<SocketAddr>,
+}
+
+impl PeerInfo {
+    /// Candidate addresses in the order they should be tried.
+    pub fn candidates(&self) -> Vec<SocketAddr> {
+        let mut out = self.local.clone();
+        if let Some(p) = self.public {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// Server to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Answer to a compatible `Hello`. `udp_token` is what the client sends in its UDP
+    /// `Register` datagram so the server can learn its public address.
+    Welcome {
+        protocol_version: u32,
+        app_version: String,
+        udp_token: u64,
+        heartbeat_timeout_ms: u32,
+    },
+    /// Result of `Identify`.
+    Identified {
+        status: Status,
+        user_id: Option<UserId>,
+        username: String,
+    },
+    /// The whole picture, sent after identification.
+    Overview { channels: Vec<ChannelInfo> },
+    /// Result of `Join`.
+    Joined { status: Status, channel: String },
+    /// Result of `Leave`.
+    Left {
+        status: Status,
+        channel: Option<String>,
+    },
+    /// Someone entered a channel (sent to every identified session).
+    MemberJoined { channel: String, member: MemberInfo },
+    /// Someone left a channel or the server (sent to every identified session).
+    MemberLeft { channel: String, user_id: UserId },
+    /// Voice endpoints of a member of our channel (on join, and whenever they change).
+    PeerEndpoints { peer: PeerInfo },
+    /// A member of our channel is gone from it: stop sending to it.
+    PeerGone { user_id: UserId },
+    /// Answer to `Heartbeat`.
+    HeartbeatAck,
+    /// A request failed; `message` is for people.
+    Error { status: Status, message: String },
+    /// The server is closing this connection, with the reason.
+    Closing { reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_candidates_put_local_first_and_skip_duplicates() {
+        let a: SocketAddr = "192.168.1.2:5000".parse().unwrap();
+        let b: SocketAddr = "203.0.113.9:6000".parse().unwrap();
+        let p = PeerInfo {
+            user_id: 1,
+            username: "a".into(),
+            local: vec![a],
+            public: Some(b),
+        };
+        assert_eq!(p.candidates(), vec![a, b]);
+        let same = PeerInfo {
+            public: Some(a),
+            ..p
+        };
+        assert_eq!(same.candidates(), vec![a]);
+    }
+}

@@ -1,0 +1,562 @@
+//! The desktop UI: egui panels ([`panels`]) as pure functions of plain views ([`view`])
+//! returning [`actions::UiAction`]s, and the `UiPlugin` that builds those views from ECS each
+//! frame and turns the actions into control and voice intents. The UI never touches sockets.
+
+pub mod actions;
+pub mod panels;
+pub mod perf;
+pub mod screenshot;
+pub mod view;
+
+use bevy::prelude::*;
+use bevy_egui::{egui, EguiContexts, EguiPrimaryContextPass};
+
+use crate::client::{
+    Channel, ClientIntent, ControlEvent, ControlLink, IsSelf, LinkState as NetLinkState, MemberOf,
+    Muted, PeerLink, Phase, SessionEvent, Speaking, User, VoiceLevel, Volume,
+};
+use crate::config::ClientSettings;
+use crate::protocol::Status;
+use crate::voice::{Voice, VoiceIntent};
+use actions::UiAction;
+use view::*;
+
+/// Settings the UI starts with.
+#[derive(Debug, Clone, Default)]
+pub struct UiOptions {
+    /// Host mode: the address others should use to reach our embedded server.
+    pub host_address: Option<String>,
+    /// Prefilled server address.
+    pub server: String,
+    /// Prefilled username (else the remembered one).
+    pub username: Option<String>,
+    /// Connect right away (host mode with a known username, or `client --server --username`).
+    pub auto_connect: bool,
+    pub input_devices: Vec<String>,
+    pub output_devices: Vec<String>,
+    /// Channel (and password) to join once connected (`client --channel`).
+    pub join: Option<(String, Option<String>)>,
+}
+
+/// Everything the panels edit or remember between frames.
+#[derive(Resource)]
+pub struct UiState {
+    pub connect: ConnectView,
+    pub password: Option<PasswordPromptView>,
+    pub show_help: bool,
+    pub show_perf: bool,
+    pub errors: Vec<String>,
+    pub controls: ControlsView,
+    pub host_address: Option<String>,
+    pub mix: MixHistory,
+    /// Channel we asked to join (name), for matching the answer.
+    pending_join: Option<String>,
+    auto_connect: bool,
+    audio_status_seen: usize,
+    auto_join: Option<(String, Option<String>)>,
+}
+
+/// Adds the panels to a windowed app (requires `EguiPlugin`).
+pub struct UiPlugin(pub UiOptions);
+
+impl Plugin for UiPlugin {
+    fn build(&self, app: &mut App) {
+        let settings = ClientSettings::load();
+        let o = &self.0;
+        let username = o.username.clone().or(settings.username.clone());
+        let mut connect = ConnectView::new(o.server.clone(), settings.username.clone());
+        if let Some(u) = &username {
+            connect.username = u.clone();
+        }
+        let controls = ControlsView {
+            ptt_key: "Space".into(),
+            noise_suppression: settings.noise_suppression.unwrap_or(true),
+            ptt_enabled: settings.push_to_talk.unwrap_or(false),
+            input_devices: o.input_devices.clone(),
+            output_devices: o.output_devices.clone(),
+            selected_input: settings.input_device.clone(),
+            selected_output: settings.output_device.clone(),
+            input_level_db: -120.0,
+            vad_threshold_db: -60.0,
+            ..Default::default()
+        };
+        app.insert_resource(UiState {
+            connect,
+            password: None,
+            show_help: false,
+            show_perf: false,
+            errors: Vec::new(),
+            controls,
+            host_address: o.host_address.clone(),
+            mix: MixHistory::default(),
+            pending_join: None,
+            auto_connect: o.auto_connect && username.is_some(),
+            audio_status_seen: 0,
+            auto_join: o.join.clone(),
+        })
+        .add_systems(Startup, (setup_camera, auto_connect))
+        .add_systems(Update, track_control_events)
+        .add_systems(EguiPrimaryContextPass, draw_ui);
+    }
+}
+
+fn setup_camera(mut commands: Commands) {
+    commands.spawn(Camera2d);
+}
+
+fn auto_connect(mut state: ResMut<UiState>, mut intents: EventWriter<ClientIntent>) {
+    if state.auto_connect {
+        state.connect.connecting = true;
+        intents.write(ClientIntent::Connect {
+            server: state.connect.server_address.clone(),
+            username: state.connect.username.clone(),
+        });
+    }
+}
+
+fn push_error(state: &mut UiState, message: String) {
+    if state.errors.last() != Some(&message) {
+        state.errors.push(message);
+    }
+    let n = state.errors.len();
+    if n > 5 {
+        state.errors.drain(..n - 5);
+    }
+}
+
+fn track_control_events(
+    mut state: ResMut<UiState>,
+    mut events: EventReader<ControlEvent>,
+    mut intents: EventWriter<ClientIntent>,
+    link: Res<ControlLink>,
+) {
+    for ControlEvent(ev) in events.read() {
+        match ev {
+            SessionEvent::Overview { channels } => {
+                if let Some((name, password)) = state.auto_join.take() {
+                    let Some((id, ch)) = channels
+                        .iter()
+                        .enumerate()
+                        .find(|(_, c)| c.name.eq_ignore_ascii_case(&name))
+                    else {
+                        push_error(&mut state, format!("Cannot join {name}: no such channel"));
+                        continue;
+                    };
+                    if ch.has_password && password.is_none() {
+                        state.password = Some(PasswordPromptView {
+                            channel_id: id as u32,
+                            channel_name: ch.name.clone(),
+                            ..Default::default()
+                        });
+                    } else {
+                        if let Some(p) = &mut state.password {
+                            p.pending = true;
+                        }
+                        intents.write(ClientIntent::Join {
+                            channel: ch.name.clone(),
+                            password,
+                        });
+                    }
+                }
+            }
+            SessionEvent::Identified { username, .. } => {
+                state.connect.connecting = false;
+                state.connect.refusal = None;
+                state.connect.address_problem = None;
+                let mut s = ClientSettings::load();
+                s.username = Some(username.clone());
+                s.server = Some(link.session.server().to_string());
+                if let Err(e) = s.save() {
+                    push_error(&mut state, format!("cannot remember settings: {e}"));
+                }
+            }
+            SessionEvent::Joined { channel } => {
+                if state
+                    .password
+                    .as_ref()
+                    .is_some_and(|p| p.channel_name.eq_ignore_ascii_case(channel))
+                {
+                    state.password = None;
+                }
+                state.pending_join = None;
+            }
+            SessionEvent::JoinRefused { channel, status } => {
+                let message = capitalize(status.message());
+                match (&mut state.password, status) {
+                    (Some(p), Status::WrongPassword | Status::RateLimited)
+                        if p.channel_name.eq_ignore_ascii_case(channel) =>
+                    {
+                        p.error = Some(message);
+                        p.pending = false;
+                        p.password.clear();
+                    }
+                    _ => {
+                        state.password = None;
+                        push_error(
+                            &mut state,
+                            format!("Cannot join {channel}: {}", status.message()),
+                        );
+                    }
+                }
+                state.pending_join = None;
+            }
+            SessionEvent::Disconnected { reason, retry_in } => {
+                if retry_in.is_none() {
+                    state.connect.connecting = false;
+                    if reason.contains("refused")
+                        || reason.contains("resolve")
+                        || reason.contains("no server")
+                    {
+                        state.connect.address_problem = Some(capitalize(reason));
+                    } else {
+                        state.connect.refusal = Some(capitalize(reason));
+                    }
+                } else {
+                    push_error(&mut state, format!("Server lost: {reason}"));
+                }
+                state.password = None;
+            }
+            SessionEvent::Error { status, message } => {
+                if !matches!(
+                    status,
+                    Some(Status::NameTaken | Status::InvalidName | Status::WrongPassword)
+                ) {
+                    push_error(&mut state, capitalize(message));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+fn link_view(p: Option<&PeerLink>, is_self: bool) -> LinkView {
+    if is_self {
+        return LinkView {
+            state: LinkState::Local,
+            ..Default::default()
+        };
+    }
+    let Some(p) = p else {
+        return LinkView::default();
+    };
+    let measured = p.state == NetLinkState::Direct;
+    LinkView {
+        state: match &p.state {
+            NetLinkState::Punching => LinkState::Punching,
+            NetLinkState::Direct => LinkState::Direct,
+            NetLinkState::Unreachable(r) => LinkState::Unreachable(r.clone()),
+        },
+        rtt_ms: p.rtt_ms,
+        loss_pct: measured.then_some(p.loss_pct),
+        jitter_ms: measured.then_some(p.jitter_ms),
+        buffer_ms: measured.then_some(p.buffer_ms),
+    }
+}
+
+type UserRow<'a> = (
+    Entity,
+    &'a User,
+    &'a MemberOf,
+    &'a Speaking,
+    &'a VoiceLevel,
+    &'a Muted,
+    &'a Volume,
+    Option<&'a PeerLink>,
+    Option<&'a IsSelf>,
+);
+
+/// Builds the overview from the mirrored entities.
+pub fn build_overview(
+    channels: &Query<(Entity, &Channel)>,
+    users: &Query<UserRow>,
+    my_channel: Option<&str>,
+) -> OverviewView {
+    let mut list: Vec<(Entity, &Channel)> = channels.iter().collect();
+    list.sort_by_key(|(_, c)| c.order);
+    let mut out = OverviewView::default();
+    for (e, c) in list {
+        let mut members: Vec<MemberView> = users
+            .iter()
+            .filter(|u| u.2 .0 == e)
+            .map(
+                |(_, user, _, speaking, level, muted, volume, link, is_self)| MemberView {
+                    user_id: user.id,
+                    name: user.name.clone(),
+                    speaking: speaking.0,
+                    level: level.0,
+                    is_self: is_self.is_some(),
+                    muted_locally: muted.0,
+                    volume: volume.0,
+                    link: link_view(link, is_self.is_some()),
+                    fingerprint: link.and_then(|l| l.fingerprint.clone()),
+                },
+            )
+            .collect();
+        members.sort_by_key(|m| m.user_id);
+        if my_channel == Some(c.name.as_str()) {
+            out.my_channel = Some(c.order as u32);
+        }
+        out.channels.push(ChannelView {
+            id: c.order as u32,
+            name: c.name.clone(),
+            has_password: c.has_password,
+            members,
+            max_members: Some(c.max_members),
+        });
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn draw_ui(
+    mut contexts: EguiContexts,
+    mut state: ResMut<UiState>,
+    link: Res<ControlLink>,
+    voice: Res<Voice>,
+    channels: Query<(Entity, &Channel)>,
+    users: Query<UserRow>,
+    mut volumes: Query<(&User, &mut Volume, &mut Muted)>,
+    mut intents: EventWriter<ClientIntent>,
+    mut voice_intents: EventWriter<VoiceIntent>,
+    mut perf: ResMut<perf::PerfOverlay>,
+) -> Result {
+    let ctx = contexts.ctx_mut()?;
+    let state = &mut *state;
+    // Voice-side facts into the views.
+    let snap = &voice.last;
+    state.controls.input_level_db = snap.input_level_db;
+    state.controls.vad_threshold_db = snap.vad_threshold_db;
+    state.controls.speaking = snap.transmitting && !snap.muted;
+    state
+        .mix
+        .push(crate::voice::plugin::meter_from_db(snap.mix_level_db));
+    if voice.audio_status.len() != state.audio_status_seen {
+        let fresh: Vec<String> = voice
+            .audio_status
+            .iter()
+            .skip(state.audio_status_seen.min(voice.audio_status.len()))
+            .cloned()
+            .collect();
+        state.audio_status_seen = voice.audio_status.len();
+        for m in fresh {
+            push_error(state, capitalize(&m));
+        }
+    }
+    if let Some(e) = &voice.error {
+        if !state.errors.contains(e) {
+            push_error(state, capitalize(e));
+        }
+    }
+
+    let phase = link.session.phase().clone();
+    let now = link.now();
+    let connection = match &phase {
+        Phase::Ready => ConnectionState::Connected,
+        Phase::Connecting | Phase::Handshake | Phase::Identifying => ConnectionState::Connecting,
+        Phase::Reconnecting { retry_at, .. } => ConnectionState::Reconnecting {
+            in_secs: retry_at.saturating_sub(now).as_secs_f32().ceil() as u32,
+        },
+        Phase::Failed(r) => ConnectionState::Disconnected(r.clone()),
+        Phase::Idle => ConnectionState::Idle,
+    };
+    let peers = &snap.peers;
+    let direct = peers
+        .iter()
+        .filter(|p| matches!(p.state, crate::voice::PeerState::Direct(_)))
+        .count();
+    let voice_state = if let Some(e) = &voice.error {
+        e.clone()
+    } else if snap.muted {
+        "muted".into()
+    } else if link.session.channel().is_none() {
+        "not in a channel".into()
+    } else {
+        format!(
+            "{} peer{}, {direct} direct{}",
+            peers.len(),
+            if peers.len() == 1 { "" } else { "s" },
+            snap.public_addr
+                .map(|a| format!(" — you are {a}"))
+                .unwrap_or_default()
+        )
+    };
+    let status = StatusView {
+        connection,
+        host_address: state.host_address.clone(),
+        voice_state,
+        errors: state.errors.clone(),
+    };
+
+    let mut actions = Vec::new();
+    actions.extend(panels::keyboard_shortcuts(ctx, &state.controls));
+    egui::TopBottomPanel::bottom("status").show(ctx, |ui| {
+        actions.extend(panels::status_bar(ui, &status));
+    });
+    let show_connect = matches!(phase, Phase::Idle | Phase::Failed(_))
+        || (matches!(
+            phase,
+            Phase::Connecting | Phase::Handshake | Phase::Identifying
+        ) && link.session.user_id().is_none());
+    if show_connect {
+        egui::CentralPanel::default().show(ctx, |ui| {
+            ui.heading("p2p-voice");
+            ui.add_space(8.0);
+            actions.extend(panels::connect(ui, &mut state.connect));
+        });
+    } else {
+        egui::SidePanel::right("controls")
+            .resizable(false)
+            .min_width(260.0)
+            .show(ctx, |ui| {
+                actions.extend(panels::controls(ui, &state.controls));
+                ui.separator();
+                ui.label("Channel mix");
+                panels::waveform(ui, &state.mix, egui::vec2(ui.available_width(), 60.0));
+            });
+        let overview = build_overview(&channels, &users, link.session.channel());
+        egui::CentralPanel::default().show(ctx, |ui| {
+            actions.extend(panels::overview(ui, &overview));
+        });
+        if let Some(p) = &mut state.password {
+            actions.extend(panels::password_prompt(ctx, p));
+        }
+    }
+    if state.show_help {
+        actions.extend(panels::help_window(
+            ctx,
+            &panels::help::default_shortcuts(&state.controls.ptt_key),
+        ));
+    }
+
+    for action in actions {
+        match action {
+            UiAction::Connect { address, username } => {
+                state.connect.connecting = true;
+                state.connect.refusal = None;
+                state.connect.address_problem = None;
+                intents.write(ClientIntent::Connect {
+                    server: address,
+                    username,
+                });
+            }
+            UiAction::Join { channel_id } => {
+                let Some((_, ch)) = channels.iter().find(|(_, c)| c.order as u32 == channel_id)
+                else {
+                    continue;
+                };
+                if ch.has_password {
+                    state.password = Some(PasswordPromptView {
+                        channel_id,
+                        channel_name: ch.name.clone(),
+                        ..Default::default()
+                    });
+                } else {
+                    state.pending_join = Some(ch.name.clone());
+                    intents.write(ClientIntent::Join {
+                        channel: ch.name.clone(),
+                        password: None,
+                    });
+                }
+            }
+            UiAction::SubmitPassword {
+                channel_id,
+                password,
+            } => {
+                if let Some((_, ch)) = channels.iter().find(|(_, c)| c.order as u32 == channel_id) {
+                    if let Some(p) = &mut state.password {
+                        p.pending = true;
+                        p.error = None;
+                    }
+                    intents.write(ClientIntent::Join {
+                        channel: ch.name.clone(),
+                        password: Some(password),
+                    });
+                }
+            }
+            UiAction::CancelPassword => state.password = None,
+            UiAction::Leave => {
+                intents.write(ClientIntent::Leave);
+            }
+            UiAction::Disconnect => {
+                intents.write(ClientIntent::Disconnect);
+            }
+            UiAction::SetMute(m) => {
+                state.controls.muted = m;
+                voice_intents.write(VoiceIntent::SetMuted(m));
+            }
+            UiAction::SetDeafen(d) => {
+                state.controls.deafened = d;
+                voice_intents.write(VoiceIntent::SetDeafened(d));
+            }
+            UiAction::SetPtt(on) => {
+                state.controls.ptt_enabled = on;
+                voice_intents.write(VoiceIntent::SetPushToTalk(on));
+                let mut s = ClientSettings::load();
+                s.push_to_talk = Some(on);
+                let _ = s.save();
+            }
+            UiAction::PushToTalk(pressed) => {
+                voice_intents.write(VoiceIntent::SetPttPressed(pressed));
+            }
+            UiAction::SetNoiseSuppression(on) => {
+                state.controls.noise_suppression = on;
+                voice_intents.write(VoiceIntent::SetNoiseSuppression(on));
+                let mut s = ClientSettings::load();
+                s.noise_suppression = Some(on);
+                let _ = s.save();
+            }
+            UiAction::SetVadThreshold(db) => {
+                voice_intents.write(VoiceIntent::SetVadThreshold(db));
+            }
+            UiAction::SetUserVolume { user_id, volume } => {
+                for (u, mut v, _) in &mut volumes {
+                    if u.id == user_id {
+                        v.0 = volume;
+                    }
+                }
+                voice_intents.write(VoiceIntent::SetUserVolume(user_id, volume));
+            }
+            UiAction::SetUserMuted { user_id, muted } => {
+                for (u, _, mut m) in &mut volumes {
+                    if u.id == user_id {
+                        m.0 = muted;
+                    }
+                }
+                voice_intents.write(VoiceIntent::SetUserMuted(user_id, muted));
+            }
+            UiAction::SelectInput(name) => {
+                state.controls.selected_input = Some(name.clone());
+                voice_intents.write(VoiceIntent::SelectInput(Some(name.clone())));
+                let mut s = ClientSettings::load();
+                s.input_device = Some(name);
+                let _ = s.save();
+            }
+            UiAction::SelectOutput(name) => {
+                state.controls.selected_output = Some(name.clone());
+                voice_intents.write(VoiceIntent::SelectOutput(Some(name.clone())));
+                let mut s = ClientSettings::load();
+                s.output_device = Some(name);
+                let _ = s.save();
+            }
+            UiAction::DismissError(i) => {
+                if i < state.errors.len() {
+                    state.errors.remove(i);
+                }
+            }
+            UiAction::ToggleHelp => state.show_help = !state.show_help,
+            UiAction::TogglePerfOverlay => {
+                state.show_perf = !state.show_perf;
+                perf.visible = state.show_perf;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! The connect screen: server address and username with inline validation.
+
+use egui::{Button, Grid, Key, Response, RichText, TextEdit, Ui};
+use thiserror::Error;
+
+use crate::ui::actions::UiAction;
+use crate::ui::view::ConnectView;
+
+/// Longest username the server accepts, in characters.
+pub const MAX_USERNAME_CHARS: usize = 32;
+
+/// Why a typed username cannot be sent to the server (same rules the server applies).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UsernameError {
+    /// Nothing typed.
+    #[error("Enter a username")]
+    Empty,
+    /// More than [`MAX_USERNAME_CHARS`] characters.
+    #[error("At most {MAX_USERNAME_CHARS} characters ({0} typed)")]
+    TooLong(usize),
+    /// Contains a control character (tab, newline, ...).
+    #[error("Only printable characters are allowed")]
+    NotPrintable,
+    /// Starts or ends with whitespace.
+    #[error("No spaces at the start or end")]
+    SurroundingSpace,
+}
+
+/// Why a typed server address cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AddressError {
+    /// Nothing typed.
+    #[error("Enter an address like example.org:7700")]
+    Empty,
+    /// No `:port` part.
+    #[error("Add a port, e.g. {0}:7700")]
+    MissingPort(String),
+    /// Host part empty or malformed.
+    #[error("Missing host name before ':'")]
+    MissingHost,
+    /// IPv6 literal without brackets, e.g. `::1:7700`.
+    #[error("Put IPv6 addresses in brackets, e.g. [::1]:7700")]
+    UnbracketedIpv6,
+    /// Port is not a number in 1..=65535.
+    #[error("Port must be a number from 1 to 65535")]
+    BadPort,
+    /// Spaces inside the address.
+    #[error("Addresses cannot contain spaces")]
+    ContainsSpace,
+}
+
+/// Checks a username: 1..=32 printable characters, no leading or trailing whitespace.
+pub fn validate_username(name: &str) -> Result<(), UsernameError> {
+    if name.is_empty() {
+        return Err(UsernameError::Empty);
+    }
+    let chars = name.chars().count();
+    if chars > MAX_USERNAME_CHARS {
+        return Err(UsernameError::TooLong(chars));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(UsernameError::NotPrintable);
+    }
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        return Err(UsernameError::SurroundingSpace);
+    }
+    Ok(())
+}
+
+/// Checks a `host:port` address (surrounding whitespace ignored); IPv6 hosts need brackets.
+pub fn validate_server_address(address: &str) -> Result<(), AddressError> {
+    let address = address.trim();
+    if address.is_empty() {
+        return Err(AddressError::Empty);
+    }
+    if address.contains(char::is_whitespace) {
+        return Err(AddressError::ContainsSpace);
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(AddressError::MissingPort(address.to_owned()));
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(AddressError::MissingHost);
+    }
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if host.contains(':') && !bracketed {
+        return Err(AddressError::UnbracketedIpv6);
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(AddressError::BadPort),
+    }
+}
+
+/// Draws the connect form. Text fields are edited in place in `view`; returns
+/// [`UiAction::Connect`] when the user clicks Connect or presses Enter with valid input.
+pub fn connect(ui: &mut Ui, view: &mut ConnectView) -> Vec<UiAction> {
+    let mut actions = Vec::new();
+    let mut submit = false;
+    let error_color = ui.visuals().error_fg_color;
+
+    ui.heading("Connect to a server");
+    ui.add_space(4.0);
+    let mut address_ok = false;
+    let mut username_ok = false;
+    Grid::new("connect_form")
+        .num_columns(3)
+        .spacing([8.0, 6.0])
+        .show(ui, |ui| {
+            let label = ui.label("Server address");
+            let field = ui
+                .add(
+                    TextEdit::singleline(&mut view.server_address)
+                        .hint_text("host:7700")
+                        .desired_width(220.0),
+                )
+                .labelled_by(label.id);
+            submit |= enter_pressed(ui, &field);
+            if field.changed() {
+                view.address_problem = None;
+            }
+            let check = validate_server_address(&view.server_address);
+            address_ok = check.is_ok();
+            let message = match (&check, &view.address_problem) {
+                (Err(AddressError::Empty), _) => None,
+                (Err(e), _) => Some(e.to_string()),
+                (Ok(()), problem) => problem.clone(),
+            };
+            error_cell(ui, message, error_color);
+            ui.end_row();
+
+            let label = ui.label("Username");
+            let field = ui
+                .add(
+                    TextEdit::singleline(&mut view.username)
+                        .hint_text("your name")
+                        .char_limit(MAX_USERNAME_CHARS * 2)
+                        .desired_width(220.0),
+                )
+                .labelled_by(label.id);
+            submit |= enter_pressed(ui, &field);
+            if field.changed() {
+                view.refusal = None;
+            }
+            let check = validate_username(&view.username);
+            username_ok = check.is_ok();
+            let message = match (&check, &view.refusal) {
+                (Err(UsernameError::Empty), _) => None,
+                (Err(e), _) => Some(e.to_string()),
+                (Ok(()), refusal) => refusal.clone(),
+            };
+            error_cell(ui, message, error_color);
+            ui.end_row();
+        });
+
+    if let Some(remembered) = view.remembered_username.clone() {
+        let offer = !remembered.is_empty() && remembered != view.username;
+        if offer
+            && ui
+                .small_button(format!("Use last name \"{remembered}\""))
+                .clicked()
+        {
+            view.username = remembered;
+            view.refusal = None;
+            username_ok = validate_username(&view.username).is_ok();
+        }
+    }
+
+    ui.add_space(4.0);
+    let can_connect = address_ok && username_ok && !view.connecting;
+    ui.horizontal(|ui| {
+        let button = ui
+            .add_enabled(can_connect, Button::new("Connect"))
+            .on_disabled_hover_text(if view.connecting {
+                "Already connecting"
+            } else {
+                "Fix the fields above first"
+            });
+        if button.clicked() {
+            submit = true;
+        }
+        if view.connecting {
+            ui.spinner();
+            ui.label("Connecting…");
+        }
+    });
+
+    if submit && can_connect {
+        actions.push(UiAction::Connect {
+            address: view.server_address.trim().to_owned(),
+            username: view.username.clone(),
+        });
+    }
+    actions
+}
+
+fn enter_pressed(ui: &Ui, field: &Response) -> bool {
+    field.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter))
+}
+
+fn error_cell(ui: &mut Ui, message: Option<String>, color: egui::Color32) {
+    match message {
+        Some(text) => {
+            ui.label(RichText::new(text).color(color));
+        }
+        None => {
+            ui.label("");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egui_kittest::{kittest::Queryable, Harness};
+
+    struct State {
+        view: ConnectView,
+        actions: Vec<UiAction>,
+    }
+
+    fn harness(view: ConnectView) -> Harness<'static, State> {
+        Harness::new_ui_state(
+            |ui, state: &mut State| {
+                let actions = connect(ui, &mut state.view);
+                state.actions.extend(actions);
+            },
+            State {
+                view,
+                actions: Vec::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn username_rules_match_the_server() {
+        assert_eq!(validate_username(""), Err(UsernameError::Empty));
+        assert_eq!(validate_username("alice"), Ok(()));
+        assert_eq!(validate_username("Ünïcødé name"), Ok(()));
+        assert_eq!(validate_username(&"x".repeat(32)), Ok(()));
+        assert_eq!(
+            validate_username(&"x".repeat(33)),
+            Err(UsernameError::TooLong(33))
+        );
+        assert_eq!(
+            validate_username(" alice"),
+            Err(UsernameError::SurroundingSpace)
+        );
+        assert_eq!(
+            validate_username("alice "),
+            Err(UsernameError::SurroundingSpace)
+        );
+        assert_eq!(
+            validate_username("al\tice"),
+            Err(UsernameError::NotPrintable)
+        );
+    }
+
+    #[test]
+    fn address_needs_host_and_port_in_range() {
+        assert_eq!(validate_server_address("example.org:7700"), Ok(()));
+        assert_eq!(validate_server_address(" 10.0.0.1:1 "), Ok(()));
+        assert_eq!(validate_server_address("[::1]:65535"), Ok(()));
+        assert_eq!(validate_server_address(""), Err(AddressError::Empty));
+        assert_eq!(
+            validate_server_address("example.org"),
+            Err(AddressError::MissingPort("example.org".into()))
+        );
+        assert_eq!(
+            validate_server_address(":7700"),
+            Err(AddressError::MissingHost)
+        );
+        assert_eq!(
+            validate_server_address("::1:7700"),
+            Err(AddressError::UnbracketedIpv6)
+        );
+        assert_eq!(
+            validate_server_address("host:0"),
+            Err(AddressError::BadPort)
+        );
+        assert_eq!(
+            validate_server_address("host:65536"),
+            Err(AddressError::BadPort)
+        );
+        assert_eq!(
+            validate_server_address("host:abc"),
+            Err(AddressError::BadPort)
+        );
+        assert_eq!(
+            validate_server_address("my host:7700"),
+            Err(AddressError::ContainsSpace)
+        );
+    }
+
+    #[test]
+    fn typed_values_and_connect_click_produce_connect_action() {
+        let mut h = harness(ConnectView::default());
+        h.get_by_label("Server address").click();
+        h.run();
+        h.get_by_label("Server address").type_text("127.0.0.1:7700");
+        h.run();
+        h.get_by_label("Username").click();
+        h.run();
+        h.get_by_label("Username").type_text("alice");
+        h.run();
+        h.get_by_label("Connect").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Connect {
+                address: "127.0.0.1:7700".into(),
+                username: "alice".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn enter_in_username_field_submits() {
+        let mut h = harness(ConnectView::new("localhost:7700", None));
+        h.get_by_label("Username").click();
+        h.run();
+        h.get_by_label("Username").type_text("bob");
+        h.run();
+        h.key_press(Key::Enter);
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Connect {
+                address: "localhost:7700".into(),
+                username: "bob".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn invalid_username_shows_inline_error_and_connect_does_nothing() {
+        let mut view = ConnectView::new("localhost:7700", None);
+        view.username = " alice".into();
+        let mut h = harness(view);
+        h.get_by_label("No spaces at the start or end");
+        h.get_by_label("Connect").click();
+        h.run();
+        h.key_press(Key::Enter);
+        h.run();
+        assert!(h.state().actions.is_empty());
+    }
+
+    #[test]
+    fn invalid_port_shows_inline_error_next_to_address() {
+        let mut h = harness(ConnectView::new("localhost:99999", Some("carol".into())));
+        h.get_by_label("Port must be a number from 1 to 65535");
+        h.get_by_label("Connect").click();
+        h.run();
+        assert!(h.state().actions.is_empty());
+    }
+
+    #[test]
+    fn server_refusal_is_shown_until_username_is_edited() {
+        let mut view = ConnectView::new("localhost:7700", Some("alice".into()));
+        view.refusal = Some("Name taken".into());
+        let mut h = harness(view);
+        h.get_by_label("Name taken");
+        h.get_by_label("Username").click();
+        h.run();
+        h.key_press(Key::End);
+        h.run();
+        h.get_by_label("Username").type_text("2");
+        h.run();
+        assert!(h.query_by_label("Name taken").is_none());
+        assert_eq!(h.state().view.username, "alice2");
+        assert_eq!(h.state().view.refusal, None);
+    }
+
+    #[test]
+    fn connect_is_disabled_while_connecting() {
+        let mut view = ConnectView::new("localhost:7700", Some("alice".into()));
+        view.connecting = true;
+        let mut h = harness(view);
+        h.get_by_label("Connecting…");
+        h.get_by_label("Connect").click();
+        // The spinner keeps requesting repaints, so step instead of running to rest.
+        h.step();
+        assert!(h.state().actions.is_empty());
+    }
+
+    #[test]
+    fn remembered_name_can_be_filled_in() {
+        let mut view = ConnectView::new("localhost:7700", Some("dave".into()));
+        view.username.clear();
+        let mut h = harness(view);
+        h.get_by_label("Use last name \"dave\"").click();
+        h.run();
+        assert_eq!(h.state().view.username, "dave");
+    }
+}

@@ -1,0 +1,248 @@
+//! Local audio controls: mute, deafen, push-to-talk, noise suppression, device pickers and the
+//! own input meter with the voice-activity threshold.
+
+use egui::{ComboBox, Slider, Ui, Vec2};
+
+use super::meters::{db_meter_with_threshold, METER_FLOOR_DB};
+use crate::ui::actions::UiAction;
+use crate::ui::view::ControlsView;
+
+/// Text shown in a device picker when no specific device is chosen.
+pub const SYSTEM_DEFAULT_DEVICE: &str = "System default";
+
+/// Draws the controls. Every change is returned as an action; the view itself is read-only
+/// because it mirrors settings owned elsewhere.
+pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
+    let mut actions = Vec::new();
+
+    ui.horizontal(|ui| {
+        let mut muted = view.muted;
+        if ui
+            .checkbox(&mut muted, "Mute")
+            .on_hover_text("Stop sending your voice (M)")
+            .changed()
+        {
+            actions.push(UiAction::SetMute(muted));
+        }
+        let mut deafened = view.deafened;
+        if ui
+            .checkbox(&mut deafened, "Deafen")
+            .on_hover_text("Stop hearing others (D)")
+            .changed()
+        {
+            actions.push(UiAction::SetDeafen(deafened));
+        }
+    });
+
+    let mut ptt = view.ptt_enabled;
+    let ptt_label = if view.ptt_key.is_empty() {
+        "Push-to-talk".to_owned()
+    } else {
+        format!("Push-to-talk ({})", view.ptt_key)
+    };
+    if ui
+        .checkbox(&mut ptt, ptt_label)
+        .on_hover_text("Send only while the key is held")
+        .changed()
+    {
+        actions.push(UiAction::SetPtt(ptt));
+    }
+    let mut suppression = view.noise_suppression;
+    if ui.checkbox(&mut suppression, "Noise suppression").changed() {
+        actions.push(UiAction::SetNoiseSuppression(suppression));
+    }
+
+    ui.add_space(4.0);
+    if let Some(name) = device_picker(
+        ui,
+        "Input device",
+        &view.input_devices,
+        view.selected_input.as_deref(),
+    ) {
+        actions.push(UiAction::SelectInput(name));
+    }
+    if let Some(name) = device_picker(
+        ui,
+        "Output device",
+        &view.output_devices,
+        view.selected_output.as_deref(),
+    ) {
+        actions.push(UiAction::SelectOutput(name));
+    }
+
+    ui.add_space(4.0);
+    ui.label(if view.speaking {
+        "Input level (speaking)"
+    } else {
+        "Input level"
+    });
+    let width = ui.available_width().clamp(80.0, 240.0);
+    db_meter_with_threshold(
+        ui,
+        view.input_level_db,
+        view.vad_threshold_db,
+        view.speaking,
+        Vec2::new(width, 10.0),
+    );
+    let mut threshold = view.vad_threshold_db.clamp(METER_FLOOR_DB, 0.0);
+    if ui
+        .add(
+            Slider::new(&mut threshold, METER_FLOOR_DB..=0.0)
+                .step_by(1.0)
+                .suffix(" dB")
+                .text("Voice threshold"),
+        )
+        .changed()
+    {
+        actions.push(UiAction::SetVadThreshold(threshold));
+    }
+    actions
+}
+
+/// A combo box listing `devices`; returns the name the user picked, if it differs.
+fn device_picker(
+    ui: &mut Ui,
+    label: &str,
+    devices: &[String],
+    selected: Option<&str>,
+) -> Option<String> {
+    let mut picked = None;
+    ComboBox::from_label(label)
+        .selected_text(selected.unwrap_or(SYSTEM_DEFAULT_DEVICE))
+        .width(200.0)
+        .show_ui(ui, |ui| {
+            if devices.is_empty() {
+                ui.weak("No devices found");
+            }
+            for name in devices {
+                let is_selected = selected == Some(name.as_str());
+                if ui.selectable_label(is_selected, name).clicked() && !is_selected {
+                    picked = Some(name.clone());
+                }
+            }
+        });
+    picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egui::accesskit::Role;
+    use egui_kittest::{kittest::Queryable, Harness};
+
+    struct State {
+        view: ControlsView,
+        actions: Vec<UiAction>,
+    }
+
+    fn harness(view: ControlsView) -> Harness<'static, State> {
+        Harness::builder()
+            .with_size(Vec2::new(400.0, 500.0))
+            .build_ui_state(
+                |ui, state: &mut State| {
+                    let actions = controls(ui, &state.view);
+                    state.actions.extend(actions);
+                },
+                State {
+                    view,
+                    actions: Vec::new(),
+                },
+            )
+    }
+
+    fn view() -> ControlsView {
+        ControlsView {
+            ptt_key: "Space".into(),
+            input_devices: vec!["Built-in Mic".into(), "USB Headset".into()],
+            output_devices: vec!["Speakers".into()],
+            selected_input: Some("Built-in Mic".into()),
+            input_level_db: -20.0,
+            vad_threshold_db: -40.0,
+            speaking: true,
+            ..ControlsView::default()
+        }
+    }
+
+    #[test]
+    fn mute_toggle_emits_set_mute_true() {
+        let mut h = harness(view());
+        h.get_by_label("Mute").click();
+        h.run();
+        assert_eq!(h.state().actions, vec![UiAction::SetMute(true)]);
+    }
+
+    #[test]
+    fn unmute_when_muted_emits_set_mute_false() {
+        let mut v = view();
+        v.muted = true;
+        let mut h = harness(v);
+        h.get_by_label("Mute").click();
+        h.run();
+        assert_eq!(h.state().actions, vec![UiAction::SetMute(false)]);
+    }
+
+    #[test]
+    fn toggles_emit_deafen_ptt_and_noise_suppression() {
+        let mut h = harness(view());
+        h.get_by_label("Deafen").click();
+        h.run();
+        h.get_by_label("Push-to-talk (Space)").click();
+        h.run();
+        h.get_by_label("Noise suppression").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![
+                UiAction::SetDeafen(true),
+                UiAction::SetPtt(true),
+                UiAction::SetNoiseSuppression(true)
+            ]
+        );
+    }
+
+    #[test]
+    fn picking_an_input_device_emits_select_input() {
+        let mut h = harness(view());
+        h.get_by_role_and_label(Role::ComboBox, "Input device")
+            .click();
+        h.run();
+        h.get_by_label("USB Headset").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::SelectInput("USB Headset".into())]
+        );
+    }
+
+    #[test]
+    fn picking_the_current_device_again_emits_nothing() {
+        let mut h = harness(view());
+        h.get_by_role_and_label(Role::ComboBox, "Input device")
+            .click();
+        h.run();
+        h.get_by_label("Built-in Mic").click();
+        h.run();
+        assert!(h.state().actions.is_empty());
+    }
+
+    #[test]
+    fn picking_an_output_device_emits_select_output() {
+        let mut h = harness(view());
+        h.get_by_role_and_label(Role::ComboBox, "Output device")
+            .click();
+        h.run();
+        h.get_by_label("Speakers").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::SelectOutput("Speakers".into())]
+        );
+    }
+
+    #[test]
+    fn input_meter_reports_level_and_threshold() {
+        let h = harness(view());
+        h.get_by_label("Input level -20 dB, threshold -40 dB");
+        h.get_by_label("Input level (speaking)");
+    }
+}

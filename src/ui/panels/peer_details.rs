@@ -1,0 +1,106 @@
+//! Link details of one channel member: state, round trip, loss, jitter, buffer delay, fingerprint.
+//! Shown as the hover tooltip of a member in the overview.
+
+use egui::{Color32, Grid, Ui};
+
+use crate::ui::view::{LinkState, MemberView};
+
+/// Short human text for a link state ("direct", "punching…", "unreachable: reason", "you").
+pub fn link_state_text(state: &LinkState) -> String {
+    match state {
+        LinkState::Direct => "direct".to_owned(),
+        LinkState::Punching => "punching…".to_owned(),
+        LinkState::Unreachable(reason) if reason.is_empty() => "unreachable".to_owned(),
+        LinkState::Unreachable(reason) => format!("unreachable: {reason}"),
+        LinkState::Local => "you".to_owned(),
+    }
+}
+
+/// Colour of the small link dot: green direct, amber punching, red unreachable, grey for self.
+pub fn link_color(state: &LinkState) -> Color32 {
+    match state {
+        LinkState::Direct => Color32::from_rgb(60, 200, 90),
+        LinkState::Punching => Color32::from_rgb(230, 170, 40),
+        LinkState::Unreachable(_) => Color32::from_rgb(220, 60, 60),
+        LinkState::Local => Color32::GRAY,
+    }
+}
+
+/// Formats an optional measurement, a dash when not measured yet.
+pub fn format_measure(value: Option<f32>, unit: &str) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{v:.0} {unit}"),
+        _ => "–".to_owned(),
+    }
+}
+
+/// Draws the details grid for one member.
+pub fn peer_details(ui: &mut Ui, member: &MemberView) {
+    ui.strong(&member.name);
+    Grid::new(("peer_details", member.user_id))
+        .num_columns(2)
+        .show(ui, |ui| {
+            let link = &member.link;
+            ui.label("Link");
+            ui.colored_label(link_color(&link.state), link_state_text(&link.state));
+            ui.end_row();
+            if link.state != LinkState::Local {
+                ui.label("Round trip");
+                ui.label(format_measure(link.rtt_ms, "ms"));
+                ui.end_row();
+                ui.label("Loss");
+                ui.label(match link.loss_pct {
+                    Some(v) if v.is_finite() => format!("{v:.1} %"),
+                    _ => "–".to_owned(),
+                });
+                ui.end_row();
+                ui.label("Jitter");
+                ui.label(format_measure(link.jitter_ms, "ms"));
+                ui.end_row();
+                ui.label("Buffer delay");
+                ui.label(format_measure(link.buffer_ms, "ms"));
+                ui.end_row();
+            }
+            ui.label("Fingerprint");
+            ui.monospace(member.fingerprint.as_deref().unwrap_or("–"));
+            ui.end_row();
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ui::view::LinkView;
+    use egui_kittest::{kittest::Queryable, Harness};
+
+    #[test]
+    fn unreachable_state_names_the_reason() {
+        let text = link_state_text(&LinkState::Unreachable("no reply within 10 s".into()));
+        assert_eq!(text, "unreachable: no reply within 10 s");
+    }
+
+    #[test]
+    fn unmeasured_values_show_a_dash() {
+        assert_eq!(format_measure(None, "ms"), "–");
+        assert_eq!(format_measure(Some(23.4), "ms"), "23 ms");
+    }
+
+    #[test]
+    fn details_show_link_numbers_and_fingerprint() {
+        let mut member = MemberView::new(7, "bob");
+        member.link = LinkView {
+            state: LinkState::Direct,
+            rtt_ms: Some(42.0),
+            loss_pct: Some(1.5),
+            jitter_ms: Some(3.0),
+            buffer_ms: Some(40.0),
+        };
+        member.fingerprint = Some("ab:cd:ef".into());
+        let harness = Harness::new_ui(|ui| peer_details(ui, &member));
+        harness.get_by_label("direct");
+        harness.get_by_label("42 ms");
+        harness.get_by_label("1.5 %");
+        harness.get_by_label("40 ms");
+        harness.get_by_label("ab:cd:ef");
+    }
+}

@@ -1,0 +1,163 @@
+//! The F3 performance overlay (iyes_perf_ui): FPS and frame time from Bevy's diagnostics plus
+//! entries of ours for the voice plane — jitter buffer delay, packets per second, loss.
+
+use bevy::diagnostic::FrameTimeDiagnosticsPlugin;
+use bevy::ecs::system::lifetimeless::SRes;
+use bevy::ecs::system::SystemParam;
+use bevy::prelude::*;
+use iyes_perf_ui::entry::PerfUiEntry;
+use iyes_perf_ui::prelude::*;
+
+use crate::voice::Voice;
+
+/// Whether the overlay is shown; toggled with F3.
+#[derive(Resource, Default)]
+pub struct PerfOverlay {
+    pub visible: bool,
+    root: Option<Entity>,
+}
+
+/// Adds the overlay and our entries.
+pub struct PerfPlugin;
+
+impl Plugin for PerfPlugin {
+    fn build(&self, app: &mut App) {
+        if !app.is_plugin_added::<FrameTimeDiagnosticsPlugin>() {
+            app.add_plugins(FrameTimeDiagnosticsPlugin::default());
+        }
+        app.add_plugins(PerfUiPlugin)
+            .add_perf_ui_simple_entry::<PerfUiJitterDelay>()
+            .add_perf_ui_simple_entry::<PerfUiPacketRate>()
+            .add_perf_ui_simple_entry::<PerfUiLoss>()
+            .init_resource::<PerfOverlay>()
+            .add_systems(Update, show_or_hide);
+    }
+}
+
+fn show_or_hide(mut overlay: ResMut<PerfOverlay>, mut commands: Commands) {
+    match (overlay.visible, overlay.root) {
+        (true, None) => {
+            let e = commands
+                .spawn((
+                    PerfUiRoot::default(),
+                    PerfUiEntryFPS::default(),
+                    PerfUiEntryFrameTime::default(),
+                    PerfUiJitterDelay,
+                    PerfUiPacketRate::default(),
+                    PerfUiLoss,
+                ))
+                .id();
+            overlay.root = Some(e);
+        }
+        (false, Some(e)) => {
+            commands.entity(e).despawn();
+            overlay.root = None;
+        }
+        _ => {}
+    }
+}
+
+/// Largest jitter buffer delay among peers, ms.
+#[derive(Component, Default)]
+pub struct PerfUiJitterDelay;
+
+impl PerfUiEntry for PerfUiJitterDelay {
+    type Value = f32;
+    type SystemParam = SRes<Voice>;
+
+    fn label(&self) -> &str {
+        "Jitter buffer (max)"
+    }
+    fn sort_key(&self) -> i32 {
+        100
+    }
+    fn update_value(
+        &self,
+        voice: &mut <Self::SystemParam as SystemParam>::Item<'_, '_>,
+    ) -> Option<f32> {
+        Some(
+            voice
+                .last
+                .peers
+                .iter()
+                .map(|p| p.buffer_ms)
+                .fold(0.0, f32::max),
+        )
+    }
+    fn format_value(&self, v: &f32) -> String {
+        format!("{v:.0} ms")
+    }
+}
+
+/// Voice packets received per second, all peers together.
+#[derive(Component, Default)]
+pub struct PerfUiPacketRate {
+    last: std::sync::Mutex<Option<(std::time::Instant, u64, f32)>>,
+}
+
+impl PerfUiEntry for PerfUiPacketRate {
+    type Value = f32;
+    type SystemParam = SRes<Voice>;
+
+    fn label(&self) -> &str {
+        "Packets in /s"
+    }
+    fn sort_key(&self) -> i32 {
+        101
+    }
+    fn update_value(
+        &self,
+        voice: &mut <Self::SystemParam as SystemParam>::Item<'_, '_>,
+    ) -> Option<f32> {
+        let total: u64 = voice.last.peers.iter().map(|p| p.packets_in).sum();
+        let now = std::time::Instant::now();
+        // Runs on the main thread once per frame; the lock is never contended.
+        let mut last = self.last.lock().ok()?;
+        let rate = match *last {
+            Some((t, _, r)) if now.duration_since(t).as_secs_f32() < 1.0 => {
+                return Some(r);
+            }
+            Some((t, n0, _)) => {
+                total.saturating_sub(n0) as f32 / now.duration_since(t).as_secs_f32()
+            }
+            None => 0.0,
+        };
+        *last = Some((now, total, rate));
+        Some(rate)
+    }
+    fn format_value(&self, v: &f32) -> String {
+        format!("{v:.0}")
+    }
+}
+
+/// Worst loss among peers, percent.
+#[derive(Component, Default)]
+pub struct PerfUiLoss;
+
+impl PerfUiEntry for PerfUiLoss {
+    type Value = f32;
+    type SystemParam = SRes<Voice>;
+
+    fn label(&self) -> &str {
+        "Loss (worst peer)"
+    }
+    fn sort_key(&self) -> i32 {
+        102
+    }
+    fn update_value(
+        &self,
+        voice: &mut <Self::SystemParam as SystemParam>::Item<'_, '_>,
+    ) -> Option<f32> {
+        Some(
+            voice
+                .last
+                .peers
+                .iter()
+                .map(|p| p.loss_pct)
+                .fold(0.0, f32::max),
+        )
+    }
+    fn format_value(&self, v: &f32) -> String {
+        format!("{v:.1} %")
+    }
+}

@@ -1,0 +1,310 @@
+//! Plain data the egui panels read each frame.
+//!
+//! The UI plugin builds these structs from ECS components (or keeps the editable ones, like
+//! [`ConnectView`], as resources) and hands them to the panel functions in `panels`. Nothing in
+//! here knows about egui, Bevy or sockets, so the panels can be driven by tests and benches with
+//! hand-made values.
+
+use std::collections::VecDeque;
+
+/// State of the connect screen: the two text fields the user edits in place plus what the
+/// client knows about the last attempt.
+///
+/// Invariant: `server_address` and `username` are whatever the user typed; validation happens in
+/// the panel (see `panels::connect::validate_username` / `validate_server_address`), never by
+/// rewriting the text.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConnectView {
+    /// Server address as typed, expected as `host:port`.
+    pub server_address: String,
+    /// Username as typed.
+    pub username: String,
+    /// Why the server refused the last attempt ("Name taken", ...), shown next to the username.
+    pub refusal: Option<String>,
+    /// Network-level failure of the last attempt ("connection refused"), shown next to the address.
+    pub address_problem: Option<String>,
+    /// True while a connection attempt is in flight; the Connect button is disabled meanwhile.
+    pub connecting: bool,
+    /// The username used last time (from the config directory), offered as a one-click fill-in.
+    pub remembered_username: Option<String>,
+}
+
+impl ConnectView {
+    /// A connect screen prefilled with a default address and the remembered username.
+    pub fn new(server_address: impl Into<String>, remembered_username: Option<String>) -> Self {
+        Self {
+            server_address: server_address.into(),
+            username: remembered_username.clone().unwrap_or_default(),
+            remembered_username,
+            ..Self::default()
+        }
+    }
+}
+
+/// How voice reaches one channel member, mirrored from the client's `PeerLink` component.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum LinkState {
+    /// Hole punching succeeded; voice flows peer to peer.
+    Direct,
+    /// Still trying candidate addresses.
+    #[default]
+    Punching,
+    /// Gave up; the string is a human reason ("no reply from any address within 10 s").
+    Unreachable(String),
+    /// This member is the local user; there is no link to show.
+    Local,
+}
+
+/// Link quality numbers for one peer. `None` means "not measured yet", shown as a dash.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LinkView {
+    /// Current link state.
+    pub state: LinkState,
+    /// Round-trip time in milliseconds.
+    pub rtt_ms: Option<f32>,
+    /// Packet loss in percent (0..=100).
+    pub loss_pct: Option<f32>,
+    /// Measured inter-arrival jitter in milliseconds.
+    pub jitter_ms: Option<f32>,
+    /// Current jitter-buffer delay (playout target) in milliseconds.
+    pub buffer_ms: Option<f32>,
+}
+
+/// One member of a channel as the overview shows them.
+///
+/// Invariants: `level` is in `0.0..=1.0`, `volume` in `0.0..=2.0` (1.0 = unchanged);
+/// `muted_locally` and `volume` are meaningless for `is_self` and the panel does not offer them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberView {
+    /// Server-assigned user id.
+    pub user_id: u32,
+    /// Display name.
+    pub name: String,
+    /// Voice activity right now (drives the speaking ring).
+    pub speaking: bool,
+    /// Recent voice level, 0..1.
+    pub level: f32,
+    /// True for the local user.
+    pub is_self: bool,
+    /// The local user has silenced this member for themselves only.
+    pub muted_locally: bool,
+    /// Local playback gain for this member, 0..2.
+    pub volume: f32,
+    /// Link state and quality.
+    pub link: LinkView,
+    /// Key fingerprint of the peer, if the protocol exchanged one.
+    pub fingerprint: Option<String>,
+}
+
+impl MemberView {
+    /// A silent member at unity volume with an unmeasured link; handy for building views.
+    pub fn new(user_id: u32, name: impl Into<String>) -> Self {
+        Self {
+            user_id,
+            name: name.into(),
+            speaking: false,
+            level: 0.0,
+            is_self: false,
+            muted_locally: false,
+            volume: 1.0,
+            link: LinkView::default(),
+            fingerprint: None,
+        }
+    }
+}
+
+/// One channel in the overview.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelView {
+    /// Server-assigned channel id.
+    pub id: u32,
+    /// Channel name.
+    pub name: String,
+    /// Joining asks for a password (the client never sees the password itself).
+    pub has_password: bool,
+    /// Current members, in server order.
+    pub members: Vec<MemberView>,
+    /// Capacity; `None` means unlimited.
+    pub max_members: Option<u32>,
+}
+
+/// Everything the overview panel shows: all channels and which one the local user is in.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OverviewView {
+    /// All channels the server announced.
+    pub channels: Vec<ChannelView>,
+    /// Id of the channel the local user is in, if any.
+    pub my_channel: Option<u32>,
+}
+
+/// The modal password prompt for a protected channel. `password` is edited in place.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PasswordPromptView {
+    /// Channel being joined.
+    pub channel_id: u32,
+    /// Its name, for the title.
+    pub channel_name: String,
+    /// Password as typed (masked on screen).
+    pub password: String,
+    /// Server answer to the last attempt, e.g. "Wrong password".
+    pub error: Option<String>,
+    /// True while the join request is in flight.
+    pub pending: bool,
+}
+
+/// Connection to the metadata server, as shown in the status bar.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum ConnectionState {
+    /// Identified and receiving the overview.
+    Connected,
+    /// First attempt in flight.
+    Connecting,
+    /// Lost the server; the next attempt happens in `in_secs` seconds.
+    Reconnecting {
+        /// Seconds until the next attempt.
+        in_secs: u32,
+    },
+    /// Not connected; the string says why ("server closed the connection").
+    Disconnected(String),
+    /// Never connected (start-up).
+    #[default]
+    Idle,
+}
+
+/// The status bar contents.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StatusView {
+    /// Server connection state.
+    pub connection: ConnectionState,
+    /// In host mode: the address other people should type to reach this server.
+    pub host_address: Option<String>,
+    /// Short description of the voice state ("3 peers, 2 direct", "muted", ...).
+    pub voice_state: String,
+    /// Recent human-readable error messages, oldest first; dismissed by index.
+    pub errors: Vec<String>,
+}
+
+/// The local audio controls.
+///
+/// Invariant: `selected_input` / `selected_output` are names from the respective device list or
+/// `None` for the system default.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ControlsView {
+    /// Microphone muted (nothing is sent).
+    pub muted: bool,
+    /// Output silenced (implies nothing heard; usually also muted).
+    pub deafened: bool,
+    /// Push-to-talk mode instead of voice activation.
+    pub ptt_enabled: bool,
+    /// Human label of the push-to-talk key, e.g. "Space" (an egui key name).
+    pub ptt_key: String,
+    /// Noise suppression on the capture chain.
+    pub noise_suppression: bool,
+    /// Names of the available input devices.
+    pub input_devices: Vec<String>,
+    /// Names of the available output devices.
+    pub output_devices: Vec<String>,
+    /// Chosen input device, `None` = system default.
+    pub selected_input: Option<String>,
+    /// Chosen output device, `None` = system default.
+    pub selected_output: Option<String>,
+    /// Current own input level in dBFS (-inf..0).
+    pub input_level_db: f32,
+    /// Voice activity threshold in dBFS.
+    pub vad_threshold_db: f32,
+    /// The VAD currently says "speaking".
+    pub speaking: bool,
+}
+
+/// A bounded history of channel-mix levels (or decimated samples) for the scrolling waveform.
+///
+/// Invariant: never holds more than `capacity` values; pushing beyond drops the oldest.
+/// Values are expected in `-1.0..=1.0` (samples) or `0.0..=1.0` (levels).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixHistory {
+    values: VecDeque<f32>,
+    capacity: usize,
+}
+
+impl MixHistory {
+    /// An empty history keeping at most `capacity` values (at least 2, so a line can be drawn).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(2);
+        Self {
+            values: VecDeque::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    /// Appends one value, dropping the oldest if full. Non-finite values are stored as 0.
+    pub fn push(&mut self, value: f32) {
+        if self.values.len() == self.capacity {
+            self.values.pop_front();
+        }
+        self.values
+            .push_back(if value.is_finite() { value } else { 0.0 });
+    }
+
+    /// Appends many values in order.
+    pub fn extend(&mut self, values: impl IntoIterator<Item = f32>) {
+        for v in values {
+            self.push(v);
+        }
+    }
+
+    /// Values oldest first.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = f32> + '_ {
+        self.values.iter().copied()
+    }
+
+    /// Number of stored values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// True when nothing was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Maximum number of values kept.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+impl Default for MixHistory {
+    /// Five seconds of 20 ms levels.
+    fn default() -> Self {
+        Self::new(250)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_history_drops_oldest_when_full() {
+        let mut h = MixHistory::new(3);
+        h.extend([0.1, 0.2, 0.3, 0.4]);
+        assert_eq!(h.iter().collect::<Vec<_>>(), vec![0.2, 0.3, 0.4]);
+        assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn mix_history_stores_non_finite_as_silence() {
+        let mut h = MixHistory::new(4);
+        h.push(f32::NAN);
+        h.push(f32::INFINITY);
+        assert_eq!(h.iter().collect::<Vec<_>>(), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn connect_view_prefills_remembered_username() {
+        let v = ConnectView::new("example.org:7700", Some("alice".into()));
+        assert_eq!(v.username, "alice");
+        assert_eq!(v.server_address, "example.org:7700");
+        assert!(!v.connecting);
+    }
+}

@@ -1,0 +1,742 @@
+//! `VoiceEngine`: the whole voice plane of one client as pure logic.
+//!
+//! It ties together the peer links (hole punching, keepalives), the capture chain and encoder
+//! on the sending side, and one jitter buffer + decoder per peer and the mixer on the receiving
+//! side. It owns no socket, no thread and no clock: the voice thread (`thread.rs`) feeds it
+//! datagrams, capture frames and playout requests with the current time, and sends what it
+//! returns. Everything here is therefore testable with simulated time and a simulated network.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::capture::{CaptureChain, CaptureConfig, TransmitMode};
+use super::codec::{is_dtx_payload, CodecError, FrameDuration, OpusEncoder};
+use super::jitter::JitterConfig;
+use super::levels::rms_dbfs;
+use super::link::{LinkConfig, LinkState};
+use super::mixer::{MixInput, Mixer};
+use super::peers::{DropCounters, Incoming, PeerTable};
+use super::receiver::{PeerReceiver, PlayoutKind};
+use crate::protocol::datagram::{voice_header, Datagram, MAX_VOICE_PAYLOAD, VOICE_HEADER_LEN};
+use crate::protocol::{PeerInfo, UserId};
+
+/// How often the UDP registration with the server is repeated once acknowledged (keeps our
+/// NAT mapping towards the server alive, and re-learns the address if it changes).
+const REGISTER_REFRESH: Duration = Duration::from_secs(15);
+/// Registration retry while unacknowledged.
+const REGISTER_RETRY: Duration = Duration::from_millis(250);
+/// A peer counts as speaking for this long after its last decoded audible frame.
+const SPEAKING_HOLD: Duration = Duration::from_millis(250);
+/// Level under which decoded audio does not count as speech for the speaking indicator.
+const SPEAKING_FLOOR_DB: f32 = -50.0;
+
+/// Settings of the voice plane.
+#[derive(Debug, Clone)]
+pub struct VoiceConfig {
+    /// Frame duration we capture and send with (peers may use another; we adapt per peer).
+    pub frame: FrameDuration,
+    pub bitrate_bps: u32,
+    pub capture: CaptureConfig,
+    pub link: LinkConfig,
+}
+
+impl Default for VoiceConfig {
+    fn default() -> Self {
+        Self::for_frame(FrameDuration::Ms20)
+    }
+}
+
+impl VoiceConfig {
+    pub fn for_frame(frame: FrameDuration) -> Self {
+        Self {
+            frame,
+            bitrate_bps: 24_000,
+            capture: CaptureConfig::for_frame(frame),
+            link: LinkConfig::default(),
+        }
+    }
+}
+
+/// Link state of one peer as shown to people.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeerState {
+    Punching,
+    Direct(SocketAddr),
+    Unreachable(String),
+}
+
+/// Figures of one peer for the UI, the headless summary and the benchmarks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSnapshot {
+    pub user_id: UserId,
+    pub name: String,
+    pub state: PeerState,
+    pub rtt_ms: Option<f32>,
+    pub loss_pct: f32,
+    pub jitter_ms: f32,
+    pub buffer_ms: f32,
+    pub target_ms: f32,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub frames_decoded: u64,
+    pub frames_fec: u64,
+    pub frames_concealed: u64,
+    pub late: u64,
+    pub duplicates: u64,
+    pub speaking: bool,
+    pub level_db: f32,
+}
+
+/// Everything the rest of the app wants to know about the voice plane, taken periodically.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct VoiceSnapshot {
+    pub self_id: Option<UserId>,
+    pub input_level_db: f32,
+    pub vad_threshold_db: f32,
+    pub speaking: bool,
+    pub transmitting: bool,
+    pub muted: bool,
+    pub deafened: bool,
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    pub public_addr: Option<SocketAddr>,
+    pub drops: DropCounters,
+    pub peers: Vec<PeerSnapshot>,
+    /// Recent level of the channel mix, dBFS.
+    pub mix_level_db: f32,
+}
+
+/// Per-peer receive side: jitter buffer + decoder, a small PCM queue to bridge the peer's frame
+/// size and ours, and local playback settings.
+struct PeerAudio {
+    receiver: PeerReceiver,
+    frame: FrameDuration,
+    pcm: VecDeque<f32>,
+    scratch: Vec<f32>,
+    out: Vec<f32>,
+    volume: f32,
+    muted: bool,
+    last_audible: Option<Duration>,
+    level_db: f32,
+    decoded: u64,
+    fec: u64,
+    concealed: u64,
+}
+
+impl PeerAudio {
+    fn new(frame: FrameDuration, ours: FrameDuration) -> Result<Self, CodecError> {
+        Ok(Self {
+            receiver: PeerReceiver::with_config(JitterConfig::for_frame(frame))?,
+            frame,
+            pcm: VecDeque::with_capacity(4 * 960),
+            scratch: vec![0.0; frame.samples()],
+            out: vec![0.0; ours.samples()],
+            volume: 1.0,
+            muted: false,
+            last_audible: None,
+            level_db: -120.0,
+            decoded: 0,
+            fec: 0,
+            concealed: 0,
+        })
+    }
+
+    /// Produces our next playout frame into `self.out`.
+    fn render(&mut self, now: Duration) {
+        let want = self.out.len();
+        let mut audible = false;
+        while self.pcm.len() < want {
+            let kind = self.receiver.pop_pcm(now, &mut self.scratch);
+            match kind {
+                PlayoutKind::Decoded => self.decoded += 1,
+                PlayoutKind::Fec => self.fec += 1,
+                PlayoutKind::Concealed => self.concealed += 1,
+                PlayoutKind::Silence => {}
+            }
+            if matches!(kind, PlayoutKind::Decoded | PlayoutKind::Fec) {
+                audible = true;
+            }
+            self.pcm.extend(self.scratch.iter().copied());
+        }
+        for (o, s) in self.out.iter_mut().zip(self.pcm.drain(..want)) {
+            *o = s;
+        }
+        self.level_db = rms_dbfs(&self.out);
+        if audible && self.level_db > SPEAKING_FLOOR_DB {
+            self.last_audible = Some(now);
+        }
+    }
+
+    fn speaking(&self, now: Duration) -> bool {
+        self.last_audible
+            .is_some_and(|t| now.saturating_sub(t) < SPEAKING_HOLD)
+    }
+}
+
+/// Frame duration announced by an Opus packet's TOC byte (RFC 6716 section 3.1), if it is one
+/// we can play (10 or 20 ms, one frame per packet).
+pub fn opus_frame_duration(payload: &[u8]) -> Option<FrameDuration> {
+    let toc = *payload.first()?;
+    if toc & 0x03 != 0 {
+        return None; // several frames per packet: our senders never do that
+    }
+    let config = toc >> 3;
+    let tenth_ms = match config {
+        0..=11 => [100, 200, 400, 600][(config % 4) as usize],
+        12..=15 => [100, 200][(config % 2) as usize],
+        _ => [25, 50, 100, 200][(config % 4) as usize],
+    };
+    match tenth_ms {
+        100 => Some(FrameDuration::Ms10),
+        200 => Some(FrameDuration::Ms20),
+        _ => None,
+    }
+}
+
+/// See the module docs.
+pub struct VoiceEngine {
+    cfg: VoiceConfig,
+    table: Option<PeerTable>,
+    audio: BTreeMap<UserId, PeerAudio>,
+    /// Remembered per-user settings, applied when their audio appears (again).
+    settings: BTreeMap<UserId, (f32, bool)>,
+    capture: CaptureChain,
+    encoder: OpusEncoder,
+    mixer: Mixer,
+    seq: u32,
+    packet: Vec<u8>,
+    server: Option<(SocketAddr, u64)>,
+    register_acked: bool,
+    next_register: Duration,
+    public_addr: Option<SocketAddr>,
+    seed: u64,
+    // Sending-side figures.
+    input_level_db: f32,
+    vad_threshold_db: f32,
+    speaking: bool,
+    transmitting: bool,
+    frames_sent: u64,
+    bytes_sent: u64,
+    mix_level_db: f32,
+    last_loss_update: Duration,
+    foreign_drops: u64,
+    vad_above_floor_db: f32,
+    targets: Vec<(u32, SocketAddr)>,
+}
+
+impl VoiceEngine {
+    pub fn new(cfg: VoiceConfig, seed: u64) -> Result<Self, CodecError> {
+        let mut encoder = OpusEncoder::new(cfg.frame, cfg.bitrate_bps)?;
+        let vad_above = cfg.capture.vad.threshold_above_floor_db;
+        encoder.set_expected_loss_percent(5)?;
+        Ok(Self {
+            capture: CaptureChain::new(cfg.capture.clone()),
+            mixer: Mixer::new(cfg.frame),
+            encoder,
+            cfg,
+            table: None,
+            audio: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            seq: 0,
+            packet: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            server: None,
+            register_acked: false,
+            next_register: Duration::ZERO,
+            public_addr: None,
+            seed,
+            input_level_db: -120.0,
+            vad_threshold_db: 0.0,
+            speaking: false,
+            transmitting: false,
+            frames_sent: 0,
+            bytes_sent: 0,
+            mix_level_db: -120.0,
+            last_loss_update: Duration::ZERO,
+            foreign_drops: 0,
+            vad_above_floor_db: vad_above,
+            targets: Vec::with_capacity(32),
+        })
+    }
+
+    pub fn frame(&self) -> FrameDuration {
+        self.cfg.frame
+    }
+
+    /// Our user id on the server (after identification). A new id (after a reconnect) starts a
+    /// fresh peer table: peers are re-announced by the server.
+    pub fn set_self_id(&mut self, id: UserId) {
+        if self.table.as_ref().map(|t| t.our_id()) != Some(id) {
+            self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
+            self.audio.clear();
+        }
+    }
+
+    /// Where to register our UDP address, and the token the server gave us over TCP.
+    pub fn set_server(&mut self, now: Duration, addr: SocketAddr, token: u64) {
+        self.server = Some((addr, token));
+        self.register_acked = false;
+        self.next_register = now;
+    }
+
+    /// The public address the server saw, once it answered.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public_addr
+    }
+
+    pub fn upsert_peer(&mut self, now: Duration, peer: &PeerInfo) {
+        if let Some(table) = &mut self.table {
+            table.upsert_peer(now, peer.user_id, peer.username.clone(), &peer.candidates());
+        }
+    }
+
+    pub fn remove_peer(&mut self, id: UserId) {
+        if let Some(table) = &mut self.table {
+            table.remove_peer(id);
+        }
+        self.audio.remove(&id);
+    }
+
+    /// Forget every peer (we left the channel or lost the server's session).
+    pub fn clear_peers(&mut self) {
+        if let Some(table) = &self.table {
+            let id = table.our_id();
+            self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
+        }
+        self.audio.clear();
+    }
+
+    pub fn set_muted(&mut self, muted: bool) {
+        self.capture.set_muted(muted);
+    }
+    pub fn set_deafened(&mut self, deafened: bool) {
+        self.mixer.set_deafened(deafened);
+    }
+    pub fn set_noise_suppression(&mut self, on: bool) {
+        self.capture.set_denoise(on);
+    }
+    pub fn set_push_to_talk(&mut self, enabled: bool) {
+        self.capture.set_mode(if enabled {
+            TransmitMode::PushToTalk
+        } else {
+            TransmitMode::VoiceActivity
+        });
+    }
+    /// Moves the voice-activity threshold to `db` dBFS as shown on the input meter. The detector
+    /// keeps its threshold relative to the adaptive noise floor, so the offset is adjusted.
+    pub fn set_vad_threshold_abs(&mut self, db: f32) {
+        let delta = db - self.vad_threshold_db;
+        self.vad_above_floor_db = (self.vad_above_floor_db + delta).clamp(3.0, 40.0);
+        self.capture.set_vad_threshold_db(self.vad_above_floor_db);
+        self.vad_threshold_db = db;
+    }
+    pub fn set_ptt_pressed(&mut self, now: Duration, pressed: bool) {
+        self.capture.set_ptt_pressed(now, pressed);
+    }
+    pub fn set_peer_volume(&mut self, id: UserId, volume: f32) {
+        let entry = self.settings.entry(id).or_insert((1.0, false));
+        entry.0 = volume.clamp(0.0, 2.0);
+        if let Some(a) = self.audio.get_mut(&id) {
+            a.volume = entry.0;
+        }
+    }
+    pub fn set_peer_muted(&mut self, id: UserId, muted: bool) {
+        let entry = self.settings.entry(id).or_insert((1.0, false));
+        entry.1 = muted;
+        if let Some(a) = self.audio.get_mut(&id) {
+            a.muted = muted;
+        }
+    }
+
+    /// One datagram arrived on our voice socket.
+    pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
+        // The server's answer to our registration is not a peer datagram.
+        if let Some((server, _)) = self.server {
+            if from == server {
+                if let Ok(Datagram::RegisterAck { observed }) = Datagram::parse(bytes) {
+                    self.public_addr = Some(observed);
+                    self.register_acked = true;
+                    self.next_register = now + REGISTER_REFRESH;
+                }
+                return;
+            }
+        }
+        let Some(table) = &mut self.table else {
+            self.foreign_drops += 1;
+            return;
+        };
+        match table.handle_datagram(now, from, bytes) {
+            Incoming::Voice {
+                peer_id,
+                seq,
+                timestamp,
+                payload,
+            } => {
+                let Some(frame) = opus_frame_duration(payload) else {
+                    return;
+                };
+                let ours = self.cfg.frame;
+                let needs_new = self.audio.get(&peer_id).is_none_or(|a| a.frame != frame);
+                if needs_new {
+                    match PeerAudio::new(frame, ours) {
+                        Ok(mut a) => {
+                            if let Some(&(v, m)) = self.settings.get(&peer_id) {
+                                a.volume = v;
+                                a.muted = m;
+                            }
+                            self.audio.insert(peer_id, a);
+                        }
+                        Err(_) => return,
+                    }
+                }
+                if let Some(a) = self.audio.get_mut(&peer_id) {
+                    a.receiver.push(now, seq, timestamp, payload);
+                }
+            }
+            Incoming::RegisterAck { observed } => {
+                self.public_addr = Some(observed);
+                self.register_acked = true;
+            }
+            Incoming::Control { .. } | Incoming::Dropped(_) => {}
+        }
+    }
+
+    /// One captured frame (exactly `frame().samples()` samples). Encoded frames are handed to
+    /// `send` once per connected peer.
+    pub fn capture_frame(
+        &mut self,
+        now: Duration,
+        pcm: &[f32],
+        mut send: impl FnMut(SocketAddr, &[u8]),
+    ) {
+        let out = self.capture.process(now, pcm);
+        self.input_level_db = out.level_db;
+        self.vad_threshold_db = out.threshold_db;
+        self.speaking = out.speaking;
+        self.transmitting = out.transmitting;
+        let samples = self.cfg.frame.samples() as u64;
+        let Some(table) = &mut self.table else {
+            return;
+        };
+        for frame in out.frames() {
+            let (header, body) = self.packet.split_at_mut(VOICE_HEADER_LEN);
+            let Ok(len) = self.encoder.encode(frame.samples, body) else {
+                continue;
+            };
+            if is_dtx_payload(len) {
+                continue;
+            }
+            let timestamp = (frame.index.wrapping_mul(samples)) as u32;
+            header.copy_from_slice(&voice_header(table.our_id(), self.seq, timestamp));
+            self.seq = self.seq.wrapping_add(1);
+            let total = VOICE_HEADER_LEN + len;
+            // Reused buffer: no allocation per frame once it has grown to the channel size.
+            self.targets.clear();
+            self.targets.extend(table.voice_targets());
+            for &(peer, addr) in &self.targets {
+                send(addr, &self.packet[..total]);
+                table.record_voice_sent(peer, total);
+                self.bytes_sent += total as u64;
+            }
+            self.frames_sent += 1;
+        }
+    }
+
+    /// Our next playout frame: every peer's audio through its jitter buffer, mixed.
+    pub fn playout_frame(&mut self, now: Duration, out: &mut [f32]) {
+        for a in self.audio.values_mut() {
+            a.render(now);
+        }
+        self.mixer.begin();
+        for a in self.audio.values() {
+            self.mixer.add(MixInput {
+                samples: &a.out,
+                gain: a.volume,
+                muted: a.muted,
+            });
+        }
+        let mixed = self.mixer.finish();
+        let n = out.len().min(mixed.len());
+        out[..n].copy_from_slice(&mixed[..n]);
+        out[n..].fill(0.0);
+        self.mix_level_db = rms_dbfs(&out[..n]);
+        if now.saturating_sub(self.last_loss_update) >= Duration::from_secs(1) {
+            self.last_loss_update = now;
+            // Loss seen from our peers is the best guess of the loss they see from us:
+            // tune the encoder's FEC to it.
+            let loss = self
+                .audio
+                .values()
+                .map(|a| a.receiver.stats().jitter.loss_fraction)
+                .fold(0.0f32, f32::max);
+            let pct = (loss * 100.0).round().clamp(0.0, 50.0) as u8;
+            let _ = self.encoder.set_expected_loss_percent(pct.max(5));
+        }
+    }
+
+    /// Control datagrams to send now (punches, keepalives, pongs, server registration).
+    pub fn poll_transmit(&mut self, now: Duration, mut send: impl FnMut(SocketAddr, &[u8])) {
+        let mut buf = [0u8; 64];
+        if let Some((server, token)) = self.server {
+            if now >= self.next_register {
+                if let Ok(n) = (Datagram::Register { token }).write(&mut buf) {
+                    send(server, &buf[..n]);
+                }
+                self.next_register = now
+                    + if self.register_acked {
+                        REGISTER_REFRESH
+                    } else {
+                        REGISTER_RETRY
+                    };
+            }
+        }
+        if let Some(table) = &mut self.table {
+            while let Some(t) = table.poll_transmit(now) {
+                if let Ok(n) = t.datagram.write(&mut buf) {
+                    send(t.to, &buf[..n]);
+                }
+            }
+        }
+    }
+
+    /// When `poll_transmit` next has work.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let link = self.table.as_ref().and_then(|t| t.poll_timeout());
+        let reg = self.server.map(|_| self.next_register);
+        match (link, reg) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn snapshot(&self, now: Duration) -> VoiceSnapshot {
+        let mut peers = Vec::new();
+        if let Some(table) = &self.table {
+            for (id, entry) in table.peers() {
+                let link = entry.link.stats();
+                let state = match entry.link.state() {
+                    LinkState::Punching { .. } => PeerState::Punching,
+                    LinkState::Connected { addr } => PeerState::Direct(*addr),
+                    LinkState::Unreachable { reason } => PeerState::Unreachable(reason.clone()),
+                };
+                let audio = self.audio.get(&id);
+                let rx = audio.map(|a| a.receiver.stats());
+                let ms = |d: Duration| d.as_secs_f32() * 1000.0;
+                peers.push(PeerSnapshot {
+                    user_id: id,
+                    name: entry.name.clone(),
+                    state,
+                    rtt_ms: link.rtt.map(ms),
+                    loss_pct: rx.map(|r| r.jitter.loss_fraction * 100.0).unwrap_or(0.0),
+                    jitter_ms: rx.map(|r| ms(r.jitter.jitter)).unwrap_or(0.0),
+                    buffer_ms: rx.map(|r| ms(r.jitter.current_delay)).unwrap_or(0.0),
+                    target_ms: rx.map(|r| ms(r.jitter.target_delay)).unwrap_or(0.0),
+                    packets_in: link.packets_in,
+                    packets_out: link.packets_out,
+                    bytes_in: link.bytes_in,
+                    bytes_out: link.bytes_out,
+                    frames_decoded: audio.map(|a| a.decoded).unwrap_or(0),
+                    frames_fec: audio.map(|a| a.fec).unwrap_or(0),
+                    frames_concealed: audio.map(|a| a.concealed).unwrap_or(0),
+                    late: rx.map(|r| r.jitter.late).unwrap_or(0),
+                    duplicates: rx.map(|r| r.jitter.duplicates).unwrap_or(0),
+                    speaking: audio.is_some_and(|a| a.speaking(now)),
+                    level_db: audio.map(|a| a.level_db).unwrap_or(-120.0),
+                });
+            }
+        }
+        let mut drops = self
+            .table
+            .as_ref()
+            .map(|t| t.drop_counters())
+            .unwrap_or_default();
+        drops.unknown_sender += self.foreign_drops;
+        VoiceSnapshot {
+            self_id: self.table.as_ref().map(|t| t.our_id()),
+            input_level_db: self.input_level_db,
+            vad_threshold_db: self.vad_threshold_db,
+            speaking: self.speaking,
+            transmitting: self.transmitting,
+            muted: self.capture.is_muted(),
+            deafened: self.mixer.is_deafened(),
+            frames_sent: self.frames_sent,
+            bytes_sent: self.bytes_sent,
+            public_addr: self.public_addr,
+            drops,
+            peers,
+            mix_level_db: self.mix_level_db,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::impair::{ImpairConfig, Impairment};
+    use super::*;
+    use crate::audio::goertzel_amplitude;
+
+    fn engine(id: UserId) -> VoiceEngine {
+        let mut cfg = VoiceConfig::default();
+        cfg.capture.denoise = false;
+        let mut e = VoiceEngine::new(cfg, id as u64).unwrap();
+        e.set_self_id(id);
+        e
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn peer(id: UserId, port: u16) -> PeerInfo {
+        PeerInfo {
+            user_id: id,
+            username: format!("u{id}"),
+            local: vec![addr(port)],
+            public: None,
+        }
+    }
+
+    /// Runs A (talking `hz`) and B (silent) for `secs` over a simulated network; returns B's output.
+    fn call(hz: f32, secs: f64, impair: Option<ImpairConfig>) -> (Vec<f32>, VoiceSnapshot) {
+        let (mut a, mut b) = (engine(1), engine(2));
+        let now0 = Duration::ZERO;
+        a.upsert_peer(now0, &peer(2, 2000));
+        b.upsert_peer(now0, &peer(1, 1000));
+        let mut net_to_b = Impairment::new(impair.unwrap_or_default());
+        let mut to_a: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        let mut out = Vec::new();
+        let frame = 960;
+        let mut phase = 0.0f32;
+        let steps = (secs * 50.0) as usize;
+        for step in 0..steps {
+            let now = Duration::from_millis(20 * step as u64);
+            let pcm: Vec<f32> = (0..frame)
+                .map(|_| {
+                    phase += hz / 48_000.0;
+                    0.3 * (phase * std::f32::consts::TAU).sin()
+                })
+                .collect();
+            a.capture_frame(now, &pcm, |to, bytes| {
+                assert_eq!(to, addr(2000));
+                net_to_b.push(now, addr(1000), bytes);
+            });
+            a.poll_transmit(now, |_, bytes| net_to_b.push(now, addr(1000), bytes));
+            b.poll_transmit(now, |_, bytes| to_a.push((addr(2000), bytes.to_vec())));
+            for (from, bytes) in to_a.drain(..) {
+                a.handle_datagram(now, from, &bytes);
+            }
+            // Deliver in 1 ms slices so jitter is seen at its real arrival time.
+            for ms in 0..20 {
+                let t = now + Duration::from_millis(ms);
+                while let Some((from, bytes)) = net_to_b.pop_due(t) {
+                    b.handle_datagram(t, from, &bytes);
+                }
+            }
+            let mut mix = vec![0.0; frame];
+            b.playout_frame(now + Duration::from_millis(19), &mut mix);
+            out.extend(mix);
+        }
+        let snap = b.snapshot(Duration::from_secs_f64(secs));
+        (out, snap)
+    }
+
+    #[test]
+    fn a_tone_sent_by_one_engine_is_heard_by_the_other() {
+        let (out, snap) = call(440.0, 3.0, None);
+        let tail = &out[48_000..];
+        assert!(goertzel_amplitude(tail, 440.0, 48_000) > 0.15);
+        assert!(goertzel_amplitude(tail, 1000.0, 48_000) < 0.01);
+        assert_eq!(snap.peers.len(), 1);
+        assert!(matches!(snap.peers[0].state, PeerState::Direct(_)));
+        assert!(snap.peers[0].speaking);
+    }
+
+    #[test]
+    fn a_lossy_jittery_link_is_concealed_without_long_gaps() {
+        let cfg: ImpairConfig = "loss=0.1,jitter_ms=30,duplicate=0.05,seed=9"
+            .parse()
+            .unwrap();
+        let (out, snap) = call(500.0, 6.0, Some(cfg));
+        let tail = &out[48_000..];
+        let mut longest = 0;
+        let mut run = 0;
+        for c in tail.chunks(48) {
+            let rms = (c.iter().map(|x| x * x).sum::<f32>() / 48.0).sqrt();
+            if rms < 0.01 {
+                run += 1;
+                longest = longest.max(run);
+            } else {
+                run = 0;
+            }
+        }
+        assert!(longest <= 60, "gap of {longest} ms: {:?}", snap.peers[0]);
+        let p = &snap.peers[0];
+        assert!(p.frames_fec + p.frames_concealed > 10, "{p:?}");
+        assert!(p.target_ms >= 20.0 && p.target_ms <= 121.0, "{p:?}");
+    }
+
+    #[test]
+    fn muted_sender_sends_nothing_and_deafened_listener_hears_nothing() {
+        let mut a = engine(1);
+        a.upsert_peer(Duration::ZERO, &peer(2, 2000));
+        a.set_muted(true);
+        let pcm: Vec<f32> = (0..960).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
+        let mut sent = 0;
+        for step in 0..50 {
+            a.capture_frame(Duration::from_millis(step * 20), &pcm, |_, b| {
+                if Datagram::parse(b).is_ok_and(|d| matches!(d, Datagram::Voice { .. })) {
+                    sent += 1
+                }
+            });
+        }
+        assert_eq!(sent, 0);
+    }
+
+    #[test]
+    fn registration_repeats_until_acknowledged_then_refreshes_slowly() {
+        let mut e = engine(1);
+        let server = addr(7700);
+        e.set_server(Duration::ZERO, server, 42);
+        let mut regs = 0;
+        for ms in (0..1000).step_by(10) {
+            e.poll_transmit(Duration::from_millis(ms), |to, b| {
+                if to == server
+                    && matches!(Datagram::parse(b), Ok(Datagram::Register { token: 42 }))
+                {
+                    regs += 1;
+                }
+            });
+        }
+        assert!(regs >= 3, "{regs}");
+        let ack = Datagram::RegisterAck {
+            observed: addr(5555),
+        }
+        .to_vec()
+        .unwrap();
+        e.handle_datagram(Duration::from_secs(1), server, &ack);
+        assert_eq!(e.public_addr(), Some(addr(5555)));
+        let mut later = 0;
+        for ms in (1000..10_000).step_by(10) {
+            e.poll_transmit(Duration::from_millis(ms), |to, _| {
+                if to == server {
+                    later += 1;
+                }
+            });
+        }
+        assert_eq!(later, 0, "no re-registration within 15 s of an ack");
+    }
+
+    #[test]
+    fn opus_toc_gives_the_frame_duration() {
+        // CELT fullband 20 ms, one frame: config 31 -> 0b11111_0_00.
+        assert_eq!(opus_frame_duration(&[31 << 3]), Some(FrameDuration::Ms20));
+        assert_eq!(opus_frame_duration(&[30 << 3]), Some(FrameDuration::Ms10));
+        // SILK 60 ms: not playable by us.
+        assert_eq!(opus_frame_duration(&[3 << 3]), None);
+        assert_eq!(opus_frame_duration(&[]), None);
+        // Two frames per packet.
+        assert_eq!(opus_frame_duration(&[(31 << 3) | 1]), None);
+    }
+}

@@ -1,0 +1,1177 @@
+//! Adaptive jitter buffer for one peer's voice stream (pure: no clock, no I/O).
+//!
+//! Packets go in with [`JitterBuffer::push`] as they arrive; the playout clock calls
+//! [`JitterBuffer::pop`] exactly once per frame period and gets back what to play for that period.
+//!
+//! How it works:
+//! - Each packet's *transit* is `arrival - media time` (media time = timestamp / 48 kHz). Over a
+//!   recent window (2 s) the spread between a high percentile (95th) of transits and their minimum
+//!   is the jitter estimate; the *target delay* follows it (clamped to 20..120 ms), rising at once
+//!   and decaying slowly (10 ms per second).
+//! - The *current delay* is how long after the fastest recent packet a frame is played:
+//!   `now - media(frame) - min transit`. The buffer keeps it in `[target, target + one frame]`:
+//!   below it inserts a frame (concealment, or silence in a pause), above it drops one (silence
+//!   first). Because the delay is measured against arrival times, a sender whose clock runs fast
+//!   or slow shows up as a slowly moving minimum transit and is corrected by the same
+//!   drops/insertions, so the delay does not creep.
+//! - Sequence numbers tell a lost packet (a sequence gap: conceal, or recover with the next
+//!   packet's FEC) from a pause in sending (timestamps jump but sequence numbers are contiguous,
+//!   as with DTX/VAD: play silence, not counted as loss).
+//! - When nothing arrived for a while the buffer goes idle; the next packet starts a new talkspurt
+//!   that is played exactly `target` after its arrival (re-anchoring).
+//!
+//! No allocation happens after construction: payloads are copied into preallocated slots.
+
+use std::time::Duration;
+
+use super::codec::{FrameDuration, MAX_PAYLOAD, SAMPLE_RATE_HZ};
+
+const SAMPLES_PER_MS: f64 = SAMPLE_RATE_HZ as f64 / 1000.0;
+/// Transit samples kept for the jitter estimate (at most; older than the window are ignored too).
+const TRANSIT_HISTORY: usize = 128;
+/// Sequence numbers covered by the loss window.
+const LOSS_WINDOW: i64 = 128;
+/// Upper bound of loop iterations in one `pop` (each iteration consumes a frame or returns).
+const MAX_POP_STEPS: usize = 64;
+
+/// Tuning of a [`JitterBuffer`]. The defaults suit 20 ms frames on the open Internet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JitterConfig {
+    /// Frame duration of the stream (must match the sender's).
+    pub frame: FrameDuration,
+    /// Lowest target delay.
+    pub min_delay: Duration,
+    /// Highest target delay.
+    pub max_delay: Duration,
+    /// Percentile (0..1) of the transit spread that the target covers.
+    pub percentile: f64,
+    /// How far back arrivals count for the jitter estimate.
+    pub jitter_window: Duration,
+    /// How fast the target may fall, in milliseconds per second.
+    pub target_decay_ms_per_s: f64,
+    /// After this long without any arrival and nothing buffered, the talker is taken to be silent:
+    /// concealment stops and the next packet re-anchors playout.
+    pub idle_after: Duration,
+    /// Number of packets the buffer can hold.
+    pub capacity: usize,
+}
+
+impl Default for JitterConfig {
+    fn default() -> Self {
+        Self::for_frame(FrameDuration::Ms20)
+    }
+}
+
+impl JitterConfig {
+    /// Defaults for the given frame duration.
+    pub fn for_frame(frame: FrameDuration) -> Self {
+        Self {
+            frame,
+            min_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(120),
+            percentile: 0.95,
+            jitter_window: Duration::from_secs(2),
+            target_decay_ms_per_s: 10.0,
+            idle_after: Duration::from_millis(200),
+            capacity: 64,
+        }
+    }
+}
+
+/// What `push` did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Buffered for playout.
+    Accepted,
+    /// Same sequence number or timestamp as a packet already received; dropped.
+    Duplicate,
+    /// Its playout time has already passed; dropped (counted as late).
+    TooLate,
+    /// The buffer is full; dropped.
+    Overflow,
+    /// Empty payload or larger than [`MAX_PAYLOAD`]; dropped.
+    Invalid,
+}
+
+/// What to play for one frame period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Playout<'a> {
+    /// Decode this packet.
+    Packet {
+        /// Timestamp of the packet (48 kHz units).
+        timestamp: u32,
+        /// The Opus payload.
+        payload: &'a [u8],
+    },
+    /// The frame at `timestamp` was lost; recover it from the FEC data in the next packet's
+    /// payload (which stays buffered and is played normally next).
+    Fec {
+        /// Timestamp of the lost frame being recovered.
+        timestamp: u32,
+        /// Payload of the following packet.
+        next_payload: &'a [u8],
+    },
+    /// Play packet loss concealment. `timestamp` is the missing frame's timestamp, or `None`
+    /// when the frame is inserted to grow the delay (no media time is consumed).
+    Conceal {
+        /// Timestamp of the concealed frame, if it stands for one.
+        timestamp: Option<u32>,
+    },
+    /// Nothing to play: the talker is not sending (pause, DTX, or no talkspurt yet).
+    Silence,
+}
+
+/// Counters and estimates of one buffer, for meters, the FEC hint and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct JitterStats {
+    /// Delay the buffer aims for.
+    pub target_delay: Duration,
+    /// Delay of the last frame played after the fastest recent packet (see module doc).
+    pub current_delay: Duration,
+    /// Audio currently buffered ahead of the playout point.
+    pub buffered: Duration,
+    /// Measured arrival jitter (percentile spread of transit times).
+    pub jitter: Duration,
+    /// Packets accepted.
+    pub received: u64,
+    /// Duplicate packets dropped.
+    pub duplicates: u64,
+    /// Packets that arrived after their playout time.
+    pub late: u64,
+    /// Packets dropped because the buffer was full, or invalid.
+    pub rejected: u64,
+    /// Packets never received (sequence gaps), cumulative.
+    pub lost: u64,
+    /// Frames played as concealment for a missing packet.
+    pub concealed: u64,
+    /// Frames recovered from FEC.
+    pub fec_recovered: u64,
+    /// Frames inserted to grow the delay.
+    pub stretched: u64,
+    /// Audio frames dropped to shrink the delay.
+    pub dropped: u64,
+    /// Silent gap frames skipped to shrink the delay.
+    pub silence_skipped: u64,
+    /// Fraction (0..1) of the last 128 sequence numbers never received.
+    pub loss_fraction: f32,
+}
+
+#[derive(Debug)]
+struct Slot {
+    used: bool,
+    ts: i64,
+    seq: i64,
+    data: Vec<u8>,
+}
+
+/// Extends wrapping 32-bit counters (sequence numbers, timestamps) to 64 bits around the highest
+/// value seen so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Unwrapper {
+    last: Option<(u32, i64)>,
+}
+
+impl Unwrapper {
+    fn extend(&self, raw: u32) -> i64 {
+        match self.last {
+            None => i64::from(raw),
+            Some((last_raw, last_ext)) => last_ext + i64::from(raw.wrapping_sub(last_raw) as i32),
+        }
+    }
+
+    fn observe(&mut self, raw: u32, ext: i64) {
+        if self.last.is_none_or(|(_, last_ext)| ext > last_ext) {
+            self.last = Some((raw, ext));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    /// No talkspurt in progress; `floor` is the first timestamp not yet played.
+    Idle,
+    /// Playing; `next_ts` is the next frame's timestamp, `last_seq` the sequence number of the
+    /// last frame played (advanced virtually over concealed losses).
+    Playing { next_ts: i64, last_seq: Option<i64> },
+}
+
+enum Step {
+    Play(usize),
+    Fec(usize),
+    Conceal(Option<i64>),
+    Silence,
+}
+
+/// Adaptive per-peer jitter buffer. See the module documentation for the algorithm.
+///
+/// Invariants: no timestamp is ever played twice (`Packet`, `Fec` and `Conceal` timestamps are
+/// strictly increasing); every buffered packet's timestamp is at or after the playout point;
+/// no allocation after construction.
+#[derive(Debug)]
+pub struct JitterBuffer {
+    cfg: JitterConfig,
+    frame_ts: i64,
+    slots: Vec<Slot>,
+    state: State,
+    /// Everything before this extended timestamp has been played or skipped.
+    floor: Option<i64>,
+    ts_unwrap: Unwrapper,
+    seq_unwrap: Unwrapper,
+    // Jitter estimation.
+    transits: [(f64, f64); TRANSIT_HISTORY],
+    transit_len: usize,
+    transit_head: usize,
+    scratch: [f64; TRANSIT_HISTORY],
+    min_transit_ms: f64,
+    jitter_ms: f64,
+    target_ms: f64,
+    last_target_update_ms: Option<f64>,
+    last_arrival_ms: Option<f64>,
+    // Loss accounting.
+    seq_first: Option<i64>,
+    seq_high: i64,
+    seq_mask: u128,
+    unique_seen: u64,
+    stats: JitterStats,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn from_ms(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0) / 1000.0)
+}
+
+impl JitterBuffer {
+    /// Creates an empty buffer.
+    pub fn new(cfg: JitterConfig) -> Self {
+        let slots = (0..cfg.capacity.max(2))
+            .map(|_| Slot {
+                used: false,
+                ts: 0,
+                seq: 0,
+                data: Vec::with_capacity(MAX_PAYLOAD),
+            })
+            .collect();
+        Self::with_slots(cfg, slots)
+    }
+
+    fn with_slots(cfg: JitterConfig, slots: Vec<Slot>) -> Self {
+        let target_ms = ms(cfg.min_delay);
+        Self {
+            frame_ts: cfg.frame.samples() as i64,
+            cfg,
+            slots,
+            state: State::Idle,
+            floor: None,
+            ts_unwrap: Unwrapper::default(),
+            seq_unwrap: Unwrapper::default(),
+            transits: [(0.0, 0.0); TRANSIT_HISTORY],
+            transit_len: 0,
+            transit_head: 0,
+            scratch: [0.0; TRANSIT_HISTORY],
+            min_transit_ms: 0.0,
+            jitter_ms: 0.0,
+            target_ms,
+            last_target_update_ms: None,
+            last_arrival_ms: None,
+            seq_first: None,
+            seq_high: 0,
+            seq_mask: 0,
+            unique_seen: 0,
+            stats: JitterStats::default(),
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &JitterConfig {
+        &self.cfg
+    }
+
+    /// Forgets the stream (buffered packets, playout position, estimates and counters), e.g.
+    /// when the peer's session restarts with new sequence numbers.
+    pub fn reset(&mut self) {
+        let mut slots = std::mem::take(&mut self.slots);
+        for slot in &mut slots {
+            slot.used = false;
+        }
+        *self = Self::with_slots(self.cfg.clone(), slots);
+    }
+
+    /// Adds a packet that arrived at `now`. `timestamp` is in 48 kHz samples and advances by one
+    /// frame per frame; `seq` advances by one per packet sent.
+    pub fn push(&mut self, now: Duration, seq: u32, timestamp: u32, payload: &[u8]) -> PushOutcome {
+        if payload.is_empty() || payload.len() > MAX_PAYLOAD {
+            self.stats.rejected += 1;
+            return PushOutcome::Invalid;
+        }
+        let now_ms = ms(now);
+        let ts = self.ts_unwrap.extend(timestamp);
+        let seq_ext = self.seq_unwrap.extend(seq);
+
+        if self.seq_already_seen(seq_ext) || self.slots.iter().any(|s| s.used && s.ts == ts) {
+            self.stats.duplicates += 1;
+            return PushOutcome::Duplicate;
+        }
+        self.mark_seq_seen(seq_ext);
+        self.seq_unwrap.observe(seq, seq_ext);
+        self.ts_unwrap.observe(timestamp, ts);
+        self.last_arrival_ms = Some(now_ms);
+        self.record_transit(now_ms, now_ms - ts as f64 / SAMPLES_PER_MS);
+        self.update_target(now_ms);
+
+        if self.floor.is_some_and(|floor| ts < floor) {
+            self.stats.late += 1;
+            return PushOutcome::TooLate;
+        }
+        let Some(slot) = self.slots.iter_mut().find(|s| !s.used) else {
+            self.stats.rejected += 1;
+            return PushOutcome::Overflow;
+        };
+        slot.used = true;
+        slot.ts = ts;
+        slot.seq = seq_ext;
+        slot.data.clear();
+        slot.data.extend_from_slice(payload);
+        self.stats.received += 1;
+        PushOutcome::Accepted
+    }
+
+    /// Decides what to play for the frame period starting at `now`. Call exactly once per frame
+    /// period.
+    pub fn pop(&mut self, now: Duration) -> Playout<'_> {
+        let now_ms = ms(now);
+        self.update_target(now_ms);
+        let step = self.decide(now_ms);
+        self.stats.buffered = self.buffered();
+        match step {
+            Step::Play(i) => {
+                let slot = &self.slots[i];
+                Playout::Packet {
+                    timestamp: slot.ts as u32,
+                    payload: &slot.data,
+                }
+            }
+            Step::Fec(i) => {
+                let State::Playing { next_ts, .. } = self.state else {
+                    unreachable!("FEC is only chosen while playing")
+                };
+                Playout::Fec {
+                    timestamp: (next_ts - self.frame_ts) as u32,
+                    next_payload: &self.slots[i].data,
+                }
+            }
+            Step::Conceal(ts) => Playout::Conceal {
+                timestamp: ts.map(|t| t as u32),
+            },
+            Step::Silence => Playout::Silence,
+        }
+    }
+
+    /// Current counters and estimates.
+    pub fn stats(&self) -> JitterStats {
+        let mut stats = self.stats;
+        stats.target_delay = from_ms(self.target_ms);
+        stats.jitter = from_ms(self.jitter_ms);
+        stats.buffered = self.buffered();
+        if let Some(first) = self.seq_first {
+            let expected = (self.seq_high - first + 1) as u64;
+            stats.lost = expected.saturating_sub(self.unique_seen);
+            let window = (self.seq_high - first + 1).min(LOSS_WINDOW);
+            let mask = if window >= 128 {
+                u128::MAX
+            } else {
+                (1u128 << window) - 1
+            };
+            let seen = (self.seq_mask & mask).count_ones() as f32;
+            stats.loss_fraction = 1.0 - seen / window as f32;
+        }
+        stats
+    }
+
+    /// True while a talkspurt is being played (false when idle).
+    pub fn is_playing(&self) -> bool {
+        matches!(self.state, State::Playing { .. })
+    }
+
+    fn decide(&mut self, now_ms: f64) -> Step {
+        let frame = self.frame_ts;
+        let frame_ms = frame as f64 / SAMPLES_PER_MS;
+        let target = self.target_ms;
+        let mut dropped_audio = false;
+
+        if self.state == State::Idle {
+            let Some(first) = self.earliest(i64::MIN) else {
+                return Step::Silence;
+            };
+            let first_ts = self.slots[first].ts;
+            // Talkspurt start: begin once the first frame is `target` behind the fastest path.
+            let delay = now_ms - first_ts as f64 / SAMPLES_PER_MS - self.min_transit_ms;
+            if delay < target {
+                return Step::Silence;
+            }
+            self.state = State::Playing {
+                next_ts: first_ts,
+                last_seq: None,
+            };
+        }
+
+        for _ in 0..MAX_POP_STEPS {
+            let State::Playing { next_ts, last_seq } = self.state else {
+                return Step::Silence;
+            };
+            self.drop_stale(next_ts);
+            let delay = now_ms - next_ts as f64 / SAMPLES_PER_MS - self.min_transit_ms;
+            let current = self.earliest(next_ts);
+            let current_here = current.filter(|&i| self.slots[i].ts < next_ts + frame);
+
+            let Some(later) = current else {
+                // Nothing buffered: a loss, a late packet, or the talker stopped.
+                let quiet_ms = self.last_arrival_ms.map_or(f64::INFINITY, |t| now_ms - t);
+                if quiet_ms > ms(self.cfg.idle_after) {
+                    self.state = State::Idle;
+                    self.floor = Some(next_ts);
+                    return Step::Silence;
+                }
+                if delay < target {
+                    self.stats.stretched += 1;
+                    return Step::Conceal(None);
+                }
+                self.advance(next_ts + frame, last_seq.map(|s| s + 1));
+                self.note_delay(delay);
+                self.stats.concealed += 1;
+                return Step::Conceal(Some(next_ts));
+            };
+
+            if let Some(i) = current_here {
+                let (ts, seq) = (self.slots[i].ts, self.slots[i].seq);
+                if delay < target {
+                    self.stats.stretched += 1;
+                    return Step::Conceal(None);
+                }
+                let has_successor = self.earliest(ts + 1).is_some();
+                if delay > target + frame_ms && has_successor && !dropped_audio {
+                    self.slots[i].used = false;
+                    self.advance(ts + frame, Some(seq));
+                    self.stats.dropped += 1;
+                    dropped_audio = true;
+                    continue;
+                }
+                self.slots[i].used = false;
+                self.advance(ts + frame, Some(seq));
+                self.note_delay(delay);
+                return Step::Play(i);
+            }
+
+            // A gap before the next buffered packet: lost packets or a pause in sending.
+            let (later_ts, later_seq) = (self.slots[later].ts, self.slots[later].seq);
+            let pause = last_seq.is_some_and(|s| later_seq <= s + 1);
+            if pause {
+                if delay < target {
+                    self.stats.stretched += 1;
+                    return Step::Silence;
+                }
+                if delay - frame_ms >= target {
+                    self.advance(next_ts + frame, last_seq);
+                    self.stats.silence_skipped += 1;
+                    continue;
+                }
+                self.advance(next_ts + frame, last_seq);
+                return Step::Silence;
+            }
+            if delay < target {
+                self.stats.stretched += 1;
+                return Step::Conceal(None);
+            }
+            self.advance(next_ts + frame, last_seq.map(|s| s + 1));
+            self.note_delay(delay);
+            if later_ts < next_ts + 2 * frame {
+                self.stats.fec_recovered += 1;
+                return Step::Fec(later);
+            }
+            self.stats.concealed += 1;
+            return Step::Conceal(Some(next_ts));
+        }
+        Step::Silence
+    }
+
+    fn advance(&mut self, next_ts: i64, last_seq: Option<i64>) {
+        self.state = State::Playing { next_ts, last_seq };
+        self.floor = Some(next_ts);
+    }
+
+    fn note_delay(&mut self, delay_ms: f64) {
+        self.stats.current_delay = from_ms(delay_ms);
+    }
+
+    /// Index of the buffered packet with the smallest timestamp `>= from`.
+    fn earliest(&self, from: i64) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.used && s.ts >= from)
+            .min_by_key(|(_, s)| s.ts)
+            .map(|(i, _)| i)
+    }
+
+    /// Frees packets that can no longer be played (only possible with misaligned timestamps).
+    fn drop_stale(&mut self, next_ts: i64) {
+        for slot in &mut self.slots {
+            if slot.used && slot.ts < next_ts {
+                slot.used = false;
+                self.stats.late += 1;
+            }
+        }
+    }
+
+    fn buffered(&self) -> Duration {
+        let frame_ms = self.frame_ts as f64 / SAMPLES_PER_MS;
+        let newest = self.slots.iter().filter(|s| s.used).map(|s| s.ts).max();
+        match (self.state, newest) {
+            (_, None) => Duration::ZERO,
+            (State::Playing { next_ts, .. }, Some(newest)) => {
+                from_ms((newest - next_ts) as f64 / SAMPLES_PER_MS + frame_ms)
+            }
+            (State::Idle, Some(_)) => {
+                from_ms(self.slots.iter().filter(|s| s.used).count() as f64 * frame_ms)
+            }
+        }
+    }
+
+    fn seq_already_seen(&self, seq: i64) -> bool {
+        if self.seq_first.is_none() || seq > self.seq_high {
+            return false;
+        }
+        let back = self.seq_high - seq;
+        back < LOSS_WINDOW && self.seq_mask & (1u128 << back) != 0
+    }
+
+    fn mark_seq_seen(&mut self, seq: i64) {
+        self.unique_seen += 1;
+        match self.seq_first {
+            None => {
+                self.seq_first = Some(seq);
+                self.seq_high = seq;
+                self.seq_mask = 1;
+            }
+            Some(first) => {
+                if seq > self.seq_high {
+                    let shift = seq - self.seq_high;
+                    self.seq_mask = if shift >= LOSS_WINDOW {
+                        0
+                    } else {
+                        self.seq_mask << shift
+                    };
+                    self.seq_mask |= 1;
+                    self.seq_high = seq;
+                } else if self.seq_high - seq < LOSS_WINDOW {
+                    self.seq_mask |= 1u128 << (self.seq_high - seq);
+                }
+                if seq < first {
+                    self.seq_first = Some(seq);
+                }
+            }
+        }
+    }
+
+    fn record_transit(&mut self, now_ms: f64, transit_ms: f64) {
+        self.transits[self.transit_head] = (now_ms, transit_ms);
+        self.transit_head = (self.transit_head + 1) % TRANSIT_HISTORY;
+        self.transit_len = (self.transit_len + 1).min(TRANSIT_HISTORY);
+
+        let since = now_ms - ms(self.cfg.jitter_window);
+        let mut n = 0;
+        for &(arrival, transit) in &self.transits[..self.transit_len] {
+            if arrival >= since {
+                self.scratch[n] = transit;
+                n += 1;
+            }
+        }
+        let window = &mut self.scratch[..n];
+        let min = window.iter().copied().fold(f64::INFINITY, f64::min);
+        let rank =
+            ((self.cfg.percentile.clamp(0.0, 1.0) * n as f64).ceil() as usize).clamp(1, n) - 1;
+        let (_, high, _) = window.select_nth_unstable_by(rank, f64::total_cmp);
+        self.min_transit_ms = min;
+        self.jitter_ms = *high - min;
+    }
+
+    fn update_target(&mut self, now_ms: f64) {
+        let needed = self
+            .jitter_ms
+            .clamp(ms(self.cfg.min_delay), ms(self.cfg.max_delay));
+        let elapsed_s = self
+            .last_target_update_ms
+            .map_or(0.0, |t| ((now_ms - t) / 1000.0).max(0.0));
+        self.last_target_update_ms = Some(now_ms);
+        let decayed = self.target_ms - self.cfg.target_decay_ms_per_s * elapsed_s;
+        self.target_ms = needed.max(decayed).min(ms(self.cfg.max_delay));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashSet};
+
+    const FRAME: u32 = 960;
+
+    /// Small deterministic PRNG so simulations are reproducible without extra crates.
+    struct Rng(u64);
+    impl Rng {
+        fn next_f64(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    fn payload_for(ts: u32) -> [u8; 4] {
+        ts.to_le_bytes()
+    }
+
+    /// One simulated packet arrival.
+    #[derive(Clone, Copy)]
+    struct Arrival {
+        at_ms: f64,
+        seq: u32,
+        ts: u32,
+    }
+
+    /// Extra network delay (ms) of frame `i`.
+    type JitterFn = Box<dyn FnMut(u32, &mut Rng) -> f64>;
+
+    /// Sender clock model: frame `i` leaves at `i * 20 ms / (1 + drift)` receiver time.
+    struct Network {
+        frames: u32,
+        drift: f64,
+        base_ms: f64,
+        loss: f64,
+        duplicate: f64,
+        /// Extra delay of frame `i` (ms).
+        jitter: JitterFn,
+    }
+
+    impl Network {
+        fn steady(frames: u32) -> Self {
+            Self {
+                frames,
+                drift: 0.0,
+                base_ms: 30.0,
+                loss: 0.0,
+                duplicate: 0.0,
+                jitter: Box::new(|_, _| 0.0),
+            }
+        }
+
+        fn arrivals(mut self, seed: u64) -> (Vec<Arrival>, HashSet<u32>) {
+            let mut rng = Rng(seed);
+            let mut out = Vec::new();
+            let mut sent = HashSet::new();
+            for i in 0..self.frames {
+                let ts = i * FRAME;
+                sent.insert(ts);
+                let extra = (self.jitter)(i, &mut rng);
+                if rng.next_f64() < self.loss {
+                    continue;
+                }
+                let at_ms = f64::from(i) * 20.0 / (1.0 + self.drift) + self.base_ms + extra;
+                out.push(Arrival { at_ms, seq: i, ts });
+                if rng.next_f64() < self.duplicate {
+                    out.push(Arrival {
+                        at_ms: at_ms + 5.0 + 30.0 * rng.next_f64(),
+                        seq: i,
+                        ts,
+                    });
+                }
+            }
+            out.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+            (out, sent)
+        }
+    }
+
+    /// What a simulation observed.
+    #[derive(Default)]
+    struct Run {
+        /// Timestamps that were played (packet, FEC or concealment), in order.
+        played: Vec<u32>,
+        /// Every pop: (time ms, kind, timestamp played, current delay ms).
+        events: Vec<(f64, &'static str, Option<u32>, f64)>,
+        stats: JitterStats,
+    }
+
+    impl Run {
+        /// (pop time ms, current delay ms) for every pop that played a timestamp.
+        fn delays(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+            self.events
+                .iter()
+                .filter(|e| e.2.is_some())
+                .map(|e| (e.0, e.3))
+        }
+
+        fn count(&self, kind: &str) -> usize {
+            self.events.iter().filter(|e| e.1 == kind).count()
+        }
+    }
+
+    fn simulate(arrivals: &[Arrival], duration_ms: f64) -> Run {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let mut run = Run::default();
+        let mut next = 0;
+        let mut pop_ms = 7.0;
+        while pop_ms < duration_ms {
+            while next < arrivals.len() && arrivals[next].at_ms <= pop_ms {
+                let a = arrivals[next];
+                jb.push(from_ms(a.at_ms), a.seq, a.ts, &payload_for(a.ts));
+                next += 1;
+            }
+            let playout = jb.pop(from_ms(pop_ms));
+            let kind = playout.kind();
+            let played = match playout {
+                Playout::Packet { timestamp, payload } => {
+                    assert_eq!(
+                        payload,
+                        payload_for(timestamp),
+                        "payload matches its timestamp"
+                    );
+                    Some(timestamp)
+                }
+                Playout::Fec {
+                    timestamp,
+                    next_payload,
+                } => {
+                    let next_ts = u32::from_le_bytes(next_payload.try_into().unwrap());
+                    assert!(next_ts > timestamp && next_ts < timestamp + 2 * FRAME);
+                    Some(timestamp)
+                }
+                Playout::Conceal { timestamp } => timestamp,
+                Playout::Silence => None,
+            };
+            if let Some(ts) = played {
+                run.played.push(ts);
+            }
+            let delay = ms(jb.stats().current_delay);
+            run.events.push((pop_ms, kind, played, delay));
+            pop_ms += 20.0;
+        }
+        run.stats = jb.stats();
+        run
+    }
+
+    fn assert_never_played_twice(run: &Run) {
+        for pair in run.played.windows(2) {
+            assert!(pair[0] < pair[1], "timestamps {} then {}", pair[0], pair[1]);
+        }
+    }
+
+    /// Every timestamp from the first played to the last played is accounted for exactly once:
+    /// played (packet, FEC or concealment) or deliberately dropped to cut delay.
+    fn assert_every_frame_covered(run: &Run) {
+        assert_never_played_twice(run);
+        let first = run.played[0];
+        let last = *run.played.last().unwrap();
+        let expected = ((last - first) / FRAME + 1) as u64;
+        assert_eq!(
+            run.played.len() as u64 + run.stats.dropped,
+            expected,
+            "played {} + dropped {} != {expected}",
+            run.played.len(),
+            run.stats.dropped
+        );
+    }
+
+    fn assert_delay_bounded(run: &Run, after_ms: f64) {
+        for (at, delay) in run.delays().filter(|(at, _)| *at > after_ms) {
+            assert!(
+                (19.9..=140.1).contains(&delay),
+                "delay {delay:.1} ms at {at:.0} ms is outside 20..120 ms + one frame"
+            );
+        }
+    }
+
+    /// Packets played, and the concealment tail after the last one (the buffer cannot know the
+    /// talker stopped until `idle_after` has passed).
+    fn assert_all_packets_played_then_short_tail(run: &Run, sent: usize) {
+        assert_eq!(run.count("packet"), sent);
+        let tail = run.played.len() - sent;
+        assert!(tail <= 11, "concealment tail of {tail} frames");
+    }
+
+    #[test]
+    fn steady_stream_plays_every_frame_at_minimum_delay() {
+        let (arrivals, _) = Network::steady(500).arrivals(1);
+        let run = simulate(&arrivals, 10_500.0);
+        assert_all_packets_played_then_short_tail(&run, 500);
+        assert_every_frame_covered(&run);
+        assert_eq!(run.stats.late + run.stats.dropped + run.stats.lost, 0);
+        assert_eq!(run.stats.target_delay, Duration::from_millis(20));
+        for (_, d) in run.delays() {
+            assert!((20.0..=40.0).contains(&d), "delay {d}");
+        }
+    }
+
+    #[test]
+    fn reordered_packets_are_played_in_order() {
+        let mut net = Network::steady(500);
+        // Every 7th packet overtakes its predecessor by arriving 25 ms early.
+        net.jitter = Box::new(|i, _| if i % 7 == 0 { 0.0 } else { 25.0 });
+        let (arrivals, _) = net.arrivals(2);
+        let run = simulate(&arrivals, 11_000.0);
+        assert_every_frame_covered(&run);
+        assert_all_packets_played_then_short_tail(&run, 500);
+        assert!(run.stats.late <= 2, "late {}", run.stats.late);
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_counted() {
+        let mut net = Network::steady(500);
+        net.duplicate = 0.3;
+        let (arrivals, _) = net.arrivals(3);
+        let dups = arrivals.len() as u64 - 500;
+        let run = simulate(&arrivals, 11_000.0);
+        assert_every_frame_covered(&run);
+        assert_all_packets_played_then_short_tail(&run, 500);
+        assert_eq!(run.stats.duplicates, dups);
+        assert_eq!(run.stats.received, 500);
+    }
+
+    #[test]
+    fn twenty_percent_loss_is_concealed_or_recovered_and_measured() {
+        let mut net = Network::steady(3000);
+        net.loss = 0.2;
+        net.jitter = Box::new(|_, rng| 10.0 * rng.next_f64());
+        let (arrivals, _) = net.arrivals(4);
+        let run = simulate(&arrivals, 61_000.0);
+        assert_every_frame_covered(&run);
+        let s = run.stats;
+        assert!(s.fec_recovered > 150, "fec {}", s.fec_recovered);
+        assert!(s.concealed > 50, "concealed {}", s.concealed);
+        let lost_fraction = s.lost as f64 / 3000.0;
+        assert!((0.15..0.25).contains(&lost_fraction), "lost {}", s.lost);
+        assert!(
+            (0.05..0.4).contains(&s.loss_fraction),
+            "{}",
+            s.loss_fraction
+        );
+        assert_delay_bounded(&run, 2_000.0);
+    }
+
+    #[test]
+    fn bursty_arrivals_raise_the_target_to_cover_them() {
+        let mut net = Network::steady(1500);
+        // Packets are released in bunches every 100 ms (5 frames held and sent together).
+        net.jitter = Box::new(|i, _| f64::from(4 - i % 5) * 20.0);
+        let (arrivals, _) = net.arrivals(5);
+        let run = simulate(&arrivals, 31_000.0);
+        assert_every_frame_covered(&run);
+        let s = run.stats;
+        assert!(
+            (75.0..=120.0).contains(&ms(s.target_delay)),
+            "target {:?}",
+            s.target_delay
+        );
+        // After the first second nothing else arrives late.
+        assert!(s.late < 10, "late {}", s.late);
+        assert_delay_bounded(&run, 2_000.0);
+    }
+
+    #[test]
+    fn jitter_burst_then_calm_brings_the_delay_back_down() {
+        let mut net = Network::steady(2000);
+        // Heavy jitter (up to 100 ms) between 5 s and 10 s, calm before and after.
+        net.jitter = Box::new(|i, rng| {
+            if (250..500).contains(&i) {
+                100.0 * rng.next_f64()
+            } else {
+                0.0
+            }
+        });
+        let (arrivals, _) = net.arrivals(6);
+        let run = simulate(&arrivals, 41_000.0);
+        assert_every_frame_covered(&run);
+        let peak = run
+            .delays()
+            .filter(|(at, _)| (5_000.0..12_000.0).contains(at))
+            .map(|(_, d)| d)
+            .fold(0.0, f64::max);
+        assert!(peak > 70.0, "delay rose to only {peak}");
+        let end = run.delays().last().unwrap().1;
+        assert!(end <= 40.0, "delay stayed at {end} after the calm returned");
+        assert!(run.stats.dropped > 0 || run.stats.silence_skipped > 0);
+        assert_delay_bounded(&run, 1_000.0);
+    }
+
+    #[test]
+    fn sender_clock_drift_of_half_a_percent_does_not_make_the_delay_creep() {
+        for drift in [0.005, -0.005] {
+            let frames = 30_000; // 10 minutes
+            let mut net = Network::steady(frames);
+            net.drift = drift;
+            net.jitter = Box::new(|_, rng| 5.0 * rng.next_f64());
+            let (arrivals, _) = net.arrivals(7);
+            let duration = f64::from(frames) * 20.0 / (1.0 + drift) + 200.0;
+            let run = simulate(&arrivals, duration);
+            assert_every_frame_covered(&run);
+            assert_delay_bounded(&run, 1_000.0);
+            let last_minute: Vec<f64> = run
+                .delays()
+                .filter(|(at, _)| *at > duration - 60_000.0)
+                .map(|(_, d)| d)
+                .collect();
+            let mean = last_minute.iter().sum::<f64>() / last_minute.len() as f64;
+            assert!(
+                mean < 50.0,
+                "drift {drift}: mean delay {mean} in the last minute"
+            );
+            let s = run.stats;
+            if drift > 0.0 {
+                // 3 s of surplus audio over 10 minutes must have been dropped (150 frames).
+                assert!(s.dropped >= 140, "dropped {}", s.dropped);
+            } else {
+                assert!(s.stretched >= 140, "stretched {}", s.stretched);
+            }
+            assert!(s.late < 30, "drift {drift}: late {}", s.late);
+        }
+    }
+
+    #[test]
+    fn pause_in_sending_plays_silence_and_is_not_counted_as_loss() {
+        // 10 frames, then a 100 ms pause (5 frames not sent, sequence numbers stay contiguous as
+        // with DTX/VAD), then 10 more frames.
+        let arrivals: Vec<Arrival> = (0..10u32)
+            .chain(15..25)
+            .enumerate()
+            .map(|(seq, frame)| Arrival {
+                at_ms: f64::from(frame) * 20.0 + 5.0,
+                seq: seq as u32,
+                ts: frame * FRAME,
+            })
+            .collect();
+        let run = simulate(&arrivals, 1_000.0);
+        assert_eq!(run.count("packet"), 20);
+        assert_eq!(run.stats.lost, 0);
+        assert_eq!(run.stats.loss_fraction, 0.0);
+        assert_never_played_twice(&run);
+        // The pause is played as silence once the resumed stream shows nothing was lost.
+        let first_resumed = run
+            .events
+            .iter()
+            .position(|e| e.2 == Some(15 * FRAME))
+            .unwrap();
+        assert_eq!(run.events[first_resumed - 1].1, "silence");
+    }
+
+    #[test]
+    fn talkspurt_after_silence_is_re_anchored_at_the_target_delay() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        // First talkspurt arrives with 30 ms transit; after 5 s of silence the second one arrives
+        // with 80 ms transit (a route change or drift). Playout must restart `target` after the
+        // new arrivals, not keep the old schedule.
+        let mut pops = Vec::new();
+        for t in (0..20_000u32).step_by(20) {
+            let t_ms = f64::from(t);
+            let frame = t / 20;
+            let spurt = frame < 50 || (300..350).contains(&frame);
+            if spurt {
+                let transit = if frame < 50 { 30.0 } else { 80.0 };
+                let ts = frame * FRAME;
+                jb.push(from_ms(t_ms + transit), frame, ts, &payload_for(ts));
+            }
+            let pop_ms = t_ms + 95.0;
+            if let Playout::Packet { timestamp, .. } = jb.pop(from_ms(pop_ms)) {
+                pops.push((pop_ms, timestamp, ms(jb.stats().current_delay)));
+            }
+        }
+        assert_eq!(pops.len(), 100);
+        let second = pops.iter().find(|p| p.1 == 300 * FRAME).unwrap();
+        // Frame 300 arrived at 6080 ms; it must play 20..40 ms later.
+        assert!(
+            (6_100.0..=6_120.0).contains(&second.0),
+            "second talkspurt started at {}",
+            second.0
+        );
+        assert!(!jb.is_playing());
+    }
+
+    #[test]
+    fn late_packet_after_playout_is_dropped() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        assert_eq!(jb.push(from_ms(0.0), 0, 0, b"a"), PushOutcome::Accepted);
+        assert_eq!(
+            jb.push(from_ms(20.0), 1, FRAME, b"b"),
+            PushOutcome::Accepted
+        );
+        assert_eq!(
+            jb.push(from_ms(60.0), 3, 3 * FRAME, b"d"),
+            PushOutcome::Accepted
+        );
+        assert!(matches!(
+            jb.pop(from_ms(20.0)),
+            Playout::Packet { timestamp: 0, .. }
+        ));
+        assert!(matches!(
+            jb.pop(from_ms(40.0)),
+            Playout::Packet { timestamp: 960, .. }
+        ));
+        assert!(matches!(
+            jb.pop(from_ms(60.0)),
+            Playout::Fec {
+                timestamp: 1920,
+                next_payload: b"d"
+            }
+        ));
+        assert_eq!(
+            jb.push(from_ms(61.0), 2, 2 * FRAME, b"c"),
+            PushOutcome::TooLate
+        );
+        assert_eq!(
+            jb.push(from_ms(62.0), 2, 2 * FRAME, b"c"),
+            PushOutcome::Duplicate
+        );
+        assert_eq!(jb.stats().late, 1);
+        assert_eq!(jb.stats().fec_recovered, 1);
+    }
+
+    #[test]
+    fn invalid_and_overflowing_packets_are_rejected() {
+        let cfg = JitterConfig {
+            capacity: 2,
+            ..JitterConfig::default()
+        };
+        let mut jb = JitterBuffer::new(cfg);
+        assert_eq!(jb.push(Duration::ZERO, 0, 0, &[]), PushOutcome::Invalid);
+        assert_eq!(
+            jb.push(Duration::ZERO, 0, 0, &[0; MAX_PAYLOAD + 1]),
+            PushOutcome::Invalid
+        );
+        assert_eq!(jb.push(Duration::ZERO, 0, 0, b"x"), PushOutcome::Accepted);
+        assert_eq!(
+            jb.push(Duration::ZERO, 1, FRAME, b"x"),
+            PushOutcome::Accepted
+        );
+        assert_eq!(
+            jb.push(Duration::ZERO, 2, 2 * FRAME, b"x"),
+            PushOutcome::Overflow
+        );
+        assert_eq!(jb.stats().rejected, 3);
+    }
+
+    #[test]
+    fn timestamps_wrapping_around_u32_play_in_order() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let start = u32::MAX - 3 * FRAME + 1;
+        let mut played = Vec::new();
+        for i in 0..10u32 {
+            let ts = start.wrapping_add(i * FRAME);
+            jb.push(from_ms(f64::from(i) * 20.0), i, ts, &payload_for(ts));
+            if let Playout::Packet { timestamp, .. } = jb.pop(from_ms(f64::from(i) * 20.0 + 25.0)) {
+                played.push(timestamp);
+            }
+        }
+        let expected: Vec<u32> = (0..played.len() as u32)
+            .map(|i| start.wrapping_add(i * FRAME))
+            .collect();
+        assert_eq!(played, expected);
+        assert!(played.len() >= 8);
+    }
+
+    #[test]
+    fn reset_forgets_the_stream() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        jb.push(Duration::ZERO, 5, 5 * FRAME, b"x");
+        jb.pop(from_ms(40.0));
+        jb.reset();
+        assert_eq!(jb.stats().received, 0);
+        assert_eq!(jb.push(from_ms(50.0), 0, 0, b"y"), PushOutcome::Accepted);
+        assert_eq!(jb.slots.len(), JitterConfig::default().capacity);
+    }
+
+    impl Playout<'_> {
+        fn kind(&self) -> &'static str {
+            match self {
+                Playout::Packet { .. } => "packet",
+                Playout::Fec { .. } => "fec",
+                Playout::Conceal { .. } => "conceal",
+                Playout::Silence => "silence",
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push {
+            dt: u16,
+            seq: u8,
+            frame: u8,
+            skew: u16,
+        },
+        Pop {
+            dt: u16,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (
+                0u16..60,
+                any::<u8>(),
+                any::<u8>(),
+                prop_oneof![Just(0u16), 0u16..2000]
+            )
+                .prop_map(|(dt, seq, frame, skew)| Op::Push {
+                    dt,
+                    seq,
+                    frame,
+                    skew
+                }),
+            (0u16..60).prop_map(|dt| Op::Pop { dt }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_push_pop_sequences_never_replay_a_timestamp(ops in prop::collection::vec(op(), 1..400)) {
+            let mut jb = JitterBuffer::new(JitterConfig { capacity: 16, ..JitterConfig::default() });
+            let mut now = 0u64;
+            let mut pushed: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+            let mut played: Vec<u32> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Push { dt, seq, frame, skew } => {
+                        now += u64::from(dt);
+                        let ts = u32::from(frame) * FRAME + u32::from(skew);
+                        let payload = payload_for(ts);
+                        if jb.push(Duration::from_millis(now), u32::from(seq), ts, &payload) == PushOutcome::Accepted {
+                            pushed.insert(ts, payload.to_vec());
+                        }
+                    }
+                    Op::Pop { dt } => {
+                        now += u64::from(dt);
+                        let ts = match jb.pop(Duration::from_millis(now)) {
+                            Playout::Packet { timestamp, payload } => {
+                                prop_assert_eq!(Some(&payload.to_vec()), pushed.get(&timestamp));
+                                Some(timestamp)
+                            }
+                            Playout::Fec { timestamp, .. } => Some(timestamp),
+                            Playout::Conceal { timestamp } => timestamp,
+                            Playout::Silence => None,
+                        };
+                        if let Some(ts) = ts {
+                            if let Some(&last) = played.last() {
+                                prop_assert!(ts > last, "played {} after {}", ts, last);
+                            }
+                            played.push(ts);
+                        }
+                    }
+                }
+            }
+            let s = jb.stats();
+            prop_assert!(s.loss_fraction >= 0.0 && s.loss_fraction <= 1.0);
+            prop_assert!(s.target_delay >= Duration::from_millis(20));
+            prop_assert!(s.target_delay <= Duration::from_millis(120));
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! `VoicePlugin`: bridges ECS and the voice thread. Control events (our id, the server's UDP
+//! token, peers' endpoints) become voice commands; voice snapshots become `Speaking`,
+//! `VoiceLevel` and `PeerLink` components on the user entities the UI draws.
+
+use bevy::prelude::*;
+
+use super::engine::{PeerState, VoiceSnapshot};
+use super::thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};
+use crate::audio::AudioEvent;
+use crate::client::{
+    ControlEvent, ControlLink, IsSelf, LinkState, PeerLink, SessionEvent, Speaking, User,
+    VoiceLevel,
+};
+
+/// Call-control intents from the UI or the CLI.
+#[derive(Event, Debug, Clone, PartialEq)]
+pub enum VoiceIntent {
+    SetMuted(bool),
+    SetDeafened(bool),
+    SetNoiseSuppression(bool),
+    SetPushToTalk(bool),
+    SetPttPressed(bool),
+    SetVadThreshold(f32),
+    SetUserVolume(u32, f32),
+    SetUserMuted(u32, bool),
+    SelectInput(Option<String>),
+    SelectOutput(Option<String>),
+}
+
+/// The running voice plane as seen from ECS.
+#[derive(Resource, Default)]
+pub struct Voice {
+    pub thread: Option<VoiceThread>,
+    /// Why there is no voice, if there is none (shown in the UI).
+    pub error: Option<String>,
+    pub last: VoiceSnapshot,
+    /// Latest audio device status for the UI ("no microphone", "device unplugged", ...).
+    pub audio_status: Vec<String>,
+    pub input_desc: Option<String>,
+    pub output_desc: Option<String>,
+    /// Mix level history (dBFS), newest last, for the waveform.
+    pub mix_history: std::collections::VecDeque<f32>,
+}
+
+impl Voice {
+    fn send(&self, cmd: VoiceCommand) {
+        if let Some(t) = &self.thread {
+            t.send(cmd);
+        }
+    }
+}
+
+/// Starts the voice thread with the given configuration when the app starts.
+pub struct VoicePlugin(pub VoiceThreadConfig);
+
+#[derive(Resource, Clone)]
+struct VoiceStartConfig(VoiceThreadConfig);
+
+impl Plugin for VoicePlugin {
+    fn build(&self, app: &mut App) {
+        app.insert_resource(VoiceStartConfig(self.0.clone()))
+            .init_resource::<Voice>()
+            .add_event::<VoiceIntent>()
+            .add_systems(Startup, start_voice)
+            .add_systems(
+                Update,
+                (forward_control_events, apply_intents, receive_voice_events).chain(),
+            );
+    }
+}
+
+fn start_voice(cfg: Res<VoiceStartConfig>, mut voice: ResMut<Voice>) {
+    match VoiceThread::spawn(cfg.0.clone()) {
+        Ok(t) => {
+            info!("voice socket on UDP {}", t.local_addr());
+            voice.thread = Some(t);
+        }
+        Err(e) => {
+            warn!("voice disabled: {e}");
+            voice.error = Some(format!("voice disabled: {e}"));
+        }
+    }
+}
+
+fn forward_control_events(
+    voice: Res<Voice>,
+    link: Res<ControlLink>,
+    mut events: EventReader<ControlEvent>,
+) {
+    for ControlEvent(ev) in events.read() {
+        match ev {
+            SessionEvent::Welcome { udp_token } => {
+                if let Some(addr) = link.server_addr() {
+                    voice.send(VoiceCommand::SetServer {
+                        addr,
+                        token: *udp_token,
+                    });
+                }
+            }
+            SessionEvent::Identified { user_id, .. } => {
+                voice.send(VoiceCommand::SetSelfId(*user_id))
+            }
+            SessionEvent::PeerEndpoints(peer) => voice.send(VoiceCommand::UpsertPeer(peer.clone())),
+            SessionEvent::PeerGone { user_id } => voice.send(VoiceCommand::RemovePeer(*user_id)),
+            SessionEvent::Left { .. } | SessionEvent::Disconnected { .. } => {
+                voice.send(VoiceCommand::ClearPeers)
+            }
+            _ => {}
+        }
+    }
+}
+
+fn apply_intents(voice: Res<Voice>, mut intents: EventReader<VoiceIntent>) {
+    use crate::audio::{InputSource, OutputSink};
+    for intent in intents.read() {
+        let cmd = match intent.clone() {
+            VoiceIntent::SetMuted(m) => VoiceCommand::SetMuted(m),
+            VoiceIntent::SetDeafened(d) => VoiceCommand::SetDeafened(d),
+            VoiceIntent::SetNoiseSuppression(on) => VoiceCommand::SetNoiseSuppression(on),
+            VoiceIntent::SetPushToTalk(on) => VoiceCommand::SetPushToTalk(on),
+            VoiceIntent::SetPttPressed(p) => VoiceCommand::SetPttPressed(p),
+            VoiceIntent::SetVadThreshold(db) => VoiceCommand::SetVadThreshold(db),
+            VoiceIntent::SetUserVolume(id, v) => VoiceCommand::SetPeerVolume(id, v),
+            VoiceIntent::SetUserMuted(id, m) => VoiceCommand::SetPeerMuted(id, m),
+            VoiceIntent::SelectInput(name) => VoiceCommand::SwitchInput(InputSource::Device(name)),
+            VoiceIntent::SelectOutput(name) => VoiceCommand::SwitchOutput(OutputSink::Device(name)),
+        };
+        voice.send(cmd);
+    }
+}
+
+/// dBFS to a 0..1 meter position (-60 dBFS and below is empty).
+pub fn meter_from_db(db: f32) -> f32 {
+    ((db + 60.0) / 60.0).clamp(0.0, 1.0)
+}
+
+#[allow(clippy::type_complexity)]
+fn receive_voice_events(
+    mut voice: ResMut<Voice>,
+    mut link: ResMut<ControlLink>,
+    mut users: Query<(
+        &User,
+        Option<&IsSelf>,
+        &mut Speaking,
+        &mut VoiceLevel,
+        Option<&mut PeerLink>,
+    )>,
+) {
+    let Some(thread) = &voice.thread else {
+        return;
+    };
+    let events: Vec<VoiceEvent> = thread.events().try_iter().collect();
+    for ev in events {
+        match ev {
+            VoiceEvent::LocalEndpoints(eps) => {
+                let now = link.now();
+                link.session.set_local_endpoints(now, eps);
+            }
+            VoiceEvent::Snapshot(s) => {
+                voice.mix_history.push_back(s.mix_level_db);
+                while voice.mix_history.len() > 200 {
+                    voice.mix_history.pop_front();
+                }
+                voice.last = s;
+            }
+            VoiceEvent::Audio(a) => match a {
+                AudioEvent::Started {
+                    input_desc,
+                    output_desc,
+                } => {
+                    voice.input_desc = Some(input_desc);
+                    voice.output_desc = Some(output_desc);
+                }
+                AudioEvent::InputChanged(d) => voice.input_desc = Some(d),
+                AudioEvent::OutputChanged(d) => voice.output_desc = Some(d),
+                AudioEvent::NoMicrophone(why) => {
+                    voice.audio_status.push(format!("no microphone: {why}"))
+                }
+                AudioEvent::NoSpeaker(why) => voice.audio_status.push(format!("no speaker: {why}")),
+                AudioEvent::DeviceLost { which, reason } => voice
+                    .audio_status
+                    .push(format!("{which:?} device lost: {reason}")),
+                AudioEvent::DeviceRestored { which, desc } => voice
+                    .audio_status
+                    .push(format!("{which:?} device back: {desc}")),
+                _ => {}
+            },
+            VoiceEvent::SwitchFailed(why) => voice
+                .audio_status
+                .push(format!("could not switch device: {why}")),
+        }
+    }
+    let len = voice.audio_status.len();
+    if len > 20 {
+        voice.audio_status.drain(..len - 20);
+    }
+    let snap = &voice.last;
+    for (user, is_self, mut speaking, mut level, peer_link) in &mut users {
+        if is_self.is_some() {
+            let s = snap.transmitting && !snap.muted;
+            if speaking.0 != s {
+                speaking.0 = s;
+            }
+            level.0 = meter_from_db(snap.input_level_db);
+            continue;
+        }
+        let Some(p) = snap.peers.iter().find(|p| p.user_id == user.id) else {
+            continue;
+        };
+        if speaking.0 != p.speaking {
+            speaking.0 = p.speaking;
+        }
+        level.0 = meter_from_db(p.level_db);
+        if let Some(mut pl) = peer_link {
+            pl.state = match &p.state {
+                PeerState::Punching => LinkState::Punching,
+                PeerState::Direct(_) => LinkState::Direct,
+                PeerState::Unreachable(r) => LinkState::Unreachable(r.clone()),
+            };
+            pl.rtt_ms = p.rtt_ms;
+            pl.loss_pct = p.loss_pct;
+            pl.jitter_ms = p.jitter_ms;
+            pl.buffer_ms = p.buffer_ms;
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! One peer's receive path: jitter buffer plus Opus decoder, producing one PCM frame per call.
+//!
+//! The voice thread pushes every voice datagram of the peer with [`PeerReceiver::push`] and, once
+//! per frame period, asks for the frame to mix with [`PeerReceiver::pop_pcm`]. Corrupt payloads
+//! never reach the speakers: they are concealed and counted.
+
+use std::time::Duration;
+
+use super::codec::{CodecError, FrameDuration, OpusDecoder};
+use super::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout, PushOutcome};
+
+/// How the frame returned by [`PeerReceiver::pop_pcm`] was produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlayoutKind {
+    /// Decoded from the packet for this frame.
+    Decoded,
+    /// Recovered from the next packet's in-band FEC.
+    Fec,
+    /// Packet loss concealment (lost, late, undecodable, or inserted to grow the delay).
+    Concealed,
+    /// The peer is not talking; the frame is zeros.
+    Silence,
+}
+
+/// Receive statistics of one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ReceiverStats {
+    /// The jitter buffer's counters and estimates.
+    pub jitter: JitterStats,
+    /// Payloads that the decoder rejected (concealed instead).
+    pub decode_errors: u64,
+}
+
+/// Jitter buffer and decoder for one remote peer.
+///
+/// Invariant: `pop_pcm` always fills the whole frame with finite samples, whatever arrived.
+pub struct PeerReceiver {
+    jitter: JitterBuffer,
+    decoder: OpusDecoder,
+    frame: FrameDuration,
+    decode_errors: u64,
+}
+
+impl PeerReceiver {
+    /// Creates a receiver for a stream of `frame`-long packets with default jitter tuning.
+    pub fn new(frame: FrameDuration) -> Result<Self, CodecError> {
+        Self::with_config(JitterConfig::for_frame(frame))
+    }
+
+    /// Creates a receiver with explicit jitter buffer tuning.
+    pub fn with_config(cfg: JitterConfig) -> Result<Self, CodecError> {
+        Ok(Self {
+            frame: cfg.frame,
+            jitter: JitterBuffer::new(cfg),
+            decoder: OpusDecoder::new()?,
+            decode_errors: 0,
+        })
+    }
+
+    /// Frame duration of this stream; `pop_pcm` fills exactly `frame_duration().samples()`.
+    pub fn frame_duration(&self) -> FrameDuration {
+        self.frame
+    }
+
+    /// Hands over a voice packet that arrived at `now`.
+    pub fn push(&mut self, now: Duration, seq: u32, timestamp: u32, payload: &[u8]) -> PushOutcome {
+        self.jitter.push(now, seq, timestamp, payload)
+    }
+
+    /// Produces this frame period's audio into `out` (exactly one frame of samples).
+    ///
+    /// # Panics
+    /// If `out.len()` differs from the frame length: that is a wiring bug, not a network event.
+    pub fn pop_pcm(&mut self, now: Duration, out: &mut [f32]) -> PlayoutKind {
+        assert_eq!(
+            out.len(),
+            self.frame.samples(),
+            "pop_pcm needs exactly one frame of samples"
+        );
+        let result = match self.jitter.pop(now) {
+            Playout::Packet { payload, .. } => self
+                .decoder
+                .decode(payload, out)
+                .map(|n| (n, PlayoutKind::Decoded)),
+            Playout::Fec { next_payload, .. } => self
+                .decoder
+                .decode_fec(next_payload, out)
+                .map(|n| (n, PlayoutKind::Fec)),
+            Playout::Conceal { .. } => self
+                .decoder
+                .conceal(out)
+                .map(|n| (n, PlayoutKind::Concealed)),
+            Playout::Silence => {
+                out.fill(0.0);
+                return PlayoutKind::Silence;
+            }
+        };
+        match result {
+            Ok((n, kind)) if n == out.len() => kind,
+            Ok((n, _)) => {
+                // A packet of another duration: keep what was decoded, pad with silence.
+                self.decode_errors += 1;
+                let len = out.len();
+                out[n.min(len)..].fill(0.0);
+                PlayoutKind::Concealed
+            }
+            Err(_) => {
+                self.decode_errors += 1;
+                if self.decoder.conceal(out).is_err() {
+                    out.fill(0.0);
+                }
+                PlayoutKind::Concealed
+            }
+        }
+    }
+
+    /// Current receive statistics.
+    pub fn stats(&self) -> ReceiverStats {
+        ReceiverStats {
+            jitter: self.jitter.stats(),
+            decode_errors: self.decode_errors,
+        }
+    }
+
+    /// Forgets the stream (the peer restarted its session).
+    pub fn reset(&mut self) -> Result<(), CodecError> {
+        self.jitter.reset();
+        self.decode_errors = 0;
+        self.decoder.reset()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::codec::{OpusEncoder, DEFAULT_BITRATE_BPS, MAX_PAYLOAD};
+    use super::*;
+
+    /// Speech-like frame `index` of a continuous voiced signal (150 Hz with harmonics).
+    fn voiced_frame(index: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let t = (index * n + i) as f32 / 48_000.0;
+                let s: f32 = (1..=8)
+                    .map(|h| (2.0 * std::f32::consts::PI * 150.0 * h as f32 * t).sin() / h as f32)
+                    .sum();
+                0.2 * s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lossy_stream_is_decoded_recovered_and_concealed_like_a_direct_decoder() {
+        let frame = FrameDuration::Ms20;
+        let n = frame.samples();
+        let mut enc = OpusEncoder::new(frame, DEFAULT_BITRATE_BPS).unwrap();
+        enc.set_expected_loss_percent(20).unwrap();
+        let mut payload = [0u8; MAX_PAYLOAD];
+        let packets: Vec<Vec<u8>> = (0..100)
+            .map(|i| {
+                let len = enc.encode(&voiced_frame(i, n), &mut payload).unwrap();
+                payload[..len].to_vec()
+            })
+            .collect();
+        // Every 10th packet is lost; a single loss is recoverable from the next packet's FEC.
+        let lost = |i: usize| i % 10 == 5;
+
+        let mut rx = PeerReceiver::new(frame).unwrap();
+        let mut reference = OpusDecoder::new().unwrap();
+        let mut out = vec![0.0f32; n];
+        let mut expected = vec![0.0f32; n];
+        let mut next_frame = 0;
+        let mut kinds = Vec::new();
+        for i in 0..100usize {
+            let now = Duration::from_millis(i as u64 * 20);
+            if !lost(i) {
+                rx.push(
+                    now + Duration::from_millis(5),
+                    i as u32,
+                    (i * n) as u32,
+                    &packets[i],
+                );
+            }
+            let kind = rx.pop_pcm(now + Duration::from_millis(6), &mut out);
+            if kind == PlayoutKind::Silence {
+                continue;
+            }
+            // The same frame decoded directly, as the receiver should have done it.
+            let f = next_frame;
+            next_frame += 1;
+            let want = if lost(f) {
+                reference
+                    .decode_fec(&packets[f + 1], &mut expected)
+                    .unwrap();
+                PlayoutKind::Fec
+            } else {
+                reference.decode(&packets[f], &mut expected).unwrap();
+                PlayoutKind::Decoded
+            };
+            assert_eq!(kind, want, "frame {f}");
+            assert_eq!(out, expected, "frame {f} differs from a direct decode");
+            kinds.push(kind);
+        }
+        assert!(kinds.len() >= 98);
+        assert_eq!(kinds.iter().filter(|&&k| k == PlayoutKind::Fec).count(), 10);
+        let stats = rx.stats();
+        assert_eq!(stats.jitter.lost, 10);
+        assert_eq!(stats.jitter.fec_recovered, 10);
+        assert_eq!(stats.decode_errors, 0);
+    }
+
+    #[test]
+    fn corrupt_payload_is_concealed_and_counted() {
+        let mut rx = PeerReceiver::new(FrameDuration::Ms20).unwrap();
+        let mut out = vec![1.0f32; 960];
+        rx.push(Duration::ZERO, 0, 0, &[0xFF]);
+        let kind = rx.pop_pcm(Duration::from_millis(20), &mut out);
+        assert_eq!(kind, PlayoutKind::Concealed);
+        assert_eq!(rx.stats().decode_errors, 1);
+        assert!(out.iter().all(|s| s.abs() < 1e-3));
+    }
+
+    #[test]
+    fn nothing_received_plays_silence() {
+        let mut rx = PeerReceiver::new(FrameDuration::Ms10).unwrap();
+        let mut out = vec![1.0f32; 480];
+        assert_eq!(
+            rx.pop_pcm(Duration::from_millis(10), &mut out),
+            PlayoutKind::Silence
+        );
+        assert!(out.iter().all(|&s| s == 0.0));
+    }
+
+    #[test]
+    #[should_panic(expected = "exactly one frame")]
+    fn wrong_output_length_is_a_wiring_bug() {
+        let mut rx = PeerReceiver::new(FrameDuration::Ms20).unwrap();
+        rx.pop_pcm(Duration::ZERO, &mut [0.0; 480]);
+    }
+}

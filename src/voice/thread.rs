@@ -1,0 +1,343 @@
+//! The voice thread: the I/O shell around [`VoiceEngine`].
+//!
+//! It owns the UDP socket and the audio path. About every millisecond it reads datagrams,
+//! takes captured frames from the capture ring, encodes and sends them, keeps the playback ring
+//! topped up with mixed audio, and sends punches and keepalives. It runs apart from the Bevy
+//! frame loop so voice latency does not depend on the window's frame rate (a vsync'd frame
+//! can take 16 ms; the latency budget is 60 ms end to end). ECS talks to it through bounded
+//! crossbeam channels: [`VoiceCommand`] in, [`VoiceEvent`] out.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use thiserror::Error;
+
+use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot};
+use super::impair::{ImpairConfig, Impairment};
+use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink};
+use crate::protocol::{PeerInfo, UserId};
+
+/// How often a [`VoiceSnapshot`] is published to ECS.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
+/// Mixed audio kept queued in the playback ring, beyond one frame (the output side of the
+/// latency budget).
+const PLAYBACK_MARGIN_SAMPLES: usize = 0;
+
+/// Intents for the voice plane.
+#[derive(Debug, Clone)]
+pub enum VoiceCommand {
+    SetSelfId(UserId),
+    SetServer { addr: SocketAddr, token: u64 },
+    UpsertPeer(PeerInfo),
+    RemovePeer(UserId),
+    ClearPeers,
+    SetMuted(bool),
+    SetDeafened(bool),
+    SetNoiseSuppression(bool),
+    SetPushToTalk(bool),
+    SetPttPressed(bool),
+    SetVadThreshold(f32),
+    SetPeerVolume(UserId, f32),
+    SetPeerMuted(UserId, bool),
+    SwitchInput(InputSource),
+    SwitchOutput(OutputSink),
+}
+
+/// What the voice thread reports.
+#[derive(Debug, Clone)]
+pub enum VoiceEvent {
+    /// Our UDP socket's local candidate addresses (announced to the server for LAN peers).
+    LocalEndpoints(Vec<SocketAddr>),
+    Snapshot(VoiceSnapshot),
+    Audio(AudioEvent),
+    /// A device switch failed; the previous device keeps running.
+    SwitchFailed(String),
+}
+
+#[derive(Debug, Error)]
+pub enum VoiceError {
+    #[error("cannot open the voice UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("audio: {0}")]
+    Audio(#[from] crate::audio::AudioError),
+    #[error("codec: {0}")]
+    Codec(#[from] super::codec::CodecError),
+    #[error("cannot start the voice thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Handle to the running voice thread. Dropping it stops the thread.
+pub struct VoiceThread {
+    commands: Sender<VoiceCommand>,
+    events: Receiver<VoiceEvent>,
+    stop: Sender<Sender<VoiceSnapshot>>,
+    join: Option<JoinHandle<()>>,
+    local_addr: SocketAddr,
+    audio_started: std::time::SystemTime,
+}
+
+/// Options of the voice thread.
+#[derive(Debug, Clone)]
+pub struct VoiceThreadConfig {
+    pub voice: VoiceConfig,
+    pub input: InputSource,
+    pub output: OutputSink,
+    pub audio: AudioConfig,
+    /// Local address to bind the voice socket to (port 0 = any).
+    pub bind: SocketAddr,
+    /// Simulated bad network on received datagrams (tests, benchmarks).
+    pub impair: Option<ImpairConfig>,
+}
+
+impl Default for VoiceThreadConfig {
+    fn default() -> Self {
+        Self {
+            voice: VoiceConfig::default(),
+            input: InputSource::Device(None),
+            output: OutputSink::Device(None),
+            audio: AudioConfig::default(),
+            bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            impair: None,
+        }
+    }
+}
+
+impl VoiceThread {
+    pub fn spawn(cfg: VoiceThreadConfig) -> Result<Self, VoiceError> {
+        let socket = UdpSocket::bind(cfg.bind).map_err(VoiceError::Socket)?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .map_err(VoiceError::Socket)?;
+        let local_addr = socket.local_addr().map_err(VoiceError::Socket)?;
+        let mut audio = AudioIo::start(&cfg.input, &cfg.output, cfg.audio.clone())?;
+        let audio_started = std::time::SystemTime::now();
+        let seed = rand::random::<u64>();
+        let engine = VoiceEngine::new(cfg.voice.clone(), seed)?;
+        let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(256);
+        let (ev_tx, ev_rx) = crossbeam_channel::bounded(256);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        let capture = audio
+            .take_capture()
+            .expect("fresh AudioIo has its capture ring");
+        let playback = audio
+            .take_playback()
+            .expect("fresh AudioIo has its playback ring");
+        let join = std::thread::Builder::new()
+            .name("voice".into())
+            .spawn(move || {
+                let mut w = Worker {
+                    engine,
+                    socket,
+                    audio,
+                    capture,
+                    playback,
+                    commands: cmd_rx,
+                    events: ev_tx,
+                    stop: stop_rx,
+                    start: Instant::now(),
+                    impair: cfg.impair.map(Impairment::new),
+                };
+                w.run();
+            })
+            .map_err(VoiceError::Thread)?;
+        Ok(Self {
+            commands: cmd_tx,
+            events: ev_rx,
+            stop: stop_tx,
+            join: Some(join),
+            local_addr,
+            audio_started,
+        })
+    }
+
+    /// The voice socket's bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Wall-clock time at which the audio path started: virtual inputs and outputs (WAV, tone)
+    /// begin their sample 0 within a couple of milliseconds of it. Used to line up one client's
+    /// input with another's output when measuring mouth-to-ear latency.
+    pub fn audio_started(&self) -> std::time::SystemTime {
+        self.audio_started
+    }
+
+    /// Sends a command; false if the thread is gone or hopelessly behind.
+    pub fn send(&self, cmd: VoiceCommand) -> bool {
+        self.commands.try_send(cmd).is_ok()
+    }
+
+    pub fn events(&self) -> &Receiver<VoiceEvent> {
+        &self.events
+    }
+
+    /// Stops the thread (closing audio devices and finalizing WAV output) and returns the last
+    /// snapshot.
+    pub fn shutdown(&mut self) -> Option<VoiceSnapshot> {
+        let join = self.join.take()?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.stop.send(tx);
+        let snap = rx.recv_timeout(Duration::from_secs(5)).ok();
+        let _ = join.join();
+        snap
+    }
+}
+
+impl Drop for VoiceThread {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The local addresses peers on our LAN may reach us at: the source address used to reach
+/// `towards` (the server), or loopback when the server is local.
+pub fn local_candidates(port: u16, towards: SocketAddr) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    if towards.ip().is_loopback() {
+        out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        return out;
+    }
+    if let Ok(probe) = UdpSocket::bind("0.0.0.0:0") {
+        // connect() on UDP sends nothing; it only asks the kernel which route it would use.
+        if probe.connect(towards).is_ok() {
+            if let Ok(a) = probe.local_addr() {
+                if !a.ip().is_unspecified() {
+                    out.push(SocketAddr::new(a.ip(), port));
+                }
+            }
+        }
+    }
+    out
+}
+
+struct Worker {
+    engine: VoiceEngine,
+    socket: UdpSocket,
+    audio: AudioIo,
+    capture: crate::audio::CaptureRing,
+    playback: crate::audio::PlaybackRing,
+    commands: Receiver<VoiceCommand>,
+    events: Sender<VoiceEvent>,
+    stop: Receiver<Sender<VoiceSnapshot>>,
+    start: Instant,
+    impair: Option<Impairment>,
+}
+
+impl Worker {
+    fn publish(&self, ev: VoiceEvent) {
+        // Bounded: if ECS is not reading (window minimised, app exiting), drop rather than block.
+        if let Err(TrySendError::Full(_)) = self.events.try_send(ev) {}
+    }
+
+    fn run(&mut self) {
+        let frame = self.engine.frame().samples();
+        let mut cap = vec![0.0f32; frame];
+        let mut mix = vec![0.0f32; frame];
+        let mut buf = [0u8; 2048];
+        let mut last_snapshot = Duration::ZERO;
+        loop {
+            let now = self.start.elapsed();
+            if let Ok(reply) = self.stop.try_recv() {
+                let _ = reply.send(self.engine.snapshot(now));
+                let _ = self.audio.stop();
+                return;
+            }
+            while let Ok(cmd) = self.commands.try_recv() {
+                self.apply(now, cmd);
+            }
+            while let Ok(ev) = self.audio.events().try_recv() {
+                self.publish(VoiceEvent::Audio(ev));
+            }
+            // Receive: the 1 ms read timeout is also the loop's pacing.
+            let mut received = 0;
+            loop {
+                match self.socket.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        let now = self.start.elapsed();
+                        match &mut self.impair {
+                            Some(imp) => imp.push(now, from, &buf[..n]),
+                            None => self.engine.handle_datagram(now, from, &buf[..n]),
+                        }
+                        received += 1;
+                        if received >= 256 {
+                            break;
+                        }
+                        // After the first datagram, drain without waiting.
+                        let _ = self.socket.set_nonblocking(true);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if received > 0 {
+                let _ = self.socket.set_nonblocking(false);
+            }
+            let now = self.start.elapsed();
+            if let Some(imp) = &mut self.impair {
+                while let Some((from, bytes)) = imp.pop_due(now) {
+                    self.engine.handle_datagram(now, from, &bytes);
+                }
+            }
+            // Send side: every complete captured frame.
+            while self.capture.available() >= frame {
+                self.capture.pop_into(&mut cap);
+                let socket = &self.socket;
+                self.engine.capture_frame(now, &cap, |to, bytes| {
+                    let _ = socket.send_to(bytes, to);
+                });
+            }
+            // Playout side: keep one frame plus a margin queued for the device.
+            while self.playback.queued() < frame + PLAYBACK_MARGIN_SAMPLES
+                && self.playback.free() >= frame
+            {
+                self.engine.playout_frame(now, &mut mix);
+                self.playback.push(&mix);
+            }
+            let socket = &self.socket;
+            self.engine.poll_transmit(now, |to, bytes| {
+                let _ = socket.send_to(bytes, to);
+            });
+            if now.saturating_sub(last_snapshot) >= SNAPSHOT_INTERVAL {
+                last_snapshot = now;
+                self.publish(VoiceEvent::Snapshot(self.engine.snapshot(now)));
+            }
+        }
+    }
+
+    fn apply(&mut self, now: Duration, cmd: VoiceCommand) {
+        match cmd {
+            VoiceCommand::SetSelfId(id) => self.engine.set_self_id(id),
+            VoiceCommand::SetServer { addr, token } => {
+                self.engine.set_server(now, addr, token);
+                if let Ok(local) = self.socket.local_addr() {
+                    self.publish(VoiceEvent::LocalEndpoints(local_candidates(
+                        local.port(),
+                        addr,
+                    )));
+                }
+            }
+            VoiceCommand::UpsertPeer(p) => self.engine.upsert_peer(now, &p),
+            VoiceCommand::RemovePeer(id) => self.engine.remove_peer(id),
+            VoiceCommand::ClearPeers => self.engine.clear_peers(),
+            VoiceCommand::SetMuted(m) => self.engine.set_muted(m),
+            VoiceCommand::SetDeafened(d) => self.engine.set_deafened(d),
+            VoiceCommand::SetNoiseSuppression(on) => self.engine.set_noise_suppression(on),
+            VoiceCommand::SetPushToTalk(on) => self.engine.set_push_to_talk(on),
+            VoiceCommand::SetPttPressed(p) => self.engine.set_ptt_pressed(now, p),
+            VoiceCommand::SetVadThreshold(db) => self.engine.set_vad_threshold_abs(db),
+            VoiceCommand::SetPeerVolume(id, v) => self.engine.set_peer_volume(id, v),
+            VoiceCommand::SetPeerMuted(id, m) => self.engine.set_peer_muted(id, m),
+            VoiceCommand::SwitchInput(src) => {
+                if let Err(e) = self.audio.switch_input(src) {
+                    self.publish(VoiceEvent::SwitchFailed(e.to_string()));
+                }
+            }
+            VoiceCommand::SwitchOutput(sink) => {
+                if let Err(e) = self.audio.switch_output(sink) {
+                    self.publish(VoiceEvent::SwitchFailed(e.to_string()));
+                }
+            }
+        }
+    }
+}

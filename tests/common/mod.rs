@@ -1,0 +1,333 @@
+//! Helpers shared by the integration tests: a real server process on an ephemeral loopback
+//! port, and a raw protocol client over a real socket.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use p2p_voice::protocol::{
+    encode_frame, ClientMsg, FrameDecoder, ServerMsg, Status, APP_VERSION, PROTOCOL_VERSION,
+};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_p2p-voice")
+}
+
+/// A `p2p-voice server` child process; killed on drop.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    pub fn start_with(channels: Option<&str>) -> Self {
+        Self::start_on(channels, 0)
+    }
+
+    pub fn start_on(channels: Option<&str>, port: u16) -> Self {
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--json",
+        ]);
+        if let Some(text) = channels {
+            let path = temp_path("channels.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--channels").arg(path);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .next()
+            .expect("server printed its address")
+            .expect("read server stdout");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+        let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "p2p-voice-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+        ^ (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64)
+}
+
+/// A client speaking the protocol directly over a blocking socket with timeouts.
+pub struct RawClient {
+    pub stream: TcpStream,
+    decoder: FrameDecoder,
+    pub seen: Vec<ServerMsg>,
+}
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+impl RawClient {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self {
+            stream,
+            decoder: FrameDecoder::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, msg: &ClientMsg) {
+        self.stream.write_all(&encode_frame(msg).unwrap()).unwrap();
+    }
+
+    pub fn hello(&mut self) -> u64 {
+        self.send(&ClientMsg::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            app_version: APP_VERSION.into(),
+        });
+        match self.expect(|m| matches!(m, ServerMsg::Welcome { .. })) {
+            ServerMsg::Welcome { udp_token, .. } => udp_token,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Hello + Identify; returns the status and user id.
+    pub fn login(addr: SocketAddr, name: &str) -> (Self, Status, Option<u32>) {
+        let mut c = Self::connect(addr);
+        c.hello();
+        c.send(&ClientMsg::Identify {
+            username: name.into(),
+        });
+        match c.expect(|m| matches!(m, ServerMsg::Identified { .. })) {
+            ServerMsg::Identified {
+                status, user_id, ..
+            } => (c, status, user_id),
+            _ => unreachable!(),
+        }
+    }
+
+    pub fn join(&mut self, channel: &str, password: Option<&str>) -> Status {
+        self.send(&ClientMsg::Join {
+            channel: channel.into(),
+            password: password.map(String::from),
+        });
+        match self.expect(|m| matches!(m, ServerMsg::Joined { .. })) {
+            ServerMsg::Joined { status, .. } => status,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Reads one message, or None on timeout / closed connection.
+    pub fn recv(&mut self, timeout: Duration) -> Option<ServerMsg> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.decoder.next::<ServerMsg>() {
+                Ok(Some(m)) => {
+                    self.seen.push(m.clone());
+                    return Some(m);
+                }
+                Ok(None) => {}
+                Err(e) => panic!("bad frame from server: {e}"),
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.decoder.push(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for a message matching `pred` (others are kept in `seen`).
+    pub fn expect(&mut self, pred: impl Fn(&ServerMsg) -> bool) -> ServerMsg {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(m) = self.recv(Duration::from_millis(200)) {
+                if pred(&m) {
+                    return m;
+                }
+            }
+        }
+        panic!("expected message not received; saw {:?}", self.seen);
+    }
+
+    /// True when the server closed the connection within the timeout.
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    self.decoder.push(&buf[..n]);
+                    while let Ok(Some(m)) = self.decoder.next::<ServerMsg>() {
+                        self.seen.push(m);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
+
+/// A headless client process that talks (tone/WAV) and records what it hears.
+pub struct HeadlessClient {
+    pub child: Child,
+    pub output: PathBuf,
+    pub name: String,
+}
+
+impl HeadlessClient {
+    pub fn spawn(
+        server: SocketAddr,
+        name: &str,
+        channel: &str,
+        input: &[&str],
+        extra: &[&str],
+        secs: f64,
+    ) -> Self {
+        let output = temp_path(&format!("{name}.wav"));
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "client",
+            "--headless",
+            "--server",
+            &server.to_string(),
+            "--username",
+            name,
+            "--channel",
+            channel,
+            "--duration",
+            &secs.to_string(),
+            "--output-wav",
+        ])
+        .arg(&output)
+        .args(input)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("spawn headless client");
+        Self {
+            child,
+            output,
+            name: name.into(),
+        }
+    }
+
+    /// Waits for exit; returns the JSON lines printed and the recorded audio.
+    pub fn finish(mut self) -> (Vec<serde_json::Value>, Vec<f32>) {
+        let mut stdout = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "{} exited with {status}: {stdout}",
+            self.name
+        );
+        let lines = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let audio = p2p_voice::audio::load_wav_mono_48k(&self.output).expect("output wav");
+        (lines, audio)
+    }
+}
+
+/// The `summary` line a headless client prints at exit.
+pub fn summary(lines: &[serde_json::Value]) -> &serde_json::Value {
+    lines
+        .iter()
+        .find(|l| l["event"] == "summary")
+        .expect("summary line")
+}
+
+/// Amplitude of `hz` in `samples` (48 kHz).
+pub fn tone_level(samples: &[f32], hz: f32) -> f32 {
+    p2p_voice::audio::goertzel_amplitude(samples, hz, 48_000)
+}
+
+/// Index of the first sample where audio becomes audible (1 ms RMS above `threshold`).
+pub fn onset(samples: &[f32], threshold: f32) -> Option<usize> {
+    samples
+        .chunks(48)
+        .position(|c| (c.iter().map(|x| x * x).sum::<f32>() / c.len() as f32).sqrt() > threshold)
+        .map(|i| i * 48)
+}
+
+/// Longest run of consecutive 1 ms windows whose RMS is below `threshold`, in ms.
+pub fn longest_silence_ms(samples: &[f32], threshold: f32) -> usize {
+    let mut longest = 0;
+    let mut run = 0;
+    for c in samples.chunks(48) {
+        let rms = (c.iter().map(|x| x * x).sum::<f32>() / c.len() as f32).sqrt();
+        if rms < threshold {
+            run += 1;
+            longest = longest.max(run);
+        } else {
+            run = 0;
+        }
+    }
+    longest
+}

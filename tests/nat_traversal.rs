@@ -1,0 +1,254 @@
+//! Two clients behind two different masquerading NAT routers reach each other by hole punching,
+//! introduced by a server on a "public" network — all built from Linux network namespaces,
+//! veth pairs and nftables. Skips (with the reason printed) where namespaces cannot be made.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::*;
+
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Result<(), String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+fn nft(ns: &str, rules: &str) -> Result<(), String> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Public net 198.18.0.0/24 (a bridge in the `pub` namespace, server at .10); router A at
+/// 198.18.0.1 NATs 10.1.0.0/24 (host A 10.1.0.2); router B at 198.18.0.2 NATs 10.2.0.0/24.
+fn build(tag: &str) -> Result<Netns, String> {
+    let pub_ns = format!("pv{tag}pub");
+    let mut names = vec![pub_ns.clone()];
+    let guard_names: Vec<String> = ["ra", "rb", "ha", "hb"]
+        .iter()
+        .map(|n| format!("pv{tag}{n}"))
+        .collect();
+    names.extend(guard_names.iter().cloned());
+    let guard = Netns { names };
+    for n in &guard.names {
+        sh(&["ip", "netns", "add", n])?;
+        in_ns(n, &["ip", "link", "set", "lo", "up"])?;
+    }
+    in_ns(&pub_ns, &["ip", "link", "add", "br0", "type", "bridge"])?;
+    in_ns(
+        &pub_ns,
+        &["ip", "addr", "add", "198.18.0.10/24", "dev", "br0"],
+    )?;
+    in_ns(&pub_ns, &["ip", "link", "set", "br0", "up"])?;
+    for (side, pub_ip, lan) in [("a", "198.18.0.1", "10.1.0"), ("b", "198.18.0.2", "10.2.0")] {
+        let router = format!("pv{tag}r{side}");
+        let host = format!("pv{tag}h{side}");
+        // Router <-> public bridge.
+        let up = format!("pv{tag}u{side}");
+        sh(&[
+            "ip", "link", "add", &up, "type", "veth", "peer", "name", "wan0", "netns", &router,
+        ])?;
+        sh(&["ip", "link", "set", &up, "netns", &pub_ns])?;
+        in_ns(&pub_ns, &["ip", "link", "set", &up, "master", "br0"])?;
+        in_ns(&pub_ns, &["ip", "link", "set", &up, "up"])?;
+        in_ns(
+            &router,
+            &["ip", "addr", "add", &format!("{pub_ip}/24"), "dev", "wan0"],
+        )?;
+        in_ns(&router, &["ip", "link", "set", "wan0", "up"])?;
+        // Router <-> host LAN.
+        let down = format!("pv{tag}d{side}");
+        sh(&[
+            "ip", "link", "add", &down, "type", "veth", "peer", "name", "eth0", "netns", &host,
+        ])?;
+        sh(&["ip", "link", "set", &down, "netns", &router])?;
+        in_ns(&router, &["ip", "link", "set", &down, "name", "lan0"])?;
+        in_ns(
+            &router,
+            &["ip", "addr", "add", &format!("{lan}.1/24"), "dev", "lan0"],
+        )?;
+        in_ns(&router, &["ip", "link", "set", "lan0", "up"])?;
+        in_ns(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        in_ns(
+            &host,
+            &["ip", "addr", "add", &format!("{lan}.2/24"), "dev", "eth0"],
+        )?;
+        in_ns(&host, &["ip", "link", "set", "eth0", "up"])?;
+        in_ns(
+            &host,
+            &["ip", "route", "add", "default", "via", &format!("{lan}.1")],
+        )?;
+        // A home router: masquerade outgoing, drop unsolicited incoming (at input too, so an
+        // early punch creates no conntrack entry; see SETUP-NOTES.md).
+        nft(
+            &router,
+            r#"
+table ip nat {
+  chain post { type nat hook postrouting priority 100; oifname "wan0" masquerade; }
+}
+table inet guard {
+  chain fwd { type filter hook forward priority 0; policy accept; iifname "wan0" ct state new drop; }
+  chain inp { type filter hook input priority 0; policy accept; iifname "wan0" ct state new drop; }
+}
+"#,
+        )?;
+    }
+    Ok(guard)
+}
+
+fn client(ns: &str, name: &str, hz: &str, out: &std::path::Path) -> std::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns, bin()])
+        .args([
+            "client",
+            "--headless",
+            "--server",
+            "198.18.0.10:7700",
+            "--username",
+            name,
+            "--channel",
+            "Lobby",
+            "--input-tone",
+            hz,
+            "--always-transmit",
+            "--duration",
+            "9",
+            "--output-wav",
+        ])
+        .arg(out)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn client in namespace")
+}
+
+#[test]
+fn clients_behind_two_nats_punch_through_and_hear_each_other() {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !is_root {
+        println!("SKIPPED: the NAT test needs root to create network namespaces");
+        return;
+    }
+    if sh(&["nft", "--version"]).is_err() {
+        println!("SKIPPED: nftables (nft) is not installed");
+        return;
+    }
+    let tag = format!("{}", std::process::id() % 100_000);
+    let _net = match build(&tag) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("SKIPPED: cannot build the namespace network: {e}");
+            return;
+        }
+    };
+    let pub_ns = format!("pv{tag}pub");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &pub_ns, bin()])
+        .args(["server", "--bind", "198.18.0.10", "--port", "7700"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("server in namespace");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out_a = temp_path("nat-a.wav");
+    let out_b = temp_path("nat-b.wav");
+    let a = client(&format!("pv{tag}ha"), "alice", "440", &out_a);
+    let b = client(&format!("pv{tag}hb"), "bob", "660", &out_b);
+    let results: Vec<(Vec<serde_json::Value>, String)> = [a, b]
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(out.status.success(), "client failed: {text}");
+            (
+                text.lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect(),
+                text,
+            )
+        })
+        .collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    for ((lines, text), (me, router_ip)) in results
+        .iter()
+        .zip([("alice", "198.18.0.1"), ("bob", "198.18.0.2")])
+    {
+        let s = summary(lines);
+        // The server saw us at our router's public address.
+        assert!(
+            s["public_addr"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(router_ip),
+            "{me}: {s}"
+        );
+        let peer = &s["peers"][0];
+        assert_eq!(peer["link"]["state"], "direct", "{me}: {text}");
+        // The peer is reached at the other router's public address, not a private one.
+        assert!(
+            peer["link"]["addr"]
+                .as_str()
+                .unwrap()
+                .starts_with("198.18.0."),
+            "{peer}"
+        );
+        assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
+    }
+    let audio_a = p2p_voice::audio::load_wav_mono_48k(&out_a).unwrap();
+    let audio_b = p2p_voice::audio::load_wav_mono_48k(&out_b).unwrap();
+    let tail = |a: &[f32]| a[a.len() - 48_000 * 3..].to_vec();
+    assert!(tone_level(&tail(&audio_a), 660.0) > 0.1, "alice hears bob");
+    assert!(tone_level(&tail(&audio_b), 440.0) > 0.1, "bob hears alice");
+}

@@ -1,0 +1,98 @@
+//! Voice end to end over loopback: a real server, real headless clients, real UDP, Opus and
+//! jitter buffers; assertions on the audio that comes out.
+
+mod common;
+
+use common::*;
+
+const TONES: [(&str, f32); 3] = [("ann", 440.0), ("ben", 660.0), ("cat", 990.0)];
+
+#[test]
+fn three_clients_each_hear_the_other_two_and_not_themselves() {
+    let server = ServerProcess::start();
+    let clients: Vec<HeadlessClient> = TONES
+        .iter()
+        .map(|(name, hz)| {
+            HeadlessClient::spawn(
+                server.addr,
+                name,
+                "Lobby",
+                &["--input-tone", &hz.to_string()],
+                &[],
+                7.0,
+            )
+        })
+        .collect();
+    for (client, (name, own)) in clients.into_iter().zip(TONES) {
+        let (lines, audio) = client.finish();
+        let s = summary(&lines);
+        let peers = s["peers"].as_array().unwrap();
+        assert_eq!(peers.len(), 2, "{name}: {s}");
+        for p in peers {
+            assert_eq!(p["link"]["state"], "direct", "{name}: {p}");
+        }
+        // Judge the last 3 s, when everyone has long been connected.
+        assert!(audio.len() > 48_000 * 5, "{name}: {} samples", audio.len());
+        let tail = &audio[audio.len() - 48_000 * 3..];
+        let own_level = tone_level(tail, own);
+        for (other, hz) in TONES {
+            if other == name {
+                continue;
+            }
+            let level = tone_level(tail, hz);
+            assert!(
+                level > 0.1,
+                "{name} should hear {other} ({hz} Hz): amplitude {level}"
+            );
+            assert!(
+                level > 20.0 * own_level,
+                "{name}: {other} at {level} vs own tone at {own_level}"
+            );
+        }
+        assert!(own_level < 0.01, "{name} hears itself: {own_level}");
+    }
+}
+
+#[test]
+fn lossy_link_output_has_no_gap_longer_than_60ms() {
+    let server = ServerProcess::start();
+    let talker = HeadlessClient::spawn(
+        server.addr,
+        "talker",
+        "Lobby",
+        &["--input-tone", "500"],
+        &["--always-transmit"],
+        8.0,
+    );
+    let listener = HeadlessClient::spawn(
+        server.addr,
+        "listener",
+        "Lobby",
+        &["--input-silence"],
+        &["--impair", "loss=0.1,jitter_ms=30,duplicate=0.05,seed=42"],
+        8.0,
+    );
+    let (_, _) = talker.finish();
+    let (lines, audio) = listener.finish();
+    let s = summary(&lines);
+    let peer = &s["peers"][0];
+    let start = onset(&audio, 0.02).expect("listener heard the talker");
+    // From 0.5 s after the first sound until 0.3 s before the end, the talker talks
+    // continuously: any silence is a gap the jitter buffer failed to conceal.
+    let from = start + 24_000;
+    let to = audio.len().saturating_sub(14_400);
+    assert!(
+        to > from + 48_000 * 3,
+        "too little audio: onset {start}, len {}",
+        audio.len()
+    );
+    let gap = longest_silence_ms(&audio[from..to], 0.01);
+    assert!(gap <= 60, "longest gap {gap} ms; peer stats {peer}");
+    assert!(tone_level(&audio[from..to], 500.0) > 0.05);
+    // The simulated loss really happened and was repaired.
+    let repaired =
+        peer["frames_fec"].as_u64().unwrap() + peer["frames_concealed"].as_u64().unwrap();
+    assert!(repaired > 10, "{peer}");
+    let buffer = peer["target_ms"].as_f64().unwrap();
+    assert!((20.0..=140.0).contains(&buffer), "{peer}");
+}

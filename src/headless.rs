@@ -8,7 +8,7 @@ use bevy::app::AppExit;
 use bevy::prelude::*;
 use serde_json::json;
 
-use crate::client::{ClientIntent, ControlEvent, SessionEvent};
+use crate::client::{ClientIntent, ControlEvent, ControlLink, SessionEvent};
 use crate::protocol::Status;
 use crate::voice::{PeerState, Voice, VoiceCommand, VoiceSnapshot, VoiceThreadConfig};
 
@@ -52,21 +52,17 @@ impl Plugin for HeadlessPlugin {
     }
 }
 
-fn start_connect(
-    opts: Res<HeadlessOptions>,
-    voice: Res<Voice>,
-    mut intents: EventWriter<ClientIntent>,
-) {
+fn start_connect(opts: Res<HeadlessOptions>, voice: Res<Voice>, mut link: ResMut<ControlLink>) {
     if let Some(t) = &voice.thread {
         let us = t
             .audio_started()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        println!(
+        emit(format_args!(
             "{}",
             json!({"event": "audio_started", "unix_us": us, "voice_addr": t.local_addr().to_string()})
-        );
+        ));
         if opts.always_transmit {
             t.send(VoiceCommand::SetPushToTalk(true));
             t.send(VoiceCommand::SetPttPressed(true));
@@ -78,10 +74,17 @@ fn start_connect(
     if let Some(e) = &voice.error {
         eprintln!("p2p-voice: {e}");
     }
-    intents.write(ClientIntent::Connect {
-        server: opts.server.clone(),
-        username: opts.username.clone(),
-    });
+    let now = link.now();
+    link.session.connect(now, &opts.server, &opts.username);
+}
+
+/// Prints one JSON line; a closed stdout (the reader went away) is not worth a panic.
+fn emit(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(args);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
 }
 
 /// The JSON form of a control event, one line per event.
@@ -132,7 +135,7 @@ fn report_events(
     mut intents: EventWriter<ClientIntent>,
 ) {
     for ControlEvent(event) in events.read() {
-        println!("{}", event_json(event));
+        emit(format_args!("{}", event_json(event)));
         match event {
             SessionEvent::Identified { .. } => {
                 if let Some(channel) = &opts.channel {
@@ -236,7 +239,7 @@ fn stop_when_done(
         if since.elapsed() >= Duration::from_millis(50) {
             if let Some(mut t) = voice.thread.take() {
                 if let Some(snap) = t.shutdown() {
-                    println!("{}", summary_json(&snap));
+                    emit(format_args!("{}", summary_json(&snap)));
                 }
             }
             exit.write(if code == 0 {

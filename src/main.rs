@@ -231,7 +231,8 @@ fn run() -> anyhow::Result<ExitCode> {
                     }
                 } else if let Some(hz) = a.input_tone {
                     InputSource::Tone { hz, amplitude: 0.3 }
-                } else if a.input_silence {
+                } else if a.input_silence || a.input_device.is_none() {
+                    // Headless means no microphone unless one is named explicitly.
                     InputSource::Silence
                 } else {
                     InputSource::Device(a.input_device.clone())

@@ -91,35 +91,7 @@ fn apply_intents(mut link: ResMut<ControlLink>, mut intents: EventReader<ClientI
     }
 }
 
-fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<ControlEvent>) {
-    let link = &mut *link;
-    let now = link.start.elapsed();
-    link.session.tick(now);
-    // Actions may be produced by the messages handled below; loop a couple of times so a
-    // reply goes out in the same frame.
-    for _ in 0..3 {
-        while let Some(action) = link.session.poll_action() {
-            match action {
-                Action::OpenTransport { server } => link.transport.open(&server),
-                Action::Send(msg) => link.transport.send(&msg),
-                Action::CloseTransport => link.transport.close(),
-            }
-        }
-        let progress = link.transport.poll();
-        if progress.connected {
-            link.session.transport_connected(now);
-        }
-        let had_messages = !progress.messages.is_empty();
-        for msg in progress.messages {
-            link.session.handle(now, msg);
-        }
-        if let Some(reason) = progress.lost {
-            link.session.transport_lost(now, &reason);
-        }
-        if !had_messages && !progress.connected {
-            break;
-        }
-    }
+fn apply_actions(link: &mut ControlLink) {
     while let Some(action) = link.session.poll_action() {
         match action {
             Action::OpenTransport { server } => link.transport.open(&server),
@@ -127,7 +99,33 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
             Action::CloseTransport => link.transport.close(),
         }
     }
-    let _ = link.transport.poll();
+}
+
+fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<ControlEvent>) {
+    let link = &mut *link;
+    let now = link.start.elapsed();
+    link.session.tick(now);
+    // A reply produced by a message is written by the next poll; loop a few times so that a
+    // handshake step does not wait for the next frame. Every poll's progress is handled.
+    for _ in 0..4 {
+        apply_actions(link);
+        let progress = link.transport.poll();
+        let busy = progress.connected || !progress.messages.is_empty();
+        if progress.connected {
+            link.session.transport_connected(now);
+        }
+        for msg in progress.messages {
+            link.session.handle(now, msg);
+        }
+        if let Some(reason) = progress.lost {
+            link.session.transport_lost(now, &reason);
+        }
+        if !busy {
+            break;
+        }
+    }
+    // Queue whatever the last messages asked for; it is written on the next poll.
+    apply_actions(link);
     while let Some(event) = link.session.poll_event() {
         events.write(ControlEvent(event));
     }

@@ -303,9 +303,14 @@ pub fn summary(lines: &[serde_json::Value]) -> &serde_json::Value {
         .expect("summary line")
 }
 
-/// Amplitude of `hz` in `samples` (48 kHz).
+/// Amplitude of `hz` in `samples` (48 kHz), averaged over 100 ms blocks so that phase jumps
+/// from jitter-buffer adjustments do not cancel it out.
 pub fn tone_level(samples: &[f32], hz: f32) -> f32 {
-    p2p_voice::audio::goertzel_amplitude(samples, hz, 48_000)
+    let blocks: Vec<f32> = samples
+        .chunks(4800)
+        .map(|b| p2p_voice::audio::goertzel_amplitude(b, hz, 48_000))
+        .collect();
+    blocks.iter().sum::<f32>() / blocks.len().max(1) as f32
 }
 
 /// Index of the first sample where audio becomes audible (1 ms RMS above `threshold`).

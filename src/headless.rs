@@ -35,6 +35,7 @@ pub struct HeadlessOptions {
 struct RunClock {
     start: Instant,
     stopping: Option<(Instant, u8)>,
+    goodbye_sent: bool,
 }
 
 /// See the module docs.
@@ -46,6 +47,7 @@ impl Plugin for HeadlessPlugin {
             .insert_resource(RunClock {
                 start: Instant::now(),
                 stopping: None,
+                goodbye_sent: false,
             })
             .add_systems(PostStartup, start_connect)
             .add_systems(Update, (report_events, stop_when_done).chain());
@@ -229,19 +231,24 @@ fn stop_when_done(
     if clock.stopping.is_none() {
         if let Some(d) = opts.duration {
             if clock.start.elapsed() >= d {
-                intents.write(ClientIntent::Disconnect);
                 clock.stopping = Some((Instant::now(), 0));
             }
         }
     }
-    // Give the goodbye a few frames to reach the socket.
     if let Some((since, code)) = clock.stopping {
-        if since.elapsed() >= Duration::from_millis(50) {
+        // Stop voice first, while the peers are still known, so the summary describes the
+        // call (this also finalizes the output WAV); then say goodbye to the server.
+        if !clock.goodbye_sent {
+            clock.goodbye_sent = true;
             if let Some(mut t) = voice.thread.take() {
                 if let Some(snap) = t.shutdown() {
                     emit(format_args!("{}", summary_json(&snap)));
                 }
             }
+            intents.write(ClientIntent::Disconnect);
+        }
+        // Give the goodbye a few frames to reach the socket.
+        if since.elapsed() >= Duration::from_millis(50) {
             exit.write(if code == 0 {
                 AppExit::Success
             } else {

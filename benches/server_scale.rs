@@ -118,11 +118,29 @@ impl Params {
     }
 }
 
-/// What the server wrote on stderr (its log), kept for the report.
+/// Warnings and errors the server logged on stderr, kept for the report.
 #[derive(Debug, Default)]
 struct ServerLog {
     lines: u64,
     first: Vec<String>,
+}
+
+/// Removes ANSI colour sequences (ESC [ ... letter) from a log line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 /// The server child process. Killed (and its channels file removed) on drop, also on panic.
@@ -163,6 +181,10 @@ impl ServerGuard {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                let line = strip_ansi(&line);
+                if !(line.contains(" WARN ") || line.contains(" ERROR ")) {
+                    continue;
+                }
                 let mut log = sink.lock().expect("server log lock");
                 log.lines += 1;
                 if log.first.len() < 5 {
@@ -269,6 +291,33 @@ fn process_cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / ticks as f64)
 }
 
+/// Time all threads of a process spent waiting on a run queue (runnable but not running), in
+/// seconds, from /proc/<pid>/task/*/schedstat. A high share means the process was starved of CPU
+/// by others rather than limited by its own work.
+fn process_runqueue_wait_secs(pid: u32) -> Option<f64> {
+    let mut total_ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total_ns += text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|w| w.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total_ns as f64 / 1e9)
+}
+
+/// The 1-minute load average, to show how busy the (shared) machine was.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// CPU time (user + system) this harness process has used, in seconds.
 fn own_cpu_secs() -> f64 {
     // SAFETY: getrusage only writes the struct we pass.
@@ -302,7 +351,7 @@ struct Client {
     observer_of: Option<usize>,
     /// Destination of a churn `Join` whose `Joined` has not arrived yet.
     churn_dest: Option<usize>,
-    saw_overview: bool,
+    overview: OverviewSeen,
     out: Vec<u8>,
     out_start: usize,
     hdr: [u8; 4],
@@ -310,6 +359,23 @@ struct Client {
     body_left: usize,
     decoding: bool,
     frame: Vec<u8>,
+}
+
+/// Whether the `Overview` that follows `Identified` arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OverviewSeen {
+    No,
+    Decoded,
+    /// Arrived, but the protocol's own decoder refuses it (a real client would disconnect).
+    Undecodable,
+}
+
+/// First body byte of an encoded `ServerMsg::Overview` (bincode's variant index).
+fn overview_tag() -> u8 {
+    static TAG: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *TAG.get_or_init(|| {
+        encode_frame(&ServerMsg::Overview { channels: vec![] }).expect("encodes")[4]
+    })
 }
 
 impl Client {
@@ -360,7 +426,20 @@ fn split_frames(
                 match decoder.next::<ServerMsg>() {
                     Ok(Some(msg)) => out.push(msg),
                     Ok(None) => return Err("complete frame did not decode".into()),
-                    Err(e) => return Err(format!("bad frame from server: {e}")),
+                    Err(e) => {
+                        // What a real client's FrameDecoder would do with this frame: it would
+                        // drop the connection. Count it, note which message it was, go on.
+                        *decoder = FrameDecoder::new();
+                        counters.decode_errors += 1;
+                        let tag = c.frame.get(4).copied();
+                        if tag == Some(overview_tag()) {
+                            c.overview = OverviewSeen::Undecodable;
+                        }
+                        counters.problem(format!(
+                            "frame of {} bytes (variant tag {tag:?}) does not decode: {e}",
+                            c.frame.len() - 4
+                        ));
+                    }
                 }
                 counters.frames_decoded += 1;
             } else {
@@ -380,6 +459,8 @@ struct Counters {
     in_flight: usize,
     dead: usize,
     overview_missing: usize,
+    overview_undecodable: usize,
+    decode_errors: u64,
     join_refused: u64,
     server_errors: u64,
     /// First few reasons why the server closed or refused something.
@@ -465,7 +546,7 @@ impl Harness {
                 channel,
                 observer_of: (i < self.params.channels).then_some(channel),
                 churn_dest: None,
-                saw_overview: false,
+                overview: OverviewSeen::No,
                 out: Vec::new(),
                 out_start: 0,
                 hdr: [0; 4],
@@ -680,14 +761,16 @@ impl Harness {
                     },
                 );
             }
-            ServerMsg::Overview { .. } => self.clients[i].saw_overview = true,
+            ServerMsg::Overview { .. } => self.clients[i].overview = OverviewSeen::Decoded,
             ServerMsg::Joined { status, channel } => match phase {
                 Phase::AwaitJoined => {
                     assert_eq!(status, Status::Ok, "client #{i} could not join {channel}");
                     let c = &mut self.clients[i];
                     c.phase = Phase::Ready;
-                    if !c.saw_overview {
-                        self.counters.overview_missing += 1;
+                    match c.overview {
+                        OverviewSeen::No => self.counters.overview_missing += 1,
+                        OverviewSeen::Undecodable => self.counters.overview_undecodable += 1,
+                        OverviewSeen::Decoded => {}
                     }
                     if c.observer_of.is_none() {
                         c.frame = Vec::new();
@@ -802,11 +885,16 @@ struct Report {
     max_ms: f64,
     server_cpu_pct: f64,
     harness_cpu_pct: f64,
+    server_wait_pct: f64,
+    harness_wait_pct: f64,
+    load: (f64, f64),
     server_setup_cpu_pct: f64,
     setup_secs: f64,
     churn_secs: f64,
     dead_clients: usize,
     overview_missing: usize,
+    overview_undecodable: usize,
+    decode_errors: u64,
     server_fd_soft_limit: Option<u64>,
     harness_fd_limit: (u64, u64),
     bytes_in: u64,
@@ -889,6 +977,9 @@ fn run(params: Params) -> Report {
     // Churn at a fixed rate for a fixed time.
     let cpu0 = process_cpu_secs(pid).unwrap_or(0.0);
     let own0 = own_cpu_secs();
+    let wait0 = process_runqueue_wait_secs(pid).unwrap_or(0.0);
+    let own_wait0 = process_runqueue_wait_secs(std::process::id()).unwrap_or(0.0);
+    let load_before = load_average();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(params.churn_secs);
     let period = Duration::from_secs_f64(1.0 / params.churn_rate);
@@ -916,6 +1007,13 @@ fn run(params: Params) -> Report {
     let server_cpu_pct =
         (process_cpu_secs(pid).unwrap_or(0.0) - cpu0) / churn.as_secs_f64() * 100.0;
     let harness_cpu_pct = (own_cpu_secs() - own0) / churn.as_secs_f64() * 100.0;
+    let server_wait_pct =
+        (process_runqueue_wait_secs(pid).unwrap_or(0.0) - wait0) / churn.as_secs_f64() * 100.0;
+    let harness_wait_pct = (process_runqueue_wait_secs(std::process::id()).unwrap_or(0.0)
+        - own_wait0)
+        / churn.as_secs_f64()
+        * 100.0;
+    let load = (load_before, load_average());
 
     // Wait for the last joins to be observed.
     let drain_end = Instant::now() + params.drain;
@@ -946,11 +1044,16 @@ fn run(params: Params) -> Report {
         max_ms: sorted.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
         server_cpu_pct,
         harness_cpu_pct,
+        server_wait_pct,
+        harness_wait_pct,
+        load,
         server_setup_cpu_pct,
         setup_secs: setup.as_secs_f64(),
         churn_secs: churn.as_secs_f64(),
         dead_clients: h.counters.dead,
         overview_missing: h.counters.overview_missing,
+        overview_undecodable: h.counters.overview_undecodable,
+        decode_errors: h.counters.decode_errors,
         server_fd_soft_limit,
         harness_fd_limit,
         bytes_in: h.counters.bytes_in,
@@ -973,7 +1076,7 @@ fn print_report(r: &Report) {
         "metadata server scale ({} clients, {} channels)",
         r.clients, r.channels
     );
-    let rows: [(&str, String); 15] = [
+    let rows: [(&str, String); 18] = [
         ("clients (N)", r.clients.to_string()),
         ("setup time for N clients", format!("{:.2} s", r.setup_secs)),
         (
@@ -1006,8 +1109,26 @@ fn print_report(r: &Report) {
             "harness CPU during churn",
             format!("{:.0} % of one core", r.harness_cpu_pct),
         ),
+        (
+            "run-queue wait server / harness",
+            format!(
+                "{:.0} % / {:.0} % (runnable but not running)",
+                r.server_wait_pct, r.harness_wait_pct
+            ),
+        ),
+        (
+            "load average before / after churn",
+            format!("{:.2} / {:.2}", r.load.0, r.load.1),
+        ),
         ("clients dropped", r.dead_clients.to_string()),
-        ("joins without Overview", r.overview_missing.to_string()),
+        (
+            "Overview not sent / undecodable",
+            format!(
+                "{} / {} clients",
+                r.overview_missing, r.overview_undecodable
+            ),
+        ),
+        ("frames failing to decode", r.decode_errors.to_string()),
         (
             "fd soft limit server / harness",
             format!(
@@ -1032,7 +1153,7 @@ fn print_report(r: &Report) {
         println!("  {k:<32} {v}");
     }
     if r.server_log_lines > 0 {
-        println!("  server log: {} lines, first:", r.server_log_lines);
+        println!("  server warnings: {} lines, first:", r.server_log_lines);
         for l in &r.server_log_first {
             println!("    {l}");
         }
@@ -1059,10 +1180,16 @@ fn print_report(r: &Report) {
         "server_cpu_pct": r.server_cpu_pct,
         "server_setup_cpu_pct": r.server_setup_cpu_pct,
         "harness_cpu_pct": r.harness_cpu_pct,
+        "server_runqueue_wait_pct": r.server_wait_pct,
+        "harness_runqueue_wait_pct": r.harness_wait_pct,
+        "loadavg_before": r.load.0,
+        "loadavg_after": r.load.1,
         "dead_clients": r.dead_clients,
         "overview_missing": r.overview_missing,
+        "overview_undecodable": r.overview_undecodable,
+        "decode_errors": r.decode_errors,
         "server_fd_soft_limit": r.server_fd_soft_limit,
-        "server_log_lines": r.server_log_lines,
+        "server_warn_lines": r.server_log_lines,
     });
     println!("{json}");
 }
@@ -1078,6 +1205,11 @@ fn main() {
         assert_eq!(
             report.dead_clients, 0,
             "clients were dropped: {:?}",
+            report.problems
+        );
+        assert_eq!(
+            report.decode_errors, 0,
+            "undecodable frames: {:?}",
             report.problems
         );
         assert_eq!(

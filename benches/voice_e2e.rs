@@ -317,7 +317,9 @@ fn finish(p: &mut Proc, duration_s: f64) {
 #[derive(Debug, Clone, Copy)]
 struct Bursts {
     first_s: f64,
-    period_ms: u32,
+    /// Not a multiple of the frame length, so onsets fall at every position within a frame
+    /// (an onset at a frame start waits a whole frame before it can be encoded).
+    period_ms: f64,
     burst_ms: u32,
     count: usize,
     hz: f32,
@@ -327,9 +329,7 @@ struct Bursts {
 impl Bursts {
     fn starts(&self) -> Vec<usize> {
         (0..self.count)
-            .map(|i| {
-                ((self.first_s + f64::from(self.period_ms) * i as f64 / 1000.0) * RATE_F) as usize
-            })
+            .map(|i| ((self.first_s + self.period_ms * i as f64 / 1000.0) * RATE_F) as usize)
             .collect()
     }
 
@@ -348,7 +348,7 @@ impl Bursts {
 
     /// Seconds of input, plus time for the last burst to come out.
     fn span_s(&self) -> f64 {
-        self.first_s + f64::from(self.period_ms) * self.count as f64 / 1000.0
+        self.first_s + self.period_ms * self.count as f64 / 1000.0
     }
 }
 
@@ -487,6 +487,8 @@ struct LatencyCase {
 
 struct LatencyResult {
     latencies_ms: Vec<f64>,
+    /// Where in its capture frame each found burst began, ms (same order as `latencies_ms`).
+    phases_ms: Vec<f64>,
     sent: usize,
     a_summary: Value,
     b_summary: Value,
@@ -498,6 +500,7 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
     let in_path = scratch.path(&format!("{}-in.wav", case.label));
     let out_path = scratch.path(&format!("{}-out.wav", case.label));
     write_wav(&in_path, &input);
+    // B starts first and stops first, so its summary still lists A as a peer.
     let duration = case.bursts.span_s() + 0.6;
     let frame = case.frame_ms.to_string();
 
@@ -513,7 +516,7 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
             channel: "Lobby",
             args: b_args,
             output_wav: Some(out_path.clone()),
-            duration_s: duration + 0.5,
+            duration_s: duration,
         },
     );
     let mut a_args = vec![
@@ -533,11 +536,11 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
             channel: "Lobby",
             args: a_args,
             output_wav: None,
-            duration_s: duration,
+            duration_s: duration + 1.0,
         },
     );
-    finish(&mut a, duration);
-    finish(&mut b, duration + 0.5);
+    finish(&mut b, duration);
+    finish(&mut a, duration + 1.0);
 
     let a_start = audio_started_us(&a.lines()).expect("mouth printed audio_started") as f64;
     let b_start = audio_started_us(&b.lines()).expect("ear printed audio_started") as f64;
@@ -550,6 +553,8 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
         .map(|&s| offset + s as f64 / RATE_F)
         .collect();
     let mut latencies_ms = Vec::new();
+    let mut phases_ms = Vec::new();
+    let frame_s = f64::from(case.frame_ms) / 1000.0;
     for &t in &sent {
         // A small negative allowance so a clock misalignment shows up instead of hiding.
         if let Some(&u) = arrived
@@ -557,10 +562,12 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
             .find(|&&u| u >= t - 0.02 && u <= t + case.window_ms / 1000.0)
         {
             latencies_ms.push((u - t) * 1000.0);
+            phases_ms.push((t % frame_s) * 1000.0);
         }
     }
     LatencyResult {
         latencies_ms,
+        phases_ms,
         sent: sent.len(),
         a_summary: summary(&a),
         b_summary: summary(&b),
@@ -583,6 +590,7 @@ fn report_latency(case: &LatencyCase, r: &LatencyResult, table: &mut String) -> 
         "median": s.map(|s| s.median), "p95": s.map(|s| s.p95),
         "min": s.map(|s| s.min), "max": s.map(|s| s.max), "goal_ms": case.goal_ms,
         "all_ms": r.latencies_ms.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        "onset_phase_in_frame_ms": r.phases_ms.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
         "ear_target_ms": bp["target_ms"], "ear_buffer_ms": bp["buffer_ms"],
         "ear_jitter_ms": bp["jitter_ms"], "ear_late": bp["late"],
     }));
@@ -1001,7 +1009,7 @@ fn smoke() {
         impair: None,
         bursts: Bursts {
             first_s: 1.0,
-            period_ms: 500,
+            period_ms: 503.1,
             burst_ms: 20,
             count: 4,
             hz: 1_000.0,
@@ -1032,7 +1040,7 @@ fn full() {
     let scratch = Scratch::new();
     let clicks = Bursts {
         first_s: 2.0,
-        period_ms: 500,
+        period_ms: 503.1,
         burst_ms: 20,
         count: 24,
         hz: 1_000.0,
@@ -1065,9 +1073,27 @@ fn full() {
             // 200 ms talkspurts with 1 s pauses: each starts after the jitter buffer went idle.
             bursts: Bursts {
                 first_s: 2.0,
-                period_ms: 1_200,
+                period_ms: 1_203.1,
                 burst_ms: 200,
                 count: 10,
+                hz: 1_000.0,
+                amplitude: 0.5,
+            },
+            window_ms: 600.0,
+            goal_ms: None,
+        },
+        LatencyCase {
+            label: "20ms frames, VAD, 3 s pauses",
+            frame_ms: 20,
+            always_transmit: false,
+            impair: None,
+            // Pauses longer than the jitter buffer's 2 s transit window: every talkspurt starts
+            // without a recent fastest-path estimate.
+            bursts: Bursts {
+                first_s: 2.0,
+                period_ms: 3_003.1,
+                burst_ms: 200,
+                count: 6,
                 hz: 1_000.0,
                 amplitude: 0.5,
             },

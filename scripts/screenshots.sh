@@ -8,7 +8,7 @@ OUT=assets/screenshots
 mkdir -p "$OUT"
 echo "[screenshots] building (dev profile, same as the tests)"
 cargo build --locked --bin p2p-voice
-BIN=target/debug/p2p-voice
+BIN=${CARGO_TARGET_DIR:-target}/debug/p2p-voice
 PORT=${PORT:-7811}
 DISPLAY_NUM=${DISPLAY_NUM:-:97}
 CFG=$(mktemp -d)

@@ -186,6 +186,8 @@ pub fn summary_json(snap: &VoiceSnapshot) -> serde_json::Value {
         "frames_sent": snap.frames_sent,
         "bytes_sent": snap.bytes_sent,
         "public_addr": snap.public_addr.map(|a| a.to_string()),
+        "fingerprint": snap.fingerprint,
+        "undecryptable_datagrams": snap.undecryptable,
         "dropped_datagrams": {
             "garbage": snap.drops.garbage,
             "unknown_sender": snap.drops.unknown_sender,
@@ -217,6 +219,8 @@ pub fn summary_json(snap: &VoiceSnapshot) -> serde_json::Value {
             "frames_concealed": p.frames_concealed,
             "late": p.late,
             "duplicates": p.duplicates,
+            "fingerprint": p.fingerprint,
+            "auth_failures": p.auth_failures,
         })).collect::<Vec<_>>(),
     })
 }

@@ -27,7 +27,7 @@ enum Mode {
     /// Desktop app with its own metadata server inside (the default).
     Host(HostArgs),
     /// Desktop app (or, with --headless, a windowless client) joining someone else's server.
-    Client(ClientArgs),
+    Client(Box<ClientArgs>),
     /// Dedicated metadata server: headless, no window, no audio.
     Server(ServerArgs),
     /// Print an argon2 hash of a channel password for the channels file.
@@ -201,7 +201,7 @@ fn run() -> anyhow::Result<ExitCode> {
     match mode {
         Mode::Server(a) => {
             let cfg = server_config(a.bind, a.port, a.channels.as_ref(), a.json)?;
-            Ok(app::run_server(cfg)?)
+            app::run_server(cfg)
         }
         Mode::Host(a) => {
             let cfg = server_config(a.bind, a.port, a.channels.as_ref(), false)?;
@@ -211,7 +211,7 @@ fn run() -> anyhow::Result<ExitCode> {
                      running the metadata server only on port {}.",
                     a.port
                 );
-                return Ok(app::run_server(cfg)?);
+                return app::run_server(cfg);
             }
             Ok(app::run_desktop(
                 Some(cfg),

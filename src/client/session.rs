@@ -112,6 +112,7 @@ pub struct ControlSession {
     channels: Vec<ChannelInfo>,
     peers: HashMap<UserId, PeerInfo>,
     local_endpoints: Vec<std::net::SocketAddr>,
+    voice_key: Option<[u8; 32]>,
     attempts: u32,
     ever_identified: bool,
     phase_since: Duration,
@@ -139,6 +140,7 @@ impl ControlSession {
             channels: Vec::new(),
             peers: HashMap::new(),
             local_endpoints: Vec::new(),
+            voice_key: None,
             attempts: 0,
             ever_identified: false,
             phase_since: Duration::ZERO,
@@ -251,11 +253,18 @@ impl ControlSession {
         self.set_phase(now, Phase::Idle);
     }
 
-    /// Our local UDP addresses, announced to the server (now and after every reconnect).
-    pub fn set_local_endpoints(&mut self, now: Duration, local: Vec<std::net::SocketAddr>) {
+    /// Our local UDP addresses and voice public key, announced to the server (now and after
+    /// every reconnect).
+    pub fn set_local_endpoints(
+        &mut self,
+        now: Duration,
+        local: Vec<std::net::SocketAddr>,
+        voice_key: Option<[u8; 32]>,
+    ) {
         self.local_endpoints = local.clone();
+        self.voice_key = voice_key;
         if self.phase == Phase::Ready {
-            self.send(now, ClientMsg::AnnounceEndpoints { local });
+            self.send(now, ClientMsg::AnnounceEndpoints { local, voice_key });
         }
     }
 
@@ -410,9 +419,10 @@ impl ControlSession {
                             user_id: id,
                             username,
                         });
-                        if !self.local_endpoints.is_empty() {
+                        if !self.local_endpoints.is_empty() || self.voice_key.is_some() {
                             let local = self.local_endpoints.clone();
-                            self.send(now, ClientMsg::AnnounceEndpoints { local });
+                            let voice_key = self.voice_key;
+                            self.send(now, ClientMsg::AnnounceEndpoints { local, voice_key });
                         }
                         if let Some((ch, pw)) = self.wanted_channel.clone() {
                             self.send(

@@ -84,6 +84,8 @@ impl FrameDecoder {
 
     /// Returns the next complete message, `Ok(None)` if more bytes are needed, or an error that
     /// must end the connection (after which the decoder keeps returning it).
+    // Not an Iterator: the message type is chosen per call and errors are terminal.
+    #[allow(clippy::should_implement_trait)]
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FramingError> {
         if self.poisoned {
             return Err(FramingError::Malformed("stream already failed".into()));
@@ -255,8 +257,11 @@ mod tests {
             }),
             Just(ClientMsg::Leave),
             Just(ClientMsg::Heartbeat),
-            proptest::collection::vec(arb_addr(), 0..5)
-                .prop_map(|local| ClientMsg::AnnounceEndpoints { local }),
+            (
+                proptest::collection::vec(arb_addr(), 0..5),
+                proptest::option::of(any::<[u8; 32]>())
+            )
+                .prop_map(|(local, voice_key)| ClientMsg::AnnounceEndpoints { local, voice_key }),
             Just(ClientMsg::Disconnect),
         ]
     }
@@ -310,15 +315,17 @@ mod tests {
                 any::<u32>(),
                 ".{0,20}",
                 proptest::collection::vec(arb_addr(), 0..3),
-                proptest::option::of(arb_addr())
+                proptest::option::of(arb_addr()),
+                proptest::option::of(any::<[u8; 32]>())
             )
-                .prop_map(|(user_id, username, local, public)| {
+                .prop_map(|(user_id, username, local, public, voice_key)| {
                     ServerMsg::PeerEndpoints {
                         peer: PeerInfo {
                             user_id,
                             username,
                             local,
                             public,
+                            voice_key,
                         },
                     }
                 }),
@@ -362,12 +369,7 @@ mod tests {
                 let take = chunk.len().min(dec.wanted());
                 dec.push(&chunk[..take]);
                 prop_assert!(dec.buffered() <= HEADER_LEN + MAX_FRAME_LEN);
-                loop {
-                    match dec.next::<ClientMsg>() {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = dec.next::<ClientMsg>() {}
                 let _ = dec.next::<ServerMsg>();
             }
         }

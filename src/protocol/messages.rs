@@ -31,8 +31,13 @@ pub enum ClientMsg {
     Leave,
     /// Keeps the session alive; the server drops sessions silent for longer than its timeout.
     Heartbeat,
-    /// The client's own local UDP addresses (LAN candidates for hole punching).
-    AnnounceEndpoints { local: Vec<SocketAddr> },
+    /// The client's own local UDP addresses (LAN candidates for hole punching) and its voice
+    /// public key (X25519, new every session): peers derive end-to-end voice keys from it, so
+    /// the server relays the key but cannot decrypt voice.
+    AnnounceEndpoints {
+        local: Vec<SocketAddr>,
+        voice_key: Option<[u8; 32]>,
+    },
     /// Orderly goodbye; the server closes the connection.
     Disconnect,
 }
@@ -61,6 +66,8 @@ pub struct PeerInfo {
     pub username: String,
     pub local: Vec<SocketAddr>,
     pub public: Option<SocketAddr>,
+    /// The member's voice public key, once announced.
+    pub voice_key: Option<[u8; 32]>,
 }
 
 impl PeerInfo {
@@ -131,6 +138,7 @@ mod tests {
             username: "a".into(),
             local: vec![a],
             public: Some(b),
+            voice_key: None,
         };
         assert_eq!(p.candidates(), vec![a, b]);
         let same = PeerInfo {

@@ -84,6 +84,7 @@ struct Session {
     channel: Option<usize>,
     local_endpoints: Vec<SocketAddr>,
     public_endpoint: Option<SocketAddr>,
+    voice_key: Option<[u8; 32]>,
     pending_join: Option<PendingJoin>,
     wrong_passwords: VecDeque<Duration>,
 }
@@ -169,6 +170,7 @@ impl ServerState {
                 channel: None,
                 local_endpoints: Vec::new(),
                 public_endpoint: None,
+                voice_key: None,
                 pending_join: None,
                 wrong_passwords: VecDeque::new(),
             },
@@ -296,11 +298,18 @@ impl ServerState {
                     ));
                 }
             }
-            (_, ClientMsg::AnnounceEndpoints { mut local }) => {
+            (
+                _,
+                ClientMsg::AnnounceEndpoints {
+                    mut local,
+                    voice_key,
+                },
+            ) => {
                 local.truncate(self.rules.max_local_endpoints);
                 local.dedup();
-                if session.local_endpoints != local {
+                if session.local_endpoints != local || session.voice_key != voice_key {
                     session.local_endpoints = local;
+                    session.voice_key = voice_key;
                     self.endpoints_changed(id, out);
                 }
             }
@@ -485,6 +494,7 @@ impl ServerState {
             username: member.username,
             local: s.local_endpoints.clone(),
             public: s.public_endpoint,
+            voice_key: s.voice_key,
         })
     }
 
@@ -1079,7 +1089,13 @@ mod tests {
         let many: Vec<SocketAddr> = (0..20)
             .map(|i| format!("10.0.0.{i}:5000").parse().unwrap())
             .collect();
-        let out = w.send(2, ClientMsg::AnnounceEndpoints { local: many });
+        let out = w.send(
+            2,
+            ClientMsg::AnnounceEndpoints {
+                local: many,
+                voice_key: Some([7; 32]),
+            },
+        );
         let peer = out
             .iter()
             .find_map(|o| match o {
@@ -1088,6 +1104,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(peer.local.len(), 8);
+        assert_eq!(peer.voice_key, Some([7; 32]));
     }
 
     #[test]

@@ -216,13 +216,13 @@ fn track_control_events(
                 }
                 state.password = None;
             }
-            SessionEvent::Error { status, message } => {
+            SessionEvent::Error { status, message }
                 if !matches!(
                     status,
                     Some(Status::NameTaken | Status::InvalidName | Status::WrongPassword)
-                ) {
-                    push_error(&mut state, capitalize(message));
-                }
+                ) =>
+            {
+                push_error(&mut state, capitalize(message));
             }
             _ => {}
         }

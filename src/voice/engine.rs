@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use super::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::codec::{is_dtx_payload, CodecError, FrameDuration, OpusEncoder};
+use super::crypto::{fingerprint, PeerCipher, SessionKeys, TAG_LEN};
 use super::jitter::JitterConfig;
 use super::levels::rms_dbfs;
 use super::link::{LinkConfig, LinkState};
 use super::mixer::{MixInput, Mixer};
 use super::peers::{DropCounters, Incoming, PeerTable};
 use super::receiver::{PeerReceiver, PlayoutKind};
-use crate::protocol::datagram::{voice_header, Datagram, MAX_VOICE_PAYLOAD, VOICE_HEADER_LEN};
+use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, VOICE_HEADER_LEN};
 use crate::protocol::{PeerInfo, UserId};
 
 /// How often the UDP registration with the server is repeated once acknowledged (keeps our
@@ -88,6 +89,10 @@ pub struct PeerSnapshot {
     pub duplicates: u64,
     pub speaking: bool,
     pub level_db: f32,
+    /// Short fingerprint of the peer's voice key, to compare by other means.
+    pub fingerprint: Option<String>,
+    /// Voice datagrams from this peer that failed authentication.
+    pub auth_failures: u64,
 }
 
 /// Everything the rest of the app wants to know about the voice plane, taken periodically.
@@ -107,6 +112,11 @@ pub struct VoiceSnapshot {
     pub peers: Vec<PeerSnapshot>,
     /// Recent level of the channel mix, dBFS.
     pub mix_level_db: f32,
+    /// Fingerprint of our own voice key.
+    pub fingerprint: String,
+    /// Voice datagrams dropped because no key was known for their sender or they did not
+    /// authenticate.
+    pub undecryptable: u64,
 }
 
 /// Per-peer receive side: jitter buffer + decoder, a small PCM queue to bridge the peer's frame
@@ -225,6 +235,12 @@ pub struct VoiceEngine {
     foreign_drops: u64,
     vad_above_floor_db: f32,
     targets: Vec<(u32, SocketAddr)>,
+    /// Our X25519 key pair for this run; peers derive per-direction voice keys from it.
+    keys: SessionKeys,
+    ciphers: BTreeMap<UserId, PeerCipher>,
+    sealed: Vec<u8>,
+    opened: Vec<u8>,
+    undecryptable: u64,
 }
 
 impl VoiceEngine {
@@ -258,11 +274,27 @@ impl VoiceEngine {
             foreign_drops: 0,
             vad_above_floor_db: vad_above,
             targets: Vec::with_capacity(32),
+            keys: SessionKeys::generate(),
+            ciphers: BTreeMap::new(),
+            sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            opened: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            undecryptable: 0,
         })
     }
 
     pub fn frame(&self) -> FrameDuration {
         self.cfg.frame
+    }
+
+    /// Our voice public key, announced to peers through the server.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.keys.public_key()
+    }
+
+    /// Replaces the key pair (tests use fixed keys). Drops every derived peer key.
+    pub fn set_keys(&mut self, keys: SessionKeys) {
+        self.keys = keys;
+        self.ciphers.clear();
     }
 
     /// Our user id on the server (after identification). A new id (after a reconnect) starts a
@@ -287,8 +319,27 @@ impl VoiceEngine {
     }
 
     pub fn upsert_peer(&mut self, now: Duration, peer: &PeerInfo) {
-        if let Some(table) = &mut self.table {
-            table.upsert_peer(now, peer.user_id, peer.username.clone(), &peer.candidates());
+        let Some(table) = &mut self.table else {
+            return;
+        };
+        table.upsert_peer(now, peer.user_id, peer.username.clone(), &peer.candidates());
+        let our_id = table.our_id();
+        if let Some(key) = peer.voice_key {
+            let same = self
+                .ciphers
+                .get(&peer.user_id)
+                .is_some_and(|c| c.peer_public() == key);
+            if !same {
+                match PeerCipher::new(&self.keys, our_id, peer.user_id, key) {
+                    Ok(c) => {
+                        self.ciphers.insert(peer.user_id, c);
+                    }
+                    // A bad key (low order) means no voice with that peer, never plaintext.
+                    Err(_) => {
+                        self.ciphers.remove(&peer.user_id);
+                    }
+                }
+            }
         }
     }
 
@@ -297,6 +348,7 @@ impl VoiceEngine {
             table.remove_peer(id);
         }
         self.audio.remove(&id);
+        self.ciphers.remove(&id);
     }
 
     /// Forget every peer (we left the channel or lost the server's session).
@@ -306,6 +358,7 @@ impl VoiceEngine {
             self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
         }
         self.audio.clear();
+        self.ciphers.clear();
     }
 
     pub fn set_muted(&mut self, muted: bool) {
@@ -367,6 +420,26 @@ impl VoiceEngine {
             self.foreign_drops += 1;
             return;
         };
+        // Voice is sealed end to end: authenticate and decrypt before anything else looks at
+        // it, so forged packets cannot move replay windows or addresses.
+        let mut bytes = bytes;
+        if let Ok(Datagram::Voice { from: sender, .. }) = Datagram::parse(bytes) {
+            let Some(cipher) = self.ciphers.get_mut(&sender) else {
+                self.undecryptable += 1;
+                return;
+            };
+            let (head, body) = self.opened.split_at_mut(VOICE_HEADER_LEN);
+            match cipher.open_datagram(bytes, body) {
+                Ok(n) => {
+                    head.copy_from_slice(&bytes[..VOICE_HEADER_LEN]);
+                    bytes = &self.opened[..VOICE_HEADER_LEN + n];
+                }
+                Err(_) => {
+                    self.undecryptable += 1;
+                    return;
+                }
+            }
+        }
         match table.handle_datagram(now, from, bytes) {
             Incoming::Voice {
                 peer_id,
@@ -421,7 +494,8 @@ impl VoiceEngine {
             return;
         };
         for frame in out.frames() {
-            let (header, body) = self.packet.split_at_mut(VOICE_HEADER_LEN);
+            // Leave room for the AEAD tag inside the datagram size limit.
+            let body = &mut self.packet[..MAX_VOICE_PAYLOAD - TAG_LEN];
             let Ok(len) = self.encoder.encode(frame.samples, body) else {
                 continue;
             };
@@ -429,14 +503,22 @@ impl VoiceEngine {
                 continue;
             }
             let timestamp = (frame.index.wrapping_mul(samples)) as u32;
-            header.copy_from_slice(&voice_header(table.our_id(), self.seq, timestamp));
+            let seq = self.seq;
             self.seq = self.seq.wrapping_add(1);
-            let total = VOICE_HEADER_LEN + len;
             // Reused buffer: no allocation per frame once it has grown to the channel size.
             self.targets.clear();
             self.targets.extend(table.voice_targets());
             for &(peer, addr) in &self.targets {
-                send(addr, &self.packet[..total]);
+                // Only peers whose key we know get voice, and only sealed for them alone.
+                let Some(cipher) = self.ciphers.get_mut(&peer) else {
+                    continue;
+                };
+                let Ok(total) =
+                    cipher.seal_datagram(seq, timestamp, &self.packet[..len], &mut self.sealed)
+                else {
+                    continue;
+                };
+                send(addr, &self.sealed[..total]);
                 table.record_voice_sent(peer, total);
                 self.bytes_sent += total as u64;
             }
@@ -544,6 +626,12 @@ impl VoiceEngine {
                     duplicates: rx.map(|r| r.jitter.duplicates).unwrap_or(0),
                     speaking: audio.is_some_and(|a| a.speaking(now)),
                     level_db: audio.map(|a| a.level_db).unwrap_or(-120.0),
+                    fingerprint: self.ciphers.get(&id).map(|c| fingerprint(&c.peer_public())),
+                    auth_failures: self
+                        .ciphers
+                        .get(&id)
+                        .map(|c| c.auth_failures())
+                        .unwrap_or(0),
                 });
             }
         }
@@ -567,6 +655,8 @@ impl VoiceEngine {
             drops,
             peers,
             mix_level_db: self.mix_level_db,
+            fingerprint: self.keys.fingerprint(),
+            undecryptable: self.undecryptable,
         }
     }
 }
@@ -598,12 +688,13 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
-    fn peer(id: UserId, port: u16) -> PeerInfo {
+    fn peer(id: UserId, port: u16, key: [u8; 32]) -> PeerInfo {
         PeerInfo {
             user_id: id,
             username: format!("u{id}"),
             local: vec![addr(port)],
             public: None,
+            voice_key: Some(key),
         }
     }
 
@@ -611,8 +702,8 @@ mod tests {
     fn call(hz: f32, secs: f64, impair: Option<ImpairConfig>) -> (Vec<f32>, VoiceSnapshot) {
         let (mut a, mut b) = (engine(1), engine(2));
         let now0 = Duration::ZERO;
-        a.upsert_peer(now0, &peer(2, 2000));
-        b.upsert_peer(now0, &peer(1, 1000));
+        a.upsert_peer(now0, &peer(2, 2000, b.public_key()));
+        b.upsert_peer(now0, &peer(1, 1000, a.public_key()));
         let mut net_to_b = Impairment::new(impair.unwrap_or_default());
         let mut to_a: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
         let mut out = Vec::new();
@@ -690,7 +781,7 @@ mod tests {
     #[test]
     fn muted_sender_sends_no_voice() {
         let mut a = engine(1);
-        a.upsert_peer(Duration::ZERO, &peer(2, 2000));
+        a.upsert_peer(Duration::ZERO, &peer(2, 2000, engine(2).public_key()));
         a.set_muted(true);
         let pcm: Vec<f32> = (0..960).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
         let mut sent = 0;
@@ -748,5 +839,100 @@ mod tests {
         assert_eq!(opus_frame_duration(&[]), None);
         // Two frames per packet.
         assert_eq!(opus_frame_duration(&[(31 << 3) | 1]), None);
+    }
+
+    #[test]
+    fn voice_on_the_wire_is_sealed_for_each_peer_and_opaque_to_others() {
+        let (mut a, mut b) = (engine(1), engine(2));
+        let eve = engine(3);
+        a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+        b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+        // Connect the link first (punches), then capture what A sends.
+        let mut wire: Vec<Vec<u8>> = Vec::new();
+        for step in 0..20u64 {
+            let now = Duration::from_millis(step * 20);
+            let mut to_b = Vec::new();
+            a.poll_transmit(now, |_, bytes| to_b.push(bytes.to_vec()));
+            for d in to_b {
+                b.handle_datagram(now, addr(1000), &d);
+            }
+            let mut to_a = Vec::new();
+            b.poll_transmit(now, |_, bytes| to_a.push(bytes.to_vec()));
+            for d in to_a {
+                a.handle_datagram(now, addr(2000), &d);
+            }
+            let pcm: Vec<f32> = (0..960).map(|i| 0.3 * (i as f32 * 0.0575).sin()).collect();
+            a.capture_frame(now, &pcm, |_, bytes| wire.push(bytes.to_vec()));
+        }
+        assert!(!wire.is_empty(), "A sent voice");
+        let mut dec = super::super::codec::OpusDecoder::new().unwrap();
+        let mut out = vec![0.0; 960];
+        for d in &wire {
+            let Ok(Datagram::Voice { payload, .. }) = Datagram::parse(d) else {
+                panic!("voice datagram expected");
+            };
+            // The payload is ciphertext: it carries a 16-byte tag and Opus cannot play it as is
+            // (a decoder may accept garbage, but never produces the original signal).
+            assert!(payload.len() > TAG_LEN);
+            let _ = dec.decode(&payload[..payload.len() - TAG_LEN], &mut out);
+        }
+        // Eve, another channel member without the pair's key, gets nothing playable.
+        let mut eve = eve;
+        eve.upsert_peer(Duration::ZERO, &peer(1, 1000, [9; 32]));
+        for d in &wire {
+            eve.handle_datagram(Duration::from_secs(1), addr(1000), d);
+        }
+        let snap = eve.snapshot(Duration::from_secs(1));
+        assert!(snap.peers.iter().all(|p| p.frames_decoded == 0));
+        assert_eq!(snap.undecryptable, wire.len() as u64);
+    }
+
+    #[test]
+    fn forged_and_unkeyed_voice_is_dropped_and_counted() {
+        let mut b = engine(2);
+        let a = engine(1);
+        b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+        let forged = Datagram::Voice {
+            from: 1,
+            seq: 5,
+            timestamp: 960,
+            payload: &[
+                0xfc, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
+            ],
+        }
+        .to_vec()
+        .unwrap();
+        b.handle_datagram(Duration::ZERO, addr(1000), &forged);
+        let unknown = Datagram::Voice {
+            from: 77,
+            seq: 1,
+            timestamp: 0,
+            payload: &[1, 2, 3],
+        }
+        .to_vec()
+        .unwrap();
+        b.handle_datagram(Duration::ZERO, addr(1000), &unknown);
+        let snap = b.snapshot(Duration::ZERO);
+        assert_eq!(snap.undecryptable, 2);
+        assert_eq!(snap.peers[0].frames_decoded, 0);
+    }
+
+    #[test]
+    fn a_peer_without_a_voice_key_gets_no_voice() {
+        let mut a = engine(1);
+        let mut p = peer(2, 2000, [0; 32]);
+        p.voice_key = None;
+        a.upsert_peer(Duration::ZERO, &p);
+        let pcm: Vec<f32> = (0..960).map(|i| 0.3 * (i as f32 * 0.0575).sin()).collect();
+        let mut voice = 0;
+        for step in 0..50u64 {
+            let now = Duration::from_millis(step * 20);
+            a.capture_frame(now, &pcm, |_, b| {
+                if matches!(Datagram::parse(b), Ok(Datagram::Voice { .. })) {
+                    voice += 1;
+                }
+            });
+        }
+        assert_eq!(voice, 0);
     }
 }

@@ -152,9 +152,10 @@ fn receive_voice_events(
     let events: Vec<VoiceEvent> = thread.events().try_iter().collect();
     for ev in events {
         match ev {
-            VoiceEvent::LocalEndpoints(eps) => {
+            VoiceEvent::LocalEndpoints { addrs, voice_key } => {
                 let now = link.now();
-                link.session.set_local_endpoints(now, eps);
+                link.session
+                    .set_local_endpoints(now, addrs, Some(voice_key));
             }
             VoiceEvent::Snapshot(s) => {
                 voice.mix_history.push_back(s.mix_level_db);
@@ -221,6 +222,7 @@ fn receive_voice_events(
             pl.loss_pct = p.loss_pct;
             pl.jitter_ms = p.jitter_ms;
             pl.buffer_ms = p.buffer_ms;
+            pl.fingerprint = p.fingerprint.clone();
         }
     }
 }

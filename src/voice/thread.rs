@@ -49,7 +49,10 @@ pub enum VoiceCommand {
 #[derive(Debug, Clone)]
 pub enum VoiceEvent {
     /// Our UDP socket's local candidate addresses (announced to the server for LAN peers).
-    LocalEndpoints(Vec<SocketAddr>),
+    LocalEndpoints {
+        addrs: Vec<SocketAddr>,
+        voice_key: [u8; 32],
+    },
     Snapshot(VoiceSnapshot),
     Audio(AudioEvent),
     /// A device switch failed; the previous device keeps running.
@@ -252,23 +255,19 @@ impl Worker {
             }
             // Receive: the 1 ms read timeout is also the loop's pacing.
             let mut received = 0;
-            loop {
-                match self.socket.recv_from(&mut buf) {
-                    Ok((n, from)) => {
-                        let now = self.start.elapsed();
-                        match &mut self.impair {
-                            Some(imp) => imp.push(now, from, &buf[..n]),
-                            None => self.engine.handle_datagram(now, from, &buf[..n]),
-                        }
-                        received += 1;
-                        if received >= 256 {
-                            break;
-                        }
-                        // After the first datagram, drain without waiting.
-                        let _ = self.socket.set_nonblocking(true);
-                    }
-                    Err(_) => break,
+            // Errors (timeout, ICMP unreachable from a vanished peer) just end the drain.
+            while let Ok((n, from)) = self.socket.recv_from(&mut buf) {
+                let now = self.start.elapsed();
+                match &mut self.impair {
+                    Some(imp) => imp.push(now, from, &buf[..n]),
+                    None => self.engine.handle_datagram(now, from, &buf[..n]),
                 }
+                received += 1;
+                if received >= 256 {
+                    break;
+                }
+                // After the first datagram, drain without waiting.
+                let _ = self.socket.set_nonblocking(true);
             }
             if received > 0 {
                 let _ = self.socket.set_nonblocking(false);
@@ -311,10 +310,10 @@ impl Worker {
             VoiceCommand::SetServer { addr, token } => {
                 self.engine.set_server(now, addr, token);
                 if let Ok(local) = self.socket.local_addr() {
-                    self.publish(VoiceEvent::LocalEndpoints(local_candidates(
-                        local.port(),
-                        addr,
-                    )));
+                    self.publish(VoiceEvent::LocalEndpoints {
+                        addrs: local_candidates(local.port(), addr),
+                        voice_key: self.engine.public_key(),
+                    });
                 }
             }
             VoiceCommand::UpsertPeer(p) => self.engine.upsert_peer(now, &p),

@@ -222,6 +222,7 @@ fn run() -> anyhow::Result<ExitCode> {
             )?)
         }
         Mode::Client(a) => {
+            let a = *a;
             if a.headless {
                 let file_input = a.input_wav.is_some() || a.input_tone.is_some() || a.input_silence;
                 let input = if let Some(path) = a.input_wav.clone() {

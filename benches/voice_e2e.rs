@@ -324,6 +324,10 @@ struct Bursts {
     count: usize,
     hz: f32,
     amplitude: f32,
+    /// Level of a quiet speech-like bed under the bursts (0 = digital silence). With a bed the
+    /// encoder never switches to DTX, so the stream is continuous; on digital silence Opus DTX
+    /// stops sending between bursts and every burst becomes a talkspurt.
+    bed: f32,
 }
 
 impl Bursts {
@@ -335,12 +339,17 @@ impl Bursts {
 
     fn render(&self) -> Vec<f32> {
         let len = self.starts().last().copied().unwrap_or(0) + RATE as usize;
-        let mut out = vec![0.0f32; len];
+        let mut out = if self.bed > 0.0 {
+            let bed = voiced(len as f64 / RATE_F);
+            bed.iter().map(|x| x * self.bed).collect()
+        } else {
+            vec![0.0f32; len]
+        };
         let n = (self.burst_ms * RATE / 1000) as usize;
         for s in self.starts() {
             for (k, o) in out[s..s + n].iter_mut().enumerate() {
                 let t = k as f32 / RATE as f32;
-                *o = self.amplitude * (std::f32::consts::TAU * self.hz * t).sin();
+                *o += self.amplitude * (std::f32::consts::TAU * self.hz * t).sin();
             }
         }
         out
@@ -490,6 +499,8 @@ struct LatencyResult {
     /// Where in its capture frame each found burst began, ms (same order as `latencies_ms`).
     phases_ms: Vec<f64>,
     sent: usize,
+    /// Frames the mouth sent per second of its run (50 or 100 when the stream is continuous).
+    mouth_frames_per_s: f64,
     a_summary: Value,
     b_summary: Value,
 }
@@ -565,11 +576,13 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
             phases_ms.push((t % frame_s) * 1000.0);
         }
     }
+    let a_summary = summary(&a);
     LatencyResult {
         latencies_ms,
         phases_ms,
         sent: sent.len(),
-        a_summary: summary(&a),
+        mouth_frames_per_s: f(&a_summary["frames_sent"]) / (duration + 1.0),
+        a_summary,
         b_summary: summary(&b),
     }
 }
@@ -593,11 +606,12 @@ fn report_latency(case: &LatencyCase, r: &LatencyResult, table: &mut String) -> 
         "onset_phase_in_frame_ms": r.phases_ms.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
         "ear_target_ms": bp["target_ms"], "ear_buffer_ms": bp["buffer_ms"],
         "ear_jitter_ms": bp["jitter_ms"], "ear_late": bp["late"],
+        "mouth_frames_sent_per_s": r.mouth_frames_per_s,
     }));
     let cell = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
     let _ = writeln!(
         table,
-        "| {:<26} | {:>5} | {:>6} | {:>6} | {:>6} | {:>6} | {:>7.0} | {:>7.0} | {} |",
+        "| {:<30} | {:>5} | {:>6} | {:>6} | {:>6} | {:>6} | {:>6.0} | {:>6.0} | {:>5.0} | {} |",
         case.label,
         format!("{}/{}", r.latencies_ms.len(), r.sent),
         cell(s.map(|s| s.median)),
@@ -606,6 +620,7 @@ fn report_latency(case: &LatencyCase, r: &LatencyResult, table: &mut String) -> 
         cell(s.map(|s| s.max)),
         f(&bp["target_ms"]),
         f(&bp["buffer_ms"]),
+        r.mouth_frames_per_s,
         match case.goal_ms {
             Some(g) => format!("<= {g:.0} ms: {verdict}"),
             None => verdict.to_string(),
@@ -997,7 +1012,7 @@ fn run_lossy(scratch: &Scratch, table: &mut String) {
 // Entry points
 // ---------------------------------------------------------------------------------------------
 
-const LATENCY_HEADER: &str = "| case                       | found | median |    p95 |    min |    max | target  | buffer  | goal |\n|----------------------------|-------|--------|--------|--------|--------|---------|---------|------|\n";
+const LATENCY_HEADER: &str = "| case                           | found | median |    p95 |    min |    max | target | buffer | fr/s  | goal |\n|--------------------------------|-------|--------|--------|--------|--------|--------|--------|-------|------|\n";
 
 /// `cargo test --all-targets`: one short latency run with two clients.
 fn smoke() {
@@ -1014,6 +1029,7 @@ fn smoke() {
             count: 4,
             hz: 1_000.0,
             amplitude: 0.5,
+            bed: 0.1,
         },
         window_ms: 480.0,
         goal_ms: None,
@@ -1045,6 +1061,7 @@ fn full() {
         count: 24,
         hz: 1_000.0,
         amplitude: 0.5,
+        bed: 0.1,
     };
     let cases = [
         LatencyCase {
@@ -1066,6 +1083,15 @@ fn full() {
             goal_ms: Some(40.0),
         },
         LatencyCase {
+            label: "20ms, clicks on silence (DTX)",
+            frame_ms: 20,
+            always_transmit: true,
+            impair: None,
+            bursts: Bursts { bed: 0.0, ..clicks },
+            window_ms: 450.0,
+            goal_ms: None,
+        },
+        LatencyCase {
             label: "20ms frames, VAD-gated",
             frame_ms: 20,
             always_transmit: false,
@@ -1078,6 +1104,7 @@ fn full() {
                 count: 10,
                 hz: 1_000.0,
                 amplitude: 0.5,
+                bed: 0.0,
             },
             window_ms: 600.0,
             goal_ms: None,
@@ -1096,6 +1123,7 @@ fn full() {
                 count: 6,
                 hz: 1_000.0,
                 amplitude: 0.5,
+                bed: 0.0,
             },
             window_ms: 600.0,
             goal_ms: None,
@@ -1143,7 +1171,7 @@ fn full() {
     run_cpu(&scratch, &mut cpu);
 
     println!(
-        "\n## Mouth-to-ear latency (ms; target/buffer = ear's jitter buffer at exit)\n{latency}"
+        "\n## Mouth-to-ear latency (ms; target/buffer = ear's jitter buffer at exit, fr/s = frames the mouth sent per second)\n{latency}"
     );
     println!(
         "## One stream on the wire at 24 kb/s (speech-like input, always transmitting)\n{bitrate}"

@@ -323,7 +323,7 @@ fn draw_ui(
     voice: Res<Voice>,
     channels: Query<(Entity, &Channel)>,
     users: Query<UserRow>,
-    mut volumes: Query<(&User, &mut Volume, &mut Muted)>,
+    mut commands: Commands,
     mut intents: EventWriter<ClientIntent>,
     mut voice_intents: EventWriter<VoiceIntent>,
     mut perf: ResMut<perf::PerfOverlay>,
@@ -517,17 +517,17 @@ fn draw_ui(
                 voice_intents.write(VoiceIntent::SetVadThreshold(db));
             }
             UiAction::SetUserVolume { user_id, volume } => {
-                for (u, mut v, _) in &mut volumes {
+                for (e, u, ..) in &users {
                     if u.id == user_id {
-                        v.0 = volume;
+                        commands.entity(e).insert(Volume(volume));
                     }
                 }
                 voice_intents.write(VoiceIntent::SetUserVolume(user_id, volume));
             }
             UiAction::SetUserMuted { user_id, muted } => {
-                for (u, _, mut m) in &mut volumes {
+                for (e, u, ..) in &users {
                     if u.id == user_id {
-                        m.0 = muted;
+                        commands.entity(e).insert(Muted(muted));
                     }
                 }
                 voice_intents.write(VoiceIntent::SetUserMuted(user_id, muted));
@@ -559,4 +559,26 @@ fn draw_ui(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bevy checks system parameters for conflicting access when a system is initialised;
+    /// doing it here catches a conflict without opening a window.
+    #[test]
+    fn ui_systems_have_no_conflicting_parameters() {
+        let mut world = World::new();
+        let mut draw = IntoSystem::into_system(draw_ui);
+        draw.initialize(&mut world);
+        let mut track = IntoSystem::into_system(track_control_events);
+        track.initialize(&mut world);
+    }
+
+    #[test]
+    fn capitalize_makes_messages_read_as_sentences() {
+        assert_eq!(capitalize("wrong password"), "Wrong password");
+        assert_eq!(capitalize(""), "");
+    }
 }

@@ -108,8 +108,10 @@ pub fn connect(ui: &mut Ui, view: &mut ConnectView) -> Vec<UiAction> {
         .spacing([8.0, 6.0])
         .show(ui, |ui| {
             let label = ui.label("Server address");
+            // add_sized: inside a Grid a TextEdit only gets the column's previous width.
             let field = ui
-                .add(
+                .add_sized(
+                    [220.0, 20.0],
                     TextEdit::singleline(&mut view.server_address)
                         .hint_text("host:7700")
                         .desired_width(220.0),
@@ -131,7 +133,8 @@ pub fn connect(ui: &mut Ui, view: &mut ConnectView) -> Vec<UiAction> {
 
             let label = ui.label("Username");
             let field = ui
-                .add(
+                .add_sized(
+                    [220.0, 20.0],
                     TextEdit::singleline(&mut view.username)
                         .hint_text("your name")
                         .char_limit(MAX_USERNAME_CHARS * 2)

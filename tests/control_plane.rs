@@ -346,3 +346,31 @@ fn bad_channels_file_fails_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_members"));
 }
+
+#[test]
+fn a_message_flood_is_cut_off_and_does_not_delay_others() {
+    let server = ServerProcess::start();
+    let (mut alice, _, _) = RawClient::login(server.addr, "alice");
+    assert_eq!(alice.join("Lobby", None), Status::Ok);
+    let (mut flooder, _, _) = RawClient::login(server.addr, "flooder");
+    let frame = p2p_voice::protocol::encode_frame(&ClientMsg::Heartbeat).unwrap();
+    let burst: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 5_000)
+        .collect();
+    // The server may close while we are still writing: that is the point.
+    let _ = flooder.stream.write_all(&burst);
+    assert!(flooder.closed_within(WAIT), "flooder disconnected");
+    assert!(flooder
+        .seen
+        .iter()
+        .any(|m| matches!(m, ServerMsg::Closing { reason } if reason.contains("too many"))));
+    let (mut bob, st, _) = RawClient::login(server.addr, "bob");
+    assert_eq!(st, Status::Ok);
+    assert_eq!(bob.join("Lobby", None), Status::Ok);
+    alice.expect(
+        |m| matches!(m, ServerMsg::MemberJoined { member, .. } if member.username == "bob"),
+    );
+}

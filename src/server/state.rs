@@ -29,6 +29,11 @@ pub struct ServerRules {
     pub wrong_password_window: Duration,
     /// Local endpoints accepted per announcement.
     pub max_local_endpoints: usize,
+    /// Sustained control messages per second one session may send (token bucket rate)...
+    pub message_rate: f64,
+    /// ...and the burst it may send at once. A session over the limit is closed: a real
+    /// client sends a heartbeat every 4 s and a handful of messages per user action.
+    pub message_burst: f64,
 }
 
 impl Default for ServerRules {
@@ -39,6 +44,8 @@ impl Default for ServerRules {
             max_wrong_passwords: 5,
             wrong_password_window: Duration::from_secs(60),
             max_local_endpoints: 8,
+            message_rate: 20.0,
+            message_burst: 60.0,
         }
     }
 }
@@ -87,6 +94,9 @@ struct Session {
     voice_key: Option<[u8; 32]>,
     pending_join: Option<PendingJoin>,
     wrong_passwords: VecDeque<Duration>,
+    /// Token bucket for the message rate limit: tokens left and when they were counted.
+    tokens: f64,
+    tokens_at: Duration,
 }
 
 #[derive(Debug)]
@@ -173,6 +183,8 @@ impl ServerState {
                 voice_key: None,
                 pending_join: None,
                 wrong_passwords: VecDeque::new(),
+                tokens: self.rules.message_burst,
+                tokens_at: now,
             },
         );
     }
@@ -199,6 +211,21 @@ impl ServerState {
             return;
         };
         session.last_seen = now;
+        let elapsed = now.saturating_sub(session.tokens_at).as_secs_f64();
+        session.tokens =
+            (session.tokens + elapsed * self.rules.message_rate).min(self.rules.message_burst);
+        session.tokens_at = now;
+        if session.tokens < 1.0 {
+            out.push(Output::Close(
+                id,
+                format!(
+                    "too many messages (limit {} per second)",
+                    self.rules.message_rate
+                ),
+            ));
+            return;
+        }
+        session.tokens -= 1.0;
         match (&session.phase, msg) {
             (
                 Phase::AwaitingHello,
@@ -1112,5 +1139,34 @@ mod tests {
         let w = World::new();
         let text = format!("{:?}", w.state.overview());
         assert!(!text.contains("argon2"));
+    }
+
+    #[test]
+    fn a_flooding_session_is_closed_and_normal_use_is_not() {
+        let mut w = World::new();
+        w.login(1, "alice");
+        w.login(2, "bob");
+        // Normal use: a heartbeat every 4 s and bursts of a few clicks never trip the limit.
+        for _ in 0..100 {
+            w.now += Duration::from_secs(4);
+            let out = w.send(1, ClientMsg::Heartbeat);
+            assert!(!out.iter().any(|o| matches!(o, Output::Close(..))));
+        }
+        // A flood within one instant is cut off after the burst.
+        let mut closed_after = None;
+        for i in 0..200 {
+            let out = w.send(2, ClientMsg::Heartbeat);
+            if out
+                .iter()
+                .any(|o| matches!(o, Output::Close(2, r) if r.contains("too many")))
+            {
+                closed_after = Some(i);
+                break;
+            }
+        }
+        assert!(
+            closed_after.is_some_and(|n| (55..=62).contains(&n)),
+            "{closed_after:?}"
+        );
     }
 }

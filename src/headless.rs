@@ -78,6 +78,10 @@ fn start_connect(opts: Res<HeadlessOptions>, voice: Res<Voice>, mut link: ResMut
     }
     let now = link.now();
     link.session.connect(now, &opts.server, &opts.username);
+    // Remembered by the session: joined after identification, and rejoined after reconnects.
+    if let Some(channel) = &opts.channel {
+        link.session.join(now, channel, opts.password.clone());
+    }
 }
 
 /// Prints one JSON line; a closed stdout (the reader went away) is not worth a panic.
@@ -130,23 +134,10 @@ pub fn event_json(event: &SessionEvent) -> serde_json::Value {
     }
 }
 
-fn report_events(
-    opts: Res<HeadlessOptions>,
-    mut clock: ResMut<RunClock>,
-    mut events: EventReader<ControlEvent>,
-    mut intents: EventWriter<ClientIntent>,
-) {
+fn report_events(mut clock: ResMut<RunClock>, mut events: EventReader<ControlEvent>) {
     for ControlEvent(event) in events.read() {
         emit(format_args!("{}", event_json(event)));
         match event {
-            SessionEvent::Identified { .. } => {
-                if let Some(channel) = &opts.channel {
-                    intents.write(ClientIntent::Join {
-                        channel: channel.clone(),
-                        password: opts.password.clone(),
-                    });
-                }
-            }
             SessionEvent::JoinRefused { channel, status } => {
                 eprintln!("p2p-voice: cannot join {channel}: {}", status.message());
                 clock

@@ -111,6 +111,8 @@ pub struct ControlSession {
     wanted_channel: Option<(String, Option<String>)>,
     channels: Vec<ChannelInfo>,
     peers: HashMap<UserId, PeerInfo>,
+    /// Peers from before a lost connection, still talking to us directly.
+    stale_peers: HashMap<UserId, PeerInfo>,
     local_endpoints: Vec<std::net::SocketAddr>,
     voice_key: Option<[u8; 32]>,
     attempts: u32,
@@ -139,6 +141,7 @@ impl ControlSession {
             wanted_channel: None,
             channels: Vec::new(),
             peers: HashMap::new(),
+            stale_peers: HashMap::new(),
             local_endpoints: Vec::new(),
             voice_key: None,
             attempts: 0,
@@ -297,7 +300,11 @@ impl ControlSession {
                 self.wanted_channel = Some((ch, None));
             }
         }
-        self.clear_membership();
+        // Voice never needed the server: keep the peers so the call goes on while we
+        // reconnect. Only our channel is forgotten until the rejoin; the peers learned before
+        // are retired once the server has introduced us again (see `Identified`).
+        self.channel = None;
+        self.stale_peers.extend(self.peers.drain());
         self.schedule_retry(now, reason.to_string());
     }
 
@@ -305,6 +312,7 @@ impl ControlSession {
         if let Some(ch) = self.channel.take() {
             self.events.push_back(SessionEvent::Left { channel: ch });
         }
+        self.peers.extend(self.stale_peers.drain());
         for id in self.peers.keys().copied().collect::<Vec<_>>() {
             self.events
                 .push_back(SessionEvent::PeerGone { user_id: id });
@@ -410,6 +418,12 @@ impl ControlSession {
                 }
                 match (status, user_id) {
                     (Status::Ok, Some(id)) => {
+                        // Introduced again: the server will announce the channel's members
+                        // anew (with new ids); retire the ones from the previous session.
+                        for (old, _) in self.stale_peers.drain() {
+                            self.events
+                                .push_back(SessionEvent::PeerGone { user_id: old });
+                        }
                         self.user_id = Some(id);
                         self.username = username.clone();
                         self.attempts = 0;
@@ -553,5 +567,208 @@ impl ControlSession {
                 self.transport_lost(now, &format!("server closed the connection: {reason}"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ChannelInfo;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn ready(s: &mut ControlSession, now: Duration, id: UserId) {
+        s.transport_connected(now);
+        s.handle(
+            now,
+            ServerMsg::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                app_version: "t".into(),
+                udp_token: 1,
+                heartbeat_timeout_ms: 15_000,
+            },
+        );
+        s.handle(
+            now,
+            ServerMsg::Identified {
+                status: Status::Ok,
+                user_id: Some(id),
+                username: "me".into(),
+            },
+        );
+        s.handle(
+            now,
+            ServerMsg::Overview {
+                channels: Vec::<ChannelInfo>::new(),
+            },
+        );
+    }
+
+    fn drain_actions(s: &mut ControlSession) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    fn drain_events(s: &mut ControlSession) -> Vec<SessionEvent> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn peer(id: UserId) -> PeerInfo {
+        PeerInfo {
+            user_id: id,
+            username: format!("p{id}"),
+            local: vec![],
+            public: None,
+            voice_key: None,
+        }
+    }
+
+    #[test]
+    fn connect_handshake_identify_and_join() {
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        assert!(matches!(
+            drain_actions(&mut s)[..],
+            [Action::OpenTransport { .. }]
+        ));
+        s.join(Duration::ZERO, "Lobby", None);
+        ready(&mut s, MS, 7);
+        let sent: Vec<ClientMsg> = drain_actions(&mut s)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(sent[0], ClientMsg::Hello { .. }));
+        assert!(matches!(sent[1], ClientMsg::Identify { .. }));
+        assert!(matches!(&sent[2], ClientMsg::Join { channel, .. } if channel == "Lobby"));
+        assert!(s.is_ready());
+    }
+
+    #[test]
+    fn losing_the_server_keeps_peers_then_reconnects_with_backoff_and_rejoins() {
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        s.join(Duration::ZERO, "Private", Some("pw".into()));
+        ready(&mut s, MS, 7);
+        s.handle(
+            MS,
+            ServerMsg::Joined {
+                status: Status::Ok,
+                channel: "Private".into(),
+            },
+        );
+        s.handle(MS, ServerMsg::PeerEndpoints { peer: peer(9) });
+        drain_events(&mut s);
+        drain_actions(&mut s);
+
+        s.transport_lost(Duration::from_secs(1), "connection reset");
+        let events = drain_events(&mut s);
+        // The call goes on: no PeerGone while the server is away.
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, SessionEvent::PeerGone { .. })),
+            "{events:?}"
+        );
+        assert!(events.iter().any(|e| matches!(
+            e,
+            SessionEvent::Disconnected {
+                retry_in: Some(_),
+                ..
+            }
+        )));
+        // Backoff: nothing before the retry time, then a new attempt.
+        s.tick(Duration::from_millis(1_400));
+        assert!(!drain_actions(&mut s)
+            .iter()
+            .any(|a| matches!(a, Action::OpenTransport { .. })));
+        s.tick(Duration::from_millis(1_600));
+        assert!(drain_actions(&mut s)
+            .iter()
+            .any(|a| matches!(a, Action::OpenTransport { .. })));
+        // Introduced again: the old peer is retired and the channel rejoined with its password.
+        ready(&mut s, Duration::from_secs(2), 12);
+        let events = drain_events(&mut s);
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, SessionEvent::PeerGone { user_id: 9 })));
+        let rejoin = drain_actions(&mut s).into_iter().any(|a| {
+            matches!(a, Action::Send(ClientMsg::Join { channel, password: Some(p) }) if channel == "Private" && p == "pw")
+        });
+        assert!(rejoin);
+    }
+
+    #[test]
+    fn a_silent_server_is_declared_lost() {
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        ready(&mut s, MS, 1);
+        drain_events(&mut s);
+        s.tick(Duration::from_secs(13));
+        assert!(matches!(s.phase(), Phase::Reconnecting { .. }));
+        assert!(drain_events(&mut s).iter().any(|e| matches!(e,
+            SessionEvent::Disconnected { reason, .. } if reason.contains("stopped answering"))));
+    }
+
+    #[test]
+    fn heartbeats_go_out_while_idle() {
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        ready(&mut s, MS, 1);
+        drain_actions(&mut s);
+        s.handle(Duration::from_secs(3), ServerMsg::HeartbeatAck);
+        s.tick(Duration::from_secs(5));
+        assert!(drain_actions(&mut s).contains(&Action::Send(ClientMsg::Heartbeat)));
+    }
+
+    #[test]
+    fn a_taken_name_on_first_connect_is_final_but_after_a_reconnect_is_retried() {
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        s.transport_connected(MS);
+        s.handle(
+            MS,
+            ServerMsg::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                app_version: "t".into(),
+                udp_token: 1,
+                heartbeat_timeout_ms: 1,
+            },
+        );
+        s.handle(
+            MS,
+            ServerMsg::Identified {
+                status: Status::NameTaken,
+                user_id: None,
+                username: "me".into(),
+            },
+        );
+        assert!(matches!(s.phase(), Phase::Failed(_)));
+
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        ready(&mut s, MS, 1);
+        s.transport_lost(Duration::from_secs(1), "reset");
+        s.tick(Duration::from_secs(2));
+        s.transport_connected(Duration::from_secs(2));
+        s.handle(
+            Duration::from_secs(2),
+            ServerMsg::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                app_version: "t".into(),
+                udp_token: 1,
+                heartbeat_timeout_ms: 1,
+            },
+        );
+        s.handle(
+            Duration::from_secs(2),
+            ServerMsg::Identified {
+                status: Status::NameTaken,
+                user_id: None,
+                username: "me".into(),
+            },
+        );
+        assert!(matches!(s.phase(), Phase::Reconnecting { .. }));
     }
 }

@@ -102,7 +102,9 @@ fn forward_control_events(
             }
             SessionEvent::PeerEndpoints(peer) => voice.send(VoiceCommand::UpsertPeer(peer.clone())),
             SessionEvent::PeerGone { user_id } => voice.send(VoiceCommand::RemovePeer(*user_id)),
-            SessionEvent::Left { .. } | SessionEvent::Disconnected { .. } => {
+            // A server outage keeps the call going (retry_in is set); leaving the channel or a
+            // final refusal ends it.
+            SessionEvent::Left { .. } | SessionEvent::Disconnected { retry_in: None, .. } => {
                 voice.send(VoiceCommand::ClearPeers)
             }
             _ => {}

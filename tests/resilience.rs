@@ -1,0 +1,102 @@
+//! Calls survive the rendezvous server: voice keeps flowing peer to peer while the server is
+//! down, clients say they are reconnecting, and everyone is back in the channel (once) when it
+//! returns.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use p2p_voice::protocol::ServerMsg;
+
+fn unix_us(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+#[test]
+fn killing_the_server_mid_call_does_not_stop_the_voice() {
+    let mut server = ServerProcess::start();
+    let port = server.addr.port();
+    let tones = [("ann", 440.0f32), ("ben", 660.0), ("cat", 990.0)];
+    let clients: Vec<HeadlessClient> = tones
+        .iter()
+        .map(|(name, hz)| {
+            HeadlessClient::spawn(
+                server.addr,
+                name,
+                "Lobby",
+                &["--input-tone", &hz.to_string()],
+                &["--always-transmit"],
+                12.0,
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let killed_at = SystemTime::now();
+    server.kill();
+    std::thread::sleep(Duration::from_millis(3500));
+    let restarted_at = SystemTime::now();
+    let server2 = ServerProcess::start_on(None, port);
+    // Everyone comes back, exactly once.
+    let (mut watcher, _, _) = RawClient::login(server2.addr, "watcher");
+    let mut back = std::collections::BTreeSet::new();
+    if let ServerMsg::Overview { channels } =
+        watcher.expect(|m| matches!(m, ServerMsg::Overview { .. }))
+    {
+        for m in &channels[0].members {
+            back.insert(m.username.clone());
+        }
+    }
+    while back.len() < 3 {
+        if let ServerMsg::MemberJoined { channel, member } =
+            watcher.expect(|m| matches!(m, ServerMsg::MemberJoined { .. }))
+        {
+            assert_eq!(channel, "Lobby");
+            assert!(
+                back.insert(member.username.clone()),
+                "duplicate {}",
+                member.username
+            );
+        }
+    }
+    for (client, (name, own)) in clients.into_iter().zip(tones) {
+        let (lines, audio) = client.finish();
+        let started = lines
+            .iter()
+            .find(|l| l["event"] == "audio_started")
+            .and_then(|l| l["unix_us"].as_i64())
+            .expect("audio_started line");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["event"] == "disconnected" && l["retry_in_ms"].is_u64()),
+            "{name} reported the outage and a retry"
+        );
+        // The outage window, in this client's output samples.
+        let from = ((unix_us(killed_at) + 500_000 - started) * 48 / 1000) as usize;
+        let to = ((unix_us(restarted_at) - 200_000 - started) * 48 / 1000) as usize;
+        assert!(
+            to > from + 48_000 && to <= audio.len(),
+            "{name}: window {from}..{to} of {}",
+            audio.len()
+        );
+        let outage = &audio[from..to];
+        for (other, hz) in tones {
+            if other == name {
+                continue;
+            }
+            let level = tone_level(outage, hz);
+            assert!(
+                level > 0.05,
+                "{name} hears {other} during the outage: {level}"
+            );
+        }
+        let own_level = tone_level(outage, own);
+        assert!(own_level < 0.02, "{name} hears its own tone: {own_level}");
+        let gap = longest_silence_ms(outage, 0.01);
+        assert!(gap <= 60, "{name}: {gap} ms gap during the outage");
+        // And after the return, the links are direct again.
+        let s = summary(&lines);
+        assert_eq!(s["peers"].as_array().unwrap().len(), 2, "{name}: {s}");
+    }
+}

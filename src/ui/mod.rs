@@ -54,6 +54,8 @@ pub struct UiState {
     auto_connect: bool,
     audio_status_seen: usize,
     auto_join: Option<(String, Option<String>)>,
+    /// Peers whose unreachability was already reported, so each episode is said once.
+    unreachable_reported: std::collections::HashSet<u32>,
 }
 
 /// Adds the panels to a windowed app (requires `EguiPlugin`).
@@ -93,6 +95,7 @@ impl Plugin for UiPlugin {
             auto_connect: o.auto_connect && username.is_some(),
             audio_status_seen: 0,
             auto_join: o.join.clone(),
+            unreachable_reported: Default::default(),
         })
         .add_systems(Startup, (setup_camera, auto_connect))
         .add_systems(Update, track_control_events)
@@ -295,7 +298,14 @@ pub fn build_overview(
                     is_self: is_self.is_some(),
                     muted_locally: muted.0,
                     volume: volume.0,
-                    link: link_view(link, is_self.is_some()),
+                    link: if is_self.is_none() && my_channel != Some(c.name.as_str()) {
+                        LinkView {
+                            state: LinkState::OtherChannel,
+                            ..Default::default()
+                        }
+                    } else {
+                        link_view(link, is_self.is_some())
+                    },
                     fingerprint: link.and_then(|l| l.fingerprint.clone()),
                 },
             )
@@ -348,6 +358,19 @@ fn draw_ui(
         state.audio_status_seen = voice.audio_status.len();
         for m in fresh {
             push_error(state, capitalize(&m));
+        }
+    }
+    for p in &snap.peers {
+        match &p.state {
+            crate::voice::PeerState::Unreachable(reason) => {
+                if state.unreachable_reported.insert(p.user_id) {
+                    push_error(state, format!("Cannot reach {}: {reason}", p.name));
+                }
+            }
+            crate::voice::PeerState::Direct(_) => {
+                state.unreachable_reported.remove(&p.user_id);
+            }
+            crate::voice::PeerState::Punching => {}
         }
     }
     if let Some(e) = &voice.error {

@@ -53,6 +53,8 @@ pub enum LinkState {
     Unreachable(String),
     /// This member is the local user; there is no link to show.
     Local,
+    /// This member is in another channel: no voice link with them.
+    OtherChannel,
 }
 
 /// Link quality numbers for one peer. `None` means "not measured yet", shown as a dash.

@@ -13,6 +13,7 @@ pub fn link_state_text(state: &LinkState) -> String {
         LinkState::Unreachable(reason) if reason.is_empty() => "unreachable".to_owned(),
         LinkState::Unreachable(reason) => format!("unreachable: {reason}"),
         LinkState::Local => "you".to_owned(),
+        LinkState::OtherChannel => "in another channel".to_owned(),
     }
 }
 
@@ -22,7 +23,7 @@ pub fn link_color(state: &LinkState) -> Color32 {
         LinkState::Direct => Color32::from_rgb(60, 200, 90),
         LinkState::Punching => Color32::from_rgb(230, 170, 40),
         LinkState::Unreachable(_) => Color32::from_rgb(220, 60, 60),
-        LinkState::Local => Color32::GRAY,
+        LinkState::Local | LinkState::OtherChannel => Color32::GRAY,
     }
 }
 

@@ -975,6 +975,14 @@ fn run(params: Params) -> Report {
     }
 
     // Churn at a fixed rate for a fixed time.
+    if !params.smoke {
+        eprintln!(
+            "  setup done in {:.1} s; churning at {} ops/s for {} s",
+            setup.as_secs_f64(),
+            params.churn_rate,
+            params.churn_secs
+        );
+    }
     let cpu0 = process_cpu_secs(pid).unwrap_or(0.0);
     let own0 = own_cpu_secs();
     let wait0 = process_runqueue_wait_secs(pid).unwrap_or(0.0);

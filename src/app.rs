@@ -48,7 +48,9 @@ pub fn run_headless_client(opts: HeadlessOptions) -> ExitCode {
     app.add_plugins((
         MinimalPlugins.set(ScheduleRunnerPlugin::run_loop(Duration::from_millis(2))),
         log_plugin(),
-        ClientNetPlugin,
+        ClientNetPlugin {
+            accept_new_cert: opts.accept_new_cert,
+        },
         VoicePlugin(opts.voice.clone()),
         HeadlessPlugin(opts),
     ));
@@ -75,6 +77,7 @@ pub fn run_desktop(
     connect_to: Option<String>,
     join: Option<(String, Option<String>)>,
     voice: VoiceThreadConfig,
+    accept_new_cert: bool,
 ) -> anyhow::Result<ExitCode> {
     use bevy::window::{Window, WindowPlugin};
     use bevy_egui::EguiPlugin;
@@ -124,7 +127,7 @@ pub fn run_desktop(
     }
     app.add_plugins((
         EguiPlugin::default(),
-        ClientNetPlugin,
+        ClientNetPlugin { accept_new_cert },
         VoicePlugin(voice),
         UiPlugin(ui),
         PerfPlugin,

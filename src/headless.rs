@@ -29,6 +29,8 @@ pub struct HeadlessOptions {
     /// Send continuously instead of following the voice activity detector.
     pub always_transmit: bool,
     pub start_muted: bool,
+    /// Replace a server certificate pin that no longer matches.
+    pub accept_new_cert: bool,
 }
 
 #[derive(Resource)]

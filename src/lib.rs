@@ -15,5 +15,6 @@ pub mod config;
 pub mod headless;
 pub mod protocol;
 pub mod server;
+pub mod tls;
 pub mod ui;
 pub mod voice;

@@ -50,6 +50,9 @@ struct HostArgs {
     /// Username (defaults to the last one used).
     #[arg(long)]
     username: Option<String>,
+    /// Where the embedded server keeps its TLS certificate.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -63,6 +66,9 @@ struct ServerArgs {
     /// Print the bound address as a JSON line on stdout (for scripts).
     #[arg(long)]
     json: bool,
+    /// Where the server keeps its TLS certificate (default: the platform data directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -117,6 +123,10 @@ struct ClientArgs {
     /// Simulate a bad network on received voice, e.g. loss=0.1,jitter_ms=30,duplicate=0.02,seed=7.
     #[arg(long, value_name = "SPEC")]
     impair: Option<ImpairConfig>,
+    /// Trust the server's certificate even though it differs from the one seen before
+    /// (only after checking with the server's operator that it really changed).
+    #[arg(long)]
+    accept_new_cert: bool,
     /// Input device name (desktop app, or headless without --input-*).
     #[arg(long)]
     input_device: Option<String>,
@@ -143,6 +153,7 @@ fn server_config(
     port: u16,
     channels: Option<&PathBuf>,
     json: bool,
+    data_dir: Option<PathBuf>,
 ) -> anyhow::Result<ServerConfig> {
     let channels = load_channels(channels.map(|p| p.as_path()))?;
     Ok(ServerConfig {
@@ -151,6 +162,7 @@ fn server_config(
         channels,
         rules: ServerRules::default(),
         announce_json: json,
+        data_dir: data_dir.or_else(p2p_voice::tls::default_data_dir),
     })
 }
 
@@ -197,14 +209,21 @@ fn run() -> anyhow::Result<ExitCode> {
         bind: "0.0.0.0".parse().expect("literal address"),
         channels: None,
         username: None,
+        data_dir: None,
     }));
     match mode {
         Mode::Server(a) => {
-            let cfg = server_config(a.bind, a.port, a.channels.as_ref(), a.json)?;
+            let cfg = server_config(a.bind, a.port, a.channels.as_ref(), a.json, a.data_dir)?;
             app::run_server(cfg)
         }
         Mode::Host(a) => {
-            let cfg = server_config(a.bind, a.port, a.channels.as_ref(), false)?;
+            let cfg = server_config(
+                a.bind,
+                a.port,
+                a.channels.as_ref(),
+                false,
+                a.data_dir.clone(),
+            )?;
             if !has_display() {
                 eprintln!(
                     "p2p-voice host: no display found (DISPLAY/WAYLAND_DISPLAY unset), so no window can open; \
@@ -219,6 +238,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 None,
                 None,
                 VoiceThreadConfig::default(),
+                false,
             )?)
         }
         Mode::Client(a) => {
@@ -266,6 +286,7 @@ fn run() -> anyhow::Result<ExitCode> {
                     },
                     always_transmit: a.always_transmit,
                     start_muted: a.mute,
+                    accept_new_cert: a.accept_new_cert,
                 };
                 return Ok(app::run_headless_client(opts));
             }
@@ -286,7 +307,14 @@ fn run() -> anyhow::Result<ExitCode> {
                 )
             };
             let join = a.channel.map(|c| (c, a.password));
-            Ok(app::run_desktop(None, a.username, a.server, join, voice)?)
+            Ok(app::run_desktop(
+                None,
+                a.username,
+                a.server,
+                join,
+                voice,
+                a.accept_new_cert,
+            )?)
         }
         Mode::HashPassword(a) => {
             let password = match a.password {

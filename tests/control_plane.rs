@@ -211,7 +211,7 @@ fn headless_client_prints_json_and_exits_zero() {
     let server = ServerProcess::start();
     let addr = server.addr.to_string();
     let (mut watcher, _, _) = RawClient::login(server.addr, "watcher");
-    let out = Command::new(bin())
+    let out = p2p()
         .args([
             "client",
             "--headless",
@@ -245,7 +245,7 @@ fn headless_client_prints_json_and_exits_zero() {
 fn headless_client_exits_non_zero_with_the_servers_message_on_refusal() {
     let server = ServerProcess::start();
     let addr = server.addr.to_string();
-    let out = Command::new(bin())
+    let out = p2p()
         .args([
             "client",
             "--headless",
@@ -267,7 +267,7 @@ fn headless_client_exits_non_zero_with_the_servers_message_on_refusal() {
     assert!(stderr.contains("wrong password"), "{stderr}");
 
     let _taken = RawClient::login(server.addr, "bob");
-    let out = Command::new(bin())
+    let out = p2p()
         .args([
             "client",
             "--headless",
@@ -287,9 +287,8 @@ fn headless_client_exits_non_zero_with_the_servers_message_on_refusal() {
 #[test]
 fn headless_client_reconnects_and_rejoins_after_the_server_restarts() {
     let mut server = ServerProcess::start();
-    let port = server.addr.port();
     let addr = server.addr.to_string();
-    let mut child = Command::new(bin())
+    let mut child = p2p()
         .args([
             "client",
             "--headless",
@@ -309,10 +308,8 @@ fn headless_client_reconnects_and_rejoins_after_the_server_restarts() {
     watcher.expect(
         |m| matches!(m, ServerMsg::MemberJoined { member, .. } if member.username == "carol"),
     );
-    server.kill();
-    std::thread::sleep(Duration::from_millis(300));
-    let server2 = ServerProcess::start_on(None, port);
-    let (mut watcher2, _, _) = RawClient::login(server2.addr, "watcher2");
+    server.restart(Duration::from_millis(300));
+    let (mut watcher2, _, _) = RawClient::login(server.addr, "watcher2");
     watcher2.expect(|m| matches!(m, ServerMsg::MemberJoined { channel, member } if member.username == "carol" && channel == "Lobby"));
     let _ = child.kill();
     let _ = child.wait();
@@ -320,7 +317,7 @@ fn headless_client_reconnects_and_rejoins_after_the_server_restarts() {
 
 #[test]
 fn hash_password_prints_a_hash_the_server_accepts() {
-    let out = Command::new(bin())
+    let out = p2p()
         .args(["hash-password", "--password", "hunter2"])
         .output()
         .unwrap();
@@ -338,7 +335,7 @@ fn hash_password_prints_a_hash_the_server_accepts() {
 fn bad_channels_file_fails_with_a_clear_message() {
     let path = temp_path("bad.toml");
     std::fs::write(&path, "[[channel]]\nname = \"A\"\nmax_members = 0\n").unwrap();
-    let out = Command::new(bin())
+    let out = p2p()
         .args(["server", "--port", "0", "--channels"])
         .arg(&path)
         .output()

@@ -148,6 +148,7 @@ table inet guard {
 fn client(ns: &str, name: &str, hz: &str, out: &std::path::Path) -> std::process::Child {
     Command::new("ip")
         .args(["netns", "exec", ns, bin()])
+        .env("P2P_VOICE_CONFIG_DIR", temp_path("config"))
         .args([
             "client",
             "--headless",
@@ -198,6 +199,7 @@ fn clients_behind_two_nats_punch_through_and_hear_each_other() {
     let pub_ns = format!("pv{tag}pub");
     let mut server = Command::new("ip")
         .args(["netns", "exec", &pub_ns, bin()])
+        .env("P2P_VOICE_DATA_DIR", temp_path("server-data"))
         .args(["server", "--bind", "198.18.0.10", "--port", "7700"])
         .stdout(Stdio::null())
         .spawn()

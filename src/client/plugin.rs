@@ -58,13 +58,20 @@ pub struct Directory {
 }
 
 /// Adds the control plane to an app.
-pub struct ClientNetPlugin;
+#[derive(Default)]
+pub struct ClientNetPlugin {
+    /// Replace a server certificate pin that no longer matches (`--accept-new-cert`).
+    pub accept_new_cert: bool,
+}
 
 impl Plugin for ClientNetPlugin {
     fn build(&self, app: &mut App) {
         app.insert_resource(ControlLink {
             session: ControlSession::new(),
-            transport: Transport::new(),
+            transport: Transport::new(
+                crate::tls::PinStore::load(crate::config::ClientSettings::dir()),
+                self.accept_new_cert,
+            ),
             start: Instant::now(),
         })
         .init_resource::<Directory>()
@@ -118,7 +125,11 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
             link.session.handle(now, msg);
         }
         if let Some(reason) = progress.lost {
-            link.session.transport_lost(now, &reason);
+            if progress.fatal {
+                link.session.transport_refused(now, &reason);
+            } else {
+                link.session.transport_lost(now, &reason);
+            }
         }
         if !busy {
             break;

@@ -287,6 +287,15 @@ impl ControlSession {
         );
     }
 
+    /// The transport refused the server for a reason retrying will not fix (its certificate
+    /// changed): give up and tell the user.
+    pub fn transport_refused(&mut self, now: Duration, reason: &str) {
+        if matches!(self.phase, Phase::Idle | Phase::Failed(_)) {
+            return;
+        }
+        self.fail(now, None, reason.to_string());
+    }
+
     /// Transport failed to open or broke.
     pub fn transport_lost(&mut self, now: Duration, reason: &str) {
         match self.phase {

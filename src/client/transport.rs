@@ -1,5 +1,6 @@
-//! The client's TCP transport: name resolution off the main thread, non-blocking connect,
-//! framed reads and buffered writes. Polled each frame; never blocks the caller.
+//! The client's control transport: name resolution off the main thread, non-blocking connect,
+//! TLS with the server's certificate pinned on first use, framed reads and buffered writes.
+//! Polled each frame; never blocks the caller.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -7,36 +8,51 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use crossbeam_channel::Receiver;
 use mio::net::TcpStream;
 
+use std::sync::Arc;
+
+use rustls::ClientConnection;
+
 use crate::protocol::{encode_frame, ClientMsg, FrameDecoder, ServerMsg, DEFAULT_PORT};
+use crate::tls::{cert_fingerprint, server_name, PinCheck, PinStore};
 
 /// What one poll of the transport produced.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// The TLS session is up and the server's certificate matches its pin.
     pub connected: bool,
     pub messages: Vec<ServerMsg>,
     /// The transport failed or closed; the string is for people.
     pub lost: Option<String>,
+    /// The failure is one retrying will not fix (the server's certificate changed).
+    pub fatal: bool,
 }
 
 enum State {
     Idle,
     Resolving(Receiver<Result<SocketAddr, String>>),
     Connecting(TcpStream),
-    Open(TcpStream),
+    Handshaking(TcpStream, Box<ClientConnection>),
+    Open(TcpStream, Box<ClientConnection>),
 }
 
 /// See the module docs.
 pub struct Transport {
     state: State,
     decoder: FrameDecoder,
+    /// Plaintext queued until the TLS session can take it.
     out: Vec<u8>,
     scratch: Vec<u8>,
     remote: Option<SocketAddr>,
+    server: String,
+    tls: Arc<rustls::ClientConfig>,
+    pins: PinStore,
+    accept_new_cert: bool,
+    fingerprint: Option<String>,
 }
 
 impl Default for Transport {
     fn default() -> Self {
-        Self::new()
+        Self::new(PinStore::in_memory(), false)
     }
 }
 
@@ -46,17 +62,29 @@ pub fn resolve(server: &str) -> Result<SocketAddr, String> {
     if server.is_empty() {
         return Err("server address is empty".into());
     }
-    let with_port = if server.parse::<SocketAddr>().is_ok() || has_port(server) {
-        server.to_string()
-    } else {
-        format!("{server}:{DEFAULT_PORT}")
-    };
+    let with_port = with_default_port(server);
     let mut addrs = with_port
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {server}: {e}"))?;
     addrs
         .next()
         .ok_or_else(|| format!("{server} has no address"))
+}
+
+fn with_default_port(server: &str) -> String {
+    if server.parse::<SocketAddr>().is_ok() || has_port(server) {
+        server.to_string()
+    } else {
+        format!("{server}:{DEFAULT_PORT}")
+    }
+}
+
+fn host_of(server: &str) -> String {
+    let s = with_default_port(server.trim());
+    let host = s.rsplit_once(':').map(|(h, _)| h).unwrap_or(&s);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 fn has_port(s: &str) -> bool {
@@ -69,13 +97,20 @@ fn has_port(s: &str) -> bool {
 }
 
 impl Transport {
-    pub fn new() -> Self {
+    /// `pins` remembers server certificates; `accept_new_cert` replaces a pin that no longer
+    /// matches (the user said they trust the server's new certificate).
+    pub fn new(pins: PinStore, accept_new_cert: bool) -> Self {
         Self {
             state: State::Idle,
             decoder: FrameDecoder::new(),
             out: Vec::new(),
             scratch: vec![0u8; 64 * 1024],
             remote: None,
+            server: String::new(),
+            tls: crate::tls::client_config(),
+            pins,
+            accept_new_cert,
+            fingerprint: None,
         }
     }
 
@@ -83,13 +118,19 @@ impl Transport {
         self.remote
     }
 
+    /// Fingerprint of the connected server's certificate.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
+    }
+
     pub fn is_open(&self) -> bool {
-        matches!(self.state, State::Open(_))
+        matches!(self.state, State::Open(..))
     }
 
     /// Starts resolving and connecting in the background.
     pub fn open(&mut self, server: &str) {
         self.close();
+        self.server = with_default_port(server.trim());
         let (tx, rx) = crossbeam_channel::bounded(1);
         let server = server.to_string();
         // DNS can take seconds: never on the frame thread.
@@ -102,8 +143,16 @@ impl Transport {
     }
 
     pub fn close(&mut self) {
-        if let State::Open(s) | State::Connecting(s) = &self.state {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        match &mut self.state {
+            State::Open(s, tls) | State::Handshaking(s, tls) => {
+                tls.send_close_notify();
+                let _ = tls.write_tls(s);
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            State::Connecting(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            _ => {}
         }
         self.state = State::Idle;
         self.decoder = FrameDecoder::new();
@@ -117,7 +166,7 @@ impl Transport {
         }
     }
 
-    /// Advances connecting, writes queued bytes, reads what arrived.
+    /// Advances connecting and the TLS handshake, writes queued bytes, reads what arrived.
     pub fn poll(&mut self) -> Progress {
         let mut p = Progress::default();
         match std::mem::replace(&mut self.state, State::Idle) {
@@ -139,8 +188,13 @@ impl Transport {
                 Ok(None) => match s.peer_addr() {
                     Ok(_) => {
                         let _ = s.set_nodelay(true);
-                        p.connected = true;
-                        self.state = State::Open(s);
+                        match ClientConnection::new(
+                            self.tls.clone(),
+                            server_name(&host_of(&self.server)),
+                        ) {
+                            Ok(tls) => self.state = State::Handshaking(s, Box::new(tls)),
+                            Err(e) => p.lost = Some(format!("TLS setup failed: {e}")),
+                        }
                     }
                     Err(e) if e.kind() == ErrorKind::NotConnected => {
                         self.state = State::Connecting(s)
@@ -148,22 +202,136 @@ impl Transport {
                     Err(e) => p.lost = Some(connect_error(self.remote, e)),
                 },
             },
-            State::Open(s) => self.state = State::Open(s),
+            State::Handshaking(mut s, mut tls) => {
+                match pump_tls(
+                    &mut s,
+                    &mut tls,
+                    &mut self.decoder,
+                    &mut self.scratch,
+                    &mut p.messages,
+                ) {
+                    Err(e) => p.lost = Some(e),
+                    Ok(()) if tls.is_handshaking() => self.state = State::Handshaking(s, tls),
+                    Ok(()) => match self.check_pin(&tls) {
+                        Ok(()) => {
+                            p.connected = true;
+                            self.state = State::Open(s, tls);
+                        }
+                        Err(why) => {
+                            p.lost = Some(why);
+                            p.fatal = true;
+                        }
+                    },
+                }
+            }
+            State::Open(s, tls) => self.state = State::Open(s, tls),
         }
-        if let State::Open(s) = &mut self.state {
-            if let Err(e) = write_all_nonblocking(s, &mut self.out) {
-                p.lost = Some(format!("connection to server lost: {e}"));
-            } else if let Err(e) =
-                read_frames(s, &mut self.decoder, &mut self.scratch, &mut p.messages)
-            {
-                p.lost = Some(e);
+        if let State::Open(s, tls) = &mut self.state {
+            if !self.out.is_empty() {
+                match tls.writer().write(&self.out) {
+                    Ok(n) => {
+                        self.out.drain(..n);
+                    }
+                    Err(e) => p.lost = Some(format!("connection to server lost: {e}")),
+                }
             }
-            if p.lost.is_some() {
-                self.close();
+            if p.lost.is_none() {
+                if let Err(e) = pump_tls(
+                    s,
+                    tls,
+                    &mut self.decoder,
+                    &mut self.scratch,
+                    &mut p.messages,
+                ) {
+                    p.lost = Some(e);
+                }
             }
+        }
+        if p.lost.is_some() {
+            self.close();
         }
         p
     }
+
+    fn check_pin(&mut self, tls: &ClientConnection) -> Result<(), String> {
+        let Some(cert) = tls.peer_certificates().and_then(|c| c.first()) else {
+            return Err("the server presented no certificate".into());
+        };
+        let fp = cert_fingerprint(cert);
+        self.fingerprint = Some(fp.clone());
+        match self.pins.check(&self.server, &fp, self.accept_new_cert) {
+            PinCheck::Known | PinCheck::Pinned => Ok(()),
+            PinCheck::Changed { pinned, presented } => Err(format!(
+                "the server's certificate changed (pinned {}…, now {}…): this may be an \
+                 impersonation. If the server was reinstalled on purpose, reconnect with \
+                 --accept-new-cert or remove it from {}",
+                &pinned[..pinned.len().min(23)],
+                &presented[..presented.len().min(23)],
+                self.pins
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "the pin store".into())
+            )),
+        }
+    }
+}
+
+/// Moves TLS records both ways and decodes any plaintext that arrived.
+fn pump_tls(
+    s: &mut TcpStream,
+    tls: &mut ClientConnection,
+    decoder: &mut FrameDecoder,
+    scratch: &mut [u8],
+    into: &mut Vec<ServerMsg>,
+) -> Result<(), String> {
+    while tls.wants_write() {
+        match tls.write_tls(s) {
+            Ok(0) => return Err("connection to server lost".into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("connection to server lost: {e}")),
+        }
+    }
+    loop {
+        match tls.read_tls(s) {
+            Ok(0) => return Err("server closed the connection".into()),
+            Ok(_) => {
+                tls.process_new_packets()
+                    .map_err(|e| format!("TLS error with the server: {e}"))?;
+                loop {
+                    let want = decoder.wanted().min(scratch.len());
+                    match tls.reader().read(&mut scratch[..want]) {
+                        Ok(0) => return Err("server closed the connection".into()),
+                        Ok(n) => {
+                            decoder.push(&scratch[..n]);
+                            while let Some(msg) = decoder
+                                .next::<ServerMsg>()
+                                .map_err(|e| format!("bad data from server: {e}"))?
+                            {
+                                into.push(msg);
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(format!("connection to server lost: {e}")),
+                    }
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("connection to server lost: {e}")),
+        }
+    }
+    // Handshake replies produced by what we just read.
+    while tls.wants_write() {
+        match tls.write_tls(s) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("connection to server lost: {e}")),
+        }
+    }
+    Ok(())
 }
 
 fn connect_error(remote: Option<SocketAddr>, e: std::io::Error) -> String {
@@ -173,47 +341,6 @@ fn connect_error(remote: Option<SocketAddr>, e: std::io::Error) -> String {
             format!("no server at {target} (connection refused)")
         }
         _ => format!("cannot connect to {target}: {e}"),
-    }
-}
-
-fn write_all_nonblocking(s: &mut TcpStream, out: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut written = 0;
-    while written < out.len() {
-        match s.write(&out[written..]) {
-            Ok(0) => return Err(ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    out.drain(..written);
-    Ok(())
-}
-
-fn read_frames(
-    s: &mut TcpStream,
-    decoder: &mut FrameDecoder,
-    scratch: &mut [u8],
-    into: &mut Vec<ServerMsg>,
-) -> Result<(), String> {
-    loop {
-        let want = decoder.wanted().min(scratch.len());
-        match s.read(&mut scratch[..want]) {
-            Ok(0) => return Err("server closed the connection".into()),
-            Ok(n) => {
-                decoder.push(&scratch[..n]);
-                while let Some(msg) = decoder
-                    .next::<ServerMsg>()
-                    .map_err(|e| format!("bad data from server: {e}"))?
-                {
-                    into.push(msg);
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("connection to server lost: {e}")),
-        }
     }
 }
 
@@ -229,5 +356,13 @@ mod tests {
         assert_eq!(resolve("localhost:81").unwrap().port(), 81);
         assert!(resolve("").is_err());
         assert!(resolve("256.1.1.1:5").is_err());
+    }
+
+    #[test]
+    fn host_names_for_tls_drop_the_port() {
+        assert_eq!(host_of("example.org"), "example.org");
+        assert_eq!(host_of("example.org:9"), "example.org");
+        assert_eq!(host_of("[::1]:9"), "::1");
+        assert_eq!(host_of("10.0.0.1"), "10.0.0.1");
     }
 }

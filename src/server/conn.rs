@@ -1,9 +1,11 @@
-//! One accepted TCP connection: non-blocking reads into a [`FrameDecoder`], buffered writes.
+//! One accepted TCP connection: TLS over a non-blocking socket, decrypted bytes into a
+//! [`FrameDecoder`], outgoing frames buffered (and encrypted) by rustls.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 
 use mio::net::TcpStream;
+use rustls::ServerConnection;
 
 use crate::protocol::{ClientMsg, FrameDecoder, FramingError};
 
@@ -28,9 +30,8 @@ pub struct ReadOutcome {
 pub struct Conn {
     pub stream: TcpStream,
     pub peer: SocketAddr,
+    tls: ServerConnection,
     decoder: FrameDecoder,
-    out: Vec<u8>,
-    out_start: usize,
     /// Close after the queued output is flushed.
     pub closing: bool,
     /// Flush attempts since `closing` was set.
@@ -38,19 +39,20 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
+    pub fn new(stream: TcpStream, peer: SocketAddr, mut tls: ServerConnection) -> Self {
+        // Bounds what a client that does not read can make us buffer.
+        tls.set_buffer_limit(Some(MAX_QUEUED_OUTPUT));
         Self {
             stream,
             peer,
+            tls,
             decoder: FrameDecoder::new(),
-            out: Vec::new(),
-            out_start: 0,
             closing: false,
             close_attempts: 0,
         }
     }
 
-    /// Reads what is available (up to the budget) and decodes complete messages.
+    /// Reads what is available (up to the budget), decrypts it and decodes complete messages.
     pub fn read(&mut self, scratch: &mut [u8]) -> ReadOutcome {
         let mut outcome = ReadOutcome::default();
         let mut total = 0;
@@ -59,17 +61,21 @@ impl Conn {
                 outcome.more = true;
                 break;
             }
-            let want = self.decoder.wanted().min(scratch.len());
-            match self.stream.read(&mut scratch[..want]) {
+            match self.tls.read_tls(&mut self.stream) {
                 Ok(0) => {
                     outcome.closed = Some("connection closed by peer".into());
                     break;
                 }
                 Ok(n) => {
                     total += n;
-                    self.decoder.push(&scratch[..n]);
-                    if let Err(e) = self.drain(&mut outcome.messages) {
-                        outcome.closed = Some(e.to_string());
+                    if let Err(e) = self.tls.process_new_packets() {
+                        // Tell the client why, if the alert still gets out.
+                        let _ = self.tls.write_tls(&mut self.stream);
+                        outcome.closed = Some(format!("TLS error: {e}"));
+                        return outcome;
+                    }
+                    if let Err(why) = self.drain_plaintext(scratch, &mut outcome.messages) {
+                        outcome.closed = Some(why);
                         return outcome;
                     }
                 }
@@ -84,6 +90,25 @@ impl Conn {
         outcome
     }
 
+    fn drain_plaintext(
+        &mut self,
+        scratch: &mut [u8],
+        into: &mut Vec<ClientMsg>,
+    ) -> Result<(), String> {
+        loop {
+            let want = self.decoder.wanted().min(scratch.len());
+            match self.tls.reader().read(&mut scratch[..want]) {
+                Ok(0) => return Err("connection closed by peer".into()),
+                Ok(n) => {
+                    self.decoder.push(&scratch[..n]);
+                    self.drain(into).map_err(|e| e.to_string())?;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(format!("read error: {e}")),
+            }
+        }
+    }
+
     fn drain(&mut self, into: &mut Vec<ClientMsg>) -> Result<(), FramingError> {
         while let Some(msg) = self.decoder.next::<ClientMsg>()? {
             into.push(msg);
@@ -93,34 +118,28 @@ impl Conn {
 
     /// Queues an encoded frame. Returns false when the client is too far behind.
     pub fn queue(&mut self, frame: &[u8]) -> bool {
-        if self.out.len() - self.out_start + frame.len() > MAX_QUEUED_OUTPUT {
-            return false;
-        }
-        self.out.extend_from_slice(frame);
-        true
+        matches!(self.tls.writer().write(frame), Ok(n) if n == frame.len())
+    }
+
+    /// Ends the TLS session cleanly after what is queued.
+    pub fn send_close_notify(&mut self) {
+        self.tls.send_close_notify();
     }
 
     pub fn has_output(&self) -> bool {
-        self.out_start < self.out.len()
+        self.tls.wants_write()
     }
 
     /// Writes queued bytes until the socket would block. Err means the connection is dead.
     pub fn flush(&mut self) -> std::io::Result<()> {
-        while self.out_start < self.out.len() {
-            match self.stream.write(&self.out[self.out_start..]) {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.stream) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => self.out_start += n,
+                Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-        }
-        if self.out_start == self.out.len() {
-            self.out.clear();
-            self.out_start = 0;
-        } else if self.out_start > 64 * 1024 {
-            self.out.drain(..self.out_start);
-            self.out_start = 0;
         }
         Ok(())
     }

@@ -19,6 +19,8 @@ use super::state::{Output, ServerRules, ServerState, SessionId};
 use crate::config::{verify_password, ChannelConfig};
 use crate::protocol::datagram::Datagram;
 use crate::protocol::{encode_frame, ServerMsg};
+use crate::tls::ServerIdentity;
+use std::sync::Arc;
 
 const LISTENER: Token = Token(usize::MAX);
 
@@ -32,6 +34,8 @@ pub struct ServerConfig {
     pub rules: ServerRules,
     /// Print one JSON line with the bound address on stdout (for scripts and tests).
     pub announce_json: bool,
+    /// Where the TLS identity is kept; `None` makes a throwaway one for this run.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// Counters for logs, benches and the host UI.
@@ -63,6 +67,8 @@ pub enum ServerStartError {
     },
     #[error("cannot set up socket polling: {0}")]
     Poll(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 #[derive(Resource)]
@@ -84,6 +90,7 @@ struct ServerNet {
     verify_tx: Sender<VerifyJob>,
     verify_rx: Receiver<VerifyResult>,
     channel_entities: HashMap<String, Entity>,
+    tls: Arc<rustls::ServerConfig>,
 }
 
 struct VerifyJob {
@@ -109,16 +116,29 @@ struct Outbox(Vec<Output>);
 pub struct ServerPlugin {
     net: std::sync::Mutex<Option<(TcpListener, UdpSocket, Poll)>>,
     config: ServerConfig,
+    tls: Arc<rustls::ServerConfig>,
+    fingerprint: String,
 }
 
 impl ServerPlugin {
     pub fn bind(config: ServerConfig) -> Result<Self, ServerStartError> {
         let (listener, udp) = bind_pair(config.bind, config.port)?;
         let poll = Poll::new().map_err(ServerStartError::Poll)?;
+        let identity = match &config.data_dir {
+            Some(dir) => ServerIdentity::load_or_create(dir)?,
+            None => ServerIdentity::generate()?,
+        };
         Ok(Self {
             net: std::sync::Mutex::new(Some((listener, udp, poll))),
+            tls: identity.server_config()?,
+            fingerprint: identity.fingerprint(),
             config,
         })
+    }
+
+    /// SHA-256 fingerprint of the server's TLS certificate (clients pin it on first use).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -175,10 +195,11 @@ impl Plugin for ServerPlugin {
         let local = listener.local_addr().ok();
         if let Some(addr) = local {
             info!("metadata server listening on TCP and UDP {addr}");
+            info!("TLS certificate fingerprint {}", self.fingerprint);
             if self.config.announce_json {
                 println!(
                     "{}",
-                    serde_json::json!({"event": "listening", "addr": addr.to_string()})
+                    serde_json::json!({"event": "listening", "addr": addr.to_string(), "fingerprint": self.fingerprint})
                 );
             }
         }
@@ -233,6 +254,7 @@ impl Plugin for ServerPlugin {
             verify_tx,
             verify_rx,
             channel_entities,
+            tls: self.tls.clone(),
         })
         .insert_resource(Rules(ServerState::new(
             self.config.channels.clone(),
@@ -286,10 +308,17 @@ fn accept_connections(
                     warn!("cannot register connection from {peer}: {e}");
                     continue;
                 }
+                let tls = match rustls::ServerConnection::new(net.tls.clone()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!("TLS setup failed for {peer}: {e}");
+                        continue;
+                    }
+                };
                 let token = rand::rngs::OsRng.next_u64();
                 rules.0.session_opened(t, id, token);
                 let entity = commands.spawn(Session(id)).id();
-                net.conns.insert(id, (entity, Conn::new(stream, peer)));
+                net.conns.insert(id, (entity, Conn::new(stream, peer, tls)));
                 // Data may already be waiting: edge-triggered readiness would not report it again.
                 net.still_readable.insert(id);
                 stats.accepted += 1;
@@ -339,6 +368,10 @@ fn read_connections(
         }
         if outcome.more {
             net.still_readable.insert(id);
+        }
+        // TLS handshake records (and alerts) are produced by reading.
+        if conn.has_output() {
+            net.dirty.insert(id);
         }
         if let Some(reason) = outcome.closed {
             if reason != "connection closed by peer" {
@@ -497,6 +530,7 @@ fn apply_outputs(
             }) {
                 conn.queue(&frame);
             }
+            conn.send_close_notify();
             net.dirty.insert(id);
             commands.entity(*entity).despawn();
             rules.0.session_closed(t, id, &mut outbox.0);

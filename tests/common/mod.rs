@@ -16,10 +16,21 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_p2p-voice")
 }
 
+/// A `p2p-voice` command with its own, fresh settings directory (pinned certificates,
+/// remembered username), so tests never share state with each other or the user.
+pub fn p2p() -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.env("P2P_VOICE_CONFIG_DIR", temp_path("config"));
+    cmd
+}
+
 /// A `p2p-voice server` child process; killed on drop.
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where it keeps its TLS identity (kept across `restart`).
+    pub data_dir: PathBuf,
+    channels: Option<String>,
 }
 
 impl ServerProcess {
@@ -32,6 +43,23 @@ impl ServerProcess {
     }
 
     pub fn start_on(channels: Option<&str>, port: u16) -> Self {
+        Self::start_in(channels, port, temp_path("server-data"))
+    }
+
+    /// Stops the server and starts it again on the same port with the same identity.
+    pub fn restart(&mut self, down_for: std::time::Duration) {
+        self.kill();
+        std::thread::sleep(down_for);
+        let next = Self::start_in(
+            self.channels.as_deref(),
+            self.addr.port(),
+            self.data_dir.clone(),
+        );
+        // The old process is already reaped by kill(); dropping `old` kills nothing new.
+        let _old = std::mem::replace(self, next);
+    }
+
+    fn start_in(channels: Option<&str>, port: u16, data_dir: PathBuf) -> Self {
         let mut cmd = Command::new(bin());
         cmd.args([
             "server",
@@ -40,7 +68,9 @@ impl ServerProcess {
             "--port",
             &port.to_string(),
             "--json",
-        ]);
+        ])
+        .arg("--data-dir")
+        .arg(&data_dir);
         if let Some(text) = channels {
             let path = temp_path("channels.toml");
             std::fs::write(&path, text).unwrap();
@@ -61,7 +91,12 @@ impl ServerProcess {
         let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            data_dir,
+            channels: channels.map(String::from),
+        }
     }
 
     pub fn kill(&mut self) {
@@ -98,7 +133,7 @@ fn rand_suffix() -> u64 {
 
 /// A client speaking the protocol directly over a blocking socket with timeouts.
 pub struct RawClient {
-    pub stream: TcpStream,
+    pub stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
     decoder: FrameDecoder,
     pub seen: Vec<ServerMsg>,
 }
@@ -107,11 +142,16 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_millis(100)))
+        let tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        stream.set_nodelay(true).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let tls = rustls::ClientConnection::new(
+            p2p_voice::tls::client_config(),
+            p2p_voice::tls::server_name("127.0.0.1"),
+        )
+        .unwrap();
+        let stream = rustls::StreamOwned::new(tls, tcp);
         Self {
             stream,
             decoder: FrameDecoder::new(),
@@ -121,6 +161,7 @@ impl RawClient {
 
     pub fn send(&mut self, msg: &ClientMsg) {
         self.stream.write_all(&encode_frame(msg).unwrap()).unwrap();
+        self.stream.flush().unwrap();
     }
 
     pub fn hello(&mut self) -> u64 {
@@ -244,7 +285,7 @@ impl HeadlessClient {
         secs: f64,
     ) -> Self {
         let output = temp_path(&format!("{name}.wav"));
-        let mut cmd = Command::new(bin());
+        let mut cmd = p2p();
         cmd.args([
             "client",
             "--headless",

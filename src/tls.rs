@@ -1,0 +1,314 @@
+//! TLS for the control connection, with trust on first use.
+//!
+//! The server makes a self-signed certificate the first time it starts and keeps it in its
+//! data directory, so its identity stays the same across restarts. A client has no authority to
+//! check that certificate against; instead it remembers the certificate's SHA-256 fingerprint
+//! per server address the first time it connects (like SSH's known_hosts) and refuses, with a
+//! clear warning, when a server later presents another one. TLS 1.3/1.2 still proves that the
+//! server holds the key of the certificate it shows, so a pinned server cannot be impersonated.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Errors setting up TLS, worded for the operator or user.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot create the server certificate: {0}")]
+    Generate(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The server's certificate and private key (DER).
+pub struct ServerIdentity {
+    pub cert: CertificateDer<'static>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ServerIdentity {
+    /// A fresh self-signed identity (kept in memory only).
+    pub fn generate() -> Result<Self, TlsError> {
+        let ck = rcgen::generate_simple_self_signed(vec!["p2p-voice".to_string()])
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        Ok(Self {
+            cert: ck.cert.der().clone(),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der())),
+        })
+    }
+
+    /// Loads the identity kept in `dir`, or creates and stores one.
+    pub fn load_or_create(dir: &Path) -> Result<Self, TlsError> {
+        let cert_path = dir.join("server-cert.der");
+        let key_path = dir.join("server-key.der");
+        if cert_path.exists() && key_path.exists() {
+            let read = |p: &Path| {
+                std::fs::read(p).map_err(|source| TlsError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })
+            };
+            return Ok(Self {
+                cert: CertificateDer::from(read(&cert_path)?),
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(read(&key_path)?)),
+            });
+        }
+        let id = Self::generate()?;
+        let write = |p: &Path, bytes: &[u8]| {
+            std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(p, bytes))
+                .map_err(|source| TlsError::Write {
+                    path: p.to_path_buf(),
+                    source,
+                })
+        };
+        write(&cert_path, id.cert.as_ref())?;
+        write(&key_path, id.key.secret_der())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600));
+        }
+        Ok(id)
+    }
+
+    pub fn fingerprint(&self) -> String {
+        cert_fingerprint(&self.cert)
+    }
+
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], self.key.clone_key())?;
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// Where the server keeps its identity: `P2P_VOICE_DATA_DIR`, else the platform data dir.
+pub fn default_data_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("P2P_VOICE_DATA_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    directories::ProjectDirs::from("", "", "p2p-voice").map(|p| p.data_dir().to_path_buf())
+}
+
+/// SHA-256 of a certificate, as colon-separated hex (the form people compare).
+pub fn cert_fingerprint(cert: &CertificateDer<'_>) -> String {
+    Sha256::digest(cert.as_ref())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Accepts any certificate during the handshake (the pin is checked right after it by
+/// [`PinStore::check`]) but still verifies the handshake signature, so the server must hold
+/// the certificate's private key.
+#[derive(Debug)]
+pub struct PinAfterHandshake {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinAfterHandshake {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The client TLS configuration (pinning happens after the handshake).
+pub fn client_config() -> Arc<rustls::ClientConfig> {
+    let provider = provider();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinAfterHandshake { provider }))
+        .with_no_client_auth();
+    Arc::new(cfg)
+}
+
+/// The name to put in the TLS handshake for a server address (the certificate is not checked
+/// against it; pins are per address).
+pub fn server_name(host: &str) -> ServerName<'static> {
+    ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::try_from("p2p-voice").expect("valid name"))
+}
+
+/// Outcome of checking a server's certificate against the pins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinCheck {
+    /// Seen before with this certificate.
+    Known,
+    /// First time: now pinned.
+    Pinned,
+    /// A different certificate than the one pinned: refuse.
+    Changed { pinned: String, presented: String },
+}
+
+/// Known server fingerprints per address, kept in `known_servers.toml` next to the settings.
+#[derive(Debug, Default)]
+pub struct PinStore {
+    path: Option<PathBuf>,
+    pins: BTreeMap<String, String>,
+}
+
+impl PinStore {
+    /// In-memory only (tests, or when there is no config directory).
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    /// Loads `dir/known_servers.toml` (missing or unreadable means empty).
+    pub fn load(dir: Option<PathBuf>) -> Self {
+        let path = dir.map(|d| d.join("known_servers.toml"));
+        let pins = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| toml::from_str(&t).ok())
+            .unwrap_or_default();
+        Self { path, pins }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Checks (and on first use pins) `fingerprint` for `server`. With `accept_change`, a
+    /// changed certificate replaces the pin (the user said they trust the new one).
+    pub fn check(&mut self, server: &str, fingerprint: &str, accept_change: bool) -> PinCheck {
+        match self.pins.get(server) {
+            Some(p) if p == fingerprint => PinCheck::Known,
+            Some(p) if !accept_change => PinCheck::Changed {
+                pinned: p.clone(),
+                presented: fingerprint.to_string(),
+            },
+            _ => {
+                self.pins
+                    .insert(server.to_string(), fingerprint.to_string());
+                self.save();
+                PinCheck::Pinned
+            }
+        }
+    }
+
+    fn save(&self) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Ok(text) = toml::to_string(&self.pins) {
+            let _ = std::fs::write(path, text);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_use_pins_then_same_is_known_and_change_is_refused_unless_accepted() {
+        let mut pins = PinStore::in_memory();
+        assert_eq!(pins.check("h:1", "AA", false), PinCheck::Pinned);
+        assert_eq!(pins.check("h:1", "AA", false), PinCheck::Known);
+        assert_eq!(
+            pins.check("h:1", "BB", false),
+            PinCheck::Changed {
+                pinned: "AA".into(),
+                presented: "BB".into()
+            }
+        );
+        assert_eq!(pins.check("h:1", "BB", true), PinCheck::Pinned);
+        assert_eq!(pins.check("h:1", "BB", false), PinCheck::Known);
+        // Pins are per address.
+        assert_eq!(pins.check("h:2", "CC", false), PinCheck::Pinned);
+    }
+
+    #[test]
+    fn pins_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("pv-pins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        PinStore::load(Some(dir.clone())).check("h:1", "AA", false);
+        assert_eq!(
+            PinStore::load(Some(dir.clone())).check("h:1", "AA", false),
+            PinCheck::Known
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_server_identity_is_kept_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("pv-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = ServerIdentity::load_or_create(&dir).unwrap();
+        let b = ServerIdentity::load_or_create(&dir).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert!(a.server_config().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

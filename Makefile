@@ -11,7 +11,7 @@ BUILD_PKGS := build-essential pkg-config cmake libasound2-dev
 RUN_PKGS := $(BUILD_PKGS) libx11-6 libxcursor1 libxrandr2 libxi6 libxkbcommon-x11-0 libvulkan1 mesa-vulkan-drivers
 # Tests: PulseAudio null sink for the real-device test, iproute2/nftables for the NAT test,
 # Xvfb for screenshots.
-TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables xvfb xauth
+TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables tcpdump xvfb xauth
 
 .PHONY: help deps-run deps-test run server test lint bench screenshots fmt
 

@@ -1,16 +1,17 @@
 //! Metadata-server scale harness (not a criterion bench).
 //!
-//! Starts the real `p2p-voice server` binary, opens N control connections from this one process
-//! (non-blocking sockets in one `mio::Poll`), walks each through Hello -> Welcome -> Identify ->
+//! Starts the real `p2p-voice server` binary, opens N control connections (TLS, as real clients
+//! do) from this one process (non-blocking sockets in one `mio::Poll`), walks each through
+//! Hello -> Welcome -> Identify ->
 //! Identified/Overview -> Join, then churns channel membership at a fixed rate for a fixed time:
 //! a random client sends `Leave` then `Join` to another channel, and the latency sample is the time
 //! from sending that `Join` until the *observer* client of the destination channel (one fixed
 //! member per channel) receives the matching `MemberJoined`.
 //!
-//! Every socket is drained continuously (each join/leave is broadcast to every identified session
-//! and the server drops clients that fall 1 MiB behind). Only frames somebody cares about are
-//! decoded: observers, clients still in their handshake, and clients waiting for a `Joined`;
-//! everything else is skipped by its length prefix.
+//! Every socket is drained and decrypted continuously (each join/leave is broadcast to every
+//! identified session and the server drops clients that fall 1 MiB behind). Only frames somebody
+//! cares about are decoded: observers, clients still in their handshake, and clients waiting for
+//! a `Joined`; everything else is skipped by its length prefix.
 //!
 //! `cargo bench --bench server_scale` runs the full measurement (env `P2P_VOICE_SCALE_N`,
 //! `_SECS`, `_RATE`, `_CHANNELS`, `_BATCH`, `_SEED`). Run without `--bench` (as
@@ -148,6 +149,8 @@ struct ServerGuard {
     child: Child,
     addr: SocketAddr,
     channels_file: PathBuf,
+    /// Throwaway directory for the server's TLS identity.
+    data_dir: PathBuf,
     log: Arc<Mutex<ServerLog>>,
 }
 
@@ -166,10 +169,16 @@ impl ServerGuard {
             ));
         }
         std::fs::write(&channels_file, toml).expect("write channels file");
+        let data_dir = std::env::temp_dir().join(format!(
+            "p2p-voice-scale-{}-server-data",
+            std::process::id()
+        ));
         let mut child = Command::new(env!("CARGO_BIN_EXE_p2p-voice"))
             .args(["server", "--bind", "127.0.0.1", "--port", "0", "--json"])
             .arg("--channels")
             .arg(&channels_file)
+            .arg("--data-dir")
+            .arg(&data_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -198,6 +207,7 @@ impl ServerGuard {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             channels_file,
+            data_dir,
             log,
         };
         let line = match lines.next() {
@@ -236,6 +246,7 @@ impl Drop for ServerGuard {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.channels_file);
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 
@@ -339,10 +350,12 @@ enum Phase {
     Dead,
 }
 
-/// One simulated client: its socket, where it is in the protocol, and a frame splitter that
-/// skips frames nobody needs without decoding them.
+/// One simulated client: its socket and TLS session, where it is in the protocol, and a frame
+/// splitter that skips frames nobody needs without decoding them.
 struct Client {
     stream: TcpStream,
+    /// The control connection is TLS; plaintext frames go through this.
+    tls: rustls::ClientConnection,
     phase: Phase,
     user_id: UserId,
     /// Channel the client is in (or is joining during setup).
@@ -352,8 +365,6 @@ struct Client {
     /// Destination of a churn `Join` whose `Joined` has not arrived yet.
     churn_dest: Option<usize>,
     overview: OverviewSeen,
-    out: Vec<u8>,
-    out_start: usize,
     hdr: [u8; 4],
     hdr_len: usize,
     body_left: usize,
@@ -483,6 +494,10 @@ struct Harness {
     events: Events,
     clients: Vec<Client>,
     decoder: FrameDecoder,
+    tls_config: Arc<rustls::ClientConfig>,
+    /// Ciphertext as read from a socket.
+    raw: Vec<u8>,
+    /// Plaintext out of TLS.
     scratch: Vec<u8>,
     decoded: Vec<ServerMsg>,
     ready_tokens: Vec<usize>,
@@ -507,6 +522,8 @@ impl Harness {
             events: Events::with_capacity(4096),
             clients: Vec::with_capacity(params.clients),
             decoder: FrameDecoder::new(),
+            tls_config: p2p_voice::tls::client_config(),
+            raw: vec![0u8; 64 * 1024],
             scratch: vec![0u8; 64 * 1024],
             decoded: Vec::new(),
             ready_tokens: Vec::new(),
@@ -539,16 +556,20 @@ impl Harness {
                 )
                 .unwrap_or_else(|e| panic!("register client #{i}: {e}"));
             let channel = i % self.params.channels;
+            let tls = rustls::ClientConnection::new(
+                Arc::clone(&self.tls_config),
+                p2p_voice::tls::server_name("127.0.0.1"),
+            )
+            .expect("TLS client session");
             self.clients.push(Client {
                 stream,
+                tls,
                 phase: Phase::Connecting,
                 user_id: 0,
                 channel,
                 observer_of: (i < self.params.channels).then_some(channel),
                 churn_dest: None,
                 overview: OverviewSeen::No,
-                out: Vec::new(),
-                out_start: 0,
                 hdr: [0; 4],
                 hdr_len: 0,
                 body_left: 0,
@@ -559,25 +580,30 @@ impl Harness {
         }
     }
 
+    /// Queues a message in the client's TLS session (buffered by rustls until the handshake is
+    /// done) and writes what can be written.
     fn send(&mut self, i: usize, msg: &ClientMsg) {
         let frame = encode_frame(msg).expect("client message encodes");
         let c = &mut self.clients[i];
         if c.phase == Phase::Dead {
             return;
         }
-        c.out.extend_from_slice(&frame);
+        if let Err(e) = c.tls.writer().write_all(&frame) {
+            self.kill(i, format!("TLS writer refused a frame: {e}"));
+            return;
+        }
         self.flush(i);
     }
 
     fn flush(&mut self, i: usize) {
         let c = &mut self.clients[i];
-        while c.out_start < c.out.len() {
-            match c.stream.write(&c.out[c.out_start..]) {
+        while c.tls.wants_write() {
+            match c.tls.write_tls(&mut c.stream) {
                 Ok(0) => {
                     self.kill(i, "write returned 0".into());
                     return;
                 }
-                Ok(n) => c.out_start += n,
+                Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -585,10 +611,6 @@ impl Harness {
                     return;
                 }
             }
-        }
-        if c.out_start == c.out.len() {
-            c.out.clear();
-            c.out_start = 0;
         }
     }
 
@@ -654,10 +676,11 @@ impl Harness {
         if self.clients[i].phase == Phase::Dead {
             return;
         }
-        if self.clients[i].out_start < self.clients[i].out.len() {
+        self.read(i);
+        // Reading may complete the handshake (releasing buffered frames) or produce TLS replies.
+        if self.clients[i].phase != Phase::Dead && self.clients[i].tls.wants_write() {
             self.flush(i);
         }
-        self.read(i);
     }
 
     /// Completes a non-blocking connect; true once connected (Hello sent).
@@ -690,11 +713,14 @@ impl Harness {
         true
     }
 
+    /// Reads the socket until it is empty: ciphertext into `raw`, through TLS into plaintext,
+    /// plaintext through the frame splitter.
     fn read(&mut self, i: usize) {
         let mut decoded = std::mem::take(&mut self.decoded);
-        loop {
+        let mut raw = std::mem::take(&mut self.raw);
+        'socket: loop {
             let c = &mut self.clients[i];
-            let n = match c.stream.read(&mut self.scratch) {
+            let n = match c.stream.read(&mut raw) {
                 Ok(0) => {
                     self.kill(i, "server closed the connection".into());
                     break;
@@ -709,24 +735,56 @@ impl Harness {
             };
             let now = Instant::now();
             self.counters.bytes_in += n as u64;
-            if let Err(e) = split_frames(
-                c,
-                &self.scratch[..n],
-                &mut self.decoder,
-                &mut decoded,
-                &mut self.counters,
-            ) {
-                panic!("client #{i}: {e}");
-            }
-            for msg in decoded.drain(..) {
-                self.handle(i, msg, now);
+            let mut cipher = &raw[..n];
+            while !cipher.is_empty() {
+                let c = &mut self.clients[i];
+                if let Err(e) = c.tls.read_tls(&mut cipher) {
+                    self.kill(i, format!("TLS read: {e}"));
+                    break 'socket;
+                }
+                if let Err(e) = c.tls.process_new_packets() {
+                    self.kill(i, format!("TLS error: {e}"));
+                    break 'socket;
+                }
+                loop {
+                    let c = &mut self.clients[i];
+                    let m = match c.tls.reader().read(&mut self.scratch) {
+                        Ok(0) => {
+                            self.kill(i, "server ended the TLS session".into());
+                            break 'socket;
+                        }
+                        Ok(m) => m,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            self.kill(i, format!("TLS read: {e}"));
+                            break 'socket;
+                        }
+                    };
+                    if let Err(e) = split_frames(
+                        c,
+                        &self.scratch[..m],
+                        &mut self.decoder,
+                        &mut decoded,
+                        &mut self.counters,
+                    ) {
+                        panic!("client #{i}: {e}");
+                    }
+                    for msg in decoded.drain(..) {
+                        self.handle(i, msg, now);
+                    }
+                    if self.clients[i].phase == Phase::Dead {
+                        break 'socket;
+                    }
+                }
             }
             // A short read emptied the socket: with edge-triggered readiness any later data
             // raises a new event, so the extra read that would return WouldBlock is skipped.
-            if n < self.scratch.len() {
+            if n < raw.len() {
                 break;
             }
         }
+        self.raw = raw;
+        decoded.clear();
         self.decoded = decoded;
     }
 

@@ -21,9 +21,11 @@ use crate::protocol::{PeerInfo, UserId};
 
 /// How often a [`VoiceSnapshot`] is published to ECS.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
-/// Mixed audio kept queued in the playback ring, beyond one frame (the output side of the
-/// latency budget).
-const PLAYBACK_MARGIN_SAMPLES: usize = 0;
+/// The playback ring is topped up with a new mixed frame whenever less than this is queued:
+/// one 10 ms device chunk. Each sample then waits 10-30 ms (20 ms frames) in the ring, the
+/// output side of the latency budget; the voice loop wakes every millisecond, so the device
+/// never finds the ring empty.
+const PLAYBACK_LOW_WATER_SAMPLES: usize = 480;
 
 /// Intents for the voice plane.
 #[derive(Debug, Clone)]
@@ -286,8 +288,8 @@ impl Worker {
                     let _ = socket.send_to(bytes, to);
                 });
             }
-            // Playout side: keep one frame plus a margin queued for the device.
-            while self.playback.queued() < frame + PLAYBACK_MARGIN_SAMPLES
+            // Playout side: keep the device fed, with as little queued as is safe.
+            while self.playback.queued() < PLAYBACK_LOW_WATER_SAMPLES
                 && self.playback.free() >= frame
             {
                 self.engine.playout_frame(now, &mut mix);

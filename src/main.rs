@@ -69,6 +69,9 @@ struct ServerArgs {
     /// Where the server keeps its TLS certificate (default: the platform data directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Most simultaneous connections from one IP address.
+    #[arg(long, default_value_t = p2p_voice::server::plugin::DEFAULT_MAX_CONNECTIONS_PER_IP)]
+    max_connections_per_ip: usize,
 }
 
 #[derive(Args, Clone)]
@@ -154,6 +157,7 @@ fn server_config(
     channels: Option<&PathBuf>,
     json: bool,
     data_dir: Option<PathBuf>,
+    max_connections_per_ip: usize,
 ) -> anyhow::Result<ServerConfig> {
     let channels = load_channels(channels.map(|p| p.as_path()))?;
     Ok(ServerConfig {
@@ -163,6 +167,7 @@ fn server_config(
         rules: ServerRules::default(),
         announce_json: json,
         data_dir: data_dir.or_else(p2p_voice::tls::default_data_dir),
+        max_connections_per_ip,
     })
 }
 
@@ -213,7 +218,14 @@ fn run() -> anyhow::Result<ExitCode> {
     }));
     match mode {
         Mode::Server(a) => {
-            let cfg = server_config(a.bind, a.port, a.channels.as_ref(), a.json, a.data_dir)?;
+            let cfg = server_config(
+                a.bind,
+                a.port,
+                a.channels.as_ref(),
+                a.json,
+                a.data_dir,
+                a.max_connections_per_ip,
+            )?;
             app::run_server(cfg)
         }
         Mode::Host(a) => {
@@ -223,6 +235,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 a.channels.as_ref(),
                 false,
                 a.data_dir.clone(),
+                p2p_voice::server::plugin::DEFAULT_MAX_CONNECTIONS_PER_IP,
             )?;
             if !has_display() {
                 eprintln!(

@@ -371,3 +371,20 @@ fn a_message_flood_is_cut_off_and_does_not_delay_others() {
         |m| matches!(m, ServerMsg::MemberJoined { member, .. } if member.username == "bob"),
     );
 }
+
+#[test]
+fn connections_beyond_the_per_ip_limit_are_refused_and_others_still_served() {
+    let server = ServerProcess::start_args(&["--max-connections-per-ip", "4"]);
+    let mut kept: Vec<RawClient> = (0..4)
+        .map(|i| RawClient::login(server.addr, &format!("u{i}")).0)
+        .collect();
+    // The fifth from the same address is closed before TLS completes.
+    let refused = std::panic::catch_unwind(|| RawClient::login(server.addr, "fifth"));
+    assert!(refused.is_err(), "fifth connection was served");
+    // Once one leaves, there is room again.
+    drop(kept.pop());
+    std::thread::sleep(Duration::from_millis(300));
+    let (_again, st, _) = RawClient::login(server.addr, "again");
+    assert_eq!(st, Status::Ok);
+    assert_eq!(kept[0].join("Lobby", None), Status::Ok);
+}

@@ -99,3 +99,52 @@ fn killing_the_server_mid_call_does_not_stop_the_voice() {
         assert_eq!(s["peers"].as_array().unwrap().len(), 2, "{name}: {s}");
     }
 }
+
+#[test]
+fn a_burst_of_malformed_connections_does_not_disturb_a_call() {
+    use std::io::Write;
+    let server = ServerProcess::start();
+    let talker = HeadlessClient::spawn(
+        server.addr,
+        "talker",
+        "Lobby",
+        &["--input-tone", "500"],
+        &["--always-transmit"],
+        8.0,
+    );
+    let listener = HeadlessClient::spawn(
+        server.addr,
+        "listener",
+        "Lobby",
+        &["--input-silence"],
+        &[],
+        8.0,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // 1,000 connections in a burst, each sending garbage.
+    let addr = server.addr;
+    let flood = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for i in 0..1000u32 {
+            if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                let _ = s.write_all(&i.to_be_bytes().repeat(64));
+                open.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        open.len()
+    });
+    let opened = flood.join().unwrap();
+    assert!(opened > 0);
+    // The server still answers promptly.
+    let (_late, st, _) = RawClient::login(server.addr, "late");
+    assert_eq!(st, p2p_voice::protocol::Status::Ok);
+    let (_, _) = talker.finish();
+    let (_, audio) = listener.finish();
+    let start = onset(&audio, 0.02).expect("listener heard the talker");
+    let from = start + 24_000;
+    let to = audio.len().saturating_sub(14_400);
+    assert!(to > from + 48_000 * 3);
+    let gap = longest_silence_ms(&audio[from..to], 0.01);
+    assert!(gap <= 60, "longest gap {gap} ms during the flood");
+}

@@ -36,7 +36,13 @@ pub struct ServerConfig {
     pub announce_json: bool,
     /// Where the TLS identity is kept; `None` makes a throwaway one for this run.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Connections accepted from one IP address at once; more are closed on accept.
+    pub max_connections_per_ip: usize,
 }
+
+/// Default of [`ServerConfig::max_connections_per_ip`]: a household or office behind one NAT
+/// fits, one host cannot take the server's file descriptors.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
 
 /// Counters for logs, benches and the host UI.
 #[derive(Resource, Debug, Default, Clone)]
@@ -50,6 +56,8 @@ pub struct ServerStats {
     pub udp_registered: u64,
     pub udp_dropped: u64,
     pub protocol_errors: u64,
+    /// Connections refused because their IP already had the maximum.
+    pub refused_per_ip: u64,
 }
 
 /// Errors starting the server, worded for the operator.
@@ -91,6 +99,8 @@ struct ServerNet {
     verify_rx: Receiver<VerifyResult>,
     channel_entities: HashMap<String, Entity>,
     tls: Arc<rustls::ServerConfig>,
+    per_ip: HashMap<IpAddr, usize>,
+    max_per_ip: usize,
 }
 
 struct VerifyJob {
@@ -255,6 +265,8 @@ impl Plugin for ServerPlugin {
             verify_rx,
             channel_entities,
             tls: self.tls.clone(),
+            per_ip: HashMap::new(),
+            max_per_ip: self.config.max_connections_per_ip.max(1),
         })
         .insert_resource(Rules(ServerState::new(
             self.config.channels.clone(),
@@ -282,6 +294,15 @@ impl Plugin for ServerPlugin {
     }
 }
 
+fn release_ip(per_ip: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+    if let Some(n) = per_ip.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            per_ip.remove(&ip);
+        }
+    }
+}
+
 fn now(net: &ServerNet) -> Duration {
     net.start.elapsed()
 }
@@ -297,6 +318,13 @@ fn accept_connections(
     loop {
         match net.listener.accept() {
             Ok((mut stream, peer)) => {
+                let count = net.per_ip.entry(peer.ip()).or_default();
+                if *count >= net.max_per_ip {
+                    // Dropping the stream closes it; nothing was read, nothing to answer.
+                    stats.refused_per_ip += 1;
+                    continue;
+                }
+                *count += 1;
                 let id = net.next_id;
                 net.next_id += 1;
                 let _ = stream.set_nodelay(true);
@@ -559,6 +587,7 @@ fn flush_connections(mut net: ResMut<ServerNet>, mut stats: ResMut<ServerStats>)
         }
         if done {
             if let Some((_, mut conn)) = net.conns.remove(&id) {
+                release_ip(&mut net.per_ip, conn.peer.ip());
                 let _ = net.poll.registry().deregister(&mut conn.stream);
                 let _ = conn.stream.shutdown(std::net::Shutdown::Both);
             }
@@ -574,6 +603,7 @@ fn flush_connections(mut net: ResMut<ServerNet>, mut stats: ResMut<ServerStats>)
         .collect();
     for id in stale {
         if let Some((_, mut conn)) = net.conns.remove(&id) {
+            release_ip(&mut net.per_ip, conn.peer.ip());
             let _ = net.poll.registry().deregister(&mut conn.stream);
         }
     }

@@ -43,7 +43,12 @@ impl ServerProcess {
     }
 
     pub fn start_on(channels: Option<&str>, port: u16) -> Self {
-        Self::start_in(channels, port, temp_path("server-data"))
+        Self::start_in(channels, port, temp_path("server-data"), &[])
+    }
+
+    /// A server with extra command-line flags.
+    pub fn start_args(extra: &[&str]) -> Self {
+        Self::start_in(None, 0, temp_path("server-data"), extra)
     }
 
     /// Stops the server and starts it again on the same port with the same identity.
@@ -54,12 +59,13 @@ impl ServerProcess {
             self.channels.as_deref(),
             self.addr.port(),
             self.data_dir.clone(),
+            &[],
         );
         // The old process is already reaped by kill(); dropping `old` kills nothing new.
         let _old = std::mem::replace(self, next);
     }
 
-    fn start_in(channels: Option<&str>, port: u16, data_dir: PathBuf) -> Self {
+    fn start_in(channels: Option<&str>, port: u16, data_dir: PathBuf, extra: &[&str]) -> Self {
         let mut cmd = Command::new(bin());
         cmd.args([
             "server",
@@ -70,7 +76,8 @@ impl ServerProcess {
             "--json",
         ])
         .arg("--data-dir")
-        .arg(&data_dir);
+        .arg(&data_dir)
+        .args(extra);
         if let Some(text) = channels {
             let path = temp_path("channels.toml");
             std::fs::write(&path, text).unwrap();

@@ -142,6 +142,8 @@ pub struct ClientSettings {
     pub output_device: Option<String>,
     pub noise_suppression: Option<bool>,
     pub push_to_talk: Option<bool>,
+    /// Push-to-talk key, an egui key name such as "Space", "F5" or "T".
+    pub ptt_key: Option<String>,
 }
 
 impl ClientSettings {

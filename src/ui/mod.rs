@@ -71,7 +71,11 @@ impl Plugin for UiPlugin {
             connect.username = u.clone();
         }
         let controls = ControlsView {
-            ptt_key: "Space".into(),
+            ptt_key: settings
+                .ptt_key
+                .clone()
+                .filter(|k| egui::Key::from_name(k).is_some())
+                .unwrap_or_else(|| "Space".into()),
             noise_suppression: settings.noise_suppression.unwrap_or(true),
             ptt_enabled: settings.push_to_talk.unwrap_or(false),
             input_devices: o.input_devices.clone(),

@@ -71,8 +71,28 @@ impl Drop for Scratch {
     }
 }
 
-/// A JSON line printed by a child, with the instant the bench read it.
+/// A JSON line printed by a child, with the instant the bench read it (also stored in the
+/// value as `_read_unix_us`, wall clock).
 type Line = (Instant, Value);
+
+fn unix_us_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// How far a client's virtual audio clock fell behind the wall clock over its run, in ms:
+/// the time from `audio_started` to reading its summary, minus the audio its output WAV holds.
+/// A few ms is normal (shutdown); more means its device pacer skipped chunks because the
+/// process was starved of CPU, and then sample positions no longer map to wall-clock times.
+fn clock_slip_ms(summary: &Value, audio_started_us: f64, wav_samples: usize) -> f64 {
+    let end_us = f(&summary["_read_unix_us"]);
+    (end_us - audio_started_us) / 1000.0 - wav_samples as f64 * 1000.0 / RATE_F
+}
+
+/// Slip above which a latency run is reported as invalid.
+const MAX_CLOCK_SLIP_MS: f64 = 30.0;
 
 /// A child process whose stdout JSON lines are collected by a reader thread and whose stderr
 /// goes to a log file. Killed on drop unless it has already exited.
@@ -102,7 +122,10 @@ impl Proc {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if let Ok(mut v) = serde_json::from_str::<Value>(&line) {
+                    if v.is_object() {
+                        v["_read_unix_us"] = json!(unix_us_now());
+                    }
                     sink.lock().expect("lines lock").push((Instant::now(), v));
                 }
             }
@@ -507,6 +530,8 @@ struct LatencyResult {
     sent: usize,
     /// Frames the mouth sent per second of its run (50 or 100 when the stream is continuous).
     mouth_frames_per_s: f64,
+    /// Clock slip of the mouth and the ear, ms (see [`clock_slip_ms`]).
+    slip_ms: (f64, f64),
     a_summary: Value,
     b_summary: Value,
 }
@@ -516,6 +541,7 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
     let input = case.bursts.render();
     let in_path = scratch.path(&format!("{}-in.wav", case.label));
     let out_path = scratch.path(&format!("{}-out.wav", case.label));
+    let mouth_out = scratch.path(&format!("{}-mouth-out.wav", case.label));
     write_wav(&in_path, &input);
     // B starts first and stops first, so its summary still lists A as a peer.
     let duration = case.bursts.span_s() + 0.6;
@@ -552,7 +578,8 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
             name: "mouth",
             channel: "Lobby",
             args: a_args,
-            output_wav: None,
+            // Only to measure the mouth's clock slip: it hears nothing.
+            output_wav: Some(mouth_out.clone()),
             duration_s: duration + 1.0,
         },
     );
@@ -583,20 +610,28 @@ fn run_latency(scratch: &Scratch, case: &LatencyCase) -> LatencyResult {
         }
     }
     let a_summary = summary(&a);
+    let b_summary = summary(&b);
+    let slip_ms = (
+        clock_slip_ms(&a_summary, a_start, read_wav(&mouth_out).len()),
+        clock_slip_ms(&b_summary, b_start, heard.len()),
+    );
     LatencyResult {
+        slip_ms,
         latencies_ms,
         phases_ms,
         sent: sent.len(),
         mouth_frames_per_s: f(&a_summary["frames_sent"]) / (duration + 1.0),
         a_summary,
-        b_summary: summary(&b),
+        b_summary,
     }
 }
 
 fn report_latency(case: &LatencyCase, r: &LatencyResult, table: &mut String) -> Option<Stats> {
     let s = stats(&r.latencies_ms);
     let bp = peer0(&r.b_summary);
+    let slipped = r.slip_ms.0 > MAX_CLOCK_SLIP_MS || r.slip_ms.1 > MAX_CLOCK_SLIP_MS;
     let verdict = match (s, case.goal_ms) {
+        _ if slipped => "INVALID: audio clock slipped (CPU starved)",
         (Some(s), Some(goal)) if s.median <= goal && s.p95 <= goal => "meets goal",
         (Some(_), Some(_)) => "MISSES goal",
         (None, _) => "NO BURSTS FOUND",
@@ -613,11 +648,12 @@ fn report_latency(case: &LatencyCase, r: &LatencyResult, table: &mut String) -> 
         "ear_target_ms": bp["target_ms"], "ear_buffer_ms": bp["buffer_ms"],
         "ear_jitter_ms": bp["jitter_ms"], "ear_late": bp["late"],
         "mouth_frames_sent_per_s": r.mouth_frames_per_s,
+        "clock_slip_ms": {"mouth": r.slip_ms.0, "ear": r.slip_ms.1},
     }));
     let cell = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
     let _ = writeln!(
         table,
-        "| {:<30} | {:>5} | {:>6} | {:>6} | {:>6} | {:>6} | {:>6.0} | {:>6.0} | {:>5.0} | {} |",
+        "| {:<30} | {:>5} | {:>6} | {:>6} | {:>6} | {:>6} | {:>6.0} | {:>6.0} | {:>5.0} | {:>4.0} | {} |",
         case.label,
         format!("{}/{}", r.latencies_ms.len(), r.sent),
         cell(s.map(|s| s.median)),
@@ -627,6 +663,7 @@ fn report_latency(case: &LatencyCase, r: &LatencyResult, table: &mut String) -> 
         f(&bp["target_ms"]),
         f(&bp["buffer_ms"]),
         r.mouth_frames_per_s,
+        r.slip_ms.0.max(r.slip_ms.1),
         match case.goal_ms {
             Some(g) => format!("<= {g:.0} ms: {verdict}"),
             None => verdict.to_string(),
@@ -987,11 +1024,13 @@ fn run_lossy(scratch: &Scratch, table: &mut String) {
     let level = p2p_voice::audio::goertzel_amplitude(&heard[from..to], 500.0, RATE);
     let b_summary = summary(&b);
     let p = peer0(&b_summary);
+    let slip = clock_slip_ms(&b_summary, b_start, heard.len());
     // Duplicated datagrams are dropped by replay protection before the jitter buffer sees them.
     let replays = &b_summary["dropped_datagrams"]["replay"];
     emit(json!({
         "bench": "voice_e2e", "case": "lossy_link", "metric": "jitter_buffer",
         "dropped_as_replay": replays,
+        "clock_slip_ms": slip,
         "impair": "loss=0.1,jitter_ms=30,duplicate=0.05,seed=7",
         "buffer_ms": p["buffer_ms"], "target_ms": p["target_ms"], "loss_pct": p["loss_pct"],
         "jitter_ms": p["jitter_ms"], "frames_decoded": p["frames_decoded"],
@@ -1002,7 +1041,7 @@ fn run_lossy(scratch: &Scratch, table: &mut String) {
     }));
     let _ = writeln!(
         table,
-        "| {:>6.1} | {:>6.1} | {:>5.1} | {:>6.1} | {:>8} | {:>5} | {:>6} | {:>4} | {:>12} | {:>6} ({} > 20 ms) over {:.1} s |",
+        "| {:>6.1} | {:>6.1} | {:>5.1} | {:>6.1} | {:>8} | {:>5} | {:>6} | {:>4} | {:>12} | {:>6} ({} > 20 ms) over {:.1} s, ear clock slip {:.0} ms |",
         f(&p["buffer_ms"]),
         f(&p["target_ms"]),
         f(&p["loss_pct"]),
@@ -1014,7 +1053,8 @@ fn run_lossy(scratch: &Scratch, table: &mut String) {
         format!("{}/{}", p["duplicates"], replays),
         format!("{gap} ms"),
         gaps_over_20,
-        (to - from) as f64 / RATE_F
+        (to - from) as f64 / RATE_F,
+        slip
     );
 }
 
@@ -1022,7 +1062,7 @@ fn run_lossy(scratch: &Scratch, table: &mut String) {
 // Entry points
 // ---------------------------------------------------------------------------------------------
 
-const LATENCY_HEADER: &str = "| case                           | found | median |    p95 |    min |    max | target | buffer | fr/s  | goal |\n|--------------------------------|-------|--------|--------|--------|--------|--------|--------|-------|------|\n";
+const LATENCY_HEADER: &str = "| case                           | found | median |    p95 |    min |    max | target | buffer | fr/s  | slip | goal |\n|--------------------------------|-------|--------|--------|--------|--------|--------|--------|-------|------|------|\n";
 
 /// `cargo test --all-targets`: one short latency run with two clients.
 fn smoke() {
@@ -1181,7 +1221,7 @@ fn full() {
     run_cpu(&scratch, &mut cpu);
 
     println!(
-        "\n## Mouth-to-ear latency (ms; target/buffer = ear's jitter buffer at exit, fr/s = frames the mouth sent per second)\n{latency}"
+        "\n## Mouth-to-ear latency (ms; target/buffer = ear's jitter buffer at exit, fr/s = frames the mouth sent per second, slip = audio clock slip in ms, > 30 makes a run invalid)\n{latency}"
     );
     println!(
         "## One stream on the wire at 24 kb/s (speech-like input, always transmitting)\n{bitrate}"

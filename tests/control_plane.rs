@@ -5,7 +5,6 @@ mod common;
 
 use std::io::Write;
 use std::net::{TcpStream, UdpSocket};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;

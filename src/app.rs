@@ -46,7 +46,8 @@ pub fn run_server(cfg: ServerConfig) -> anyhow::Result<ExitCode> {
 pub fn run_headless_client(opts: HeadlessOptions) -> ExitCode {
     let mut app = App::new();
     app.add_plugins((
-        MinimalPlugins.set(ScheduleRunnerPlugin::run_loop(Duration::from_millis(2))),
+        // Voice has its own thread; the control plane is fine with a 5 ms tick.
+        MinimalPlugins.set(ScheduleRunnerPlugin::run_loop(Duration::from_millis(5))),
         log_plugin(),
         ClientNetPlugin {
             accept_new_cert: opts.accept_new_cert,

@@ -107,6 +107,11 @@ fn lossy_link_output_has_no_gap_longer_than_60ms() {
     let repaired =
         peer["frames_fec"].as_u64().unwrap() + peer["frames_concealed"].as_u64().unwrap();
     assert!(repaired > 10, "{peer}");
+    // The simulated duplicates were recognised and dropped (never played twice).
+    assert!(
+        s["dropped_datagrams"]["replay"].as_u64().unwrap() > 0,
+        "{s}"
+    );
     let buffer = peer["target_ms"].as_f64().unwrap();
     assert!((20.0..=140.0).contains(&buffer), "{peer}");
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::codec::{is_dtx_payload, CodecError, FrameDuration, OpusEncoder};
-use super::crypto::{fingerprint, PeerCipher, SessionKeys, TAG_LEN};
+use super::crypto::{fingerprint, CryptoError, PeerCipher, SessionKeys, TAG_LEN};
 use super::jitter::JitterConfig;
 use super::levels::rms_dbfs;
 use super::link::{LinkConfig, LinkState};
@@ -241,6 +241,7 @@ pub struct VoiceEngine {
     sealed: Vec<u8>,
     opened: Vec<u8>,
     undecryptable: u64,
+    replayed: u64,
 }
 
 impl VoiceEngine {
@@ -279,6 +280,7 @@ impl VoiceEngine {
             sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
             opened: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
             undecryptable: 0,
+            replayed: 0,
         })
     }
 
@@ -433,6 +435,11 @@ impl VoiceEngine {
                 Ok(n) => {
                     head.copy_from_slice(&bytes[..VOICE_HEADER_LEN]);
                     bytes = &self.opened[..VOICE_HEADER_LEN + n];
+                }
+                // A replayed or duplicated datagram is no attack on the key: count it as such.
+                Err(CryptoError::Replay { .. }) => {
+                    self.replayed += 1;
+                    return;
                 }
                 Err(_) => {
                     self.undecryptable += 1;
@@ -641,6 +648,7 @@ impl VoiceEngine {
             .map(|t| t.drop_counters())
             .unwrap_or_default();
         drops.unknown_sender += self.foreign_drops;
+        drops.replay += self.replayed;
         VoiceSnapshot {
             self_id: self.table.as_ref().map(|t| t.our_id()),
             input_level_db: self.input_level_db,

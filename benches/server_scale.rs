@@ -179,6 +179,9 @@ impl ServerGuard {
             .arg(&channels_file)
             .arg("--data-dir")
             .arg(&data_dir)
+            // All simulated clients come from 127.0.0.1; lift the per-IP cap above N.
+            .arg("--max-connections-per-ip")
+            .arg((params.clients + 64).to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

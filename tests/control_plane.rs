@@ -387,3 +387,34 @@ fn connections_beyond_the_per_ip_limit_are_refused_and_others_still_served() {
     assert_eq!(st, Status::Ok);
     assert_eq!(kept[0].join("Lobby", None), Status::Ok);
 }
+
+#[test]
+fn a_killed_client_process_disappears_from_the_others() {
+    let server = ServerProcess::start();
+    let (mut watcher, _, _) = RawClient::login(server.addr, "watcher");
+    let mut child = p2p()
+        .args(["client", "--headless", "--server", &server.addr.to_string()])
+        .args([
+            "--username",
+            "doomed",
+            "--channel",
+            "Lobby",
+            "--duration",
+            "30",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let joined = watcher.expect(
+        |m| matches!(m, ServerMsg::MemberJoined { member, .. } if member.username == "doomed"),
+    );
+    let ServerMsg::MemberJoined { member, .. } = joined else {
+        unreachable!()
+    };
+    // SIGKILL: no goodbye, no chance to clean up.
+    child.kill().unwrap();
+    let _ = child.wait();
+    watcher.expect(
+        |m| matches!(m, ServerMsg::MemberLeft { user_id, .. } if *user_id == member.user_id),
+    );
+}

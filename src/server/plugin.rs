@@ -345,6 +345,7 @@ fn accept_connections(
                 };
                 let token = rand::rngs::OsRng.next_u64();
                 rules.0.session_opened(t, id, token);
+                rules.0.set_session_ip(id, peer.ip());
                 let entity = commands.spawn(Session(id)).id();
                 net.conns.insert(id, (entity, Conn::new(stream, peer, tls)));
                 // Data may already be waiting: edge-triggered readiness would not report it again.

@@ -26,6 +26,9 @@ pub struct ServerRules {
     pub identify_timeout: Duration,
     /// Wrong passwords allowed per session within `wrong_password_window`.
     pub max_wrong_passwords: usize,
+    /// Wrong passwords allowed per IP address (all its sessions) within the same window, so
+    /// reconnecting does not reset the count.
+    pub max_wrong_passwords_per_ip: usize,
     pub wrong_password_window: Duration,
     /// Local endpoints accepted per announcement.
     pub max_local_endpoints: usize,
@@ -42,6 +45,7 @@ impl Default for ServerRules {
             heartbeat_timeout: Duration::from_secs(15),
             identify_timeout: Duration::from_secs(30),
             max_wrong_passwords: 5,
+            max_wrong_passwords_per_ip: 20,
             wrong_password_window: Duration::from_secs(60),
             max_local_endpoints: 8,
             message_rate: 20.0,
@@ -97,6 +101,7 @@ struct Session {
     /// Token bucket for the message rate limit: tokens left and when they were counted.
     tokens: f64,
     tokens_at: Duration,
+    ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug)]
@@ -126,6 +131,8 @@ pub struct ServerState {
     /// Lower-cased username -> session, so "Alice" and "alice" cannot both exist.
     names: HashMap<String, SessionId>,
     tokens: HashMap<u64, SessionId>,
+    /// Recent wrong-password times per client address.
+    wrong_by_ip: HashMap<std::net::IpAddr, VecDeque<Duration>>,
     next_user_id: UserId,
     next_ticket: u64,
 }
@@ -150,6 +157,7 @@ impl ServerState {
             sessions: HashMap::new(),
             names: HashMap::new(),
             tokens: HashMap::new(),
+            wrong_by_ip: HashMap::new(),
             next_user_id: 1,
             next_ticket: 1,
         }
@@ -185,8 +193,16 @@ impl ServerState {
                 wrong_passwords: VecDeque::new(),
                 tokens: self.rules.message_burst,
                 tokens_at: now,
+                ip: None,
             },
         );
+    }
+
+    /// Where a session connects from (for limits that must survive reconnecting).
+    pub fn set_session_ip(&mut self, id: SessionId, ip: std::net::IpAddr) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.ip = Some(ip);
+        }
     }
 
     /// The connection is gone (closed by the peer, by an error, or by us).
@@ -433,7 +449,22 @@ impl ServerState {
         match &ch.config.password_hash {
             None => self.enter_channel(id, index, out),
             Some(hash) => {
-                if session.wrong_passwords.len() >= rules.max_wrong_passwords {
+                let ip_failures = session
+                    .ip
+                    .and_then(|ip| self.wrong_by_ip.get_mut(&ip))
+                    .map(|q| {
+                        while q
+                            .front()
+                            .is_some_and(|t| now.saturating_sub(*t) > rules.wrong_password_window)
+                        {
+                            q.pop_front();
+                        }
+                        q.len()
+                    })
+                    .unwrap_or(0);
+                if session.wrong_passwords.len() >= rules.max_wrong_passwords
+                    || ip_failures >= rules.max_wrong_passwords_per_ip
+                {
                     refuse(out, Status::RateLimited, canonical);
                     return;
                 }
@@ -476,6 +507,9 @@ impl ServerState {
         let canonical = self.channels[index].config.name.clone();
         if !ok {
             session.wrong_passwords.push_back(now);
+            if let Some(ip) = session.ip {
+                self.wrong_by_ip.entry(ip).or_default().push_back(now);
+            }
             out.push(Output::Send(
                 id,
                 ServerMsg::Joined {
@@ -615,8 +649,11 @@ impl ServerState {
         Some(id)
     }
 
-    /// Drops sessions that went silent or never identified.
+    /// Drops sessions that went silent or never identified, and forgets old failures.
     pub fn tick(&mut self, now: Duration, out: &mut Vec<Output>) {
+        let window = self.rules.wrong_password_window;
+        self.wrong_by_ip
+            .retain(|_, q| q.back().is_some_and(|t| now.saturating_sub(*t) <= window));
         for (&id, s) in &self.sessions {
             let silent = now.saturating_sub(s.last_seen);
             if silent > self.rules.heartbeat_timeout {
@@ -1167,6 +1204,38 @@ mod tests {
         assert!(
             closed_after.is_some_and(|n| (55..=62).contains(&n)),
             "{closed_after:?}"
+        );
+    }
+
+    #[test]
+    fn wrong_passwords_are_rate_limited_per_ip_across_reconnects() {
+        let mut w = World::new();
+        let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
+        for round in 0..4u64 {
+            let id = 10 + round;
+            w.login(id, &format!("guess{round}"));
+            w.state.set_session_ip(id, ip);
+            for _ in 0..5 {
+                assert_eq!(
+                    join_status(&w.join(id, "Private", Some("x")), id),
+                    Some(Status::WrongPassword)
+                );
+            }
+            w.state.session_closed(w.now, id, &mut Vec::new());
+        }
+        // A fresh connection from the same address is still limited...
+        w.login(20, "fresh");
+        w.state.set_session_ip(20, ip);
+        assert_eq!(
+            join_status(&w.join(20, "Private", Some("letmein")), 20),
+            Some(Status::RateLimited)
+        );
+        // ...but another address is not.
+        w.login(21, "other");
+        w.state.set_session_ip(21, "198.51.100.1".parse().unwrap());
+        assert_eq!(
+            join_status(&w.join(21, "Private", Some("letmein")), 21),
+            Some(Status::Ok)
         );
     }
 }

@@ -13,7 +13,11 @@ RUN_PKGS := $(BUILD_PKGS) libx11-6 libxcursor1 libxrandr2 libxi6 libxkbcommon-x1
 # Xvfb for screenshots.
 TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables tcpdump xvfb xauth
 
-.PHONY: help deps-run deps-test run server test lint bench screenshots fmt
+.PHONY: help deps-run deps-test run server test lint bench screenshots fmt fuzz
+
+# Seconds each fuzz target runs for `make fuzz` (`make test` runs a 10 s pass of each).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := control_frames voice_datagrams sealed_voice
 
 help:
 	@echo "make run          build (release) and start the desktop app with its embedded server"
@@ -22,6 +26,7 @@ help:
 	@echo "make lint         cargo fmt --check and cargo clippy -D warnings"
 	@echo "make bench        run the benchmarks (figures go to docs/BENCHMARKS.md by hand)"
 	@echo "make screenshots  render the window under Xvfb and save PNGs to assets/screenshots/"
+	@echo "make fuzz         run each libFuzzer target for FUZZ_SECONDS (default 60)"
 
 deps-run:
 	@bash scripts/ensure-packages.sh $(RUN_PKGS)
@@ -52,6 +57,8 @@ test: deps-test
 	@echo "[test] building and running all tests (unit, integration, doc, bench smoke runs)"
 	$(CARGO) test --locked --all-targets
 	$(CARGO) test --locked --doc
+	@echo "[test] short fuzzing pass of the wire decoders"
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10
 
 lint:
 	$(CARGO) fmt --check
@@ -65,3 +72,14 @@ bench: deps-test
 
 screenshots: deps-test
 	bash scripts/screenshots.sh
+
+# cargo-fuzz needs the sanitizer flags of a nightly compiler; RUSTC_BOOTSTRAP lets the stable
+# toolchain (the only one on these machines) accept them, for the fuzz build only. The fuzz
+# crate builds the library without its `app` feature: just the decoders, no Bevy or audio.
+fuzz: deps-test
+	@command -v cargo-fuzz >/dev/null || { echo "[fuzz] installing cargo-fuzz"; $(CARGO) install cargo-fuzz --locked; }
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+		echo "[fuzz] $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) 2>&1 | grep -E "^(Done|==|SUMMARY|thread)|panicked|ERROR" ; \
+		test $${PIPESTATUS[0]} -eq 0 || { echo "[fuzz] $$t found a crash: see fuzz/artifacts/$$t"; exit 1; }; \
+	done

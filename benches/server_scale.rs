@@ -48,7 +48,8 @@ struct Params {
     smoke: bool,
     clients: usize,
     churn_secs: f64,
-    churn_rate: f64,
+    /// One churn phase per rate, in this order, on the same connected clients.
+    churn_rates: Vec<f64>,
     channels: usize,
     max_members: u32,
     /// Connections allowed between `connect` and `Joined` at once (protects the listen backlog).
@@ -72,14 +73,27 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 impl Params {
     fn new(bench: bool) -> Self {
-        let (clients, churn_secs, churn_rate) = if bench {
+        let (clients, churn_secs, churn_rates) = if bench {
+            let rates = std::env::var("P2P_VOICE_SCALE_RATE").unwrap_or_else(|_| "50".into());
+            let rates: Vec<f64> = rates
+                .split(',')
+                .map(|r| {
+                    r.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("P2P_VOICE_SCALE_RATE: {r:?} is not a number"))
+                })
+                .collect();
+            assert!(
+                rates.iter().all(|r| *r > 0.0),
+                "churn rates must be positive"
+            );
             (
                 env_or("P2P_VOICE_SCALE_N", 10_000usize),
                 env_or("P2P_VOICE_SCALE_SECS", 20.0f64),
-                env_or("P2P_VOICE_SCALE_RATE", 50.0f64),
+                rates,
             )
         } else {
-            (50, 2.0, 20.0)
+            (50, 2.0, vec![20.0])
         };
         let default_channels = (clients / 10).clamp(2, 100);
         let channels = if bench {
@@ -96,7 +110,7 @@ impl Params {
             smoke: !bench,
             clients,
             churn_secs,
-            churn_rate,
+            churn_rates,
             channels,
             max_members: (2 * per_channel).max(200),
             batch: if bench {
@@ -966,7 +980,7 @@ struct Report {
     problems: Vec<String>,
 }
 
-fn run(params: Params) -> Report {
+fn run(params: Params) -> Vec<Report> {
     let mut server = ServerGuard::start(&params);
     // The server is started first so it runs with the limit it would get from this shell.
     let harness_fd_limit = raise_fd_limit();
@@ -1028,116 +1042,123 @@ fn run(params: Params) -> Report {
     let server_setup_cpu_pct =
         (process_cpu_secs(pid).unwrap_or(0.0) - setup_cpu0) / setup.as_secs_f64() * 100.0;
 
-    // Let the setup broadcasts (O(N^2) bytes) drain before measuring.
-    let settle_end = Instant::now() + params.settle;
-    while Instant::now() < settle_end {
-        h.heartbeats();
-        h.pump(MAX_POLL_WAIT);
-    }
-
-    // Churn at a fixed rate for a fixed time.
-    if !params.smoke {
-        eprintln!(
-            "  setup done in {:.1} s; churning at {} ops/s for {} s",
-            setup.as_secs_f64(),
-            params.churn_rate,
-            params.churn_secs
-        );
-    }
-    let cpu0 = process_cpu_secs(pid).unwrap_or(0.0);
-    let own0 = own_cpu_secs();
-    let wait0 = process_runqueue_wait_secs(pid).unwrap_or(0.0);
-    let own_wait0 = process_runqueue_wait_secs(std::process::id()).unwrap_or(0.0);
-    let load_before = load_average();
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(params.churn_secs);
-    let period = Duration::from_secs_f64(1.0 / params.churn_rate);
-    let mut next_op = start;
-    let mut ops = 0u64;
-    loop {
-        let now = Instant::now();
-        if now >= end {
-            break;
+    let mut reports = Vec::new();
+    for &rate in &params.churn_rates {
+        // Let the setup broadcasts (O(N^2) bytes), or the previous phase's backlog, drain first.
+        let settle_end = Instant::now() + params.settle;
+        while Instant::now() < settle_end {
+            h.heartbeats();
+            h.pump(MAX_POLL_WAIT);
         }
-        while next_op <= now && next_op < end {
-            if h.churn_once() {
-                ops += 1;
+
+        // Churn at a fixed rate for a fixed time.
+        if !params.smoke {
+            eprintln!(
+                "  setup done in {:.1} s; churning at {} ops/s for {} s",
+                setup.as_secs_f64(),
+                rate,
+                params.churn_secs
+            );
+        }
+        let cpu0 = process_cpu_secs(pid).unwrap_or(0.0);
+        let own0 = own_cpu_secs();
+        let wait0 = process_runqueue_wait_secs(pid).unwrap_or(0.0);
+        let own_wait0 = process_runqueue_wait_secs(std::process::id()).unwrap_or(0.0);
+        let load_before = load_average();
+        h.samples.clear();
+        let refused0 = h.counters.join_refused;
+        let start = Instant::now();
+        let end = start + Duration::from_secs_f64(params.churn_secs);
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let mut next_op = start;
+        let mut ops = 0u64;
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                break;
             }
-            next_op += period;
+            while next_op <= now && next_op < end {
+                if h.churn_once() {
+                    ops += 1;
+                }
+                next_op += period;
+            }
+            h.heartbeats();
+            let wait = next_op
+                .min(end)
+                .saturating_duration_since(Instant::now())
+                .min(MAX_POLL_WAIT);
+            h.pump(wait);
         }
-        h.heartbeats();
-        let wait = next_op
-            .min(end)
-            .saturating_duration_since(Instant::now())
-            .min(MAX_POLL_WAIT);
-        h.pump(wait);
-    }
-    let churn = start.elapsed();
-    let server_cpu_pct =
-        (process_cpu_secs(pid).unwrap_or(0.0) - cpu0) / churn.as_secs_f64() * 100.0;
-    let harness_cpu_pct = (own_cpu_secs() - own0) / churn.as_secs_f64() * 100.0;
-    let server_wait_pct =
-        (process_runqueue_wait_secs(pid).unwrap_or(0.0) - wait0) / churn.as_secs_f64() * 100.0;
-    let harness_wait_pct = (process_runqueue_wait_secs(std::process::id()).unwrap_or(0.0)
-        - own_wait0)
-        / churn.as_secs_f64()
-        * 100.0;
-    let load = (load_before, load_average());
+        let churn = start.elapsed();
+        let server_cpu_pct =
+            (process_cpu_secs(pid).unwrap_or(0.0) - cpu0) / churn.as_secs_f64() * 100.0;
+        let harness_cpu_pct = (own_cpu_secs() - own0) / churn.as_secs_f64() * 100.0;
+        let server_wait_pct =
+            (process_runqueue_wait_secs(pid).unwrap_or(0.0) - wait0) / churn.as_secs_f64() * 100.0;
+        let harness_wait_pct = (process_runqueue_wait_secs(std::process::id()).unwrap_or(0.0)
+            - own_wait0)
+            / churn.as_secs_f64()
+            * 100.0;
+        let load = (load_before, load_average());
 
-    // Wait for the last joins to be observed.
-    let drain_end = Instant::now() + params.drain;
-    while !h.pending.is_empty() && Instant::now() < drain_end {
-        h.heartbeats();
-        h.pump(MAX_POLL_WAIT);
-    }
-    if let Some(status) = server.exited() {
-        h.counters
-            .problem(format!("server exited during the run: {status}"));
-    }
+        // Wait for the last joins to be observed.
+        let drain_end = Instant::now() + params.drain;
+        while !h.pending.is_empty() && Instant::now() < drain_end {
+            h.heartbeats();
+            h.pump(MAX_POLL_WAIT);
+        }
+        if let Some(status) = server.exited() {
+            h.counters
+                .problem(format!("server exited during the run: {status}"));
+        }
 
-    let mut sorted = h.samples.clone();
-    sorted.sort_unstable();
-    let log = server.log.lock().expect("server log lock");
-    let report = Report {
-        clients: params.clients,
-        channels: params.channels,
-        target_rate: params.churn_rate,
-        achieved_rate: ops as f64 / churn.as_secs_f64(),
-        ops,
-        samples: sorted.len(),
-        unobserved: h.pending.len(),
-        join_refused: h.counters.join_refused,
-        p50_ms: percentile_ms(&sorted, 50.0),
-        p90_ms: percentile_ms(&sorted, 90.0),
-        p99_ms: percentile_ms(&sorted, 99.0),
-        max_ms: sorted.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
-        server_cpu_pct,
-        harness_cpu_pct,
-        server_wait_pct,
-        harness_wait_pct,
-        load,
-        server_setup_cpu_pct,
-        setup_secs: setup.as_secs_f64(),
-        churn_secs: churn.as_secs_f64(),
-        dead_clients: h.counters.dead,
-        overview_missing: h.counters.overview_missing,
-        overview_undecodable: h.counters.overview_undecodable,
-        decode_errors: h.counters.decode_errors,
-        server_fd_soft_limit,
-        harness_fd_limit,
-        bytes_in: h.counters.bytes_in,
-        frames_decoded: h.counters.frames_decoded,
-        frames_skipped: h.counters.frames_skipped,
-        server_log_lines: log.lines,
-        server_log_first: log.first.clone(),
-        problems: h.counters.problems.clone(),
-    };
-    drop(log);
+        let mut sorted = h.samples.clone();
+        sorted.sort_unstable();
+        let log = server.log.lock().expect("server log lock");
+        reports.push(Report {
+            clients: params.clients,
+            channels: params.channels,
+            target_rate: rate,
+            achieved_rate: ops as f64 / churn.as_secs_f64(),
+            ops,
+            samples: sorted.len(),
+            unobserved: h.pending.len(),
+            join_refused: h.counters.join_refused - refused0,
+            p50_ms: percentile_ms(&sorted, 50.0),
+            p90_ms: percentile_ms(&sorted, 90.0),
+            p99_ms: percentile_ms(&sorted, 99.0),
+            max_ms: sorted.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+            server_cpu_pct,
+            harness_cpu_pct,
+            server_wait_pct,
+            harness_wait_pct,
+            load,
+            server_setup_cpu_pct,
+            setup_secs: setup.as_secs_f64(),
+            churn_secs: churn.as_secs_f64(),
+            dead_clients: h.counters.dead,
+            overview_missing: h.counters.overview_missing,
+            overview_undecodable: h.counters.overview_undecodable,
+            decode_errors: h.counters.decode_errors,
+            server_fd_soft_limit,
+            harness_fd_limit,
+            bytes_in: h.counters.bytes_in,
+            frames_decoded: h.counters.frames_decoded,
+            frames_skipped: h.counters.frames_skipped,
+            server_log_lines: log.lines,
+            server_log_first: log.first.clone(),
+            problems: h.counters.problems.clone(),
+        });
+        drop(log);
+        // Joins still unobserved belong to this phase; later phases start clean.
+        h.pending.clear();
+    }
     // Kill the server before the client sockets close, so TIME_WAIT lands on the server side and
     // back-to-back runs do not run out of ephemeral ports.
     drop(server);
     drop(h);
-    report
+    reports
 }
 
 fn print_report(r: &Report) {
@@ -1267,9 +1288,28 @@ fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let params = Params::new(bench);
     let smoke = params.smoke;
-    let report = run(params);
-    print_report(&report);
+    let reports = run(params);
+    for report in &reports {
+        print_report(report);
+    }
+    if reports.len() > 1 {
+        println!("summary (N, rate -> achieved, p50 / p99 / max ms, server CPU %, unobserved):");
+        for r in &reports {
+            println!(
+                "  {:>6} {:>6.0} -> {:>6.1}  {:>9.2} / {:>9.2} / {:>9.2}  {:>4.0} %  {}",
+                r.clients,
+                r.target_rate,
+                r.achieved_rate,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.server_cpu_pct,
+                r.unobserved
+            );
+        }
+    }
     if smoke {
+        let report = &reports[0];
         assert!(report.ops > 0, "smoke run issued no churn operations");
         assert_eq!(
             report.dead_clients, 0,

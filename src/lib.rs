@@ -8,13 +8,21 @@
 //! Pure cores (no I/O, time passed in): [`protocol`], [`server::state`], [`client::session`].
 //! Thin Bevy shells around them: [`server::ServerPlugin`], [`client::ClientNetPlugin`].
 
+#[cfg(feature = "app")]
 pub mod app;
+#[cfg(feature = "app")]
 pub mod audio;
+#[cfg(feature = "app")]
 pub mod client;
+#[cfg(feature = "app")]
 pub mod config;
+#[cfg(feature = "app")]
 pub mod headless;
 pub mod protocol;
+#[cfg(feature = "app")]
 pub mod server;
+#[cfg(feature = "app")]
 pub mod tls;
+#[cfg(feature = "app")]
 pub mod ui;
 pub mod voice;

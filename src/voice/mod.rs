@@ -5,21 +5,34 @@
 //! playout), [`mixer`], [`vad`], [`capture`], [`levels`], and [`engine`] which combines them.
 //! Shells: [`thread`] (UDP socket + audio rings) and [`plugin`] (ECS bridge).
 
+#[cfg(feature = "app")]
 pub mod capture;
+#[cfg(feature = "app")]
 pub mod codec;
 pub mod crypto;
+#[cfg(feature = "app")]
 pub mod engine;
 pub mod impair;
+#[cfg(feature = "app")]
 pub mod jitter;
+#[cfg(feature = "app")]
 pub mod levels;
 pub mod link;
+#[cfg(feature = "app")]
 pub mod mixer;
 pub mod peers;
+#[cfg(feature = "app")]
 pub mod plugin;
+#[cfg(feature = "app")]
 pub mod receiver;
+#[cfg(feature = "app")]
 pub mod thread;
+#[cfg(feature = "app")]
 pub mod vad;
 
+#[cfg(feature = "app")]
 pub use engine::{PeerSnapshot, PeerState, VoiceConfig, VoiceEngine, VoiceSnapshot};
+#[cfg(feature = "app")]
 pub use plugin::{Voice, VoiceIntent, VoicePlugin};
+#[cfg(feature = "app")]
 pub use thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};

@@ -183,9 +183,13 @@ fn receive_voice_events(
                 AudioEvent::DeviceLost { which, reason } => voice
                     .audio_status
                     .push(format!("{which:?} device lost: {reason}")),
-                AudioEvent::DeviceRestored { which, desc } => voice
-                    .audio_status
-                    .push(format!("{which:?} device back: {desc}")),
+                AudioEvent::DeviceRestored { which, desc } => {
+                    info!("{which:?} device back: {desc}");
+                    // The loss message has served its purpose; keep the list to live problems.
+                    voice
+                        .audio_status
+                        .retain(|m| !m.starts_with(&format!("{which:?} device lost")));
+                }
                 _ => {}
             },
             VoiceEvent::SwitchFailed(why) => voice

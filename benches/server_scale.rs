@@ -2,21 +2,25 @@
 //!
 //! Starts the real `p2p-voice server` binary, opens N control connections (TLS, as real clients
 //! do) from this one process (non-blocking sockets in one `mio::Poll`), walks each through
-//! Hello -> Welcome -> Identify ->
-//! Identified/Overview -> Join, then churns channel membership at a fixed rate for a fixed time:
-//! a random client sends `Leave` then `Join` to another channel, and the latency sample is the time
-//! from sending that `Join` until the *observer* client of the destination channel (one fixed
-//! member per channel) receives the matching `MemberJoined`.
+//! Hello -> Welcome -> Identify -> Identified/Overview -> Join, then churns channel membership at
+//! a fixed rate for a fixed time: a random client sends `Leave` then `Join` to another channel,
+//! and the latency sample is the time from sending that `Join` until the *observer* client of the
+//! destination channel (one fixed member per channel) receives the matching `MemberJoined`.
 //!
 //! Every socket is drained and decrypted continuously (each join/leave is broadcast to every
 //! identified session and the server drops clients that fall 1 MiB behind). Only frames somebody
 //! cares about are decoded: observers, clients still in their handshake, and clients waiting for
-//! a `Joined`; everything else is skipped by its length prefix.
+//! a `Joined`; everything else is skipped by its length prefix. Every client sends a `Heartbeat`
+//! every 4 s (spread evenly), as real clients do.
 //!
-//! `cargo bench --bench server_scale` runs the full measurement (env `P2P_VOICE_SCALE_N`,
-//! `_SECS`, `_RATE`, `_CHANNELS`, `_BATCH`, `_SEED`). Run without `--bench` (as
-//! `cargo test --all-targets` does) it runs a small smoke version and asserts that every join was
-//! observed, so CI exercises the harness cheaply.
+//! `cargo bench --bench server_scale` runs the full measurement. Environment:
+//! `P2P_VOICE_SCALE_N` (clients, default 10000), `P2P_VOICE_SCALE_SECS` (churn seconds per rate,
+//! default 20), `P2P_VOICE_SCALE_RATE` (ops/s, default 50; a comma list such as `5,10,25` runs
+//! one phase per rate on the same connected clients), `P2P_VOICE_SCALE_CHANNELS` (default
+//! N/10 clamped to 2..=100), `P2P_VOICE_SCALE_BATCH` (connections in their handshake at once,
+//! default 256), `P2P_VOICE_SCALE_SEED`. Run without `--bench` (as `cargo test --all-targets`
+//! does) it runs a small smoke version (50 clients, 2 s at 20 ops/s) and asserts that every join
+//! was observed, so CI exercises the harness cheaply.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -282,12 +286,12 @@ fn raise_fd_limit() -> (u64, u64) {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return (0, 0);
         }
-        let before = lim.rlim_cur as u64;
+        let before = lim.rlim_cur;
         lim.rlim_cur = lim.rlim_max;
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
             return (before, before);
         }
-        (before, lim.rlim_cur as u64)
+        (before, lim.rlim_cur)
     }
 }
 

@@ -50,7 +50,7 @@ sleep 1
 shot() {
     local name=$1; shift
     echo "[screenshots] $name"
-    env DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG" \
+    env DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG/$name" \
         P2P_VOICE_SCREENSHOT="$OUT/$name.png" P2P_VOICE_SCREENSHOT_AFTER="${AFTER:-5}" \
         "$BIN" "$@" >/dev/null 2>&1 || echo "[screenshots] $name: app exited with $?"
 }
@@ -59,4 +59,5 @@ shot connect client --server "127.0.0.1:$PORT"
 shot overview client --server "127.0.0.1:$PORT" --username alice --channel Lobby
 shot password client --server "127.0.0.1:$PORT" --username erin --channel Private
 AFTER=6 shot host host --port $((PORT + 1)) --username host-user
+P2P_VOICE_PERF_OVERLAY=1 shot perf-overlay client --server "127.0.0.1:$PORT" --username fiona --channel Lobby
 ls -l "$OUT"

@@ -107,8 +107,17 @@ impl Plugin for UiPlugin {
     }
 }
 
-fn setup_camera(mut commands: Commands) {
+fn setup_camera(
+    mut commands: Commands,
+    mut state: ResMut<UiState>,
+    mut perf: ResMut<perf::PerfOverlay>,
+) {
     commands.spawn(Camera2d);
+    // Start with the performance overlay shown (F3 toggles it); used by `make screenshots`.
+    if std::env::var_os("P2P_VOICE_PERF_OVERLAY").is_some() {
+        state.show_perf = true;
+        perf.visible = true;
+    }
 }
 
 fn auto_connect(mut state: ResMut<UiState>, mut intents: EventWriter<ClientIntent>) {

@@ -137,13 +137,13 @@ struct PeerAudio {
 }
 
 impl PeerAudio {
-    fn new(frame: FrameDuration, ours: FrameDuration) -> Result<Self, CodecError> {
+    fn new(frame: FrameDuration) -> Result<Self, CodecError> {
         Ok(Self {
             receiver: PeerReceiver::with_config(JitterConfig::for_frame(frame))?,
             frame,
             pcm: VecDeque::with_capacity(4 * 960),
             scratch: vec![0.0; frame.samples()],
-            out: vec![0.0; ours.samples()],
+            out: vec![0.0; PLAYOUT_CHUNK],
             volume: 1.0,
             muted: false,
             last_audible: None,
@@ -185,6 +185,9 @@ impl PeerAudio {
             .is_some_and(|t| now.saturating_sub(t) < SPEAKING_HOLD)
     }
 }
+
+/// Granularity of playout and mixing: 10 ms at 48 kHz, whatever the codec frame length.
+pub const PLAYOUT_CHUNK: usize = 480;
 
 /// Frame duration announced by an Opus packet's TOC byte (RFC 6716 section 3.1), if it is one
 /// we can play (10 or 20 ms, one frame per packet).
@@ -251,7 +254,7 @@ impl VoiceEngine {
         encoder.set_expected_loss_percent(5)?;
         Ok(Self {
             capture: CaptureChain::new(cfg.capture.clone()),
-            mixer: Mixer::new(cfg.frame),
+            mixer: Mixer::with_frame_samples(PLAYOUT_CHUNK),
             encoder,
             cfg,
             table: None,
@@ -457,10 +460,9 @@ impl VoiceEngine {
                 let Some(frame) = opus_frame_duration(payload) else {
                     return;
                 };
-                let ours = self.cfg.frame;
                 let needs_new = self.audio.get(&peer_id).is_none_or(|a| a.frame != frame);
                 if needs_new {
-                    match PeerAudio::new(frame, ours) {
+                    match PeerAudio::new(frame) {
                         Ok(mut a) => {
                             if let Some(&(v, m)) = self.settings.get(&peer_id) {
                                 a.volume = v;
@@ -533,8 +535,17 @@ impl VoiceEngine {
         }
     }
 
-    /// Our next playout frame: every peer's audio through its jitter buffer, mixed.
+    /// Fills `out` (any multiple of [`PLAYOUT_CHUNK`] samples) with the mix of every peer's
+    /// audio through its jitter buffer.
     pub fn playout_frame(&mut self, now: Duration, out: &mut [f32]) {
+        for chunk in out.chunks_mut(PLAYOUT_CHUNK) {
+            self.playout_chunk(now, chunk);
+        }
+    }
+
+    /// One 10 ms chunk. Mixing in 10 ms steps whatever the codec frame means a frame that
+    /// arrives just after a mix waits at most 10 ms for the next one, not a whole frame.
+    fn playout_chunk(&mut self, now: Duration, out: &mut [f32]) {
         for a in self.audio.values_mut() {
             a.render(now);
         }

@@ -21,10 +21,10 @@ use crate::protocol::{PeerInfo, UserId};
 
 /// How often a [`VoiceSnapshot`] is published to ECS.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
-/// The playback ring is topped up with a new mixed frame whenever less than this is queued:
-/// one 10 ms device chunk. Each sample then waits 10-30 ms (20 ms frames) in the ring, the
-/// output side of the latency budget; the voice loop wakes every millisecond, so the device
-/// never finds the ring empty.
+/// The playback ring is topped up with a new 10 ms mix whenever less than this is queued:
+/// one 10 ms device chunk. Each sample then waits 5-15 ms in the ring, the output side of the
+/// latency budget; the voice loop wakes every millisecond, so the device never finds the ring
+/// empty.
 const PLAYBACK_LOW_WATER_SAMPLES: usize = 480;
 
 /// Intents for the voice plane.
@@ -239,7 +239,7 @@ impl Worker {
     fn run(&mut self) {
         let frame = self.engine.frame().samples();
         let mut cap = vec![0.0f32; frame];
-        let mut mix = vec![0.0f32; frame];
+        let mut mix = vec![0.0f32; super::engine::PLAYOUT_CHUNK];
         let mut buf = [0u8; 2048];
         let mut last_snapshot = Duration::ZERO;
         loop {
@@ -290,7 +290,7 @@ impl Worker {
             }
             // Playout side: keep the device fed, with as little queued as is safe.
             while self.playback.queued() < PLAYBACK_LOW_WATER_SAMPLES
-                && self.playback.free() >= frame
+                && self.playback.free() >= mix.len()
             {
                 self.engine.playout_frame(now, &mut mix);
                 self.playback.push(&mix);

@@ -30,8 +30,34 @@ fn log_plugin() -> LogPlugin {
     }
 }
 
+/// Raises the open-file limit to the hard limit: every client is a socket, and the common
+/// default of 1024 would stop a server at about a thousand people.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                info!(
+                    "open-file limit raised from {} to {}",
+                    lim.rlim_cur, lim.rlim_max
+                );
+            }
+        }
+    }
+}
+
 /// `p2p-voice server`: headless Bevy ticking about every millisecond; no window, no audio.
 pub fn run_server(cfg: ServerConfig) -> anyhow::Result<ExitCode> {
+    raise_fd_limit();
     let plugin = ServerPlugin::bind(cfg)?;
     let mut app = App::new();
     app.add_plugins((
@@ -112,6 +138,7 @@ pub fn run_desktop(
             .set(log_plugin()),
     );
     if let Some(cfg) = server {
+        raise_fd_limit();
         let port = cfg.port;
         let plugin = ServerPlugin::bind(cfg)?;
         let port = plugin.local_addr().map(|a| a.port()).unwrap_or(port);

@@ -476,6 +476,18 @@ impl ControlSession {
                 self.channels = channels.clone();
                 self.events.push_back(SessionEvent::Overview { channels });
             }
+            ServerMsg::OverviewMembers { channel, members } => {
+                if let Some(ch) = self.channels.iter_mut().find(|c| c.name == channel) {
+                    for m in members {
+                        if !ch.members.iter().any(|x| x.user_id == m.user_id) {
+                            ch.members.push(m);
+                        }
+                    }
+                    self.events.push_back(SessionEvent::Overview {
+                        channels: self.channels.clone(),
+                    });
+                }
+            }
             ServerMsg::Joined { status, channel } => {
                 if status == Status::Ok {
                     if let Some(old) = self.channel.replace(channel.clone()) {

@@ -10,8 +10,13 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
 const HEADER_LEN: usize = 4;
 
+/// Bytes a decoded message may allocate. Above the frame size because in-memory forms are
+/// larger than their encoding (a `String` header is 24 bytes, its length prefix 1); still a hard
+/// bound, so a small hostile frame cannot claim a huge allocation.
+const MAX_DECODED_ALLOC: usize = 4 * MAX_FRAME_LEN;
+
 fn bincode_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
+    bincode::config::standard().with_limit::<MAX_DECODED_ALLOC>()
 }
 
 /// Why a frame could not be encoded or decoded. Any of these ends the connection.

@@ -123,7 +123,17 @@ pub enum ServerMsg {
     Error { status: Status, message: String },
     /// The server is closing this connection, with the reason.
     Closing { reason: String },
+    /// More members of a channel for the overview just sent: a big server's overview does not
+    /// fit one frame, so members follow in parts of at most [`OVERVIEW_PART_MEMBERS`].
+    OverviewMembers {
+        channel: String,
+        members: Vec<MemberInfo>,
+    },
 }
+
+/// Members per `OverviewMembers` part: even with 32-character names of 4-byte characters a part
+/// stays well inside the 64 KiB frame limit.
+pub const OVERVIEW_PART_MEMBERS: usize = 400;
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::config::ChannelConfig;
+use crate::protocol::messages::OVERVIEW_PART_MEMBERS;
 use crate::protocol::{
     validate_username, ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, Status, UserId,
     APP_VERSION, PROTOCOL_VERSION,
@@ -400,12 +401,34 @@ impl ServerState {
                 username,
             },
         ));
-        out.push(Output::Send(
-            id,
-            ServerMsg::Overview {
-                channels: self.overview(),
-            },
-        ));
+        self.send_overview(id, out);
+    }
+
+    /// The overview, in one message when it fits comfortably and otherwise as the channel list
+    /// followed by member parts.
+    fn send_overview(&self, id: SessionId, out: &mut Vec<Output>) {
+        let mut channels = self.overview();
+        let total: usize = channels.iter().map(|c| c.members.len()).sum();
+        if total <= OVERVIEW_PART_MEMBERS {
+            out.push(Output::Send(id, ServerMsg::Overview { channels }));
+            return;
+        }
+        let parts: Vec<(String, Vec<MemberInfo>)> = channels
+            .iter_mut()
+            .map(|c| (c.name.clone(), std::mem::take(&mut c.members)))
+            .collect();
+        out.push(Output::Send(id, ServerMsg::Overview { channels }));
+        for (channel, members) in parts {
+            for chunk in members.chunks(OVERVIEW_PART_MEMBERS) {
+                out.push(Output::Send(
+                    id,
+                    ServerMsg::OverviewMembers {
+                        channel: channel.clone(),
+                        members: chunk.to_vec(),
+                    },
+                ));
+            }
+        }
     }
 
     fn join(
@@ -1237,5 +1260,43 @@ mod tests {
             join_status(&w.join(21, "Private", Some("letmein")), 21),
             Some(Status::Ok)
         );
+    }
+
+    #[test]
+    fn a_big_overview_is_sent_in_parts_that_each_fit_a_frame() {
+        let mut big = channels();
+        big[0].max_members = 5_000;
+        let mut w = World {
+            state: ServerState::new(big, ServerRules::default()),
+            out: Vec::new(),
+            now: Duration::ZERO,
+        };
+        for i in 0..1_000u64 {
+            // 32-character names of 4-byte characters: the largest a member can be.
+            w.login(100 + i, &format!("{:\u{1F600}<28}{i:04}", ""));
+            w.join(100 + i, "Lobby", None);
+        }
+        let out = w.login(1, "late");
+        let mut members = 0;
+        let mut parts = 0;
+        for o in &out {
+            match o {
+                Output::Send(1, msg @ ServerMsg::Overview { .. }) => {
+                    assert!(crate::protocol::encode_frame(msg).is_ok());
+                }
+                Output::Send(1, msg @ ServerMsg::OverviewMembers { members: m, .. }) => {
+                    let frame = crate::protocol::encode_frame(msg).expect("part fits a frame");
+                    // ...and a client can decode it (the decoder's allocation bound is not hit).
+                    let mut dec = crate::protocol::FrameDecoder::new();
+                    dec.push(&frame);
+                    assert!(matches!(dec.next::<ServerMsg>(), Ok(Some(_))));
+                    members += m.len();
+                    parts += 1;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(members, 1_000);
+        assert!(parts >= 3);
     }
 }

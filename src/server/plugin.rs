@@ -90,6 +90,9 @@ struct ServerNet {
     still_readable: HashSet<SessionId>,
     /// Sessions with queued output.
     dirty: HashSet<SessionId>,
+    /// Sessions with a message addressed to them alone (replies, a channel mate's endpoints):
+    /// flushed before the lobby-wide broadcast backlog.
+    urgent: HashSet<SessionId>,
     /// Sessions whose mirrored components must be refreshed.
     changed: HashSet<SessionId>,
     next_id: SessionId,
@@ -257,6 +260,7 @@ impl Plugin for ServerPlugin {
             conns: HashMap::new(),
             still_readable: HashSet::new(),
             dirty: HashSet::new(),
+            urgent: HashSet::new(),
             changed: HashSet::new(),
             next_id: 1,
             start: Instant::now(),
@@ -499,7 +503,7 @@ fn apply_outputs(
                         match encode_frame(&msg) {
                             Ok(frame) if conn.queue(&frame) => {
                                 stats.frames_out += 1;
-                                net.dirty.insert(id);
+                                net.urgent.insert(id);
                             }
                             Ok(_) => to_close.push((id, "too slow: output queue full".into())),
                             Err(e) => warn!("cannot encode message: {e}"),
@@ -569,10 +573,23 @@ fn apply_outputs(
     }
 }
 
+/// Connections written per tick beyond the urgent ones. A join in a 10,000-user lobby is a
+/// broadcast to everyone; writing it all in one tick would hold up the next tick's reads (and
+/// so every other request) for tens of milliseconds. Spread over a few ticks instead.
+const FLUSH_BUDGET: usize = 2_000;
+
 fn flush_connections(mut net: ResMut<ServerNet>, mut stats: ResMut<ServerStats>) {
     let net = &mut *net;
-    let dirty: Vec<SessionId> = net.dirty.drain().collect();
-    for id in dirty {
+    let mut order: Vec<SessionId> = net.urgent.drain().collect();
+    for id in &order {
+        net.dirty.remove(id);
+    }
+    let backlog: Vec<SessionId> = net.dirty.iter().copied().take(FLUSH_BUDGET).collect();
+    for id in &backlog {
+        net.dirty.remove(id);
+    }
+    order.extend(backlog);
+    for id in order {
         let Some((_, conn)) = net.conns.get_mut(&id) else {
             continue;
         };

@@ -59,5 +59,4 @@ shot connect client --server "127.0.0.1:$PORT"
 shot overview client --server "127.0.0.1:$PORT" --username alice --channel Lobby
 shot password client --server "127.0.0.1:$PORT" --username erin --channel Private
 AFTER=6 shot host host --port $((PORT + 1)) --username host-user
-P2P_VOICE_PERF_OVERLAY=1 shot perf-overlay client --server "127.0.0.1:$PORT" --username fiona --channel Lobby
 ls -l "$OUT"

@@ -14,7 +14,8 @@ use crate::voice::Voice;
 #[derive(Resource, Default)]
 pub struct PerfOverlay {
     pub visible: bool,
-    root: Option<Entity>,
+    /// The overlay's root node and the camera it is drawn with.
+    root: Option<(Entity, Entity)>,
 }
 
 /// Adds the overlay and our entries.
@@ -37,9 +38,22 @@ impl Plugin for PerfPlugin {
 fn show_or_hide(mut overlay: ResMut<PerfOverlay>, mut commands: Commands) {
     match (overlay.visible, overlay.root) {
         (true, None) => {
+            // egui paints over the whole window after the main camera's bevy_ui pass, so the
+            // overlay gets its own camera, ordered after it and not clearing what is there.
+            let camera = commands
+                .spawn((
+                    Camera2d,
+                    Camera {
+                        order: 1,
+                        clear_color: ClearColorConfig::None,
+                        ..default()
+                    },
+                ))
+                .id();
             let e = commands
                 .spawn((
                     PerfUiRoot::default(),
+                    UiTargetCamera(camera),
                     PerfUiEntryFPS::default(),
                     PerfUiEntryFrameTime::default(),
                     PerfUiJitterDelay,
@@ -47,10 +61,11 @@ fn show_or_hide(mut overlay: ResMut<PerfOverlay>, mut commands: Commands) {
                     PerfUiLoss,
                 ))
                 .id();
-            overlay.root = Some(e);
+            overlay.root = Some((e, camera));
         }
-        (false, Some(e)) => {
+        (false, Some((e, camera))) => {
             commands.entity(e).despawn();
+            commands.entity(camera).despawn();
             overlay.root = None;
         }
         _ => {}

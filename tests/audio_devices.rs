@@ -168,8 +168,11 @@ fn tone_played_to_the_default_output_comes_back_on_the_default_input() {
             lost == 0 || restored > 0,
             "device lost and never restored at {rate} Hz: {events:?}"
         );
+        // A device loss reported by cpal's error callback may race ahead of Started.
         assert!(
-            matches!(events.first(), Some(AudioEvent::Started { .. })),
+            events
+                .iter()
+                .any(|e| matches!(e, AudioEvent::Started { .. })),
             "{events:?}"
         );
         let at_tone = goertzel_amplitude(&run.window, TONE_HZ, SAMPLE_RATE);

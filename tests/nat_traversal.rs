@@ -173,11 +173,7 @@ fn client(ns: &str, name: &str, hz: &str, out: &std::path::Path) -> std::process
 
 #[test]
 fn clients_behind_two_nats_punch_through_and_hear_each_other() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
+    let is_root = is_root();
     if !is_root {
         println!("SKIPPED: the NAT test needs root to create network namespaces");
         return;

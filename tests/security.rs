@@ -69,11 +69,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn a_captured_call_holds_no_password_and_no_playable_audio() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
+    let is_root = is_root();
     if !is_root || Command::new("tcpdump").arg("--version").output().is_err() {
         println!("SKIPPED: capturing needs root and tcpdump");
         return;

@@ -384,3 +384,51 @@ pub fn longest_silence_ms(samples: &[f32], threshold: f32) -> usize {
     }
     longest
 }
+
+/// Whether the tests run as root (namespaces, packet capture).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A talker (500 Hz tone, always transmitting) and a silent listener in Lobby for 8 s;
+/// `listener_extra` adds flags to the listener (e.g. `--impair`).
+pub fn talker_and_listener(
+    server: SocketAddr,
+    listener_extra: &[&str],
+) -> (HeadlessClient, HeadlessClient) {
+    let talker = HeadlessClient::spawn(
+        server,
+        "talker",
+        "Lobby",
+        &["--input-tone", "500"],
+        &["--always-transmit"],
+        8.0,
+    );
+    let listener = HeadlessClient::spawn(
+        server,
+        "listener",
+        "Lobby",
+        &["--input-silence"],
+        listener_extra,
+        8.0,
+    );
+    (talker, listener)
+}
+
+/// The part of a listener's recording during which the talker talks without pause: from
+/// 0.5 s after the first sound until 0.3 s before the end. Any silence in it is a gap.
+pub fn while_talking(audio: &[f32]) -> &[f32] {
+    let start = onset(audio, 0.02).expect("listener heard the talker");
+    let from = start + 24_000;
+    let to = audio.len().saturating_sub(14_400);
+    assert!(
+        to > from + 48_000 * 3,
+        "too little audio: onset {start}, len {}",
+        audio.len()
+    );
+    &audio[from..to]
+}

@@ -50,7 +50,7 @@ sleep 1
 shot() {
     local name=$1; shift
     echo "[screenshots] $name"
-    env DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG/$name" \
+    env ${PERF:+P2P_VOICE_PERF_OVERLAY=1} DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG/$name" \
         P2P_VOICE_SCREENSHOT="$OUT/$name.png" P2P_VOICE_SCREENSHOT_AFTER="${AFTER:-5}" \
         "$BIN" "$@" >/dev/null 2>&1 || echo "[screenshots] $name: app exited with $?"
 }
@@ -58,5 +58,6 @@ shot() {
 shot connect client --server "127.0.0.1:$PORT"
 shot overview client --server "127.0.0.1:$PORT" --username alice --channel Lobby
 shot password client --server "127.0.0.1:$PORT" --username erin --channel Private
+PERF=1 shot perf-overlay client --server "127.0.0.1:$PORT" --username frank --channel Lobby
 AFTER=6 shot host host --port $((PORT + 1)) --username host-user
 ls -l "$OUT"

@@ -7,6 +7,7 @@ use bevy::ecs::system::SystemParam;
 use bevy::prelude::*;
 use iyes_perf_ui::entry::PerfUiEntry;
 use iyes_perf_ui::prelude::*;
+use iyes_perf_ui::PerfUiSet;
 
 use crate::voice::Voice;
 
@@ -31,7 +32,7 @@ impl Plugin for PerfPlugin {
             .add_perf_ui_simple_entry::<PerfUiPacketRate>()
             .add_perf_ui_simple_entry::<PerfUiLoss>()
             .init_resource::<PerfOverlay>()
-            .add_systems(Update, show_or_hide);
+            .add_systems(Update, show_or_hide.before(PerfUiSet::Setup));
     }
 }
 
@@ -50,9 +51,29 @@ fn show_or_hide(mut overlay: ResMut<PerfOverlay>, mut commands: Commands) {
                     },
                 ))
                 .id();
+            // The root is a UI node from its first frame: iyes_perf_ui adds the `Node` itself
+            // one frame late, after the rows are already parented to it, and bevy_ui then
+            // lays the rows out as a detached hierarchy of size zero (an empty 4 px box).
+            let root = PerfUiRoot {
+                // Bottom right is the empty end of the controls panel, above the status bar,
+                // so the figures cover nothing a person needs during a call.
+                position: PerfUiPosition::BottomRight,
+                margin: 36.0,
+                background_color: Color::srgba(0.0, 0.0, 0.0, 0.85),
+                ..default()
+            };
             let e = commands
                 .spawn((
-                    PerfUiRoot::default(),
+                    Node {
+                        position_type: PositionType::Absolute,
+                        bottom: Val::Px(root.margin),
+                        right: Val::Px(root.margin),
+                        flex_direction: FlexDirection::Column,
+                        padding: UiRect::all(Val::Px(root.padding)),
+                        ..default()
+                    },
+                    BackgroundColor(root.background_color),
+                    root,
                     UiTargetCamera(camera),
                     PerfUiEntryFPS::default(),
                     PerfUiEntryFrameTime::default(),
@@ -174,5 +195,68 @@ impl PerfUiEntry for PerfUiLoss {
     }
     fn format_value(&self, v: &f32) -> String {
         format!("{v:.1} %")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        let mut app = App::new();
+        app.add_plugins(MinimalPlugins)
+            .init_resource::<Voice>()
+            .add_plugins(PerfPlugin);
+        app
+    }
+
+    /// The regression behind "F3 shows an empty 4 px box": rows were parented to a root that
+    /// was not yet a UI node, and bevy_ui laid them out as a detached tree of size zero.
+    #[test]
+    fn rows_are_only_ever_children_of_a_ui_node() {
+        let mut app = app();
+        app.world_mut().resource_mut::<PerfOverlay>().visible = true;
+        for _ in 0..4 {
+            app.update();
+            let world = app.world_mut();
+            let mut roots =
+                world.query_filtered::<(Option<&Node>, Option<&Children>), With<PerfUiRoot>>();
+            for (node, children) in roots.iter(world) {
+                if children.is_some() {
+                    assert!(node.is_some(), "rows attached to a root without a Node");
+                }
+            }
+        }
+        let world = app.world_mut();
+        let mut roots = world.query_filtered::<&Children, With<PerfUiRoot>>();
+        let rows = roots.single(world).expect("one overlay root").len();
+        assert_eq!(rows, 5, "FPS, frame time, jitter buffer, packets/s, loss");
+        let mut texts = world.query::<&Text>();
+        let labels: Vec<String> = texts.iter(world).map(|t| t.0.clone()).collect();
+        for label in [
+            "FPS: ",
+            "Jitter buffer (max): ",
+            "Packets in /s: ",
+            "Loss (worst peer): ",
+        ] {
+            assert!(
+                labels.iter().any(|l| l == label),
+                "missing {label:?} in {labels:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hiding_despawns_the_overlay_and_its_camera() {
+        let mut app = app();
+        app.world_mut().resource_mut::<PerfOverlay>().visible = true;
+        app.update();
+        app.update();
+        app.world_mut().resource_mut::<PerfOverlay>().visible = false;
+        app.update();
+        let world = app.world_mut();
+        assert_eq!(world.query::<&PerfUiRoot>().iter(world).count(), 0);
+        assert_eq!(world.query::<&Camera>().iter(world).count(), 0);
+        assert_eq!(world.query::<&Text>().iter(world).count(), 0);
     }
 }

@@ -418,3 +418,53 @@ fn a_killed_client_process_disappears_from_the_others() {
         |m| matches!(m, ServerMsg::MemberLeft { user_id, .. } if *user_id == member.user_id),
     );
 }
+
+/// Lobby-wide presence news is batched for those outside the channel; the batch must still
+/// reach them in order, and must never arrive after (and contradict) a prompt message.
+#[test]
+fn batched_presence_keeps_its_order_for_onlookers() {
+    let server = ServerProcess::start_with(Some(SMALL));
+    let (mut walker, _, walker_id) = RawClient::login(server.addr, "walker");
+    let (mut onlooker, _, _) = RawClient::login(server.addr, "onlooker");
+    onlooker.expect(|m| matches!(m, ServerMsg::Overview { .. }));
+    // The walker hops between two channels faster than a batch falls due.
+    for i in 0..10 {
+        let channel = if i % 2 == 0 { "Lobby" } else { "Duo" };
+        assert_eq!(walker.join(channel, None), Status::Ok);
+    }
+    // The onlooker joins Duo right away: everything batched so far must come before its
+    // `Joined`, and the Duo member (the walker) is announced to it by endpoints.
+    assert_eq!(onlooker.join("Duo", None), Status::Ok);
+    let before_join: Vec<ServerMsg> = onlooker.seen.clone();
+    let mut where_walker: Option<String> = None;
+    let mut hops = 0;
+    for m in &before_join {
+        match m {
+            ServerMsg::MemberJoined { channel, member } if Some(member.user_id) == walker_id => {
+                assert!(
+                    where_walker.is_none(),
+                    "joined {channel} while still in {where_walker:?}"
+                );
+                where_walker = Some(channel.clone());
+                hops += 1;
+            }
+            ServerMsg::MemberLeft { channel, user_id } if Some(*user_id) == walker_id => {
+                assert_eq!(
+                    where_walker.as_deref(),
+                    Some(channel.as_str()),
+                    "left a channel it was not in"
+                );
+                where_walker = None;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        hops, 10,
+        "every hop arrives, in order, before the onlooker's own join: {before_join:?}"
+    );
+    assert_eq!(where_walker.as_deref(), Some("Duo"));
+    onlooker.expect(
+        |m| matches!(m, ServerMsg::PeerEndpoints { peer } if Some(peer.user_id) == walker_id),
+    );
+}

@@ -36,6 +36,12 @@ pub struct Conn {
     pub closing: bool,
     /// Flush attempts since `closing` was set.
     pub close_attempts: u32,
+    /// Encoded frames that may wait (lobby-wide presence news), not yet handed to TLS. They
+    /// go out together as one record in one write; anything prompt queued after them pushes
+    /// them out first, so the client sees every message in the order it was produced.
+    deferred: Vec<u8>,
+    /// The last broadcast this connection got promptly; the lobby-wide pass skips it.
+    pub prompted: u64,
 }
 
 impl Conn {
@@ -49,6 +55,8 @@ impl Conn {
             decoder: FrameDecoder::new(),
             closing: false,
             close_attempts: 0,
+            deferred: Vec::new(),
+            prompted: 0,
         }
     }
 
@@ -116,9 +124,44 @@ impl Conn {
         Ok(())
     }
 
-    /// Queues an encoded frame. Returns false when the client is too far behind.
+    /// Queues an encoded frame for the next flush (after anything deferred before it).
+    /// Returns false when the client is too far behind.
     pub fn queue(&mut self, frame: &[u8]) -> bool {
+        if !self.release_deferred() {
+            return false;
+        }
         matches!(self.tls.writer().write(frame), Ok(n) if n == frame.len())
+    }
+
+    /// Keeps an encoded frame back until [`Conn::release_deferred`] or the next
+    /// [`Conn::queue`]. Returns `Some(true)` when it is the first one waiting (the caller
+    /// schedules the release), `None` when the client is too far behind.
+    pub fn defer(&mut self, frame: &[u8]) -> Option<bool> {
+        if self.deferred.len() + frame.len() > MAX_QUEUED_OUTPUT {
+            return None;
+        }
+        let first = self.deferred.is_empty();
+        self.deferred.extend_from_slice(frame);
+        Some(first)
+    }
+
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Hands the deferred frames to TLS in one write (one record per 16 KiB). Returns false
+    /// when the client is too far behind.
+    pub fn release_deferred(&mut self) -> bool {
+        if self.deferred.is_empty() {
+            return true;
+        }
+        let ok =
+            matches!(self.tls.writer().write(&self.deferred), Ok(n) if n == self.deferred.len());
+        self.deferred.clear();
+        if self.deferred.capacity() > 64 * 1024 {
+            self.deferred.shrink_to(4096);
+        }
+        ok
     }
 
     /// Ends the TLS session cleanly after what is queued.

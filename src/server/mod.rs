@@ -3,6 +3,7 @@
 
 pub mod components;
 pub mod conn;
+pub mod fanout;
 pub mod plugin;
 pub mod state;
 

@@ -15,10 +15,11 @@ use rand::RngCore;
 
 use super::components::*;
 use super::conn::Conn;
+use super::fanout::Batches;
 use super::state::{Output, ServerRules, ServerState, SessionId};
 use crate::config::{verify_password, ChannelConfig};
 use crate::protocol::datagram::Datagram;
-use crate::protocol::{encode_frame, ServerMsg};
+use crate::protocol::{encode_frame, ClientMsg, ServerMsg};
 use crate::tls::ServerIdentity;
 use std::sync::Arc;
 
@@ -93,6 +94,12 @@ struct ServerNet {
     /// Sessions with a message addressed to them alone (replies, a channel mate's endpoints):
     /// flushed before the lobby-wide broadcast backlog.
     urgent: HashSet<SessionId>,
+    /// Sessions holding lobby-wide presence news back, by when it goes out.
+    batches: Batches,
+    /// Marks the prompt recipients of the broadcast being applied (see [`Conn::prompted`]).
+    broadcast_seq: u64,
+    /// When connections closing without output were last swept up.
+    last_sweep: Duration,
     /// Sessions whose mirrored components must be refreshed.
     changed: HashSet<SessionId>,
     next_id: SessionId,
@@ -261,6 +268,9 @@ impl Plugin for ServerPlugin {
             still_readable: HashSet::new(),
             dirty: HashSet::new(),
             urgent: HashSet::new(),
+            batches: Batches::default(),
+            broadcast_seq: 0,
+            last_sweep: Duration::ZERO,
             changed: HashSet::new(),
             next_id: 1,
             start: Instant::now(),
@@ -395,8 +405,11 @@ fn read_connections(
             continue;
         }
         let outcome = conn.read(&mut net.scratch);
+        // Heartbeats change nothing the ECS mirror shows; skip the refresh for them.
+        let mut news = outcome.closed.is_some();
         for msg in outcome.messages {
             stats.messages_in += 1;
+            news |= !matches!(msg, ClientMsg::Heartbeat);
             rules.0.handle(t, id, msg, &mut outbox.0);
         }
         if outcome.more {
@@ -413,7 +426,9 @@ fn read_connections(
             }
             outbox.0.push(Output::Close(id, reason));
         }
-        net.changed.insert(id);
+        if news {
+            net.changed.insert(id);
+        }
     }
 }
 
@@ -518,19 +533,42 @@ fn apply_outputs(
                         net.changed.insert(id);
                     }
                 }
-                Output::Broadcast(msg) => {
+                Output::Broadcast { msg, prompt } => {
                     let Ok(frame) = encode_frame(&msg) else {
                         continue;
                     };
-                    for (&id, (_, conn)) in net.conns.iter_mut() {
-                        if conn.closing || !rules.0.is_identified(id) {
+                    net.broadcast_seq += 1;
+                    let seq = net.broadcast_seq;
+                    // The channel concerned first, with the replies of this tick.
+                    for id in prompt {
+                        let Some((_, conn)) = net.conns.get_mut(&id) else {
+                            continue;
+                        };
+                        conn.prompted = seq;
+                        if conn.closing {
                             continue;
                         }
                         if conn.queue(&frame) {
                             stats.frames_out += 1;
-                            net.dirty.insert(id);
+                            net.urgent.insert(id);
                         } else {
                             to_close.push((id, "too slow: output queue full".into()));
+                        }
+                    }
+                    // Everyone else: batched (see `fanout`).
+                    let sessions = net.conns.len();
+                    for (&id, (_, conn)) in net.conns.iter_mut() {
+                        if conn.prompted == seq || conn.closing || !rules.0.is_identified(id) {
+                            continue;
+                        }
+                        match conn.defer(&frame) {
+                            Some(first) => {
+                                stats.frames_out += 1;
+                                if first {
+                                    net.batches.schedule(id, t, sessions);
+                                }
+                            }
+                            None => to_close.push((id, "too slow: output queue full".into())),
                         }
                     }
                 }
@@ -573,16 +611,43 @@ fn apply_outputs(
     }
 }
 
-/// Connections written per tick beyond the urgent ones. A join in a 10,000-user lobby is a
-/// broadcast to everyone; writing it all in one tick would hold up the next tick's reads (and
-/// so every other request) for tens of milliseconds. Spread over a few ticks instead.
+/// Connections with leftover TLS output (the socket would have blocked) written per tick
+/// beyond the urgent ones, so a crowd of slow readers cannot hold up the next tick's reads.
 const FLUSH_BUDGET: usize = 2_000;
 
-fn flush_connections(mut net: ResMut<ServerNet>, mut stats: ResMut<ServerStats>) {
+/// Batches of presence news released per tick. One broadcast starts a batch at every client
+/// at once; 500 writes are about 2 ms here, so a tick stays short and the rest follow.
+const BATCH_BUDGET: usize = 500;
+
+fn flush_connections(
+    mut net: ResMut<ServerNet>,
+    mut stats: ResMut<ServerStats>,
+    mut outbox: ResMut<Outbox>,
+) {
     let net = &mut *net;
+    let t = now(net);
     let mut order: Vec<SessionId> = net.urgent.drain().collect();
     for id in &order {
         net.dirty.remove(id);
+    }
+    let mut due = Vec::new();
+    net.batches.take_due(t, BATCH_BUDGET, &mut due);
+    for id in due {
+        let Some((_, conn)) = net.conns.get_mut(&id) else {
+            continue;
+        };
+        // Already pushed out by a prompt message, or never will be.
+        if !conn.has_deferred() || conn.closing {
+            continue;
+        }
+        if conn.release_deferred() {
+            net.dirty.remove(&id);
+            order.push(id);
+        } else {
+            outbox
+                .0
+                .push(Output::Close(id, "too slow: output queue full".into()));
+        }
     }
     let backlog: Vec<SessionId> = net.dirty.iter().copied().take(FLUSH_BUDGET).collect();
     for id in &backlog {
@@ -612,7 +677,13 @@ fn flush_connections(mut net: ResMut<ServerNet>, mut stats: ResMut<ServerStats>)
         }
     }
     // Connections that closed while we were not writing to them still need cleanup: a read
-    // error marks them closing without output; sweep those too.
+    // error marks them closing without output; sweep those too (a walk over every
+    // connection, so a few times a second rather than every tick).
+    if t.saturating_sub(net.last_sweep) < Duration::from_millis(250) {
+        stats.sessions = net.conns.len();
+        return;
+    }
+    net.last_sweep = t;
     let stale: Vec<SessionId> = net
         .conns
         .iter()

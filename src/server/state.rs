@@ -61,7 +61,15 @@ pub enum Output {
     /// Send one message to one session.
     Send(SessionId, ServerMsg),
     /// Send one message to every identified session (encode once, copy many).
-    Broadcast(ServerMsg),
+    ///
+    /// `prompt` are the sessions that must get it without delay: the members of the channel
+    /// it is about, whose call it changes. Everyone else only keeps a lobby-wide overview
+    /// current, so the shell may batch it with other presence news (one TLS record and one
+    /// write per client instead of one per event); order per session is kept either way.
+    Broadcast {
+        msg: ServerMsg,
+        prompt: Vec<SessionId>,
+    },
     /// Send `Closing{reason}` if possible, then close the connection.
     Close(SessionId, String),
     /// Check `password` against `hash` off the tick thread (argon2 is slow on purpose) and call
@@ -610,10 +618,13 @@ impl ServerState {
         if let Some(s) = self.sessions.get_mut(&id) {
             s.channel = Some(index);
         }
-        out.push(Output::Broadcast(ServerMsg::MemberJoined {
-            channel: canonical,
-            member,
-        }));
+        out.push(Output::Broadcast {
+            msg: ServerMsg::MemberJoined {
+                channel: canonical,
+                member,
+            },
+            prompt: self.channels[index].members.clone(),
+        });
     }
 
     /// Removes `id` from its channel, telling everyone; returns the channel's name.
@@ -630,10 +641,16 @@ impl ServerState {
             out.push(Output::Send(other, ServerMsg::PeerGone { user_id }));
         }
         let name = ch.config.name.clone();
-        out.push(Output::Broadcast(ServerMsg::MemberLeft {
-            channel: name.clone(),
-            user_id,
-        }));
+        // The one leaving sees its old channel update as promptly as those who stay.
+        let mut prompt = ch.members.clone();
+        prompt.push(id);
+        out.push(Output::Broadcast {
+            msg: ServerMsg::MemberLeft {
+                channel: name.clone(),
+                user_id,
+            },
+            prompt,
+        });
         Some(name)
     }
 
@@ -975,7 +992,7 @@ mod tests {
         let out = w.join(2, "lobby", None);
         assert_eq!(join_status(&out, 2), Some(Status::Ok));
         assert!(out.iter().any(|o| matches!(o,
-            Output::Broadcast(ServerMsg::MemberJoined { channel, member }) if channel == "Lobby" && member.username == "bob")));
+            Output::Broadcast { msg: ServerMsg::MemberJoined { channel, member }, .. } if channel == "Lobby" && member.username == "bob")));
         // Each side learns the other's endpoints.
         assert!(out.iter().any(|o| matches!(o,
             Output::Send(2, ServerMsg::PeerEndpoints { peer }) if peer.username == "alice")));
@@ -983,6 +1000,34 @@ mod tests {
             Output::Send(1, ServerMsg::PeerEndpoints { peer }) if peer.username == "bob")));
         let overview = w.state.overview();
         assert_eq!(overview[0].members.len(), 2);
+    }
+
+    /// Presence news reaches everyone, but only the channel concerned needs it at once.
+    #[test]
+    fn presence_is_prompt_for_the_channel_concerned() {
+        let mut w = World::new();
+        w.login(1, "alice");
+        w.login(2, "bob");
+        w.login(3, "carol");
+        w.join(1, "Lobby", None);
+        w.join(3, "Gaming", None);
+        let prompt_of = |out: &[Output]| -> Vec<SessionId> {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Broadcast { prompt, .. } => Some(prompt.clone()),
+                    _ => None,
+                })
+                .expect("a broadcast")
+        };
+        let mut joined = prompt_of(&w.join(2, "Lobby", None));
+        joined.sort();
+        assert_eq!(joined, vec![1, 2], "Lobby's members, the newcomer included");
+        let mut left = prompt_of(&w.send(2, ClientMsg::Leave));
+        left.sort();
+        assert_eq!(left, vec![1, 2], "who stays, and the one leaving");
+        let mut out = Vec::new();
+        w.state.session_closed(w.now, 1, &mut out);
+        assert_eq!(prompt_of(&out), vec![1]);
     }
 
     #[test]
@@ -1067,10 +1112,10 @@ mod tests {
         let out = w.join(1, "Duo", None);
         let left = out
             .iter()
-            .position(|o| matches!(o, Output::Broadcast(ServerMsg::MemberLeft { channel, .. }) if channel == "Lobby"));
+            .position(|o| matches!(o, Output::Broadcast { msg: ServerMsg::MemberLeft { channel, .. }, .. } if channel == "Lobby"));
         let joined = out
             .iter()
-            .position(|o| matches!(o, Output::Broadcast(ServerMsg::MemberJoined { channel, .. }) if channel == "Duo"));
+            .position(|o| matches!(o, Output::Broadcast { msg: ServerMsg::MemberJoined { channel, .. }, .. } if channel == "Duo"));
         assert!(left.unwrap() < joined.unwrap());
         assert!(w.state.overview()[0].members.is_empty());
     }
@@ -1088,9 +1133,13 @@ mod tests {
         assert!(out
             .iter()
             .any(|o| matches!(o, Output::Send(1, ServerMsg::PeerGone { .. }))));
-        assert!(out
-            .iter()
-            .any(|o| matches!(o, Output::Broadcast(ServerMsg::MemberLeft { .. }))));
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Broadcast {
+                msg: ServerMsg::MemberLeft { .. },
+                ..
+            }
+        )));
         let out = w.send(2, ClientMsg::Leave);
         assert!(out.iter().any(|o| matches!(
             o,
@@ -1114,7 +1163,7 @@ mod tests {
         let mut out = Vec::new();
         w.state.session_closed(w.now, 2, &mut out);
         assert!(out.iter().any(|o| matches!(o,
-            Output::Broadcast(ServerMsg::MemberLeft { channel, .. }) if channel == "Lobby")));
+            Output::Broadcast { msg: ServerMsg::MemberLeft { channel, .. }, .. } if channel == "Lobby")));
         assert_eq!(w.state.overview()[0].members.len(), 1);
         assert_eq!(w.state.session_count(), 1);
     }

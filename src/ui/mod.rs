@@ -39,7 +39,7 @@ pub struct UiOptions {
 }
 
 /// Everything the panels edit or remember between frames.
-#[derive(Resource)]
+#[derive(Resource, Default)]
 pub struct UiState {
     pub connect: ConnectView,
     pub password: Option<PasswordPromptView>,
@@ -52,7 +52,8 @@ pub struct UiState {
     /// Channel we asked to join (name), for matching the answer.
     pending_join: Option<String>,
     auto_connect: bool,
-    audio_status_seen: usize,
+    /// Audio problems currently listed among `errors` (as shown, capitalised).
+    audio_shown: Vec<String>,
     auto_join: Option<(String, Option<String>)>,
     /// Peers whose unreachability was already reported, so each episode is said once.
     unreachable_reported: std::collections::HashSet<u32>,
@@ -97,7 +98,7 @@ impl Plugin for UiPlugin {
             mix: MixHistory::default(),
             pending_join: None,
             auto_connect: o.auto_connect && username.is_some(),
-            audio_status_seen: 0,
+            audio_shown: Vec::new(),
             auto_join: o.join.clone(),
             unreachable_reported: Default::default(),
         })
@@ -127,6 +128,26 @@ fn auto_connect(mut state: ResMut<UiState>, mut intents: EventWriter<ClientInten
             server: state.connect.server_address.clone(),
             username: state.connect.username.clone(),
         });
+    }
+}
+
+/// Mirrors the voice plane's live audio problems into the error list: a new one appears, and
+/// one that is over (a lost device came back) disappears instead of lingering in red.
+fn sync_audio_problems(state: &mut UiState, live: &[String]) {
+    let live: Vec<String> = live.iter().map(|m| capitalize(m)).collect();
+    let over: Vec<String> = state
+        .audio_shown
+        .iter()
+        .filter(|m| !live.contains(m))
+        .cloned()
+        .collect();
+    state.errors.retain(|e| !over.contains(e));
+    state.audio_shown.retain(|m| live.contains(m));
+    for m in live {
+        if !state.audio_shown.contains(&m) {
+            state.audio_shown.push(m.clone());
+            push_error(state, m);
+        }
     }
 }
 
@@ -361,18 +382,7 @@ fn draw_ui(
     state
         .mix
         .push(crate::voice::plugin::meter_from_db(snap.mix_level_db));
-    if voice.audio_status.len() != state.audio_status_seen {
-        let fresh: Vec<String> = voice
-            .audio_status
-            .iter()
-            .skip(state.audio_status_seen.min(voice.audio_status.len()))
-            .cloned()
-            .collect();
-        state.audio_status_seen = voice.audio_status.len();
-        for m in fresh {
-            push_error(state, capitalize(&m));
-        }
-    }
+    sync_audio_problems(state, &voice.audio_status);
     for p in &snap.peers {
         match &p.state {
             crate::voice::PeerState::Unreachable(reason) => {
@@ -381,7 +391,11 @@ fn draw_ui(
                 }
             }
             crate::voice::PeerState::Direct(_) => {
-                state.unreachable_reported.remove(&p.user_id);
+                // Reachable again: the old complaint no longer describes the call.
+                if state.unreachable_reported.remove(&p.user_id) {
+                    let stale = format!("Cannot reach {}: ", p.name);
+                    state.errors.retain(|e| !e.starts_with(&stale));
+                }
             }
             crate::voice::PeerState::Punching => {}
         }
@@ -610,6 +624,29 @@ mod tests {
         draw.initialize(&mut world);
         let mut track = IntoSystem::into_system(track_control_events);
         track.initialize(&mut world);
+    }
+
+    #[test]
+    fn a_device_that_comes_back_takes_its_error_with_it() {
+        let mut state = UiState::default();
+        state
+            .errors
+            .push("Cannot join Private: wrong password".into());
+        let lost = "Output device lost: I/O error".to_string();
+        sync_audio_problems(&mut state, &["output device lost: I/O error".into()]);
+        assert!(state.errors.contains(&lost));
+        // Shown once, however many frames it stays a problem.
+        sync_audio_problems(&mut state, &["output device lost: I/O error".into()]);
+        assert_eq!(state.errors.iter().filter(|e| **e == lost).count(), 1);
+        // Restored: gone; other errors stay.
+        sync_audio_problems(&mut state, &[]);
+        assert_eq!(
+            state.errors,
+            vec!["Cannot join Private: wrong password".to_string()]
+        );
+        // Lost again later: shown again.
+        sync_audio_problems(&mut state, &["output device lost: I/O error".into()]);
+        assert!(state.errors.contains(&lost));
     }
 
     #[test]

@@ -97,7 +97,7 @@ mod tests {
     #[test]
     fn batches_fall_due_in_order_after_the_delay() {
         let mut b = Batches::default();
-        b.schedule(1, 0 * MS, 100);
+        b.schedule(1, Duration::ZERO, 100);
         b.schedule(2, 3 * MS, 100);
         let mut out = Vec::new();
         b.take_due(9 * MS, 10, &mut out);

@@ -6,6 +6,8 @@
 //! a fixed rate for a fixed time: a random client sends `Leave` then `Join` to another channel,
 //! and the latency sample is the time from sending that `Join` until the *observer* client of the
 //! destination channel (one fixed member per channel) receives the matching `MemberJoined`.
+//! A second figure times the same join as seen from the observer of a channel halfway round
+//! (lobby-wide presence, which the server batches; see `src/server/fanout.rs`).
 //!
 //! Every socket is drained and decrypted continuously (each join/leave is broadcast to every
 //! identified session and the server drops clients that fall 1 MiB behind). Only frames somebody
@@ -527,6 +529,10 @@ struct Harness {
     /// Churned users whose `MemberJoined` has not been observed: (Join sent at, destination).
     pending: HashMap<UserId, (Instant, usize)>,
     samples: Vec<Duration>,
+    /// The same joins as seen from a channel the user neither left nor joined (lobby-wide
+    /// presence, which the server batches): (Join sent at, destination, watching channel).
+    pending_far: HashMap<UserId, (Instant, usize, usize)>,
+    far_samples: Vec<Duration>,
     counters: Counters,
     hb_start: Instant,
     hb_sent: u64,
@@ -552,6 +558,8 @@ impl Harness {
             user_to_client: HashMap::new(),
             pending: HashMap::new(),
             samples: Vec::new(),
+            pending_far: HashMap::new(),
+            far_samples: Vec::new(),
             counters: Counters::default(),
             hb_start: Instant::now(),
             hb_sent: 0,
@@ -878,6 +886,12 @@ impl Harness {
                 let Some(obs) = self.clients[i].observer_of else {
                     return;
                 };
+                if let Some(&(sent, dest, far)) = self.pending_far.get(&member.user_id) {
+                    if far == obs && channel == self.channel_names[dest] {
+                        self.pending_far.remove(&member.user_id);
+                        self.far_samples.push(now.duration_since(sent));
+                    }
+                }
                 if channel != self.channel_names[obs] {
                     return;
                 }
@@ -912,6 +926,7 @@ impl Harness {
             if c.phase != Phase::Ready
                 || c.churn_dest.is_some()
                 || self.pending.contains_key(&c.user_id)
+                || self.pending_far.contains_key(&c.user_id)
             {
                 continue;
             }
@@ -932,6 +947,10 @@ impl Harness {
                 },
             );
             self.pending.insert(user, (sent, dest));
+            let far = (dest + self.params.channels / 2) % self.params.channels;
+            if far != dest {
+                self.pending_far.insert(user, (sent, dest, far));
+            }
             return true;
         }
         false
@@ -962,6 +981,12 @@ struct Report {
     p90_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// Lobby-wide presence: join to `MemberJoined` at a member of an unrelated channel.
+    far_samples: usize,
+    far_unobserved: usize,
+    far_p50_ms: f64,
+    far_p99_ms: f64,
+    far_max_ms: f64,
     server_cpu_pct: f64,
     harness_cpu_pct: f64,
     server_wait_pct: f64,
@@ -1070,6 +1095,7 @@ fn run(params: Params) -> Vec<Report> {
         let own_wait0 = process_runqueue_wait_secs(std::process::id()).unwrap_or(0.0);
         let load_before = load_average();
         h.samples.clear();
+        h.far_samples.clear();
         let refused0 = h.counters.join_refused;
         let start = Instant::now();
         let end = start + Duration::from_secs_f64(params.churn_secs);
@@ -1108,7 +1134,7 @@ fn run(params: Params) -> Vec<Report> {
 
         // Wait for the last joins to be observed.
         let drain_end = Instant::now() + params.drain;
-        while !h.pending.is_empty() && Instant::now() < drain_end {
+        while !(h.pending.is_empty() && h.pending_far.is_empty()) && Instant::now() < drain_end {
             h.heartbeats();
             h.pump(MAX_POLL_WAIT);
         }
@@ -1119,6 +1145,8 @@ fn run(params: Params) -> Vec<Report> {
 
         let mut sorted = h.samples.clone();
         sorted.sort_unstable();
+        let mut far = h.far_samples.clone();
+        far.sort_unstable();
         let log = server.log.lock().expect("server log lock");
         reports.push(Report {
             clients: params.clients,
@@ -1133,6 +1161,11 @@ fn run(params: Params) -> Vec<Report> {
             p90_ms: percentile_ms(&sorted, 90.0),
             p99_ms: percentile_ms(&sorted, 99.0),
             max_ms: sorted.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+            far_samples: far.len(),
+            far_unobserved: h.pending_far.len(),
+            far_p50_ms: percentile_ms(&far, 50.0),
+            far_p99_ms: percentile_ms(&far, 99.0),
+            far_max_ms: far.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
             server_cpu_pct,
             harness_cpu_pct,
             server_wait_pct,
@@ -1157,6 +1190,7 @@ fn run(params: Params) -> Vec<Report> {
         drop(log);
         // Joins still unobserved belong to this phase; later phases start clean.
         h.pending.clear();
+        h.pending_far.clear();
     }
     // Kill the server before the client sockets close, so TIME_WAIT lands on the server side and
     // back-to-back runs do not run out of ephemeral ports.
@@ -1170,7 +1204,7 @@ fn print_report(r: &Report) {
         "metadata server scale ({} clients, {} channels)",
         r.clients, r.channels
     );
-    let rows: [(&str, String); 18] = [
+    let rows: [(&str, String); 19] = [
         ("clients (N)", r.clients.to_string()),
         ("setup time for N clients", format!("{:.2} s", r.setup_secs)),
         (
@@ -1195,6 +1229,13 @@ fn print_report(r: &Report) {
         ("join->MemberJoined p90", format!("{:.2} ms", r.p90_ms)),
         ("join->MemberJoined p99", format!("{:.2} ms", r.p99_ms)),
         ("join->MemberJoined max", format!("{:.2} ms", r.max_ms)),
+        (
+            "same, other channel's view",
+            format!(
+                "p50 {:.1} / p99 {:.1} / max {:.1} ms ({} samples, unobserved {})",
+                r.far_p50_ms, r.far_p99_ms, r.far_max_ms, r.far_samples, r.far_unobserved
+            ),
+        ),
         (
             "server CPU during churn",
             format!("{:.0} % of one core", r.server_cpu_pct),
@@ -1271,6 +1312,11 @@ fn print_report(r: &Report) {
         "p90_ms": r.p90_ms,
         "p99_ms": r.p99_ms,
         "max_ms": r.max_ms,
+        "far_samples": r.far_samples,
+        "far_unobserved": r.far_unobserved,
+        "far_p50_ms": r.far_p50_ms,
+        "far_p99_ms": r.far_p99_ms,
+        "far_max_ms": r.far_max_ms,
         "server_cpu_pct": r.server_cpu_pct,
         "server_setup_cpu_pct": r.server_setup_cpu_pct,
         "harness_cpu_pct": r.harness_cpu_pct,
@@ -1297,10 +1343,10 @@ fn main() {
         print_report(report);
     }
     if reports.len() > 1 {
-        println!("summary (N, rate -> achieved, p50 / p99 / max ms, server CPU %, unobserved):");
+        println!("summary (N, rate -> achieved, p50 / p99 / max ms, server CPU %, unobserved, other channel p50 / p99 ms):");
         for r in &reports {
             println!(
-                "  {:>6} {:>6.0} -> {:>6.1}  {:>9.2} / {:>9.2} / {:>9.2}  {:>4.0} %  {}",
+                "  {:>6} {:>6.0} -> {:>6.1}  {:>9.2} / {:>9.2} / {:>9.2}  {:>4.0} %  {}  {:>7.1} / {:>7.1}",
                 r.clients,
                 r.target_rate,
                 r.achieved_rate,
@@ -1308,7 +1354,9 @@ fn main() {
                 r.p99_ms,
                 r.max_ms,
                 r.server_cpu_pct,
-                r.unobserved
+                r.unobserved,
+                r.far_p50_ms,
+                r.far_p99_ms
             );
         }
     }
@@ -1334,6 +1382,11 @@ fn main() {
             report.samples as u64, report.ops,
             "every churn join must be observed by the destination's observer ({} unobserved)",
             report.unobserved
+        );
+        assert_eq!(
+            report.far_samples as u64, report.ops,
+            "every churn join must reach the rest of the lobby too ({} unobserved)",
+            report.far_unobserved
         );
     }
 }

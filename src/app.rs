@@ -65,6 +65,16 @@ pub fn run_server(cfg: ServerConfig) -> anyhow::Result<ExitCode> {
         log_plugin(),
         plugin,
     ));
+    // The server's systems form one chain, so a thread pool has nothing to run in parallel;
+    // waking it 1,000 times a second only costs futex calls and context switches (a fifth
+    // of the server's CPU at 10,000 clients). One thread runs the whole schedule instead.
+    for (_, schedule) in app
+        .world_mut()
+        .resource_mut::<bevy::ecs::schedule::Schedules>()
+        .iter_mut()
+    {
+        schedule.set_executor_kind(bevy::ecs::schedule::ExecutorKind::SingleThreaded);
+    }
     Ok(exit_code(app.run()))
 }
 

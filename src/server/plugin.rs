@@ -615,9 +615,14 @@ fn apply_outputs(
 /// beyond the urgent ones, so a crowd of slow readers cannot hold up the next tick's reads.
 const FLUSH_BUDGET: usize = 2_000;
 
-/// Batches of presence news released per tick. One broadcast starts a batch at every client
-/// at once; 500 writes are about 2 ms here, so a tick stays short and the rest follow.
-const BATCH_BUDGET: usize = 500;
+/// Wall time per tick spent writing batches of presence news. One broadcast starts a batch
+/// at every client at once; written in one go, 10,000 of them would hold the tick (and every
+/// join waiting behind it) for well over 100 ms. A millisecond a tick still writes tens of
+/// thousands a second, more than `fanout::BATCHED_WRITES_PER_SEC` asks for.
+const BATCH_TIME_BUDGET: Duration = Duration::from_millis(1);
+
+/// Batches taken from the queue between two looks at the clock.
+const BATCH_CHUNK: usize = 16;
 
 fn flush_connections(
     mut net: ResMut<ServerNet>,
@@ -626,55 +631,47 @@ fn flush_connections(
 ) {
     let net = &mut *net;
     let t = now(net);
-    let mut order: Vec<SessionId> = net.urgent.drain().collect();
-    for id in &order {
-        net.dirty.remove(id);
+    // Replies and the channel concerned first: they are what someone is waiting for.
+    let urgent: Vec<SessionId> = net.urgent.drain().collect();
+    for id in urgent {
+        net.dirty.remove(&id);
+        flush_one(net, id);
     }
-    let mut due = Vec::new();
-    net.batches.take_due(t, BATCH_BUDGET, &mut due);
-    for id in due {
-        let Some((_, conn)) = net.conns.get_mut(&id) else {
-            continue;
-        };
-        // Already pushed out by a prompt message, or never will be.
-        if !conn.has_deferred() || conn.closing {
-            continue;
+    // Then lobby-wide presence that has waited long enough, within the time budget.
+    let started = Instant::now();
+    let mut due = Vec::with_capacity(BATCH_CHUNK);
+    loop {
+        due.clear();
+        net.batches.take_due(t, BATCH_CHUNK, &mut due);
+        if due.is_empty() {
+            break;
         }
-        if conn.release_deferred() {
-            net.dirty.remove(&id);
-            order.push(id);
-        } else {
-            outbox
-                .0
-                .push(Output::Close(id, "too slow: output queue full".into()));
-        }
-    }
-    let backlog: Vec<SessionId> = net.dirty.iter().copied().take(FLUSH_BUDGET).collect();
-    for id in &backlog {
-        net.dirty.remove(id);
-    }
-    order.extend(backlog);
-    for id in order {
-        let Some((_, conn)) = net.conns.get_mut(&id) else {
-            continue;
-        };
-        let result = conn.flush();
-        if conn.closing {
-            conn.close_attempts += 1;
-        }
-        // A closing client that does not read gets about a second to take its Closing message.
-        let done =
-            result.is_err() || (conn.closing && (!conn.has_output() || conn.close_attempts > 1000));
-        if conn.has_output() && !done {
-            net.dirty.insert(id);
-        }
-        if done {
-            if let Some((_, mut conn)) = net.conns.remove(&id) {
-                release_ip(&mut net.per_ip, conn.peer.ip());
-                let _ = net.poll.registry().deregister(&mut conn.stream);
-                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        for &id in &due {
+            let Some((_, conn)) = net.conns.get_mut(&id) else {
+                continue;
+            };
+            // Already pushed out by a prompt message, or never will be.
+            if !conn.has_deferred() || conn.closing {
+                continue;
+            }
+            if conn.release_deferred() {
+                net.dirty.remove(&id);
+                flush_one(net, id);
+            } else {
+                outbox
+                    .0
+                    .push(Output::Close(id, "too slow: output queue full".into()));
             }
         }
+        if started.elapsed() >= BATCH_TIME_BUDGET {
+            break;
+        }
+    }
+    // Last, connections whose socket would have blocked before.
+    let backlog: Vec<SessionId> = net.dirty.iter().copied().take(FLUSH_BUDGET).collect();
+    for id in backlog {
+        net.dirty.remove(&id);
+        flush_one(net, id);
     }
     // Connections that closed while we were not writing to them still need cleanup: a read
     // error marks them closing without output; sweep those too (a walk over every
@@ -697,6 +694,31 @@ fn flush_connections(
         }
     }
     stats.sessions = net.conns.len();
+}
+
+/// Writes what `id` has queued until its socket would block; leftovers go to the backlog.
+/// Removes the connection once it is dead, or closing and done.
+fn flush_one(net: &mut ServerNet, id: SessionId) {
+    let Some((_, conn)) = net.conns.get_mut(&id) else {
+        return;
+    };
+    let result = conn.flush();
+    if conn.closing {
+        conn.close_attempts += 1;
+    }
+    // A closing client that does not read gets about a second to take its Closing message.
+    let done =
+        result.is_err() || (conn.closing && (!conn.has_output() || conn.close_attempts > 1000));
+    if conn.has_output() && !done {
+        net.dirty.insert(id);
+    }
+    if done {
+        if let Some((_, mut conn)) = net.conns.remove(&id) {
+            release_ip(&mut net.per_ip, conn.peer.ip());
+            let _ = net.poll.registry().deregister(&mut conn.stream);
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 fn mirror_sessions(mut net: ResMut<ServerNet>, rules: Res<Rules>, mut commands: Commands) {

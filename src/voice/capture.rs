@@ -236,6 +236,11 @@ impl CaptureChain {
         self.vad.set_threshold_above_floor_db(db);
     }
 
+    /// The voice-activity threshold now, dBFS.
+    pub fn vad_threshold_db(&self) -> f32 {
+        self.vad.threshold_db()
+    }
+
     /// Processes one captured frame at time `now`.
     ///
     /// # Panics

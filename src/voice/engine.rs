@@ -252,8 +252,11 @@ impl VoiceEngine {
         let mut encoder = OpusEncoder::new(cfg.frame, cfg.bitrate_bps)?;
         let vad_above = cfg.capture.vad.threshold_above_floor_db;
         encoder.set_expected_loss_percent(5)?;
+        let capture = CaptureChain::new(cfg.capture.clone());
         Ok(Self {
-            capture: CaptureChain::new(cfg.capture.clone()),
+            // Shown on the input meter before any frame arrives (and with no microphone).
+            vad_threshold_db: capture.vad_threshold_db(),
+            capture,
             mixer: Mixer::with_frame_samples(PLAYOUT_CHUNK),
             encoder,
             cfg,
@@ -268,7 +271,6 @@ impl VoiceEngine {
             public_addr: None,
             seed,
             input_level_db: -120.0,
-            vad_threshold_db: 0.0,
             speaking: false,
             transmitting: false,
             frames_sent: 0,
@@ -705,6 +707,15 @@ mod tests {
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// With no microphone no frame ever arrives; the meter must still show the real threshold
+    /// (it used to show 0 dBFS, i.e. "never transmit").
+    #[test]
+    fn threshold_is_known_before_the_first_frame() {
+        let e = engine(1);
+        let db = e.snapshot(Duration::ZERO).vad_threshold_db;
+        assert!((-90.0..-20.0).contains(&db), "{db}");
     }
 
     fn peer(id: UserId, port: u16, key: [u8; 32]) -> PeerInfo {

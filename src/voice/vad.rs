@@ -101,6 +101,12 @@ impl Vad {
         self.floor_db
     }
 
+    /// The level a frame must exceed to count as voice, dBFS: what the input meter draws,
+    /// also before the first frame (no microphone yet).
+    pub fn threshold_db(&self) -> f32 {
+        (self.floor_db + self.cfg.threshold_above_floor_db).max(self.cfg.absolute_min_db)
+    }
+
     /// Classifies one frame and updates the noise floor.
     pub fn process(&mut self, frame: &[f32]) -> VadDecision {
         self.process_level(rms_dbfs(frame))
@@ -113,8 +119,7 @@ impl Vad {
         } else {
             SILENCE_DBFS
         };
-        let threshold_db =
-            (self.floor_db + self.cfg.threshold_above_floor_db).max(self.cfg.absolute_min_db);
+        let threshold_db = self.threshold_db();
         let loud = level_db > threshold_db;
 
         let frame = self.cfg.frame.duration();

@@ -22,7 +22,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// Version of the datagram format, carried in the high nibble of byte 0. It equals the
 /// control protocol's `PROTOCOL_VERSION` and is bumped together with it.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Largest datagram (header included) that is written or accepted.
 pub const MAX_DATAGRAM_LEN: usize = 1400;
@@ -34,8 +34,9 @@ pub const VOICE_HEADER_LEN: usize = 13;
 /// Largest Voice payload that fits in [`MAX_DATAGRAM_LEN`].
 pub const MAX_VOICE_PAYLOAD: usize = MAX_DATAGRAM_LEN - VOICE_HEADER_LEN;
 
-/// Size of Punch, PunchAck, Ping and Pong datagrams.
-const PEER_CONTROL_LEN: usize = 17;
+/// Size of Punch, PunchAck, Ping and Pong datagrams. On the wire between peers each is
+/// followed by a 16-byte authentication tag (`voice::crypto::PeerCipher::tag_control`).
+pub const PEER_CONTROL_LEN: usize = 17;
 const REGISTER_LEN: usize = 9;
 const REGISTER_ACK_V4_LEN: usize = 8;
 const REGISTER_ACK_V6_LEN: usize = 20;
@@ -424,7 +425,7 @@ mod tests {
         let bytes = d.to_vec().unwrap();
         assert_eq!(
             bytes,
-            [0x16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0xaa, 0xbb]
+            [0x26, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0xaa, 0xbb]
         );
         assert_eq!(
             &bytes[..VOICE_HEADER_LEN],
@@ -464,10 +465,11 @@ mod tests {
     #[test]
     fn wrong_version_is_refused() {
         let mut bytes = Datagram::Register { token: 9 }.to_vec().unwrap();
-        bytes[0] = (2 << 4) | (bytes[0] & 0x0f);
+        // An older build's datagram (version 1: peer control without tags).
+        bytes[0] = (1 << 4) | (bytes[0] & 0x0f);
         assert_eq!(
             Datagram::parse(&bytes),
-            Err(DatagramError::WrongVersion { found: 2 })
+            Err(DatagramError::WrongVersion { found: 1 })
         );
     }
 
@@ -573,7 +575,7 @@ mod tests {
         let e = DatagramError::WrongVersion { found: 3 };
         assert_eq!(
             e.to_string(),
-            "datagram format version 3 is not supported (this build speaks version 1)"
+            "datagram format version 3 is not supported (this build speaks version 2)"
         );
         assert_eq!(
             DatagramError::TooLarge { len: 1500 }.to_string(),

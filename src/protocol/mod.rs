@@ -16,7 +16,7 @@ pub use status::Status;
 
 /// Version of the control protocol and datagram format. Bumped on any incompatible change;
 /// a client and server with different versions refuse each other with [`Status::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Version of this build, sent in `Hello` for diagnostics.
 pub const APP_VERSION: &str = env!("CARGO_PKG_VERSION");

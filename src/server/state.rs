@@ -901,7 +901,7 @@ mod tests {
         )));
         assert!(out
             .iter()
-            .any(|o| matches!(o, Output::Close(1, r) if r.contains("protocol 1"))));
+            .any(|o| matches!(o, Output::Close(1, r) if r.contains("protocol 2"))));
     }
 
     #[test]

@@ -38,7 +38,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::super::protocol::datagram::{
-    voice_header, DatagramKind, MAX_VOICE_PAYLOAD, VOICE_HEADER_LEN,
+    voice_header, DatagramKind, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN,
 };
 use super::link::{ReplayVerdict, VoiceReplayWindow};
 
@@ -53,6 +53,10 @@ pub const MAX_PLAINTEXT_LEN: usize = MAX_VOICE_PAYLOAD - TAG_LEN;
 
 /// Prefix of the HKDF info string; the directional suffix is `" {sender}->{receiver}"`.
 const KDF_LABEL: &str = "p2p-voice v1 voice";
+
+/// Prefix of the HKDF info string for the keys that authenticate Punch, PunchAck, Ping and
+/// Pong. Separate from the voice keys, so their nonces can never meet voice nonces.
+const CONTROL_KDF_LABEL: &str = "p2p-voice v1 control";
 
 /// Domain separation for [`safety_number`].
 const SAFETY_LABEL: &[u8] = b"p2p-voice v1 safety number";
@@ -73,7 +77,7 @@ pub enum CryptoError {
     SamePeerId { id: u32 },
     #[error("voice header must be {VOICE_HEADER_LEN} bytes, got {len}")]
     HeaderLength { len: usize },
-    #[error("header type byte {type_byte:#04x} is not a version-1 Voice datagram")]
+    #[error("header type byte {type_byte:#04x} is not a Voice datagram of this version")]
     NotVoiceHeader { type_byte: u8 },
     #[error("voice header names sender {found}, but this key is for sender {expected}")]
     WrongSender { expected: u32, found: u32 },
@@ -91,6 +95,10 @@ pub enum CryptoError {
     Replay { seq: u32 },
     #[error("voice datagram failed authentication (wrong key, or header or payload altered)")]
     AuthenticationFailed,
+    #[error("peer control datagram must be {PEER_CONTROL_LEN} bytes plus a {TAG_LEN}-byte tag, got {len}")]
+    ControlLength { len: usize },
+    #[error("peer control datagram names sender {found}, but this key is for sender {expected}")]
+    ControlWrongSender { expected: u32, found: u32 },
 }
 
 /// This client's X25519 key pair for one session. Exists so one secret can do Diffie-Hellman
@@ -193,6 +201,8 @@ pub fn safety_number(a: &[u8; PUBLIC_KEY_LEN], b: &[u8; PUBLIC_KEY_LEN]) -> Stri
 struct DirectionalKeys {
     send: Zeroizing<[u8; 32]>,
     recv: Zeroizing<[u8; 32]>,
+    control_send: Zeroizing<[u8; 32]>,
+    control_recv: Zeroizing<[u8; 32]>,
 }
 
 fn derive_keys(
@@ -215,16 +225,18 @@ fn derive_keys(
     salt[..PUBLIC_KEY_LEN].copy_from_slice(&lo);
     salt[PUBLIC_KEY_LEN..].copy_from_slice(&hi);
     let hkdf = Hkdf::<Sha256>::new(Some(&salt), &shared[..]);
-    let expand = |sender: u32, receiver: u32| {
-        let info = format!("{KDF_LABEL} {sender}->{receiver}");
+    let expand = |label: &str, sender: u32, receiver: u32| {
+        let info = format!("{label} {sender}->{receiver}");
         let mut okm = Zeroizing::new([0u8; 32]);
         hkdf.expand(info.as_bytes(), &mut okm[..])
             .expect("32 bytes is a valid HKDF-SHA256 output length");
         okm
     };
     Ok(DirectionalKeys {
-        send: expand(our_id, peer_id),
-        recv: expand(peer_id, our_id),
+        send: expand(KDF_LABEL, our_id, peer_id),
+        recv: expand(KDF_LABEL, peer_id, our_id),
+        control_send: expand(CONTROL_KDF_LABEL, our_id, peer_id),
+        control_recv: expand(CONTROL_KDF_LABEL, peer_id, our_id),
     })
 }
 
@@ -262,6 +274,8 @@ pub struct PeerCipher {
     peer_public: [u8; PUBLIC_KEY_LEN],
     send: ChaCha20Poly1305,
     recv: ChaCha20Poly1305,
+    control_send: ChaCha20Poly1305,
+    control_recv: ChaCha20Poly1305,
     /// Sequence number of the last sealed datagram.
     last_sealed: Option<u32>,
     /// How far sealed sequence numbers have advanced since the first one (< 2^32).
@@ -286,6 +300,8 @@ impl PeerCipher {
             peer_public,
             send: ChaCha20Poly1305::new(Key::from_slice(&derived.send[..])),
             recv: ChaCha20Poly1305::new(Key::from_slice(&derived.recv[..])),
+            control_send: ChaCha20Poly1305::new(Key::from_slice(&derived.control_send[..])),
+            control_recv: ChaCha20Poly1305::new(Key::from_slice(&derived.control_recv[..])),
             last_sealed: None,
             sealed_span: 0,
             replay: VoiceReplayWindow::new(),
@@ -457,6 +473,60 @@ impl PeerCipher {
         self.open(header, ciphertext, out)
     }
 
+    /// The tag that goes after a Punch, PunchAck, Ping or Pong we send to this peer
+    /// (`datagram` is its [`PEER_CONTROL_LEN`] bytes). Without it anyone who knows two user
+    /// ids could spoof a punch and have a client adopt, and stream its voice to, any address.
+    ///
+    /// The datagram is the associated data of an empty message. The nonce is the kind byte and
+    /// the datagram's 64-bit value (punch nonce or ping time); sender and receiver are fixed per
+    /// key, so two different datagrams never share a nonce, and the same datagram sent twice
+    /// only repeats the same tag.
+    pub fn tag_control(
+        &self,
+        datagram: &[u8; PEER_CONTROL_LEN],
+    ) -> Result<[u8; TAG_LEN], CryptoError> {
+        let from = u32::from_be_bytes([datagram[1], datagram[2], datagram[3], datagram[4]]);
+        if from != self.our_id {
+            return Err(CryptoError::ControlWrongSender {
+                expected: self.our_id,
+                found: from,
+            });
+        }
+        let tag = self
+            .control_send
+            .encrypt_in_place_detached(&control_nonce(datagram), datagram, &mut [])
+            .map_err(|_| CryptoError::AuthenticationFailed)?;
+        Ok(tag.into())
+    }
+
+    /// Checks a received `control datagram || tag` from this peer; returns the datagram.
+    pub fn verify_control<'a>(&mut self, wire: &'a [u8]) -> Result<&'a [u8], CryptoError> {
+        if wire.len() != PEER_CONTROL_LEN + TAG_LEN {
+            return Err(CryptoError::ControlLength { len: wire.len() });
+        }
+        let (datagram, tag) = wire.split_at(PEER_CONTROL_LEN);
+        let from = u32::from_be_bytes([datagram[1], datagram[2], datagram[3], datagram[4]]);
+        if from != self.peer_id {
+            return Err(CryptoError::ControlWrongSender {
+                expected: self.peer_id,
+                found: from,
+            });
+        }
+        let fixed: &[u8; PEER_CONTROL_LEN] = datagram.try_into().expect("split at the length");
+        match self.control_recv.decrypt_in_place_detached(
+            &control_nonce(fixed),
+            datagram,
+            &mut [],
+            Tag::from_slice(tag),
+        ) {
+            Ok(()) => Ok(datagram),
+            Err(_) => {
+                self.auth_failures += 1;
+                Err(CryptoError::AuthenticationFailed)
+            }
+        }
+    }
+
     /// The sealed span after sealing `seq`, or why `seq` may not be sealed.
     fn next_sealed_span(&self, seq: u32) -> Result<u64, CryptoError> {
         let Some(last) = self.last_sealed else {
@@ -472,6 +542,14 @@ impl PeerCipher {
         }
         Ok(span)
     }
+}
+
+/// Nonce of a peer control datagram: its type byte, three zero bytes, its 64-bit value.
+fn control_nonce(datagram: &[u8; PEER_CONTROL_LEN]) -> Nonce {
+    let mut nonce = [0u8; 12];
+    nonce[0] = datagram[0];
+    nonce[4..].copy_from_slice(&datagram[9..17]);
+    *Nonce::from_slice(&nonce)
 }
 
 impl fmt::Debug for PeerCipher {
@@ -524,6 +602,63 @@ mod tests {
             PeerCipher::new(&a, A, B, b.public_key()).unwrap(),
             PeerCipher::new(&b, B, A, a.public_key()).unwrap(),
         )
+    }
+
+    fn punch(from: u32, to: u32, nonce: u64) -> [u8; PEER_CONTROL_LEN] {
+        let mut buf = [0u8; 64];
+        let n = Datagram::Punch { from, to, nonce }.write(&mut buf).unwrap();
+        buf[..n].try_into().unwrap()
+    }
+
+    fn tagged(c: &PeerCipher, d: &[u8; PEER_CONTROL_LEN]) -> Vec<u8> {
+        let mut wire = d.to_vec();
+        wire.extend_from_slice(&c.tag_control(d).unwrap());
+        wire
+    }
+
+    #[test]
+    fn control_tags_verify_only_for_the_right_peer_and_bytes() {
+        let (a, mut b) = pair();
+        let d = punch(A, B, 0xDEAD_BEEF);
+        let wire = tagged(&a, &d);
+        assert_eq!(b.verify_control(&wire).unwrap(), &d[..]);
+        // Any changed bit fails: header, value, tag.
+        for i in 0..wire.len() {
+            let mut bad = wire.clone();
+            bad[i] ^= 0x01;
+            assert!(b.verify_control(&bad).is_err(), "byte {i}");
+        }
+        // Untagged, or with a tag of zeros (what a spoofer without the key can send).
+        assert_eq!(
+            b.verify_control(&d),
+            Err(CryptoError::ControlLength {
+                len: PEER_CONTROL_LEN
+            })
+        );
+        let mut zeros = d.to_vec();
+        zeros.extend_from_slice(&[0u8; TAG_LEN]);
+        assert_eq!(
+            b.verify_control(&zeros),
+            Err(CryptoError::AuthenticationFailed)
+        );
+        // A tag is good in one direction only, and a third party's key does not help.
+        let (mut a2, _) = pair();
+        assert!(a2.verify_control(&wire).is_err());
+        let eve = SessionKeys::generate();
+        let mallory = PeerCipher::new(&eve, A, B, b.peer_public()).unwrap();
+        assert!(b.verify_control(&tagged(&mallory, &d)).is_err());
+    }
+
+    #[test]
+    fn control_tags_refuse_a_foreign_sender() {
+        let (a, _) = pair();
+        assert_eq!(
+            a.tag_control(&punch(B, A, 1)),
+            Err(CryptoError::ControlWrongSender {
+                expected: A,
+                found: B
+            })
+        );
     }
 
     fn sealed(c: &mut PeerCipher, seq: u32, payload: &[u8]) -> Vec<u8> {

@@ -19,7 +19,7 @@ use super::link::{LinkConfig, LinkState};
 use super::mixer::{MixInput, Mixer};
 use super::peers::{DropCounters, Incoming, PeerTable};
 use super::receiver::{PeerReceiver, PlayoutKind};
-use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, VOICE_HEADER_LEN};
+use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN};
 use crate::protocol::{PeerInfo, UserId};
 
 /// How often the UDP registration with the server is repeated once acknowledged (keeps our
@@ -114,8 +114,8 @@ pub struct VoiceSnapshot {
     pub mix_level_db: f32,
     /// Fingerprint of our own voice key.
     pub fingerprint: String,
-    /// Voice datagrams dropped because no key was known for their sender or they did not
-    /// authenticate.
+    /// Voice and peer-control datagrams dropped because no key was known for their sender or
+    /// they did not authenticate (spoofed punches land here).
     pub undecryptable: u64,
 }
 
@@ -430,7 +430,28 @@ impl VoiceEngine {
         // Voice is sealed end to end: authenticate and decrypt before anything else looks at
         // it, so forged packets cannot move replay windows or addresses.
         let mut bytes = bytes;
-        if let Ok(Datagram::Voice { from: sender, .. }) = Datagram::parse(bytes) {
+        // Punch, PunchAck, Ping and Pong carry a tag from the peer's control key: a spoofed
+        // punch would otherwise make the link adopt (and stream voice to) any address.
+        let head = &bytes[..bytes.len().min(PEER_CONTROL_LEN)];
+        if let Ok(
+            Datagram::Punch { from: sender, .. }
+            | Datagram::PunchAck { from: sender, .. }
+            | Datagram::Ping { from: sender, .. }
+            | Datagram::Pong { from: sender, .. },
+        ) = Datagram::parse(head)
+        {
+            let verified = self
+                .ciphers
+                .get_mut(&sender)
+                .and_then(|c| c.verify_control(bytes).ok());
+            match verified {
+                Some(datagram) => bytes = datagram,
+                None => {
+                    self.undecryptable += 1;
+                    return;
+                }
+            }
+        } else if let Ok(Datagram::Voice { from: sender, .. }) = Datagram::parse(bytes) {
             let Some(cipher) = self.ciphers.get_mut(&sender) else {
                 self.undecryptable += 1;
                 return;
@@ -596,9 +617,23 @@ impl VoiceEngine {
         }
         if let Some(table) = &mut self.table {
             while let Some(t) = table.poll_transmit(now) {
-                if let Ok(n) = t.datagram.write(&mut buf) {
-                    send(t.to, &buf[..n]);
-                }
+                let Ok(n) = t.datagram.write(&mut buf) else {
+                    continue;
+                };
+                // Every peer datagram is authenticated; a peer without a key cannot verify
+                // ours (and gets no voice either), so nothing is sent to it.
+                let cipher = t.datagram.recipient().and_then(|to| self.ciphers.get(&to));
+                let Some(cipher) = cipher else {
+                    continue;
+                };
+                let Ok(fixed) = <&[u8; PEER_CONTROL_LEN]>::try_from(&buf[..n]) else {
+                    continue;
+                };
+                let Ok(tag) = cipher.tag_control(fixed) else {
+                    continue;
+                };
+                buf[n..n + TAG_LEN].copy_from_slice(&tag);
+                send(t.to, &buf[..n + TAG_LEN]);
             }
         }
     }
@@ -945,6 +980,87 @@ mod tests {
         let snap = b.snapshot(Duration::ZERO);
         assert_eq!(snap.undecryptable, 2);
         assert_eq!(snap.peers[0].frames_decoded, 0);
+    }
+
+    /// A spoofed punch (anyone can learn two user ids from the overview) must neither get an
+    /// answer nor move where our voice goes; the peer's own tagged punch from a new address
+    /// (its NAT rebound) still does.
+    #[test]
+    fn spoofed_punches_are_ignored_and_tagged_ones_still_move_the_link() {
+        let (mut a, mut b) = (engine(1), engine(2));
+        a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+        b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+        let direct_to = |b: &VoiceEngine, now| match &b.snapshot(now).peers[0].state {
+            PeerState::Direct(addr) => Some(*addr),
+            _ => None,
+        };
+        // Link up over the simulated network: A at :1000, B at :2000.
+        let mut now = Duration::ZERO;
+        for _ in 0..20 {
+            let (mut to_b, mut to_a) = (Vec::new(), Vec::new());
+            a.poll_transmit(now, |_, d| to_b.push(d.to_vec()));
+            b.poll_transmit(now, |_, d| to_a.push(d.to_vec()));
+            to_b.iter()
+                .for_each(|d| b.handle_datagram(now, addr(1000), d));
+            to_a.iter()
+                .for_each(|d| a.handle_datagram(now, addr(2000), d));
+            now += Duration::from_millis(20);
+        }
+        assert_eq!(direct_to(&b, now), Some(addr(1000)));
+
+        let attacker = addr(6666);
+        let punch = Datagram::Punch {
+            from: 1,
+            to: 2,
+            nonce: 99,
+        }
+        .to_vec()
+        .unwrap();
+        let mut zero_tag = punch.clone();
+        zero_tag.extend_from_slice(&[0u8; TAG_LEN]);
+        let eve = SessionKeys::generate();
+        let eve_cipher = PeerCipher::new(&eve, 1, 2, b.public_key()).unwrap();
+        let mut eve_tagged = punch.clone();
+        eve_tagged.extend_from_slice(
+            &eve_cipher
+                .tag_control(&punch[..].try_into().unwrap())
+                .unwrap(),
+        );
+        let before = b.snapshot(now).undecryptable;
+        for forged in [&punch, &zero_tag, &eve_tagged] {
+            b.handle_datagram(now, attacker, forged);
+        }
+        assert_eq!(b.snapshot(now).undecryptable, before + 3);
+        let mut answers_to_attacker = 0;
+        for _ in 0..10 {
+            now += Duration::from_millis(20);
+            b.poll_transmit(now, |to, _| {
+                answers_to_attacker += usize::from(to == attacker)
+            });
+        }
+        assert_eq!(answers_to_attacker, 0);
+        assert_eq!(direct_to(&b, now), Some(addr(1000)));
+
+        // A's real (tagged) keepalives now arrive from a new address: the link follows them.
+        let moved = addr(1001);
+        for _ in 0..1000 {
+            let mut to_b = Vec::new();
+            a.poll_transmit(now, |_, d| to_b.push(d.to_vec()));
+            to_b.iter().for_each(|d| b.handle_datagram(now, moved, d));
+            let mut to_a = Vec::new();
+            b.poll_transmit(now, |_, d| to_a.push(d.to_vec()));
+            to_a.iter()
+                .for_each(|d| a.handle_datagram(now, addr(2000), d));
+            now += Duration::from_millis(20);
+            if direct_to(&b, now) == Some(moved) {
+                break;
+            }
+        }
+        assert_eq!(
+            direct_to(&b, now),
+            Some(moved),
+            "a tagged punch from a new address is adopted"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Arbitrary datagrams into the end-to-end voice decryption: never a panic, never plaintext
-//! out of something the sender did not seal.
+//! Arbitrary datagrams into the end-to-end voice decryption and the peer-control tag check:
+//! never a panic, never plaintext out of (or a control datagram accepted from) something the
+//! sender did not seal.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,4 +12,5 @@ fuzz_target!(|data: &[u8]| {
     let mut rx = PeerCipher::new(&b, 2, 1, a.public_key()).expect("valid keys");
     let mut out = vec![0u8; 2048];
     assert!(rx.open_datagram(data, &mut out).is_err());
+    assert!(rx.verify_control(data).is_err());
 });

@@ -156,22 +156,28 @@ impl ClientSettings {
         directories::ProjectDirs::from("", "", "p2p-voice").map(|p| p.config_dir().to_path_buf())
     }
 
-    fn path() -> Option<PathBuf> {
+    /// Where the settings live, if this system has a config directory.
+    pub fn path() -> Option<PathBuf> {
         Self::dir().map(|d| d.join("settings.toml"))
     }
 
     /// Loads settings; a missing or unreadable file gives defaults (settings are a convenience).
     pub fn load() -> Self {
         Self::path()
-            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|p| Self::load_from(&p))
+            .unwrap_or_default()
+    }
+
+    /// Loads settings from `path`; missing or unreadable gives defaults.
+    pub fn load_from(path: &std::path::Path) -> Self {
+        std::fs::read_to_string(path)
+            .ok()
             .and_then(|t| toml::from_str(&t).ok())
             .unwrap_or_default()
     }
 
-    pub fn save(&self) -> Result<(), ConfigError> {
-        let Some(path) = Self::path() else {
-            return Ok(());
-        };
+    /// Writes the settings to `path`, creating its directory.
+    pub fn save_to(&self, path: &std::path::Path) -> Result<(), ConfigError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| ConfigError::Write {
                 path: dir.to_path_buf(),
@@ -179,7 +185,10 @@ impl ClientSettings {
             })?;
         }
         let text = toml::to_string(self).unwrap_or_default();
-        std::fs::write(&path, text).map_err(|source| ConfigError::Write { path, source })
+        std::fs::write(path, text).map_err(|source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 

@@ -6,6 +6,7 @@ pub mod actions;
 pub mod panels;
 pub mod perf;
 pub mod screenshot;
+pub mod settings_writer;
 pub mod view;
 
 use bevy::prelude::*;
@@ -19,6 +20,7 @@ use crate::config::ClientSettings;
 use crate::protocol::Status;
 use crate::voice::{Voice, VoiceIntent};
 use actions::UiAction;
+use settings_writer::{SettingsChange, SettingsWriter};
 use view::*;
 
 /// Settings the UI starts with.
@@ -102,6 +104,7 @@ impl Plugin for UiPlugin {
             auto_join: o.join.clone(),
             unreachable_reported: Default::default(),
         })
+        .insert_resource(SettingsWriter::spawn(ClientSettings::path()))
         .add_systems(Startup, (setup_camera, auto_connect))
         .add_systems(Update, track_control_events)
         .add_systems(EguiPrimaryContextPass, draw_ui);
@@ -166,7 +169,11 @@ fn track_control_events(
     mut events: EventReader<ControlEvent>,
     mut intents: EventWriter<ClientIntent>,
     link: Res<ControlLink>,
+    settings: Res<SettingsWriter>,
 ) {
+    for e in settings.errors() {
+        push_error(&mut state, e);
+    }
     for ControlEvent(ev) in events.read() {
         match ev {
             SessionEvent::Overview { channels } => {
@@ -200,12 +207,10 @@ fn track_control_events(
                 state.connect.connecting = false;
                 state.connect.refusal = None;
                 state.connect.address_problem = None;
-                let mut s = ClientSettings::load();
-                s.username = Some(username.clone());
-                s.server = Some(link.session.server().to_string());
-                if let Err(e) = s.save() {
-                    push_error(&mut state, format!("cannot remember settings: {e}"));
-                }
+                settings.remember(SettingsChange::Identity {
+                    username: username.clone(),
+                    server: link.session.server().to_string(),
+                });
             }
             SessionEvent::Joined { channel } => {
                 if state
@@ -371,6 +376,7 @@ fn draw_ui(
     mut intents: EventWriter<ClientIntent>,
     mut voice_intents: EventWriter<VoiceIntent>,
     mut perf: ResMut<perf::PerfOverlay>,
+    settings: Res<SettingsWriter>,
 ) -> Result {
     let ctx = contexts.ctx_mut()?;
     let state = &mut *state;
@@ -549,9 +555,7 @@ fn draw_ui(
             UiAction::SetPtt(on) => {
                 state.controls.ptt_enabled = on;
                 voice_intents.write(VoiceIntent::SetPushToTalk(on));
-                let mut s = ClientSettings::load();
-                s.push_to_talk = Some(on);
-                let _ = s.save();
+                settings.remember(SettingsChange::PushToTalk(on));
             }
             UiAction::PushToTalk(pressed) => {
                 voice_intents.write(VoiceIntent::SetPttPressed(pressed));
@@ -559,9 +563,7 @@ fn draw_ui(
             UiAction::SetNoiseSuppression(on) => {
                 state.controls.noise_suppression = on;
                 voice_intents.write(VoiceIntent::SetNoiseSuppression(on));
-                let mut s = ClientSettings::load();
-                s.noise_suppression = Some(on);
-                let _ = s.save();
+                settings.remember(SettingsChange::NoiseSuppression(on));
             }
             UiAction::SetVadThreshold(db) => {
                 voice_intents.write(VoiceIntent::SetVadThreshold(db));
@@ -585,16 +587,12 @@ fn draw_ui(
             UiAction::SelectInput(name) => {
                 state.controls.selected_input = Some(name.clone());
                 voice_intents.write(VoiceIntent::SelectInput(Some(name.clone())));
-                let mut s = ClientSettings::load();
-                s.input_device = Some(name);
-                let _ = s.save();
+                settings.remember(SettingsChange::InputDevice(name));
             }
             UiAction::SelectOutput(name) => {
                 state.controls.selected_output = Some(name.clone());
                 voice_intents.write(VoiceIntent::SelectOutput(Some(name.clone())));
-                let mut s = ClientSettings::load();
-                s.output_device = Some(name);
-                let _ = s.save();
+                settings.remember(SettingsChange::OutputDevice(name));
             }
             UiAction::DismissError(i) => {
                 if i < state.errors.len() {

@@ -1,0 +1,167 @@
+//! Remembers the user's choices in `settings.toml` from a thread of its own, so a click never
+//! waits for the disk (a slow or network home directory would otherwise stall a frame).
+//! Changes are applied in order; several queued at once cost one write.
+
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+use bevy::prelude::*;
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::ClientSettings;
+
+/// One thing to remember.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingsChange {
+    /// Identified on a server: the name and address to offer next time.
+    Identity {
+        username: String,
+        server: String,
+    },
+    PushToTalk(bool),
+    NoiseSuppression(bool),
+    InputDevice(String),
+    OutputDevice(String),
+}
+
+impl SettingsChange {
+    fn apply(self, s: &mut ClientSettings) {
+        match self {
+            Self::Identity { username, server } => {
+                s.username = Some(username);
+                s.server = Some(server);
+            }
+            Self::PushToTalk(on) => s.push_to_talk = Some(on),
+            Self::NoiseSuppression(on) => s.noise_suppression = Some(on),
+            Self::InputDevice(name) => s.input_device = Some(name),
+            Self::OutputDevice(name) => s.output_device = Some(name),
+        }
+    }
+}
+
+/// The UI's handle on the writer thread.
+#[derive(Resource)]
+pub struct SettingsWriter {
+    tx: Option<Sender<SettingsChange>>,
+    errors: Receiver<String>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SettingsWriter {
+    /// Starts the writer for the settings file at `path` (`None`: no config directory on this
+    /// system, so nothing is remembered).
+    pub fn spawn(path: Option<PathBuf>) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded::<SettingsChange>();
+        let (err_tx, errors) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("settings-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let Some(path) = &path else { continue };
+                    // Read what is on disk so a change made by another instance is kept.
+                    let mut settings = ClientSettings::load_from(path);
+                    first.apply(&mut settings);
+                    for more in rx.try_iter() {
+                        more.apply(&mut settings);
+                    }
+                    if let Err(e) = settings.save_to(path) {
+                        let _ = err_tx.send(format!("cannot remember settings: {e}"));
+                    }
+                }
+            })
+            .ok();
+        Self {
+            tx: Some(tx),
+            errors,
+            thread,
+        }
+    }
+
+    /// Queues a change; returns at once.
+    pub fn remember(&self, change: SettingsChange) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(change);
+        }
+    }
+
+    /// Failures to write since the last call, worded for the status bar.
+    pub fn errors(&self) -> impl Iterator<Item = String> + '_ {
+        self.errors.try_iter()
+    }
+
+    /// Writes what is queued and stops the thread.
+    pub fn finish(mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("p2p-voice-settings-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn changes_reach_the_file_in_order_and_keep_what_was_there() {
+        let dir = temp_dir("order");
+        let path = dir.join("settings.toml");
+        std::fs::create_dir_all(&dir).unwrap();
+        ClientSettings {
+            ptt_key: Some("F5".into()),
+            ..Default::default()
+        }
+        .save_to(&path)
+        .unwrap();
+        let w = SettingsWriter::spawn(Some(path.clone()));
+        w.remember(SettingsChange::Identity {
+            username: "alice".into(),
+            server: "example.org:7700".into(),
+        });
+        w.remember(SettingsChange::InputDevice("USB mic".into()));
+        w.remember(SettingsChange::PushToTalk(true));
+        w.remember(SettingsChange::PushToTalk(false));
+        w.finish();
+        let s = ClientSettings::load_from(&path);
+        assert_eq!(s.username.as_deref(), Some("alice"));
+        assert_eq!(s.server.as_deref(), Some("example.org:7700"));
+        assert_eq!(s.input_device.as_deref(), Some("USB mic"));
+        assert_eq!(s.push_to_talk, Some(false), "the last change wins");
+        assert_eq!(
+            s.ptt_key.as_deref(),
+            Some("F5"),
+            "untouched settings are kept"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_not_fatal() {
+        let dir = temp_dir("fail");
+        std::fs::create_dir_all(&dir).unwrap();
+        // The settings path is a directory: the write must fail.
+        let path = dir.join("settings.toml");
+        std::fs::create_dir_all(&path).unwrap();
+        let w = SettingsWriter::spawn(Some(path));
+        w.remember(SettingsChange::NoiseSuppression(false));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut errors = Vec::new();
+        while errors.is_empty() && std::time::Instant::now() < deadline {
+            errors.extend(w.errors());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            errors[0].starts_with("cannot remember settings"),
+            "{errors:?}"
+        );
+        w.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -153,8 +153,10 @@ fn tone_played_to_the_default_output_comes_back_on_the_default_input() {
                 .any(|e| matches!(e, AudioEvent::NoMicrophone(_) | AudioEvent::NoSpeaker(_))),
             "device missing at {rate} Hz: {events:?}"
         );
-        // PulseAudio's ALSA plugin occasionally fails a fresh output stream with EIO; the
-        // engine must then reopen it by itself (the tone check below proves audio flows again).
+        // PulseAudio's ALSA plugin occasionally starts failing `snd_pcm_avail_delay` with EIO
+        // on a fresh stream; the engine restarts such a stream quietly (a DeviceWarning), and
+        // should a device really be lost it must reopen it by itself (the tone check below
+        // proves audio flows either way).
         let lost = events
             .iter()
             .filter(|e| matches!(e, AudioEvent::DeviceLost { .. }))

@@ -5,9 +5,9 @@
 //! bridge to the 48 kHz rings run on the engine thread via [`InputDevice::pump`] and
 //! [`OutputDevice::pump`].
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 use cpal::{
@@ -185,6 +185,87 @@ fn choose_config(
 struct StreamShared {
     lost: AtomicBool,
     last_callback_frames: AtomicUsize,
+    /// Callbacks so far: the engine's [`Watchdog`] checks that it keeps moving.
+    callbacks: AtomicU64,
+    /// Non-fatal errors the backend reported for this stream.
+    errors: AtomicU64,
+}
+
+/// How long a running stream may go without a callback before it counts as lost.
+pub(super) const STALL_LIMIT: Duration = Duration::from_secs(2);
+
+/// Non-fatal backend errors within [`ERROR_WINDOW`] that make a stream worth restarting. A
+/// healthy stream reports none; ALSA's PulseAudio plugin, once it starts failing
+/// `snd_pcm_avail_delay` with EIO, reports thousands a second while cpal's worker spins.
+const ERROR_BURST: u64 = 20;
+const ERROR_WINDOW: Duration = Duration::from_secs(1);
+
+/// What the engine thread learns when it looks at a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Liveness {
+    Alive,
+    /// The backend reported a fatal error; its `DeviceLost` event is already sent.
+    Lost,
+    /// No callback for [`STALL_LIMIT`] without any fatal error report: the engine says so.
+    Stalled,
+    /// Runs, but the backend keeps reporting errors ([`ERROR_BURST`] within
+    /// [`ERROR_WINDOW`]): the engine restarts the stream quietly.
+    Failing,
+}
+
+/// Notices a stream whose callbacks stopped without the backend saying so (a sound server
+/// that hung, a driver that gave up after a "non-fatal" error). Pure: time is an argument.
+#[derive(Debug, Clone)]
+pub(super) struct Watchdog {
+    seen: u64,
+    progress_at: Instant,
+    window_start: Instant,
+    errors_at_window_start: u64,
+}
+
+impl Watchdog {
+    pub(super) fn new(now: Instant) -> Self {
+        Self {
+            seen: 0,
+            progress_at: now,
+            window_start: now,
+            errors_at_window_start: 0,
+        }
+    }
+
+    /// `errors` is the stream's count of non-fatal errors at `now`.
+    pub(super) fn failing(&mut self, errors: u64, now: Instant) -> bool {
+        let burst = errors.saturating_sub(self.errors_at_window_start) >= ERROR_BURST;
+        if burst || now.saturating_duration_since(self.window_start) >= ERROR_WINDOW {
+            self.window_start = now;
+            self.errors_at_window_start = errors;
+        }
+        burst
+    }
+
+    /// `callbacks` is the stream's callback count at `now`.
+    pub(super) fn stalled(&mut self, callbacks: u64, now: Instant) -> bool {
+        if callbacks != self.seen {
+            self.seen = callbacks;
+            self.progress_at = now;
+            return false;
+        }
+        now.saturating_duration_since(self.progress_at) > STALL_LIMIT
+    }
+}
+
+impl StreamShared {
+    fn liveness(&self, watchdog: &mut Watchdog, now: Instant) -> Liveness {
+        if self.lost.load(Ordering::Acquire) {
+            Liveness::Lost
+        } else if watchdog.stalled(self.callbacks.load(Ordering::Relaxed), now) {
+            Liveness::Stalled
+        } else if watchdog.failing(self.errors.load(Ordering::Relaxed), now) {
+            Liveness::Failing
+        } else {
+            Liveness::Alive
+        }
+    }
 }
 
 fn error_callback(
@@ -203,6 +284,15 @@ fn error_callback(
                 reason: err.to_string(),
             });
         }
+        // The backend reports these while the stream keeps running (cpal's ALSA worker carries
+        // on after them). One is no reason to cut the sound and show an error; a burst makes
+        // the engine restart the stream quietly, and a stream that stops calling back is
+        // caught by the watchdog (see `Liveness`).
+        ErrorKind::BackendError | ErrorKind::Other | ErrorKind::DeviceBusy => {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            counters.device_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        // The rest end the stream: the device is gone or the stream cannot go on.
         _ => {
             if !shared.lost.swap(true, Ordering::AcqRel) {
                 let _ = events.try_send(AudioEvent::DeviceLost {
@@ -314,6 +404,7 @@ pub(super) struct InputDevice {
     resampler: StreamResampler,
     scratch: Vec<f32>,
     shared: Arc<StreamShared>,
+    watchdog: Watchdog,
     desc: String,
 }
 
@@ -369,6 +460,7 @@ impl InputDevice {
             _stream: stream,
             ring,
             shared,
+            watchdog: Watchdog::new(Instant::now()),
         })
     }
 
@@ -377,9 +469,9 @@ impl InputDevice {
         &self.desc
     }
 
-    /// True once the backend reported a fatal stream error.
-    pub(super) fn is_lost(&self) -> bool {
-        self.shared.lost.load(Ordering::Acquire)
+    /// Whether the stream still runs (see [`Liveness`]).
+    pub(super) fn liveness(&mut self, now: Instant) -> Liveness {
+        self.shared.liveness(&mut self.watchdog, now)
     }
 
     /// Moves everything captured so far to `out` at 48 kHz; samples that do not fit are
@@ -418,6 +510,7 @@ where
     move |data: &[T], _info| {
         let (frames, dropped) = downmix_into(data, channels, &mut prod);
         shared.last_callback_frames.store(frames, Ordering::Relaxed);
+        shared.callbacks.fetch_add(1, Ordering::Relaxed);
         if dropped > 0 {
             counters
                 .capture_overrun_samples
@@ -461,6 +554,7 @@ pub(super) struct OutputDevice {
     resampler: StreamResampler,
     scratch: Vec<f32>,
     shared: Arc<StreamShared>,
+    watchdog: Watchdog,
     rate: u32,
     queue_frames: usize,
     desc: String,
@@ -519,6 +613,7 @@ impl OutputDevice {
             _stream: stream,
             ring,
             shared,
+            watchdog: Watchdog::new(Instant::now()),
             rate,
         })
     }
@@ -528,9 +623,9 @@ impl OutputDevice {
         &self.desc
     }
 
-    /// True once the backend reported a fatal stream error.
-    pub(super) fn is_lost(&self) -> bool {
-        self.shared.lost.load(Ordering::Acquire)
+    /// Whether the stream still runs (see [`Liveness`]).
+    pub(super) fn liveness(&mut self, now: Instant) -> Liveness {
+        self.shared.liveness(&mut self.watchdog, now)
     }
 
     /// Tops the device queue up from `src` (48 kHz) to the target fill level.
@@ -569,6 +664,7 @@ where
     move |data: &mut [T], _info| {
         let (frames, missing) = fill_output(data, channels, &mut cons);
         shared.last_callback_frames.store(frames, Ordering::Relaxed);
+        shared.callbacks.fetch_add(1, Ordering::Relaxed);
         if missing > 0 {
             counters
                 .playback_underrun_samples
@@ -605,6 +701,71 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchdog_fires_only_after_callbacks_stop_for_the_limit() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut w = Watchdog::new(t0);
+        // A stream that has not called back yet gets the full limit to start.
+        assert!(!w.stalled(0, ms(1_999)));
+        assert!(w.stalled(0, ms(2_001)));
+        let mut w = Watchdog::new(t0);
+        for i in 1..100u64 {
+            assert!(!w.stalled(i, ms(i * 10)), "moving callbacks are alive");
+        }
+        assert!(!w.stalled(99, ms(990 + 2_000)));
+        assert!(w.stalled(99, ms(990 + 2_001)));
+        // Callbacks resume: alive again at once.
+        assert!(!w.stalled(100, ms(5_000)));
+    }
+
+    #[test]
+    fn a_burst_of_errors_means_failing_and_a_few_do_not() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut w = Watchdog::new(t0);
+        // One error every 100 ms: about ten a second, below the burst.
+        for i in 0..50u64 {
+            assert!(!w.failing(i, ms(i * 100)), "at {i}");
+        }
+        // Then 25 errors within a few milliseconds.
+        assert!(w.failing(75, ms(5_010)));
+    }
+
+    #[test]
+    fn non_fatal_backend_errors_are_counted_and_fatal_ones_mark_the_stream_lost() {
+        let shared = Arc::new(StreamShared::default());
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        let mut on_error = error_callback(
+            Direction::Output,
+            Arc::clone(&shared),
+            Arc::clone(&counters),
+            tx,
+        );
+        on_error(cpal::Error::with_message(
+            ErrorKind::BackendError,
+            "snd_pcm_avail_delay: I/O error (5)",
+        ));
+        on_error(ErrorKind::Xrun.into());
+        assert!(!shared.lost.load(Ordering::Acquire));
+        assert!(
+            rx.try_recv().is_err(),
+            "no event for what the stream survives"
+        );
+        let stats = counters.snapshot();
+        assert_eq!((stats.device_errors, stats.device_xruns), (1, 1));
+        on_error(ErrorKind::DeviceNotAvailable.into());
+        assert!(shared.lost.load(Ordering::Acquire));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(AudioEvent::DeviceLost {
+                which: Direction::Output,
+                ..
+            })
+        ));
+    }
     use cpal::Sample;
 
     #[test]

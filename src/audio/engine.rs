@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ringbuf::traits::{Consumer, Producer};
 use ringbuf::{HeapCons, HeapProd};
 
-use super::cpal_backend::{InputDevice, OutputDevice};
+use super::cpal_backend::{InputDevice, Liveness, OutputDevice, STALL_LIMIT};
 use super::file::{WavSink, WavSource};
 use super::pacer::Pacer;
 use super::tone::ToneGenerator;
@@ -374,6 +374,8 @@ impl Engine {
     fn service(&mut self, now: Instant) {
         let counters = &*self.counters;
         let mut capture_lost = false;
+        let mut stalled: Vec<Direction> = Vec::new();
+        let mut restart: Vec<Direction> = Vec::new();
         match &mut self.capture {
             Capture::Missing => {}
             Capture::Virtual { source, pacer } => {
@@ -392,16 +394,18 @@ impl Engine {
                     .paced_chunks_skipped
                     .fetch_add(pacer.skipped() - skipped, Ordering::Relaxed);
             }
-            Capture::Device(dev) => {
-                if dev.is_lost() {
+            Capture::Device(dev) => match dev.liveness(now) {
+                Liveness::Alive => dev.pump(&mut self.capture_prod, counters),
+                // DeviceLost was already sent by the stream's error callback.
+                Liveness::Lost => capture_lost = true,
+                Liveness::Stalled => {
                     capture_lost = true;
-                } else {
-                    dev.pump(&mut self.capture_prod, counters);
+                    stalled.push(Direction::Input);
                 }
-            }
+                Liveness::Failing => restart.push(Direction::Input),
+            },
         }
         if capture_lost {
-            // DeviceLost was already sent by the stream's error callback.
             self.capture = Capture::Missing;
             self.reopen_input_at = Some(now + REOPEN_DELAY);
         }
@@ -429,15 +433,21 @@ impl Engine {
                     .paced_chunks_skipped
                     .fetch_add(pacer.skipped() - skipped, Ordering::Relaxed);
             }
-            Playback::Device(dev) => {
-                if dev.is_lost() {
-                    // DeviceLost was already sent; keep draining the ring at the real pace.
+            Playback::Device(dev) => match dev.liveness(now) {
+                Liveness::Alive => dev.pump(&mut self.playback_cons),
+                Liveness::Failing => {
+                    dev.pump(&mut self.playback_cons);
+                    restart.push(Direction::Output);
+                }
+                lost => {
+                    if lost == Liveness::Stalled {
+                        stalled.push(Direction::Output);
+                    }
+                    // Keep draining the ring at the real pace until the device is back.
                     self.playback = Playback::null();
                     self.reopen_output_at = Some(now + REOPEN_DELAY);
-                } else {
-                    dev.pump(&mut self.playback_cons);
                 }
-            }
+            },
         }
         if let Some(reason) = playback_failure {
             let old = std::mem::replace(&mut self.playback, Playback::null());
@@ -448,6 +458,18 @@ impl Engine {
             });
         }
 
+        for which in restart {
+            self.restart_device(now, which);
+        }
+        for which in stalled {
+            self.emit(AudioEvent::DeviceLost {
+                which,
+                reason: format!(
+                    "the device stopped delivering audio for more than {} s",
+                    STALL_LIMIT.as_secs()
+                ),
+            });
+        }
         self.reopen_lost_devices(now);
 
         if now >= self.next_stats {
@@ -456,6 +478,45 @@ impl Engine {
             if stats != self.last_stats {
                 self.last_stats = stats;
                 self.emit(AudioEvent::Counters(stats));
+            }
+        }
+    }
+
+    /// Closes and reopens a device whose backend keeps reporting errors. Said as a warning
+    /// when it works (the sound barely skips); a loss, with the usual retries, when not.
+    fn restart_device(&mut self, now: Instant, which: Direction) {
+        let reopened = match which {
+            Direction::Input => {
+                self.capture = Capture::Missing;
+                let input = self.input.clone();
+                self.open_capture(&input).map(|(capture, desc)| {
+                    self.capture = capture;
+                    desc
+                })
+            }
+            Direction::Output => {
+                let _ = std::mem::replace(&mut self.playback, Playback::null()).close();
+                let output = self.output.clone();
+                self.open_playback(&output).map(|(playback, desc)| {
+                    self.playback = playback;
+                    desc
+                })
+            }
+        };
+        match reopened {
+            Ok(desc) => self.emit(AudioEvent::DeviceWarning {
+                which,
+                reason: format!("restarted after repeated errors from the sound system: {desc}"),
+            }),
+            Err(e) => {
+                match which {
+                    Direction::Input => self.reopen_input_at = Some(now + REOPEN_DELAY),
+                    Direction::Output => self.reopen_output_at = Some(now + REOPEN_DELAY),
+                }
+                self.emit(AudioEvent::DeviceLost {
+                    which,
+                    reason: format!("it kept failing and could not be reopened: {e}"),
+                });
             }
         }
     }

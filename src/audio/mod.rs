@@ -114,6 +114,8 @@ pub struct AudioStats {
     pub playback_underrun_samples: u64,
     /// Over/underruns reported by the device backend itself.
     pub device_xruns: u64,
+    /// Non-fatal errors the backend reported while the stream kept running.
+    pub device_errors: u64,
     /// 10 ms chunks a virtual device skipped because its thread stalled too long.
     pub paced_chunks_skipped: u64,
 }
@@ -124,6 +126,7 @@ struct Counters {
     capture_overrun_samples: AtomicU64,
     playback_underrun_samples: AtomicU64,
     device_xruns: AtomicU64,
+    device_errors: AtomicU64,
     paced_chunks_skipped: AtomicU64,
 }
 
@@ -133,6 +136,7 @@ impl Counters {
             capture_overrun_samples: self.capture_overrun_samples.load(Ordering::Relaxed),
             playback_underrun_samples: self.playback_underrun_samples.load(Ordering::Relaxed),
             device_xruns: self.device_xruns.load(Ordering::Relaxed),
+            device_errors: self.device_errors.load(Ordering::Relaxed),
             paced_chunks_skipped: self.paced_chunks_skipped.load(Ordering::Relaxed),
         }
     }

@@ -190,6 +190,11 @@ fn receive_voice_events(
                         .audio_status
                         .retain(|m| !m.starts_with(&format!("{which:?} device lost")));
                 }
+                // The sound goes on (a rerouted default device, a quietly restarted stream):
+                // worth a log line, not a red message.
+                AudioEvent::DeviceWarning { which, reason } => {
+                    warn!("{which:?} device: {reason}")
+                }
                 _ => {}
             },
             VoiceEvent::SwitchFailed(why) => voice

@@ -93,6 +93,11 @@ fn show_or_hide(mut overlay: ResMut<PerfOverlay>, mut commands: Commands) {
     }
 }
 
+/// The largest value of `figure` among the peers (0 with none).
+fn worst_peer(voice: &Voice, figure: impl Fn(&crate::voice::PeerSnapshot) -> f32) -> f32 {
+    voice.last.peers.iter().map(figure).fold(0.0, f32::max)
+}
+
 /// Largest jitter buffer delay among peers, ms.
 #[derive(Component, Default)]
 pub struct PerfUiJitterDelay;
@@ -111,14 +116,7 @@ impl PerfUiEntry for PerfUiJitterDelay {
         &self,
         voice: &mut <Self::SystemParam as SystemParam>::Item<'_, '_>,
     ) -> Option<f32> {
-        Some(
-            voice
-                .last
-                .peers
-                .iter()
-                .map(|p| p.buffer_ms)
-                .fold(0.0, f32::max),
-        )
+        Some(worst_peer(voice, |p| p.buffer_ms))
     }
     fn format_value(&self, v: &f32) -> String {
         format!("{v:.0} ms")
@@ -184,14 +182,7 @@ impl PerfUiEntry for PerfUiLoss {
         &self,
         voice: &mut <Self::SystemParam as SystemParam>::Item<'_, '_>,
     ) -> Option<f32> {
-        Some(
-            voice
-                .last
-                .peers
-                .iter()
-                .map(|p| p.loss_pct)
-                .fold(0.0, f32::max),
-        )
+        Some(worst_peer(voice, |p| p.loss_pct))
     }
     fn format_value(&self, v: &f32) -> String {
         format!("{v:.1} %")

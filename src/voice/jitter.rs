@@ -6,8 +6,10 @@
 //! How it works:
 //! - Each packet's *transit* is `arrival - media time` (media time = timestamp / 48 kHz). Over a
 //!   recent window (2 s) the spread between a high percentile (95th) of transits and their minimum
-//!   is the jitter estimate; the *target delay* follows it (clamped to 20..120 ms), rising at once
-//!   and decaying slowly (10 ms per second).
+//!   is the jitter estimate; the *target delay* follows it (clamped to 10..120 ms), rising at once
+//!   and decaying slowly (10 ms per second). The frames that open a talkspurt together (a
+//!   sender's voice-detector pre-roll, sent with the onset) count as one: they are late by
+//!   design, not by the network.
 //! - The *current delay* is how long after the fastest recent packet a frame is played:
 //!   `now - media(frame) - min transit`. The buffer keeps it in `[target, target + one frame]`:
 //!   below it inserts a frame (concealment, or silence in a pause), above it drops one (silence
@@ -18,7 +20,8 @@
 //!   packet's FEC) from a pause in sending (timestamps jump but sequence numbers are contiguous,
 //!   as with DTX/VAD: play silence, not counted as loss).
 //! - When nothing arrived for a while the buffer goes idle; the next packet starts a new talkspurt
-//!   that is played exactly `target` after its arrival (re-anchoring).
+//!   that is played exactly `target` after its arrival (re-anchoring). If the talkspurt opens
+//!   with more audio than that (pre-roll), the oldest frames beyond the budget are dropped.
 //!
 //! No allocation happens after construction: payloads are copied into preallocated slots.
 
@@ -33,6 +36,18 @@ const TRANSIT_HISTORY: usize = 128;
 const LOSS_WINDOW: i64 = 128;
 /// Upper bound of loop iterations in one `pop` (each iteration consumes a frame or returns).
 const MAX_POP_STEPS: usize = 64;
+/// Packets arriving this close together were sent together.
+const SAME_SEND_MS: f64 = 2.0;
+
+/// Where a packet stands with respect to the burst that opens a talkspurt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Burst {
+    /// First packet after a quiet spell.
+    Opens,
+    /// Sent together with the previous one, which opened the talkspurt (or continued it).
+    Continues,
+    No,
+}
 
 /// Tuning of a [`JitterBuffer`]. The defaults suit 10 and 20 ms frames: the target starts at a
 /// 10 ms floor and follows the measured jitter up to 120 ms.
@@ -232,6 +247,12 @@ pub struct JitterBuffer {
     target_ms: f64,
     last_target_update_ms: Option<f64>,
     last_arrival_ms: Option<f64>,
+    /// The packets that started the current talkspurt, while they keep arriving together:
+    /// (arrival ms, extended seq, extended timestamp) of the newest. See `note_arrival`.
+    spurt_burst: Option<(f64, i64, i64)>,
+    /// The target before the packet that opened the current talkspurt raised it, so that rise
+    /// can be taken back when that packet turns out to be pre-roll.
+    target_before_spurt: f64,
     // Loss accounting.
     seq_first: Option<i64>,
     seq_high: i64,
@@ -281,6 +302,8 @@ impl JitterBuffer {
             target_ms,
             last_target_update_ms: None,
             last_arrival_ms: None,
+            spurt_burst: None,
+            target_before_spurt: target_ms,
             seq_first: None,
             seq_high: 0,
             seq_mask: 0,
@@ -322,8 +345,16 @@ impl JitterBuffer {
         self.mark_seq_seen(seq_ext);
         self.seq_unwrap.observe(seq, seq_ext);
         self.ts_unwrap.observe(timestamp, ts);
+        let burst = self.note_arrival(now_ms, seq_ext, ts);
         self.last_arrival_ms = Some(now_ms);
-        self.record_transit(now_ms, now_ms - ts as f64 / SAMPLES_PER_MS);
+        match burst {
+            Burst::Opens => self.target_before_spurt = self.target_ms,
+            // The previous packet was pre-roll: undo the rise its transit caused.
+            Burst::Continues => self.target_ms = self.target_before_spurt,
+            Burst::No => {}
+        }
+        let transit = now_ms - ts as f64 / SAMPLES_PER_MS;
+        self.record_transit(now_ms, transit, burst == Burst::Continues);
         self.update_target(now_ms);
 
         if self.floor.is_some_and(|floor| ts < floor) {
@@ -416,10 +447,30 @@ impl JitterBuffer {
             if delay < target {
                 return Step::Silence;
             }
+            // A talkspurt can open with more audio than the delay budget: a sender's pre-roll
+            // arrives together with the onset frame. Playing it all would hold the whole
+            // talkspurt that much later; start instead at the oldest frame that fits
+            // [target, target + frame], so pre-roll fills only the delay the link needs anyway.
+            let newest = self
+                .slots
+                .iter()
+                .filter(|s| s.used)
+                .map(|s| s.ts)
+                .max()
+                .unwrap_or(first_ts);
+            let excess_frames = ((delay - target) / frame_ms).floor().max(0.0) as i64;
+            let start_ts = (first_ts + excess_frames * frame).min(newest);
+            for slot in &mut self.slots {
+                if slot.used && slot.ts < start_ts {
+                    slot.used = false;
+                    self.stats.dropped += 1;
+                }
+            }
             self.state = State::Playing {
-                next_ts: first_ts,
+                next_ts: start_ts,
                 last_seq: None,
             };
+            self.floor = Some(start_ts);
         }
 
         for _ in 0..MAX_POP_STEPS {
@@ -580,10 +631,40 @@ impl JitterBuffer {
         }
     }
 
-    fn record_transit(&mut self, now_ms: f64, transit_ms: f64) {
-        self.transits[self.transit_head] = (now_ms, transit_ms);
-        self.transit_head = (self.transit_head + 1) % TRANSIT_HISTORY;
-        self.transit_len = (self.transit_len + 1).min(TRANSIT_HISTORY);
+    /// Tells whether a packet continues the burst that opened a talkspurt. A sender's voice
+    /// detector sends its pre-roll (frames captured before the onset) together with the onset
+    /// frame: those frames are late by design, and their transit says nothing about the
+    /// network. Only the newest frame of such a burst counts, so the jitter estimate (and the
+    /// delay of everything after) is not raised by a pre-roll at every talkspurt. Bunching in
+    /// the middle of a stream is the network's doing and still counts in full.
+    fn note_arrival(&mut self, now_ms: f64, seq: i64, ts: i64) -> Burst {
+        let quiet = self
+            .last_arrival_ms
+            .is_none_or(|t| now_ms - t > ms(self.cfg.idle_after));
+        let continues = self.spurt_burst.is_some_and(|(at, last_seq, last_ts)| {
+            now_ms - at <= SAME_SEND_MS && seq == last_seq + 1 && ts == last_ts + self.frame_ts
+        });
+        self.spurt_burst = (quiet || continues).then_some((now_ms, seq, ts));
+        if continues {
+            Burst::Continues
+        } else if quiet {
+            Burst::Opens
+        } else {
+            Burst::No
+        }
+    }
+
+    /// Adds a transit sample (or, for the next frame of a talkspurt's opening burst, puts it
+    /// in place of the previous one) and updates the jitter estimate.
+    fn record_transit(&mut self, now_ms: f64, transit_ms: f64, replaces_last: bool) {
+        if replaces_last && self.transit_len > 0 {
+            let last = (self.transit_head + TRANSIT_HISTORY - 1) % TRANSIT_HISTORY;
+            self.transits[last] = (now_ms, transit_ms);
+        } else {
+            self.transits[self.transit_head] = (now_ms, transit_ms);
+            self.transit_head = (self.transit_head + 1) % TRANSIT_HISTORY;
+            self.transit_len = (self.transit_len + 1).min(TRANSIT_HISTORY);
+        }
 
         let since = now_ms - ms(self.cfg.jitter_window);
         let mut n = 0;
@@ -706,6 +787,9 @@ mod tests {
         /// Every pop: (time ms, kind, timestamp played, current delay ms).
         events: Vec<(f64, &'static str, Option<u32>, f64)>,
         stats: JitterStats,
+        /// Frames dropped before the first one played (a talkspurt that opened with more
+        /// audio than the delay budget).
+        dropped_before_start: u64,
     }
 
     impl Run {
@@ -769,6 +853,9 @@ mod tests {
                 Playout::Silence => None,
             };
             if let Some(ts) = played {
+                if run.played.is_empty() {
+                    run.dropped_before_start = jb.stats().dropped;
+                }
                 run.played.push(ts);
             }
             let delay = ms(jb.stats().current_delay);
@@ -792,12 +879,12 @@ mod tests {
         let first = run.played[0];
         let last = *run.played.last().unwrap();
         let expected = ((last - first) / FRAME + 1) as u64;
+        let dropped = run.stats.dropped - run.dropped_before_start;
         assert_eq!(
-            run.played.len() as u64 + run.stats.dropped,
+            run.played.len() as u64 + dropped,
             expected,
-            "played {} + dropped {} != {expected}",
+            "played {} + dropped {dropped} != {expected}",
             run.played.len(),
-            run.stats.dropped
         );
     }
 
@@ -907,6 +994,83 @@ mod tests {
         // After the first second nothing else arrives late.
         assert!(s.late < 10, "late {}", s.late);
         assert_delay_bounded(&run, 2_000.0);
+    }
+
+    /// VAD talkspurts: when the sender's detector fires it sends its 60 ms pre-roll (three
+    /// frames captured before the onset) together with the onset frame. Those frames arrive
+    /// late by design, not because of the network. Taken as jitter they raised the target to
+    /// about 60 ms after every talkspurt start (and it took seconds to decay); played in full
+    /// they would hold the whole talkspurt 60 ms late. Neither: the onset plays `target` after
+    /// it arrived, and pre-roll is kept only as far as the delay budget allows.
+    /// Ten talkspurts of ten frames, 1.2 s apart, each opening with three frames of pre-roll
+    /// sent together with the onset. Returns the arrivals and each onset's (timestamp, arrival).
+    fn preroll_talkspurts() -> (Vec<Arrival>, Vec<(u32, f64)>) {
+        let mut arrivals = Vec::new();
+        let mut onsets = Vec::new();
+        let mut seq = 0u32;
+        for spurt in 0..10u32 {
+            // Talkspurts of 10 frames every 1.2 s; media time runs on while nothing is sent.
+            let first_frame = spurt * 60;
+            let onset_ms = f64::from(first_frame + 3) * 20.0 + 30.0;
+            onsets.push(((first_frame + 3) * FRAME, onset_ms));
+            for k in 0..10u32 {
+                let frame = first_frame + k;
+                // Pre-roll (k < 3) and onset (k == 3) leave together when the onset is seen.
+                let at_ms = if k <= 3 {
+                    onset_ms
+                } else {
+                    f64::from(frame) * 20.0 + 30.0
+                };
+                arrivals.push(Arrival {
+                    at_ms,
+                    seq,
+                    ts: frame * FRAME,
+                });
+                seq += 1;
+            }
+        }
+        (arrivals, onsets)
+    }
+
+    #[test]
+    fn a_talkspurt_preroll_burst_is_not_mistaken_for_jitter() {
+        let (arrivals, onsets) = preroll_talkspurts();
+        let run = simulate_with(JitterConfig::default(), &arrivals, 12_500.0);
+        let target = ms(JitterConfig::default().min_delay);
+        assert!(
+            ms(run.stats.target_delay) <= target + 1.0,
+            "target {:?} after pre-roll bursts",
+            run.stats.target_delay
+        );
+        for (ts, arrived) in onsets {
+            let played_at = run
+                .events
+                .iter()
+                .find(|e| e.2 == Some(ts))
+                .map(|e| e.0)
+                .expect("every onset frame is played");
+            // Pops come every 20 ms, so "target after arrival" means the first pop from then.
+            let wait = played_at - arrived;
+            assert!(
+                (target..target + 20.0).contains(&wait),
+                "onset played {wait:.1} ms after it arrived"
+            );
+        }
+        assert_eq!(run.count("packet"), 70, "the onset and everything after it");
+        assert_eq!(run.stats.late + run.stats.lost, 0);
+    }
+
+    /// Where the link needs a long delay anyway, the pre-roll fills it and is played in full.
+    #[test]
+    fn pre_roll_is_played_when_the_delay_budget_holds_it() {
+        let (arrivals, _) = preroll_talkspurts();
+        let cfg = JitterConfig {
+            min_delay: Duration::from_millis(80),
+            ..JitterConfig::default()
+        };
+        let run = simulate_with(cfg, &arrivals, 12_500.0);
+        assert_eq!(run.count("packet"), 100);
+        assert_eq!(run.stats.dropped, 0);
     }
 
     #[test]

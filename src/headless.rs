@@ -210,6 +210,8 @@ pub fn summary_json(snap: &VoiceSnapshot) -> serde_json::Value {
             "frames_decoded": p.frames_decoded,
             "frames_fec": p.frames_fec,
             "frames_concealed": p.frames_concealed,
+            "frames_stretched": p.frames_stretched,
+            "frames_dropped": p.frames_dropped,
             "late": p.late,
             "duplicates": p.duplicates,
             "fingerprint": p.fingerprint,

@@ -84,7 +84,13 @@ pub struct PeerSnapshot {
     pub bytes_out: u64,
     pub frames_decoded: u64,
     pub frames_fec: u64,
+    /// Frames played by concealment: lost ones, and the ones inserted to raise the delay
+    /// (`frames_stretched` of them).
     pub frames_concealed: u64,
+    /// Frames inserted to raise the delay to a higher target.
+    pub frames_stretched: u64,
+    /// Frames dropped to bring the delay down to the target (or skipped at a talkspurt start).
+    pub frames_dropped: u64,
     pub late: u64,
     pub duplicates: u64,
     pub speaking: bool,
@@ -677,6 +683,8 @@ impl VoiceEngine {
                     frames_decoded: audio.map(|a| a.decoded).unwrap_or(0),
                     frames_fec: audio.map(|a| a.fec).unwrap_or(0),
                     frames_concealed: audio.map(|a| a.concealed).unwrap_or(0),
+                    frames_stretched: rx.map(|r| r.jitter.stretched).unwrap_or(0),
+                    frames_dropped: rx.map(|r| r.jitter.dropped).unwrap_or(0),
                     late: rx.map(|r| r.jitter.late).unwrap_or(0),
                     duplicates: rx.map(|r| r.jitter.duplicates).unwrap_or(0),
                     speaking: audio.is_some_and(|a| a.speaking(now)),

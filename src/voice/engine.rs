@@ -175,6 +175,14 @@ impl PeerAudio {
             if matches!(kind, PlayoutKind::Decoded | PlayoutKind::Fec) {
                 audible = true;
             }
+            if kind == PlayoutKind::Silence && !self.receiver.is_playing() {
+                // Waiting for a talkspurt: hand out silence one playout chunk at a time, so
+                // the first frame can start on any 10 ms boundary instead of only every whole
+                // frame (up to 10 ms less delay with 20 ms frames). Only while idle: during a
+                // pause in a talkspurt every pop advances the playout by one frame.
+                self.pcm.resize(want, 0.0);
+                break;
+            }
             self.pcm.extend(self.scratch.iter().copied());
         }
         for (o, s) in self.out.iter_mut().zip(self.pcm.drain(..want)) {

@@ -114,6 +114,11 @@ impl PeerReceiver {
         }
     }
 
+    /// True while a talkspurt is being played; false while waiting for one to start.
+    pub fn is_playing(&self) -> bool {
+        self.jitter.is_playing()
+    }
+
     /// Current receive statistics.
     pub fn stats(&self) -> ReceiverStats {
         ReceiverStats {

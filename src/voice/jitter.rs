@@ -36,6 +36,9 @@ const TRANSIT_HISTORY: usize = 128;
 const LOSS_WINDOW: i64 = 128;
 /// Upper bound of loop iterations in one `pop` (each iteration consumes a frame or returns).
 const MAX_POP_STEPS: usize = 64;
+/// How long after a stretch the drop threshold stays half a frame higher (see `drop_margin`).
+const STRETCH_HYSTERESIS_MS: f64 = 2_000.0;
+
 /// Packets arriving this close together were sent together.
 const SAME_SEND_MS: f64 = 2.0;
 
@@ -253,6 +256,8 @@ pub struct JitterBuffer {
     /// The target before the packet that opened the current talkspurt raised it, so that rise
     /// can be taken back when that packet turns out to be pre-roll.
     target_before_spurt: f64,
+    /// When a frame was last inserted to raise the delay.
+    last_stretch_ms: Option<f64>,
     // Loss accounting.
     seq_first: Option<i64>,
     seq_high: i64,
@@ -304,6 +309,7 @@ impl JitterBuffer {
             last_arrival_ms: None,
             spurt_burst: None,
             target_before_spurt: target_ms,
+            last_stretch_ms: None,
             seq_first: None,
             seq_high: 0,
             seq_mask: 0,
@@ -491,7 +497,7 @@ impl JitterBuffer {
                     return Step::Silence;
                 }
                 if delay < target {
-                    self.stats.stretched += 1;
+                    self.note_stretch(now_ms);
                     return Step::Conceal(None);
                 }
                 self.advance(next_ts + frame, last_seq.map(|s| s + 1));
@@ -503,15 +509,14 @@ impl JitterBuffer {
             if let Some(i) = current_here {
                 let (ts, seq) = (self.slots[i].ts, self.slots[i].seq);
                 if delay < target {
-                    self.stats.stretched += 1;
+                    self.note_stretch(now_ms);
                     return Step::Conceal(None);
                 }
                 let has_successor = self.earliest(ts + 1).is_some();
-                // Half a frame of hysteresis: a correction moves the delay by a whole frame,
-                // so with a band exactly one frame wide every stretch landed next to the drop
-                // threshold and every drop next to the stretch threshold, and a noisy playout
-                // clock made the buffer alternate between concealing and dropping audio.
-                if delay > target + 1.5 * frame_ms && has_successor && !dropped_audio {
+                if delay > target + self.drop_margin(now_ms) * frame_ms
+                    && has_successor
+                    && !dropped_audio
+                {
                     self.slots[i].used = false;
                     self.advance(ts + frame, Some(seq));
                     self.stats.dropped += 1;
@@ -529,7 +534,7 @@ impl JitterBuffer {
             let pause = last_seq.is_some_and(|s| later_seq <= s + 1);
             if pause {
                 if delay < target {
-                    self.stats.stretched += 1;
+                    self.note_stretch(now_ms);
                     return Step::Silence;
                 }
                 if delay - frame_ms >= target {
@@ -541,7 +546,7 @@ impl JitterBuffer {
                 return Step::Silence;
             }
             if delay < target {
-                self.stats.stretched += 1;
+                self.note_stretch(now_ms);
                 return Step::Conceal(None);
             }
             self.advance(next_ts + frame, last_seq.map(|s| s + 1));
@@ -559,6 +564,25 @@ impl JitterBuffer {
     fn advance(&mut self, next_ts: i64, last_seq: Option<i64>) {
         self.state = State::Playing { next_ts, last_seq };
         self.floor = Some(next_ts);
+    }
+
+    fn note_stretch(&mut self, now_ms: f64) {
+        self.stats.stretched += 1;
+        self.last_stretch_ms = Some(now_ms);
+    }
+
+    /// How far above the target (in frames) the delay may go before a frame is dropped.
+    /// Normally one frame. Right after a stretch, one and a half: a stretch moves the delay up
+    /// by a whole frame, from just under the target to just under the drop threshold, and a
+    /// noisy playout clock then tipped it over, so the buffer alternated between concealing
+    /// and dropping audio (50-120 of each in 14 s of a jittery link). The wider margin lasts
+    /// [`STRETCH_HYSTERESIS_MS`]; after that the delay is trimmed as usual, so a target that
+    /// decays still takes the delay down with it.
+    fn drop_margin(&self, now_ms: f64) -> f64 {
+        match self.last_stretch_ms {
+            Some(t) if now_ms - t < STRETCH_HYSTERESIS_MS => 1.5,
+            _ => 1.0,
+        }
     }
 
     fn note_delay(&mut self, delay_ms: f64) {

@@ -1006,10 +1006,10 @@ mod tests {
     }
 
     /// A jittery link (30 ms uniform, 10 % loss) played by a clock that itself wakes up to
-    /// 10 ms late (the voice thread refills the device in 10 ms chunks). The delay then sits near an edge of
-    /// the keep-band often; with a band exactly one frame wide every correction landed on the
-    /// opposite edge, and the buffer alternated between inserting concealment and dropping
-    /// real audio (seen as 50-120 of each in 14 s runs of the real client; 35 here).
+    /// 10 ms late (the voice thread refills the device in 10 ms chunks). The delay then often
+    /// sits near an edge of the keep-band; with a band exactly one frame wide every correction
+    /// landed on the opposite edge, and the buffer alternated between inserting concealment
+    /// and dropping real audio (50-120 of each in 14 s runs of the real client; 35 here).
     #[test]
     fn a_noisy_playout_clock_does_not_make_the_delay_oscillate() {
         let mut net = Network::steady(3000);

@@ -61,12 +61,8 @@ impl Batches {
         }
     }
 
-    /// Batches scheduled and not yet taken (a batch pushed out early by a prompt message
-    /// still counts until its slot comes up).
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
+    /// True when no batch is scheduled (a batch pushed out early by a prompt message keeps
+    /// its slot until the slot comes up).
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }

@@ -676,21 +676,19 @@ fn flush_connections(
     // Connections that closed while we were not writing to them still need cleanup: a read
     // error marks them closing without output; sweep those too (a walk over every
     // connection, so a few times a second rather than every tick).
-    if t.saturating_sub(net.last_sweep) < Duration::from_millis(250) {
-        stats.sessions = net.conns.len();
-        return;
-    }
-    net.last_sweep = t;
-    let stale: Vec<SessionId> = net
-        .conns
-        .iter()
-        .filter(|(_, (_, c))| c.closing && !c.has_output())
-        .map(|(id, _)| *id)
-        .collect();
-    for id in stale {
-        if let Some((_, mut conn)) = net.conns.remove(&id) {
-            release_ip(&mut net.per_ip, conn.peer.ip());
-            let _ = net.poll.registry().deregister(&mut conn.stream);
+    if t.saturating_sub(net.last_sweep) >= Duration::from_millis(250) {
+        net.last_sweep = t;
+        let stale: Vec<SessionId> = net
+            .conns
+            .iter()
+            .filter(|(_, (_, c))| c.closing && !c.has_output())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some((_, mut conn)) = net.conns.remove(&id) {
+                release_ip(&mut net.per_ip, conn.peer.ip());
+                let _ = net.poll.registry().deregister(&mut conn.stream);
+            }
         }
     }
     stats.sessions = net.conns.len();

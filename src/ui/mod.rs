@@ -54,7 +54,7 @@ pub struct UiState {
     /// Channel we asked to join (name), for matching the answer.
     pending_join: Option<String>,
     auto_connect: bool,
-    /// Audio problems currently listed among `errors` (as shown, capitalised).
+    /// The voice plane's audio problems as last mirrored into `errors` (before capitalising).
     audio_shown: Vec<String>,
     auto_join: Option<(String, Option<String>)>,
     /// Peers whose unreachability was already reported, so each episode is said once.
@@ -137,20 +137,22 @@ fn auto_connect(mut state: ResMut<UiState>, mut intents: EventWriter<ClientInten
 /// Mirrors the voice plane's live audio problems into the error list: a new one appears, and
 /// one that is over (a lost device came back) disappears instead of lingering in red.
 fn sync_audio_problems(state: &mut UiState, live: &[String]) {
-    let live: Vec<String> = live.iter().map(|m| capitalize(m)).collect();
-    let over: Vec<String> = state
-        .audio_shown
+    // Runs every frame; almost always nothing changed.
+    if state.audio_shown.as_slice() == live {
+        return;
+    }
+    for over in state.audio_shown.iter().filter(|m| !live.contains(m)) {
+        let shown = capitalize(over);
+        state.errors.retain(|e| *e != shown);
+    }
+    let fresh: Vec<String> = live
         .iter()
-        .filter(|m| !live.contains(m))
+        .filter(|m| !state.audio_shown.contains(m))
         .cloned()
         .collect();
-    state.errors.retain(|e| !over.contains(e));
-    state.audio_shown.retain(|m| live.contains(m));
-    for m in live {
-        if !state.audio_shown.contains(&m) {
-            state.audio_shown.push(m.clone());
-            push_error(state, m);
-        }
+    state.audio_shown = live.to_vec();
+    for m in fresh {
+        push_error(state, capitalize(&m));
     }
 }
 

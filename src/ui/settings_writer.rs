@@ -88,9 +88,11 @@ impl SettingsWriter {
     pub fn errors(&self) -> impl Iterator<Item = String> + '_ {
         self.errors.try_iter()
     }
+}
 
-    /// Writes what is queued and stops the thread.
-    pub fn finish(mut self) {
+impl Drop for SettingsWriter {
+    /// Writes what is queued before the app exits, then stops the thread.
+    fn drop(&mut self) {
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -128,7 +130,7 @@ mod tests {
         w.remember(SettingsChange::InputDevice("USB mic".into()));
         w.remember(SettingsChange::PushToTalk(true));
         w.remember(SettingsChange::PushToTalk(false));
-        w.finish();
+        drop(w);
         let s = ClientSettings::load_from(&path);
         assert_eq!(s.username.as_deref(), Some("alice"));
         assert_eq!(s.server.as_deref(), Some("example.org:7700"));
@@ -161,7 +163,7 @@ mod tests {
             errors[0].starts_with("cannot remember settings"),
             "{errors:?}"
         );
-        w.finish();
+        drop(w);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -457,13 +457,7 @@ impl JitterBuffer {
             // arrives together with the onset frame. Playing it all would hold the whole
             // talkspurt that much later; start instead at the oldest frame that fits
             // [target, target + frame], so pre-roll fills only the delay the link needs anyway.
-            let newest = self
-                .slots
-                .iter()
-                .filter(|s| s.used)
-                .map(|s| s.ts)
-                .max()
-                .unwrap_or(first_ts);
+            let newest = self.newest_ts().unwrap_or(first_ts);
             let excess_frames = ((delay - target) / frame_ms).floor().max(0.0) as i64;
             let start_ts = (first_ts + excess_frames * frame).min(newest);
             for slot in &mut self.slots {
@@ -609,10 +603,14 @@ impl JitterBuffer {
         }
     }
 
+    /// Timestamp of the newest buffered packet.
+    fn newest_ts(&self) -> Option<i64> {
+        self.slots.iter().filter(|s| s.used).map(|s| s.ts).max()
+    }
+
     fn buffered(&self) -> Duration {
         let frame_ms = self.frame_ts as f64 / SAMPLES_PER_MS;
-        let newest = self.slots.iter().filter(|s| s.used).map(|s| s.ts).max();
-        match (self.state, newest) {
+        match (self.state, self.newest_ts()) {
             (_, None) => Duration::ZERO,
             (State::Playing { next_ts, .. }, Some(newest)) => {
                 from_ms((newest - next_ts) as f64 / SAMPLES_PER_MS + frame_ms)

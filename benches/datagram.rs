@@ -51,7 +51,8 @@ fn connected_table() -> (PeerTable, Vec<SocketAddr>) {
         table.handle_datagram(Duration::ZERO, addr, &punch);
         addrs.push(addr);
     }
-    while table.poll_transmit(Duration::ZERO).is_some() {}
+    table.handle_timeout(Duration::ZERO);
+    while table.poll_transmit().is_some() {}
     assert_eq!(table.voice_targets().count(), 8);
     (table, addrs)
 }

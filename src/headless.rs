@@ -181,6 +181,7 @@ pub fn summary_json(snap: &VoiceSnapshot) -> serde_json::Value {
         "public_addr": snap.public_addr.map(|a| a.to_string()),
         "fingerprint": snap.fingerprint,
         "undecryptable_datagrams": snap.undecryptable,
+        "foreign_register_acks": snap.foreign_register_acks,
         "dropped_datagrams": {
             "garbage": snap.drops.garbage,
             "unknown_sender": snap.drops.unknown_sender,

@@ -19,5 +19,6 @@ fuzz_target!(|data: &[u8]| {
     let mut table = PeerTable::new(1, LinkConfig::default(), 7);
     table.upsert_peer(Duration::ZERO, 2, "peer", &[from]);
     let _ = table.handle_datagram(Duration::from_millis(5), from, data);
-    while table.poll_transmit(Duration::from_millis(10)).is_some() {}
+    table.handle_timeout(Duration::from_millis(10));
+    while table.poll_transmit().is_some() {}
 });

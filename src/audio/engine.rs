@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use ringbuf::traits::{Consumer, Producer};
+use ringbuf::traits::{Consumer, Observer, Producer};
 use ringbuf::{HeapCons, HeapProd};
 
 use super::cpal_backend::{InputDevice, Liveness, OutputDevice, STALL_LIMIT};
@@ -372,6 +372,23 @@ impl Engine {
 
     /// Does all work that is due at `now`.
     fn service(&mut self, now: Instant) {
+        let moved = (
+            self.capture_prod.occupied_len(),
+            self.playback_cons.occupied_len(),
+        );
+        self.service_devices(now);
+        let after = (
+            self.capture_prod.occupied_len(),
+            self.playback_cons.occupied_len(),
+        );
+        if after.0 > moved.0 || after.1 < moved.1 {
+            if let Some(wake) = &self.cfg.ring_wake {
+                (wake.0)();
+            }
+        }
+    }
+
+    fn service_devices(&mut self, now: Instant) {
         let counters = &*self.counters;
         let mut capture_lost = false;
         let mut stalled: Vec<Direction> = Vec::new();

@@ -90,6 +90,26 @@ pub struct AudioConfig {
     pub playback_queue_ms: u32,
     /// Capacity of the event channel; events beyond it are dropped (default 64).
     pub event_capacity: usize,
+    /// Called by the device thread after it moved samples through a ring (new capture samples,
+    /// or playback samples taken), so the ring's reader or writer can sleep until then instead
+    /// of polling. Never called from a device callback.
+    pub ring_wake: Option<RingWake>,
+}
+
+/// A thread-safe "the rings moved" notification (the voice thread passes its poll waker).
+#[derive(Clone)]
+pub struct RingWake(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for RingWake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingWake")
+    }
+}
+
+impl PartialEq for RingWake {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Default for AudioConfig {
@@ -101,6 +121,7 @@ impl Default for AudioConfig {
             device_buffer_frames: Some(480),
             playback_queue_ms: 20,
             event_capacity: 64,
+            ring_wake: None,
         }
     }
 }

@@ -123,6 +123,9 @@ pub struct VoiceSnapshot {
     /// Voice and peer-control datagrams dropped because no key was known for their sender or
     /// they did not authenticate (spoofed punches land here).
     pub undecryptable: u64,
+    /// `RegisterAck`s that did not come from the server's address: ignored, since anyone could
+    /// otherwise tell us a false public address to announce.
+    pub foreign_register_acks: u64,
 }
 
 /// Per-peer receive side: jitter buffer + decoder, a small PCM queue to bridge the peer's frame
@@ -223,6 +226,50 @@ pub fn opus_frame_duration(payload: &[u8]) -> Option<FrameDuration> {
     }
 }
 
+/// Largest datagram the engine writes: a sealed voice frame.
+pub const MAX_DATAGRAM_LEN: usize = VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD;
+
+/// One datagram [`VoiceEngine::poll_transmit`] wrote into the caller's buffer: send its first
+/// `len` bytes to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub len: usize,
+}
+
+/// Most sealed voice datagrams queued between two drains (a channel's worth of frames many
+/// times over); beyond it new ones are dropped, since the shell is not draining.
+const MAX_QUEUED_VOICE: usize = 512;
+
+/// Sealed voice datagrams waiting for `poll_transmit`, back to back in one buffer that is
+/// reused: once it has grown to a channel's size, a frame costs no allocation.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    queue: VecDeque<(SocketAddr, std::ops::Range<usize>)>,
+}
+
+impl Outbox {
+    fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if self.queue.len() >= MAX_QUEUED_VOICE {
+            return;
+        }
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(datagram);
+        self.queue.push_back((to, start..self.bytes.len()));
+    }
+
+    fn pop(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        let (to, range) = self.queue.pop_front()?;
+        let len = range.len();
+        buf[..len].copy_from_slice(&self.bytes[range]);
+        if self.queue.is_empty() {
+            self.bytes.clear();
+        }
+        Some(Transmit { to, len })
+    }
+}
+
 /// See the module docs.
 pub struct VoiceEngine {
     cfg: VoiceConfig,
@@ -238,6 +285,9 @@ pub struct VoiceEngine {
     server: Option<(SocketAddr, u64)>,
     register_acked: bool,
     next_register: Duration,
+    /// A Register is due: `handle_timeout` found it so, `poll_transmit` sends it.
+    register_due: bool,
+    outbox: Outbox,
     public_addr: Option<SocketAddr>,
     seed: u64,
     // Sending-side figures.
@@ -259,6 +309,7 @@ pub struct VoiceEngine {
     opened: Vec<u8>,
     undecryptable: u64,
     replayed: u64,
+    foreign_register_acks: u64,
 }
 
 impl VoiceEngine {
@@ -282,6 +333,8 @@ impl VoiceEngine {
             server: None,
             register_acked: false,
             next_register: Duration::ZERO,
+            register_due: false,
+            outbox: Outbox::default(),
             public_addr: None,
             seed,
             input_level_db: -120.0,
@@ -300,6 +353,7 @@ impl VoiceEngine {
             opened: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
             undecryptable: 0,
             replayed: 0,
+            foreign_register_acks: 0,
         })
     }
 
@@ -319,11 +373,13 @@ impl VoiceEngine {
     }
 
     /// Our user id on the server (after identification). A new id (after a reconnect) starts a
-    /// fresh peer table: peers are re-announced by the server.
+    /// fresh peer table: peers are re-announced by the server. The ciphers go too: their keys
+    /// and the sender id they seal with are bound to our old id.
     pub fn set_self_id(&mut self, id: UserId) {
         if self.table.as_ref().map(|t| t.our_id()) != Some(id) {
             self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
             self.audio.clear();
+            self.ciphers.clear();
         }
     }
 
@@ -514,22 +570,15 @@ impl VoiceEngine {
                     a.receiver.push(now, seq, timestamp, payload);
                 }
             }
-            Incoming::RegisterAck { observed } => {
-                self.public_addr = Some(observed);
-                self.register_acked = true;
-            }
+            // The server's own ack was handled above: this one is from someone else.
+            Incoming::RegisterAck { .. } => self.foreign_register_acks += 1,
             Incoming::Control { .. } | Incoming::Dropped(_) => {}
         }
     }
 
-    /// One captured frame (exactly `frame().samples()` samples). Encoded frames are handed to
-    /// `send` once per connected peer.
-    pub fn capture_frame(
-        &mut self,
-        now: Duration,
-        pcm: &[f32],
-        mut send: impl FnMut(SocketAddr, &[u8]),
-    ) {
+    /// One captured frame (exactly `frame().samples()` samples). The encoded frame is sealed
+    /// once per connected peer and queued for [`VoiceEngine::poll_transmit`].
+    pub fn handle_capture(&mut self, now: Duration, pcm: &[f32]) {
         let out = self.capture.process(now, pcm);
         self.input_level_db = out.level_db;
         self.vad_threshold_db = out.threshold_db;
@@ -564,7 +613,7 @@ impl VoiceEngine {
                 else {
                     continue;
                 };
-                send(addr, &self.sealed[..total]);
+                self.outbox.push(addr, &self.sealed[..total]);
                 table.record_voice_sent(peer, total);
                 self.bytes_sent += total as u64;
             }
@@ -613,46 +662,64 @@ impl VoiceEngine {
         }
     }
 
-    /// Control datagrams to send now (punches, keepalives, pongs, server registration).
-    pub fn poll_transmit(&mut self, now: Duration, mut send: impl FnMut(SocketAddr, &[u8])) {
-        let mut buf = [0u8; 64];
-        if let Some((server, token)) = self.server {
-            if now >= self.next_register {
-                if let Ok(n) = (Datagram::Register { token }).write(&mut buf) {
-                    send(server, &buf[..n]);
-                }
-                self.next_register = now
-                    + if self.register_acked {
-                        REGISTER_REFRESH
-                    } else {
-                        REGISTER_RETRY
-                    };
-            }
+    /// Fires the timers due at `now`: registration with the server, punches and keepalives.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if self.server.is_some() && now >= self.next_register {
+            self.register_due = true;
+            self.next_register = now
+                + if self.register_acked {
+                    REGISTER_REFRESH
+                } else {
+                    REGISTER_RETRY
+                };
         }
         if let Some(table) = &mut self.table {
-            while let Some(t) = table.poll_transmit(now) {
-                let Ok(n) = t.datagram.write(&mut buf) else {
-                    continue;
-                };
-                // Every peer datagram is authenticated; a peer without a key cannot verify
-                // ours (and gets no voice either), so nothing is sent to it.
-                let cipher = t.datagram.recipient().and_then(|to| self.ciphers.get(&to));
-                let Some(cipher) = cipher else {
-                    continue;
-                };
-                let Ok(fixed) = <&[u8; PEER_CONTROL_LEN]>::try_from(&buf[..n]) else {
-                    continue;
-                };
-                let Ok(tag) = cipher.tag_control(fixed) else {
-                    continue;
-                };
-                buf[n..n + TAG_LEN].copy_from_slice(&tag);
-                send(t.to, &buf[..n + TAG_LEN]);
-            }
+            table.handle_timeout(now);
         }
     }
 
-    /// When `poll_transmit` next has work.
+    /// The next datagram to send, written into `buf` (at least [`MAX_DATAGRAM_LEN`] bytes):
+    /// the server registration, sealed voice, then punches, keepalives and answers, each
+    /// tagged for its peer. Call until `None` after every `handle_*` call.
+    pub fn poll_transmit(&mut self, _now: Duration, buf: &mut [u8]) -> Option<Transmit> {
+        if self.register_due {
+            self.register_due = false;
+            if let Some((server, token)) = self.server {
+                if let Ok(len) = (Datagram::Register { token }).write(buf) {
+                    return Some(Transmit { to: server, len });
+                }
+            }
+        }
+        if let Some(t) = self.outbox.pop(buf) {
+            return Some(t);
+        }
+        let table = self.table.as_mut()?;
+        while let Some(t) = table.poll_transmit() {
+            let Ok(n) = t.datagram.write(buf) else {
+                continue;
+            };
+            // Every peer datagram is authenticated; a peer without a key cannot verify
+            // ours (and gets no voice either), so nothing is sent to it.
+            let cipher = t.datagram.recipient().and_then(|to| self.ciphers.get(&to));
+            let Some(cipher) = cipher else {
+                continue;
+            };
+            let Ok(fixed) = <&[u8; PEER_CONTROL_LEN]>::try_from(&buf[..n]) else {
+                continue;
+            };
+            let Ok(tag) = cipher.tag_control(fixed) else {
+                continue;
+            };
+            buf[n..n + TAG_LEN].copy_from_slice(&tag);
+            return Some(Transmit {
+                to: t.to,
+                len: n + TAG_LEN,
+            });
+        }
+        None
+    }
+
+    /// When [`VoiceEngine::handle_timeout`] is next due; `None` with no server and no peers.
     pub fn poll_timeout(&self) -> Option<Duration> {
         let link = self.table.as_ref().and_then(|t| t.poll_timeout());
         let reg = self.server.map(|_| self.next_register);
@@ -729,6 +796,7 @@ impl VoiceEngine {
             mix_level_db: self.mix_level_db,
             fingerprint: self.keys.fingerprint(),
             undecryptable: self.undecryptable,
+            foreign_register_acks: self.foreign_register_acks,
         }
     }
 }
@@ -737,6 +805,33 @@ impl VoiceEngine {
 mod tests {
     use super::super::impair::{ImpairConfig, Impairment};
     use super::*;
+
+    /// The engine's calls in the shape these tests were written in: every datagram it wants
+    /// sent handed to a closure.
+    trait Pump {
+        /// Fires due timers, then drains every datagram.
+        fn drain(&mut self, now: Duration, f: impl FnMut(SocketAddr, &[u8]));
+        /// Feeds one captured frame, then drains every datagram.
+        fn capture(&mut self, now: Duration, pcm: &[f32], f: impl FnMut(SocketAddr, &[u8]));
+    }
+
+    impl Pump for VoiceEngine {
+        fn drain(&mut self, now: Duration, mut f: impl FnMut(SocketAddr, &[u8])) {
+            self.handle_timeout(now);
+            let mut buf = [0u8; MAX_DATAGRAM_LEN];
+            while let Some(t) = self.poll_transmit(now, &mut buf) {
+                f(t.to, &buf[..t.len]);
+            }
+        }
+
+        fn capture(&mut self, now: Duration, pcm: &[f32], mut f: impl FnMut(SocketAddr, &[u8])) {
+            self.handle_capture(now, pcm);
+            let mut buf = [0u8; MAX_DATAGRAM_LEN];
+            while let Some(t) = self.poll_transmit(now, &mut buf) {
+                f(t.to, &buf[..t.len]);
+            }
+        }
+    }
 
     /// Tone amplitude averaged over 100 ms blocks: robust to the phase jumps that jitter
     /// buffer adjustments cause, unlike one long Goertzel window.
@@ -799,12 +894,12 @@ mod tests {
                     0.3 * (phase * std::f32::consts::TAU).sin()
                 })
                 .collect();
-            a.capture_frame(now, &pcm, |to, bytes| {
+            a.capture(now, &pcm, |to, bytes| {
                 assert_eq!(to, addr(2000));
                 net_to_b.push(now, addr(1000), bytes);
             });
-            a.poll_transmit(now, |_, bytes| net_to_b.push(now, addr(1000), bytes));
-            b.poll_transmit(now, |_, bytes| to_a.push((addr(2000), bytes.to_vec())));
+            a.drain(now, |_, bytes| net_to_b.push(now, addr(1000), bytes));
+            b.drain(now, |_, bytes| to_a.push((addr(2000), bytes.to_vec())));
             for (from, bytes) in to_a.drain(..) {
                 a.handle_datagram(now, from, &bytes);
             }
@@ -859,21 +954,69 @@ mod tests {
         assert!(p.target_ms >= 20.0 && p.target_ms <= 121.0, "{p:?}");
     }
 
-    #[test]
-    fn muted_sender_sends_no_voice() {
-        let mut a = engine(1);
-        a.upsert_peer(Duration::ZERO, &peer(2, 2000, engine(2).public_key()));
-        a.set_muted(true);
-        let pcm: Vec<f32> = (0..960).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
-        let mut sent = 0;
-        for step in 0..50 {
-            a.capture_frame(Duration::from_millis(step * 20), &pcm, |_, b| {
-                if Datagram::parse(b).is_ok_and(|d| matches!(d, Datagram::Voice { .. })) {
-                    sent += 1
+    /// Exchanges control datagrams between A (at `a_at`) and B (at `b_at`) for `rounds`
+    /// rounds of 20 ms: enough rounds bring their links up.
+    fn exchange(
+        (a, a_at): (&mut VoiceEngine, SocketAddr),
+        (b, b_at): (&mut VoiceEngine, SocketAddr),
+        now: &mut Duration,
+        rounds: usize,
+    ) {
+        for _ in 0..rounds {
+            let (mut to_b, mut to_a) = (Vec::new(), Vec::new());
+            a.drain(*now, |to, d| {
+                if to == b_at {
+                    to_b.push(d.to_vec())
                 }
             });
+            b.drain(*now, |to, d| {
+                if to == a_at {
+                    to_a.push(d.to_vec())
+                }
+            });
+            to_b.iter().for_each(|d| b.handle_datagram(*now, a_at, d));
+            to_a.iter().for_each(|d| a.handle_datagram(*now, b_at, d));
+            *now += Duration::from_millis(20);
         }
-        assert_eq!(sent, 0);
+    }
+
+    fn tone_frame(hz: f32) -> Vec<f32> {
+        (0..960)
+            .map(|i| 0.3 * (i as f32 * hz * std::f32::consts::TAU / 48_000.0).sin())
+            .collect()
+    }
+
+    /// Destinations of the voice datagrams `e` sends for `frames` frames of a tone.
+    fn voice_destinations(e: &mut VoiceEngine, now: &mut Duration, frames: u64) -> Vec<SocketAddr> {
+        let pcm = tone_frame(440.0);
+        let mut to = Vec::new();
+        for _ in 0..frames {
+            e.capture(*now, &pcm, |dst, b| {
+                if matches!(Datagram::parse(b), Ok(Datagram::Voice { .. })) {
+                    to.push(dst)
+                }
+            });
+            *now += Duration::from_millis(20);
+        }
+        to
+    }
+
+    #[test]
+    fn muted_sender_sends_no_voice() {
+        let (mut a, mut b) = (engine(1), engine(2));
+        a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+        b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+        let mut now = Duration::ZERO;
+        exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+        assert!(matches!(
+            a.snapshot(now).peers[0].state,
+            PeerState::Direct(_)
+        ));
+        a.set_muted(true);
+        assert_eq!(voice_destinations(&mut a, &mut now, 50), vec![]);
+        // The same link carries voice once unmuted: the silence above was the mute's doing.
+        a.set_muted(false);
+        assert!(voice_destinations(&mut a, &mut now, 50).len() > 20);
     }
 
     #[test]
@@ -883,7 +1026,7 @@ mod tests {
         e.set_server(Duration::ZERO, server, 42);
         let mut regs = 0;
         for ms in (0..1000).step_by(10) {
-            e.poll_transmit(Duration::from_millis(ms), |to, b| {
+            e.drain(Duration::from_millis(ms), |to, b| {
                 if to == server
                     && matches!(Datagram::parse(b), Ok(Datagram::Register { token: 42 }))
                 {
@@ -901,7 +1044,7 @@ mod tests {
         assert_eq!(e.public_addr(), Some(addr(5555)));
         let mut later = 0;
         for ms in (1000..10_000).step_by(10) {
-            e.poll_transmit(Duration::from_millis(ms), |to, _| {
+            e.drain(Duration::from_millis(ms), |to, _| {
                 if to == server {
                     later += 1;
                 }
@@ -933,17 +1076,21 @@ mod tests {
         for step in 0..20u64 {
             let now = Duration::from_millis(step * 20);
             let mut to_b = Vec::new();
-            a.poll_transmit(now, |_, bytes| to_b.push(bytes.to_vec()));
+            a.drain(now, |_, bytes| to_b.push(bytes.to_vec()));
             for d in to_b {
                 b.handle_datagram(now, addr(1000), &d);
             }
             let mut to_a = Vec::new();
-            b.poll_transmit(now, |_, bytes| to_a.push(bytes.to_vec()));
+            b.drain(now, |_, bytes| to_a.push(bytes.to_vec()));
             for d in to_a {
                 a.handle_datagram(now, addr(2000), &d);
             }
             let pcm: Vec<f32> = (0..960).map(|i| 0.3 * (i as f32 * 0.0575).sin()).collect();
-            a.capture_frame(now, &pcm, |_, bytes| wire.push(bytes.to_vec()));
+            a.capture(now, &pcm, |_, bytes| {
+                if matches!(Datagram::parse(bytes), Ok(Datagram::Voice { .. })) {
+                    wire.push(bytes.to_vec())
+                }
+            });
         }
         assert!(!wire.is_empty(), "A sent voice");
         let mut dec = super::super::codec::OpusDecoder::new().unwrap();
@@ -1014,8 +1161,8 @@ mod tests {
         let mut now = Duration::ZERO;
         for _ in 0..20 {
             let (mut to_b, mut to_a) = (Vec::new(), Vec::new());
-            a.poll_transmit(now, |_, d| to_b.push(d.to_vec()));
-            b.poll_transmit(now, |_, d| to_a.push(d.to_vec()));
+            a.drain(now, |_, d| to_b.push(d.to_vec()));
+            b.drain(now, |_, d| to_a.push(d.to_vec()));
             to_b.iter()
                 .for_each(|d| b.handle_datagram(now, addr(1000), d));
             to_a.iter()
@@ -1050,7 +1197,7 @@ mod tests {
         let mut answers_to_attacker = 0;
         for _ in 0..10 {
             now += Duration::from_millis(20);
-            b.poll_transmit(now, |to, _| {
+            b.drain(now, |to, _| {
                 answers_to_attacker += usize::from(to == attacker)
             });
         }
@@ -1061,10 +1208,10 @@ mod tests {
         let moved = addr(1001);
         for _ in 0..1000 {
             let mut to_b = Vec::new();
-            a.poll_transmit(now, |_, d| to_b.push(d.to_vec()));
+            a.drain(now, |_, d| to_b.push(d.to_vec()));
             to_b.iter().for_each(|d| b.handle_datagram(now, moved, d));
             let mut to_a = Vec::new();
-            b.poll_transmit(now, |_, d| to_a.push(d.to_vec()));
+            b.drain(now, |_, d| to_a.push(d.to_vec()));
             to_a.iter()
                 .for_each(|d| a.handle_datagram(now, addr(2000), d));
             now += Duration::from_millis(20);
@@ -1079,22 +1226,90 @@ mod tests {
         );
     }
 
+    /// Voice is only ever sealed for a peer: one whose key is unknown gets nothing at all (not
+    /// even punches), and one whose key turns out invalid mid-call stops getting voice on a link
+    /// that is still up, while a keyed peer next to them keeps getting it.
     #[test]
     fn a_peer_without_a_voice_key_gets_no_voice() {
-        let mut a = engine(1);
-        let mut p = peer(2, 2000, [0; 32]);
-        p.voice_key = None;
-        a.upsert_peer(Duration::ZERO, &p);
-        let pcm: Vec<f32> = (0..960).map(|i| 0.3 * (i as f32 * 0.0575).sin()).collect();
-        let mut voice = 0;
-        for step in 0..50u64 {
-            let now = Duration::from_millis(step * 20);
-            a.capture_frame(now, &pcm, |_, b| {
-                if matches!(Datagram::parse(b), Ok(Datagram::Voice { .. })) {
-                    voice += 1;
+        let (mut a, mut b) = (engine(1), engine(2));
+        a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+        b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+        let mut keyless = peer(3, 3000, [0; 32]);
+        keyless.voice_key = None;
+        a.upsert_peer(Duration::ZERO, &keyless);
+        let mut now = Duration::ZERO;
+        let mut to_keyless = 0;
+        for _ in 0..20 {
+            a.drain(now, |to, _| to_keyless += usize::from(to == addr(3000)));
+            exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 1);
+        }
+        assert_eq!(
+            to_keyless, 0,
+            "nothing goes to a peer we cannot authenticate to"
+        );
+        let sent = voice_destinations(&mut a, &mut now, 50);
+        assert!(sent.iter().filter(|&&d| d == addr(2000)).count() > 20);
+        assert!(!sent.contains(&addr(3000)));
+
+        // B's key is re-announced as an invalid (all-zero, low-order) point: the link stays
+        // up, but there is no key to seal with any more, so no voice, never plaintext.
+        a.upsert_peer(now, &peer(2, 2000, [0; 32]));
+        assert!(matches!(
+            a.snapshot(now).peers[0].state,
+            PeerState::Direct(_)
+        ));
+        assert_eq!(voice_destinations(&mut a, &mut now, 50), vec![]);
+    }
+
+    /// A restarted server may give us a new id while a peer keeps its own: the voice keys and
+    /// the sender id we seal with must follow the new id, or the peer never hears us again.
+    #[test]
+    fn after_a_new_self_id_voice_is_sealed_under_the_new_id() {
+        let (mut a, mut b) = (engine(1), engine(2));
+        a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+        b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+        let mut now = Duration::ZERO;
+        exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+        a.set_self_id(3);
+        a.upsert_peer(now, &peer(2, 2000, b.public_key()));
+        b.remove_peer(1);
+        b.upsert_peer(now, &peer(3, 1000, a.public_key()));
+        exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+        let pcm = tone_frame(440.0);
+        let mut mix = vec![0.0; 960];
+        for _ in 0..50 {
+            let mut to_b = Vec::new();
+            a.capture(now, &pcm, |to, d| {
+                if to == addr(2000) {
+                    to_b.push(d.to_vec())
                 }
             });
+            to_b.iter()
+                .for_each(|d| b.handle_datagram(now, addr(1000), d));
+            b.playout_frame(now, &mut mix);
+            now += Duration::from_millis(20);
         }
-        assert_eq!(voice, 0);
+        let snap = b.snapshot(now);
+        assert_eq!(snap.undecryptable, 0, "{snap:?}");
+        let p = &snap.peers[0];
+        assert_eq!(p.user_id, 3);
+        assert!(matches!(p.state, PeerState::Direct(_)), "{p:?}");
+        assert!(p.frames_decoded > 20, "{p:?}");
+    }
+
+    /// Only the server may tell us our public address: a `RegisterAck` from anyone else would
+    /// make us announce an address of the sender's choosing.
+    #[test]
+    fn a_register_ack_from_another_address_is_ignored_and_counted() {
+        let mut e = engine(1);
+        let server = addr(7700);
+        e.set_server(Duration::ZERO, server, 42);
+        let ack = |observed| Datagram::RegisterAck { observed }.to_vec().unwrap();
+        e.handle_datagram(Duration::ZERO, addr(6666), &ack(addr(6666)));
+        assert_eq!(e.public_addr(), None);
+        assert_eq!(e.snapshot(Duration::ZERO).foreign_register_acks, 1);
+        e.handle_datagram(Duration::ZERO, server, &ack(addr(5555)));
+        assert_eq!(e.public_addr(), Some(addr(5555)));
+        assert_eq!(e.snapshot(Duration::ZERO).foreign_register_acks, 1);
     }
 }

@@ -154,6 +154,11 @@ impl Impairment {
         }
     }
 
+    /// When the next held datagram falls due, if any.
+    pub fn next_due(&self) -> Option<Duration> {
+        self.queue.peek().map(|p| p.due)
+    }
+
     pub fn pending(&self) -> usize {
         self.queue.len()
     }

@@ -1,10 +1,11 @@
 //! `PeerLink`: the hole-punching and keepalive state machine for one remote peer.
 //!
-//! Sans-IO in the style of str0m's ICE agent: the link owns no socket and no clock. The caller
-//! feeds received datagrams with [`PeerLink::handle`], drains what the link wants to send with
-//! [`PeerLink::poll_transmit`] (call it until it returns `None`; it also runs the timers), and
-//! wakes the link again at [`PeerLink::poll_timeout`]. Time is a `Duration` since an arbitrary
-//! start chosen by the caller.
+//! Sans-IO in the style of str0m's ICE agent, with the crate's calling contract (see the crate
+//! docs): the link owns no socket and no clock. The caller feeds received datagrams with
+//! [`PeerLink::handle`], fires its timers with [`PeerLink::handle_timeout`] when
+//! [`PeerLink::poll_timeout`] is due, and drains what it wants sent with
+//! [`PeerLink::poll_transmit`] (until `None`) after either. Time is a `Duration` since an
+//! arbitrary start chosen by the caller.
 //!
 //! ```text
 //! Punching     --valid packet from the peer-------------------> Connected { addr }
@@ -474,8 +475,9 @@ impl PeerLink {
         }
     }
 
-    /// Runs the timers due at `now`.
-    fn handle_timeout(&mut self, now: Duration) {
+    /// Runs the timers due at `now`, queueing punches and pings for `poll_transmit`. Calling it
+    /// early does nothing.
+    pub fn handle_timeout(&mut self, now: Duration) {
         match self.state {
             LinkState::Punching {
                 since,
@@ -517,19 +519,16 @@ impl PeerLink {
         }
     }
 
-    /// Next datagram to send, after running the timers due at `now`. Call until `None`.
-    pub fn poll_transmit(&mut self, now: Duration) -> Option<Transmit> {
-        if self.outbox.is_empty() {
-            self.handle_timeout(now);
-        }
+    /// Next queued datagram to send. Call until `None`.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
         let t = self.outbox.pop_front()?;
         self.stats.packets_out += 1;
         self.stats.bytes_out += t.datagram.encoded_len() as u64;
         Some(t)
     }
 
-    /// When the link next needs [`PeerLink::poll_transmit`] for its timers. Queued datagrams
-    /// are not reflected here: drain them right after every `handle`.
+    /// When the link next needs [`PeerLink::handle_timeout`]. Queued datagrams are not
+    /// reflected here: drain them right after every `handle*` call.
     pub fn poll_timeout(&self) -> Duration {
         match self.state {
             LinkState::Punching { since, .. } => {
@@ -704,7 +703,8 @@ mod tests {
     }
 
     fn drain(l: &mut PeerLink, now: Duration) -> Vec<Transmit> {
-        std::iter::from_fn(|| l.poll_transmit(now)).collect()
+        l.handle_timeout(now);
+        std::iter::from_fn(|| l.poll_transmit()).collect()
     }
 
     fn punch_nonce(t: &[Transmit]) -> u64 {

@@ -1,9 +1,9 @@
 //! `PeerTable`: every peer of our channel, each with its [`PeerLink`], behind one UDP socket.
 //!
-//! Sans-IO like the links it holds: the voice plugin reads the socket and calls
-//! [`PeerTable::handle_datagram`] for every datagram, sends whatever
-//! [`PeerTable::poll_transmit`] returns, sends each encoded voice frame to every address in
-//! [`PeerTable::voice_targets`], and wakes the table at [`PeerTable::poll_timeout`].
+//! Sans-IO like the links it holds, with the crate's calling contract: the engine calls
+//! [`PeerTable::handle_datagram`] for every datagram and [`PeerTable::handle_timeout`] when
+//! [`PeerTable::poll_timeout`] is due, sends whatever [`PeerTable::poll_transmit`] returns, and
+//! sends each encoded voice frame to every address in [`PeerTable::voice_targets`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -250,14 +250,21 @@ impl PeerTable {
         }
     }
 
-    /// Next datagram any link wants sent (runs timers due at `now`). Call until `None`.
-    pub fn poll_transmit(&mut self, now: Duration) -> Option<Transmit> {
-        self.peers
-            .values_mut()
-            .find_map(|entry| entry.link.poll_transmit(now))
+    /// Fires every link's timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        for entry in self.peers.values_mut() {
+            entry.link.handle_timeout(now);
+        }
     }
 
-    /// Earliest time any link needs `poll_transmit` again; `None` with no peers.
+    /// Next datagram any link wants sent. Call until `None`.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.peers
+            .values_mut()
+            .find_map(|entry| entry.link.poll_transmit())
+    }
+
+    /// Earliest time any link needs `handle_timeout` again; `None` with no peers.
     pub fn poll_timeout(&self) -> Option<Duration> {
         self.peers.values().map(|e| e.link.poll_timeout()).min()
     }
@@ -439,7 +446,8 @@ mod tests {
                 if !self.nodes[i].alive {
                     continue;
                 }
-                while let Some(t) = self.nodes[i].table.poll_transmit(self.now) {
+                self.nodes[i].table.handle_timeout(self.now);
+                while let Some(t) = self.nodes[i].table.poll_transmit() {
                     self.send(i, t.to, t.datagram.to_vec().unwrap());
                 }
             }
@@ -865,6 +873,7 @@ mod tests {
         assert!(t.remove_peer(2).is_some());
         assert!(t.remove_peer(2).is_none());
         assert_eq!(t.poll_timeout(), None);
-        assert!(t.poll_transmit(ms(10)).is_none());
+        t.handle_timeout(ms(10));
+        assert!(t.poll_transmit().is_none());
     }
 }

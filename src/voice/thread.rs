@@ -1,31 +1,37 @@
 //! The voice thread: the I/O shell around [`VoiceEngine`].
 //!
-//! It owns the UDP socket and the audio path. About every millisecond it reads datagrams,
-//! takes captured frames from the capture ring, encodes and sends them, keeps the playback ring
-//! topped up with mixed audio, and sends punches and keepalives. It runs apart from the Bevy
+//! It owns the UDP socket and the audio path, and sleeps in one `mio` poll until the socket is
+//! readable, the audio device thread has moved samples through the rings, ECS sent a command,
+//! or the engine's [`VoiceEngine::poll_timeout`] is due: no fixed wake-up. Each time it wakes
+//! it feeds the engine (datagrams, captured frames, timers), drains every datagram the engine
+//! wants sent, and tops the playback ring up with mixed audio. It runs apart from the Bevy
 //! frame loop so voice latency does not depend on the window's frame rate (a vsync'd frame
 //! can take 16 ms; the latency budget is 60 ms end to end). ECS talks to it through bounded
 //! crossbeam channels: [`VoiceCommand`] in, [`VoiceEvent`] out.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use thiserror::Error;
 
-use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot};
+use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
 use super::impair::{ImpairConfig, Impairment};
-use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink};
+use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink, RingWake};
 use crate::protocol::{PeerInfo, UserId};
 
 /// How often a [`VoiceSnapshot`] is published to ECS.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
 /// The playback ring is topped up with a new 10 ms mix whenever less than this is queued:
 /// one 10 ms device chunk. Each sample then waits 5-15 ms in the ring, the output side of the
-/// latency budget; the voice loop wakes every millisecond, so the device never finds the ring
-/// empty.
+/// latency budget; the device thread wakes the voice loop each time it takes samples, so the
+/// device never finds the ring empty.
 const PLAYBACK_LOW_WATER_SAMPLES: usize = 480;
+/// Poll tokens of the voice loop.
+const SOCKET: mio::Token = mio::Token(0);
+const WAKE: mio::Token = mio::Token(1);
 
 /// Intents for the voice plane.
 #[derive(Debug, Clone)]
@@ -71,11 +77,14 @@ pub enum VoiceError {
     Codec(#[from] super::codec::CodecError),
     #[error("cannot start the voice thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot set up the voice thread's poll: {0}")]
+    Poll(std::io::Error),
 }
 
 /// Handle to the running voice thread. Dropping it stops the thread.
 pub struct VoiceThread {
     commands: Sender<VoiceCommand>,
+    waker: Arc<mio::Waker>,
     events: Receiver<VoiceEvent>,
     stop: Sender<Sender<VoiceSnapshot>>,
     join: Option<JoinHandle<()>>,
@@ -112,11 +121,20 @@ impl Default for VoiceThreadConfig {
 impl VoiceThread {
     pub fn spawn(cfg: VoiceThreadConfig) -> Result<Self, VoiceError> {
         let socket = UdpSocket::bind(cfg.bind).map_err(VoiceError::Socket)?;
-        socket
-            .set_read_timeout(Some(Duration::from_millis(1)))
-            .map_err(VoiceError::Socket)?;
+        socket.set_nonblocking(true).map_err(VoiceError::Socket)?;
         let local_addr = socket.local_addr().map_err(VoiceError::Socket)?;
-        let mut audio = AudioIo::start(&cfg.input, &cfg.output, cfg.audio.clone())?;
+        let mut socket = mio::net::UdpSocket::from_std(socket);
+        let poll = mio::Poll::new().map_err(VoiceError::Poll)?;
+        poll.registry()
+            .register(&mut socket, SOCKET, mio::Interest::READABLE)
+            .map_err(VoiceError::Poll)?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE).map_err(VoiceError::Poll)?);
+        let ring_waker = Arc::clone(&waker);
+        let mut audio_cfg = cfg.audio.clone();
+        audio_cfg.ring_wake = Some(RingWake(Arc::new(move || {
+            let _ = ring_waker.wake();
+        })));
+        let mut audio = AudioIo::start(&cfg.input, &cfg.output, audio_cfg)?;
         let audio_started = std::time::SystemTime::now();
         let seed = rand::random::<u64>();
         let engine = VoiceEngine::new(cfg.voice.clone(), seed)?;
@@ -135,6 +153,7 @@ impl VoiceThread {
                 let mut w = Worker {
                     engine,
                     socket,
+                    poll,
                     audio,
                     capture,
                     playback,
@@ -149,6 +168,7 @@ impl VoiceThread {
             .map_err(VoiceError::Thread)?;
         Ok(Self {
             commands: cmd_tx,
+            waker,
             events: ev_rx,
             stop: stop_tx,
             join: Some(join),
@@ -171,7 +191,9 @@ impl VoiceThread {
 
     /// Sends a command; false if the thread is gone or hopelessly behind.
     pub fn send(&self, cmd: VoiceCommand) -> bool {
-        self.commands.try_send(cmd).is_ok()
+        let sent = self.commands.try_send(cmd).is_ok();
+        let _ = self.waker.wake();
+        sent
     }
 
     pub fn events(&self) -> &Receiver<VoiceEvent> {
@@ -184,6 +206,7 @@ impl VoiceThread {
         let join = self.join.take()?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let _ = self.stop.send(tx);
+        let _ = self.waker.wake();
         let snap = rx.recv_timeout(Duration::from_secs(5)).ok();
         let _ = join.join();
         snap
@@ -219,7 +242,8 @@ pub fn local_candidates(port: u16, towards: SocketAddr) -> Vec<SocketAddr> {
 
 struct Worker {
     engine: VoiceEngine,
-    socket: UdpSocket,
+    socket: mio::net::UdpSocket,
+    poll: mio::Poll,
     audio: AudioIo,
     capture: crate::audio::CaptureRing,
     playback: crate::audio::PlaybackRing,
@@ -236,12 +260,23 @@ impl Worker {
         if let Err(TrySendError::Full(_)) = self.events.try_send(ev) {}
     }
 
+    /// Sends every datagram the engine has ready.
+    fn flush(&mut self, now: Duration, buf: &mut [u8]) {
+        while let Some(t) = self.engine.poll_transmit(now, buf) {
+            // A full socket buffer or an ICMP error from a vanished peer loses one datagram;
+            // the voice stream and the links' retries cope with that.
+            let _ = self.socket.send_to(&buf[..t.len], t.to);
+        }
+    }
+
     fn run(&mut self) {
         let frame = self.engine.frame().samples();
         let mut cap = vec![0.0f32; frame];
         let mut mix = vec![0.0f32; super::engine::PLAYOUT_CHUNK];
         let mut buf = [0u8; 2048];
-        let mut last_snapshot = Duration::ZERO;
+        let mut out = [0u8; MAX_DATAGRAM_LEN];
+        let mut events = mio::Events::with_capacity(8);
+        let mut next_snapshot = Duration::ZERO;
         loop {
             let now = self.start.elapsed();
             if let Ok(reply) = self.stop.try_recv() {
@@ -255,24 +290,20 @@ impl Worker {
             while let Ok(ev) = self.audio.events().try_recv() {
                 self.publish(VoiceEvent::Audio(ev));
             }
-            // Receive: the 1 ms read timeout is also the loop's pacing.
-            let mut received = 0;
-            // Errors (timeout, ICMP unreachable from a vanished peer) just end the drain.
-            while let Ok((n, from)) = self.socket.recv_from(&mut buf) {
-                let now = self.start.elapsed();
-                match &mut self.impair {
-                    Some(imp) => imp.push(now, from, &buf[..n]),
-                    None => self.engine.handle_datagram(now, from, &buf[..n]),
+            // Receive until the socket would block (edge-triggered poll: drain it all). Other
+            // errors (ICMP unreachable from a vanished peer) are skipped.
+            for _ in 0..4096 {
+                match self.socket.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        let now = self.start.elapsed();
+                        match &mut self.impair {
+                            Some(imp) => imp.push(now, from, &buf[..n]),
+                            None => self.engine.handle_datagram(now, from, &buf[..n]),
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {}
                 }
-                received += 1;
-                if received >= 256 {
-                    break;
-                }
-                // After the first datagram, drain without waiting.
-                let _ = self.socket.set_nonblocking(true);
-            }
-            if received > 0 {
-                let _ = self.socket.set_nonblocking(false);
             }
             let now = self.start.elapsed();
             if let Some(imp) = &mut self.impair {
@@ -280,13 +311,15 @@ impl Worker {
                     self.engine.handle_datagram(now, from, &bytes);
                 }
             }
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                self.engine.handle_timeout(now);
+            }
+            self.flush(now, &mut out);
             // Send side: every complete captured frame.
             while self.capture.available() >= frame {
                 self.capture.pop_into(&mut cap);
-                let socket = &self.socket;
-                self.engine.capture_frame(now, &cap, |to, bytes| {
-                    let _ = socket.send_to(bytes, to);
-                });
+                self.engine.handle_capture(now, &cap);
+                self.flush(now, &mut out);
             }
             // Playout side: keep the device fed, with as little queued as is safe.
             while self.playback.queued() < PLAYBACK_LOW_WATER_SAMPLES
@@ -295,13 +328,26 @@ impl Worker {
                 self.engine.playout_frame(now, &mut mix);
                 self.playback.push(&mix);
             }
-            let socket = &self.socket;
-            self.engine.poll_transmit(now, |to, bytes| {
-                let _ = socket.send_to(bytes, to);
-            });
-            if now.saturating_sub(last_snapshot) >= SNAPSHOT_INTERVAL {
-                last_snapshot = now;
+            if now >= next_snapshot {
+                next_snapshot = now + SNAPSHOT_INTERVAL;
                 self.publish(VoiceEvent::Snapshot(self.engine.snapshot(now)));
+            }
+            // Sleep until something happens or a timer is due.
+            let due = [
+                self.engine.poll_timeout(),
+                self.impair.as_ref().and_then(|i| i.next_due()),
+                Some(next_snapshot),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_snapshot);
+            let wait = due.saturating_sub(self.start.elapsed());
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    // Without a working poll, fall back to a short sleep rather than spin.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
     }

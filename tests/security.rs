@@ -71,7 +71,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn a_captured_call_holds_no_password_and_no_playable_audio() {
     let is_root = is_root();
     if !is_root || Command::new("tcpdump").arg("--version").output().is_err() {
-        println!("SKIPPED: capturing needs root and tcpdump");
+        skip_unless_ci("capturing needs root and tcpdump");
         return;
     }
     let server = ServerProcess::start();

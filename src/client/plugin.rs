@@ -125,10 +125,10 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
             link.session.handle(now, msg);
         }
         if let Some(reason) = progress.lost {
-            if progress.fatal {
-                link.session.transport_refused(now, &reason);
+            if reason.is_final() {
+                link.session.transport_refused(now, reason);
             } else {
-                link.session.transport_lost(now, &reason);
+                link.session.transport_lost(now, reason);
             }
         }
         if !busy {

@@ -5,6 +5,11 @@
 //! [`Action`]s (open the transport, send a message, close) and [`SessionEvent`]s for the app.
 //! Reconnection with exponential backoff and rejoining the previous channel live here, so they
 //! are tested with a simulated clock.
+//!
+//! The calling contract is the one every pure core follows: `handle_*` feeds it (user intents,
+//! transport news, [`ControlSession::handle_message`]), [`ControlSession::handle_timeout`]
+//! fires its timers, `poll_action` / `poll_event` drain what it wants done, and
+//! [`ControlSession::poll_timeout`] says when to call `handle_timeout` next.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -477,8 +482,9 @@ impl ControlSession {
         self.set_phase(now, Phase::Failed(reason));
     }
 
-    /// Time passes: heartbeats, timeouts, reconnect attempts.
-    pub fn tick(&mut self, now: Duration) {
+    /// Time passes: heartbeats, timeouts, reconnect attempts. Does nothing before
+    /// [`Self::poll_timeout`], so a shell calls it only once that is due.
+    pub fn handle_timeout(&mut self, now: Duration) {
         match self.phase.clone() {
             Phase::Connecting if now.saturating_sub(self.phase_since) > CONNECT_TIMEOUT => {
                 self.lose(now, DisconnectReason::ConnectTimeout);
@@ -495,7 +501,8 @@ impl ControlSession {
         }
     }
 
-    /// When `tick` next has something to do.
+    /// When [`Self::handle_timeout`] next may have something to do (never later than that;
+    /// a timer with a strict deadline fires on the first call after it).
     pub fn poll_timeout(&self) -> Option<Duration> {
         match &self.phase {
             Phase::Connecting => Some(self.phase_since + CONNECT_TIMEOUT),
@@ -508,7 +515,7 @@ impl ControlSession {
     }
 
     /// One message from the server.
-    pub fn handle(&mut self, now: Duration, msg: ServerMsg) {
+    pub fn handle_message(&mut self, now: Duration, msg: ServerMsg) {
         self.last_heard = now;
         match msg {
             ServerMsg::Welcome {
@@ -717,7 +724,7 @@ mod tests {
 
     fn ready(s: &mut ControlSession, now: Duration, id: UserId) {
         s.transport_connected(now);
-        s.handle(
+        s.handle_message(
             now,
             ServerMsg::Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -726,7 +733,7 @@ mod tests {
                 heartbeat_timeout_ms: 15_000,
             },
         );
-        s.handle(
+        s.handle_message(
             now,
             ServerMsg::Identified {
                 status: Status::Ok,
@@ -734,7 +741,7 @@ mod tests {
                 username: "me".into(),
             },
         );
-        s.handle(
+        s.handle_message(
             now,
             ServerMsg::Overview {
                 channels: Vec::<ChannelInfo>::new(),
@@ -789,14 +796,14 @@ mod tests {
         s.connect(Duration::ZERO, "h:1", "me");
         s.join(Duration::ZERO, "Private", Some("pw".into()));
         ready(&mut s, MS, 7);
-        s.handle(
+        s.handle_message(
             MS,
             ServerMsg::Joined {
                 status: Status::Ok,
                 channel: "Private".into(),
             },
         );
-        s.handle(MS, ServerMsg::PeerEndpoints { peer: peer(9) });
+        s.handle_message(MS, ServerMsg::PeerEndpoints { peer: peer(9) });
         drain_events(&mut s);
         drain_actions(&mut s);
 
@@ -820,11 +827,11 @@ mod tests {
             }
         )));
         // Backoff: nothing before the retry time, then a new attempt.
-        s.tick(Duration::from_millis(1_400));
+        s.handle_timeout(Duration::from_millis(1_400));
         assert!(!drain_actions(&mut s)
             .iter()
             .any(|a| matches!(a, Action::OpenTransport { .. })));
-        s.tick(Duration::from_millis(1_600));
+        s.handle_timeout(Duration::from_millis(1_600));
         assert!(drain_actions(&mut s)
             .iter()
             .any(|a| matches!(a, Action::OpenTransport { .. })));
@@ -846,7 +853,7 @@ mod tests {
         s.connect(Duration::ZERO, "h:1", "me");
         ready(&mut s, MS, 1);
         drain_events(&mut s);
-        s.tick(Duration::from_secs(13));
+        s.handle_timeout(Duration::from_secs(13));
         assert!(matches!(s.phase(), Phase::Reconnecting { .. }));
         assert!(drain_events(&mut s).iter().any(|e| matches!(
             e,
@@ -863,8 +870,8 @@ mod tests {
         s.connect(Duration::ZERO, "h:1", "me");
         ready(&mut s, MS, 1);
         drain_actions(&mut s);
-        s.handle(Duration::from_secs(3), ServerMsg::HeartbeatAck);
-        s.tick(Duration::from_secs(5));
+        s.handle_message(Duration::from_secs(3), ServerMsg::HeartbeatAck);
+        s.handle_timeout(Duration::from_secs(5));
         assert!(drain_actions(&mut s).contains(&Action::Send(ClientMsg::Heartbeat)));
     }
 
@@ -873,7 +880,7 @@ mod tests {
         let mut s = ControlSession::new();
         s.connect(Duration::ZERO, "h:1", "me");
         s.transport_connected(MS);
-        s.handle(
+        s.handle_message(
             MS,
             ServerMsg::Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -882,7 +889,7 @@ mod tests {
                 heartbeat_timeout_ms: 1,
             },
         );
-        s.handle(
+        s.handle_message(
             MS,
             ServerMsg::Identified {
                 status: Status::NameTaken,
@@ -896,9 +903,9 @@ mod tests {
         s.connect(Duration::ZERO, "h:1", "me");
         ready(&mut s, MS, 1);
         s.transport_lost(Duration::from_secs(1), TransportError::Lost("reset".into()));
-        s.tick(Duration::from_secs(2));
+        s.handle_timeout(Duration::from_secs(2));
         s.transport_connected(Duration::from_secs(2));
-        s.handle(
+        s.handle_message(
             Duration::from_secs(2),
             ServerMsg::Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -907,7 +914,7 @@ mod tests {
                 heartbeat_timeout_ms: 1,
             },
         );
-        s.handle(
+        s.handle_message(
             Duration::from_secs(2),
             ServerMsg::Identified {
                 status: Status::NameTaken,
@@ -1050,5 +1057,59 @@ mod tests {
             retry_in: None,
         }));
         assert_eq!(s.poll_timeout(), None);
+    }
+
+    /// The shell calls `handle_timeout` only once `poll_timeout` is due; that must lose
+    /// nothing: before the deadline a call changes nothing, and one call after it does the
+    /// work (connect timeout, heartbeat, silence, backoff).
+    #[test]
+    fn timers_fire_only_once_poll_timeout_is_due() {
+        fn quiet_until_due(s: &mut ControlSession) -> Duration {
+            let due = s.poll_timeout().expect("a timer is armed");
+            let phase = s.phase().clone();
+            s.handle_timeout(due - MS);
+            assert_eq!(s.phase(), &phase, "fired before {due:?}");
+            assert!(drain_actions(s).is_empty(), "acted before {due:?}");
+            assert!(drain_events(s).is_empty(), "reported before {due:?}");
+            due
+        }
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        drain_actions(&mut s);
+        // Connecting: the connect timeout.
+        let due = quiet_until_due(&mut s);
+        s.handle_timeout(due + MS);
+        assert!(matches!(
+            s.phase(),
+            Phase::Reconnecting {
+                reason: DisconnectReason::ConnectTimeout,
+                ..
+            }
+        ));
+        drain_actions(&mut s);
+        drain_events(&mut s);
+        // Reconnecting: the backoff.
+        let due = quiet_until_due(&mut s);
+        s.handle_timeout(due);
+        assert_eq!(s.phase(), &Phase::Connecting);
+        // Ready: the heartbeat, then the silence timeout.
+        ready(&mut s, due, 1);
+        drain_actions(&mut s);
+        drain_events(&mut s);
+        let due = quiet_until_due(&mut s);
+        s.handle_timeout(due);
+        assert!(drain_actions(&mut s).contains(&Action::Send(ClientMsg::Heartbeat)));
+        while !matches!(s.phase(), Phase::Reconnecting { .. }) {
+            let due = quiet_until_due(&mut s);
+            s.handle_timeout(due + MS);
+            drain_actions(&mut s);
+        }
+        assert!(matches!(
+            s.phase(),
+            Phase::Reconnecting {
+                reason: DisconnectReason::ServerSilent,
+                ..
+            }
+        ));
     }
 }

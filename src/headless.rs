@@ -128,7 +128,7 @@ pub fn event_json(event: &SessionEvent) -> serde_json::Value {
         }),
         SessionEvent::PeerGone { user_id } => json!({"event": "peer_gone", "user_id": user_id}),
         SessionEvent::Disconnected { reason, retry_in } => json!({
-            "event": "disconnected", "reason": reason, "retry_in_ms": retry_in.map(|d| d.as_millis() as u64),
+            "event": "disconnected", "reason": reason.to_string(), "retry_in_ms": retry_in.map(|d| d.as_millis() as u64),
         }),
         SessionEvent::Error { status, message } => json!({
             "event": "error", "status": status.map(|s| format!("{s:?}")), "message": message,

@@ -71,7 +71,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn a_captured_call_holds_no_password_and_no_playable_audio() {
     let is_root = is_root();
     if !is_root || Command::new("tcpdump").arg("--version").output().is_err() {
-        println!("SKIPPED: capturing needs root and tcpdump");
+        skip_unless_ci("capturing needs root and tcpdump");
         return;
     }
     let server = ServerProcess::start();
@@ -144,33 +144,112 @@ fn a_captured_call_holds_no_password_and_no_playable_audio() {
         assert!(!contains(p, b"Private"), "channel name on the wire");
     }
     // Voice datagrams carry ciphertext: decoding them as Opus gives nothing like the tone.
+    let payloads: Vec<&[u8]> = udp
+        .iter()
+        .filter_map(|p| match Datagram::parse(p) {
+            Ok(Datagram::Voice { payload, .. }) => Some(payload),
+            _ => None,
+        })
+        .collect();
+    assert!(payloads.len() > 100, "voice captured: {}", payloads.len());
+    let captured = decode_as_opus(payloads.iter().copied());
+    // Random bytes pass as an Opus packet roughly every other time (any TOC byte with code 0
+    // is one frame of any length), so out of a hundred-odd packets many decode. If none do,
+    // the decoder path is broken and "no tone" below would prove nothing.
+    assert!(
+        captured.frames >= 10,
+        "only {} of {} captured voice payloads decoded as Opus: the leak check below would be vacuous",
+        captured.frames,
+        payloads.len()
+    );
+    // Control: the same decoding and measuring applied to plaintext Opus of the talker's tone
+    // must find it, or a leak of exactly that would go unnoticed.
+    let mut encoder = p2p_voice::voice::codec::OpusEncoder::new(
+        p2p_voice::voice::codec::FrameDuration::Ms20,
+        32_000,
+    )
+    .unwrap();
+    let mut tone = p2p_voice::audio::ToneGenerator::new(700.0, 0.3, 48_000);
+    let mut frame = [0.0f32; 960];
+    let plaintext: Vec<Vec<u8>> = (0..payloads.len().min(200))
+        .map(|_| {
+            tone.fill(&mut frame);
+            let mut out = vec![0u8; 1500];
+            let n = encoder.encode(&frame, &mut out).unwrap();
+            out.truncate(n);
+            out
+        })
+        .collect();
+    let control = decode_as_opus(plaintext.iter().map(|p| p.as_slice()));
+    println!(
+        "captured: {} voice payloads, {} decoded, 700 Hz {:.4} vs {:.4}; control: {} decoded, \
+         700 Hz {:.4} vs {:.4}",
+        payloads.len(),
+        captured.frames,
+        captured.at_tone(),
+        captured.elsewhere(),
+        control.frames,
+        control.at_tone(),
+        control.elsewhere()
+    );
+    assert!(
+        control.sounds_like_tone(),
+        "control: plaintext Opus of the tone is not recognised ({} frames, {} vs {})",
+        control.frames,
+        control.at_tone(),
+        control.elsewhere()
+    );
+    assert!(
+        !captured.sounds_like_tone(),
+        "captured voice decodes to the talker's tone: {} vs {} ({} frames)",
+        captured.at_tone(),
+        captured.elsewhere(),
+        captured.frames
+    );
+}
+
+/// What an eavesdropper's Opus decoder makes of a stream of payloads.
+struct Decoded {
+    /// Payloads the decoder accepted.
+    frames: usize,
+    pcm: Vec<f32>,
+}
+
+impl Decoded {
+    fn at_tone(&self) -> f32 {
+        tone_level(&self.pcm, 700.0)
+    }
+
+    fn elsewhere(&self) -> f32 {
+        [450.0, 950.0, 1300.0]
+            .iter()
+            .map(|&hz| tone_level(&self.pcm, hz))
+            .fold(0.0f32, f32::max)
+    }
+
+    /// Whatever a decoder makes of ciphertext is loud coloured noise: a few times more energy
+    /// at one frequency than another happens by chance. The real stream is a clean tone:
+    /// ~0.3 at 700 Hz and ~0.003 elsewhere, a ratio of about 100.
+    fn sounds_like_tone(&self) -> bool {
+        self.at_tone() >= 20.0 * self.elsewhere().max(0.005)
+    }
+}
+
+/// Decodes each payload as one Opus packet, keeping what decodes and counting it.
+fn decode_as_opus<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Decoded {
     let mut decoder = p2p_voice::voice::codec::OpusDecoder::new().unwrap();
     let mut pcm = vec![0.0f32; 960];
-    let mut decoded = Vec::new();
-    let mut voice_packets = 0;
-    for p in &udp {
-        if let Ok(Datagram::Voice { payload, .. }) = Datagram::parse(p) {
-            voice_packets += 1;
-            if let Ok(n) = decoder.decode(payload, &mut pcm) {
-                decoded.extend_from_slice(&pcm[..n]);
-            }
+    let mut out = Decoded {
+        frames: 0,
+        pcm: Vec::new(),
+    };
+    for payload in payloads {
+        if let Ok(n) = decoder.decode(payload, &mut pcm) {
+            out.frames += 1;
+            out.pcm.extend_from_slice(&pcm[..n]);
         }
     }
-    assert!(voice_packets > 100, "voice captured: {voice_packets}");
-    // Whatever a decoder makes of ciphertext is loud coloured noise: a few times more energy at
-    // one frequency than another happens by chance. The real stream would be a clean tone:
-    // ~0.3 at 700 Hz and ~0.003 elsewhere, a ratio of about 100.
-    if !decoded.is_empty() {
-        let at_tone = tone_level(&decoded, 700.0);
-        let elsewhere = [450.0, 950.0, 1300.0]
-            .iter()
-            .map(|&hz| tone_level(&decoded, hz))
-            .fold(0.0f32, f32::max);
-        assert!(
-            at_tone < 20.0 * elsewhere.max(0.005),
-            "captured voice decodes to the talker's tone: {at_tone} vs {elsewhere}"
-        );
-    }
+    out
 }
 
 fn unsafe_sigterm(pid: u32) {

@@ -9,4 +9,4 @@ pub mod transport;
 
 pub use components::*;
 pub use plugin::{ClientIntent, ClientNetPlugin, ControlEvent, ControlLink};
-pub use session::{ControlSession, Phase, SessionEvent};
+pub use session::{ControlSession, DisconnectReason, Phase, SessionEvent, TransportError};

@@ -1,5 +1,6 @@
 //! `ClientNetPlugin`: drives [`ControlSession`] from a non-blocking TCP [`Transport`] every
-//! frame and mirrors the overview into `Channel` / `User` entities.
+//! frame (firing its timers only when its `poll_timeout` is due) and mirrors the overview into
+//! `Channel` / `User` entities.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -111,7 +112,10 @@ fn apply_actions(link: &mut ControlLink) {
 fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<ControlEvent>) {
     let link = &mut *link;
     let now = link.start.elapsed();
-    link.session.tick(now);
+    // The session's timers (heartbeat, silence, connect timeout, backoff) fire only when due.
+    if link.session.poll_timeout().is_some_and(|due| now >= due) {
+        link.session.handle_timeout(now);
+    }
     // A reply produced by a message is written by the next poll; loop a few times so that a
     // handshake step does not wait for the next frame. Every poll's progress is handled.
     for _ in 0..4 {
@@ -122,13 +126,13 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
             link.session.transport_connected(now);
         }
         for msg in progress.messages {
-            link.session.handle(now, msg);
+            link.session.handle_message(now, msg);
         }
         if let Some(reason) = progress.lost {
-            if progress.fatal {
-                link.session.transport_refused(now, &reason);
+            if reason.is_final() {
+                link.session.transport_refused(now, reason);
             } else {
-                link.session.transport_lost(now, &reason);
+                link.session.transport_lost(now, reason);
             }
         }
         if !busy {

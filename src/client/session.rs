@@ -5,6 +5,11 @@
 //! [`Action`]s (open the transport, send a message, close) and [`SessionEvent`]s for the app.
 //! Reconnection with exponential backoff and rejoining the previous channel live here, so they
 //! are tested with a simulated clock.
+//!
+//! The calling contract is the one every pure core follows: `handle_*` feeds it (user intents,
+//! transport news, [`ControlSession::handle_message`]), [`ControlSession::handle_timeout`]
+//! fires its timers, `poll_action` / `poll_event` drain what it wants done, and
+//! [`ControlSession::poll_timeout`] says when to call `handle_timeout` next.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -37,9 +42,121 @@ pub enum Phase {
     /// Identified; may or may not be in a channel.
     Ready,
     /// Lost the server; next attempt at `retry_at`.
-    Reconnecting { retry_at: Duration, reason: String },
+    Reconnecting {
+        retry_at: Duration,
+        reason: DisconnectReason,
+    },
     /// Refused for a reason retrying will not fix (version mismatch, name taken on first try).
-    Failed(String),
+    Failed(DisconnectReason),
+}
+
+/// Why the control transport failed or closed, as the shell's transport reports it. A type
+/// rather than a sentence so that code decides on the variant (is it final? is the address
+/// wrong?) and people read the `Display`, which is the text the client has always shown.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// Nothing to connect to.
+    #[error("server address is empty")]
+    EmptyAddress,
+    /// The host name does not resolve.
+    #[error("cannot resolve {server}: {detail}")]
+    Unresolvable { server: String, detail: String },
+    /// The name resolved to no address at all.
+    #[error("{server} has no address")]
+    NoAddress { server: String },
+    /// The resolver thread went away without answering.
+    #[error("name resolution failed")]
+    ResolverGone,
+    /// Nothing listens on that port.
+    #[error("no server at {target} (connection refused)")]
+    Refused { target: String },
+    /// Connecting failed for another reason (unreachable network, timeout from the OS, ...).
+    #[error("cannot connect to {target}: {detail}")]
+    ConnectFailed { target: String, detail: String },
+    /// The TLS client could not be set up for this server name.
+    #[error("TLS setup failed: {0}")]
+    TlsSetup(String),
+    /// The TLS layer rejected what the server sent (handshake or record).
+    #[error("TLS error with the server: {0}")]
+    Tls(String),
+    /// The handshake finished without a certificate to check against the pin.
+    #[error("the server presented no certificate")]
+    NoCertificate,
+    /// The server's certificate is not the one pinned for this address.
+    #[error(
+        "the server's certificate changed (pinned {}…, now {}…): this may be an impersonation. \
+         If the server was reinstalled on purpose, reconnect with --accept-new-cert or remove it \
+         from {pin_store}",
+        fingerprint_prefix(.pinned),
+        fingerprint_prefix(.presented)
+    )]
+    CertificateChanged {
+        pinned: String,
+        presented: String,
+        /// Where the pin lives, for the user to edit.
+        pin_store: String,
+    },
+    /// The socket took no bytes.
+    #[error("connection to server lost")]
+    LostOnWrite,
+    /// Reading or writing the socket failed.
+    #[error("connection to server lost: {0}")]
+    Lost(String),
+    /// The server closed the TCP or TLS stream without a `Closing` message.
+    #[error("server closed the connection")]
+    Closed,
+    /// A frame from the server did not decode.
+    #[error("bad data from server: {0}")]
+    BadData(String),
+}
+
+/// The first bytes of a certificate fingerprint ("ab:cd:…"), enough to compare by eye.
+fn fingerprint_prefix(fp: &str) -> &str {
+    fp.get(..fp.len().min(23)).unwrap_or(fp)
+}
+
+impl TransportError {
+    /// Whether retrying cannot help: the server's identity does not check out, and connecting
+    /// again would only ask the user to trust it without being asked.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            TransportError::NoCertificate | TransportError::CertificateChanged { .. }
+        )
+    }
+}
+
+/// Why the session lost or gave up its server, carried by [`SessionEvent::Disconnected`] and
+/// [`Phase`]. The UI and the headless runner decide on the variant; the `Display` is the text
+/// a person reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DisconnectReason {
+    /// The transport failed or closed.
+    #[error(transparent)]
+    Transport(TransportError),
+    /// Neither connected nor failed within [`CONNECT_TIMEOUT`].
+    #[error("connection attempt timed out")]
+    ConnectTimeout,
+    /// Nothing heard for [`SERVER_SILENCE_TIMEOUT`].
+    #[error("server stopped answering")]
+    ServerSilent,
+    /// The server said `Closing` with this reason.
+    #[error("server closed the connection: {0}")]
+    ClosedByServer(String),
+    /// After a drop the server still has our old session under our name; retried.
+    #[error("the server still holds our previous session")]
+    PreviousSessionHeld,
+    /// The server's `Welcome` names another protocol version.
+    #[error(
+        "server speaks protocol {server}, this app speaks {PROTOCOL_VERSION}: update one of them"
+    )]
+    VersionMismatch { server: u32 },
+    /// The server refused our `Hello`'s version, in its own words.
+    #[error("{0}")]
+    VersionRefused(String),
+    /// The server refused our username (taken on the first try, or invalid).
+    #[error("{username:?}: {status}")]
+    IdentifyRefused { username: String, status: Status },
 }
 
 /// What the shell must do.
@@ -88,7 +205,7 @@ pub enum SessionEvent {
     },
     /// The connection is gone; a new attempt follows after `retry_in` unless `None`.
     Disconnected {
-        reason: String,
+        reason: DisconnectReason,
         retry_in: Option<Duration>,
     },
     /// A refusal or problem to show the user.
@@ -289,15 +406,20 @@ impl ControlSession {
 
     /// The transport refused the server for a reason retrying will not fix (its certificate
     /// changed): give up and tell the user.
-    pub fn transport_refused(&mut self, now: Duration, reason: &str) {
+    pub fn transport_refused(&mut self, now: Duration, reason: TransportError) {
         if matches!(self.phase, Phase::Idle | Phase::Failed(_)) {
             return;
         }
-        self.fail(now, None, reason.to_string());
+        self.fail(now, None, DisconnectReason::Transport(reason));
     }
 
     /// Transport failed to open or broke.
-    pub fn transport_lost(&mut self, now: Duration, reason: &str) {
+    pub fn transport_lost(&mut self, now: Duration, reason: TransportError) {
+        self.lose(now, DisconnectReason::Transport(reason));
+    }
+
+    /// The server is gone for `reason`: keep the call, schedule a reconnect.
+    fn lose(&mut self, now: Duration, reason: DisconnectReason) {
         match self.phase {
             Phase::Idle | Phase::Failed(_) | Phase::Reconnecting { .. } => return,
             _ => {}
@@ -314,7 +436,7 @@ impl ControlSession {
         // are retired once the server has introduced us again (see `Identified`).
         self.channel = None;
         self.stale_peers.extend(self.peers.drain());
-        self.schedule_retry(now, reason.to_string());
+        self.schedule_retry(now, reason);
     }
 
     fn clear_membership(&mut self) {
@@ -329,7 +451,7 @@ impl ControlSession {
         self.peers.clear();
     }
 
-    fn schedule_retry(&mut self, now: Duration, reason: String) {
+    fn schedule_retry(&mut self, now: Duration, reason: DisconnectReason) {
         let exp = self.attempts.min(5);
         self.attempts += 1;
         let delay = (BACKOFF_MIN * 2u32.pow(exp)).min(BACKOFF_MAX);
@@ -346,29 +468,30 @@ impl ControlSession {
         );
     }
 
-    fn fail(&mut self, now: Duration, status: Option<Status>, message: String) {
+    fn fail(&mut self, now: Duration, status: Option<Status>, reason: DisconnectReason) {
         self.actions.push_back(Action::CloseTransport);
         self.clear_membership();
         self.events.push_back(SessionEvent::Error {
             status,
-            message: message.clone(),
+            message: reason.to_string(),
         });
         self.events.push_back(SessionEvent::Disconnected {
-            reason: message.clone(),
+            reason: reason.clone(),
             retry_in: None,
         });
-        self.set_phase(now, Phase::Failed(message));
+        self.set_phase(now, Phase::Failed(reason));
     }
 
-    /// Time passes: heartbeats, timeouts, reconnect attempts.
-    pub fn tick(&mut self, now: Duration) {
+    /// Time passes: heartbeats, timeouts, reconnect attempts. Does nothing before
+    /// [`Self::poll_timeout`], so a shell calls it only once that is due.
+    pub fn handle_timeout(&mut self, now: Duration) {
         match self.phase.clone() {
             Phase::Connecting if now.saturating_sub(self.phase_since) > CONNECT_TIMEOUT => {
-                self.transport_lost(now, "connection attempt timed out");
+                self.lose(now, DisconnectReason::ConnectTimeout);
             }
             Phase::Handshake | Phase::Identifying | Phase::Ready => {
                 if now.saturating_sub(self.last_heard) > SERVER_SILENCE_TIMEOUT {
-                    self.transport_lost(now, "server stopped answering");
+                    self.lose(now, DisconnectReason::ServerSilent);
                 } else if now.saturating_sub(self.last_sent) >= HEARTBEAT_INTERVAL {
                     self.send(now, ClientMsg::Heartbeat);
                 }
@@ -378,7 +501,8 @@ impl ControlSession {
         }
     }
 
-    /// When `tick` next has something to do.
+    /// When [`Self::handle_timeout`] next may have something to do (never later than that;
+    /// a timer with a strict deadline fires on the first call after it).
     pub fn poll_timeout(&self) -> Option<Duration> {
         match &self.phase {
             Phase::Connecting => Some(self.phase_since + CONNECT_TIMEOUT),
@@ -391,7 +515,7 @@ impl ControlSession {
     }
 
     /// One message from the server.
-    pub fn handle(&mut self, now: Duration, msg: ServerMsg) {
+    pub fn handle_message(&mut self, now: Duration, msg: ServerMsg) {
         self.last_heard = now;
         match msg {
             ServerMsg::Welcome {
@@ -406,9 +530,9 @@ impl ControlSession {
                     self.fail(
                         now,
                         Some(Status::VersionMismatch),
-                        format!(
-                            "server speaks protocol {protocol_version}, this app speaks {PROTOCOL_VERSION}: update one of them"
-                        ),
+                        DisconnectReason::VersionMismatch {
+                            server: protocol_version,
+                        },
                     );
                     return;
                 }
@@ -461,14 +585,14 @@ impl ControlSession {
                     // few seconds: keep retrying instead of giving up.
                     (Status::NameTaken, _) if self.ever_identified => {
                         self.actions.push_back(Action::CloseTransport);
-                        self.schedule_retry(
-                            now,
-                            "the server still holds our previous session".into(),
-                        );
+                        self.schedule_retry(now, DisconnectReason::PreviousSessionHeld);
                     }
                     (status, _) => {
-                        let message = format!("{username:?}: {}", status.message());
-                        self.fail(now, Some(status), message);
+                        self.fail(
+                            now,
+                            Some(status),
+                            DisconnectReason::IdentifyRefused { username, status },
+                        );
                     }
                 }
             }
@@ -572,7 +696,7 @@ impl ControlSession {
             ServerMsg::HeartbeatAck => {}
             ServerMsg::Error { status, message } => {
                 if status == Status::VersionMismatch {
-                    self.fail(now, Some(status), message);
+                    self.fail(now, Some(status), DisconnectReason::VersionRefused(message));
                 } else if !matches!(status, Status::NameTaken | Status::InvalidName) {
                     // Identify refusals are reported through `Identified`; avoid doubling them.
                     self.events.push_back(SessionEvent::Error {
@@ -585,7 +709,7 @@ impl ControlSession {
                 if matches!(self.phase, Phase::Failed(_)) {
                     return;
                 }
-                self.transport_lost(now, &format!("server closed the connection: {reason}"));
+                self.lose(now, DisconnectReason::ClosedByServer(reason));
             }
         }
     }
@@ -600,7 +724,7 @@ mod tests {
 
     fn ready(s: &mut ControlSession, now: Duration, id: UserId) {
         s.transport_connected(now);
-        s.handle(
+        s.handle_message(
             now,
             ServerMsg::Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -609,7 +733,7 @@ mod tests {
                 heartbeat_timeout_ms: 15_000,
             },
         );
-        s.handle(
+        s.handle_message(
             now,
             ServerMsg::Identified {
                 status: Status::Ok,
@@ -617,7 +741,7 @@ mod tests {
                 username: "me".into(),
             },
         );
-        s.handle(
+        s.handle_message(
             now,
             ServerMsg::Overview {
                 channels: Vec::<ChannelInfo>::new(),
@@ -672,18 +796,21 @@ mod tests {
         s.connect(Duration::ZERO, "h:1", "me");
         s.join(Duration::ZERO, "Private", Some("pw".into()));
         ready(&mut s, MS, 7);
-        s.handle(
+        s.handle_message(
             MS,
             ServerMsg::Joined {
                 status: Status::Ok,
                 channel: "Private".into(),
             },
         );
-        s.handle(MS, ServerMsg::PeerEndpoints { peer: peer(9) });
+        s.handle_message(MS, ServerMsg::PeerEndpoints { peer: peer(9) });
         drain_events(&mut s);
         drain_actions(&mut s);
 
-        s.transport_lost(Duration::from_secs(1), "connection reset");
+        s.transport_lost(
+            Duration::from_secs(1),
+            TransportError::Lost("connection reset".into()),
+        );
         let events = drain_events(&mut s);
         // The call goes on: no PeerGone while the server is away.
         assert!(
@@ -700,11 +827,11 @@ mod tests {
             }
         )));
         // Backoff: nothing before the retry time, then a new attempt.
-        s.tick(Duration::from_millis(1_400));
+        s.handle_timeout(Duration::from_millis(1_400));
         assert!(!drain_actions(&mut s)
             .iter()
             .any(|a| matches!(a, Action::OpenTransport { .. })));
-        s.tick(Duration::from_millis(1_600));
+        s.handle_timeout(Duration::from_millis(1_600));
         assert!(drain_actions(&mut s)
             .iter()
             .any(|a| matches!(a, Action::OpenTransport { .. })));
@@ -726,10 +853,15 @@ mod tests {
         s.connect(Duration::ZERO, "h:1", "me");
         ready(&mut s, MS, 1);
         drain_events(&mut s);
-        s.tick(Duration::from_secs(13));
+        s.handle_timeout(Duration::from_secs(13));
         assert!(matches!(s.phase(), Phase::Reconnecting { .. }));
-        assert!(drain_events(&mut s).iter().any(|e| matches!(e,
-            SessionEvent::Disconnected { reason, .. } if reason.contains("stopped answering"))));
+        assert!(drain_events(&mut s).iter().any(|e| matches!(
+            e,
+            SessionEvent::Disconnected {
+                reason: DisconnectReason::ServerSilent,
+                ..
+            }
+        )));
     }
 
     #[test]
@@ -738,8 +870,8 @@ mod tests {
         s.connect(Duration::ZERO, "h:1", "me");
         ready(&mut s, MS, 1);
         drain_actions(&mut s);
-        s.handle(Duration::from_secs(3), ServerMsg::HeartbeatAck);
-        s.tick(Duration::from_secs(5));
+        s.handle_message(Duration::from_secs(3), ServerMsg::HeartbeatAck);
+        s.handle_timeout(Duration::from_secs(5));
         assert!(drain_actions(&mut s).contains(&Action::Send(ClientMsg::Heartbeat)));
     }
 
@@ -748,7 +880,7 @@ mod tests {
         let mut s = ControlSession::new();
         s.connect(Duration::ZERO, "h:1", "me");
         s.transport_connected(MS);
-        s.handle(
+        s.handle_message(
             MS,
             ServerMsg::Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -757,7 +889,7 @@ mod tests {
                 heartbeat_timeout_ms: 1,
             },
         );
-        s.handle(
+        s.handle_message(
             MS,
             ServerMsg::Identified {
                 status: Status::NameTaken,
@@ -770,10 +902,10 @@ mod tests {
         let mut s = ControlSession::new();
         s.connect(Duration::ZERO, "h:1", "me");
         ready(&mut s, MS, 1);
-        s.transport_lost(Duration::from_secs(1), "reset");
-        s.tick(Duration::from_secs(2));
+        s.transport_lost(Duration::from_secs(1), TransportError::Lost("reset".into()));
+        s.handle_timeout(Duration::from_secs(2));
         s.transport_connected(Duration::from_secs(2));
-        s.handle(
+        s.handle_message(
             Duration::from_secs(2),
             ServerMsg::Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -782,7 +914,7 @@ mod tests {
                 heartbeat_timeout_ms: 1,
             },
         );
-        s.handle(
+        s.handle_message(
             Duration::from_secs(2),
             ServerMsg::Identified {
                 status: Status::NameTaken,
@@ -791,5 +923,193 @@ mod tests {
             },
         );
         assert!(matches!(s.phase(), Phase::Reconnecting { .. }));
+    }
+
+    /// People read these in the status bar, the connect form and the headless client's
+    /// stderr and JSON; typing the reasons must not change a word of them.
+    #[test]
+    fn reasons_read_as_they_always_have() {
+        let cases: Vec<(DisconnectReason, &str)> = vec![
+            (
+                DisconnectReason::ConnectTimeout,
+                "connection attempt timed out",
+            ),
+            (DisconnectReason::ServerSilent, "server stopped answering"),
+            (
+                DisconnectReason::ClosedByServer("idle".into()),
+                "server closed the connection: idle",
+            ),
+            (
+                DisconnectReason::PreviousSessionHeld,
+                "the server still holds our previous session",
+            ),
+            (
+                DisconnectReason::VersionMismatch { server: 9 },
+                "server speaks protocol 9, this app speaks 2: update one of them",
+            ),
+            (
+                DisconnectReason::VersionRefused("as said".into()),
+                "as said",
+            ),
+            (
+                DisconnectReason::IdentifyRefused {
+                    username: "bob".into(),
+                    status: Status::NameTaken,
+                },
+                "\"bob\": username is already taken",
+            ),
+        ];
+        let transport: Vec<(TransportError, &str)> = vec![
+            (TransportError::EmptyAddress, "server address is empty"),
+            (
+                TransportError::Unresolvable {
+                    server: "nowhere".into(),
+                    detail: "no such host".into(),
+                },
+                "cannot resolve nowhere: no such host",
+            ),
+            (
+                TransportError::NoAddress { server: "h".into() },
+                "h has no address",
+            ),
+            (TransportError::ResolverGone, "name resolution failed"),
+            (
+                TransportError::Refused {
+                    target: "10.0.0.1:7700".into(),
+                },
+                "no server at 10.0.0.1:7700 (connection refused)",
+            ),
+            (
+                TransportError::ConnectFailed {
+                    target: "10.0.0.1:7700".into(),
+                    detail: "unreachable".into(),
+                },
+                "cannot connect to 10.0.0.1:7700: unreachable",
+            ),
+            (TransportError::TlsSetup("x".into()), "TLS setup failed: x"),
+            (
+                TransportError::Tls("x".into()),
+                "TLS error with the server: x",
+            ),
+            (
+                TransportError::NoCertificate,
+                "the server presented no certificate",
+            ),
+            (
+                TransportError::CertificateChanged {
+                    pinned: "aa:".repeat(20),
+                    presented: "bb".into(),
+                    pin_store: "/pins.toml".into(),
+                },
+                "the server's certificate changed (pinned aa:aa:aa:aa:aa:aa:aa:aa…, now bb…): \
+                 this may be an impersonation. If the server was reinstalled on purpose, \
+                 reconnect with --accept-new-cert or remove it from /pins.toml",
+            ),
+            (TransportError::LostOnWrite, "connection to server lost"),
+            (
+                TransportError::Lost("reset".into()),
+                "connection to server lost: reset",
+            ),
+            (TransportError::Closed, "server closed the connection"),
+            (
+                TransportError::BadData("x".into()),
+                "bad data from server: x",
+            ),
+        ];
+        for (reason, text) in cases {
+            assert_eq!(reason.to_string(), text);
+        }
+        for (error, text) in transport {
+            assert_eq!(error.to_string(), text);
+            assert_eq!(DisconnectReason::Transport(error).to_string(), text);
+        }
+    }
+
+    #[test]
+    fn only_a_server_identity_that_does_not_check_out_is_final() {
+        assert!(TransportError::NoCertificate.is_final());
+        assert!(TransportError::CertificateChanged {
+            pinned: "a".into(),
+            presented: "b".into(),
+            pin_store: "p".into(),
+        }
+        .is_final());
+        assert!(!TransportError::Refused { target: "t".into() }.is_final());
+        assert!(!TransportError::Closed.is_final());
+    }
+
+    #[test]
+    fn a_changed_certificate_fails_the_session_without_retrying() {
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        let changed = TransportError::CertificateChanged {
+            pinned: "a".into(),
+            presented: "b".into(),
+            pin_store: "p".into(),
+        };
+        s.transport_refused(MS, changed.clone());
+        assert_eq!(
+            s.phase(),
+            &Phase::Failed(DisconnectReason::Transport(changed.clone()))
+        );
+        assert!(drain_events(&mut s).contains(&SessionEvent::Disconnected {
+            reason: DisconnectReason::Transport(changed),
+            retry_in: None,
+        }));
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    /// The shell calls `handle_timeout` only once `poll_timeout` is due; that must lose
+    /// nothing: before the deadline a call changes nothing, and one call after it does the
+    /// work (connect timeout, heartbeat, silence, backoff).
+    #[test]
+    fn timers_fire_only_once_poll_timeout_is_due() {
+        fn quiet_until_due(s: &mut ControlSession) -> Duration {
+            let due = s.poll_timeout().expect("a timer is armed");
+            let phase = s.phase().clone();
+            s.handle_timeout(due - MS);
+            assert_eq!(s.phase(), &phase, "fired before {due:?}");
+            assert!(drain_actions(s).is_empty(), "acted before {due:?}");
+            assert!(drain_events(s).is_empty(), "reported before {due:?}");
+            due
+        }
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        drain_actions(&mut s);
+        // Connecting: the connect timeout.
+        let due = quiet_until_due(&mut s);
+        s.handle_timeout(due + MS);
+        assert!(matches!(
+            s.phase(),
+            Phase::Reconnecting {
+                reason: DisconnectReason::ConnectTimeout,
+                ..
+            }
+        ));
+        drain_actions(&mut s);
+        drain_events(&mut s);
+        // Reconnecting: the backoff.
+        let due = quiet_until_due(&mut s);
+        s.handle_timeout(due);
+        assert_eq!(s.phase(), &Phase::Connecting);
+        // Ready: the heartbeat, then the silence timeout.
+        ready(&mut s, due, 1);
+        drain_actions(&mut s);
+        drain_events(&mut s);
+        let due = quiet_until_due(&mut s);
+        s.handle_timeout(due);
+        assert!(drain_actions(&mut s).contains(&Action::Send(ClientMsg::Heartbeat)));
+        while !matches!(s.phase(), Phase::Reconnecting { .. }) {
+            let due = quiet_until_due(&mut s);
+            s.handle_timeout(due + MS);
+            drain_actions(&mut s);
+        }
+        assert!(matches!(
+            s.phase(),
+            Phase::Reconnecting {
+                reason: DisconnectReason::ServerSilent,
+                ..
+            }
+        ));
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use rustls::ClientConnection;
 
+use super::session::TransportError;
 use crate::protocol::{encode_frame, ClientMsg, FrameDecoder, ServerMsg, DEFAULT_PORT};
 use crate::tls::{cert_fingerprint, server_name, PinCheck, PinStore};
 
@@ -21,15 +22,14 @@ pub struct Progress {
     /// The TLS session is up and the server's certificate matches its pin.
     pub connected: bool,
     pub messages: Vec<ServerMsg>,
-    /// The transport failed or closed; the string is for people.
-    pub lost: Option<String>,
-    /// The failure is one retrying will not fix (the server's certificate changed).
-    pub fatal: bool,
+    /// The transport failed or closed; [`TransportError::is_final`] says whether retrying
+    /// can help.
+    pub lost: Option<TransportError>,
 }
 
 enum State {
     Idle,
-    Resolving(Receiver<Result<SocketAddr, String>>),
+    Resolving(Receiver<Result<SocketAddr, TransportError>>),
     Connecting(TcpStream),
     Handshaking(TcpStream, Box<ClientConnection>),
     Open(TcpStream, Box<ClientConnection>),
@@ -57,18 +57,21 @@ impl Default for Transport {
 }
 
 /// Accepts "host", "host:port", "[v6]:port"; the default port is 7700.
-pub fn resolve(server: &str) -> Result<SocketAddr, String> {
+pub fn resolve(server: &str) -> Result<SocketAddr, TransportError> {
     let server = server.trim();
     if server.is_empty() {
-        return Err("server address is empty".into());
+        return Err(TransportError::EmptyAddress);
     }
     let with_port = with_default_port(server);
     let mut addrs = with_port
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {server}: {e}"))?;
-    addrs
-        .next()
-        .ok_or_else(|| format!("{server} has no address"))
+        .map_err(|e| TransportError::Unresolvable {
+            server: server.to_string(),
+            detail: e.to_string(),
+        })?;
+    addrs.next().ok_or_else(|| TransportError::NoAddress {
+        server: server.to_string(),
+    })
 }
 
 fn with_default_port(server: &str) -> String {
@@ -177,11 +180,16 @@ impl Transport {
                         self.remote = Some(addr);
                         self.state = State::Connecting(s);
                     }
-                    Err(e) => p.lost = Some(format!("cannot connect to {addr}: {e}")),
+                    Err(e) => {
+                        p.lost = Some(TransportError::ConnectFailed {
+                            target: addr.to_string(),
+                            detail: e.to_string(),
+                        })
+                    }
                 },
                 Ok(Err(e)) => p.lost = Some(e),
                 Err(crossbeam_channel::TryRecvError::Empty) => self.state = State::Resolving(rx),
-                Err(_) => p.lost = Some("name resolution failed".into()),
+                Err(_) => p.lost = Some(TransportError::ResolverGone),
             },
             State::Connecting(s) => match s.take_error() {
                 Ok(Some(e)) | Err(e) => p.lost = Some(connect_error(self.remote, e)),
@@ -193,7 +201,7 @@ impl Transport {
                             server_name(&host_of(&self.server)),
                         ) {
                             Ok(tls) => self.state = State::Handshaking(s, Box::new(tls)),
-                            Err(e) => p.lost = Some(format!("TLS setup failed: {e}")),
+                            Err(e) => p.lost = Some(TransportError::TlsSetup(e.to_string())),
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::NotConnected => {
@@ -217,10 +225,7 @@ impl Transport {
                             p.connected = true;
                             self.state = State::Open(s, tls);
                         }
-                        Err(why) => {
-                            p.lost = Some(why);
-                            p.fatal = true;
-                        }
+                        Err(why) => p.lost = Some(why),
                     },
                 }
             }
@@ -232,7 +237,7 @@ impl Transport {
                     Ok(n) => {
                         self.out.drain(..n);
                     }
-                    Err(e) => p.lost = Some(format!("connection to server lost: {e}")),
+                    Err(e) => p.lost = Some(TransportError::Lost(e.to_string())),
                 }
             }
             if p.lost.is_none() {
@@ -253,25 +258,23 @@ impl Transport {
         p
     }
 
-    fn check_pin(&mut self, tls: &ClientConnection) -> Result<(), String> {
+    fn check_pin(&mut self, tls: &ClientConnection) -> Result<(), TransportError> {
         let Some(cert) = tls.peer_certificates().and_then(|c| c.first()) else {
-            return Err("the server presented no certificate".into());
+            return Err(TransportError::NoCertificate);
         };
         let fp = cert_fingerprint(cert);
         self.fingerprint = Some(fp.clone());
         match self.pins.check(&self.server, &fp, self.accept_new_cert) {
             PinCheck::Known | PinCheck::Pinned => Ok(()),
-            PinCheck::Changed { pinned, presented } => Err(format!(
-                "the server's certificate changed (pinned {}…, now {}…): this may be an \
-                 impersonation. If the server was reinstalled on purpose, reconnect with \
-                 --accept-new-cert or remove it from {}",
-                &pinned[..pinned.len().min(23)],
-                &presented[..presented.len().min(23)],
-                self.pins
+            PinCheck::Changed { pinned, presented } => Err(TransportError::CertificateChanged {
+                pinned,
+                presented,
+                pin_store: self
+                    .pins
                     .path()
                     .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "the pin store".into())
-            )),
+                    .unwrap_or_else(|| "the pin store".into()),
+            }),
         }
     }
 }
@@ -283,43 +286,43 @@ fn pump_tls(
     decoder: &mut FrameDecoder,
     scratch: &mut [u8],
     into: &mut Vec<ServerMsg>,
-) -> Result<(), String> {
+) -> Result<(), TransportError> {
     while tls.wants_write() {
         match tls.write_tls(s) {
-            Ok(0) => return Err("connection to server lost".into()),
+            Ok(0) => return Err(TransportError::LostOnWrite),
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("connection to server lost: {e}")),
+            Err(e) => return Err(TransportError::Lost(e.to_string())),
         }
     }
     loop {
         match tls.read_tls(s) {
-            Ok(0) => return Err("server closed the connection".into()),
+            Ok(0) => return Err(TransportError::Closed),
             Ok(_) => {
                 tls.process_new_packets()
-                    .map_err(|e| format!("TLS error with the server: {e}"))?;
+                    .map_err(|e| TransportError::Tls(e.to_string()))?;
                 loop {
                     let want = decoder.wanted().min(scratch.len());
                     match tls.reader().read(&mut scratch[..want]) {
-                        Ok(0) => return Err("server closed the connection".into()),
+                        Ok(0) => return Err(TransportError::Closed),
                         Ok(n) => {
                             decoder.push(&scratch[..n]);
                             while let Some(msg) = decoder
                                 .next::<ServerMsg>()
-                                .map_err(|e| format!("bad data from server: {e}"))?
+                                .map_err(|e| TransportError::BadData(e.to_string()))?
                             {
                                 into.push(msg);
                             }
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(format!("connection to server lost: {e}")),
+                        Err(e) => return Err(TransportError::Lost(e.to_string())),
                     }
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("connection to server lost: {e}")),
+            Err(e) => return Err(TransportError::Lost(e.to_string())),
         }
     }
     // Handshake replies produced by what we just read.
@@ -328,19 +331,20 @@ fn pump_tls(
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("connection to server lost: {e}")),
+            Err(e) => return Err(TransportError::Lost(e.to_string())),
         }
     }
     Ok(())
 }
 
-fn connect_error(remote: Option<SocketAddr>, e: std::io::Error) -> String {
+fn connect_error(remote: Option<SocketAddr>, e: std::io::Error) -> TransportError {
     let target = remote.map(|a| a.to_string()).unwrap_or_default();
     match e.kind() {
-        ErrorKind::ConnectionRefused => {
-            format!("no server at {target} (connection refused)")
-        }
-        _ => format!("cannot connect to {target}: {e}"),
+        ErrorKind::ConnectionRefused => TransportError::Refused { target },
+        _ => TransportError::ConnectFailed {
+            target,
+            detail: e.to_string(),
+        },
     }
 }
 

@@ -247,13 +247,18 @@ fn track_control_events(
             SessionEvent::Disconnected { reason, retry_in } => {
                 if retry_in.is_none() {
                     state.connect.connecting = false;
-                    if reason.contains("refused")
-                        || reason.contains("resolve")
-                        || reason.contains("no server")
-                    {
-                        state.connect.address_problem = Some(capitalize(reason));
+                    let text = capitalize(&reason.to_string());
+                    use crate::client::{DisconnectReason, TransportError};
+                    // The address itself is wrong: say so next to the address field.
+                    if matches!(
+                        reason,
+                        DisconnectReason::Transport(
+                            TransportError::Refused { .. } | TransportError::Unresolvable { .. }
+                        )
+                    ) {
+                        state.connect.address_problem = Some(text);
                     } else {
-                        state.connect.refusal = Some(capitalize(reason));
+                        state.connect.refusal = Some(text);
                     }
                 } else {
                     push_error(&mut state, format!("Server lost: {reason}"));
@@ -422,7 +427,7 @@ fn draw_ui(
         Phase::Reconnecting { retry_at, .. } => ConnectionState::Reconnecting {
             in_secs: retry_at.saturating_sub(now).as_secs_f32().ceil() as u32,
         },
-        Phase::Failed(r) => ConnectionState::Disconnected(r.clone()),
+        Phase::Failed(r) => ConnectionState::Disconnected(r.to_string()),
         Phase::Idle => ConnectionState::Idle,
     };
     let peers = &snap.peers;

@@ -3,27 +3,22 @@
 use egui::{Button, Grid, Key, Response, RichText, TextEdit, Ui};
 use thiserror::Error;
 
+use crate::protocol::{validate_username, UsernameError, MAX_USERNAME_CHARS};
 use crate::ui::actions::UiAction;
 use crate::ui::view::ConnectView;
 
-/// Longest username the server accepts, in characters.
-pub const MAX_USERNAME_CHARS: usize = 32;
-
-/// Why a typed username cannot be sent to the server (same rules the server applies).
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum UsernameError {
-    /// Nothing typed.
-    #[error("Enter a username")]
-    Empty,
-    /// More than [`MAX_USERNAME_CHARS`] characters.
-    #[error("At most {MAX_USERNAME_CHARS} characters ({0} typed)")]
-    TooLong(usize),
-    /// Contains a control character (tab, newline, ...).
-    #[error("Only printable characters are allowed")]
-    NotPrintable,
-    /// Starts or ends with whitespace.
-    #[error("No spaces at the start or end")]
-    SurroundingSpace,
+/// The panel's inline wording for a refused username: a hint next to the field, in the
+/// imperative, where the server's [`UsernameError`] `Display` is a sentence about the name
+/// (both tell the same rule; the rules themselves live in [`validate_username`]).
+pub fn username_hint(error: &UsernameError) -> String {
+    match error {
+        UsernameError::Empty => "Enter a username".into(),
+        UsernameError::TooLong(typed) => {
+            format!("At most {MAX_USERNAME_CHARS} characters ({typed} typed)")
+        }
+        UsernameError::NotPrintable(_) => "Only printable characters are allowed".into(),
+        UsernameError::SurroundingSpace => "No spaces at the start or end".into(),
+    }
 }
 
 /// Why a typed server address cannot be used.
@@ -47,24 +42,6 @@ pub enum AddressError {
     /// Spaces inside the address.
     #[error("Addresses cannot contain spaces")]
     ContainsSpace,
-}
-
-/// Checks a username: 1..=32 printable characters, no leading or trailing whitespace.
-pub fn validate_username(name: &str) -> Result<(), UsernameError> {
-    if name.is_empty() {
-        return Err(UsernameError::Empty);
-    }
-    let chars = name.chars().count();
-    if chars > MAX_USERNAME_CHARS {
-        return Err(UsernameError::TooLong(chars));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(UsernameError::NotPrintable);
-    }
-    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
-        return Err(UsernameError::SurroundingSpace);
-    }
-    Ok(())
 }
 
 /// Checks a `host:port` address (surrounding whitespace ignored); IPv6 hosts need brackets.
@@ -149,7 +126,7 @@ pub fn connect(ui: &mut Ui, view: &mut ConnectView) -> Vec<UiAction> {
             username_ok = check.is_ok();
             let message = match (&check, &view.refusal) {
                 (Err(UsernameError::Empty), _) => None,
-                (Err(e), _) => Some(e.to_string()),
+                (Err(e), _) => Some(username_hint(e)),
                 (Ok(()), refusal) => refusal.clone(),
             };
             error_cell(ui, message, error_color);
@@ -255,8 +232,17 @@ mod tests {
         );
         assert_eq!(
             validate_username("al\tice"),
-            Err(UsernameError::NotPrintable)
+            Err(UsernameError::NotPrintable('\t'))
         );
+    }
+
+    #[test]
+    fn username_hints_speak_to_the_person_typing() {
+        let hint = |name: &str| username_hint(&validate_username(name).unwrap_err());
+        assert_eq!(hint(""), "Enter a username");
+        assert_eq!(hint(&"x".repeat(33)), "At most 32 characters (33 typed)");
+        assert_eq!(hint("al\tice"), "Only printable characters are allowed");
+        assert_eq!(hint("alice "), "No spaces at the start or end");
     }
 
     #[test]

@@ -1001,13 +1001,19 @@ mod tests {
         to
     }
 
-    #[test]
-    fn muted_sender_sends_no_voice() {
+    /// A (id 1, at :1000) and B (id 2, at :2000) with their link up, and the time reached.
+    fn linked_pair() -> (VoiceEngine, VoiceEngine, Duration) {
         let (mut a, mut b) = (engine(1), engine(2));
         a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
         b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
         let mut now = Duration::ZERO;
         exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+        (a, b, now)
+    }
+
+    #[test]
+    fn muted_sender_sends_no_voice() {
+        let (mut a, _b, mut now) = linked_pair();
         assert!(matches!(
             a.snapshot(now).peers[0].state,
             PeerState::Direct(_)
@@ -1265,11 +1271,7 @@ mod tests {
     /// the sender id we seal with must follow the new id, or the peer never hears us again.
     #[test]
     fn after_a_new_self_id_voice_is_sealed_under_the_new_id() {
-        let (mut a, mut b) = (engine(1), engine(2));
-        a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
-        b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
-        let mut now = Duration::ZERO;
-        exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+        let (mut a, mut b, mut now) = linked_pair();
         a.set_self_id(3);
         a.upsert_peer(now, &peer(2, 2000, b.public_key()));
         b.remove_peer(1);

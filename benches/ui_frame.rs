@@ -7,7 +7,8 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use egui::{CentralPanel, Context, Pos2, RawInput, Rect, Vec2};
 use p2p_voice::ui::panels;
-use p2p_voice::ui::view::{ChannelView, LinkState, LinkView, MemberView, OverviewView};
+use p2p_voice::ui::view::{ChannelView, LinkView, MemberLink, MemberView, OverviewView};
+use p2p_voice::voice::PeerState;
 
 fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
     let channels = (0..channels)
@@ -24,10 +25,11 @@ fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
                     member.is_self = id == 0;
                     member.link = LinkView {
                         state: match id % 4 {
-                            0 => LinkState::Direct,
-                            1 => LinkState::Punching,
-                            2 => LinkState::Unreachable("no reply within 10 s".into()),
-                            _ => LinkState::Direct,
+                            1 => MemberLink::Peer(PeerState::Punching),
+                            2 => MemberLink::Peer(PeerState::Unreachable(
+                                "no reply within 10 s".into(),
+                            )),
+                            _ => MemberLink::Peer(PeerState::Direct(([192, 0, 2, 7], 7700).into())),
                         },
                         rtt_ms: Some(20.0 + (id % 50) as f32),
                         loss_pct: Some(0.5),

@@ -10,7 +10,9 @@ use serde_json::json;
 
 use crate::client::{ClientIntent, ControlEvent, ControlLink, SessionEvent};
 use crate::protocol::Status;
-use crate::voice::{PeerState, Voice, VoiceCommand, VoiceSnapshot, VoiceThreadConfig};
+use crate::voice::{
+    PeerState, Voice, VoiceCommand, VoiceSetting, VoiceSnapshot, VoiceThreadConfig,
+};
 
 /// Exit code when the server refuses to let us join the channel.
 pub const EXIT_JOIN_REFUSED: u8 = 3;
@@ -68,11 +70,11 @@ fn start_connect(opts: Res<HeadlessOptions>, voice: Res<Voice>, mut link: ResMut
             json!({"event": "audio_started", "unix_us": us, "voice_addr": t.local_addr().to_string()})
         ));
         if opts.always_transmit {
-            t.send(VoiceCommand::SetPushToTalk(true));
-            t.send(VoiceCommand::SetPttPressed(true));
+            t.send(VoiceCommand::Setting(VoiceSetting::PushToTalk(true)));
+            t.send(VoiceCommand::Setting(VoiceSetting::PttPressed(true)));
         }
         if opts.start_muted {
-            t.send(VoiceCommand::SetMuted(true));
+            t.send(VoiceCommand::Setting(VoiceSetting::Muted(true)));
         }
     }
     if let Some(e) = &voice.error {

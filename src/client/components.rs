@@ -4,6 +4,7 @@
 use bevy::prelude::*;
 
 use crate::protocol::UserId;
+use crate::voice::PeerState;
 
 /// A channel on the server.
 #[derive(Component, Debug, Clone)]
@@ -52,22 +53,29 @@ impl Default for Volume {
     }
 }
 
-/// State of the direct UDP link to this user.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub enum LinkState {
-    #[default]
-    Punching,
-    Direct,
-    Unreachable(String),
-}
-
-/// Link quality figures for the details view.
-#[derive(Component, Debug, Clone, Default)]
-pub struct PeerLink {
-    pub state: LinkState,
+/// The voice link to this user as the voice plane last reported it, with its quality figures,
+/// for the overview and the details view. (The link's state machine is `voice::net`'s
+/// `PeerLink`; this is only its mirror on the user entity.)
+#[derive(Component, Debug, Clone)]
+pub struct LinkStatus {
+    pub state: PeerState,
     pub rtt_ms: Option<f32>,
     pub loss_pct: f32,
     pub jitter_ms: f32,
     pub buffer_ms: f32,
     pub fingerprint: Option<String>,
+}
+
+impl Default for LinkStatus {
+    /// A member we just heard of: punching has not answered yet.
+    fn default() -> Self {
+        Self {
+            state: PeerState::Punching,
+            rtt_ms: None,
+            loss_pct: 0.0,
+            jitter_ms: 0.0,
+            buffer_ms: 0.0,
+            fingerprint: None,
+        }
+    }
 }

@@ -170,7 +170,7 @@ fn spawn_member(
     if Some(member.user_id) == self_id {
         e.insert(IsSelf);
     } else {
-        e.insert(PeerLink::default());
+        e.insert(LinkStatus::default());
     }
     dir.users.insert(member.user_id, e.id());
 }

@@ -3,9 +3,11 @@
 //! Panels never perform I/O: they return `UiAction`s and the UI plugin turns each into the
 //! matching Bevy event for the network, voice or audio systems.
 
+use crate::voice::VoiceSetting;
+
 /// One user intent produced by a panel during a frame.
 ///
-/// Invariants: `volume` values are within `0.0..=2.0`; `DismissError` indexes into the
+/// Invariants: peer volumes are within `0.0..=2.0`; `DismissError` indexes into the
 /// `StatusView::errors` list the panel was drawn with in the same frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum UiAction {
@@ -33,32 +35,9 @@ pub enum UiAction {
     CancelPassword,
     /// Leave the current channel.
     Leave,
-    /// Mute or unmute the microphone.
-    SetMute(bool),
-    /// Deafen or undeafen the output.
-    SetDeafen(bool),
-    /// Switch push-to-talk mode on or off.
-    SetPtt(bool),
-    /// The push-to-talk key went down (`true`) or up (`false`) while push-to-talk is enabled.
-    PushToTalk(bool),
-    /// Switch noise suppression on or off.
-    SetNoiseSuppression(bool),
-    /// Change the voice-activity threshold (dBFS).
-    SetVadThreshold(f32),
-    /// Change one peer's local playback volume.
-    SetUserVolume {
-        /// Peer.
-        user_id: u32,
-        /// New gain, 0..2.
-        volume: f32,
-    },
-    /// Silence or unsilence one peer for the local user only.
-    SetUserMuted {
-        /// Peer.
-        user_id: u32,
-        /// New local-mute state.
-        muted: bool,
-    },
+    /// Change a voice setting (mute, deafen, push-to-talk, a peer's volume ...); handed to the
+    /// voice thread unchanged.
+    Voice(VoiceSetting),
     /// Use this input device (by name).
     SelectInput(String),
     /// Use this output device (by name).

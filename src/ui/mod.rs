@@ -3,23 +3,27 @@
 //! frame and turns the actions into control and voice intents. The UI never touches sockets.
 
 pub mod actions;
+pub mod notices;
 pub mod panels;
 pub mod perf;
 pub mod screenshot;
 pub mod settings_writer;
 pub mod view;
 
+use bevy::ecs::system::SystemParam;
 use bevy::prelude::*;
 use bevy_egui::{egui, EguiContexts, EguiPrimaryContextPass};
 
+use crate::audio::{InputSource, OutputSink};
 use crate::client::{
-    Channel, ClientIntent, ControlEvent, ControlLink, IsSelf, LinkState as NetLinkState, MemberOf,
-    Muted, PeerLink, Phase, SessionEvent, Speaking, User, VoiceLevel, Volume,
+    Channel, ClientIntent, ControlEvent, ControlLink, IsSelf, LinkStatus, MemberOf, Muted, Phase,
+    SessionEvent, Speaking, User, VoiceLevel, Volume,
 };
 use crate::config::ClientSettings;
 use crate::protocol::Status;
-use crate::voice::{Voice, VoiceIntent};
+use crate::voice::{AudioProblem, PeerState, Voice, VoiceCommand, VoiceSetting};
 use actions::UiAction;
+use notices::{Notices, Topic};
 use settings_writer::{SettingsChange, SettingsWriter};
 use view::*;
 
@@ -47,18 +51,19 @@ pub struct UiState {
     pub password: Option<PasswordPromptView>,
     pub show_help: bool,
     pub show_perf: bool,
-    pub errors: Vec<String>,
+    pub notices: Notices,
     pub controls: ControlsView,
     pub host_address: Option<String>,
     pub mix: MixHistory,
     /// Channel we asked to join (name), for matching the answer.
     pending_join: Option<String>,
     auto_connect: bool,
-    /// The voice plane's audio problems as last mirrored into `errors` (before capitalising).
-    audio_shown: Vec<String>,
-    auto_join: Option<(String, Option<String>)>,
-    /// Peers whose unreachability was already reported, so each episode is said once.
+    /// The voice plane's audio problems as last mirrored into `notices`.
+    audio_shown: Vec<AudioProblem>,
+    /// Peers whose unreachability was already reported, so each episode is said once (a
+    /// dismissed notice does not come back while the episode lasts).
     unreachable_reported: std::collections::HashSet<u32>,
+    auto_join: Option<(String, Option<String>)>,
 }
 
 /// Adds the panels to a windowed app (requires `EguiPlugin`).
@@ -94,7 +99,8 @@ impl Plugin for UiPlugin {
             password: None,
             show_help: false,
             show_perf: false,
-            errors: Vec::new(),
+            notices: Notices::default(),
+            unreachable_reported: Default::default(),
             controls,
             host_address: o.host_address.clone(),
             mix: MixHistory::default(),
@@ -102,7 +108,6 @@ impl Plugin for UiPlugin {
             auto_connect: o.auto_connect && username.is_some(),
             audio_shown: Vec::new(),
             auto_join: o.join.clone(),
-            unreachable_reported: Default::default(),
         })
         .insert_resource(SettingsWriter::spawn(ClientSettings::path()))
         .add_systems(Startup, (setup_camera, auto_connect))
@@ -134,36 +139,27 @@ fn auto_connect(mut state: ResMut<UiState>, mut intents: EventWriter<ClientInten
     }
 }
 
-/// Mirrors the voice plane's live audio problems into the error list: a new one appears, and
+/// Mirrors the voice plane's live audio problems into the notices: a new one appears, and
 /// one that is over (a lost device came back) disappears instead of lingering in red.
-fn sync_audio_problems(state: &mut UiState, live: &[String]) {
+fn sync_audio_problems(state: &mut UiState, live: &[AudioProblem]) {
     // Runs every frame; almost always nothing changed.
     if state.audio_shown.as_slice() == live {
         return;
     }
-    for over in state.audio_shown.iter().filter(|m| !live.contains(m)) {
-        let shown = capitalize(over);
-        state.errors.retain(|e| *e != shown);
+    for over in state.audio_shown.iter().filter(|p| !live.contains(p)) {
+        state.notices.withdraw(&Topic::Audio(over.clone()));
     }
-    let fresh: Vec<String> = live
-        .iter()
-        .filter(|m| !state.audio_shown.contains(m))
-        .cloned()
-        .collect();
+    for fresh in live.iter().filter(|p| !state.audio_shown.contains(p)) {
+        state
+            .notices
+            .push(Topic::Audio(fresh.clone()), capitalize(&fresh.to_string()));
+    }
     state.audio_shown = live.to_vec();
-    for m in fresh {
-        push_error(state, capitalize(&m));
-    }
 }
 
+/// A notice that stays until dismissed or pushed out by newer ones.
 fn push_error(state: &mut UiState, message: String) {
-    if state.errors.last() != Some(&message) {
-        state.errors.push(message);
-    }
-    let n = state.errors.len();
-    if n > 5 {
-        state.errors.drain(..n - 5);
-    }
+    state.notices.push(Topic::Other, message);
 }
 
 fn track_control_events(
@@ -286,23 +282,19 @@ fn capitalize(s: &str) -> String {
     }
 }
 
-fn link_view(p: Option<&PeerLink>, is_self: bool) -> LinkView {
+fn link_view(p: Option<&LinkStatus>, is_self: bool) -> LinkView {
     if is_self {
         return LinkView {
-            state: LinkState::Local,
+            state: MemberLink::Local,
             ..Default::default()
         };
     }
     let Some(p) = p else {
         return LinkView::default();
     };
-    let measured = p.state == NetLinkState::Direct;
+    let measured = matches!(p.state, PeerState::Direct(_));
     LinkView {
-        state: match &p.state {
-            NetLinkState::Punching => LinkState::Punching,
-            NetLinkState::Direct => LinkState::Direct,
-            NetLinkState::Unreachable(r) => LinkState::Unreachable(r.clone()),
-        },
+        state: MemberLink::Peer(p.state.clone()),
         rtt_ms: p.rtt_ms,
         loss_pct: measured.then_some(p.loss_pct),
         jitter_ms: measured.then_some(p.jitter_ms),
@@ -318,7 +310,7 @@ type UserRow<'a> = (
     &'a VoiceLevel,
     &'a Muted,
     &'a Volume,
-    Option<&'a PeerLink>,
+    Option<&'a LinkStatus>,
     Option<&'a IsSelf>,
 );
 
@@ -346,7 +338,7 @@ pub fn build_overview(
                     volume: volume.0,
                     link: if is_self.is_none() && my_channel != Some(c.name.as_str()) {
                         LinkView {
-                            state: LinkState::OtherChannel,
+                            state: MemberLink::OtherChannel,
                             ..Default::default()
                         }
                     } else {
@@ -371,7 +363,19 @@ pub fn build_overview(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the UI's systems write: intents for the control plane and the voice thread, entity
+/// updates, the perf overlay and remembered settings.
+#[derive(SystemParam)]
+struct UiOutputs<'w, 's> {
+    commands: Commands<'w, 's>,
+    intents: EventWriter<'w, ClientIntent>,
+    voice: EventWriter<'w, VoiceCommand>,
+    perf: ResMut<'w, perf::PerfOverlay>,
+    settings: Res<'w, SettingsWriter>,
+}
+
+/// One frame of the window: mirror the voice plane's facts into the views, draw the panels,
+/// carry out what the user asked for.
 fn draw_ui(
     mut contexts: EguiContexts,
     mut state: ResMut<UiState>,
@@ -379,14 +383,22 @@ fn draw_ui(
     voice: Res<Voice>,
     channels: Query<(Entity, &Channel)>,
     users: Query<UserRow>,
-    mut commands: Commands,
-    mut intents: EventWriter<ClientIntent>,
-    mut voice_intents: EventWriter<VoiceIntent>,
-    mut perf: ResMut<perf::PerfOverlay>,
-    settings: Res<SettingsWriter>,
+    mut out: UiOutputs,
 ) -> Result {
     let ctx = contexts.ctx_mut()?;
     let state = &mut *state;
+    mirror_voice(state, &voice);
+    let status = status_view(state, &link, &voice);
+    let actions = draw_panels(ctx, state, &link, &status, &channels, &users);
+    for action in actions {
+        dispatch(action, state, &channels, &users, &mut out);
+    }
+    Ok(())
+}
+
+/// The voice plane's facts into the views: meters, the mix trace, and notices for audio
+/// problems and unreachable peers.
+fn mirror_voice(state: &mut UiState, voice: &Voice) {
     // Voice-side facts into the views.
     let snap = &voice.last;
     state.controls.input_level_db = snap.input_level_db;
@@ -397,28 +409,30 @@ fn draw_ui(
         .push(crate::voice::plugin::meter_from_db(snap.mix_level_db));
     sync_audio_problems(state, &voice.audio_status);
     for p in &snap.peers {
+        let topic = Topic::Unreachable(p.user_id);
         match &p.state {
-            crate::voice::PeerState::Unreachable(reason) => {
+            PeerState::Unreachable(reason) => {
                 if state.unreachable_reported.insert(p.user_id) {
-                    push_error(state, format!("Cannot reach {}: {reason}", p.name));
+                    let text = format!("Cannot reach {}: {reason}", p.name);
+                    state.notices.push(topic, text);
                 }
             }
-            crate::voice::PeerState::Direct(_) => {
-                // Reachable again: the old complaint no longer describes the call.
-                if state.unreachable_reported.remove(&p.user_id) {
-                    let stale = format!("Cannot reach {}: ", p.name);
-                    state.errors.retain(|e| !e.starts_with(&stale));
-                }
+            // Reachable again: the old complaint no longer describes the call.
+            PeerState::Direct(_) => {
+                state.unreachable_reported.remove(&p.user_id);
+                state.notices.withdraw(&topic);
             }
-            crate::voice::PeerState::Punching => {}
+            PeerState::Punching => {}
         }
     }
     if let Some(e) = &voice.error {
-        if !state.errors.contains(e) {
-            push_error(state, capitalize(e));
-        }
+        state.notices.push_once(Topic::VoiceDisabled, capitalize(e));
     }
+}
 
+/// The status bar's view: connection phase, a one-line voice summary, the notices.
+fn status_view(state: &UiState, link: &ControlLink, voice: &Voice) -> StatusView {
+    let snap = &voice.last;
     let phase = link.session.phase().clone();
     let now = link.now();
     let connection = match &phase {
@@ -433,7 +447,7 @@ fn draw_ui(
     let peers = &snap.peers;
     let direct = peers
         .iter()
-        .filter(|p| matches!(p.state, crate::voice::PeerState::Direct(_)))
+        .filter(|p| matches!(p.state, PeerState::Direct(_)))
         .count();
     let voice_state = if let Some(e) = &voice.error {
         e.clone()
@@ -451,17 +465,29 @@ fn draw_ui(
                 .unwrap_or_default()
         )
     };
-    let status = StatusView {
+    StatusView {
         connection,
         host_address: state.host_address.clone(),
         voice_state,
-        errors: state.errors.clone(),
-    };
+        errors: state.notices.texts(),
+    }
+}
 
+/// Draws the connect screen or the call (controls, overview, password prompt) and the help
+/// window; returns what the user did.
+fn draw_panels(
+    ctx: &egui::Context,
+    state: &mut UiState,
+    link: &ControlLink,
+    status: &StatusView,
+    channels: &Query<(Entity, &Channel)>,
+    users: &Query<UserRow>,
+) -> Vec<UiAction> {
+    let phase = link.session.phase();
     let mut actions = Vec::new();
     actions.extend(panels::keyboard_shortcuts(ctx, &state.controls));
     egui::TopBottomPanel::bottom("status").show(ctx, |ui| {
-        actions.extend(panels::status_bar(ui, &status));
+        actions.extend(panels::status_bar(ui, status));
     });
     let show_connect = matches!(phase, Phase::Idle | Phase::Failed(_))
         || (matches!(
@@ -484,7 +510,7 @@ fn draw_ui(
                 ui.label("Channel mix");
                 panels::waveform(ui, &state.mix, egui::vec2(ui.available_width(), 60.0));
             });
-        let overview = build_overview(&channels, &users, link.session.channel());
+        let overview = build_overview(channels, users, link.session.channel());
         egui::CentralPanel::default().show(ctx, |ui| {
             actions.extend(panels::overview(ui, &overview));
         });
@@ -499,121 +525,114 @@ fn draw_ui(
         ));
     }
 
-    for action in actions {
-        match action {
-            UiAction::Connect { address, username } => {
-                state.connect.connecting = true;
-                state.connect.refusal = None;
-                state.connect.address_problem = None;
-                intents.write(ClientIntent::Connect {
-                    server: address,
-                    username,
+    actions
+}
+
+/// Carries out one user action.
+fn dispatch(
+    action: UiAction,
+    state: &mut UiState,
+    channels: &Query<(Entity, &Channel)>,
+    users: &Query<UserRow>,
+    out: &mut UiOutputs,
+) {
+    match action {
+        UiAction::Connect { address, username } => {
+            state.connect.connecting = true;
+            state.connect.refusal = None;
+            state.connect.address_problem = None;
+            out.intents.write(ClientIntent::Connect {
+                server: address,
+                username,
+            });
+        }
+        UiAction::Join { channel_id } => {
+            let Some((_, ch)) = channels.iter().find(|(_, c)| c.order as u32 == channel_id) else {
+                return;
+            };
+            if ch.has_password {
+                state.password = Some(PasswordPromptView {
+                    channel_id,
+                    channel_name: ch.name.clone(),
+                    ..Default::default()
+                });
+            } else {
+                state.pending_join = Some(ch.name.clone());
+                out.intents.write(ClientIntent::Join {
+                    channel: ch.name.clone(),
+                    password: None,
                 });
             }
-            UiAction::Join { channel_id } => {
-                let Some((_, ch)) = channels.iter().find(|(_, c)| c.order as u32 == channel_id)
-                else {
-                    continue;
-                };
-                if ch.has_password {
-                    state.password = Some(PasswordPromptView {
-                        channel_id,
-                        channel_name: ch.name.clone(),
-                        ..Default::default()
-                    });
-                } else {
-                    state.pending_join = Some(ch.name.clone());
-                    intents.write(ClientIntent::Join {
-                        channel: ch.name.clone(),
-                        password: None,
-                    });
+        }
+        UiAction::SubmitPassword {
+            channel_id,
+            password,
+        } => {
+            if let Some((_, ch)) = channels.iter().find(|(_, c)| c.order as u32 == channel_id) {
+                if let Some(p) = &mut state.password {
+                    p.pending = true;
+                    p.error = None;
                 }
-            }
-            UiAction::SubmitPassword {
-                channel_id,
-                password,
-            } => {
-                if let Some((_, ch)) = channels.iter().find(|(_, c)| c.order as u32 == channel_id) {
-                    if let Some(p) = &mut state.password {
-                        p.pending = true;
-                        p.error = None;
-                    }
-                    intents.write(ClientIntent::Join {
-                        channel: ch.name.clone(),
-                        password: Some(password),
-                    });
-                }
-            }
-            UiAction::CancelPassword => state.password = None,
-            UiAction::Leave => {
-                intents.write(ClientIntent::Leave);
-            }
-            UiAction::Disconnect => {
-                intents.write(ClientIntent::Disconnect);
-            }
-            UiAction::SetMute(m) => {
-                state.controls.muted = m;
-                voice_intents.write(VoiceIntent::SetMuted(m));
-            }
-            UiAction::SetDeafen(d) => {
-                state.controls.deafened = d;
-                voice_intents.write(VoiceIntent::SetDeafened(d));
-            }
-            UiAction::SetPtt(on) => {
-                state.controls.ptt_enabled = on;
-                voice_intents.write(VoiceIntent::SetPushToTalk(on));
-                settings.remember(SettingsChange::PushToTalk(on));
-            }
-            UiAction::PushToTalk(pressed) => {
-                voice_intents.write(VoiceIntent::SetPttPressed(pressed));
-            }
-            UiAction::SetNoiseSuppression(on) => {
-                state.controls.noise_suppression = on;
-                voice_intents.write(VoiceIntent::SetNoiseSuppression(on));
-                settings.remember(SettingsChange::NoiseSuppression(on));
-            }
-            UiAction::SetVadThreshold(db) => {
-                voice_intents.write(VoiceIntent::SetVadThreshold(db));
-            }
-            UiAction::SetUserVolume { user_id, volume } => {
-                for (e, u, ..) in &users {
-                    if u.id == user_id {
-                        commands.entity(e).insert(Volume(volume));
-                    }
-                }
-                voice_intents.write(VoiceIntent::SetUserVolume(user_id, volume));
-            }
-            UiAction::SetUserMuted { user_id, muted } => {
-                for (e, u, ..) in &users {
-                    if u.id == user_id {
-                        commands.entity(e).insert(Muted(muted));
-                    }
-                }
-                voice_intents.write(VoiceIntent::SetUserMuted(user_id, muted));
-            }
-            UiAction::SelectInput(name) => {
-                state.controls.selected_input = Some(name.clone());
-                voice_intents.write(VoiceIntent::SelectInput(Some(name.clone())));
-                settings.remember(SettingsChange::InputDevice(name));
-            }
-            UiAction::SelectOutput(name) => {
-                state.controls.selected_output = Some(name.clone());
-                voice_intents.write(VoiceIntent::SelectOutput(Some(name.clone())));
-                settings.remember(SettingsChange::OutputDevice(name));
-            }
-            UiAction::DismissError(i) => {
-                if i < state.errors.len() {
-                    state.errors.remove(i);
-                }
-            }
-            UiAction::ToggleHelp => state.show_help = !state.show_help,
-            UiAction::TogglePerfOverlay => {
-                state.show_perf = !state.show_perf;
-                perf.visible = state.show_perf;
+                out.intents.write(ClientIntent::Join {
+                    channel: ch.name.clone(),
+                    password: Some(password),
+                });
             }
         }
+        UiAction::CancelPassword => state.password = None,
+        UiAction::Leave => {
+            out.intents.write(ClientIntent::Leave);
+        }
+        UiAction::Disconnect => {
+            out.intents.write(ClientIntent::Disconnect);
+        }
+        UiAction::Voice(setting) => {
+            state.controls.reflect(&setting);
+            match setting {
+                VoiceSetting::PeerVolume { user_id, volume } => {
+                    for (e, u, ..) in users.iter() {
+                        if u.id == user_id {
+                            out.commands.entity(e).insert(Volume(volume));
+                        }
+                    }
+                }
+                VoiceSetting::PeerMuted { user_id, muted } => {
+                    for (e, u, ..) in users.iter() {
+                        if u.id == user_id {
+                            out.commands.entity(e).insert(Muted(muted));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if let Some(change) = SettingsChange::from_voice(&setting) {
+                out.settings.remember(change);
+            }
+            out.voice.write(VoiceCommand::Setting(setting));
+        }
+        UiAction::SelectInput(name) => {
+            state.controls.selected_input = Some(name.clone());
+            out.voice
+                .write(VoiceCommand::SwitchInput(InputSource::Device(Some(
+                    name.clone(),
+                ))));
+            out.settings.remember(SettingsChange::InputDevice(name));
+        }
+        UiAction::SelectOutput(name) => {
+            state.controls.selected_output = Some(name.clone());
+            out.voice
+                .write(VoiceCommand::SwitchOutput(OutputSink::Device(Some(
+                    name.clone(),
+                ))));
+            out.settings.remember(SettingsChange::OutputDevice(name));
+        }
+        UiAction::DismissError(i) => state.notices.dismiss(i),
+        UiAction::ToggleHelp => state.show_help = !state.show_help,
+        UiAction::TogglePerfOverlay => {
+            state.show_perf = !state.show_perf;
+            out.perf.visible = state.show_perf;
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -634,24 +653,34 @@ mod tests {
     #[test]
     fn a_device_that_comes_back_takes_its_error_with_it() {
         let mut state = UiState::default();
-        state
-            .errors
-            .push("Cannot join Private: wrong password".into());
-        let lost = "Output device lost: I/O error".to_string();
-        sync_audio_problems(&mut state, &["output device lost: I/O error".into()]);
-        assert!(state.errors.contains(&lost));
+        push_error(&mut state, "Cannot join Private: wrong password".into());
+        let lost = AudioProblem::DeviceLost {
+            which: crate::audio::Direction::Output,
+            reason: "I/O error".into(),
+        };
+        let shown = "Output device lost: I/O error".to_string();
+        sync_audio_problems(&mut state, std::slice::from_ref(&lost));
+        assert!(state.notices.texts().contains(&shown));
         // Shown once, however many frames it stays a problem.
-        sync_audio_problems(&mut state, &["output device lost: I/O error".into()]);
-        assert_eq!(state.errors.iter().filter(|e| **e == lost).count(), 1);
+        sync_audio_problems(&mut state, std::slice::from_ref(&lost));
+        assert_eq!(
+            state
+                .notices
+                .texts()
+                .iter()
+                .filter(|e| **e == shown)
+                .count(),
+            1
+        );
         // Restored: gone; other errors stay.
         sync_audio_problems(&mut state, &[]);
         assert_eq!(
-            state.errors,
+            state.notices.texts(),
             vec!["Cannot join Private: wrong password".to_string()]
         );
         // Lost again later: shown again.
-        sync_audio_problems(&mut state, &["output device lost: I/O error".into()]);
-        assert!(state.errors.contains(&lost));
+        sync_audio_problems(&mut state, std::slice::from_ref(&lost));
+        assert!(state.notices.texts().contains(&shown));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use bevy::prelude::*;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::ClientSettings;
+use crate::voice::VoiceSetting;
 
 /// One thing to remember.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,16 @@ pub enum SettingsChange {
 }
 
 impl SettingsChange {
+    /// The part of a voice setting that is remembered across runs, if any (mute is not: a
+    /// call that starts muted because of last week surprises people).
+    pub fn from_voice(setting: &VoiceSetting) -> Option<Self> {
+        match *setting {
+            VoiceSetting::PushToTalk(on) => Some(Self::PushToTalk(on)),
+            VoiceSetting::NoiseSuppression(on) => Some(Self::NoiseSuppression(on)),
+            _ => None,
+        }
+    }
+
     fn apply(self, s: &mut ClientSettings) {
         match self {
             Self::Identity { username, server } => {

@@ -7,6 +7,8 @@
 
 use std::collections::VecDeque;
 
+use crate::voice::{PeerState, VoiceSetting};
+
 /// State of the connect screen: the two text fields the user edits in place plus what the
 /// client knows about the last attempt.
 ///
@@ -41,27 +43,30 @@ impl ConnectView {
     }
 }
 
-/// How voice reaches one channel member, mirrored from the client's `PeerLink` component.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub enum LinkState {
-    /// Hole punching succeeded; voice flows peer to peer.
-    Direct,
-    /// Still trying candidate addresses.
-    #[default]
-    Punching,
-    /// Gave up; the string is a human reason ("no reply from any address within 10 s").
-    Unreachable(String),
+/// How one channel member stands to us: ourselves, in another channel, or a peer whose voice
+/// link is in the state the voice plane reports (the same [`PeerState`] from engine to panel).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemberLink {
+    /// A peer in our channel.
+    Peer(PeerState),
     /// This member is the local user; there is no link to show.
     Local,
     /// This member is in another channel: no voice link with them.
     OtherChannel,
 }
 
+impl Default for MemberLink {
+    /// A peer we just heard of: punching has not answered yet.
+    fn default() -> Self {
+        Self::Peer(PeerState::Punching)
+    }
+}
+
 /// Link quality numbers for one peer. `None` means "not measured yet", shown as a dash.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LinkView {
     /// Current link state.
-    pub state: LinkState,
+    pub state: MemberLink,
     /// Round-trip time in milliseconds.
     pub rtt_ms: Option<f32>,
     /// Packet loss in percent (0..=100).
@@ -216,6 +221,25 @@ pub struct ControlsView {
     pub vad_threshold_db: f32,
     /// The VAD currently says "speaking".
     pub speaking: bool,
+}
+
+impl ControlsView {
+    /// Shows a setting the user just made, before the voice thread confirms anything: the
+    /// controls must not flicker back for a frame.
+    pub fn reflect(&mut self, setting: &VoiceSetting) {
+        match *setting {
+            VoiceSetting::Muted(m) => self.muted = m,
+            VoiceSetting::Deafened(d) => self.deafened = d,
+            VoiceSetting::PushToTalk(on) => self.ptt_enabled = on,
+            VoiceSetting::NoiseSuppression(on) => self.noise_suppression = on,
+            // The threshold and the peers' settings are drawn from the voice snapshot and
+            // the user entities; the key press has no lasting state.
+            VoiceSetting::VadThreshold(_)
+            | VoiceSetting::PttPressed(_)
+            | VoiceSetting::PeerVolume { .. }
+            | VoiceSetting::PeerMuted { .. } => {}
+        }
+    }
 }
 
 /// A bounded history of channel-mix levels (or decimated samples) for the scrolling waveform.

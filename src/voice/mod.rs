@@ -6,6 +6,8 @@
 //! Shells: [`thread`] (UDP socket + audio rings) and [`plugin`] (ECS bridge).
 
 #[cfg(feature = "app")]
+pub mod audio_problem;
+#[cfg(feature = "app")]
 pub mod capture;
 #[cfg(feature = "app")]
 pub mod codec;
@@ -25,14 +27,18 @@ pub mod peers;
 pub mod plugin;
 #[cfg(feature = "app")]
 pub mod receiver;
+pub mod setting;
 #[cfg(feature = "app")]
 pub mod thread;
 #[cfg(feature = "app")]
 pub mod vad;
 
 #[cfg(feature = "app")]
+pub use audio_problem::AudioProblem;
+#[cfg(feature = "app")]
 pub use engine::{PeerSnapshot, PeerState, VoiceConfig, VoiceEngine, VoiceSnapshot};
 #[cfg(feature = "app")]
-pub use plugin::{Voice, VoiceIntent, VoicePlugin};
+pub use plugin::{Voice, VoicePlugin};
+pub use setting::VoiceSetting;
 #[cfg(feature = "app")]
 pub use thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};

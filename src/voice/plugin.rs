@@ -1,31 +1,16 @@
 //! `VoicePlugin`: bridges ECS and the voice thread. Control events (our id, the server's UDP
 //! token, peers' endpoints) become voice commands; voice snapshots become `Speaking`,
-//! `VoiceLevel` and `PeerLink` components on the user entities the UI draws.
+//! `VoiceLevel` and `LinkStatus` components on the user entities the UI draws.
 
 use bevy::prelude::*;
 
-use super::engine::{PeerState, VoiceSnapshot};
+use super::audio_problem::AudioProblem;
+use super::engine::VoiceSnapshot;
 use super::thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};
 use crate::audio::AudioEvent;
 use crate::client::{
-    ControlEvent, ControlLink, IsSelf, LinkState, PeerLink, SessionEvent, Speaking, User,
-    VoiceLevel,
+    ControlEvent, ControlLink, IsSelf, LinkStatus, SessionEvent, Speaking, User, VoiceLevel,
 };
-
-/// Call-control intents from the UI or the CLI.
-#[derive(Event, Debug, Clone, PartialEq)]
-pub enum VoiceIntent {
-    SetMuted(bool),
-    SetDeafened(bool),
-    SetNoiseSuppression(bool),
-    SetPushToTalk(bool),
-    SetPttPressed(bool),
-    SetVadThreshold(f32),
-    SetUserVolume(u32, f32),
-    SetUserMuted(u32, bool),
-    SelectInput(Option<String>),
-    SelectOutput(Option<String>),
-}
 
 /// The running voice plane as seen from ECS.
 #[derive(Resource, Default)]
@@ -35,7 +20,7 @@ pub struct Voice {
     pub error: Option<String>,
     pub last: VoiceSnapshot,
     /// Latest audio device status for the UI ("no microphone", "device unplugged", ...).
-    pub audio_status: Vec<String>,
+    pub audio_status: Vec<AudioProblem>,
     pub input_desc: Option<String>,
     pub output_desc: Option<String>,
     /// Mix level history (dBFS), newest last, for the waveform.
@@ -60,11 +45,16 @@ impl Plugin for VoicePlugin {
     fn build(&self, app: &mut App) {
         app.insert_resource(VoiceStartConfig(self.0.clone()))
             .init_resource::<Voice>()
-            .add_event::<VoiceIntent>()
+            .add_event::<VoiceCommand>()
             .add_systems(Startup, start_voice)
             .add_systems(
                 Update,
-                (forward_control_events, apply_intents, receive_voice_events).chain(),
+                (
+                    forward_control_events,
+                    forward_commands,
+                    receive_voice_events,
+                )
+                    .chain(),
             );
     }
 }
@@ -112,22 +102,10 @@ fn forward_control_events(
     }
 }
 
-fn apply_intents(voice: Res<Voice>, mut intents: EventReader<VoiceIntent>) {
-    use crate::audio::{InputSource, OutputSink};
-    for intent in intents.read() {
-        let cmd = match intent.clone() {
-            VoiceIntent::SetMuted(m) => VoiceCommand::SetMuted(m),
-            VoiceIntent::SetDeafened(d) => VoiceCommand::SetDeafened(d),
-            VoiceIntent::SetNoiseSuppression(on) => VoiceCommand::SetNoiseSuppression(on),
-            VoiceIntent::SetPushToTalk(on) => VoiceCommand::SetPushToTalk(on),
-            VoiceIntent::SetPttPressed(p) => VoiceCommand::SetPttPressed(p),
-            VoiceIntent::SetVadThreshold(db) => VoiceCommand::SetVadThreshold(db),
-            VoiceIntent::SetUserVolume(id, v) => VoiceCommand::SetPeerVolume(id, v),
-            VoiceIntent::SetUserMuted(id, m) => VoiceCommand::SetPeerMuted(id, m),
-            VoiceIntent::SelectInput(name) => VoiceCommand::SwitchInput(InputSource::Device(name)),
-            VoiceIntent::SelectOutput(name) => VoiceCommand::SwitchOutput(OutputSink::Device(name)),
-        };
-        voice.send(cmd);
+/// Hands the UI's and the CLI's commands to the voice thread unchanged.
+fn forward_commands(voice: Res<Voice>, mut commands: EventReader<VoiceCommand>) {
+    for cmd in commands.read() {
+        voice.send(cmd.clone());
     }
 }
 
@@ -145,7 +123,7 @@ fn receive_voice_events(
         Option<&IsSelf>,
         &mut Speaking,
         &mut VoiceLevel,
-        Option<&mut PeerLink>,
+        Option<&mut LinkStatus>,
     )>,
 ) {
     let Some(thread) = &voice.thread else {
@@ -177,18 +155,18 @@ fn receive_voice_events(
                 AudioEvent::InputChanged(d) => voice.input_desc = Some(d),
                 AudioEvent::OutputChanged(d) => voice.output_desc = Some(d),
                 AudioEvent::NoMicrophone(why) => {
-                    voice.audio_status.push(format!("no microphone: {why}"))
+                    voice.audio_status.push(AudioProblem::NoMicrophone(why))
                 }
-                AudioEvent::NoSpeaker(why) => voice.audio_status.push(format!("no speaker: {why}")),
+                AudioEvent::NoSpeaker(why) => voice.audio_status.push(AudioProblem::NoSpeaker(why)),
                 AudioEvent::DeviceLost { which, reason } => voice
                     .audio_status
-                    .push(format!("{which:?} device lost: {reason}")),
+                    .push(AudioProblem::DeviceLost { which, reason }),
                 AudioEvent::DeviceRestored { which, desc } => {
                     info!("{which:?} device back: {desc}");
                     // The loss message has served its purpose; keep the list to live problems.
-                    voice
-                        .audio_status
-                        .retain(|m| !m.starts_with(&format!("{which:?} device lost")));
+                    voice.audio_status.retain(
+                        |p| !matches!(p, AudioProblem::DeviceLost { which: w, .. } if *w == which),
+                    );
                 }
                 // The sound goes on (a rerouted default device, a quietly restarted stream):
                 // worth a log line, not a red message.
@@ -197,9 +175,9 @@ fn receive_voice_events(
                 }
                 _ => {}
             },
-            VoiceEvent::SwitchFailed(why) => voice
-                .audio_status
-                .push(format!("could not switch device: {why}")),
+            VoiceEvent::SwitchFailed(why) => {
+                voice.audio_status.push(AudioProblem::SwitchFailed(why))
+            }
         }
     }
     let len = voice.audio_status.len();
@@ -224,11 +202,9 @@ fn receive_voice_events(
         }
         level.0 = meter_from_db(p.level_db);
         if let Some(mut pl) = peer_link {
-            pl.state = match &p.state {
-                PeerState::Punching => LinkState::Punching,
-                PeerState::Direct(_) => LinkState::Direct,
-                PeerState::Unreachable(r) => LinkState::Unreachable(r.clone()),
-            };
+            if pl.state != p.state {
+                pl.state = p.state.clone();
+            }
             pl.rtt_ms = p.rtt_ms;
             pl.loss_pct = p.loss_pct;
             pl.jitter_ms = p.jitter_ms;

@@ -19,6 +19,7 @@ use thiserror::Error;
 
 use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
 use super::impair::{ImpairConfig, Impairment};
+use super::setting::VoiceSetting;
 use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink, RingWake};
 use crate::protocol::{PeerInfo, UserId};
 
@@ -33,23 +34,26 @@ const PLAYBACK_LOW_WATER_SAMPLES: usize = 480;
 const SOCKET: mio::Token = mio::Token(0);
 const WAKE: mio::Token = mio::Token(1);
 
-/// Intents for the voice plane.
-#[derive(Debug, Clone)]
+/// Everything ECS asks of the voice plane: the one command type from the UI boundary to the
+/// voice thread. It is also the Bevy event the UI and the control plane write, so a new
+/// user-facing setting is one [`VoiceSetting`] variant and one engine arm, nothing else.
+#[derive(bevy::prelude::Event, Debug, Clone, PartialEq)]
 pub enum VoiceCommand {
+    /// The server gave us this user id.
     SetSelfId(UserId),
+    /// The server's UDP address and our registration token.
     SetServer { addr: SocketAddr, token: u64 },
+    /// A channel member's endpoints and key, new or changed.
     UpsertPeer(PeerInfo),
+    /// A member left the channel.
     RemovePeer(UserId),
+    /// We left the channel or the server refused us for good: end every link.
     ClearPeers,
-    SetMuted(bool),
-    SetDeafened(bool),
-    SetNoiseSuppression(bool),
-    SetPushToTalk(bool),
-    SetPttPressed(bool),
-    SetVadThreshold(f32),
-    SetPeerVolume(UserId, f32),
-    SetPeerMuted(UserId, bool),
+    /// A change the user made (mute, push-to-talk, a peer's volume ...).
+    Setting(VoiceSetting),
+    /// Capture from another source.
     SwitchInput(InputSource),
+    /// Play to another sink.
     SwitchOutput(OutputSink),
 }
 
@@ -367,14 +371,7 @@ impl Worker {
             VoiceCommand::UpsertPeer(p) => self.engine.upsert_peer(now, &p),
             VoiceCommand::RemovePeer(id) => self.engine.remove_peer(id),
             VoiceCommand::ClearPeers => self.engine.clear_peers(),
-            VoiceCommand::SetMuted(m) => self.engine.set_muted(m),
-            VoiceCommand::SetDeafened(d) => self.engine.set_deafened(d),
-            VoiceCommand::SetNoiseSuppression(on) => self.engine.set_noise_suppression(on),
-            VoiceCommand::SetPushToTalk(on) => self.engine.set_push_to_talk(on),
-            VoiceCommand::SetPttPressed(p) => self.engine.set_ptt_pressed(now, p),
-            VoiceCommand::SetVadThreshold(db) => self.engine.set_vad_threshold_abs(db),
-            VoiceCommand::SetPeerVolume(id, v) => self.engine.set_peer_volume(id, v),
-            VoiceCommand::SetPeerMuted(id, m) => self.engine.set_peer_muted(id, m),
+            VoiceCommand::Setting(s) => self.engine.apply(now, s),
             VoiceCommand::SwitchInput(src) => {
                 if let Err(e) = self.audio.switch_input(src) {
                     self.publish(VoiceEvent::SwitchFailed(e.to_string()));

@@ -6,6 +6,7 @@ use egui::{ComboBox, Slider, Ui, Vec2};
 use super::meters::{db_meter_with_threshold, METER_FLOOR_DB};
 use crate::ui::actions::UiAction;
 use crate::ui::view::ControlsView;
+use crate::voice::VoiceSetting;
 
 /// Text shown in a device picker when no specific device is chosen.
 pub const SYSTEM_DEFAULT_DEVICE: &str = "System default";
@@ -22,7 +23,7 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
             .on_hover_text("Stop sending your voice (M)")
             .changed()
         {
-            actions.push(UiAction::SetMute(muted));
+            actions.push(UiAction::Voice(VoiceSetting::Muted(muted)));
         }
         let mut deafened = view.deafened;
         if ui
@@ -30,7 +31,7 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
             .on_hover_text("Stop hearing others (D)")
             .changed()
         {
-            actions.push(UiAction::SetDeafen(deafened));
+            actions.push(UiAction::Voice(VoiceSetting::Deafened(deafened)));
         }
     });
 
@@ -45,11 +46,11 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
         .on_hover_text("Send only while the key is held")
         .changed()
     {
-        actions.push(UiAction::SetPtt(ptt));
+        actions.push(UiAction::Voice(VoiceSetting::PushToTalk(ptt)));
     }
     let mut suppression = view.noise_suppression;
     if ui.checkbox(&mut suppression, "Noise suppression").changed() {
-        actions.push(UiAction::SetNoiseSuppression(suppression));
+        actions.push(UiAction::Voice(VoiceSetting::NoiseSuppression(suppression)));
     }
 
     ui.add_space(4.0);
@@ -94,7 +95,7 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
         )
         .changed()
     {
-        actions.push(UiAction::SetVadThreshold(threshold));
+        actions.push(UiAction::Voice(VoiceSetting::VadThreshold(threshold)));
     }
     actions
 }
@@ -168,7 +169,10 @@ mod tests {
         let mut h = harness(view());
         h.get_by_label("Mute").click();
         h.run();
-        assert_eq!(h.state().actions, vec![UiAction::SetMute(true)]);
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::Muted(true))]
+        );
     }
 
     #[test]
@@ -178,7 +182,10 @@ mod tests {
         let mut h = harness(v);
         h.get_by_label("Mute").click();
         h.run();
-        assert_eq!(h.state().actions, vec![UiAction::SetMute(false)]);
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::Muted(false))]
+        );
     }
 
     #[test]
@@ -193,9 +200,9 @@ mod tests {
         assert_eq!(
             h.state().actions,
             vec![
-                UiAction::SetDeafen(true),
-                UiAction::SetPtt(true),
-                UiAction::SetNoiseSuppression(true)
+                UiAction::Voice(VoiceSetting::Deafened(true)),
+                UiAction::Voice(VoiceSetting::PushToTalk(true)),
+                UiAction::Voice(VoiceSetting::NoiseSuppression(true))
             ]
         );
     }

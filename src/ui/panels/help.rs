@@ -5,6 +5,7 @@ use egui::{Context, Event, Grid, Key, Window};
 
 use crate::ui::actions::UiAction;
 use crate::ui::view::ControlsView;
+use crate::voice::VoiceSetting;
 
 /// Default push-to-talk key name (an egui key name, see `egui::Key::from_name`).
 pub const DEFAULT_PTT_KEY: &str = "Space";
@@ -95,7 +96,7 @@ pub fn keyboard_shortcuts(ctx: &Context, controls: &ControlsView) -> Vec<UiActio
                 continue;
             };
             if Some(*key) == ptt_key && (!typing || !*pressed) {
-                actions.push(UiAction::PushToTalk(*pressed));
+                actions.push(UiAction::Voice(VoiceSetting::PttPressed(*pressed)));
                 continue;
             }
             if !*pressed || modifiers.any() {
@@ -104,8 +105,12 @@ pub fn keyboard_shortcuts(ctx: &Context, controls: &ControlsView) -> Vec<UiActio
             match key {
                 Key::F1 => actions.push(UiAction::ToggleHelp),
                 Key::F3 => actions.push(UiAction::TogglePerfOverlay),
-                Key::M if !typing => actions.push(UiAction::SetMute(!controls.muted)),
-                Key::D if !typing => actions.push(UiAction::SetDeafen(!controls.deafened)),
+                Key::M if !typing => {
+                    actions.push(UiAction::Voice(VoiceSetting::Muted(!controls.muted)))
+                }
+                Key::D if !typing => {
+                    actions.push(UiAction::Voice(VoiceSetting::Deafened(!controls.deafened)))
+                }
                 _ => {}
             }
         }
@@ -158,8 +163,8 @@ mod tests {
         assert_eq!(
             h.state().actions,
             vec![
-                UiAction::SetMute(true),
-                UiAction::SetDeafen(true),
+                UiAction::Voice(VoiceSetting::Muted(true)),
+                UiAction::Voice(VoiceSetting::Deafened(true)),
                 UiAction::ToggleHelp,
                 UiAction::TogglePerfOverlay
             ]
@@ -177,7 +182,10 @@ mod tests {
         );
         h.key_press(Key::M);
         h.run();
-        assert_eq!(h.state().actions, vec![UiAction::SetMute(false)]);
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::Muted(false))]
+        );
     }
 
     #[test]
@@ -204,7 +212,10 @@ mod tests {
         h.run();
         assert_eq!(
             h.state().actions,
-            vec![UiAction::PushToTalk(true), UiAction::PushToTalk(false)]
+            vec![
+                UiAction::Voice(VoiceSetting::PttPressed(true)),
+                UiAction::Voice(VoiceSetting::PttPressed(false))
+            ]
         );
 
         let mut h = harness(ControlsView::default(), false);

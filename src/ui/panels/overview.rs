@@ -11,6 +11,7 @@ use super::meters::{level_meter, SPEAKING_COLOR};
 use super::peer_details::{link_color, peer_details};
 use crate::ui::actions::UiAction;
 use crate::ui::view::{ChannelView, MemberView, OverviewView};
+use crate::voice::VoiceSetting;
 
 /// Glyph shown before the name of a password-protected channel.
 pub const LOCK_GLYPH: &str = "🔒";
@@ -72,7 +73,7 @@ fn is_full(channel: &ChannelView) -> bool {
         .is_some_and(|max| channel.members.len() >= max as usize)
 }
 
-/// Draws the overview. Returns Join / Leave / SetUserVolume / SetUserMuted actions.
+/// Draws the overview. Returns Join / Leave and per-peer volume / mute actions.
 pub fn overview(ui: &mut Ui, view: &OverviewView) -> Vec<UiAction> {
     let mut actions = Vec::new();
     if view.channels.is_empty() {
@@ -184,10 +185,10 @@ fn member_row(ui: &mut Ui, member: &MemberView, row_height: f32, actions: &mut V
                         .on_hover_text(format!("Silence {} for you only", member.name))
                         .changed()
                     {
-                        actions.push(UiAction::SetUserMuted {
+                        actions.push(UiAction::Voice(VoiceSetting::PeerMuted {
                             user_id: member.user_id,
                             muted,
-                        });
+                        }));
                     }
                     let mut volume = member.volume.clamp(0.0, 2.0);
                     let slider = ui
@@ -198,10 +199,10 @@ fn member_row(ui: &mut Ui, member: &MemberView, row_height: f32, actions: &mut V
                         )
                         .on_hover_text(format!("Volume {:.0}%", volume * 100.0));
                     if slider.changed() {
-                        actions.push(UiAction::SetUserVolume {
+                        actions.push(UiAction::Voice(VoiceSetting::PeerVolume {
                             user_id: member.user_id,
                             volume,
-                        });
+                        }));
                     }
                 }
             },
@@ -235,7 +236,8 @@ fn speaking_ring(ui: &mut Ui, speaking: bool, radius: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ui::view::{LinkState, LinkView};
+    use crate::ui::view::{LinkView, MemberLink};
+    use crate::voice::PeerState;
     use egui::accesskit::Role;
     use egui_kittest::{kittest::Queryable, Harness};
 
@@ -264,12 +266,12 @@ mod tests {
     fn sample() -> OverviewView {
         let mut me = MemberView::new(1, "alice");
         me.is_self = true;
-        me.link.state = LinkState::Local;
+        me.link.state = MemberLink::Local;
         let mut bob = MemberView::new(2, "bob");
         bob.speaking = true;
         bob.level = 0.7;
         bob.link = LinkView {
-            state: LinkState::Direct,
+            state: MemberLink::Peer(PeerState::Direct(([192, 0, 2, 7], 7700).into())),
             rtt_ms: Some(31.0),
             ..LinkView::default()
         };
@@ -373,7 +375,7 @@ mod tests {
         let actions = &h.state().actions;
         assert_eq!(actions.len(), 1, "{actions:?}");
         match actions[0] {
-            UiAction::SetUserVolume { user_id, volume } => {
+            UiAction::Voice(VoiceSetting::PeerVolume { user_id, volume }) => {
                 assert_eq!(user_id, 2);
                 assert!((volume - 1.05).abs() < 1e-4, "volume {volume}");
             }
@@ -389,10 +391,10 @@ mod tests {
         h.run();
         assert_eq!(
             h.state().actions,
-            vec![UiAction::SetUserMuted {
+            vec![UiAction::Voice(VoiceSetting::PeerMuted {
                 user_id: 2,
                 muted: true
-            }]
+            })]
         );
     }
 

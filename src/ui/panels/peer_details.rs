@@ -3,27 +3,27 @@
 
 use egui::{Color32, Grid, Ui};
 
-use crate::ui::view::{LinkState, MemberView};
+use crate::ui::view::{MemberLink, MemberView};
+use crate::voice::PeerState;
 
 /// Short human text for a link state ("direct", "punching…", "unreachable: reason", "you").
-pub fn link_state_text(state: &LinkState) -> String {
+pub fn link_state_text(state: &MemberLink) -> String {
     match state {
-        LinkState::Direct => "direct".to_owned(),
-        LinkState::Punching => "punching…".to_owned(),
-        LinkState::Unreachable(reason) if reason.is_empty() => "unreachable".to_owned(),
-        LinkState::Unreachable(reason) => format!("unreachable: {reason}"),
-        LinkState::Local => "you".to_owned(),
-        LinkState::OtherChannel => "in another channel".to_owned(),
+        MemberLink::Peer(PeerState::Direct(_)) => "direct".to_owned(),
+        MemberLink::Peer(PeerState::Punching) => "punching…".to_owned(),
+        MemberLink::Peer(PeerState::Unreachable(reason)) => format!("unreachable: {reason}"),
+        MemberLink::Local => "you".to_owned(),
+        MemberLink::OtherChannel => "in another channel".to_owned(),
     }
 }
 
 /// Colour of the small link dot: green direct, amber punching, red unreachable, grey for self.
-pub fn link_color(state: &LinkState) -> Color32 {
+pub fn link_color(state: &MemberLink) -> Color32 {
     match state {
-        LinkState::Direct => Color32::from_rgb(60, 200, 90),
-        LinkState::Punching => Color32::from_rgb(230, 170, 40),
-        LinkState::Unreachable(_) => Color32::from_rgb(220, 60, 60),
-        LinkState::Local | LinkState::OtherChannel => Color32::GRAY,
+        MemberLink::Peer(PeerState::Direct(_)) => Color32::from_rgb(60, 200, 90),
+        MemberLink::Peer(PeerState::Punching) => Color32::from_rgb(230, 170, 40),
+        MemberLink::Peer(PeerState::Unreachable(_)) => Color32::from_rgb(220, 60, 60),
+        MemberLink::Local | MemberLink::OtherChannel => Color32::GRAY,
     }
 }
 
@@ -45,7 +45,7 @@ pub fn peer_details(ui: &mut Ui, member: &MemberView) {
             ui.label("Link");
             ui.colored_label(link_color(&link.state), link_state_text(&link.state));
             ui.end_row();
-            if link.state != LinkState::Local {
+            if link.state != MemberLink::Local {
                 ui.label("Round trip");
                 ui.label(format_measure(link.rtt_ms, "ms"));
                 ui.end_row();
@@ -76,7 +76,9 @@ mod tests {
 
     #[test]
     fn unreachable_state_names_the_reason() {
-        let text = link_state_text(&LinkState::Unreachable("no reply within 10 s".into()));
+        let text = link_state_text(&MemberLink::Peer(PeerState::Unreachable(
+            "no reply within 10 s".into(),
+        )));
         assert_eq!(text, "unreachable: no reply within 10 s");
     }
 
@@ -90,7 +92,7 @@ mod tests {
     fn details_show_link_numbers_and_fingerprint() {
         let mut member = MemberView::new(7, "bob");
         member.link = LinkView {
-            state: LinkState::Direct,
+            state: MemberLink::Peer(PeerState::Direct(([192, 0, 2, 7], 7700).into())),
             rtt_ms: Some(42.0),
             loss_pct: Some(1.5),
             jitter_ms: Some(3.0),

@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use thiserror::Error;
 
 use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
-use super::impair::{ImpairConfig, Impairment};
+use super::net::impair::{ImpairConfig, Impairment};
 use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink, RingWake};
 use crate::protocol::{PeerInfo, UserId};
 

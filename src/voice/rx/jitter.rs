@@ -27,7 +27,7 @@
 
 use std::time::Duration;
 
-use super::codec::{FrameDuration, MAX_PAYLOAD, SAMPLE_RATE_HZ};
+use crate::voice::codec::{FrameDuration, MAX_PAYLOAD, SAMPLE_RATE_HZ};
 
 const SAMPLES_PER_MS: f64 = SAMPLE_RATE_HZ as f64 / 1000.0;
 /// Transit samples kept for the jitter estimate (at most; older than the window are ignored too).

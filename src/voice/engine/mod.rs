@@ -1,0 +1,532 @@
+//! `VoiceEngine`: the whole voice plane of one client as pure logic.
+//!
+//! It ties together the peer links (hole punching, keepalives), the capture chain and encoder
+//! on the sending side, and one jitter buffer + decoder per peer and the mixer on the receiving
+//! side. It owns no socket, no thread and no clock: the voice thread (`thread.rs`) feeds it
+//! datagrams, capture frames and playout requests with the current time, and sends what it
+//! returns. Everything here is therefore testable with simulated time and a simulated network.
+
+mod outbox;
+mod peer;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use self::outbox::Outbox;
+pub use self::outbox::{Transmit, MAX_DATAGRAM_LEN};
+use self::peer::PeerAudio;
+pub use self::snapshot::{PeerSnapshot, PeerState, VoiceSnapshot};
+use super::codec::{is_dtx_payload, opus_frame_duration, CodecError, FrameDuration};
+use super::net::crypto::{CryptoError, PeerCipher, SessionKeys, TAG_LEN};
+use super::net::link::LinkConfig;
+use super::net::peers::{Incoming, PeerTable};
+use super::rx::mixer::{MixInput, Mixer};
+use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
+use super::tx::levels::rms_dbfs;
+use super::tx::OpusEncoder;
+use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN};
+use crate::protocol::{PeerInfo, UserId};
+
+/// How often the UDP registration with the server is repeated once acknowledged (keeps our
+/// NAT mapping towards the server alive, and re-learns the address if it changes).
+const REGISTER_REFRESH: Duration = Duration::from_secs(15);
+/// Registration retry while unacknowledged.
+const REGISTER_RETRY: Duration = Duration::from_millis(250);
+/// A peer counts as speaking for this long after its last decoded audible frame.
+const SPEAKING_HOLD: Duration = Duration::from_millis(250);
+/// Level under which decoded audio does not count as speech for the speaking indicator.
+const SPEAKING_FLOOR_DB: f32 = -50.0;
+
+/// Settings of the voice plane.
+#[derive(Debug, Clone)]
+pub struct VoiceConfig {
+    /// Frame duration we capture and send with (peers may use another; we adapt per peer).
+    pub frame: FrameDuration,
+    pub bitrate_bps: u32,
+    pub capture: CaptureConfig,
+    pub link: LinkConfig,
+}
+
+impl Default for VoiceConfig {
+    fn default() -> Self {
+        Self::for_frame(FrameDuration::Ms20)
+    }
+}
+
+impl VoiceConfig {
+    pub fn for_frame(frame: FrameDuration) -> Self {
+        Self {
+            frame,
+            bitrate_bps: 24_000,
+            capture: CaptureConfig::for_frame(frame),
+            link: LinkConfig::default(),
+        }
+    }
+}
+
+/// Granularity of playout and mixing: 10 ms at 48 kHz, whatever the codec frame length.
+pub const PLAYOUT_CHUNK: usize = 480;
+
+/// See the module docs.
+pub struct VoiceEngine {
+    cfg: VoiceConfig,
+    table: Option<PeerTable>,
+    audio: BTreeMap<UserId, PeerAudio>,
+    /// Remembered per-user settings, applied when their audio appears (again).
+    settings: BTreeMap<UserId, (f32, bool)>,
+    capture: CaptureChain,
+    encoder: OpusEncoder,
+    mixer: Mixer,
+    seq: u32,
+    packet: Vec<u8>,
+    server: Option<(SocketAddr, u64)>,
+    register_acked: bool,
+    next_register: Duration,
+    /// A Register is due: `handle_timeout` found it so, `poll_transmit` sends it.
+    register_due: bool,
+    outbox: Outbox,
+    public_addr: Option<SocketAddr>,
+    seed: u64,
+    // Sending-side figures.
+    input_level_db: f32,
+    vad_threshold_db: f32,
+    speaking: bool,
+    transmitting: bool,
+    frames_sent: u64,
+    bytes_sent: u64,
+    mix_level_db: f32,
+    last_loss_update: Duration,
+    foreign_drops: u64,
+    vad_above_floor_db: f32,
+    targets: Vec<(u32, SocketAddr)>,
+    /// Our X25519 key pair for this run; peers derive per-direction voice keys from it.
+    keys: SessionKeys,
+    ciphers: BTreeMap<UserId, PeerCipher>,
+    sealed: Vec<u8>,
+    opened: Vec<u8>,
+    undecryptable: u64,
+    replayed: u64,
+    foreign_register_acks: u64,
+}
+
+impl VoiceEngine {
+    pub fn new(cfg: VoiceConfig, seed: u64) -> Result<Self, CodecError> {
+        let mut encoder = OpusEncoder::new(cfg.frame, cfg.bitrate_bps)?;
+        let vad_above = cfg.capture.vad.threshold_above_floor_db;
+        encoder.set_expected_loss_percent(5)?;
+        let capture = CaptureChain::new(cfg.capture.clone());
+        Ok(Self {
+            // Shown on the input meter before any frame arrives (and with no microphone).
+            vad_threshold_db: capture.vad_threshold_db(),
+            capture,
+            mixer: Mixer::with_frame_samples(PLAYOUT_CHUNK),
+            encoder,
+            cfg,
+            table: None,
+            audio: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            seq: 0,
+            packet: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            server: None,
+            register_acked: false,
+            next_register: Duration::ZERO,
+            register_due: false,
+            outbox: Outbox::default(),
+            public_addr: None,
+            seed,
+            input_level_db: -120.0,
+            speaking: false,
+            transmitting: false,
+            frames_sent: 0,
+            bytes_sent: 0,
+            mix_level_db: -120.0,
+            last_loss_update: Duration::ZERO,
+            foreign_drops: 0,
+            vad_above_floor_db: vad_above,
+            targets: Vec::with_capacity(32),
+            keys: SessionKeys::generate(),
+            ciphers: BTreeMap::new(),
+            sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            opened: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            undecryptable: 0,
+            replayed: 0,
+            foreign_register_acks: 0,
+        })
+    }
+
+    pub fn frame(&self) -> FrameDuration {
+        self.cfg.frame
+    }
+
+    /// Our voice public key, announced to peers through the server.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.keys.public_key()
+    }
+
+    /// Replaces the key pair (tests use fixed keys). Drops every derived peer key.
+    pub fn set_keys(&mut self, keys: SessionKeys) {
+        self.keys = keys;
+        self.ciphers.clear();
+    }
+
+    /// Our user id on the server (after identification). A new id (after a reconnect) starts a
+    /// fresh peer table: peers are re-announced by the server. The ciphers go too: their keys
+    /// and the sender id they seal with are bound to our old id.
+    pub fn set_self_id(&mut self, id: UserId) {
+        if self.table.as_ref().map(|t| t.our_id()) != Some(id) {
+            self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
+            self.audio.clear();
+            self.ciphers.clear();
+        }
+    }
+
+    /// Where to register our UDP address, and the token the server gave us over TCP.
+    pub fn set_server(&mut self, now: Duration, addr: SocketAddr, token: u64) {
+        self.server = Some((addr, token));
+        self.register_acked = false;
+        self.next_register = now;
+    }
+
+    /// The public address the server saw, once it answered.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public_addr
+    }
+
+    pub fn upsert_peer(&mut self, now: Duration, peer: &PeerInfo) {
+        let Some(table) = &mut self.table else {
+            return;
+        };
+        table.upsert_peer(now, peer.user_id, peer.username.clone(), &peer.candidates());
+        let our_id = table.our_id();
+        if let Some(key) = peer.voice_key {
+            let same = self
+                .ciphers
+                .get(&peer.user_id)
+                .is_some_and(|c| c.peer_public() == key);
+            if !same {
+                match PeerCipher::new(&self.keys, our_id, peer.user_id, key) {
+                    Ok(c) => {
+                        self.ciphers.insert(peer.user_id, c);
+                    }
+                    // A bad key (low order) means no voice with that peer, never plaintext.
+                    Err(_) => {
+                        self.ciphers.remove(&peer.user_id);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn remove_peer(&mut self, id: UserId) {
+        if let Some(table) = &mut self.table {
+            table.remove_peer(id);
+        }
+        self.audio.remove(&id);
+        self.ciphers.remove(&id);
+    }
+
+    /// Forget every peer (we left the channel or lost the server's session).
+    pub fn clear_peers(&mut self) {
+        if let Some(table) = &self.table {
+            let id = table.our_id();
+            self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
+        }
+        self.audio.clear();
+        self.ciphers.clear();
+    }
+
+    pub fn set_muted(&mut self, muted: bool) {
+        self.capture.set_muted(muted);
+    }
+    pub fn set_deafened(&mut self, deafened: bool) {
+        self.mixer.set_deafened(deafened);
+    }
+    pub fn set_noise_suppression(&mut self, on: bool) {
+        self.capture.set_denoise(on);
+    }
+    pub fn set_push_to_talk(&mut self, enabled: bool) {
+        self.capture.set_mode(if enabled {
+            TransmitMode::PushToTalk
+        } else {
+            TransmitMode::VoiceActivity
+        });
+    }
+    /// Moves the voice-activity threshold to `db` dBFS as shown on the input meter. The detector
+    /// keeps its threshold relative to the adaptive noise floor, so the offset is adjusted.
+    pub fn set_vad_threshold_abs(&mut self, db: f32) {
+        let delta = db - self.vad_threshold_db;
+        self.vad_above_floor_db = (self.vad_above_floor_db + delta).clamp(3.0, 40.0);
+        self.capture.set_vad_threshold_db(self.vad_above_floor_db);
+        self.vad_threshold_db = db;
+    }
+    pub fn set_ptt_pressed(&mut self, now: Duration, pressed: bool) {
+        self.capture.set_ptt_pressed(now, pressed);
+    }
+    pub fn set_peer_volume(&mut self, id: UserId, volume: f32) {
+        let entry = self.settings.entry(id).or_insert((1.0, false));
+        entry.0 = volume.clamp(0.0, 2.0);
+        if let Some(a) = self.audio.get_mut(&id) {
+            a.volume = entry.0;
+        }
+    }
+    pub fn set_peer_muted(&mut self, id: UserId, muted: bool) {
+        let entry = self.settings.entry(id).or_insert((1.0, false));
+        entry.1 = muted;
+        if let Some(a) = self.audio.get_mut(&id) {
+            a.muted = muted;
+        }
+    }
+
+    /// One datagram arrived on our voice socket.
+    pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
+        // The server's answer to our registration is not a peer datagram.
+        if let Some((server, _)) = self.server {
+            if from == server {
+                if let Ok(Datagram::RegisterAck { observed }) = Datagram::parse(bytes) {
+                    self.public_addr = Some(observed);
+                    self.register_acked = true;
+                    self.next_register = now + REGISTER_REFRESH;
+                }
+                return;
+            }
+        }
+        let Some(table) = &mut self.table else {
+            self.foreign_drops += 1;
+            return;
+        };
+        // Voice is sealed end to end: authenticate and decrypt before anything else looks at
+        // it, so forged packets cannot move replay windows or addresses.
+        let mut bytes = bytes;
+        // Punch, PunchAck, Ping and Pong carry a tag from the peer's control key: a spoofed
+        // punch would otherwise make the link adopt (and stream voice to) any address.
+        let head = &bytes[..bytes.len().min(PEER_CONTROL_LEN)];
+        if let Ok(
+            Datagram::Punch { from: sender, .. }
+            | Datagram::PunchAck { from: sender, .. }
+            | Datagram::Ping { from: sender, .. }
+            | Datagram::Pong { from: sender, .. },
+        ) = Datagram::parse(head)
+        {
+            let verified = self
+                .ciphers
+                .get_mut(&sender)
+                .and_then(|c| c.verify_control(bytes).ok());
+            match verified {
+                Some(datagram) => bytes = datagram,
+                None => {
+                    self.undecryptable += 1;
+                    return;
+                }
+            }
+        } else if let Ok(Datagram::Voice { from: sender, .. }) = Datagram::parse(bytes) {
+            let Some(cipher) = self.ciphers.get_mut(&sender) else {
+                self.undecryptable += 1;
+                return;
+            };
+            let (head, body) = self.opened.split_at_mut(VOICE_HEADER_LEN);
+            match cipher.open_datagram(bytes, body) {
+                Ok(n) => {
+                    head.copy_from_slice(&bytes[..VOICE_HEADER_LEN]);
+                    bytes = &self.opened[..VOICE_HEADER_LEN + n];
+                }
+                // A replayed or duplicated datagram is no attack on the key: count it as such.
+                Err(CryptoError::Replay { .. }) => {
+                    self.replayed += 1;
+                    return;
+                }
+                Err(_) => {
+                    self.undecryptable += 1;
+                    return;
+                }
+            }
+        }
+        match table.handle_datagram(now, from, bytes) {
+            Incoming::Voice {
+                peer_id,
+                seq,
+                timestamp,
+                payload,
+            } => {
+                let Some(frame) = opus_frame_duration(payload) else {
+                    return;
+                };
+                let needs_new = self.audio.get(&peer_id).is_none_or(|a| a.frame != frame);
+                if needs_new {
+                    match PeerAudio::new(frame) {
+                        Ok(mut a) => {
+                            if let Some(&(v, m)) = self.settings.get(&peer_id) {
+                                a.volume = v;
+                                a.muted = m;
+                            }
+                            self.audio.insert(peer_id, a);
+                        }
+                        Err(_) => return,
+                    }
+                }
+                if let Some(a) = self.audio.get_mut(&peer_id) {
+                    a.receiver.push(now, seq, timestamp, payload);
+                }
+            }
+            // The server's own ack was handled above: this one is from someone else.
+            Incoming::RegisterAck { .. } => self.foreign_register_acks += 1,
+            Incoming::Control { .. } | Incoming::Dropped(_) => {}
+        }
+    }
+
+    /// One captured frame (exactly `frame().samples()` samples). The encoded frame is sealed
+    /// once per connected peer and queued for [`VoiceEngine::poll_transmit`].
+    pub fn handle_capture(&mut self, now: Duration, pcm: &[f32]) {
+        let out = self.capture.process(now, pcm);
+        self.input_level_db = out.level_db;
+        self.vad_threshold_db = out.threshold_db;
+        self.speaking = out.speaking;
+        self.transmitting = out.transmitting;
+        let samples = self.cfg.frame.samples() as u64;
+        let Some(table) = &mut self.table else {
+            return;
+        };
+        for frame in out.frames() {
+            // Leave room for the AEAD tag inside the datagram size limit.
+            let body = &mut self.packet[..MAX_VOICE_PAYLOAD - TAG_LEN];
+            let Ok(len) = self.encoder.encode(frame.samples, body) else {
+                continue;
+            };
+            if is_dtx_payload(len) {
+                continue;
+            }
+            let timestamp = (frame.index.wrapping_mul(samples)) as u32;
+            let seq = self.seq;
+            self.seq = self.seq.wrapping_add(1);
+            // Reused buffer: no allocation per frame once it has grown to the channel size.
+            self.targets.clear();
+            self.targets.extend(table.voice_targets());
+            for &(peer, addr) in &self.targets {
+                // Only peers whose key we know get voice, and only sealed for them alone.
+                let Some(cipher) = self.ciphers.get_mut(&peer) else {
+                    continue;
+                };
+                let Ok(total) =
+                    cipher.seal_datagram(seq, timestamp, &self.packet[..len], &mut self.sealed)
+                else {
+                    continue;
+                };
+                self.outbox.push(addr, &self.sealed[..total]);
+                table.record_voice_sent(peer, total);
+                self.bytes_sent += total as u64;
+            }
+            self.frames_sent += 1;
+        }
+    }
+
+    /// Fills `out` (any multiple of [`PLAYOUT_CHUNK`] samples) with the mix of every peer's
+    /// audio through its jitter buffer.
+    pub fn playout_frame(&mut self, now: Duration, out: &mut [f32]) {
+        for chunk in out.chunks_mut(PLAYOUT_CHUNK) {
+            self.playout_chunk(now, chunk);
+        }
+    }
+
+    /// One 10 ms chunk. Mixing in 10 ms steps whatever the codec frame means a frame that
+    /// arrives just after a mix waits at most 10 ms for the next one, not a whole frame.
+    fn playout_chunk(&mut self, now: Duration, out: &mut [f32]) {
+        for a in self.audio.values_mut() {
+            a.render(now);
+        }
+        self.mixer.begin();
+        for a in self.audio.values() {
+            self.mixer.add(MixInput {
+                samples: &a.out,
+                gain: a.volume,
+                muted: a.muted,
+            });
+        }
+        let mixed = self.mixer.finish();
+        let n = out.len().min(mixed.len());
+        out[..n].copy_from_slice(&mixed[..n]);
+        out[n..].fill(0.0);
+        self.mix_level_db = rms_dbfs(&out[..n]);
+        if now.saturating_sub(self.last_loss_update) >= Duration::from_secs(1) {
+            self.last_loss_update = now;
+            // Loss seen from our peers is the best guess of the loss they see from us:
+            // tune the encoder's FEC to it.
+            let loss = self
+                .audio
+                .values()
+                .map(|a| a.receiver.stats().jitter.loss_fraction)
+                .fold(0.0f32, f32::max);
+            let pct = (loss * 100.0).round().clamp(0.0, 50.0) as u8;
+            let _ = self.encoder.set_expected_loss_percent(pct.max(5));
+        }
+    }
+
+    /// Fires the timers due at `now`: registration with the server, punches and keepalives.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if self.server.is_some() && now >= self.next_register {
+            self.register_due = true;
+            self.next_register = now
+                + if self.register_acked {
+                    REGISTER_REFRESH
+                } else {
+                    REGISTER_RETRY
+                };
+        }
+        if let Some(table) = &mut self.table {
+            table.handle_timeout(now);
+        }
+    }
+
+    /// The next datagram to send, written into `buf` (at least [`MAX_DATAGRAM_LEN`] bytes):
+    /// the server registration, sealed voice, then punches, keepalives and answers, each
+    /// tagged for its peer. Call until `None` after every `handle_*` call.
+    pub fn poll_transmit(&mut self, _now: Duration, buf: &mut [u8]) -> Option<Transmit> {
+        if self.register_due {
+            self.register_due = false;
+            if let Some((server, token)) = self.server {
+                if let Ok(len) = (Datagram::Register { token }).write(buf) {
+                    return Some(Transmit { to: server, len });
+                }
+            }
+        }
+        if let Some(t) = self.outbox.pop(buf) {
+            return Some(t);
+        }
+        let table = self.table.as_mut()?;
+        while let Some(t) = table.poll_transmit() {
+            let Ok(n) = t.datagram.write(buf) else {
+                continue;
+            };
+            // Every peer datagram is authenticated; a peer without a key cannot verify
+            // ours (and gets no voice either), so nothing is sent to it.
+            let cipher = t.datagram.recipient().and_then(|to| self.ciphers.get(&to));
+            let Some(cipher) = cipher else {
+                continue;
+            };
+            let Ok(fixed) = <&[u8; PEER_CONTROL_LEN]>::try_from(&buf[..n]) else {
+                continue;
+            };
+            let Ok(tag) = cipher.tag_control(fixed) else {
+                continue;
+            };
+            buf[n..n + TAG_LEN].copy_from_slice(&tag);
+            return Some(Transmit {
+                to: t.to,
+                len: n + TAG_LEN,
+            });
+        }
+        None
+    }
+
+    /// When [`VoiceEngine::handle_timeout`] is next due; `None` with no server and no peers.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let link = self.table.as_ref().and_then(|t| t.poll_timeout());
+        let reg = self.server.map(|_| self.next_register);
+        match (link, reg) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}

@@ -29,7 +29,7 @@ pub mod thread;
 pub mod tx;
 
 #[cfg(feature = "app")]
-pub use engine::{PeerSnapshot, PeerState, VoiceConfig, VoiceEngine, VoiceSnapshot};
+pub use engine::{PeerSettings, PeerSnapshot, PeerState, VoiceConfig, VoiceEngine, VoiceSnapshot};
 #[cfg(feature = "app")]
 pub use plugin::{Voice, VoiceIntent, VoicePlugin};
 #[cfg(feature = "app")]

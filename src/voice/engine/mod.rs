@@ -8,6 +8,7 @@
 
 mod outbox;
 mod peer;
+mod registration;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -18,12 +19,14 @@ use std::time::Duration;
 
 use self::outbox::Outbox;
 pub use self::outbox::{Transmit, MAX_DATAGRAM_LEN};
-use self::peer::PeerAudio;
+use self::peer::Peer;
+pub use self::peer::PeerSettings;
+use self::registration::Registration;
 pub use self::snapshot::{PeerSnapshot, PeerState, VoiceSnapshot};
 use super::codec::{is_dtx_payload, opus_frame_duration, CodecError, FrameDuration};
 use super::net::crypto::{CryptoError, PeerCipher, SessionKeys, TAG_LEN};
 use super::net::link::LinkConfig;
-use super::net::peers::{Incoming, PeerTable};
+use super::net::peers::{Incoming, PeerTable, Upsert};
 use super::rx::mixer::{MixInput, Mixer};
 use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::tx::levels::rms_dbfs;
@@ -31,11 +34,6 @@ use super::tx::OpusEncoder;
 use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN};
 use crate::protocol::{PeerInfo, UserId};
 
-/// How often the UDP registration with the server is repeated once acknowledged (keeps our
-/// NAT mapping towards the server alive, and re-learns the address if it changes).
-const REGISTER_REFRESH: Duration = Duration::from_secs(15);
-/// Registration retry while unacknowledged.
-const REGISTER_RETRY: Duration = Duration::from_millis(250);
 /// A peer counts as speaking for this long after its last decoded audible frame.
 const SPEAKING_HOLD: Duration = Duration::from_millis(250);
 /// Level under which decoded audio does not count as speech for the speaking indicator.
@@ -74,22 +72,20 @@ pub const PLAYOUT_CHUNK: usize = 480;
 /// See the module docs.
 pub struct VoiceEngine {
     cfg: VoiceConfig,
+    /// The links to our peers (net layer); `None` until we know our own id.
     table: Option<PeerTable>,
-    audio: BTreeMap<UserId, PeerAudio>,
-    /// Remembered per-user settings, applied when their audio appears (again).
-    settings: BTreeMap<UserId, (f32, bool)>,
+    /// One [`Peer`] per link in `table`, under the same id.
+    peers: BTreeMap<UserId, Peer>,
+    /// Settings the UI chose for users that are not peers right now (not yet, or no longer):
+    /// a user's settings live either here or in its [`Peer`], never in both.
+    remembered: BTreeMap<UserId, PeerSettings>,
     capture: CaptureChain,
     encoder: OpusEncoder,
     mixer: Mixer,
     seq: u32,
     packet: Vec<u8>,
-    server: Option<(SocketAddr, u64)>,
-    register_acked: bool,
-    next_register: Duration,
-    /// A Register is due: `handle_timeout` found it so, `poll_transmit` sends it.
-    register_due: bool,
+    registration: Registration,
     outbox: Outbox,
-    public_addr: Option<SocketAddr>,
     seed: u64,
     // Sending-side figures.
     input_level_db: f32,
@@ -105,12 +101,10 @@ pub struct VoiceEngine {
     targets: Vec<(u32, SocketAddr)>,
     /// Our X25519 key pair for this run; peers derive per-direction voice keys from it.
     keys: SessionKeys,
-    ciphers: BTreeMap<UserId, PeerCipher>,
     sealed: Vec<u8>,
     opened: Vec<u8>,
     undecryptable: u64,
     replayed: u64,
-    foreign_register_acks: u64,
 }
 
 impl VoiceEngine {
@@ -127,16 +121,12 @@ impl VoiceEngine {
             encoder,
             cfg,
             table: None,
-            audio: BTreeMap::new(),
-            settings: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            remembered: BTreeMap::new(),
             seq: 0,
             packet: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
-            server: None,
-            register_acked: false,
-            next_register: Duration::ZERO,
-            register_due: false,
+            registration: Registration::default(),
             outbox: Outbox::default(),
-            public_addr: None,
             seed,
             input_level_db: -120.0,
             speaking: false,
@@ -149,12 +139,10 @@ impl VoiceEngine {
             vad_above_floor_db: vad_above,
             targets: Vec::with_capacity(32),
             keys: SessionKeys::generate(),
-            ciphers: BTreeMap::new(),
             sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
             opened: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
             undecryptable: 0,
             replayed: 0,
-            foreign_register_acks: 0,
         })
     }
 
@@ -170,73 +158,81 @@ impl VoiceEngine {
     /// Replaces the key pair (tests use fixed keys). Drops every derived peer key.
     pub fn set_keys(&mut self, keys: SessionKeys) {
         self.keys = keys;
-        self.ciphers.clear();
+        for peer in self.peers.values_mut() {
+            peer.cipher = None;
+        }
     }
 
     /// Our user id on the server (after identification). A new id (after a reconnect) starts a
-    /// fresh peer table: peers are re-announced by the server. The ciphers go too: their keys
-    /// and the sender id they seal with are bound to our old id.
+    /// fresh peer table: peers are re-announced by the server. Their ciphers go with them: the
+    /// keys and the sender id they seal with are bound to our old id.
     pub fn set_self_id(&mut self, id: UserId) {
         if self.table.as_ref().map(|t| t.our_id()) != Some(id) {
+            self.forget_peers();
             self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
-            self.audio.clear();
-            self.ciphers.clear();
         }
     }
 
     /// Where to register our UDP address, and the token the server gave us over TCP.
     pub fn set_server(&mut self, now: Duration, addr: SocketAddr, token: u64) {
-        self.server = Some((addr, token));
-        self.register_acked = false;
-        self.next_register = now;
+        self.registration.set_server(now, addr, token);
     }
 
     /// The public address the server saw, once it answered.
     pub fn public_addr(&self) -> Option<SocketAddr> {
-        self.public_addr
+        self.registration.public_addr()
     }
 
-    pub fn upsert_peer(&mut self, now: Duration, peer: &PeerInfo) {
+    /// A member of our channel, announced (again) by the server: its link starts punching, and
+    /// a new voice key replaces the cipher.
+    pub fn upsert_peer(&mut self, now: Duration, info: &PeerInfo) {
         let Some(table) = &mut self.table else {
             return;
         };
-        table.upsert_peer(now, peer.user_id, peer.username.clone(), &peer.candidates());
+        let id = info.user_id;
+        let upsert = table.upsert_peer(now, id, info.username.clone(), &info.candidates());
+        if upsert == Upsert::IgnoredSelf {
+            return;
+        }
         let our_id = table.our_id();
-        if let Some(key) = peer.voice_key {
-            let same = self
-                .ciphers
-                .get(&peer.user_id)
-                .is_some_and(|c| c.peer_public() == key);
+        let remembered = &mut self.remembered;
+        let peer = self
+            .peers
+            .entry(id)
+            .or_insert_with(|| Peer::new(remembered.remove(&id).unwrap_or_default()));
+        if let Some(key) = info.voice_key {
+            let same = peer.cipher.as_ref().is_some_and(|c| c.peer_public() == key);
             if !same {
-                match PeerCipher::new(&self.keys, our_id, peer.user_id, key) {
-                    Ok(c) => {
-                        self.ciphers.insert(peer.user_id, c);
-                    }
-                    // A bad key (low order) means no voice with that peer, never plaintext.
-                    Err(_) => {
-                        self.ciphers.remove(&peer.user_id);
-                    }
-                }
+                // A bad key (low order) means no voice with that peer, never plaintext.
+                peer.cipher = PeerCipher::new(&self.keys, our_id, id, key).ok();
             }
         }
     }
 
+    /// A member left the channel.
     pub fn remove_peer(&mut self, id: UserId) {
         if let Some(table) = &mut self.table {
             table.remove_peer(id);
         }
-        self.audio.remove(&id);
-        self.ciphers.remove(&id);
+        if let Some(peer) = self.peers.remove(&id) {
+            self.remembered.insert(id, peer.settings);
+        }
     }
 
     /// Forget every peer (we left the channel or lost the server's session).
     pub fn clear_peers(&mut self) {
+        self.forget_peers();
         if let Some(table) = &self.table {
             let id = table.our_id();
             self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
         }
-        self.audio.clear();
-        self.ciphers.clear();
+    }
+
+    /// Drops every [`Peer`], keeping the settings chosen for them.
+    fn forget_peers(&mut self) {
+        for (id, peer) in std::mem::take(&mut self.peers) {
+            self.remembered.insert(id, peer.settings);
+        }
     }
 
     pub fn set_muted(&mut self, muted: bool) {
@@ -266,33 +262,38 @@ impl VoiceEngine {
     pub fn set_ptt_pressed(&mut self, now: Duration, pressed: bool) {
         self.capture.set_ptt_pressed(now, pressed);
     }
+    /// Gain of user `id` in the mix, clamped to `0.0..=2.0`; kept for a user that is not (yet)
+    /// a peer.
     pub fn set_peer_volume(&mut self, id: UserId, volume: f32) {
-        let entry = self.settings.entry(id).or_insert((1.0, false));
-        entry.0 = volume.clamp(0.0, 2.0);
-        if let Some(a) = self.audio.get_mut(&id) {
-            a.volume = entry.0;
+        self.settings_mut(id).volume = volume.clamp(0.0, 2.0);
+    }
+    /// Leaves user `id` out of the mix (or back in); kept for a user that is not (yet) a peer.
+    pub fn set_peer_muted(&mut self, id: UserId, muted: bool) {
+        self.settings_mut(id).muted = muted;
+    }
+    /// The volume and mute in effect for user `id` (the defaults if none were chosen).
+    pub fn peer_settings(&self, id: UserId) -> PeerSettings {
+        match self.peers.get(&id) {
+            Some(peer) => peer.settings,
+            None => self.remembered.get(&id).copied().unwrap_or_default(),
         }
     }
-    pub fn set_peer_muted(&mut self, id: UserId, muted: bool) {
-        let entry = self.settings.entry(id).or_insert((1.0, false));
-        entry.1 = muted;
-        if let Some(a) = self.audio.get_mut(&id) {
-            a.muted = muted;
+
+    fn settings_mut(&mut self, id: UserId) -> &mut PeerSettings {
+        match self.peers.get_mut(&id) {
+            Some(peer) => &mut peer.settings,
+            None => self.remembered.entry(id).or_default(),
         }
     }
 
     /// One datagram arrived on our voice socket.
     pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
         // The server's answer to our registration is not a peer datagram.
-        if let Some((server, _)) = self.server {
-            if from == server {
-                if let Ok(Datagram::RegisterAck { observed }) = Datagram::parse(bytes) {
-                    self.public_addr = Some(observed);
-                    self.register_acked = true;
-                    self.next_register = now + REGISTER_REFRESH;
-                }
-                return;
+        if self.registration.is_server(from) {
+            if let Ok(Datagram::RegisterAck { observed }) = Datagram::parse(bytes) {
+                self.registration.handle_ack(now, observed);
             }
+            return;
         }
         let Some(table) = &mut self.table else {
             self.foreign_drops += 1;
@@ -312,8 +313,9 @@ impl VoiceEngine {
         ) = Datagram::parse(head)
         {
             let verified = self
-                .ciphers
+                .peers
                 .get_mut(&sender)
+                .and_then(|p| p.cipher.as_mut())
                 .and_then(|c| c.verify_control(bytes).ok());
             match verified {
                 Some(datagram) => bytes = datagram,
@@ -323,7 +325,8 @@ impl VoiceEngine {
                 }
             }
         } else if let Ok(Datagram::Voice { from: sender, .. }) = Datagram::parse(bytes) {
-            let Some(cipher) = self.ciphers.get_mut(&sender) else {
+            let cipher = self.peers.get_mut(&sender).and_then(|p| p.cipher.as_mut());
+            let Some(cipher) = cipher else {
                 self.undecryptable += 1;
                 return;
             };
@@ -354,25 +357,15 @@ impl VoiceEngine {
                 let Some(frame) = opus_frame_duration(payload) else {
                     return;
                 };
-                let needs_new = self.audio.get(&peer_id).is_none_or(|a| a.frame != frame);
-                if needs_new {
-                    match PeerAudio::new(frame) {
-                        Ok(mut a) => {
-                            if let Some(&(v, m)) = self.settings.get(&peer_id) {
-                                a.volume = v;
-                                a.muted = m;
-                            }
-                            self.audio.insert(peer_id, a);
-                        }
-                        Err(_) => return,
-                    }
-                }
-                if let Some(a) = self.audio.get_mut(&peer_id) {
-                    a.receiver.push(now, seq, timestamp, payload);
+                let Some(peer) = self.peers.get_mut(&peer_id) else {
+                    return;
+                };
+                if let Ok(rx) = peer.receive_path(frame) {
+                    rx.receiver.push(now, seq, timestamp, payload);
                 }
             }
             // The server's own ack was handled above: this one is from someone else.
-            Incoming::RegisterAck { .. } => self.foreign_register_acks += 1,
+            Incoming::RegisterAck { .. } => self.registration.count_foreign_ack(),
             Incoming::Control { .. } | Incoming::Dropped(_) => {}
         }
     }
@@ -406,7 +399,8 @@ impl VoiceEngine {
             self.targets.extend(table.voice_targets());
             for &(peer, addr) in &self.targets {
                 // Only peers whose key we know get voice, and only sealed for them alone.
-                let Some(cipher) = self.ciphers.get_mut(&peer) else {
+                let cipher = self.peers.get_mut(&peer).and_then(|p| p.cipher.as_mut());
+                let Some(cipher) = cipher else {
                     continue;
                 };
                 let Ok(total) =
@@ -433,15 +427,18 @@ impl VoiceEngine {
     /// One 10 ms chunk. Mixing in 10 ms steps whatever the codec frame means a frame that
     /// arrives just after a mix waits at most 10 ms for the next one, not a whole frame.
     fn playout_chunk(&mut self, now: Duration, out: &mut [f32]) {
-        for a in self.audio.values_mut() {
-            a.render(now);
+        for rx in self.peers.values_mut().filter_map(|p| p.rx.as_mut()) {
+            rx.render(now);
         }
         self.mixer.begin();
-        for a in self.audio.values() {
+        for peer in self.peers.values() {
+            let Some(rx) = &peer.rx else {
+                continue;
+            };
             self.mixer.add(MixInput {
-                samples: &a.out,
-                gain: a.volume,
-                muted: a.muted,
+                samples: &rx.out,
+                gain: peer.settings.volume,
+                muted: peer.settings.muted,
             });
         }
         let mixed = self.mixer.finish();
@@ -454,9 +451,10 @@ impl VoiceEngine {
             // Loss seen from our peers is the best guess of the loss they see from us:
             // tune the encoder's FEC to it.
             let loss = self
-                .audio
+                .peers
                 .values()
-                .map(|a| a.receiver.stats().jitter.loss_fraction)
+                .filter_map(|p| p.rx.as_ref())
+                .map(|rx| rx.receiver.stats().jitter.loss_fraction)
                 .fold(0.0f32, f32::max);
             let pct = (loss * 100.0).round().clamp(0.0, 50.0) as u8;
             let _ = self.encoder.set_expected_loss_percent(pct.max(5));
@@ -465,15 +463,7 @@ impl VoiceEngine {
 
     /// Fires the timers due at `now`: registration with the server, punches and keepalives.
     pub fn handle_timeout(&mut self, now: Duration) {
-        if self.server.is_some() && now >= self.next_register {
-            self.register_due = true;
-            self.next_register = now
-                + if self.register_acked {
-                    REGISTER_REFRESH
-                } else {
-                    REGISTER_RETRY
-                };
-        }
+        self.registration.handle_timeout(now);
         if let Some(table) = &mut self.table {
             table.handle_timeout(now);
         }
@@ -483,13 +473,8 @@ impl VoiceEngine {
     /// the server registration, sealed voice, then punches, keepalives and answers, each
     /// tagged for its peer. Call until `None` after every `handle_*` call.
     pub fn poll_transmit(&mut self, _now: Duration, buf: &mut [u8]) -> Option<Transmit> {
-        if self.register_due {
-            self.register_due = false;
-            if let Some((server, token)) = self.server {
-                if let Ok(len) = (Datagram::Register { token }).write(buf) {
-                    return Some(Transmit { to: server, len });
-                }
-            }
+        if let Some(t) = self.registration.poll_transmit(buf) {
+            return Some(t);
         }
         if let Some(t) = self.outbox.pop(buf) {
             return Some(t);
@@ -501,7 +486,8 @@ impl VoiceEngine {
             };
             // Every peer datagram is authenticated; a peer without a key cannot verify
             // ours (and gets no voice either), so nothing is sent to it.
-            let cipher = t.datagram.recipient().and_then(|to| self.ciphers.get(&to));
+            let peer = t.datagram.recipient().and_then(|to| self.peers.get(&to));
+            let cipher = peer.and_then(|p| p.cipher.as_ref());
             let Some(cipher) = cipher else {
                 continue;
             };
@@ -523,7 +509,7 @@ impl VoiceEngine {
     /// When [`VoiceEngine::handle_timeout`] is next due; `None` with no server and no peers.
     pub fn poll_timeout(&self) -> Option<Duration> {
         let link = self.table.as_ref().and_then(|t| t.poll_timeout());
-        let reg = self.server.map(|_| self.next_register);
+        let reg = self.registration.poll_timeout();
         match (link, reg) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

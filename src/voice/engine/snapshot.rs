@@ -91,7 +91,9 @@ impl VoiceEngine {
                     LinkState::Connected { addr } => PeerState::Direct(*addr),
                     LinkState::Unreachable { reason } => PeerState::Unreachable(reason.clone()),
                 };
-                let audio = self.audio.get(&id);
+                let peer = self.peers.get(&id);
+                let audio = peer.and_then(|p| p.rx.as_ref());
+                let cipher = peer.and_then(|p| p.cipher.as_ref());
                 let rx = audio.map(|a| a.receiver.stats());
                 let ms = |d: Duration| d.as_secs_f32() * 1000.0;
                 peers.push(PeerSnapshot {
@@ -116,12 +118,8 @@ impl VoiceEngine {
                     duplicates: rx.map(|r| r.jitter.duplicates).unwrap_or(0),
                     speaking: audio.is_some_and(|a| a.speaking(now)),
                     level_db: audio.map(|a| a.level_db).unwrap_or(-120.0),
-                    fingerprint: self.ciphers.get(&id).map(|c| fingerprint(&c.peer_public())),
-                    auth_failures: self
-                        .ciphers
-                        .get(&id)
-                        .map(|c| c.auth_failures())
-                        .unwrap_or(0),
+                    fingerprint: cipher.map(|c| fingerprint(&c.peer_public())),
+                    auth_failures: cipher.map(|c| c.auth_failures()).unwrap_or(0),
                 });
             }
         }
@@ -142,13 +140,13 @@ impl VoiceEngine {
             deafened: self.mixer.is_deafened(),
             frames_sent: self.frames_sent,
             bytes_sent: self.bytes_sent,
-            public_addr: self.public_addr,
+            public_addr: self.registration.public_addr(),
             drops,
             peers,
             mix_level_db: self.mix_level_db,
             fingerprint: self.keys.fingerprint(),
             undecryptable: self.undecryptable,
-            foreign_register_acks: self.foreign_register_acks,
+            foreign_register_acks: self.registration.foreign_acks(),
         }
     }
 }

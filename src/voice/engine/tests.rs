@@ -495,3 +495,70 @@ fn a_register_ack_from_another_address_is_ignored_and_counted() {
     assert_eq!(e.public_addr(), Some(addr(5555)));
     assert_eq!(e.snapshot(Duration::ZERO).foreign_register_acks, 1);
 }
+
+/// A speaks a tone to B for `frames` frames; returns the loudest sample of B's mix.
+fn talk(a: &mut VoiceEngine, b: &mut VoiceEngine, now: &mut Duration, frames: usize) -> f32 {
+    let pcm = tone_frame(440.0);
+    let mut mix = vec![0.0; 960];
+    let mut peak = 0.0f32;
+    for _ in 0..frames {
+        let mut to_b = Vec::new();
+        a.capture(*now, &pcm, |to, d| {
+            if to == addr(2000) {
+                to_b.push(d.to_vec())
+            }
+        });
+        to_b.iter()
+            .for_each(|d| b.handle_datagram(*now, addr(1000), d));
+        b.playout_frame(*now, &mut mix);
+        peak = mix.iter().fold(peak, |m, x| m.max(x.abs()));
+        *now += Duration::from_millis(20);
+    }
+    peak
+}
+
+/// Volume and mute chosen in the UI belong to the user, not to a connection: chosen before
+/// the user is a peer, they apply once it appears, and they survive it leaving and rejoining.
+#[test]
+fn peer_settings_chosen_before_a_peer_appears_apply_to_it_and_survive_a_rejoin() {
+    let (mut a, mut b) = (engine(1), engine(2));
+    b.set_peer_muted(1, true);
+    b.set_peer_volume(1, 0.5);
+    let chosen = PeerSettings {
+        volume: 0.5,
+        muted: true,
+    };
+    assert_eq!(b.peer_settings(1), chosen);
+    assert_eq!(b.peer_settings(9), PeerSettings::default());
+    a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+    assert_eq!(b.peer_settings(1), chosen);
+    let mut now = Duration::ZERO;
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+
+    let peak = talk(&mut a, &mut b, &mut now, 50);
+    let p = &b.snapshot(now).peers[0];
+    assert!(
+        p.frames_decoded > 20,
+        "A's voice arrives and is decoded: {p:?}"
+    );
+    assert_eq!(peak, 0.0, "but a muted peer is not mixed");
+
+    b.set_peer_muted(1, false);
+    let half = talk(&mut a, &mut b, &mut now, 50);
+    assert!(
+        half > 0.05 && half < 0.25,
+        "unmuted at half volume: peak {half}"
+    );
+
+    b.remove_peer(1);
+    assert_eq!(b.peer_settings(1).volume, 0.5);
+    b.upsert_peer(now, &peer(1, 1000, a.public_key()));
+    assert_eq!(
+        b.peer_settings(1),
+        PeerSettings {
+            volume: 0.5,
+            muted: false
+        }
+    );
+}

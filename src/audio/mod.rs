@@ -36,7 +36,9 @@ pub use self::tone::{goertzel_amplitude, ToneGenerator};
 
 /// The internal sample rate in Hz.
 pub const SAMPLE_RATE: u32 = 48_000;
-/// Samples per 10 ms chunk at [`SAMPLE_RATE`]: the pace of virtual devices.
+/// Samples per 10 ms chunk at [`SAMPLE_RATE`]: the pace of virtual devices, and the step in
+/// which the voice plane mixes and hands audio to the speaker (whatever its codec frame), so a
+/// frame that arrives just after a mix waits at most one chunk.
 pub const CHUNK_SAMPLES: usize = 480;
 
 /// Where captured audio comes from.

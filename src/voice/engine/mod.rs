@@ -31,6 +31,7 @@ use super::rx::mixer::{MixInput, Mixer};
 use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::tx::levels::rms_dbfs;
 use super::tx::OpusEncoder;
+use crate::audio::CHUNK_SAMPLES;
 use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN};
 use crate::protocol::{PeerInfo, UserId};
 
@@ -65,9 +66,6 @@ impl VoiceConfig {
         }
     }
 }
-
-/// Granularity of playout and mixing: 10 ms at 48 kHz, whatever the codec frame length.
-pub const PLAYOUT_CHUNK: usize = 480;
 
 /// See the module docs.
 pub struct VoiceEngine {
@@ -117,7 +115,7 @@ impl VoiceEngine {
             // Shown on the input meter before any frame arrives (and with no microphone).
             vad_threshold_db: capture.vad_threshold_db(),
             capture,
-            mixer: Mixer::with_frame_samples(PLAYOUT_CHUNK),
+            mixer: Mixer::with_frame_samples(CHUNK_SAMPLES),
             encoder,
             cfg,
             table: None,
@@ -416,10 +414,10 @@ impl VoiceEngine {
         }
     }
 
-    /// Fills `out` (any multiple of [`PLAYOUT_CHUNK`] samples) with the mix of every peer's
+    /// Fills `out` (any multiple of [`CHUNK_SAMPLES`] samples) with the mix of every peer's
     /// audio through its jitter buffer.
     pub fn playout_frame(&mut self, now: Duration, out: &mut [f32]) {
-        for chunk in out.chunks_mut(PLAYOUT_CHUNK) {
+        for chunk in out.chunks_mut(CHUNK_SAMPLES) {
             self.playout_chunk(now, chunk);
         }
     }

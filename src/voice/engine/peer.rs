@@ -5,7 +5,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::{PLAYOUT_CHUNK, SPEAKING_FLOOR_DB, SPEAKING_HOLD};
+use super::{SPEAKING_FLOOR_DB, SPEAKING_HOLD};
+use crate::audio::CHUNK_SAMPLES;
 use crate::voice::codec::{CodecError, FrameDuration};
 use crate::voice::net::crypto::PeerCipher;
 use crate::voice::rx::jitter::JitterConfig;
@@ -92,7 +93,7 @@ impl ReceivePath {
             frame,
             pcm: VecDeque::with_capacity(4 * 960),
             scratch: vec![0.0; frame.samples()],
-            out: vec![0.0; PLAYOUT_CHUNK],
+            out: vec![0.0; CHUNK_SAMPLES],
             last_audible: None,
             level_db: -120.0,
             decoded: 0,

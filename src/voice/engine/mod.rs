@@ -26,7 +26,8 @@ pub use self::snapshot::{PeerSnapshot, PeerState, VoiceSnapshot};
 use super::codec::{is_dtx_payload, opus_frame_duration, CodecError, FrameDuration};
 use super::net::crypto::{CryptoError, PeerCipher, SessionKeys, TAG_LEN};
 use super::net::link::LinkConfig;
-use super::net::peers::{Incoming, PeerTable, Upsert};
+use super::net::peers::{DropCounters, DropReason, Incoming, PeerTable, Upsert};
+use super::net::received::Received;
 use super::rx::mixer::{MixInput, Mixer};
 use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::tx::levels::rms_dbfs;
@@ -94,7 +95,9 @@ pub struct VoiceEngine {
     bytes_sent: u64,
     mix_level_db: f32,
     last_loss_update: Duration,
-    foreign_drops: u64,
+    /// Datagrams the engine drops before the peer table sees them (no table yet, garbage,
+    /// replays refused by a cipher); the table counts the rest.
+    drops: DropCounters,
     vad_above_floor_db: f32,
     targets: Vec<(u32, SocketAddr)>,
     /// Our X25519 key pair for this run; peers derive per-direction voice keys from it.
@@ -102,7 +105,6 @@ pub struct VoiceEngine {
     sealed: Vec<u8>,
     opened: Vec<u8>,
     undecryptable: u64,
-    replayed: u64,
 }
 
 impl VoiceEngine {
@@ -133,14 +135,13 @@ impl VoiceEngine {
             bytes_sent: 0,
             mix_level_db: -120.0,
             last_loss_update: Duration::ZERO,
-            foreign_drops: 0,
+            drops: DropCounters::default(),
             vad_above_floor_db: vad_above,
             targets: Vec::with_capacity(32),
             keys: SessionKeys::generate(),
             sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
-            opened: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            opened: vec![0u8; MAX_VOICE_PAYLOAD],
             undecryptable: 0,
-            replayed: 0,
         })
     }
 
@@ -284,7 +285,10 @@ impl VoiceEngine {
         }
     }
 
-    /// One datagram arrived on our voice socket.
+    /// One datagram arrived on our voice socket. It is parsed once ([`Received`]); a peer's
+    /// datagram is authenticated (and voice decrypted) by that peer's cipher before the peer
+    /// table, its link or its jitter buffer look at it, so forged packets cannot move replay
+    /// windows or addresses.
     pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
         // The server's answer to our registration is not a peer datagram.
         if self.registration.is_server(from) {
@@ -294,58 +298,64 @@ impl VoiceEngine {
             return;
         }
         let Some(table) = &mut self.table else {
-            self.foreign_drops += 1;
+            self.drops.unknown_sender += 1;
             return;
         };
-        // Voice is sealed end to end: authenticate and decrypt before anything else looks at
-        // it, so forged packets cannot move replay windows or addresses.
-        let mut bytes = bytes;
-        // Punch, PunchAck, Ping and Pong carry a tag from the peer's control key: a spoofed
-        // punch would otherwise make the link adopt (and stream voice to) any address.
-        let head = &bytes[..bytes.len().min(PEER_CONTROL_LEN)];
-        if let Ok(
-            Datagram::Punch { from: sender, .. }
-            | Datagram::PunchAck { from: sender, .. }
-            | Datagram::Ping { from: sender, .. }
-            | Datagram::Pong { from: sender, .. },
-        ) = Datagram::parse(head)
-        {
-            let verified = self
-                .peers
-                .get_mut(&sender)
-                .and_then(|p| p.cipher.as_mut())
-                .and_then(|c| c.verify_control(bytes).ok());
-            match verified {
-                Some(datagram) => bytes = datagram,
-                None => {
-                    self.undecryptable += 1;
-                    return;
-                }
-            }
-        } else if let Ok(Datagram::Voice { from: sender, .. }) = Datagram::parse(bytes) {
-            let cipher = self.peers.get_mut(&sender).and_then(|p| p.cipher.as_mut());
-            let Some(cipher) = cipher else {
-                self.undecryptable += 1;
+        let received = match Received::parse(bytes) {
+            Ok(received) => received,
+            Err(e) => {
+                self.drops.count(&DropReason::Garbage(e));
                 return;
-            };
-            let (head, body) = self.opened.split_at_mut(VOICE_HEADER_LEN);
-            match cipher.open_datagram(bytes, body) {
-                Ok(n) => {
-                    head.copy_from_slice(&bytes[..VOICE_HEADER_LEN]);
-                    bytes = &self.opened[..VOICE_HEADER_LEN + n];
-                }
-                // A replayed or duplicated datagram is no attack on the key: count it as such.
-                Err(CryptoError::Replay { .. }) => {
-                    self.replayed += 1;
-                    return;
-                }
-                Err(_) => {
+            }
+        };
+        let datagram = match received {
+            // Punch, PunchAck, Ping and Pong carry a tag from the peer's control key: a spoofed
+            // punch would otherwise make the link adopt (and stream voice to) any address.
+            Received::Control { datagram, tagged } => {
+                let verified = datagram
+                    .sender()
+                    .and_then(|sender| self.peers.get_mut(&sender))
+                    .and_then(|p| p.cipher.as_mut())
+                    .is_some_and(|c| c.verify_control(tagged).is_ok());
+                if !verified {
                     self.undecryptable += 1;
                     return;
                 }
+                datagram
             }
-        }
-        match table.handle_datagram(now, from, bytes) {
+            Received::Voice {
+                from: sender,
+                seq,
+                timestamp,
+                sealed,
+            } => {
+                let cipher = self.peers.get_mut(&sender).and_then(|p| p.cipher.as_mut());
+                let Some(cipher) = cipher else {
+                    self.undecryptable += 1;
+                    return;
+                };
+                match cipher.open_datagram(sealed, &mut self.opened) {
+                    Ok(n) => Datagram::Voice {
+                        from: sender,
+                        seq,
+                        timestamp,
+                        payload: &self.opened[..n],
+                    },
+                    // The cipher's window is the one replay window of this direction: a
+                    // replayed or duplicated datagram is no attack on the key, count it as such.
+                    Err(CryptoError::Replay { .. }) => {
+                        self.drops.count(&DropReason::Replay(sender));
+                        return;
+                    }
+                    Err(_) => {
+                        self.undecryptable += 1;
+                        return;
+                    }
+                }
+            }
+            Received::Plain(datagram) => datagram,
+        };
+        match table.handle_parsed(now, from, datagram) {
             Incoming::Voice {
                 peer_id,
                 seq,

@@ -128,8 +128,7 @@ impl VoiceEngine {
             .as_ref()
             .map(|t| t.drop_counters())
             .unwrap_or_default();
-        drops.unknown_sender += self.foreign_drops;
-        drops.replay += self.replayed;
+        drops.add(&self.drops);
         VoiceSnapshot {
             self_id: self.table.as_ref().map(|t| t.our_id()),
             input_level_db: self.input_level_db,

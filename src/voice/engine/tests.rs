@@ -562,3 +562,42 @@ fn peer_settings_chosen_before_a_peer_appears_apply_to_it_and_survive_a_rejoin()
         }
     );
 }
+
+/// The cipher's window is the one replay window: a voice datagram that arrives twice is
+/// dropped once and counted as a replay (not as a forgery), and the jitter buffer never sees
+/// the second copy.
+#[test]
+fn a_duplicated_voice_datagram_is_dropped_by_the_cipher_and_counted_as_a_replay() {
+    let (mut a, mut b, mut now) = linked_pair();
+    let before = b.snapshot(now).drops.total();
+    let pcm = tone_frame(440.0);
+    let mut mix = vec![0.0; 960];
+    let mut voice = 0;
+    for _ in 0..50 {
+        let mut to_b = Vec::new();
+        a.capture(now, &pcm, |to, d| {
+            if to == addr(2000) && matches!(Datagram::parse(d), Ok(Datagram::Voice { .. })) {
+                to_b.push(d.to_vec())
+            }
+        });
+        for d in &to_b {
+            b.handle_datagram(now, addr(1000), d);
+            b.handle_datagram(now, addr(1000), d);
+            voice += 1;
+        }
+        b.playout_frame(now, &mut mix);
+        now += Duration::from_millis(20);
+    }
+    assert!(voice > 20);
+    let snap = b.snapshot(now);
+    assert_eq!(snap.drops.replay, voice, "{snap:?}");
+    assert_eq!(snap.drops.total(), before + voice);
+    assert_eq!(snap.undecryptable, 0);
+    let p = &snap.peers[0];
+    assert_eq!(p.duplicates, 0, "{p:?}");
+    assert!(p.frames_decoded > 20, "{p:?}");
+    assert_eq!(
+        DropReason::Replay(1).to_string(),
+        "replayed or too old voice sequence number from peer 1"
+    );
+}

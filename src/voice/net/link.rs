@@ -25,7 +25,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::replay::{ReplayVerdict, VoiceReplayWindow};
 use crate::protocol::datagram::Datagram;
 
 /// Most candidate addresses kept per peer (announced plus adopted peer-reflexive ones). Bounds
@@ -123,8 +122,6 @@ pub enum LinkReject {
     WrongRecipient,
     #[error("voice from an address that is neither a candidate nor confirmed by a punch")]
     UnauthenticatedSource,
-    #[error("voice sequence number already seen or too old (replay)")]
-    Replay,
     #[error("punch answer with a nonce we did not send")]
     StaleNonce,
     #[error("pong for a ping we did not send")]
@@ -170,7 +167,7 @@ const PING_MEMORY: usize = 4;
 ///
 /// Invariants: the active address of a `Connected` link is always one of its candidates; a
 /// candidate list never holds duplicates nor more than [`MAX_CANDIDATES`] entries; voice is
-/// accepted only from a candidate address and only once per sequence number.
+/// accepted only from a candidate address (that it is fresh, the cipher checked before).
 #[derive(Debug, Clone)]
 pub struct PeerLink {
     our_id: u32,
@@ -193,7 +190,6 @@ pub struct PeerLink {
     srtt_micros: Option<u64>,
     rttvar_micros: u64,
     outbox: VecDeque<Transmit>,
-    replay: VoiceReplayWindow,
     stats: LinkStats,
 }
 
@@ -230,7 +226,6 @@ impl PeerLink {
             srtt_micros: None,
             rttvar_micros: 0,
             outbox: VecDeque::new(),
-            replay: VoiceReplayWindow::new(),
             stats: LinkStats::default(),
         };
         for &addr in candidates {
@@ -257,10 +252,6 @@ impl PeerLink {
 
     pub fn candidates(&self) -> &[Candidate] {
         &self.candidates
-    }
-
-    pub fn replay_window(&self) -> &VoiceReplayWindow {
-        &self.replay
     }
 
     pub fn config(&self) -> &LinkConfig {
@@ -526,14 +517,8 @@ impl PeerLink {
         // Validate fully before anything changes state.
         let known = self.index_of(from).is_some();
         match *datagram {
-            Datagram::Voice { seq, .. } => {
-                if !known {
-                    return Err(LinkReject::UnauthenticatedSource);
-                }
-                if self.replay.check_and_update(seq) != ReplayVerdict::Fresh {
-                    return Err(LinkReject::Replay);
-                }
-            }
+            // Replays never get here: the peer's cipher refused them (`super::replay`).
+            Datagram::Voice { .. } if !known => return Err(LinkReject::UnauthenticatedSource),
             Datagram::PunchAck { nonce, .. } if nonce != self.nonce && nonce != self.prev_nonce => {
                 return Err(LinkReject::StaleNonce);
             }
@@ -811,11 +796,12 @@ mod tests {
                 addr: addr("198.51.100.2:6000")
             }
         );
+        // Replays are the cipher's to refuse (its window is the only one); the link judges
+        // only the address, so the same datagram again is still voice to it.
         assert_eq!(
             l.handle(ms(3), addr("198.51.100.2:6000"), &v),
-            LinkOutcome::Rejected(LinkReject::Replay)
+            LinkOutcome::Voice
         );
-        assert_eq!(l.replay_window().duplicates, 1);
     }
 
     #[test]

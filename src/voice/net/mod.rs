@@ -6,6 +6,7 @@
 //! - [`peers`]: the table of every peer's link behind our one UDP socket; routes each
 //!   datagram by sender id and counts what it drops.
 //! - [`crypto`]: per-peer keys, sealing and opening of voice, tags on control datagrams.
+//! - [`received`]: a datagram from the socket, parsed once, waiting for its cipher.
 //! - [`replay`]: the replay window, kept by the cipher per direction of each peer.
 //! - [`impair`]: a simulated lossy, jittery network for tests and `--impair`.
 
@@ -13,6 +14,7 @@ pub mod crypto;
 pub mod impair;
 pub mod link;
 pub mod peers;
+pub mod received;
 pub mod replay;
 
 pub use link::{LinkConfig, LinkState, PeerLink};

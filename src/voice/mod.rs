@@ -30,6 +30,7 @@ pub mod tx;
 
 #[cfg(feature = "app")]
 pub use engine::{PeerSettings, PeerSnapshot, PeerState, VoiceConfig, VoiceEngine, VoiceSnapshot};
+pub use net::link::UnreachableReason;
 #[cfg(feature = "app")]
 pub use plugin::{Voice, VoiceIntent, VoicePlugin};
 #[cfg(feature = "app")]

@@ -227,7 +227,7 @@ fn receive_voice_events(
             pl.state = match &p.state {
                 PeerState::Punching => LinkState::Punching,
                 PeerState::Direct(_) => LinkState::Direct,
-                PeerState::Unreachable(r) => LinkState::Unreachable(r.clone()),
+                PeerState::Unreachable(r) => LinkState::Unreachable(r.to_string()),
             };
             pl.rtt_ms = p.rtt_ms;
             pl.loss_pct = p.loss_pct;

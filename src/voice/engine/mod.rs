@@ -1,10 +1,17 @@
-//! `VoiceEngine`: the whole voice plane of one client as pure logic.
+//! `VoiceEngine`: the whole voice plane of one client as one pure state machine.
 //!
-//! It ties together the peer links (hole punching, keepalives), the capture chain and encoder
-//! on the sending side, and one jitter buffer + decoder per peer and the mixer on the receiving
-//! side. It owns no socket, no thread and no clock: the voice thread (`thread.rs`) feeds it
-//! datagrams, capture frames and playout requests with the current time, and sends what it
-//! returns. Everything here is therefore testable with simulated time and a simulated network.
+//! It composes the layers below it: the net layer's peer table (one link per remote member:
+//! hole punching, keepalives, datagram routing), one `Peer` per member (its cipher,
+//! its receive path through jitter buffer and decoder, its volume and mute), the mixer, and on
+//! the sending side the capture chain and encoder. It owns no socket, no thread and no clock:
+//! the voice thread (`thread.rs`) feeds it datagrams, capture frames and playout requests with
+//! the current time, fires [`VoiceEngine::handle_timeout`] when [`VoiceEngine::poll_timeout`] is
+//! due, and sends what [`VoiceEngine::poll_transmit`] returns. Everything here is therefore
+//! testable with simulated time and a simulated network.
+//!
+//! Files: this one holds the public API and the datagram, capture and playout paths;
+//! `peer.rs` the per-member state, `registration.rs` the UDP registration with the server,
+//! `outbox.rs` the queue of sealed voice, `snapshot.rs` what the UI sees.
 
 mod outbox;
 mod peer;
@@ -35,11 +42,6 @@ use super::tx::OpusEncoder;
 use crate::audio::CHUNK_SAMPLES;
 use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN};
 use crate::protocol::{PeerInfo, UserId};
-
-/// A peer counts as speaking for this long after its last decoded audible frame.
-const SPEAKING_HOLD: Duration = Duration::from_millis(250);
-/// Level under which decoded audio does not count as speech for the speaking indicator.
-const SPEAKING_FLOOR_DB: f32 = -50.0;
 
 /// Settings of the voice plane.
 #[derive(Debug, Clone)]

@@ -5,13 +5,17 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::{SPEAKING_FLOOR_DB, SPEAKING_HOLD};
 use crate::audio::CHUNK_SAMPLES;
 use crate::voice::codec::{CodecError, FrameDuration};
 use crate::voice::net::crypto::PeerCipher;
 use crate::voice::rx::jitter::JitterConfig;
 use crate::voice::rx::receiver::{PeerReceiver, PlayoutKind};
 use crate::voice::tx::levels::rms_dbfs;
+
+/// A peer counts as speaking for this long after its last decoded audible frame.
+const SPEAKING_HOLD: Duration = Duration::from_millis(250);
+/// Level under which decoded audio does not count as speech for the speaking indicator.
+const SPEAKING_FLOOR_DB: f32 = -50.0;
 
 /// How loud one remote member plays here, as chosen in the UI. Belongs to the user, not to a
 /// connection: it is kept while the user is not (or no longer) a peer and applies again when

@@ -7,15 +7,17 @@ use std::time::Duration;
 use super::VoiceEngine;
 use crate::protocol::UserId;
 use crate::voice::net::crypto::fingerprint;
-use crate::voice::net::link::LinkState;
+use crate::voice::net::link::{LinkState, UnreachableReason};
 use crate::voice::net::peers::DropCounters;
 
-/// Link state of one peer as shown to people.
+/// Link state of one peer: the one type the UI consumes (the link's own
+/// [`LinkState`] keeps the timing details only the link needs).
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeerState {
     Punching,
     Direct(SocketAddr),
-    Unreachable(String),
+    /// Its `Display` is the sentence to show.
+    Unreachable(UnreachableReason),
 }
 
 /// Figures of one peer for the UI, the headless summary and the benchmarks.

@@ -75,8 +75,40 @@ pub enum LinkState {
     Punching { since: Duration, reconnecting: bool },
     /// Packets from the peer arrive; voice goes to `addr`, the address they last came from.
     Connected { addr: SocketAddr },
-    /// Punching got no answer; `reason` is for people. Punches continue slowly.
-    Unreachable { reason: String },
+    /// Punching got no answer; `reason` says why, its `Display` is for people. Punches
+    /// continue slowly.
+    Unreachable { reason: UnreachableReason },
+}
+
+/// Why a link is unreachable: what code can decide on, carried up to the UI unchanged
+/// (`voice::PeerState::Unreachable`). Its `Display` is the sentence people read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnreachableReason {
+    /// No address of the peer was ever announced.
+    #[error("no address known for the peer after {secs} s", secs = .after.as_secs_f64())]
+    NoAddress { after: Duration },
+    /// Punching never got an answer from any candidate.
+    #[error(
+        "no answer from {candidates} {noun} after {secs} s (peer behind a symmetric NAT or offline?)",
+        noun = candidate_noun(*.candidates),
+        secs = .after.as_secs_f64()
+    )]
+    NoAnswer { candidates: usize, after: Duration },
+    /// The link was up, went silent, and punching again got no answer.
+    #[error(
+        "connection lost: no answer from {candidates} {noun} for {secs} s (peer offline or its network changed?)",
+        noun = candidate_noun(*.candidates),
+        secs = .after.as_secs_f64()
+    )]
+    ConnectionLost { candidates: usize, after: Duration },
+}
+
+fn candidate_noun(n: usize) -> &'static str {
+    if n == 1 {
+        "candidate"
+    } else {
+        "candidates"
+    }
 }
 
 /// How a candidate address became known.
@@ -375,21 +407,15 @@ impl PeerLink {
         self.ping_outstanding_since = None;
     }
 
-    fn unreachable_reason(&self, reconnecting: bool) -> String {
-        let n = self.candidates.len();
-        let secs = self.config.unreachable_after.as_secs_f64();
-        if n == 0 {
-            return format!("no address known for the peer after {secs} s");
-        }
-        let noun = if n == 1 { "candidate" } else { "candidates" };
-        if reconnecting {
-            format!(
-                "connection lost: no answer from {n} {noun} for {secs} s (peer offline or its network changed?)"
-            )
+    fn unreachable_reason(&self, reconnecting: bool) -> UnreachableReason {
+        let candidates = self.candidates.len();
+        let after = self.config.unreachable_after;
+        if candidates == 0 {
+            UnreachableReason::NoAddress { after }
+        } else if reconnecting {
+            UnreachableReason::ConnectionLost { candidates, after }
         } else {
-            format!(
-                "no answer from {n} {noun} after {secs} s (peer behind a symmetric NAT or offline?)"
-            )
+            UnreachableReason::NoAnswer { candidates, after }
         }
     }
 
@@ -816,10 +842,19 @@ mod tests {
         assert_eq!(l.poll_timeout(), ms(10_000));
         drain(&mut l, ms(10_000));
         match l.state() {
-            LinkState::Unreachable { reason } => assert_eq!(
-                reason,
-                "no answer from 3 candidates after 10 s (peer behind a symmetric NAT or offline?)"
-            ),
+            LinkState::Unreachable { reason } => {
+                assert_eq!(
+                    reason,
+                    &UnreachableReason::NoAnswer {
+                        candidates: 3,
+                        after: ms(10_000)
+                    }
+                );
+                assert_eq!(
+                    reason.to_string(),
+                    "no answer from 3 candidates after 10 s (peer behind a symmetric NAT or offline?)"
+                );
+            }
             other => panic!("expected unreachable, got {other:?}"),
         }
         assert_eq!(l.poll_timeout(), ms(12_000));
@@ -977,7 +1012,10 @@ mod tests {
             "5 s silence after the connect ping, then 10 s punching"
         );
         match l.state() {
-            LinkState::Unreachable { reason } => assert!(reason.starts_with("connection lost")),
+            LinkState::Unreachable { reason } => {
+                assert!(matches!(reason, UnreachableReason::ConnectionLost { .. }));
+                assert!(reason.to_string().starts_with("connection lost"));
+            }
             _ => unreachable!(),
         }
     }
@@ -1003,5 +1041,31 @@ mod tests {
         let active = l.active_addr().unwrap();
         assert_eq!(active, SocketAddr::from(([203, 0, 113, 5], 1099)));
         assert!(l.candidates().iter().any(|c| c.addr == active));
+    }
+
+    /// The texts people read are exactly the ones shown before the reason was typed.
+    #[test]
+    fn unreachable_reasons_read_as_sentences() {
+        let after = Duration::from_secs(10);
+        assert_eq!(
+            UnreachableReason::NoAddress { after }.to_string(),
+            "no address known for the peer after 10 s"
+        );
+        assert_eq!(
+            UnreachableReason::NoAnswer {
+                candidates: 1,
+                after
+            }
+            .to_string(),
+            "no answer from 1 candidate after 10 s (peer behind a symmetric NAT or offline?)"
+        );
+        assert_eq!(
+            UnreachableReason::ConnectionLost {
+                candidates: 2,
+                after: Duration::from_millis(2_500)
+            }
+            .to_string(),
+            "connection lost: no answer from 2 candidates for 2.5 s (peer offline or its network changed?)"
+        );
     }
 }

@@ -310,7 +310,7 @@ impl PeerTable {
 
 #[cfg(test)]
 mod tests {
-    use super::super::link::{CandidateKind, LinkState};
+    use super::super::link::{CandidateKind, LinkState, UnreachableReason};
     use super::*;
     use std::collections::HashMap;
     use std::net::IpAddr;
@@ -703,11 +703,20 @@ mod tests {
         sim.run_until(ms(9_990));
         assert!(matches!(sim.state(0, 1), LinkState::Punching { .. }));
         sim.run_until(ms(10_010));
+        let LinkState::Unreachable { reason } = sim.state(0, 1) else {
+            panic!("unreachable expected");
+        };
+        assert_eq!(
+            reason.to_string(),
+            "no answer from 1 candidate after 10 s (peer behind a symmetric NAT or offline?)"
+        );
         assert_eq!(
             sim.state(0, 1),
             LinkState::Unreachable {
-                reason: "no answer from 1 candidate after 10 s (peer behind a symmetric NAT or offline?)"
-                    .into()
+                reason: UnreachableReason::NoAnswer {
+                    candidates: 1,
+                    after: ms(10_000)
+                }
             }
         );
         // Keeps trying every 2 s ...

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use p2p_voice::protocol::datagram::{Datagram, MAX_DATAGRAM_LEN, VOICE_HEADER_LEN};
-use p2p_voice::voice::link::LinkConfig;
-use p2p_voice::voice::peers::{Incoming, PeerTable};
+use p2p_voice::voice::net::link::LinkConfig;
+use p2p_voice::voice::net::peers::{Incoming, PeerTable};
 
 /// A typical 20 ms Opus frame at ~32 kbit/s.
 const PAYLOAD_LEN: usize = 80;

@@ -3,12 +3,13 @@
 //! plus tessellation, which is what bevy_egui does each frame before upload.
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use egui::{CentralPanel, Context, Pos2, RawInput, Rect, Vec2};
 use p2p_voice::ui::panels;
 use p2p_voice::ui::view::{ChannelView, LinkView, MemberLink, MemberView, OverviewView};
-use p2p_voice::voice::PeerState;
+use p2p_voice::voice::{PeerState, UnreachableReason};
 
 fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
     let channels = (0..channels)
@@ -27,7 +28,10 @@ fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
                         state: match id % 4 {
                             1 => MemberLink::Peer(PeerState::Punching),
                             2 => MemberLink::Peer(PeerState::Unreachable(
-                                "no reply within 10 s".into(),
+                                UnreachableReason::NoAnswer {
+                                    candidates: 2,
+                                    after: Duration::from_secs(10),
+                                },
                             )),
                             _ => MemberLink::Peer(PeerState::Direct(([192, 0, 2, 7], 7700).into())),
                         },

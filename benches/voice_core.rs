@@ -6,12 +6,12 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use p2p_voice::voice::capture::{CaptureChain, CaptureConfig};
-use p2p_voice::voice::codec::{
-    FrameDuration, OpusDecoder, OpusEncoder, DEFAULT_BITRATE_BPS, MAX_PAYLOAD,
-};
-use p2p_voice::voice::jitter::{JitterBuffer, JitterConfig};
-use p2p_voice::voice::mixer::{MixInput, Mixer};
+use p2p_voice::voice::codec::{FrameDuration, DEFAULT_BITRATE_BPS, MAX_PAYLOAD};
+use p2p_voice::voice::rx::jitter::{JitterBuffer, JitterConfig};
+use p2p_voice::voice::rx::mixer::{MixInput, Mixer};
+use p2p_voice::voice::rx::OpusDecoder;
+use p2p_voice::voice::tx::capture::{CaptureChain, CaptureConfig};
+use p2p_voice::voice::tx::OpusEncoder;
 
 const N: usize = 960;
 
@@ -74,7 +74,7 @@ fn jitter_push_pop(c: &mut Criterion) {
             jb.push(now, i, i.wrapping_mul(N as u32), black_box(&payload));
             let played = matches!(
                 jb.pop(now + Duration::from_millis(25)),
-                p2p_voice::voice::jitter::Playout::Packet { .. }
+                p2p_voice::voice::rx::jitter::Playout::Packet { .. }
             );
             i = i.wrapping_add(1);
             played

@@ -199,7 +199,9 @@ pub fn summary_json(snap: &VoiceSnapshot) -> serde_json::Value {
             "link": match &p.state {
                 PeerState::Punching => json!({"state": "punching"}),
                 PeerState::Direct(a) => json!({"state": "direct", "addr": a.to_string()}),
-                PeerState::Unreachable(r) => json!({"state": "unreachable", "reason": r}),
+                PeerState::Unreachable(r) => {
+                    json!({"state": "unreachable", "reason": r.to_string()})
+                }
             },
             "rtt_ms": p.rtt_ms,
             "loss_pct": p.loss_pct,

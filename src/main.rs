@@ -12,7 +12,7 @@ use p2p_voice::config::{hash_password, load_channels};
 use p2p_voice::protocol::DEFAULT_PORT;
 use p2p_voice::server::{ServerConfig, ServerRules};
 use p2p_voice::voice::codec::FrameDuration;
-use p2p_voice::voice::impair::ImpairConfig;
+use p2p_voice::voice::net::impair::ImpairConfig;
 use p2p_voice::voice::{VoiceConfig, VoiceThreadConfig};
 
 #[derive(Parser)]

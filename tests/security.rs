@@ -164,7 +164,7 @@ fn a_captured_call_holds_no_password_and_no_playable_audio() {
     );
     // Control: the same decoding and measuring applied to plaintext Opus of the talker's tone
     // must find it, or a leak of exactly that would go unnoticed.
-    let mut encoder = p2p_voice::voice::codec::OpusEncoder::new(
+    let mut encoder = p2p_voice::voice::tx::OpusEncoder::new(
         p2p_voice::voice::codec::FrameDuration::Ms20,
         32_000,
     )
@@ -237,7 +237,7 @@ impl Decoded {
 
 /// Decodes each payload as one Opus packet, keeping what decodes and counting it.
 fn decode_as_opus<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Decoded {
-    let mut decoder = p2p_voice::voice::codec::OpusDecoder::new().unwrap();
+    let mut decoder = p2p_voice::voice::rx::OpusDecoder::new().unwrap();
     let mut pcm = vec![0.0f32; 960];
     let mut out = Decoded {
         frames: 0,

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use p2p_voice::voice::crypto::{PeerCipher, SessionKeys};
+use p2p_voice::voice::net::crypto::{PeerCipher, SessionKeys};
 
 fuzz_target!(|data: &[u8]| {
     let a = SessionKeys::from_secret_bytes([1; 32]);

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use p2p_voice::protocol::datagram::Datagram;
-use p2p_voice::voice::link::LinkConfig;
-use p2p_voice::voice::peers::PeerTable;
+use p2p_voice::voice::net::link::LinkConfig;
+use p2p_voice::voice::net::peers::PeerTable;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(d) = Datagram::parse(data) {

@@ -3,7 +3,7 @@
 //!
 //! Everything the rest of the program sees is 48 kHz mono `f32` in `[-1, 1]`, moved through
 //! two lock-free SPSC rings: [`CaptureRing`] (microphone -> voice thread) and [`PlaybackRing`]
-//! (voice thread -> speaker). An engine thread owns the backends (cpal streams are not `Send`),
+//! (voice thread -> speaker). A device thread owns the backends (cpal streams are not `Send`),
 //! paces virtual devices in real time, resamples device rates to and from 48 kHz off the
 //! real-time callbacks, and bridges the device side to the rings, so the rings stay the same
 //! objects when devices are switched. This module knows nothing of the network.
@@ -13,7 +13,7 @@
 //! ([`AudioEvent::NoSpeaker`]).
 
 mod cpal_backend;
-mod engine;
+mod device_thread;
 mod file;
 mod pacer;
 mod resample;
@@ -36,7 +36,9 @@ pub use self::tone::{goertzel_amplitude, ToneGenerator};
 
 /// The internal sample rate in Hz.
 pub const SAMPLE_RATE: u32 = 48_000;
-/// Samples per 10 ms chunk at [`SAMPLE_RATE`]: the pace of virtual devices.
+/// Samples per 10 ms chunk at [`SAMPLE_RATE`]: the pace of virtual devices, and the step in
+/// which the voice plane mixes and hands audio to the speaker (whatever its codec frame), so a
+/// frame that arrives just after a mix waits at most one chunk.
 pub const CHUNK_SAMPLES: usize = 480;
 
 /// Where captured audio comes from.
@@ -228,7 +230,7 @@ pub struct AudioIo {
     capture: Option<CaptureRing>,
     playback: Option<PlaybackRing>,
     events: Receiver<AudioEvent>,
-    commands: Sender<engine::Command>,
+    commands: Sender<device_thread::Command>,
     engine: Option<JoinHandle<()>>,
     counters: Arc<Counters>,
 }
@@ -248,7 +250,7 @@ impl AudioIo {
         let (playback_prod, playback_cons) = ring::sample_ring(cfg.playback_ring_samples);
         let (event_tx, events) = crossbeam_channel::bounded(cfg.event_capacity.max(1));
         let counters = Arc::new(Counters::default());
-        let (handle, commands) = engine::spawn(engine::EngineParts {
+        let (handle, commands) = device_thread::spawn(device_thread::EngineParts {
             input: input.clone(),
             output: output.clone(),
             cfg,
@@ -302,7 +304,7 @@ impl AudioIo {
     /// [`AudioEvent::NoMicrophone`]). The capture ring stays the same object.
     pub fn switch_input(&self, input: InputSource) -> Result<String, AudioError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(engine::Command::SwitchInput(input, reply))?;
+        self.send(device_thread::Command::SwitchInput(input, reply))?;
         answer.recv().map_err(|_| AudioError::EngineStopped)?
     }
 
@@ -311,7 +313,7 @@ impl AudioIo {
     /// with a [`AudioEvent::NoSpeaker`]). The playback ring stays the same object.
     pub fn switch_output(&self, output: OutputSink) -> Result<String, AudioError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(engine::Command::SwitchOutput(output, reply))?;
+        self.send(device_thread::Command::SwitchOutput(output, reply))?;
         answer.recv().map_err(|_| AudioError::EngineStopped)?
     }
 
@@ -322,7 +324,7 @@ impl AudioIo {
             return Ok(());
         };
         let (reply, answer) = crossbeam_channel::bounded(1);
-        let result = match self.commands.send(engine::Command::Stop(reply)) {
+        let result = match self.commands.send(device_thread::Command::Stop(reply)) {
             Ok(()) => answer.recv().unwrap_or(Err(AudioError::EngineStopped)),
             Err(_) => Err(AudioError::EngineStopped),
         };
@@ -330,7 +332,7 @@ impl AudioIo {
         result
     }
 
-    fn send(&self, cmd: engine::Command) -> Result<(), AudioError> {
+    fn send(&self, cmd: device_thread::Command) -> Result<(), AudioError> {
         if self.engine.is_none() {
             return Err(AudioError::EngineStopped);
         }

@@ -1,15 +1,15 @@
-//! Opus codec wrapper for the voice plane: 48 kHz mono, 10 or 20 ms frames.
+//! What the sending and the receiving side agree on about Opus: 48 kHz mono, 10 or 20 ms frames
+//! ([`FrameDuration`]), payload limits, DTX, the TOC byte, and [`CodecError`].
 //!
-//! The encoder is configured for speech (VOIP application, in-band FEC, DTX). The decoder exposes
-//! the three ways of producing a frame: a normal decode, recovery of a lost frame from the next
-//! packet's in-band FEC, and packet loss concealment. Neither type allocates per frame.
+//! The codec itself is split by direction: the encoder lives with the capture chain
+//! ([`super::tx::OpusEncoder`]) and the decoder with the receive path
+//! ([`super::rx::OpusDecoder`]). This module holds only the facts both need, so neither side
+//! depends on the other. The round-trip tests, which need both, live here too.
 
 use std::time::Duration;
 
-use opusic_c::{Application, Bitrate, Channels, Decoder, Encoder, InbandFec, SampleRate, Signal};
-
-/// Sample rate of every PCM buffer in the voice plane.
-pub const SAMPLE_RATE_HZ: u32 = 48_000;
+/// Sample rate of every PCM buffer in the voice plane: the audio layer's rate.
+pub const SAMPLE_RATE_HZ: u32 = crate::audio::SAMPLE_RATE;
 
 /// Largest Opus payload of one frame (RFC 6716 limit), the size to reserve for `encode`.
 pub const MAX_PAYLOAD: usize = 1275;
@@ -84,7 +84,7 @@ pub enum CodecError {
     Decode(&'static str),
 }
 
-fn setup(what: &'static str) -> impl Fn(opusic_c::ErrorCode) -> CodecError {
+pub(super) fn setup(what: &'static str) -> impl Fn(opusic_c::ErrorCode) -> CodecError {
     move |e| CodecError::Setup {
         what,
         reason: e.message(),
@@ -97,144 +97,30 @@ pub fn is_dtx_payload(len: usize) -> bool {
     len <= DTX_MAX_PAYLOAD
 }
 
-/// Opus speech encoder for one outgoing stream.
-///
-/// Invariant: configured as 48 kHz mono VOIP with in-band FEC and DTX on; `encode` accepts only
-/// frames of the duration chosen at construction.
-pub struct OpusEncoder {
-    inner: Encoder,
-    frame: FrameDuration,
-    expected_loss_percent: u8,
-}
-
-impl OpusEncoder {
-    /// Creates an encoder for frames of `frame` duration at `bitrate_bps` (e.g.
-    /// [`DEFAULT_BITRATE_BPS`]).
-    pub fn new(frame: FrameDuration, bitrate_bps: u32) -> Result<Self, CodecError> {
-        let mut inner = Encoder::new(Channels::Mono, SampleRate::Hz48000, Application::Voip)
-            .map_err(setup("encoder"))?;
-        inner
-            .set_bitrate(Bitrate::Value(bitrate_bps))
-            .map_err(setup("bit rate"))?;
-        inner
-            .set_signal(Signal::Voice)
-            .map_err(setup("signal type"))?;
-        inner
-            .set_inband_fec(InbandFec::Mode1)
-            .map_err(setup("in-band FEC"))?;
-        inner.set_dtx(true).map_err(setup("DTX"))?;
-        let mut encoder = Self {
-            inner,
-            frame,
-            expected_loss_percent: 0,
-        };
-        // FEC only carries redundancy when a loss rate is expected; start with a modest hint
-        // until measurements arrive.
-        encoder.set_expected_loss_percent(5)?;
-        Ok(encoder)
+/// Frame duration announced by an Opus packet's TOC byte (RFC 6716 section 3.1), if it is one
+/// we can play (10 or 20 ms, one frame per packet).
+pub fn opus_frame_duration(payload: &[u8]) -> Option<FrameDuration> {
+    let toc = *payload.first()?;
+    if toc & 0x03 != 0 {
+        return None; // several frames per packet: our senders never do that
     }
-
-    /// The frame duration `encode` expects.
-    pub fn frame_duration(&self) -> FrameDuration {
-        self.frame
-    }
-
-    /// Changes the target bit rate.
-    pub fn set_bitrate(&mut self, bitrate_bps: u32) -> Result<(), CodecError> {
-        self.inner
-            .set_bitrate(Bitrate::Value(bitrate_bps))
-            .map_err(setup("bit rate"))
-    }
-
-    /// Tells the encoder how much packet loss to expect (0..=100, clamped), which sizes the
-    /// in-band FEC. Feed it the loss measured by the receiving peers.
-    pub fn set_expected_loss_percent(&mut self, percent: u8) -> Result<(), CodecError> {
-        let percent = percent.min(100);
-        self.inner
-            .set_packet_loss(percent)
-            .map_err(setup("expected packet loss"))?;
-        self.expected_loss_percent = percent;
-        Ok(())
-    }
-
-    /// The loss hint last set.
-    pub fn expected_loss_percent(&self) -> u8 {
-        self.expected_loss_percent
-    }
-
-    /// Encodes one frame of samples in [-1, 1] into `out` (reserve [`MAX_PAYLOAD`] bytes) and
-    /// returns the payload length. Check [`is_dtx_payload`] before sending it.
-    pub fn encode(&mut self, pcm: &[f32], out: &mut [u8]) -> Result<usize, CodecError> {
-        let expected = self.frame.samples();
-        if pcm.len() != expected {
-            return Err(CodecError::WrongFrameLength {
-                expected,
-                got: pcm.len(),
-            });
-        }
-        let limit = out.len().min(MAX_PAYLOAD);
-        self.inner
-            .encode_float_to_slice(pcm, &mut out[..limit])
-            .map_err(|e| CodecError::Encode(e.message()))
-    }
-}
-
-/// Opus decoder for one incoming stream (one per peer: decoder state is per stream).
-///
-/// The output length of each call is the caller's frame length; it must be a multiple of 2.5 ms
-/// (120 samples) and at most 120 ms.
-pub struct OpusDecoder {
-    inner: Decoder,
-}
-
-impl OpusDecoder {
-    /// Creates a 48 kHz mono decoder.
-    pub fn new() -> Result<Self, CodecError> {
-        let inner = Decoder::new(Channels::Mono, SampleRate::Hz48000).map_err(setup("decoder"))?;
-        Ok(Self { inner })
-    }
-
-    /// Decodes `payload` into `out`, returning the number of samples written.
-    pub fn decode(&mut self, payload: &[u8], out: &mut [f32]) -> Result<usize, CodecError> {
-        if payload.is_empty() {
-            return Err(CodecError::EmptyPayload);
-        }
-        self.inner
-            .decode_float_to_slice(payload, out, false)
-            .map_err(|e| CodecError::Decode(e.message()))
-    }
-
-    /// Reconstructs the frame *before* `next_payload` (which was lost) from the in-band FEC data
-    /// that `next_payload` carries; `out.len()` must be the lost frame's length. Without FEC data
-    /// in the packet libopus conceals instead. Decode `next_payload` normally afterwards.
-    pub fn decode_fec(
-        &mut self,
-        next_payload: &[u8],
-        out: &mut [f32],
-    ) -> Result<usize, CodecError> {
-        if next_payload.is_empty() {
-            return self.conceal(out);
-        }
-        self.inner
-            .decode_float_to_slice(next_payload, out, true)
-            .map_err(|e| CodecError::Decode(e.message()))
-    }
-
-    /// Fills `out` with packet loss concealment extrapolated from the previous frames.
-    pub fn conceal(&mut self, out: &mut [f32]) -> Result<usize, CodecError> {
-        self.inner
-            .decode_float_to_slice(&[], out, false)
-            .map_err(|e| CodecError::Decode(e.message()))
-    }
-
-    /// Forgets the stream history (use when a peer's stream restarts).
-    pub fn reset(&mut self) -> Result<(), CodecError> {
-        self.inner.reset().map_err(setup("decoder reset"))
+    let config = toc >> 3;
+    let tenth_ms = match config {
+        0..=11 => [100, 200, 400, 600][(config % 4) as usize],
+        12..=15 => [100, 200][(config % 2) as usize],
+        _ => [25, 50, 100, 200][(config % 4) as usize],
+    };
+    match tenth_ms {
+        100 => Some(FrameDuration::Ms10),
+        200 => Some(FrameDuration::Ms20),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::rx::OpusDecoder;
+    use super::super::tx::OpusEncoder;
     use super::*;
     use std::f32::consts::PI;
 
@@ -413,5 +299,17 @@ mod tests {
             out.iter().all(|s| s.abs() < 1e-3),
             "PLC of nothing is silence"
         );
+    }
+
+    #[test]
+    fn opus_toc_gives_the_frame_duration() {
+        // CELT fullband 20 ms, one frame: config 31 -> 0b11111_0_00.
+        assert_eq!(opus_frame_duration(&[31 << 3]), Some(FrameDuration::Ms20));
+        assert_eq!(opus_frame_duration(&[30 << 3]), Some(FrameDuration::Ms10));
+        // SILK 60 ms: not playable by us.
+        assert_eq!(opus_frame_duration(&[3 << 3]), None);
+        assert_eq!(opus_frame_duration(&[]), None);
+        // Two frames per packet.
+        assert_eq!(opus_frame_duration(&[(31 << 3) | 1]), None);
     }
 }

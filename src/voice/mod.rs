@@ -1,44 +1,43 @@
 //! The voice plane: peers hear each other directly over UDP.
 //!
-//! Pure parts (no sockets, no threads, time passed in): [`link`] and [`peers`] (hole punching,
-//! keepalives, replay protection), [`codec`] (Opus), [`jitter`] and [`receiver`] (adaptive
-//! playout), [`mixer`], [`vad`], [`capture`], [`levels`], and [`engine`] which combines them.
-//! Shells: [`thread`] (UDP socket + audio rings) and [`plugin`] (ECS bridge).
+//! Layers, lowest first; each may use the ones above it in this list, never the ones below:
+//! - [`net`]: who we talk to and whether a datagram is really theirs: per-peer links (hole
+//!   punching, keepalives), the peer table that routes datagrams, end-to-end crypto with the
+//!   one replay window per direction, and a simulated network. Built without the `app` feature.
+//! - [`codec`]: what both directions agree on about Opus (frame durations, limits, errors).
+//! - [`rx`]: per-peer jitter buffer, Opus decoder and receiver, and the mixer of all peers.
+//! - [`tx`]: the capture chain (denoise, VAD, mute, push-to-talk), levels and the Opus encoder.
+//! - [`engine`]: [`VoiceEngine`], the whole voice plane of one client as one pure state machine:
+//!   one `Peer` per remote member (its cipher, receive path and settings, next to its link in
+//!   the peer table), registration with the server, the outbox and the snapshot.
+//!
+//! All of the above are pure (no sockets, no threads, time passed in). The only shells are
+//! [`thread`] (UDP socket + audio rings, waking on `poll_timeout`) and [`plugin`] (ECS bridge).
 
 #[cfg(feature = "app")]
 pub mod audio_problem;
 #[cfg(feature = "app")]
-pub mod capture;
-#[cfg(feature = "app")]
 pub mod codec;
-pub mod crypto;
 #[cfg(feature = "app")]
 pub mod engine;
-pub mod impair;
-#[cfg(feature = "app")]
-pub mod jitter;
-#[cfg(feature = "app")]
-pub mod levels;
-pub mod link;
-#[cfg(feature = "app")]
-pub mod mixer;
-pub mod peers;
+pub mod net;
 #[cfg(feature = "app")]
 pub mod plugin;
 #[cfg(feature = "app")]
-pub mod receiver;
-pub mod setting;
+pub mod rx;
 #[cfg(feature = "app")]
 pub mod thread;
 #[cfg(feature = "app")]
-pub mod vad;
+pub mod tx;
 
 #[cfg(feature = "app")]
 pub use audio_problem::AudioProblem;
 #[cfg(feature = "app")]
-pub use engine::{PeerSnapshot, PeerState, VoiceConfig, VoiceEngine, VoiceSnapshot};
+pub use engine::{
+    PeerSettings, PeerSnapshot, PeerState, VoiceConfig, VoiceEngine, VoiceSetting, VoiceSnapshot,
+};
+pub use net::link::UnreachableReason;
 #[cfg(feature = "app")]
 pub use plugin::{Voice, VoicePlugin};
-pub use setting::VoiceSetting;
 #[cfg(feature = "app")]
 pub use thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use thiserror::Error;
 
+use super::engine::VoiceSetting;
 use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
-use super::impair::{ImpairConfig, Impairment};
-use super::setting::VoiceSetting;
+use super::net::impair::{ImpairConfig, Impairment};
 use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink, RingWake};
 use crate::protocol::{PeerInfo, UserId};
 
@@ -29,7 +29,7 @@ const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
 /// one 10 ms device chunk. Each sample then waits 5-15 ms in the ring, the output side of the
 /// latency budget; the device thread wakes the voice loop each time it takes samples, so the
 /// device never finds the ring empty.
-const PLAYBACK_LOW_WATER_SAMPLES: usize = 480;
+const PLAYBACK_LOW_WATER_SAMPLES: usize = crate::audio::CHUNK_SAMPLES;
 /// Poll tokens of the voice loop.
 const SOCKET: mio::Token = mio::Token(0);
 const WAKE: mio::Token = mio::Token(1);
@@ -276,7 +276,7 @@ impl Worker {
     fn run(&mut self) {
         let frame = self.engine.frame().samples();
         let mut cap = vec![0.0f32; frame];
-        let mut mix = vec![0.0f32; super::engine::PLAYOUT_CHUNK];
+        let mut mix = vec![0.0f32; crate::audio::CHUNK_SAMPLES];
         let mut buf = [0u8; 2048];
         let mut out = [0u8; MAX_DATAGRAM_LEN];
         let mut events = mio::Events::with_capacity(8);

@@ -76,10 +76,16 @@ mod tests {
 
     #[test]
     fn unreachable_state_names_the_reason() {
-        let text = link_state_text(&MemberLink::Peer(PeerState::Unreachable(
-            "no reply within 10 s".into(),
-        )));
-        assert_eq!(text, "unreachable: no reply within 10 s");
+        let reason = crate::voice::UnreachableReason::NoAnswer {
+            candidates: 2,
+            after: std::time::Duration::from_secs(10),
+        };
+        let text = link_state_text(&MemberLink::Peer(PeerState::Unreachable(reason)));
+        assert_eq!(
+            text,
+            "unreachable: no answer from 2 candidates after 10 s \
+             (peer behind a symmetric NAT or offline?)"
+        );
     }
 
     #[test]

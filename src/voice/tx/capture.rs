@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use nnnoiseless::DenoiseState;
 
-use super::codec::FrameDuration;
 use super::levels::rms_dbfs;
 use super::vad::{Vad, VadConfig};
+use crate::voice::codec::FrameDuration;
 
 /// Most pre-roll frames a chain can hold (60 ms of 10 ms frames).
 pub const MAX_PREROLL_FRAMES: usize = 6;

@@ -37,10 +37,10 @@ use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use super::super::protocol::datagram::{
+use super::replay::{ReplayVerdict, VoiceReplayWindow};
+use crate::protocol::datagram::{
     voice_header, DatagramKind, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN,
 };
-use super::link::{ReplayVerdict, VoiceReplayWindow};
 
 /// Bytes the AEAD tag adds to every voice payload. A sealed payload is `plaintext + TAG_LEN`.
 pub const TAG_LEN: usize = 16;
@@ -568,8 +568,8 @@ impl fmt::Debug for PeerCipher {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::protocol::datagram::Datagram;
     use super::*;
+    use crate::protocol::datagram::Datagram;
     use proptest::prelude::*;
 
     const A: u32 = 7;
@@ -1012,7 +1012,7 @@ mod tests {
         assert_eq!(b.open(&voice_header(A, 2, 0), &small[..n], &mut out), Ok(4));
         let max = vec![1u8; MAX_PLAINTEXT_LEN];
         let n = a.seal_datagram(3, 0, &max, &mut huge).unwrap();
-        assert_eq!(n, super::super::super::protocol::datagram::MAX_DATAGRAM_LEN);
+        assert_eq!(n, crate::protocol::datagram::MAX_DATAGRAM_LEN);
     }
 
     #[test]

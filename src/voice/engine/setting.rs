@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use crate::protocol::UserId;
 
-#[cfg(feature = "app")]
-use super::engine::VoiceEngine;
+use super::VoiceEngine;
 
 /// One change to the local voice plane.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,7 +42,6 @@ pub enum VoiceSetting {
     },
 }
 
-#[cfg(feature = "app")]
 impl VoiceEngine {
     /// Applies one setting; `now` matters for push-to-talk, whose release is timed.
     pub fn apply(&mut self, now: Duration, setting: VoiceSetting) {

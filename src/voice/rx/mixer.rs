@@ -5,7 +5,7 @@
 //! smoothly towards full scale so the output never leaves [-1, 1] and never wraps or clicks the
 //! way a hard clip does. The mixing buffer is allocated once, at construction.
 
-use super::codec::FrameDuration;
+use crate::voice::codec::FrameDuration;
 
 /// Largest per-peer gain (+6 dB).
 pub const MAX_GAIN: f32 = 2.0;

@@ -1,4 +1,4 @@
-//! The engine thread: owns the backends, paces virtual devices, bridges devices to the rings.
+//! The device thread: owns the backends, paces virtual devices, bridges devices to the rings.
 //!
 //! cpal streams are not `Send`, so they are created, kept and dropped here. The engine wakes
 //! at each virtual device's 10 ms deadline and every couple of milliseconds while a real

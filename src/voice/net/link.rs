@@ -75,8 +75,40 @@ pub enum LinkState {
     Punching { since: Duration, reconnecting: bool },
     /// Packets from the peer arrive; voice goes to `addr`, the address they last came from.
     Connected { addr: SocketAddr },
-    /// Punching got no answer; `reason` is for people. Punches continue slowly.
-    Unreachable { reason: String },
+    /// Punching got no answer; `reason` says why, its `Display` is for people. Punches
+    /// continue slowly.
+    Unreachable { reason: UnreachableReason },
+}
+
+/// Why a link is unreachable: what code can decide on, carried up to the UI unchanged
+/// (`voice::PeerState::Unreachable`). Its `Display` is the sentence people read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnreachableReason {
+    /// No address of the peer was ever announced.
+    #[error("no address known for the peer after {secs} s", secs = .after.as_secs_f64())]
+    NoAddress { after: Duration },
+    /// Punching never got an answer from any candidate.
+    #[error(
+        "no answer from {candidates} {noun} after {secs} s (peer behind a symmetric NAT or offline?)",
+        noun = candidate_noun(*.candidates),
+        secs = .after.as_secs_f64()
+    )]
+    NoAnswer { candidates: usize, after: Duration },
+    /// The link was up, went silent, and punching again got no answer.
+    #[error(
+        "connection lost: no answer from {candidates} {noun} for {secs} s (peer offline or its network changed?)",
+        noun = candidate_noun(*.candidates),
+        secs = .after.as_secs_f64()
+    )]
+    ConnectionLost { candidates: usize, after: Duration },
+}
+
+fn candidate_noun(n: usize) -> &'static str {
+    if n == 1 {
+        "candidate"
+    } else {
+        "candidates"
+    }
 }
 
 /// How a candidate address became known.
@@ -122,8 +154,6 @@ pub enum LinkReject {
     WrongRecipient,
     #[error("voice from an address that is neither a candidate nor confirmed by a punch")]
     UnauthenticatedSource,
-    #[error("voice sequence number already seen or too old (replay)")]
-    Replay,
     #[error("punch answer with a nonce we did not send")]
     StaleNonce,
     #[error("pong for a ping we did not send")]
@@ -153,80 +183,6 @@ pub struct LinkStats {
     pub queue_overflows: u64,
 }
 
-/// Verdict of [`VoiceReplayWindow::check_and_update`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayVerdict {
-    /// Not seen before: accept (the window now remembers it).
-    Fresh,
-    /// Already seen inside the window.
-    Duplicate,
-    /// Older than the window reaches: cannot tell, so drop.
-    TooOld,
-}
-
-/// 64-packet sliding window over voice sequence numbers (as in IPsec / DTLS anti-replay):
-/// remembers the highest sequence number seen and which of the 63 before it arrived, so
-/// reordered packets within 64 are accepted once and duplicates or replays are dropped.
-/// Sequence numbers compare with wrap-around (serial number arithmetic).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VoiceReplayWindow {
-    highest: Option<u32>,
-    /// Bit i set: `highest - i` was seen. Bit 0 is `highest` itself.
-    seen: u64,
-    pub accepted: u64,
-    pub duplicates: u64,
-    pub too_old: u64,
-}
-
-impl VoiceReplayWindow {
-    /// Window size in sequence numbers.
-    pub const SIZE: u32 = 64;
-
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Classifies `seq` and records it when fresh.
-    pub fn check_and_update(&mut self, seq: u32) -> ReplayVerdict {
-        let Some(highest) = self.highest else {
-            self.highest = Some(seq);
-            self.seen = 1;
-            self.accepted += 1;
-            return ReplayVerdict::Fresh;
-        };
-        let ahead = seq.wrapping_sub(highest);
-        if ahead != 0 && ahead < 1 << 31 {
-            self.seen = if ahead >= Self::SIZE {
-                1
-            } else {
-                (self.seen << ahead) | 1
-            };
-            self.highest = Some(seq);
-            self.accepted += 1;
-            return ReplayVerdict::Fresh;
-        }
-        let behind = highest.wrapping_sub(seq);
-        if behind >= Self::SIZE {
-            self.too_old += 1;
-            return ReplayVerdict::TooOld;
-        }
-        let bit = 1u64 << behind;
-        if self.seen & bit != 0 {
-            self.duplicates += 1;
-            ReplayVerdict::Duplicate
-        } else {
-            self.seen |= bit;
-            self.accepted += 1;
-            ReplayVerdict::Fresh
-        }
-    }
-
-    /// Highest sequence number accepted so far.
-    pub fn highest(&self) -> Option<u32> {
-        self.highest
-    }
-}
-
 /// Small deterministic generator for punch nonces (the caller seeds it with real randomness).
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -243,7 +199,7 @@ const PING_MEMORY: usize = 4;
 ///
 /// Invariants: the active address of a `Connected` link is always one of its candidates; a
 /// candidate list never holds duplicates nor more than [`MAX_CANDIDATES`] entries; voice is
-/// accepted only from a candidate address and only once per sequence number.
+/// accepted only from a candidate address (that it is fresh, the cipher checked before).
 #[derive(Debug, Clone)]
 pub struct PeerLink {
     our_id: u32,
@@ -266,7 +222,6 @@ pub struct PeerLink {
     srtt_micros: Option<u64>,
     rttvar_micros: u64,
     outbox: VecDeque<Transmit>,
-    replay: VoiceReplayWindow,
     stats: LinkStats,
 }
 
@@ -303,7 +258,6 @@ impl PeerLink {
             srtt_micros: None,
             rttvar_micros: 0,
             outbox: VecDeque::new(),
-            replay: VoiceReplayWindow::new(),
             stats: LinkStats::default(),
         };
         for &addr in candidates {
@@ -330,10 +284,6 @@ impl PeerLink {
 
     pub fn candidates(&self) -> &[Candidate] {
         &self.candidates
-    }
-
-    pub fn replay_window(&self) -> &VoiceReplayWindow {
-        &self.replay
     }
 
     pub fn config(&self) -> &LinkConfig {
@@ -457,21 +407,15 @@ impl PeerLink {
         self.ping_outstanding_since = None;
     }
 
-    fn unreachable_reason(&self, reconnecting: bool) -> String {
-        let n = self.candidates.len();
-        let secs = self.config.unreachable_after.as_secs_f64();
-        if n == 0 {
-            return format!("no address known for the peer after {secs} s");
-        }
-        let noun = if n == 1 { "candidate" } else { "candidates" };
-        if reconnecting {
-            format!(
-                "connection lost: no answer from {n} {noun} for {secs} s (peer offline or its network changed?)"
-            )
+    fn unreachable_reason(&self, reconnecting: bool) -> UnreachableReason {
+        let candidates = self.candidates.len();
+        let after = self.config.unreachable_after;
+        if candidates == 0 {
+            UnreachableReason::NoAddress { after }
+        } else if reconnecting {
+            UnreachableReason::ConnectionLost { candidates, after }
         } else {
-            format!(
-                "no answer from {n} {noun} after {secs} s (peer behind a symmetric NAT or offline?)"
-            )
+            UnreachableReason::NoAnswer { candidates, after }
         }
     }
 
@@ -599,14 +543,8 @@ impl PeerLink {
         // Validate fully before anything changes state.
         let known = self.index_of(from).is_some();
         match *datagram {
-            Datagram::Voice { seq, .. } => {
-                if !known {
-                    return Err(LinkReject::UnauthenticatedSource);
-                }
-                if self.replay.check_and_update(seq) != ReplayVerdict::Fresh {
-                    return Err(LinkReject::Replay);
-                }
-            }
+            // Replays never get here: the peer's cipher refused them (`super::replay`).
+            Datagram::Voice { .. } if !known => return Err(LinkReject::UnauthenticatedSource),
             Datagram::PunchAck { nonce, .. } if nonce != self.nonce && nonce != self.prev_nonce => {
                 return Err(LinkReject::StaleNonce);
             }
@@ -884,11 +822,12 @@ mod tests {
                 addr: addr("198.51.100.2:6000")
             }
         );
+        // Replays are the cipher's to refuse (its window is the only one); the link judges
+        // only the address, so the same datagram again is still voice to it.
         assert_eq!(
             l.handle(ms(3), addr("198.51.100.2:6000"), &v),
-            LinkOutcome::Rejected(LinkReject::Replay)
+            LinkOutcome::Voice
         );
-        assert_eq!(l.replay_window().duplicates, 1);
     }
 
     #[test]
@@ -903,10 +842,19 @@ mod tests {
         assert_eq!(l.poll_timeout(), ms(10_000));
         drain(&mut l, ms(10_000));
         match l.state() {
-            LinkState::Unreachable { reason } => assert_eq!(
-                reason,
-                "no answer from 3 candidates after 10 s (peer behind a symmetric NAT or offline?)"
-            ),
+            LinkState::Unreachable { reason } => {
+                assert_eq!(
+                    reason,
+                    &UnreachableReason::NoAnswer {
+                        candidates: 3,
+                        after: ms(10_000)
+                    }
+                );
+                assert_eq!(
+                    reason.to_string(),
+                    "no answer from 3 candidates after 10 s (peer behind a symmetric NAT or offline?)"
+                );
+            }
             other => panic!("expected unreachable, got {other:?}"),
         }
         assert_eq!(l.poll_timeout(), ms(12_000));
@@ -1064,7 +1012,10 @@ mod tests {
             "5 s silence after the connect ping, then 10 s punching"
         );
         match l.state() {
-            LinkState::Unreachable { reason } => assert!(reason.starts_with("connection lost")),
+            LinkState::Unreachable { reason } => {
+                assert!(matches!(reason, UnreachableReason::ConnectionLost { .. }));
+                assert!(reason.to_string().starts_with("connection lost"));
+            }
             _ => unreachable!(),
         }
     }
@@ -1092,31 +1043,29 @@ mod tests {
         assert!(l.candidates().iter().any(|c| c.addr == active));
     }
 
+    /// The texts people read are exactly the ones shown before the reason was typed.
     #[test]
-    fn replay_window_accepts_reordering_and_drops_duplicates_and_ancient_packets() {
-        let mut w = VoiceReplayWindow::new();
-        assert_eq!(w.check_and_update(100), ReplayVerdict::Fresh);
-        assert_eq!(w.check_and_update(102), ReplayVerdict::Fresh);
-        assert_eq!(w.check_and_update(101), ReplayVerdict::Fresh);
-        assert_eq!(w.check_and_update(101), ReplayVerdict::Duplicate);
-        assert_eq!(w.check_and_update(102), ReplayVerdict::Duplicate);
-        assert_eq!(w.check_and_update(102 - 63), ReplayVerdict::Fresh);
-        assert_eq!(w.check_and_update(102 - 64), ReplayVerdict::TooOld);
-        assert_eq!(w.check_and_update(1_000), ReplayVerdict::Fresh);
-        assert_eq!(w.check_and_update(102), ReplayVerdict::TooOld);
-        assert_eq!(w.check_and_update(999), ReplayVerdict::Fresh);
-        assert_eq!((w.accepted, w.duplicates, w.too_old), (6, 2, 2));
-        assert_eq!(w.highest(), Some(1_000));
-    }
-
-    #[test]
-    fn replay_window_handles_sequence_wrap_around() {
-        let mut w = VoiceReplayWindow::new();
-        assert_eq!(w.check_and_update(u32::MAX - 1), ReplayVerdict::Fresh);
-        assert_eq!(w.check_and_update(1), ReplayVerdict::Fresh);
-        assert_eq!(w.check_and_update(u32::MAX), ReplayVerdict::Fresh);
-        assert_eq!(w.check_and_update(u32::MAX - 1), ReplayVerdict::Duplicate);
-        assert_eq!(w.check_and_update(0), ReplayVerdict::Fresh);
-        assert_eq!(w.highest(), Some(1));
+    fn unreachable_reasons_read_as_sentences() {
+        let after = Duration::from_secs(10);
+        assert_eq!(
+            UnreachableReason::NoAddress { after }.to_string(),
+            "no address known for the peer after 10 s"
+        );
+        assert_eq!(
+            UnreachableReason::NoAnswer {
+                candidates: 1,
+                after
+            }
+            .to_string(),
+            "no answer from 1 candidate after 10 s (peer behind a symmetric NAT or offline?)"
+        );
+        assert_eq!(
+            UnreachableReason::ConnectionLost {
+                candidates: 2,
+                after: Duration::from_millis(2_500)
+            }
+            .to_string(),
+            "connection lost: no answer from 2 candidates for 2.5 s (peer offline or its network changed?)"
+        );
     }
 }

@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
-use super::codec::{CodecError, FrameDuration, OpusDecoder};
+use super::decoder::OpusDecoder;
 use super::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout, PushOutcome};
+use crate::voice::codec::{CodecError, FrameDuration};
 
 /// How the frame returned by [`PeerReceiver::pop_pcm`] was produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,8 +138,9 @@ impl PeerReceiver {
 
 #[cfg(test)]
 mod tests {
-    use super::super::codec::{OpusEncoder, DEFAULT_BITRATE_BPS, MAX_PAYLOAD};
     use super::*;
+    use crate::voice::codec::{DEFAULT_BITRATE_BPS, MAX_PAYLOAD};
+    use crate::voice::tx::OpusEncoder;
 
     /// Speech-like frame `index` of a continuous voiced signal (150 Hz with harmonics).
     fn voiced_frame(index: usize, n: usize) -> Vec<f32> {

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use super::codec::FrameDuration;
 use super::levels::{rms_dbfs, SILENCE_DBFS};
+use crate::voice::codec::FrameDuration;
 
 /// Tuning of the [`Vad`].
 #[derive(Debug, Clone, PartialEq)]

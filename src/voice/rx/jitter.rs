@@ -27,7 +27,7 @@
 
 use std::time::Duration;
 
-use super::codec::{FrameDuration, MAX_PAYLOAD, SAMPLE_RATE_HZ};
+use crate::voice::codec::{FrameDuration, MAX_PAYLOAD, SAMPLE_RATE_HZ};
 
 const SAMPLES_PER_MS: f64 = SAMPLE_RATE_HZ as f64 / 1000.0;
 /// Transit samples kept for the jitter estimate (at most; older than the window are ignored too).
@@ -258,7 +258,8 @@ pub struct JitterBuffer {
     target_before_spurt: f64,
     /// When a frame was last inserted to raise the delay.
     last_stretch_ms: Option<f64>,
-    // Loss accounting.
+    // Loss accounting: which of the last `LOSS_WINDOW` sequence numbers arrived. It must know
+    // that to tell losses, so it also recognises a copy of a packet it already counted.
     seq_first: Option<i64>,
     seq_high: i64,
     seq_mask: u128,
@@ -344,6 +345,9 @@ impl JitterBuffer {
         let ts = self.ts_unwrap.extend(timestamp);
         let seq_ext = self.seq_unwrap.extend(seq);
 
+        // Playout logic, not replay protection (the peer's cipher holds the one replay window,
+        // and in the engine a copy it refused never gets here): a packet whose sequence number
+        // the loss accounting already counted, or whose timestamp is buffered, is played once.
         if self.seq_already_seen(seq_ext) || self.slots.iter().any(|s| s.used && s.ts == ts) {
             self.stats.duplicates += 1;
             return PushOutcome::Duplicate;

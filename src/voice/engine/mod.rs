@@ -1,0 +1,530 @@
+//! `VoiceEngine`: the whole voice plane of one client as one pure state machine.
+//!
+//! It composes the layers below it: the net layer's peer table (one link per remote member:
+//! hole punching, keepalives, datagram routing), one `Peer` per member (its cipher,
+//! its receive path through jitter buffer and decoder, its volume and mute), the mixer, and on
+//! the sending side the capture chain and encoder. It owns no socket, no thread and no clock:
+//! the voice thread (`thread.rs`) feeds it datagrams, capture frames and playout requests with
+//! the current time, fires [`VoiceEngine::handle_timeout`] when [`VoiceEngine::poll_timeout`] is
+//! due, and sends what [`VoiceEngine::poll_transmit`] returns. Everything here is therefore
+//! testable with simulated time and a simulated network.
+//!
+//! Files: this one holds the public API and the datagram, capture and playout paths;
+//! `peer.rs` the per-member state, `registration.rs` the UDP registration with the server,
+//! `outbox.rs` the queue of sealed voice, `snapshot.rs` what the UI sees.
+
+mod outbox;
+mod peer;
+mod registration;
+mod setting;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use self::outbox::Outbox;
+pub use self::outbox::{Transmit, MAX_DATAGRAM_LEN};
+use self::peer::Peer;
+pub use self::peer::PeerSettings;
+use self::registration::Registration;
+pub use self::setting::VoiceSetting;
+pub use self::snapshot::{PeerSnapshot, PeerState, VoiceSnapshot};
+use super::codec::{is_dtx_payload, opus_frame_duration, CodecError, FrameDuration};
+use super::net::crypto::{CryptoError, PeerCipher, SessionKeys, TAG_LEN};
+use super::net::link::LinkConfig;
+use super::net::peers::{DropCounters, DropReason, Incoming, PeerTable, Upsert};
+use super::net::received::Received;
+use super::rx::mixer::{MixInput, Mixer};
+use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
+use super::tx::levels::rms_dbfs;
+use super::tx::OpusEncoder;
+use crate::audio::CHUNK_SAMPLES;
+use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN};
+use crate::protocol::{PeerInfo, UserId};
+
+/// Settings of the voice plane.
+#[derive(Debug, Clone)]
+pub struct VoiceConfig {
+    /// Frame duration we capture and send with (peers may use another; we adapt per peer).
+    pub frame: FrameDuration,
+    pub bitrate_bps: u32,
+    pub capture: CaptureConfig,
+    pub link: LinkConfig,
+}
+
+impl Default for VoiceConfig {
+    fn default() -> Self {
+        Self::for_frame(FrameDuration::Ms20)
+    }
+}
+
+impl VoiceConfig {
+    pub fn for_frame(frame: FrameDuration) -> Self {
+        Self {
+            frame,
+            bitrate_bps: 24_000,
+            capture: CaptureConfig::for_frame(frame),
+            link: LinkConfig::default(),
+        }
+    }
+}
+
+/// See the module docs.
+pub struct VoiceEngine {
+    cfg: VoiceConfig,
+    /// The links to our peers (net layer); `None` until we know our own id.
+    table: Option<PeerTable>,
+    /// One [`Peer`] per link in `table`, under the same id.
+    peers: BTreeMap<UserId, Peer>,
+    /// Settings the UI chose for users that are not peers right now (not yet, or no longer):
+    /// a user's settings live either here or in its [`Peer`], never in both.
+    remembered: BTreeMap<UserId, PeerSettings>,
+    capture: CaptureChain,
+    encoder: OpusEncoder,
+    mixer: Mixer,
+    seq: u32,
+    packet: Vec<u8>,
+    registration: Registration,
+    outbox: Outbox,
+    seed: u64,
+    // Sending-side figures.
+    input_level_db: f32,
+    vad_threshold_db: f32,
+    speaking: bool,
+    transmitting: bool,
+    frames_sent: u64,
+    bytes_sent: u64,
+    mix_level_db: f32,
+    last_loss_update: Duration,
+    /// Datagrams the engine drops before the peer table sees them (no table yet, garbage,
+    /// replays refused by a cipher); the table counts the rest.
+    drops: DropCounters,
+    vad_above_floor_db: f32,
+    targets: Vec<(u32, SocketAddr)>,
+    /// Our X25519 key pair for this run; peers derive per-direction voice keys from it.
+    keys: SessionKeys,
+    sealed: Vec<u8>,
+    opened: Vec<u8>,
+    undecryptable: u64,
+}
+
+impl VoiceEngine {
+    pub fn new(cfg: VoiceConfig, seed: u64) -> Result<Self, CodecError> {
+        let mut encoder = OpusEncoder::new(cfg.frame, cfg.bitrate_bps)?;
+        let vad_above = cfg.capture.vad.threshold_above_floor_db;
+        encoder.set_expected_loss_percent(5)?;
+        let capture = CaptureChain::new(cfg.capture.clone());
+        Ok(Self {
+            // Shown on the input meter before any frame arrives (and with no microphone).
+            vad_threshold_db: capture.vad_threshold_db(),
+            capture,
+            mixer: Mixer::with_frame_samples(CHUNK_SAMPLES),
+            encoder,
+            cfg,
+            table: None,
+            peers: BTreeMap::new(),
+            remembered: BTreeMap::new(),
+            seq: 0,
+            packet: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            registration: Registration::default(),
+            outbox: Outbox::default(),
+            seed,
+            input_level_db: -120.0,
+            speaking: false,
+            transmitting: false,
+            frames_sent: 0,
+            bytes_sent: 0,
+            mix_level_db: -120.0,
+            last_loss_update: Duration::ZERO,
+            drops: DropCounters::default(),
+            vad_above_floor_db: vad_above,
+            targets: Vec::with_capacity(32),
+            keys: SessionKeys::generate(),
+            sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
+            opened: vec![0u8; MAX_VOICE_PAYLOAD],
+            undecryptable: 0,
+        })
+    }
+
+    pub fn frame(&self) -> FrameDuration {
+        self.cfg.frame
+    }
+
+    /// Our voice public key, announced to peers through the server.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.keys.public_key()
+    }
+
+    /// Replaces the key pair (tests use fixed keys). Drops every derived peer key.
+    pub fn set_keys(&mut self, keys: SessionKeys) {
+        self.keys = keys;
+        for peer in self.peers.values_mut() {
+            peer.cipher = None;
+        }
+    }
+
+    /// Our user id on the server (after identification). A new id (after a reconnect) starts a
+    /// fresh peer table: peers are re-announced by the server. Their ciphers go with them: the
+    /// keys and the sender id they seal with are bound to our old id.
+    pub fn set_self_id(&mut self, id: UserId) {
+        if self.table.as_ref().map(|t| t.our_id()) != Some(id) {
+            self.forget_peers();
+            self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
+        }
+    }
+
+    /// Where to register our UDP address, and the token the server gave us over TCP.
+    pub fn set_server(&mut self, now: Duration, addr: SocketAddr, token: u64) {
+        self.registration.set_server(now, addr, token);
+    }
+
+    /// The public address the server saw, once it answered.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.registration.public_addr()
+    }
+
+    /// A member of our channel, announced (again) by the server: its link starts punching, and
+    /// a new voice key replaces the cipher.
+    pub fn upsert_peer(&mut self, now: Duration, info: &PeerInfo) {
+        let Some(table) = &mut self.table else {
+            return;
+        };
+        let id = info.user_id;
+        let upsert = table.upsert_peer(now, id, info.username.clone(), &info.candidates());
+        if upsert == Upsert::IgnoredSelf {
+            return;
+        }
+        let our_id = table.our_id();
+        let remembered = &mut self.remembered;
+        let peer = self
+            .peers
+            .entry(id)
+            .or_insert_with(|| Peer::new(remembered.remove(&id).unwrap_or_default()));
+        if let Some(key) = info.voice_key {
+            let same = peer.cipher.as_ref().is_some_and(|c| c.peer_public() == key);
+            if !same {
+                // A bad key (low order) means no voice with that peer, never plaintext.
+                peer.cipher = PeerCipher::new(&self.keys, our_id, id, key).ok();
+            }
+        }
+    }
+
+    /// A member left the channel.
+    pub fn remove_peer(&mut self, id: UserId) {
+        if let Some(table) = &mut self.table {
+            table.remove_peer(id);
+        }
+        if let Some(peer) = self.peers.remove(&id) {
+            self.remembered.insert(id, peer.settings);
+        }
+    }
+
+    /// Forget every peer (we left the channel or lost the server's session).
+    pub fn clear_peers(&mut self) {
+        self.forget_peers();
+        if let Some(table) = &self.table {
+            let id = table.our_id();
+            self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
+        }
+    }
+
+    /// Drops every [`Peer`], keeping the settings chosen for them.
+    fn forget_peers(&mut self) {
+        for (id, peer) in std::mem::take(&mut self.peers) {
+            self.remembered.insert(id, peer.settings);
+        }
+    }
+
+    pub fn set_muted(&mut self, muted: bool) {
+        self.capture.set_muted(muted);
+    }
+    pub fn set_deafened(&mut self, deafened: bool) {
+        self.mixer.set_deafened(deafened);
+    }
+    pub fn set_noise_suppression(&mut self, on: bool) {
+        self.capture.set_denoise(on);
+    }
+    pub fn set_push_to_talk(&mut self, enabled: bool) {
+        self.capture.set_mode(if enabled {
+            TransmitMode::PushToTalk
+        } else {
+            TransmitMode::VoiceActivity
+        });
+    }
+    /// Moves the voice-activity threshold to `db` dBFS as shown on the input meter. The detector
+    /// keeps its threshold relative to the adaptive noise floor, so the offset is adjusted.
+    pub fn set_vad_threshold_abs(&mut self, db: f32) {
+        let delta = db - self.vad_threshold_db;
+        self.vad_above_floor_db = (self.vad_above_floor_db + delta).clamp(3.0, 40.0);
+        self.capture.set_vad_threshold_db(self.vad_above_floor_db);
+        self.vad_threshold_db = db;
+    }
+    pub fn set_ptt_pressed(&mut self, now: Duration, pressed: bool) {
+        self.capture.set_ptt_pressed(now, pressed);
+    }
+    /// Gain of user `id` in the mix, clamped to `0.0..=2.0`; kept for a user that is not (yet)
+    /// a peer.
+    pub fn set_peer_volume(&mut self, id: UserId, volume: f32) {
+        self.settings_mut(id).volume = volume.clamp(0.0, 2.0);
+    }
+    /// Leaves user `id` out of the mix (or back in); kept for a user that is not (yet) a peer.
+    pub fn set_peer_muted(&mut self, id: UserId, muted: bool) {
+        self.settings_mut(id).muted = muted;
+    }
+    /// The volume and mute in effect for user `id` (the defaults if none were chosen).
+    pub fn peer_settings(&self, id: UserId) -> PeerSettings {
+        match self.peers.get(&id) {
+            Some(peer) => peer.settings,
+            None => self.remembered.get(&id).copied().unwrap_or_default(),
+        }
+    }
+
+    fn settings_mut(&mut self, id: UserId) -> &mut PeerSettings {
+        match self.peers.get_mut(&id) {
+            Some(peer) => &mut peer.settings,
+            None => self.remembered.entry(id).or_default(),
+        }
+    }
+
+    /// One datagram arrived on our voice socket. It is parsed once ([`Received`]); a peer's
+    /// datagram is authenticated (and voice decrypted) by that peer's cipher before the peer
+    /// table, its link or its jitter buffer look at it, so forged packets cannot move replay
+    /// windows or addresses.
+    pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
+        // The server's answer to our registration is not a peer datagram.
+        if self.registration.is_server(from) {
+            if let Ok(Datagram::RegisterAck { observed }) = Datagram::parse(bytes) {
+                self.registration.handle_ack(now, observed);
+            }
+            return;
+        }
+        let Some(table) = &mut self.table else {
+            self.drops.unknown_sender += 1;
+            return;
+        };
+        let received = match Received::parse(bytes) {
+            Ok(received) => received,
+            Err(e) => {
+                self.drops.count(&DropReason::Garbage(e));
+                return;
+            }
+        };
+        let datagram = match received {
+            // Punch, PunchAck, Ping and Pong carry a tag from the peer's control key: a spoofed
+            // punch would otherwise make the link adopt (and stream voice to) any address.
+            Received::Control { datagram, tagged } => {
+                let verified = datagram
+                    .sender()
+                    .and_then(|sender| self.peers.get_mut(&sender))
+                    .and_then(|p| p.cipher.as_mut())
+                    .is_some_and(|c| c.verify_control(tagged).is_ok());
+                if !verified {
+                    self.undecryptable += 1;
+                    return;
+                }
+                datagram
+            }
+            Received::Voice {
+                from: sender,
+                seq,
+                timestamp,
+                sealed,
+            } => {
+                let cipher = self.peers.get_mut(&sender).and_then(|p| p.cipher.as_mut());
+                let Some(cipher) = cipher else {
+                    self.undecryptable += 1;
+                    return;
+                };
+                match cipher.open_datagram(sealed, &mut self.opened) {
+                    Ok(n) => Datagram::Voice {
+                        from: sender,
+                        seq,
+                        timestamp,
+                        payload: &self.opened[..n],
+                    },
+                    // The cipher's window is the one replay window of this direction: a
+                    // replayed or duplicated datagram is no attack on the key, count it as such.
+                    Err(CryptoError::Replay { .. }) => {
+                        self.drops.count(&DropReason::Replay(sender));
+                        return;
+                    }
+                    Err(_) => {
+                        self.undecryptable += 1;
+                        return;
+                    }
+                }
+            }
+            Received::Plain(datagram) => datagram,
+        };
+        match table.handle_parsed(now, from, datagram) {
+            Incoming::Voice {
+                peer_id,
+                seq,
+                timestamp,
+                payload,
+            } => {
+                let Some(frame) = opus_frame_duration(payload) else {
+                    return;
+                };
+                let Some(peer) = self.peers.get_mut(&peer_id) else {
+                    return;
+                };
+                if let Ok(rx) = peer.receive_path(frame) {
+                    rx.receiver.push(now, seq, timestamp, payload);
+                }
+            }
+            // The server's own ack was handled above: this one is from someone else.
+            Incoming::RegisterAck { .. } => self.registration.count_foreign_ack(),
+            Incoming::Control { .. } | Incoming::Dropped(_) => {}
+        }
+    }
+
+    /// One captured frame (exactly `frame().samples()` samples). The encoded frame is sealed
+    /// once per connected peer and queued for [`VoiceEngine::poll_transmit`].
+    pub fn handle_capture(&mut self, now: Duration, pcm: &[f32]) {
+        let out = self.capture.process(now, pcm);
+        self.input_level_db = out.level_db;
+        self.vad_threshold_db = out.threshold_db;
+        self.speaking = out.speaking;
+        self.transmitting = out.transmitting;
+        let samples = self.cfg.frame.samples() as u64;
+        let Some(table) = &mut self.table else {
+            return;
+        };
+        for frame in out.frames() {
+            // Leave room for the AEAD tag inside the datagram size limit.
+            let body = &mut self.packet[..MAX_VOICE_PAYLOAD - TAG_LEN];
+            let Ok(len) = self.encoder.encode(frame.samples, body) else {
+                continue;
+            };
+            if is_dtx_payload(len) {
+                continue;
+            }
+            let timestamp = (frame.index.wrapping_mul(samples)) as u32;
+            let seq = self.seq;
+            self.seq = self.seq.wrapping_add(1);
+            // Reused buffer: no allocation per frame once it has grown to the channel size.
+            self.targets.clear();
+            self.targets.extend(table.voice_targets());
+            for &(peer, addr) in &self.targets {
+                // Only peers whose key we know get voice, and only sealed for them alone.
+                let cipher = self.peers.get_mut(&peer).and_then(|p| p.cipher.as_mut());
+                let Some(cipher) = cipher else {
+                    continue;
+                };
+                let Ok(total) =
+                    cipher.seal_datagram(seq, timestamp, &self.packet[..len], &mut self.sealed)
+                else {
+                    continue;
+                };
+                self.outbox.push(addr, &self.sealed[..total]);
+                table.record_voice_sent(peer, total);
+                self.bytes_sent += total as u64;
+            }
+            self.frames_sent += 1;
+        }
+    }
+
+    /// Fills `out` (any multiple of [`CHUNK_SAMPLES`] samples) with the mix of every peer's
+    /// audio through its jitter buffer.
+    pub fn playout_frame(&mut self, now: Duration, out: &mut [f32]) {
+        for chunk in out.chunks_mut(CHUNK_SAMPLES) {
+            self.playout_chunk(now, chunk);
+        }
+    }
+
+    /// One 10 ms chunk. Mixing in 10 ms steps whatever the codec frame means a frame that
+    /// arrives just after a mix waits at most 10 ms for the next one, not a whole frame.
+    fn playout_chunk(&mut self, now: Duration, out: &mut [f32]) {
+        for rx in self.peers.values_mut().filter_map(|p| p.rx.as_mut()) {
+            rx.render(now);
+        }
+        self.mixer.begin();
+        for peer in self.peers.values() {
+            let Some(rx) = &peer.rx else {
+                continue;
+            };
+            self.mixer.add(MixInput {
+                samples: &rx.out,
+                gain: peer.settings.volume,
+                muted: peer.settings.muted,
+            });
+        }
+        let mixed = self.mixer.finish();
+        let n = out.len().min(mixed.len());
+        out[..n].copy_from_slice(&mixed[..n]);
+        out[n..].fill(0.0);
+        self.mix_level_db = rms_dbfs(&out[..n]);
+        if now.saturating_sub(self.last_loss_update) >= Duration::from_secs(1) {
+            self.last_loss_update = now;
+            // Loss seen from our peers is the best guess of the loss they see from us:
+            // tune the encoder's FEC to it.
+            let loss = self
+                .peers
+                .values()
+                .filter_map(|p| p.rx.as_ref())
+                .map(|rx| rx.receiver.stats().jitter.loss_fraction)
+                .fold(0.0f32, f32::max);
+            let pct = (loss * 100.0).round().clamp(0.0, 50.0) as u8;
+            let _ = self.encoder.set_expected_loss_percent(pct.max(5));
+        }
+    }
+
+    /// Fires the timers due at `now`: registration with the server, punches and keepalives.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        self.registration.handle_timeout(now);
+        if let Some(table) = &mut self.table {
+            table.handle_timeout(now);
+        }
+    }
+
+    /// The next datagram to send, written into `buf` (at least [`MAX_DATAGRAM_LEN`] bytes):
+    /// the server registration, sealed voice, then punches, keepalives and answers, each
+    /// tagged for its peer. Call until `None` after every `handle_*` call.
+    pub fn poll_transmit(&mut self, _now: Duration, buf: &mut [u8]) -> Option<Transmit> {
+        if let Some(t) = self.registration.poll_transmit(buf) {
+            return Some(t);
+        }
+        if let Some(t) = self.outbox.pop(buf) {
+            return Some(t);
+        }
+        let table = self.table.as_mut()?;
+        while let Some(t) = table.poll_transmit() {
+            let Ok(n) = t.datagram.write(buf) else {
+                continue;
+            };
+            // Every peer datagram is authenticated; a peer without a key cannot verify
+            // ours (and gets no voice either), so nothing is sent to it.
+            let peer = t.datagram.recipient().and_then(|to| self.peers.get(&to));
+            let cipher = peer.and_then(|p| p.cipher.as_ref());
+            let Some(cipher) = cipher else {
+                continue;
+            };
+            let Ok(fixed) = <&[u8; PEER_CONTROL_LEN]>::try_from(&buf[..n]) else {
+                continue;
+            };
+            let Ok(tag) = cipher.tag_control(fixed) else {
+                continue;
+            };
+            buf[n..n + TAG_LEN].copy_from_slice(&tag);
+            return Some(Transmit {
+                to: t.to,
+                len: n + TAG_LEN,
+            });
+        }
+        None
+    }
+
+    /// When [`VoiceEngine::handle_timeout`] is next due; `None` with no server and no peers.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let link = self.table.as_ref().and_then(|t| t.poll_timeout());
+        let reg = self.registration.poll_timeout();
+        match (link, reg) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! What the rest of the app sees of the voice plane: [`VoiceSnapshot`] and one [`PeerSnapshot`]
+//! per peer, built from the engine's state on demand.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::VoiceEngine;
+use crate::protocol::UserId;
+use crate::voice::net::crypto::fingerprint;
+use crate::voice::net::link::{LinkState, UnreachableReason};
+use crate::voice::net::peers::DropCounters;
+
+/// Link state of one peer: the one type the UI consumes (the link's own
+/// [`LinkState`] keeps the timing details only the link needs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeerState {
+    Punching,
+    Direct(SocketAddr),
+    /// Its `Display` is the sentence to show.
+    Unreachable(UnreachableReason),
+}
+
+/// Figures of one peer for the UI, the headless summary and the benchmarks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSnapshot {
+    pub user_id: UserId,
+    pub name: String,
+    pub state: PeerState,
+    pub rtt_ms: Option<f32>,
+    pub loss_pct: f32,
+    pub jitter_ms: f32,
+    pub buffer_ms: f32,
+    pub target_ms: f32,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub frames_decoded: u64,
+    pub frames_fec: u64,
+    /// Frames played by concealment: lost ones, and the ones inserted to raise the delay
+    /// (`frames_stretched` of them).
+    pub frames_concealed: u64,
+    /// Frames inserted to raise the delay to a higher target.
+    pub frames_stretched: u64,
+    /// Frames dropped to bring the delay down to the target (or skipped at a talkspurt start).
+    pub frames_dropped: u64,
+    pub late: u64,
+    pub duplicates: u64,
+    pub speaking: bool,
+    pub level_db: f32,
+    /// Short fingerprint of the peer's voice key, to compare by other means.
+    pub fingerprint: Option<String>,
+    /// Voice datagrams from this peer that failed authentication.
+    pub auth_failures: u64,
+}
+
+/// Everything the rest of the app wants to know about the voice plane, taken periodically.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct VoiceSnapshot {
+    pub self_id: Option<UserId>,
+    pub input_level_db: f32,
+    pub vad_threshold_db: f32,
+    pub speaking: bool,
+    pub transmitting: bool,
+    pub muted: bool,
+    pub deafened: bool,
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    pub public_addr: Option<SocketAddr>,
+    pub drops: DropCounters,
+    pub peers: Vec<PeerSnapshot>,
+    /// Recent level of the channel mix, dBFS.
+    pub mix_level_db: f32,
+    /// Fingerprint of our own voice key.
+    pub fingerprint: String,
+    /// Voice and peer-control datagrams dropped because no key was known for their sender or
+    /// they did not authenticate (spoofed punches land here).
+    pub undecryptable: u64,
+    /// `RegisterAck`s that did not come from the server's address: ignored, since anyone could
+    /// otherwise tell us a false public address to announce.
+    pub foreign_register_acks: u64,
+}
+
+impl VoiceEngine {
+    /// The engine's figures at `now`, for the UI, the headless summary and the benchmarks.
+    pub fn snapshot(&self, now: Duration) -> VoiceSnapshot {
+        let mut peers = Vec::new();
+        if let Some(table) = &self.table {
+            for (id, entry) in table.peers() {
+                let link = entry.link.stats();
+                let state = match entry.link.state() {
+                    LinkState::Punching { .. } => PeerState::Punching,
+                    LinkState::Connected { addr } => PeerState::Direct(*addr),
+                    LinkState::Unreachable { reason } => PeerState::Unreachable(reason.clone()),
+                };
+                let peer = self.peers.get(&id);
+                let audio = peer.and_then(|p| p.rx.as_ref());
+                let cipher = peer.and_then(|p| p.cipher.as_ref());
+                let rx = audio.map(|a| a.receiver.stats());
+                let ms = |d: Duration| d.as_secs_f32() * 1000.0;
+                peers.push(PeerSnapshot {
+                    user_id: id,
+                    name: entry.name.clone(),
+                    state,
+                    rtt_ms: link.rtt.map(ms),
+                    loss_pct: rx.map(|r| r.jitter.loss_fraction * 100.0).unwrap_or(0.0),
+                    jitter_ms: rx.map(|r| ms(r.jitter.jitter)).unwrap_or(0.0),
+                    buffer_ms: rx.map(|r| ms(r.jitter.current_delay)).unwrap_or(0.0),
+                    target_ms: rx.map(|r| ms(r.jitter.target_delay)).unwrap_or(0.0),
+                    packets_in: link.packets_in,
+                    packets_out: link.packets_out,
+                    bytes_in: link.bytes_in,
+                    bytes_out: link.bytes_out,
+                    frames_decoded: audio.map(|a| a.decoded).unwrap_or(0),
+                    frames_fec: audio.map(|a| a.fec).unwrap_or(0),
+                    frames_concealed: audio.map(|a| a.concealed).unwrap_or(0),
+                    frames_stretched: rx.map(|r| r.jitter.stretched).unwrap_or(0),
+                    frames_dropped: rx.map(|r| r.jitter.dropped).unwrap_or(0),
+                    late: rx.map(|r| r.jitter.late).unwrap_or(0),
+                    duplicates: rx.map(|r| r.jitter.duplicates).unwrap_or(0),
+                    speaking: audio.is_some_and(|a| a.speaking(now)),
+                    level_db: audio.map(|a| a.level_db).unwrap_or(-120.0),
+                    fingerprint: cipher.map(|c| fingerprint(&c.peer_public())),
+                    auth_failures: cipher.map(|c| c.auth_failures()).unwrap_or(0),
+                });
+            }
+        }
+        let mut drops = self
+            .table
+            .as_ref()
+            .map(|t| t.drop_counters())
+            .unwrap_or_default();
+        drops.add(&self.drops);
+        VoiceSnapshot {
+            self_id: self.table.as_ref().map(|t| t.our_id()),
+            input_level_db: self.input_level_db,
+            vad_threshold_db: self.vad_threshold_db,
+            speaking: self.speaking,
+            transmitting: self.transmitting,
+            muted: self.capture.is_muted(),
+            deafened: self.mixer.is_deafened(),
+            frames_sent: self.frames_sent,
+            bytes_sent: self.bytes_sent,
+            public_addr: self.registration.public_addr(),
+            drops,
+            peers,
+            mix_level_db: self.mix_level_db,
+            fingerprint: self.keys.fingerprint(),
+            undecryptable: self.undecryptable,
+            foreign_register_acks: self.registration.foreign_acks(),
+        }
+    }
+}

@@ -1,0 +1,603 @@
+use super::*;
+use crate::voice::net::impair::{ImpairConfig, Impairment};
+
+/// The engine's calls in the shape these tests were written in: every datagram it wants
+/// sent handed to a closure.
+trait Pump {
+    /// Fires due timers, then drains every datagram.
+    fn drain(&mut self, now: Duration, f: impl FnMut(SocketAddr, &[u8]));
+    /// Feeds one captured frame, then drains every datagram.
+    fn capture(&mut self, now: Duration, pcm: &[f32], f: impl FnMut(SocketAddr, &[u8]));
+}
+
+impl Pump for VoiceEngine {
+    fn drain(&mut self, now: Duration, mut f: impl FnMut(SocketAddr, &[u8])) {
+        self.handle_timeout(now);
+        let mut buf = [0u8; MAX_DATAGRAM_LEN];
+        while let Some(t) = self.poll_transmit(now, &mut buf) {
+            f(t.to, &buf[..t.len]);
+        }
+    }
+
+    fn capture(&mut self, now: Duration, pcm: &[f32], mut f: impl FnMut(SocketAddr, &[u8])) {
+        self.handle_capture(now, pcm);
+        let mut buf = [0u8; MAX_DATAGRAM_LEN];
+        while let Some(t) = self.poll_transmit(now, &mut buf) {
+            f(t.to, &buf[..t.len]);
+        }
+    }
+}
+
+/// Tone amplitude averaged over 100 ms blocks: robust to the phase jumps that jitter
+/// buffer adjustments cause, unlike one long Goertzel window.
+fn goertzel_amplitude(samples: &[f32], hz: f32, rate: u32) -> f32 {
+    let blocks: Vec<f32> = samples
+        .chunks(4800)
+        .map(|b| crate::audio::goertzel_amplitude(b, hz, rate))
+        .collect();
+    blocks.iter().sum::<f32>() / blocks.len().max(1) as f32
+}
+
+fn engine(id: UserId) -> VoiceEngine {
+    let mut cfg = VoiceConfig::default();
+    cfg.capture.denoise = false;
+    let mut e = VoiceEngine::new(cfg, id as u64).unwrap();
+    e.set_self_id(id);
+    e
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// With no microphone no frame ever arrives; the meter must still show the real threshold
+/// (it used to show 0 dBFS, i.e. "never transmit").
+#[test]
+fn threshold_is_known_before_the_first_frame() {
+    let e = engine(1);
+    let db = e.snapshot(Duration::ZERO).vad_threshold_db;
+    assert!((-90.0..-20.0).contains(&db), "{db}");
+}
+
+fn peer(id: UserId, port: u16, key: [u8; 32]) -> PeerInfo {
+    PeerInfo {
+        user_id: id,
+        username: format!("u{id}"),
+        local: vec![addr(port)],
+        public: None,
+        voice_key: Some(key),
+    }
+}
+
+/// Runs A (talking `hz`) and B (silent) for `secs` over a simulated network; returns B's output.
+fn call(hz: f32, secs: f64, impair: Option<ImpairConfig>) -> (Vec<f32>, VoiceSnapshot) {
+    let (mut a, mut b) = (engine(1), engine(2));
+    let now0 = Duration::ZERO;
+    a.upsert_peer(now0, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(now0, &peer(1, 1000, a.public_key()));
+    let mut net_to_b = Impairment::new(impair.unwrap_or_default());
+    let mut to_a: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut out = Vec::new();
+    let frame = 960;
+    let mut phase = 0.0f32;
+    let steps = (secs * 50.0) as usize;
+    for step in 0..steps {
+        let now = Duration::from_millis(20 * step as u64);
+        let pcm: Vec<f32> = (0..frame)
+            .map(|_| {
+                phase = (phase + hz / 48_000.0).fract();
+                0.3 * (phase * std::f32::consts::TAU).sin()
+            })
+            .collect();
+        a.capture(now, &pcm, |to, bytes| {
+            assert_eq!(to, addr(2000));
+            net_to_b.push(now, addr(1000), bytes);
+        });
+        a.drain(now, |_, bytes| net_to_b.push(now, addr(1000), bytes));
+        b.drain(now, |_, bytes| to_a.push((addr(2000), bytes.to_vec())));
+        for (from, bytes) in to_a.drain(..) {
+            a.handle_datagram(now, from, &bytes);
+        }
+        // Deliver in 1 ms slices so jitter is seen at its real arrival time.
+        for ms in 0..20 {
+            let t = now + Duration::from_millis(ms);
+            while let Some((from, bytes)) = net_to_b.pop_due(t) {
+                b.handle_datagram(t, from, &bytes);
+            }
+        }
+        let mut mix = vec![0.0; frame];
+        b.playout_frame(now + Duration::from_millis(19), &mut mix);
+        out.extend(mix);
+    }
+    let snap = b.snapshot(Duration::from_secs_f64(secs));
+    (out, snap)
+}
+
+#[test]
+fn a_tone_sent_by_one_engine_is_heard_by_the_other() {
+    let (out, snap) = call(440.0, 3.0, None);
+    let tail = &out[48_000..];
+    let level = goertzel_amplitude(tail, 440.0, 48_000);
+    assert!(level > 0.15, "level {level} snap {snap:?}");
+    assert!(goertzel_amplitude(tail, 1000.0, 48_000) < 0.01);
+    assert_eq!(snap.peers.len(), 1);
+    assert!(matches!(snap.peers[0].state, PeerState::Direct(_)));
+    assert!(snap.peers[0].speaking);
+}
+
+#[test]
+fn a_lossy_jittery_link_is_concealed_without_long_gaps() {
+    let cfg: ImpairConfig = "loss=0.1,jitter_ms=30,duplicate=0.05,seed=9"
+        .parse()
+        .unwrap();
+    let (out, snap) = call(500.0, 6.0, Some(cfg));
+    let tail = &out[48_000..];
+    let mut longest = 0;
+    let mut run = 0;
+    for c in tail.chunks(48) {
+        let rms = (c.iter().map(|x| x * x).sum::<f32>() / 48.0).sqrt();
+        if rms < 0.01 {
+            run += 1;
+            longest = longest.max(run);
+        } else {
+            run = 0;
+        }
+    }
+    assert!(longest <= 60, "gap of {longest} ms: {:?}", snap.peers[0]);
+    let p = &snap.peers[0];
+    assert!(p.frames_fec + p.frames_concealed > 10, "{p:?}");
+    assert!(p.target_ms >= 20.0 && p.target_ms <= 121.0, "{p:?}");
+}
+
+/// Exchanges control datagrams between A (at `a_at`) and B (at `b_at`) for `rounds`
+/// rounds of 20 ms: enough rounds bring their links up.
+fn exchange(
+    (a, a_at): (&mut VoiceEngine, SocketAddr),
+    (b, b_at): (&mut VoiceEngine, SocketAddr),
+    now: &mut Duration,
+    rounds: usize,
+) {
+    for _ in 0..rounds {
+        let (mut to_b, mut to_a) = (Vec::new(), Vec::new());
+        a.drain(*now, |to, d| {
+            if to == b_at {
+                to_b.push(d.to_vec())
+            }
+        });
+        b.drain(*now, |to, d| {
+            if to == a_at {
+                to_a.push(d.to_vec())
+            }
+        });
+        to_b.iter().for_each(|d| b.handle_datagram(*now, a_at, d));
+        to_a.iter().for_each(|d| a.handle_datagram(*now, b_at, d));
+        *now += Duration::from_millis(20);
+    }
+}
+
+fn tone_frame(hz: f32) -> Vec<f32> {
+    (0..960)
+        .map(|i| 0.3 * (i as f32 * hz * std::f32::consts::TAU / 48_000.0).sin())
+        .collect()
+}
+
+/// Destinations of the voice datagrams `e` sends for `frames` frames of a tone.
+fn voice_destinations(e: &mut VoiceEngine, now: &mut Duration, frames: u64) -> Vec<SocketAddr> {
+    let pcm = tone_frame(440.0);
+    let mut to = Vec::new();
+    for _ in 0..frames {
+        e.capture(*now, &pcm, |dst, b| {
+            if matches!(Datagram::parse(b), Ok(Datagram::Voice { .. })) {
+                to.push(dst)
+            }
+        });
+        *now += Duration::from_millis(20);
+    }
+    to
+}
+
+/// A (id 1, at :1000) and B (id 2, at :2000) with their link up, and the time reached.
+fn linked_pair() -> (VoiceEngine, VoiceEngine, Duration) {
+    let (mut a, mut b) = (engine(1), engine(2));
+    a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+    let mut now = Duration::ZERO;
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+    (a, b, now)
+}
+
+#[test]
+fn muted_sender_sends_no_voice() {
+    let (mut a, _b, mut now) = linked_pair();
+    assert!(matches!(
+        a.snapshot(now).peers[0].state,
+        PeerState::Direct(_)
+    ));
+    a.set_muted(true);
+    assert_eq!(voice_destinations(&mut a, &mut now, 50), vec![]);
+    // The same link carries voice once unmuted: the silence above was the mute's doing.
+    a.set_muted(false);
+    assert!(voice_destinations(&mut a, &mut now, 50).len() > 20);
+}
+
+#[test]
+fn registration_repeats_until_acknowledged_then_refreshes_slowly() {
+    let mut e = engine(1);
+    let server = addr(7700);
+    e.set_server(Duration::ZERO, server, 42);
+    let mut regs = 0;
+    for ms in (0..1000).step_by(10) {
+        e.drain(Duration::from_millis(ms), |to, b| {
+            if to == server && matches!(Datagram::parse(b), Ok(Datagram::Register { token: 42 })) {
+                regs += 1;
+            }
+        });
+    }
+    assert!(regs >= 3, "{regs}");
+    let ack = Datagram::RegisterAck {
+        observed: addr(5555),
+    }
+    .to_vec()
+    .unwrap();
+    e.handle_datagram(Duration::from_secs(1), server, &ack);
+    assert_eq!(e.public_addr(), Some(addr(5555)));
+    let mut later = 0;
+    for ms in (1000..10_000).step_by(10) {
+        e.drain(Duration::from_millis(ms), |to, _| {
+            if to == server {
+                later += 1;
+            }
+        });
+    }
+    assert_eq!(later, 0, "no re-registration within 15 s of an ack");
+}
+
+#[test]
+fn voice_on_the_wire_is_sealed_for_each_peer_and_opaque_to_others() {
+    let (mut a, mut b) = (engine(1), engine(2));
+    let eve = engine(3);
+    a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+    // Connect the link first (punches), then capture what A sends.
+    let mut wire: Vec<Vec<u8>> = Vec::new();
+    for step in 0..20u64 {
+        let now = Duration::from_millis(step * 20);
+        let mut to_b = Vec::new();
+        a.drain(now, |_, bytes| to_b.push(bytes.to_vec()));
+        for d in to_b {
+            b.handle_datagram(now, addr(1000), &d);
+        }
+        let mut to_a = Vec::new();
+        b.drain(now, |_, bytes| to_a.push(bytes.to_vec()));
+        for d in to_a {
+            a.handle_datagram(now, addr(2000), &d);
+        }
+        let pcm: Vec<f32> = (0..960).map(|i| 0.3 * (i as f32 * 0.0575).sin()).collect();
+        a.capture(now, &pcm, |_, bytes| {
+            if matches!(Datagram::parse(bytes), Ok(Datagram::Voice { .. })) {
+                wire.push(bytes.to_vec())
+            }
+        });
+    }
+    assert!(!wire.is_empty(), "A sent voice");
+    let mut dec = crate::voice::rx::OpusDecoder::new().unwrap();
+    let mut out = vec![0.0; 960];
+    for d in &wire {
+        let Ok(Datagram::Voice { payload, .. }) = Datagram::parse(d) else {
+            panic!("voice datagram expected");
+        };
+        // The payload is ciphertext: it carries a 16-byte tag and Opus cannot play it as is
+        // (a decoder may accept garbage, but never produces the original signal).
+        assert!(payload.len() > TAG_LEN);
+        let _ = dec.decode(&payload[..payload.len() - TAG_LEN], &mut out);
+    }
+    // Eve, another channel member without the pair's key, gets nothing playable.
+    let mut eve = eve;
+    eve.upsert_peer(Duration::ZERO, &peer(1, 1000, [9; 32]));
+    for d in &wire {
+        eve.handle_datagram(Duration::from_secs(1), addr(1000), d);
+    }
+    let snap = eve.snapshot(Duration::from_secs(1));
+    assert!(snap.peers.iter().all(|p| p.frames_decoded == 0));
+    assert_eq!(snap.undecryptable, wire.len() as u64);
+}
+
+#[test]
+fn forged_and_unkeyed_voice_is_dropped_and_counted() {
+    let mut b = engine(2);
+    let a = engine(1);
+    b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+    let forged = Datagram::Voice {
+        from: 1,
+        seq: 5,
+        timestamp: 960,
+        payload: &[
+            0xfc, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
+        ],
+    }
+    .to_vec()
+    .unwrap();
+    b.handle_datagram(Duration::ZERO, addr(1000), &forged);
+    let unknown = Datagram::Voice {
+        from: 77,
+        seq: 1,
+        timestamp: 0,
+        payload: &[1, 2, 3],
+    }
+    .to_vec()
+    .unwrap();
+    b.handle_datagram(Duration::ZERO, addr(1000), &unknown);
+    let snap = b.snapshot(Duration::ZERO);
+    assert_eq!(snap.undecryptable, 2);
+    assert_eq!(snap.peers[0].frames_decoded, 0);
+}
+
+/// A spoofed punch (anyone can learn two user ids from the overview) must neither get an
+/// answer nor move where our voice goes; the peer's own tagged punch from a new address
+/// (its NAT rebound) still does.
+#[test]
+fn spoofed_punches_are_ignored_and_tagged_ones_still_move_the_link() {
+    let (mut a, mut b) = (engine(1), engine(2));
+    a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+    let direct_to = |b: &VoiceEngine, now| match &b.snapshot(now).peers[0].state {
+        PeerState::Direct(addr) => Some(*addr),
+        _ => None,
+    };
+    // Link up over the simulated network: A at :1000, B at :2000.
+    let mut now = Duration::ZERO;
+    for _ in 0..20 {
+        let (mut to_b, mut to_a) = (Vec::new(), Vec::new());
+        a.drain(now, |_, d| to_b.push(d.to_vec()));
+        b.drain(now, |_, d| to_a.push(d.to_vec()));
+        to_b.iter()
+            .for_each(|d| b.handle_datagram(now, addr(1000), d));
+        to_a.iter()
+            .for_each(|d| a.handle_datagram(now, addr(2000), d));
+        now += Duration::from_millis(20);
+    }
+    assert_eq!(direct_to(&b, now), Some(addr(1000)));
+
+    let attacker = addr(6666);
+    let punch = Datagram::Punch {
+        from: 1,
+        to: 2,
+        nonce: 99,
+    }
+    .to_vec()
+    .unwrap();
+    let mut zero_tag = punch.clone();
+    zero_tag.extend_from_slice(&[0u8; TAG_LEN]);
+    let eve = SessionKeys::generate();
+    let eve_cipher = PeerCipher::new(&eve, 1, 2, b.public_key()).unwrap();
+    let mut eve_tagged = punch.clone();
+    eve_tagged.extend_from_slice(
+        &eve_cipher
+            .tag_control(&punch[..].try_into().unwrap())
+            .unwrap(),
+    );
+    let before = b.snapshot(now).undecryptable;
+    for forged in [&punch, &zero_tag, &eve_tagged] {
+        b.handle_datagram(now, attacker, forged);
+    }
+    assert_eq!(b.snapshot(now).undecryptable, before + 3);
+    let mut answers_to_attacker = 0;
+    for _ in 0..10 {
+        now += Duration::from_millis(20);
+        b.drain(now, |to, _| {
+            answers_to_attacker += usize::from(to == attacker)
+        });
+    }
+    assert_eq!(answers_to_attacker, 0);
+    assert_eq!(direct_to(&b, now), Some(addr(1000)));
+
+    // A's real (tagged) keepalives now arrive from a new address: the link follows them.
+    let moved = addr(1001);
+    for _ in 0..1000 {
+        let mut to_b = Vec::new();
+        a.drain(now, |_, d| to_b.push(d.to_vec()));
+        to_b.iter().for_each(|d| b.handle_datagram(now, moved, d));
+        let mut to_a = Vec::new();
+        b.drain(now, |_, d| to_a.push(d.to_vec()));
+        to_a.iter()
+            .for_each(|d| a.handle_datagram(now, addr(2000), d));
+        now += Duration::from_millis(20);
+        if direct_to(&b, now) == Some(moved) {
+            break;
+        }
+    }
+    assert_eq!(
+        direct_to(&b, now),
+        Some(moved),
+        "a tagged punch from a new address is adopted"
+    );
+}
+
+/// Voice is only ever sealed for a peer: one whose key is unknown gets nothing at all (not
+/// even punches), and one whose key turns out invalid mid-call stops getting voice on a link
+/// that is still up, while a keyed peer next to them keeps getting it.
+#[test]
+fn a_peer_without_a_voice_key_gets_no_voice() {
+    let (mut a, mut b) = (engine(1), engine(2));
+    a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+    let mut keyless = peer(3, 3000, [0; 32]);
+    keyless.voice_key = None;
+    a.upsert_peer(Duration::ZERO, &keyless);
+    let mut now = Duration::ZERO;
+    let mut to_keyless = 0;
+    for _ in 0..20 {
+        a.drain(now, |to, _| to_keyless += usize::from(to == addr(3000)));
+        exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 1);
+    }
+    assert_eq!(
+        to_keyless, 0,
+        "nothing goes to a peer we cannot authenticate to"
+    );
+    let sent = voice_destinations(&mut a, &mut now, 50);
+    assert!(sent.iter().filter(|&&d| d == addr(2000)).count() > 20);
+    assert!(!sent.contains(&addr(3000)));
+
+    // B's key is re-announced as an invalid (all-zero, low-order) point: the link stays
+    // up, but there is no key to seal with any more, so no voice, never plaintext.
+    a.upsert_peer(now, &peer(2, 2000, [0; 32]));
+    assert!(matches!(
+        a.snapshot(now).peers[0].state,
+        PeerState::Direct(_)
+    ));
+    assert_eq!(voice_destinations(&mut a, &mut now, 50), vec![]);
+}
+
+/// A restarted server may give us a new id while a peer keeps its own: the voice keys and
+/// the sender id we seal with must follow the new id, or the peer never hears us again.
+#[test]
+fn after_a_new_self_id_voice_is_sealed_under_the_new_id() {
+    let (mut a, mut b, mut now) = linked_pair();
+    a.set_self_id(3);
+    a.upsert_peer(now, &peer(2, 2000, b.public_key()));
+    b.remove_peer(1);
+    b.upsert_peer(now, &peer(3, 1000, a.public_key()));
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+    let pcm = tone_frame(440.0);
+    let mut mix = vec![0.0; 960];
+    for _ in 0..50 {
+        let mut to_b = Vec::new();
+        a.capture(now, &pcm, |to, d| {
+            if to == addr(2000) {
+                to_b.push(d.to_vec())
+            }
+        });
+        to_b.iter()
+            .for_each(|d| b.handle_datagram(now, addr(1000), d));
+        b.playout_frame(now, &mut mix);
+        now += Duration::from_millis(20);
+    }
+    let snap = b.snapshot(now);
+    assert_eq!(snap.undecryptable, 0, "{snap:?}");
+    let p = &snap.peers[0];
+    assert_eq!(p.user_id, 3);
+    assert!(matches!(p.state, PeerState::Direct(_)), "{p:?}");
+    assert!(p.frames_decoded > 20, "{p:?}");
+}
+
+/// Only the server may tell us our public address: a `RegisterAck` from anyone else would
+/// make us announce an address of the sender's choosing.
+#[test]
+fn a_register_ack_from_another_address_is_ignored_and_counted() {
+    let mut e = engine(1);
+    let server = addr(7700);
+    e.set_server(Duration::ZERO, server, 42);
+    let ack = |observed| Datagram::RegisterAck { observed }.to_vec().unwrap();
+    e.handle_datagram(Duration::ZERO, addr(6666), &ack(addr(6666)));
+    assert_eq!(e.public_addr(), None);
+    assert_eq!(e.snapshot(Duration::ZERO).foreign_register_acks, 1);
+    e.handle_datagram(Duration::ZERO, server, &ack(addr(5555)));
+    assert_eq!(e.public_addr(), Some(addr(5555)));
+    assert_eq!(e.snapshot(Duration::ZERO).foreign_register_acks, 1);
+}
+
+/// A speaks a tone to B for `frames` frames; returns the loudest sample of B's mix.
+fn talk(a: &mut VoiceEngine, b: &mut VoiceEngine, now: &mut Duration, frames: usize) -> f32 {
+    let pcm = tone_frame(440.0);
+    let mut mix = vec![0.0; 960];
+    let mut peak = 0.0f32;
+    for _ in 0..frames {
+        let mut to_b = Vec::new();
+        a.capture(*now, &pcm, |to, d| {
+            if to == addr(2000) {
+                to_b.push(d.to_vec())
+            }
+        });
+        to_b.iter()
+            .for_each(|d| b.handle_datagram(*now, addr(1000), d));
+        b.playout_frame(*now, &mut mix);
+        peak = mix.iter().fold(peak, |m, x| m.max(x.abs()));
+        *now += Duration::from_millis(20);
+    }
+    peak
+}
+
+/// Volume and mute chosen in the UI belong to the user, not to a connection: chosen before
+/// the user is a peer, they apply once it appears, and they survive it leaving and rejoining.
+#[test]
+fn peer_settings_chosen_before_a_peer_appears_apply_to_it_and_survive_a_rejoin() {
+    let (mut a, mut b) = (engine(1), engine(2));
+    b.set_peer_muted(1, true);
+    b.set_peer_volume(1, 0.5);
+    let chosen = PeerSettings {
+        volume: 0.5,
+        muted: true,
+    };
+    assert_eq!(b.peer_settings(1), chosen);
+    assert_eq!(b.peer_settings(9), PeerSettings::default());
+    a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+    assert_eq!(b.peer_settings(1), chosen);
+    let mut now = Duration::ZERO;
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+
+    let peak = talk(&mut a, &mut b, &mut now, 50);
+    let p = &b.snapshot(now).peers[0];
+    assert!(
+        p.frames_decoded > 20,
+        "A's voice arrives and is decoded: {p:?}"
+    );
+    assert_eq!(peak, 0.0, "but a muted peer is not mixed");
+
+    b.set_peer_muted(1, false);
+    let half = talk(&mut a, &mut b, &mut now, 50);
+    assert!(
+        half > 0.05 && half < 0.25,
+        "unmuted at half volume: peak {half}"
+    );
+
+    b.remove_peer(1);
+    assert_eq!(b.peer_settings(1).volume, 0.5);
+    b.upsert_peer(now, &peer(1, 1000, a.public_key()));
+    assert_eq!(
+        b.peer_settings(1),
+        PeerSettings {
+            volume: 0.5,
+            muted: false
+        }
+    );
+}
+
+/// The cipher's window is the one replay window: a voice datagram that arrives twice is
+/// dropped once and counted as a replay (not as a forgery), and the jitter buffer never sees
+/// the second copy.
+#[test]
+fn a_duplicated_voice_datagram_is_dropped_by_the_cipher_and_counted_as_a_replay() {
+    let (mut a, mut b, mut now) = linked_pair();
+    let before = b.snapshot(now).drops.total();
+    let pcm = tone_frame(440.0);
+    let mut mix = vec![0.0; 960];
+    let mut voice = 0;
+    for _ in 0..50 {
+        let mut to_b = Vec::new();
+        a.capture(now, &pcm, |to, d| {
+            if to == addr(2000) && matches!(Datagram::parse(d), Ok(Datagram::Voice { .. })) {
+                to_b.push(d.to_vec())
+            }
+        });
+        for d in &to_b {
+            b.handle_datagram(now, addr(1000), d);
+            b.handle_datagram(now, addr(1000), d);
+            voice += 1;
+        }
+        b.playout_frame(now, &mut mix);
+        now += Duration::from_millis(20);
+    }
+    assert!(voice > 20);
+    let snap = b.snapshot(now);
+    assert_eq!(snap.drops.replay, voice, "{snap:?}");
+    assert_eq!(snap.drops.total(), before + voice);
+    assert_eq!(snap.undecryptable, 0);
+    let p = &snap.peers[0];
+    assert_eq!(p.duplicates, 0, "{p:?}");
+    assert!(p.frames_decoded > 20, "{p:?}");
+    assert_eq!(
+        DropReason::Replay(1).to_string(),
+        "replayed or too old voice sequence number from peer 1"
+    );
+}

@@ -1,0 +1,21 @@
+//! The network layer of the voice plane: who we talk to, at which address, and whether a
+//! datagram really came from them. Pure (no sockets, no clock) and built without the `app`
+//! feature, so the fuzz targets reach it.
+//!
+//! - [`link`]: one peer's hole punching, consent and keepalive state machine ([`PeerLink`]).
+//! - [`peers`]: the table of every peer's link behind our one UDP socket; routes each
+//!   datagram by sender id and counts what it drops.
+//! - [`crypto`]: per-peer keys, sealing and opening of voice, tags on control datagrams.
+//! - [`received`]: a datagram from the socket, parsed once, waiting for its cipher.
+//! - [`replay`]: the replay window, kept by the cipher per direction of each peer.
+//! - [`impair`]: a simulated lossy, jittery network for tests and `--impair`.
+
+pub mod crypto;
+pub mod impair;
+pub mod link;
+pub mod peers;
+pub mod received;
+pub mod replay;
+
+pub use link::{LinkConfig, LinkState, PeerLink};
+pub use peers::{DropCounters, DropReason, Incoming, PeerTable};

@@ -115,7 +115,10 @@ fn another_seed_gives_another_run() {
 /// The server restarts mid-call and numbers the users the other way round (Carol reconnects
 /// fastest): Alice and Carol get new ids, Bob keeps his. Voice carries on through the outage
 /// (peers talk directly) and after the reintroduction, which needs every engine to seal and
-/// tag with its new id (a stale cipher bound to the old id was the bug).
+/// tag with its new id. (The session retires every stale peer with `PeerGone` before
+/// `Identified`, which drops their ciphers, so this passes even without the engine's own reset
+/// on a new id; `a_user_who_connects_again_mid_call_is_heard_under_the_new_id` is the path
+/// that needs it.)
 #[test]
 fn voice_continues_across_a_server_restart_that_renumbers_users() {
     let (mut w, users) = three_users(3);
@@ -149,6 +152,30 @@ fn voice_continues_across_a_server_restart_that_renumbers_users() {
     for &(x, y) in &[(a, b), (b, a), (a, c), (c, b)] {
         assert_eq!(w.path(x, y), Some(PeerPath::Direct), "{x} -> {y}");
     }
+}
+
+/// Connecting again in the middle of a call (the user presses Connect) gives Alice a new id
+/// while Bob and Carol keep theirs, and the session retires no peers on that path: only the
+/// engine's own reset on a new self id keeps it from sealing for Bob and Carol under the old
+/// id, which they no longer accept. (After a server restart the session's `PeerGone` for every
+/// stale peer drops those ciphers anyway, so this is where that fix is visible.)
+#[test]
+fn a_user_who_connects_again_mid_call_is_heard_under_the_new_id() {
+    let (mut w, users) = three_users(5);
+    let [a, b, c] = users;
+    start_call(&mut w, &users, secs(2.0));
+    w.run_for(secs(3.0));
+    let ids = |w: &World| users.map(|u| w.user_id(u));
+    assert_eq!(ids(&w), [Some(1), Some(2), Some(3)]);
+    w.connect(a);
+    w.run_for(secs(1.0));
+    assert!(w.is_ready(a));
+    assert_eq!(ids(&w), [Some(4), Some(2), Some(3)]);
+    w.join(a, "Lobby");
+    w.run_for(secs(6.0));
+    assert_hearing(&w, secs(8.0), secs(12.0), &all_hear_all(&users));
+    assert_eq!(w.path(b, a), Some(PeerPath::Direct));
+    assert_eq!(w.path(c, a), Some(PeerPath::Direct));
 }
 
 #[test]

@@ -71,19 +71,21 @@ impl Ear {
         }
     }
 
-    /// Mean amplitude of the tone at `hz` over the blocks that lie within `from..to`
-    /// (0 when there are none, or `hz` is not a talker's).
-    pub fn level(&self, hz: f32, from: Duration, to: Duration) -> f32 {
-        let Some(k) = self.freqs.iter().position(|&f| f == hz) else {
-            return 0.0;
-        };
+    /// Mean amplitude of the tone at `hz` over the blocks that lie within `from..to`; `None`
+    /// when no measured block does (a window too short, or not played yet) or `hz` is not a
+    /// talker's, so that "not heard" can never hold for want of measurements.
+    pub fn level(&self, hz: f32, from: Duration, to: Duration) -> Option<f32> {
+        let k = self.freqs.iter().position(|&f| f == hz)?;
         let within: Vec<f32> = self
             .blocks
             .iter()
             .filter(|(start, _)| *start >= from && *start + BLOCK <= to)
             .map(|(_, amps)| amps[k])
             .collect();
-        within.iter().sum::<f32>() / within.len().max(1) as f32
+        if within.is_empty() {
+            return None;
+        }
+        Some(within.iter().sum::<f32>() / within.len() as f32)
     }
 
     /// Every block measured so far: (start, amplitude per talker frequency).
@@ -107,8 +109,13 @@ mod tests {
         let mut ear = Ear::new(vec![440.0, 660.0], Duration::ZERO);
         ear.hear(&tone(440.0, 48_000));
         let all = Duration::from_secs(1);
-        assert!((ear.level(440.0, Duration::ZERO, all) - 0.3).abs() < 0.02);
-        assert!(ear.level(660.0, Duration::ZERO, all) < 0.01);
+        assert!((ear.level(440.0, Duration::ZERO, all).unwrap() - 0.3).abs() < 0.02);
+        assert!(ear.level(660.0, Duration::ZERO, all).unwrap() < 0.01);
+        assert_eq!(
+            ear.level(440.0, all, all + BLOCK / 2),
+            None,
+            "nothing measured"
+        );
         assert_eq!(ear.blocks().len(), 10);
     }
 }

@@ -343,9 +343,15 @@ impl World {
     }
 
     /// Amplitude of `talker`'s tone in what `listener` heard between `from` and `to`.
+    ///
+    /// Panics if no 100 ms block of `listener`'s output lies within the window (each user's
+    /// blocks start at its own audio clock offset), rather than report silence.
     pub fn hears(&self, listener: usize, talker: usize, from: Duration, to: Duration) -> f32 {
         let hz = self.users[talker].tone_hz;
-        self.users[listener].ear.level(hz, from, to)
+        self.users[listener]
+            .ear
+            .level(hz, from, to)
+            .unwrap_or_else(|| panic!("user {listener} has no measured audio in {from:?}..{to:?}"))
     }
 
     pub fn frames_sent(&self, user: usize) -> u64 {

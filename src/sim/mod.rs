@@ -210,7 +210,8 @@ impl World {
         self.now
     }
 
-    /// Adds a user (not yet connected); returns its index.
+    /// Adds a user (not yet connected); returns its index. Add every user before running:
+    /// each ear listens for the tones of the users there are when it starts hearing.
     pub fn add_user(&mut self, spec: UserSpec) -> usize {
         let i = self.users.len();
         let local = self.net.add_site(spec.nat, spec.link);
@@ -533,7 +534,7 @@ impl World {
             Control::Syn { user, conn } => {
                 let lat = self.users[user].control_latency;
                 let token = self.rng.next_u64();
-                let ip = self.net_ip(user);
+                let ip = self.net.public_ip(user);
                 match &mut self.server {
                     Some(server) => {
                         server.opened(now, conn, token, ip);
@@ -594,10 +595,5 @@ impl World {
                 }
             }
         }
-    }
-
-    /// The address a user's control connection comes from (its router's public IP).
-    fn net_ip(&self, user: usize) -> IpAddr {
-        IpAddr::V4(Ipv4Addr::new(203, 0, 113, user as u8 + 1))
     }
 }

@@ -294,6 +294,11 @@ impl Network {
         internal
     }
 
+    /// The public IP of client site `client`'s router (where its TCP connections come from).
+    pub fn public_ip(&self, client: usize) -> IpAddr {
+        self.sites[client].nat.external_ip()
+    }
+
     pub fn set_link(&mut self, client: usize, link: LinkProfile) {
         self.sites[client].link = link;
     }

@@ -68,6 +68,8 @@ pub mod protocol;
 #[cfg(feature = "app")]
 pub mod server;
 #[cfg(feature = "app")]
+pub mod sim;
+#[cfg(feature = "app")]
 pub mod tls;
 #[cfg(feature = "app")]
 pub mod ui;

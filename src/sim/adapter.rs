@@ -1,0 +1,420 @@
+//! Every call the simulation makes into the real cores: [`ServerState`], [`ControlSession`]
+//! and [`VoiceEngine`]. Nothing else in `sim/` names them, so when their APIs change only this
+//! file changes.
+//!
+//! It does what the real shells do and nothing more: [`SimServer`] is `server/plugin.rs`
+//! without sockets (outputs applied, broadcasts fanned out, `Register` answered with
+//! `RegisterAck`), and [`SimClient`] is `client/plugin.rs` + `voice/plugin.rs` +
+//! `voice/thread.rs` without sockets, threads or devices (session events become engine calls
+//! exactly as `forward_control_events` turns them into voice commands).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::client::session::{Action, ControlSession, SessionEvent, TransportError};
+use crate::config::ChannelConfig;
+use crate::protocol::datagram::Datagram;
+use crate::protocol::{ClientMsg, ServerMsg, UserId};
+use crate::server::state::{Output, ServerRules, ServerState, SessionId};
+use crate::voice::crypto::SessionKeys;
+use crate::voice::engine::{PeerState, VoiceConfig, VoiceEngine, MAX_DATAGRAM_LEN, PLAYOUT_CHUNK};
+
+/// The server's name for one control connection (a new one for every connect).
+pub type ConnId = SessionId;
+
+/// Samples per playout call (10 ms at 48 kHz), as the voice thread tops up its ring.
+pub const PLAYOUT_SAMPLES: usize = PLAYOUT_CHUNK;
+
+/// Largest datagram an engine writes.
+pub const DATAGRAM_BUF: usize = MAX_DATAGRAM_LEN;
+
+/// What the server wants done with its control connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerOut {
+    Send(ConnId, ServerMsg),
+    /// Say `Closing{reason}` and drop the connection (the server has already forgotten it).
+    Close(ConnId, String),
+}
+
+/// The metadata server: [`ServerState`] plus the bookkeeping its shell does.
+#[derive(Debug)]
+pub struct SimServer {
+    state: ServerState,
+    /// Open connections, in id order: broadcasts reach them in this fixed order.
+    conns: BTreeSet<ConnId>,
+}
+
+impl SimServer {
+    /// A fresh server (as after a restart: no sessions, ids start again) with open channels.
+    pub fn new(channels: &[&str]) -> Self {
+        let channels = channels
+            .iter()
+            .map(|name| ChannelConfig {
+                name: name.to_string(),
+                password_hash: None,
+                max_members: 16,
+            })
+            .collect();
+        Self {
+            state: ServerState::new(channels, ServerRules::default()),
+            conns: BTreeSet::new(),
+        }
+    }
+
+    /// A client's connection arrived from `ip`.
+    pub fn opened(&mut self, now: Duration, conn: ConnId, udp_token: u64, ip: IpAddr) {
+        self.state.session_opened(now, conn, udp_token);
+        self.state.set_session_ip(conn, ip);
+        self.conns.insert(conn);
+    }
+
+    /// The client closed its connection.
+    pub fn closed(&mut self, now: Duration, conn: ConnId) -> Vec<ServerOut> {
+        let mut out = Vec::new();
+        self.conns.remove(&conn);
+        self.state.session_closed(now, conn, &mut out);
+        self.apply(now, out)
+    }
+
+    pub fn handle(&mut self, now: Duration, conn: ConnId, msg: ClientMsg) -> Vec<ServerOut> {
+        let mut out = Vec::new();
+        self.state.handle(now, conn, msg, &mut out);
+        self.apply(now, out)
+    }
+
+    /// Timeouts; the shell calls it every 250 ms.
+    pub fn tick(&mut self, now: Duration) -> Vec<ServerOut> {
+        let mut out = Vec::new();
+        self.state.tick(now, &mut out);
+        self.apply(now, out)
+    }
+
+    /// One datagram on the server's UDP port: a `Register` is answered with the address it
+    /// came from (`RegisterAck`), like `read_udp` in the plugin. Returns the reply to send
+    /// back to `from`, if any.
+    pub fn udp(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) -> (Option<Vec<u8>>, Vec<ServerOut>) {
+        let mut out = Vec::new();
+        let mut reply = None;
+        if let Ok(Datagram::Register { token }) = Datagram::parse(bytes) {
+            if self
+                .state
+                .udp_register(now, token, from, &mut out)
+                .is_some()
+            {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = (Datagram::RegisterAck { observed: from }).write(&mut buf) {
+                    reply = Some(buf[..n].to_vec());
+                }
+            }
+        }
+        (reply, self.apply(now, out))
+    }
+
+    /// Applies outputs as `apply_outputs` does: broadcasts go to every identified connection,
+    /// a close makes the server forget the session at once (which may say more).
+    fn apply(&mut self, now: Duration, mut pending: Vec<Output>) -> Vec<ServerOut> {
+        let mut done = Vec::new();
+        // Closing sessions produces leave notifications; the plugin loops the same way.
+        for _ in 0..8 {
+            if pending.is_empty() {
+                break;
+            }
+            let mut more = Vec::new();
+            for output in pending {
+                match output {
+                    Output::Send(id, msg) => {
+                        if self.conns.contains(&id) {
+                            done.push(ServerOut::Send(id, msg));
+                        }
+                    }
+                    Output::Broadcast { msg, .. } => {
+                        for &id in &self.conns {
+                            if self.state.is_identified(id) {
+                                done.push(ServerOut::Send(id, msg.clone()));
+                            }
+                        }
+                    }
+                    Output::Close(id, reason) => {
+                        if self.conns.remove(&id) {
+                            done.push(ServerOut::Close(id, reason));
+                            self.state.session_closed(now, id, &mut more);
+                        }
+                    }
+                    // The simulation's channels have no password, so nothing asks for this.
+                    Output::VerifyPassword {
+                        session, ticket, ..
+                    } => self
+                        .state
+                        .password_checked(now, session, ticket, false, &mut more),
+                }
+            }
+            pending = more;
+        }
+        done
+    }
+}
+
+/// What a client's control transport must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlOut {
+    Open,
+    Send(ClientMsg),
+    Close,
+}
+
+/// How one peer's link looks from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PeerPath {
+    Punching,
+    Direct,
+    Unreachable,
+}
+
+/// One datagram a client wants sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTransmit {
+    pub to: SocketAddr,
+    pub len: usize,
+}
+
+/// One user's app: the control session and the voice engine, wired as the plugins wire them.
+pub struct SimClient {
+    session: ControlSession,
+    engine: VoiceEngine,
+    /// The voice socket's address inside its site (announced as the local candidate).
+    local: SocketAddr,
+    server: SocketAddr,
+    username: String,
+    /// Session events in the order they happened, for the trace.
+    log: VecDeque<String>,
+}
+
+impl SimClient {
+    /// A client whose voice socket is bound at `local`, all randomness drawn from `seed`.
+    ///
+    /// Noise suppression is off (as for tone and file inputs in the real app) and the
+    /// engine sends on push-to-talk: the voice-activity detector's noise floor follows a steady
+    /// tone up by about 3 dB/s, so after a few seconds a pure tone would count as background
+    /// noise and stop being sent. Push-to-talk held down sends whatever the input is, which is
+    /// what a test of the network needs; [`SimClient::set_talking`] is the key.
+    pub fn new(username: &str, local: SocketAddr, server: SocketAddr, seed: u64) -> Self {
+        let mut cfg = VoiceConfig::default();
+        cfg.capture.denoise = false;
+        let mut engine = VoiceEngine::new(cfg, seed).expect("Opus encoder for 48 kHz mono");
+        let mut secret = [0u8; 32];
+        let mut s = seed;
+        for chunk in secret.chunks_mut(8) {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            chunk.copy_from_slice(&s.to_le_bytes());
+        }
+        engine.set_keys(SessionKeys::from_secret_bytes(secret));
+        engine.set_push_to_talk(true);
+        Self {
+            session: ControlSession::new(),
+            engine,
+            local,
+            server,
+            username: username.to_string(),
+            log: VecDeque::new(),
+        }
+    }
+
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    /// Samples per captured frame.
+    pub fn frame_samples(&self) -> usize {
+        self.engine.frame().samples()
+    }
+
+    /// Frame duration of capture.
+    pub fn frame_duration(&self) -> Duration {
+        Duration::from_micros(self.frame_samples() as u64 * 1_000_000 / 48_000)
+    }
+
+    // --- user intents ---
+
+    pub fn connect(&mut self, now: Duration) {
+        let server = self.server.to_string();
+        self.session.connect(now, &server, &self.username.clone());
+        self.forward_events(now);
+    }
+
+    pub fn join(&mut self, now: Duration, channel: &str) {
+        self.session.join(now, channel, None);
+        self.forward_events(now);
+    }
+
+    pub fn leave(&mut self, now: Duration) {
+        self.session.leave(now);
+        self.forward_events(now);
+    }
+
+    /// Holds or releases the push-to-talk key.
+    pub fn set_talking(&mut self, now: Duration, talking: bool) {
+        self.engine.set_ptt_pressed(now, talking);
+    }
+
+    // --- control transport news ---
+
+    pub fn transport_connected(&mut self, now: Duration) {
+        self.session.transport_connected(now);
+        self.forward_events(now);
+    }
+
+    /// The connection broke or could not be opened (the server is down or restarted).
+    pub fn transport_lost(&mut self, now: Duration, why: &str) {
+        self.session
+            .transport_lost(now, TransportError::Lost(why.to_string()));
+        self.forward_events(now);
+    }
+
+    pub fn handle_message(&mut self, now: Duration, msg: ServerMsg) {
+        self.session.handle_message(now, msg);
+        self.forward_events(now);
+    }
+
+    /// The next thing the control transport must do.
+    pub fn poll_control(&mut self) -> Option<ControlOut> {
+        Some(match self.session.poll_action()? {
+            Action::OpenTransport { .. } => ControlOut::Open,
+            Action::Send(msg) => ControlOut::Send(msg),
+            Action::CloseTransport => ControlOut::Close,
+        })
+    }
+
+    /// Session events become engine calls, as `voice/plugin.rs` forwards them (and the voice
+    /// thread answers `SetServer` with our local endpoints and key).
+    fn forward_events(&mut self, now: Duration) {
+        while let Some(ev) = self.session.poll_event() {
+            self.log.push_back(format!("{ev:?}"));
+            match ev {
+                SessionEvent::Welcome { udp_token } => {
+                    self.engine.set_server(now, self.server, udp_token);
+                    let key = self.engine.public_key();
+                    self.session
+                        .set_local_endpoints(now, vec![self.local], Some(key));
+                }
+                SessionEvent::Identified { user_id, .. } => self.engine.set_self_id(user_id),
+                SessionEvent::PeerEndpoints(peer) => self.engine.upsert_peer(now, &peer),
+                SessionEvent::PeerGone { user_id } => self.engine.remove_peer(user_id),
+                SessionEvent::Left { .. } | SessionEvent::Disconnected { retry_in: None, .. } => {
+                    self.engine.clear_peers()
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Session events so far, oldest first (drained).
+    pub fn take_log(&mut self) -> Vec<String> {
+        self.log.drain(..).collect()
+    }
+
+    // --- voice plane ---
+
+    pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
+        self.engine.handle_datagram(now, from, bytes);
+    }
+
+    pub fn capture(&mut self, now: Duration, pcm: &[f32]) {
+        self.engine.handle_capture(now, pcm);
+    }
+
+    /// Fills `out` ([`PLAYOUT_SAMPLES`]) with what the user hears.
+    pub fn playout(&mut self, now: Duration, out: &mut [f32]) {
+        self.engine.playout_frame(now, out);
+    }
+
+    /// Fires whichever of the session's and the engine's timers are due.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if self.session.poll_timeout().is_some_and(|t| t <= now) {
+            self.session.handle_timeout(now);
+            self.forward_events(now);
+        }
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+        }
+    }
+
+    /// The earliest timer of either core.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        [self.session.poll_timeout(), self.engine.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The next datagram to send, written into `buf` ([`DATAGRAM_BUF`] bytes).
+    pub fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<ClientTransmit> {
+        let t = self.engine.poll_transmit(now, buf)?;
+        Some(ClientTransmit {
+            to: t.to,
+            len: t.len,
+        })
+    }
+
+    // --- what the user sees ---
+
+    /// Our id as the control session knows it.
+    pub fn user_id(&self) -> Option<UserId> {
+        self.session.user_id()
+    }
+
+    /// Our id as the voice engine uses it (must follow the session's).
+    pub fn voice_self_id(&self, now: Duration) -> Option<UserId> {
+        self.engine.snapshot(now).self_id
+    }
+
+    pub fn channel(&self) -> Option<&str> {
+        self.session.channel()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.session.is_ready()
+    }
+
+    /// Our public address as the server saw it.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.engine.public_addr()
+    }
+
+    /// Every peer the voice engine knows, with its link state, by id.
+    pub fn peer_paths(&self, now: Duration) -> Vec<(UserId, PeerPath)> {
+        let mut v: Vec<_> = self
+            .engine
+            .snapshot(now)
+            .peers
+            .iter()
+            .map(|p| {
+                let path = match p.state {
+                    PeerState::Punching => PeerPath::Punching,
+                    PeerState::Direct(_) => PeerPath::Direct,
+                    PeerState::Unreachable(_) => PeerPath::Unreachable,
+                };
+                (p.user_id, path)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Voice frames we sent (counted once per frame, whatever the number of peers).
+    pub fn frames_sent(&self, now: Duration) -> u64 {
+        self.engine.snapshot(now).frames_sent
+    }
+
+    /// Datagrams that failed authentication or had no key.
+    pub fn undecryptable(&self, now: Duration) -> u64 {
+        self.engine.snapshot(now).undecryptable
+    }
+}

@@ -12,19 +12,20 @@ use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::audio::CHUNK_SAMPLES;
 use crate::client::session::{Action, ControlSession, SessionEvent, TransportError};
 use crate::config::ChannelConfig;
 use crate::protocol::datagram::Datagram;
 use crate::protocol::{ClientMsg, ServerMsg, UserId};
 use crate::server::state::{Output, ServerRules, ServerState, SessionId};
-use crate::voice::crypto::SessionKeys;
-use crate::voice::engine::{PeerState, VoiceConfig, VoiceEngine, MAX_DATAGRAM_LEN, PLAYOUT_CHUNK};
+use crate::voice::engine::{PeerState, VoiceConfig, VoiceEngine, VoiceSetting, MAX_DATAGRAM_LEN};
+use crate::voice::net::crypto::SessionKeys;
 
 /// The server's name for one control connection (a new one for every connect).
 pub type ConnId = SessionId;
 
 /// Samples per playout call (10 ms at 48 kHz), as the voice thread tops up its ring.
-pub const PLAYOUT_SAMPLES: usize = PLAYOUT_CHUNK;
+pub const PLAYOUT_SAMPLES: usize = CHUNK_SAMPLES;
 
 /// Largest datagram an engine writes.
 pub const DATAGRAM_BUF: usize = MAX_DATAGRAM_LEN;
@@ -216,7 +217,7 @@ impl SimClient {
             chunk.copy_from_slice(&s.to_le_bytes());
         }
         engine.set_keys(SessionKeys::from_secret_bytes(secret));
-        engine.set_push_to_talk(true);
+        engine.apply(Duration::ZERO, VoiceSetting::PushToTalk(true));
         Self {
             session: ControlSession::new(),
             engine,
@@ -261,7 +262,7 @@ impl SimClient {
 
     /// Holds or releases the push-to-talk key.
     pub fn set_talking(&mut self, now: Duration, talking: bool) {
-        self.engine.set_ptt_pressed(now, talking);
+        self.engine.apply(now, VoiceSetting::PttPressed(talking));
     }
 
     // --- control transport news ---

@@ -1,19 +1,27 @@
 //! The metadata server's rules as a pure state machine.
 //!
 //! `ServerState` owns no socket and reads no clock: the shell (see `plugin.rs`) hands it what
-//! happened (a session opened, a message arrived, a UDP registration, time passed) and applies the
-//! [`Output`]s it returns. Every rule of the server is therefore a deterministic unit test.
+//! happened (a connection opened, a message or a datagram arrived, a password was checked, a
+//! connection is gone, time passed) and carries out what it queues: [`Output`]s per session,
+//! [`Transmit`]s on the UDP socket, [`ServerEvent`]s for counters and the ECS mirror. Every rule
+//! of the server is therefore a deterministic unit test, and a whole-system simulation can
+//! drive it in simulated time.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use super::close_reason::CloseReason;
 use crate::config::ChannelConfig;
+use crate::protocol::datagram::Datagram;
 use crate::protocol::messages::OVERVIEW_PART_MEMBERS;
 use crate::protocol::{
     validate_username, ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, Status, UserId,
     APP_VERSION, PROTOCOL_VERSION,
 };
+
+mod output;
+pub use output::{DatagramDrop, Output, ServerEvent, Transmit};
 
 /// Identifier the shell gives each TCP connection.
 pub type SessionId = u64;
@@ -55,32 +63,13 @@ impl Default for ServerRules {
     }
 }
 
-/// What the shell must do after feeding an input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
-    /// Send one message to one session.
-    Send(SessionId, ServerMsg),
-    /// Send one message to every identified session (encode once, copy many).
-    ///
-    /// `prompt` are the sessions that must get it without delay: the members of the channel
-    /// it is about, whose call it changes. Everyone else only keeps a lobby-wide overview
-    /// current, so the shell may batch it with other presence news (one TLS record and one
-    /// write per client instead of one per event); order per session is kept either way.
-    Broadcast {
-        msg: ServerMsg,
-        prompt: Vec<SessionId>,
-    },
-    /// Send `Closing{reason}` if possible, then close the connection.
-    Close(SessionId, String),
-    /// Check `password` against `hash` off the tick thread (argon2 is slow on purpose) and call
-    /// [`ServerState::password_checked`] with the same ticket.
-    VerifyPassword {
-        session: SessionId,
-        ticket: u64,
-        hash: String,
-        password: String,
-    },
-}
+/// How often the silence and identify timers are checked. Timeouts are in seconds: checking
+/// every 250 ms is plenty, and one check walks every session, so it stays cheap on big servers.
+pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Most `RegisterAck`s and events kept for a shell that is not draining; beyond it new ones
+/// are dropped (a shell reading a burst of datagrams drains after each batch of reads).
+const MAX_QUEUED_UDP: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
@@ -110,7 +99,8 @@ struct Session {
     /// Token bucket for the message rate limit: tokens left and when they were counted.
     tokens: f64,
     tokens_at: Duration,
-    ip: Option<std::net::IpAddr>,
+    /// Where the connection comes from; wrong-password limits per address survive reconnects.
+    ip: IpAddr,
 }
 
 #[derive(Debug)]
@@ -131,6 +121,12 @@ pub struct SessionView {
 }
 
 /// All server rules: channels, sessions, unique usernames, membership, endpoint introductions.
+///
+/// The calling contract (see the crate docs): the shell feeds what happened with the
+/// `handle_*` methods (a connection, a message, a password check's result, a datagram, a
+/// connection gone) and `handle_timeout` once [`Self::poll_timeout`] is due, then drains
+/// [`Self::poll_output`] (messages and closes per session), [`Self::poll_transmit`] (UDP
+/// answers) and [`Self::poll_event`] (what its counters and ECS mirror need).
 #[derive(Debug)]
 pub struct ServerState {
     rules: ServerRules,
@@ -141,9 +137,15 @@ pub struct ServerState {
     names: HashMap<String, SessionId>,
     tokens: HashMap<u64, SessionId>,
     /// Recent wrong-password times per client address.
-    wrong_by_ip: HashMap<std::net::IpAddr, VecDeque<Duration>>,
+    wrong_by_ip: HashMap<IpAddr, VecDeque<Duration>>,
     next_user_id: UserId,
     next_ticket: u64,
+    /// When the silence and identify timers are next checked.
+    next_expiry_check: Duration,
+    outputs: VecDeque<Output>,
+    /// Addresses owed a `RegisterAck`, each the source of a valid `Register`.
+    acks: VecDeque<SocketAddr>,
+    events: VecDeque<ServerEvent>,
 }
 
 impl ServerState {
@@ -169,6 +171,10 @@ impl ServerState {
             wrong_by_ip: HashMap::new(),
             next_user_id: 1,
             next_ticket: 1,
+            next_expiry_check: Duration::ZERO,
+            outputs: VecDeque::new(),
+            acks: VecDeque::new(),
+            events: VecDeque::new(),
         }
     }
 
@@ -184,8 +190,39 @@ impl ServerState {
         self.channels.iter().map(|c| c.config.name.as_str())
     }
 
-    /// A new connection. `udp_token` must be unpredictable (the shell draws it from an OS RNG).
-    pub fn session_opened(&mut self, now: Duration, id: SessionId, udp_token: u64) {
+    /// The next thing the shell must do for a session, in the order the rules decided them.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The next UDP datagram to send (a `RegisterAck`), written into `buf`, which should hold
+    /// [`MAX_DATAGRAM_LEN`](crate::protocol::datagram::MAX_DATAGRAM_LEN) bytes.
+    pub fn poll_transmit(&mut self, _now: Duration, buf: &mut [u8]) -> Option<Transmit> {
+        while let Some(to) = self.acks.pop_front() {
+            // Fails only when `buf` is too small; then no ack fits and all are dropped.
+            if let Ok(len) = (Datagram::RegisterAck { observed: to }).write(buf) {
+                return Some(Transmit { to, len });
+            }
+        }
+        None
+    }
+
+    /// The next event for the shell's counters and ECS mirror.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] next has something to check; `None` while there is
+    /// nothing to time out.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        (!self.sessions.is_empty() || !self.wrong_by_ip.is_empty())
+            .then_some(self.next_expiry_check)
+    }
+
+    /// A new connection from `ip`. `udp_token` must be unpredictable (the shell draws it from
+    /// an OS RNG); the client gets it in `Welcome` and proves its UDP address with it. The
+    /// address keeps wrong-password limits across reconnects.
+    pub fn handle_connected(&mut self, now: Duration, id: SessionId, ip: IpAddr, udp_token: u64) {
         self.tokens.insert(udp_token, id);
         self.sessions.insert(
             id,
@@ -202,25 +239,35 @@ impl ServerState {
                 wrong_passwords: VecDeque::new(),
                 tokens: self.rules.message_burst,
                 tokens_at: now,
-                ip: None,
+                ip,
             },
         );
     }
 
-    /// Where a session connects from (for limits that must survive reconnecting).
-    pub fn set_session_ip(&mut self, id: SessionId, ip: std::net::IpAddr) {
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.ip = Some(ip);
-        }
+    /// The connection is gone without us closing it (the shell lost it). Its channel hears
+    /// that it left; no [`Output::Close`] follows, there is nothing to close.
+    pub fn handle_closed(&mut self, _now: Duration, id: SessionId) {
+        self.remove_session(id);
     }
 
-    /// The connection is gone (closed by the peer, by an error, or by us).
-    pub fn session_closed(&mut self, _now: Duration, id: SessionId, out: &mut Vec<Output>) {
+    /// Ends a session: queues [`Output::Close`] with `reason` for the shell, then forgets the
+    /// session, telling its channel. The shell calls this for what it sees on the transport
+    /// (end of stream, a broken frame, a client too slow to read); the rules call it for what
+    /// they decide. Closing a session that is already gone does nothing.
+    pub fn close(&mut self, id: SessionId, reason: CloseReason) {
+        if !self.sessions.contains_key(&id) {
+            return;
+        }
+        self.outputs.push_back(Output::Close(id, reason));
+        self.remove_session(id);
+    }
+
+    fn remove_session(&mut self, id: SessionId) {
         let Some(session) = self.sessions.get(&id) else {
             return;
         };
         if session.channel.is_some() {
-            self.leave_channel(id, out);
+            self.leave_channel(id);
         }
         if let Some(session) = self.sessions.remove(&id) {
             self.tokens.remove(&session.udp_token);
@@ -231,7 +278,7 @@ impl ServerState {
     }
 
     /// Handles one message from a session.
-    pub fn handle(&mut self, now: Duration, id: SessionId, msg: ClientMsg, out: &mut Vec<Output>) {
+    pub fn handle_message(&mut self, now: Duration, id: SessionId, msg: ClientMsg) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -241,13 +288,8 @@ impl ServerState {
             (session.tokens + elapsed * self.rules.message_rate).min(self.rules.message_burst);
         session.tokens_at = now;
         if session.tokens < 1.0 {
-            out.push(Output::Close(
-                id,
-                format!(
-                    "too many messages (limit {} per second)",
-                    self.rules.message_rate
-                ),
-            ));
+            let limit = self.rules.message_rate;
+            self.close(id, CloseReason::TooManyMessages { limit });
             return;
         }
         session.tokens -= 1.0;
@@ -259,22 +301,21 @@ impl ServerState {
                 },
             ) => {
                 if protocol_version != PROTOCOL_VERSION {
-                    let reason = format!(
-                        "{}: server speaks protocol {PROTOCOL_VERSION}, client speaks {protocol_version}",
-                        Status::VersionMismatch.message()
-                    );
-                    out.push(Output::Send(
+                    let reason = CloseReason::VersionMismatch {
+                        client: protocol_version,
+                    };
+                    self.outputs.push_back(Output::Send(
                         id,
                         ServerMsg::Error {
                             status: Status::VersionMismatch,
-                            message: reason.clone(),
+                            message: reason.to_string(),
                         },
                     ));
-                    out.push(Output::Close(id, reason));
+                    self.close(id, reason);
                     return;
                 }
                 session.phase = Phase::AwaitingIdentity;
-                out.push(Output::Send(
+                self.outputs.push_back(Output::Send(
                     id,
                     ServerMsg::Welcome {
                         protocol_version: PROTOCOL_VERSION,
@@ -284,23 +325,18 @@ impl ServerState {
                     },
                 ));
             }
-            (Phase::AwaitingHello, _) => {
-                out.push(Output::Close(
-                    id,
-                    "protocol error: the first message must be Hello".into(),
-                ));
-            }
-            (_, ClientMsg::Hello { .. }) => {
-                out.push(Output::Close(id, "protocol error: Hello sent twice".into()));
-            }
-            (_, ClientMsg::Heartbeat) => out.push(Output::Send(id, ServerMsg::HeartbeatAck)),
-            (_, ClientMsg::Disconnect) => out.push(Output::Close(id, "goodbye".into())),
+            (Phase::AwaitingHello, _) => self.close(id, CloseReason::HelloFirst),
+            (_, ClientMsg::Hello { .. }) => self.close(id, CloseReason::HelloTwice),
+            (_, ClientMsg::Heartbeat) => self
+                .outputs
+                .push_back(Output::Send(id, ServerMsg::HeartbeatAck)),
+            (_, ClientMsg::Disconnect) => self.close(id, CloseReason::Goodbye),
             (Phase::AwaitingIdentity, ClientMsg::Identify { username }) => {
-                self.identify(id, username, out);
+                self.identify(id, username);
             }
             (Phase::Identified { username, .. }, ClientMsg::Identify { .. }) => {
                 let username = username.clone();
-                out.push(Output::Send(
+                self.outputs.push_back(Output::Send(
                     id,
                     ServerMsg::Identified {
                         status: Status::AlreadyIdentified,
@@ -310,7 +346,7 @@ impl ServerState {
                 ));
             }
             (Phase::AwaitingIdentity, ClientMsg::Join { channel, .. }) => {
-                out.push(Output::Send(
+                self.outputs.push_back(Output::Send(
                     id,
                     ServerMsg::Joined {
                         status: Status::NotIdentified,
@@ -319,7 +355,7 @@ impl ServerState {
                 ));
             }
             (Phase::AwaitingIdentity, ClientMsg::Leave) => {
-                out.push(Output::Send(
+                self.outputs.push_back(Output::Send(
                     id,
                     ServerMsg::Left {
                         status: Status::NotIdentified,
@@ -328,11 +364,11 @@ impl ServerState {
                 ));
             }
             (Phase::Identified { .. }, ClientMsg::Join { channel, password }) => {
-                self.join(now, id, channel, password, out);
+                self.join(now, id, channel, password);
             }
             (Phase::Identified { .. }, ClientMsg::Leave) => {
                 if session.channel.is_none() {
-                    out.push(Output::Send(
+                    self.outputs.push_back(Output::Send(
                         id,
                         ServerMsg::Left {
                             status: Status::NotInChannel,
@@ -340,8 +376,8 @@ impl ServerState {
                         },
                     ));
                 } else {
-                    let name = self.leave_channel(id, out);
-                    out.push(Output::Send(
+                    let name = self.leave_channel(id);
+                    self.outputs.push_back(Output::Send(
                         id,
                         ServerMsg::Left {
                             status: Status::Ok,
@@ -362,13 +398,13 @@ impl ServerState {
                 if session.local_endpoints != local || session.voice_key != voice_key {
                     session.local_endpoints = local;
                     session.voice_key = voice_key;
-                    self.endpoints_changed(id, out);
+                    self.endpoints_changed(id);
                 }
             }
         }
     }
 
-    fn identify(&mut self, id: SessionId, username: String, out: &mut Vec<Output>) {
+    fn identify(&mut self, id: SessionId, username: String) {
         let status = if validate_username(&username).is_err() {
             Status::InvalidName
         } else if self.names.contains_key(&username.to_lowercase()) {
@@ -381,7 +417,7 @@ impl ServerState {
                 Err(why) => format!("{}: {why}", status.message()),
                 Ok(()) => format!("username {username:?} is already taken"),
             };
-            out.push(Output::Send(
+            self.outputs.push_back(Output::Send(
                 id,
                 ServerMsg::Identified {
                     status,
@@ -389,7 +425,8 @@ impl ServerState {
                     username,
                 },
             ));
-            out.push(Output::Send(id, ServerMsg::Error { status, message }));
+            self.outputs
+                .push_back(Output::Send(id, ServerMsg::Error { status, message }));
             return;
         }
         let user_id = self.next_user_id;
@@ -401,7 +438,7 @@ impl ServerState {
                 username: username.clone(),
             };
         }
-        out.push(Output::Send(
+        self.outputs.push_back(Output::Send(
             id,
             ServerMsg::Identified {
                 status: Status::Ok,
@@ -409,26 +446,28 @@ impl ServerState {
                 username,
             },
         ));
-        self.send_overview(id, out);
+        self.send_overview(id);
     }
 
     /// The overview, in one message when it fits comfortably and otherwise as the channel list
     /// followed by member parts.
-    fn send_overview(&self, id: SessionId, out: &mut Vec<Output>) {
+    fn send_overview(&mut self, id: SessionId) {
         let mut channels = self.overview();
         let total: usize = channels.iter().map(|c| c.members.len()).sum();
         if total <= OVERVIEW_PART_MEMBERS {
-            out.push(Output::Send(id, ServerMsg::Overview { channels }));
+            self.outputs
+                .push_back(Output::Send(id, ServerMsg::Overview { channels }));
             return;
         }
         let parts: Vec<(String, Vec<MemberInfo>)> = channels
             .iter_mut()
             .map(|c| (c.name.clone(), std::mem::take(&mut c.members)))
             .collect();
-        out.push(Output::Send(id, ServerMsg::Overview { channels }));
+        self.outputs
+            .push_back(Output::Send(id, ServerMsg::Overview { channels }));
         for (channel, members) in parts {
             for chunk in members.chunks(OVERVIEW_PART_MEMBERS) {
-                out.push(Output::Send(
+                self.outputs.push_back(Output::Send(
                     id,
                     ServerMsg::OverviewMembers {
                         channel: channel.clone(),
@@ -439,30 +478,24 @@ impl ServerState {
         }
     }
 
-    fn join(
-        &mut self,
-        now: Duration,
-        id: SessionId,
-        channel: String,
-        password: Option<String>,
-        out: &mut Vec<Output>,
-    ) {
-        let refuse = |out: &mut Vec<Output>, status: Status, channel: String| {
-            out.push(Output::Send(id, ServerMsg::Joined { status, channel }));
+    fn join(&mut self, now: Duration, id: SessionId, channel: String, password: Option<String>) {
+        let outputs = &mut self.outputs;
+        let mut refuse = |status: Status, channel: String| {
+            outputs.push_back(Output::Send(id, ServerMsg::Joined { status, channel }));
         };
         let Some(&index) = self.channel_index.get(&channel.to_lowercase()) else {
-            refuse(out, Status::NoSuchChannel, channel);
+            refuse(Status::NoSuchChannel, channel);
             return;
         };
         let canonical = self.channels[index].config.name.clone();
-        let rules = self.rules.clone();
+        let rules = &self.rules;
         let session = self.sessions.get_mut(&id).expect("caller checked");
         if session.channel == Some(index) {
-            refuse(out, Status::AlreadyInChannel, canonical);
+            refuse(Status::AlreadyInChannel, canonical);
             return;
         }
         if session.pending_join.is_some() {
-            refuse(out, Status::RateLimited, canonical);
+            refuse(Status::RateLimited, canonical);
             return;
         }
         while session
@@ -474,33 +507,32 @@ impl ServerState {
         }
         let ch = &self.channels[index];
         if ch.members.len() >= ch.config.max_members as usize {
-            refuse(out, Status::ChannelFull, canonical);
+            refuse(Status::ChannelFull, canonical);
             return;
         }
         match &ch.config.password_hash {
-            None => self.enter_channel(id, index, out),
+            None => self.enter_channel(id, index),
             Some(hash) => {
-                let ip_failures = session
-                    .ip
-                    .and_then(|ip| self.wrong_by_ip.get_mut(&ip))
-                    .map(|q| {
-                        while q
-                            .front()
-                            .is_some_and(|t| now.saturating_sub(*t) > rules.wrong_password_window)
-                        {
-                            q.pop_front();
-                        }
-                        q.len()
-                    })
-                    .unwrap_or(0);
+                let ip_failures =
+                    self.wrong_by_ip
+                        .get_mut(&session.ip)
+                        .map(|q| {
+                            while q.front().is_some_and(|t| {
+                                now.saturating_sub(*t) > rules.wrong_password_window
+                            }) {
+                                q.pop_front();
+                            }
+                            q.len()
+                        })
+                        .unwrap_or(0);
                 if session.wrong_passwords.len() >= rules.max_wrong_passwords
                     || ip_failures >= rules.max_wrong_passwords_per_ip
                 {
-                    refuse(out, Status::RateLimited, canonical);
+                    refuse(Status::RateLimited, canonical);
                     return;
                 }
                 let Some(password) = password.filter(|p| !p.is_empty()) else {
-                    refuse(out, Status::WrongPassword, canonical);
+                    refuse(Status::WrongPassword, canonical);
                     return;
                 };
                 let ticket = self.next_ticket;
@@ -509,7 +541,7 @@ impl ServerState {
                     ticket,
                     channel: index,
                 });
-                out.push(Output::VerifyPassword {
+                self.outputs.push_back(Output::VerifyPassword {
                     session: id,
                     ticket,
                     hash: hash.clone(),
@@ -519,15 +551,10 @@ impl ServerState {
         }
     }
 
-    /// Result of an [`Output::VerifyPassword`] request.
-    pub fn password_checked(
-        &mut self,
-        now: Duration,
-        id: SessionId,
-        ticket: u64,
-        ok: bool,
-        out: &mut Vec<Output>,
-    ) {
+    /// The result of an [`Output::VerifyPassword`] request: `ok` when the password matched.
+    /// A result for a join that is no longer pending (another ticket, a closed session) is
+    /// ignored.
+    pub fn handle_password_checked(&mut self, now: Duration, id: SessionId, ticket: u64, ok: bool) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -538,10 +565,11 @@ impl ServerState {
         let canonical = self.channels[index].config.name.clone();
         if !ok {
             session.wrong_passwords.push_back(now);
-            if let Some(ip) = session.ip {
-                self.wrong_by_ip.entry(ip).or_default().push_back(now);
-            }
-            out.push(Output::Send(
+            self.wrong_by_ip
+                .entry(session.ip)
+                .or_default()
+                .push_back(now);
+            self.outputs.push_back(Output::Send(
                 id,
                 ServerMsg::Joined {
                     status: Status::WrongPassword,
@@ -556,7 +584,7 @@ impl ServerState {
         }
         let ch = &self.channels[index];
         if ch.members.len() >= ch.config.max_members as usize {
-            out.push(Output::Send(
+            self.outputs.push_back(Output::Send(
                 id,
                 ServerMsg::Joined {
                     status: Status::ChannelFull,
@@ -565,7 +593,7 @@ impl ServerState {
             ));
             return;
         }
-        self.enter_channel(id, index, out);
+        self.enter_channel(id, index);
     }
 
     fn member_info(&self, id: SessionId) -> Option<MemberInfo> {
@@ -590,15 +618,15 @@ impl ServerState {
         })
     }
 
-    fn enter_channel(&mut self, id: SessionId, index: usize, out: &mut Vec<Output>) {
+    fn enter_channel(&mut self, id: SessionId, index: usize) {
         if self.sessions.get(&id).and_then(|s| s.channel).is_some() {
-            self.leave_channel(id, out);
+            self.leave_channel(id);
         }
         let Some(member) = self.member_info(id) else {
             return;
         };
         let canonical = self.channels[index].config.name.clone();
-        out.push(Output::Send(
+        self.outputs.push_back(Output::Send(
             id,
             ServerMsg::Joined {
                 status: Status::Ok,
@@ -608,17 +636,19 @@ impl ServerState {
         let me = self.peer_info(id);
         for &other in &self.channels[index].members {
             if let Some(peer) = self.peer_info(other) {
-                out.push(Output::Send(id, ServerMsg::PeerEndpoints { peer }));
+                self.outputs
+                    .push_back(Output::Send(id, ServerMsg::PeerEndpoints { peer }));
             }
             if let Some(peer) = me.clone() {
-                out.push(Output::Send(other, ServerMsg::PeerEndpoints { peer }));
+                self.outputs
+                    .push_back(Output::Send(other, ServerMsg::PeerEndpoints { peer }));
             }
         }
         self.channels[index].members.push(id);
         if let Some(s) = self.sessions.get_mut(&id) {
             s.channel = Some(index);
         }
-        out.push(Output::Broadcast {
+        self.outputs.push_back(Output::Broadcast {
             msg: ServerMsg::MemberJoined {
                 channel: canonical,
                 member,
@@ -628,7 +658,7 @@ impl ServerState {
     }
 
     /// Removes `id` from its channel, telling everyone; returns the channel's name.
-    fn leave_channel(&mut self, id: SessionId, out: &mut Vec<Output>) -> Option<String> {
+    fn leave_channel(&mut self, id: SessionId) -> Option<String> {
         let session = self.sessions.get_mut(&id)?;
         let index = session.channel.take()?;
         let user_id = match &session.phase {
@@ -638,13 +668,14 @@ impl ServerState {
         let ch = &mut self.channels[index];
         ch.members.retain(|m| *m != id);
         for &other in &ch.members {
-            out.push(Output::Send(other, ServerMsg::PeerGone { user_id }));
+            self.outputs
+                .push_back(Output::Send(other, ServerMsg::PeerGone { user_id }));
         }
         let name = ch.config.name.clone();
         // The one leaving sees its old channel update as promptly as those who stay.
         let mut prompt = ch.members.clone();
         prompt.push(id);
-        out.push(Output::Broadcast {
+        self.outputs.push_back(Output::Broadcast {
             msg: ServerMsg::MemberLeft {
                 channel: name.clone(),
                 user_id,
@@ -654,7 +685,7 @@ impl ServerState {
         Some(name)
     }
 
-    fn endpoints_changed(&mut self, id: SessionId, out: &mut Vec<Output>) {
+    fn endpoints_changed(&mut self, id: SessionId) {
         let Some(index) = self.sessions.get(&id).and_then(|s| s.channel) else {
             return;
         };
@@ -663,7 +694,7 @@ impl ServerState {
         };
         for &other in &self.channels[index].members {
             if other != id {
-                out.push(Output::Send(
+                self.outputs.push_back(Output::Send(
                     other,
                     ServerMsg::PeerEndpoints { peer: peer.clone() },
                 ));
@@ -671,41 +702,69 @@ impl ServerState {
         }
     }
 
-    /// A UDP `Register{token}` datagram arrived from `from`. Returns the session it belongs to,
-    /// or `None` (unknown token: the shell drops and counts it).
-    pub fn udp_register(
-        &mut self,
-        _now: Duration,
-        token: u64,
-        from: SocketAddr,
-        out: &mut Vec<Output>,
-    ) -> Option<SessionId> {
+    /// One UDP datagram arrived at the server's socket from `from`. A `Register{token}` of a
+    /// known session records `from` as the session's public address (telling its channel if it
+    /// changed) and queues a `RegisterAck` to `from`; anything else is dropped. Either way an
+    /// event says what happened.
+    pub fn handle_datagram(&mut self, _now: Duration, from: SocketAddr, bytes: &[u8]) {
+        let why = match Datagram::parse(bytes) {
+            Ok(Datagram::Register { token }) => match self.register_udp(token, from) {
+                Some(id) => {
+                    if self.acks.len() < MAX_QUEUED_UDP {
+                        self.acks.push_back(from);
+                    }
+                    self.push_event(ServerEvent::UdpRegistered(id));
+                    return;
+                }
+                None => DatagramDrop::UnknownToken,
+            },
+            Ok(_) => DatagramDrop::Unexpected,
+            Err(e) => DatagramDrop::Malformed(e),
+        };
+        self.push_event(ServerEvent::DatagramDropped { from, why });
+    }
+
+    fn push_event(&mut self, event: ServerEvent) {
+        if self.events.len() < MAX_QUEUED_UDP {
+            self.events.push_back(event);
+        }
+    }
+
+    /// The session holding `token` is reachable at `from`.
+    fn register_udp(&mut self, token: u64, from: SocketAddr) -> Option<SessionId> {
         let id = *self.tokens.get(&token)?;
         let session = self.sessions.get_mut(&id)?;
         if session.public_endpoint != Some(from) {
             session.public_endpoint = Some(from);
-            self.endpoints_changed(id, out);
+            self.endpoints_changed(id);
         }
         Some(id)
     }
 
-    /// Drops sessions that went silent or never identified, and forgets old failures.
-    pub fn tick(&mut self, now: Duration, out: &mut Vec<Output>) {
+    /// Closes sessions that went silent or never identified, and forgets old failures. Does
+    /// nothing before [`Self::poll_timeout`] is due.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if now < self.next_expiry_check {
+            return;
+        }
+        self.next_expiry_check = now + EXPIRY_CHECK_INTERVAL;
         let window = self.rules.wrong_password_window;
         self.wrong_by_ip
             .retain(|_, q| q.back().is_some_and(|t| now.saturating_sub(*t) <= window));
+        let mut expired = Vec::new();
         for (&id, s) in &self.sessions {
             let silent = now.saturating_sub(s.last_seen);
             if silent > self.rules.heartbeat_timeout {
-                out.push(Output::Close(
-                    id,
-                    format!("no heartbeat for {} s", silent.as_secs()),
-                ));
+                let silent_secs = silent.as_secs();
+                expired.push((id, CloseReason::HeartbeatTimeout { silent_secs }));
             } else if !matches!(s.phase, Phase::Identified { .. })
                 && now.saturating_sub(s.opened_at) > self.rules.identify_timeout
             {
-                out.push(Output::Close(id, "did not identify in time".to_string()));
+                expired.push((id, CloseReason::IdentifyTimeout));
             }
+        }
+        for (id, reason) in expired {
+            self.close(id, reason);
         }
     }
 
@@ -750,602 +809,4 @@ impl ServerState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::hash_password;
-
-    const S: Duration = Duration::from_secs(1);
-
-    fn channels() -> Vec<ChannelConfig> {
-        vec![
-            ChannelConfig {
-                name: "Lobby".into(),
-                password_hash: None,
-                max_members: 16,
-            },
-            ChannelConfig {
-                name: "Duo".into(),
-                password_hash: None,
-                max_members: 2,
-            },
-            ChannelConfig {
-                name: "Private".into(),
-                password_hash: Some(hash_password("letmein").unwrap()),
-                max_members: 4,
-            },
-        ]
-    }
-
-    struct World {
-        state: ServerState,
-        out: Vec<Output>,
-        now: Duration,
-    }
-
-    impl World {
-        fn new() -> Self {
-            Self {
-                state: ServerState::new(channels(), ServerRules::default()),
-                out: Vec::new(),
-                now: Duration::ZERO,
-            }
-        }
-
-        fn send(&mut self, id: SessionId, msg: ClientMsg) -> Vec<Output> {
-            self.out.clear();
-            self.state.handle(self.now, id, msg, &mut self.out);
-            // Run password checks synchronously, as the shell's worker would.
-            let mut i = 0;
-            while i < self.out.len() {
-                if let Output::VerifyPassword {
-                    session,
-                    ticket,
-                    hash,
-                    password,
-                } = self.out[i].clone()
-                {
-                    let ok = crate::config::verify_password(&hash, &password);
-                    let mut more = Vec::new();
-                    self.state
-                        .password_checked(self.now, session, ticket, ok, &mut more);
-                    self.out.extend(more);
-                }
-                i += 1;
-            }
-            std::mem::take(&mut self.out)
-        }
-
-        fn connect(&mut self, id: SessionId) -> Vec<Output> {
-            self.state.session_opened(self.now, id, 1000 + id);
-            self.send(
-                id,
-                ClientMsg::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    app_version: "t".into(),
-                },
-            )
-        }
-
-        fn login(&mut self, id: SessionId, name: &str) -> Vec<Output> {
-            self.connect(id);
-            self.send(
-                id,
-                ClientMsg::Identify {
-                    username: name.into(),
-                },
-            )
-        }
-
-        fn join(&mut self, id: SessionId, channel: &str, pw: Option<&str>) -> Vec<Output> {
-            self.send(
-                id,
-                ClientMsg::Join {
-                    channel: channel.into(),
-                    password: pw.map(str::to_string),
-                },
-            )
-        }
-    }
-
-    fn join_status(out: &[Output], id: SessionId) -> Option<Status> {
-        out.iter().find_map(|o| match o {
-            Output::Send(to, ServerMsg::Joined { status, .. }) if *to == id => Some(*status),
-            _ => None,
-        })
-    }
-
-    fn identify_status(out: &[Output]) -> Option<Status> {
-        out.iter().find_map(|o| match o {
-            Output::Send(_, ServerMsg::Identified { status, .. }) => Some(*status),
-            _ => None,
-        })
-    }
-
-    #[test]
-    fn hello_gets_welcome_with_the_session_token() {
-        let mut w = World::new();
-        let out = w.connect(1);
-        assert!(out.iter().any(|o| matches!(
-            o,
-            Output::Send(
-                1,
-                ServerMsg::Welcome {
-                    udp_token: 1001,
-                    protocol_version: PROTOCOL_VERSION,
-                    ..
-                }
-            )
-        )));
-    }
-
-    #[test]
-    fn version_mismatch_is_refused_and_closed_with_a_reason() {
-        let mut w = World::new();
-        w.state.session_opened(w.now, 1, 5);
-        let out = w.send(
-            1,
-            ClientMsg::Hello {
-                protocol_version: 99,
-                app_version: "x".into(),
-            },
-        );
-        assert!(out.iter().any(|o| matches!(
-            o,
-            Output::Send(
-                1,
-                ServerMsg::Error {
-                    status: Status::VersionMismatch,
-                    ..
-                }
-            )
-        )));
-        assert!(out
-            .iter()
-            .any(|o| matches!(o, Output::Close(1, r) if r.contains("protocol 2"))));
-    }
-
-    #[test]
-    fn anything_before_hello_closes_the_connection() {
-        let mut w = World::new();
-        w.state.session_opened(w.now, 1, 5);
-        let out = w.send(
-            1,
-            ClientMsg::Identify {
-                username: "a".into(),
-            },
-        );
-        assert!(matches!(out[..], [Output::Close(1, _)]));
-    }
-
-    #[test]
-    fn identify_sends_the_overview() {
-        let mut w = World::new();
-        let out = w.login(1, "alice");
-        assert_eq!(identify_status(&out), Some(Status::Ok));
-        let overview = out.iter().find_map(|o| match o {
-            Output::Send(1, ServerMsg::Overview { channels }) => Some(channels.clone()),
-            _ => None,
-        });
-        let channels = overview.expect("overview sent");
-        assert_eq!(channels.len(), 3);
-        assert!(channels[2].has_password);
-        assert!(!channels[0].has_password);
-    }
-
-    #[test]
-    fn taken_name_is_refused_case_insensitively() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        let out = w.login(2, "Alice");
-        assert_eq!(identify_status(&out), Some(Status::NameTaken));
-        // Once alice leaves, the name is free again.
-        let mut out = Vec::new();
-        w.state.session_closed(w.now, 1, &mut out);
-        let out = w.send(
-            2,
-            ClientMsg::Identify {
-                username: "Alice".into(),
-            },
-        );
-        assert_eq!(identify_status(&out), Some(Status::Ok));
-    }
-
-    #[test]
-    fn invalid_names_are_refused_with_the_reason() {
-        let mut w = World::new();
-        for bad in ["", " x", &"y".repeat(40), "a\u{0}b"] {
-            let out = w.login(9, bad);
-            assert_eq!(identify_status(&out), Some(Status::InvalidName), "{bad:?}");
-            assert!(out.iter().any(|o| matches!(o,
-                Output::Send(9, ServerMsg::Error { status: Status::InvalidName, message }) if message.contains("username"))));
-            w.state.session_closed(w.now, 9, &mut Vec::new());
-        }
-    }
-
-    #[test]
-    fn second_identify_is_refused() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        let out = w.send(
-            1,
-            ClientMsg::Identify {
-                username: "bob".into(),
-            },
-        );
-        assert_eq!(identify_status(&out), Some(Status::AlreadyIdentified));
-    }
-
-    #[test]
-    fn join_before_identify_is_refused() {
-        let mut w = World::new();
-        w.connect(1);
-        let out = w.join(1, "Lobby", None);
-        assert_eq!(join_status(&out, 1), Some(Status::NotIdentified));
-    }
-
-    #[test]
-    fn join_notifies_everyone_and_introduces_peers() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.login(2, "bob");
-        w.join(1, "Lobby", None);
-        let out = w.join(2, "lobby", None);
-        assert_eq!(join_status(&out, 2), Some(Status::Ok));
-        assert!(out.iter().any(|o| matches!(o,
-            Output::Broadcast { msg: ServerMsg::MemberJoined { channel, member }, .. } if channel == "Lobby" && member.username == "bob")));
-        // Each side learns the other's endpoints.
-        assert!(out.iter().any(|o| matches!(o,
-            Output::Send(2, ServerMsg::PeerEndpoints { peer }) if peer.username == "alice")));
-        assert!(out.iter().any(|o| matches!(o,
-            Output::Send(1, ServerMsg::PeerEndpoints { peer }) if peer.username == "bob")));
-        let overview = w.state.overview();
-        assert_eq!(overview[0].members.len(), 2);
-    }
-
-    /// Presence news reaches everyone, but only the channel concerned needs it at once.
-    #[test]
-    fn presence_is_prompt_for_the_channel_concerned() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.login(2, "bob");
-        w.login(3, "carol");
-        w.join(1, "Lobby", None);
-        w.join(3, "Gaming", None);
-        let prompt_of = |out: &[Output]| -> Vec<SessionId> {
-            out.iter()
-                .find_map(|o| match o {
-                    Output::Broadcast { prompt, .. } => Some(prompt.clone()),
-                    _ => None,
-                })
-                .expect("a broadcast")
-        };
-        let mut joined = prompt_of(&w.join(2, "Lobby", None));
-        joined.sort();
-        assert_eq!(joined, vec![1, 2], "Lobby's members, the newcomer included");
-        let mut left = prompt_of(&w.send(2, ClientMsg::Leave));
-        left.sort();
-        assert_eq!(left, vec![1, 2], "who stays, and the one leaving");
-        let mut out = Vec::new();
-        w.state.session_closed(w.now, 1, &mut out);
-        assert_eq!(prompt_of(&out), vec![1]);
-    }
-
-    #[test]
-    fn unknown_channel_is_refused() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        assert_eq!(
-            join_status(&w.join(1, "Nope", None), 1),
-            Some(Status::NoSuchChannel)
-        );
-    }
-
-    #[test]
-    fn full_channel_is_refused() {
-        let mut w = World::new();
-        for (id, name) in [(1, "a"), (2, "b"), (3, "c")] {
-            w.login(id, name);
-        }
-        assert_eq!(join_status(&w.join(1, "Duo", None), 1), Some(Status::Ok));
-        assert_eq!(join_status(&w.join(2, "Duo", None), 2), Some(Status::Ok));
-        assert_eq!(
-            join_status(&w.join(3, "Duo", None), 3),
-            Some(Status::ChannelFull)
-        );
-    }
-
-    #[test]
-    fn wrong_password_is_refused_and_right_one_admits() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        assert_eq!(
-            join_status(&w.join(1, "Private", Some("nope")), 1),
-            Some(Status::WrongPassword)
-        );
-        assert_eq!(
-            join_status(&w.join(1, "Private", None), 1),
-            Some(Status::WrongPassword)
-        );
-        assert_eq!(
-            join_status(&w.join(1, "Private", Some("letmein")), 1),
-            Some(Status::Ok)
-        );
-    }
-
-    #[test]
-    fn wrong_passwords_are_rate_limited_per_session() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        for _ in 0..5 {
-            assert_eq!(
-                join_status(&w.join(1, "Private", Some("x")), 1),
-                Some(Status::WrongPassword)
-            );
-        }
-        assert_eq!(
-            join_status(&w.join(1, "Private", Some("letmein")), 1),
-            Some(Status::RateLimited)
-        );
-        w.now += 61 * S;
-        assert_eq!(
-            join_status(&w.join(1, "Private", Some("letmein")), 1),
-            Some(Status::Ok)
-        );
-    }
-
-    #[test]
-    fn joining_the_same_channel_twice_is_refused() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.join(1, "Lobby", None);
-        assert_eq!(
-            join_status(&w.join(1, "Lobby", None), 1),
-            Some(Status::AlreadyInChannel)
-        );
-    }
-
-    #[test]
-    fn switching_channel_leaves_the_old_one_first() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.join(1, "Lobby", None);
-        let out = w.join(1, "Duo", None);
-        let left = out
-            .iter()
-            .position(|o| matches!(o, Output::Broadcast { msg: ServerMsg::MemberLeft { channel, .. }, .. } if channel == "Lobby"));
-        let joined = out
-            .iter()
-            .position(|o| matches!(o, Output::Broadcast { msg: ServerMsg::MemberJoined { channel, .. }, .. } if channel == "Duo"));
-        assert!(left.unwrap() < joined.unwrap());
-        assert!(w.state.overview()[0].members.is_empty());
-    }
-
-    #[test]
-    fn leave_notifies_and_tells_peers_to_stop_sending() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.login(2, "bob");
-        w.join(1, "Lobby", None);
-        w.join(2, "Lobby", None);
-        let out = w.send(2, ClientMsg::Leave);
-        assert!(out.iter().any(|o| matches!(o,
-            Output::Send(2, ServerMsg::Left { status: Status::Ok, channel: Some(c) }) if c == "Lobby")));
-        assert!(out
-            .iter()
-            .any(|o| matches!(o, Output::Send(1, ServerMsg::PeerGone { .. }))));
-        assert!(out.iter().any(|o| matches!(
-            o,
-            Output::Broadcast {
-                msg: ServerMsg::MemberLeft { .. },
-                ..
-            }
-        )));
-        let out = w.send(2, ClientMsg::Leave);
-        assert!(out.iter().any(|o| matches!(
-            o,
-            Output::Send(
-                2,
-                ServerMsg::Left {
-                    status: Status::NotInChannel,
-                    ..
-                }
-            )
-        )));
-    }
-
-    #[test]
-    fn closed_session_leaves_its_channel() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.login(2, "bob");
-        w.join(1, "Lobby", None);
-        w.join(2, "Lobby", None);
-        let mut out = Vec::new();
-        w.state.session_closed(w.now, 2, &mut out);
-        assert!(out.iter().any(|o| matches!(o,
-            Output::Broadcast { msg: ServerMsg::MemberLeft { channel, .. }, .. } if channel == "Lobby")));
-        assert_eq!(w.state.overview()[0].members.len(), 1);
-        assert_eq!(w.state.session_count(), 1);
-    }
-
-    #[test]
-    fn silent_sessions_time_out_and_heartbeats_keep_them() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.login(2, "bob");
-        for _ in 0..20 {
-            w.now += S;
-            w.send(1, ClientMsg::Heartbeat);
-        }
-        let mut out = Vec::new();
-        w.state.tick(w.now, &mut out);
-        assert_eq!(out.len(), 1);
-        assert!(matches!(&out[0], Output::Close(2, r) if r.contains("heartbeat")));
-    }
-
-    #[test]
-    fn connections_that_never_identify_are_dropped() {
-        let mut w = World::new();
-        w.connect(1);
-        for _ in 0..31 {
-            w.now += S;
-            w.send(1, ClientMsg::Heartbeat);
-        }
-        let mut out = Vec::new();
-        w.state.tick(w.now, &mut out);
-        assert!(matches!(&out[..], [Output::Close(1, r)] if r.contains("identify")));
-    }
-
-    #[test]
-    fn udp_registration_publishes_the_public_endpoint_to_channel_members() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.login(2, "bob");
-        w.join(1, "Lobby", None);
-        w.join(2, "Lobby", None);
-        let public: SocketAddr = "198.51.100.7:40000".parse().unwrap();
-        let mut out = Vec::new();
-        assert_eq!(w.state.udp_register(w.now, 1002, public, &mut out), Some(2));
-        assert!(out.iter().any(|o| matches!(o,
-            Output::Send(1, ServerMsg::PeerEndpoints { peer }) if peer.public == Some(public))));
-        // Same address again: nothing to tell.
-        out.clear();
-        w.state.udp_register(w.now, 1002, public, &mut out);
-        assert!(out.is_empty());
-        assert_eq!(w.state.udp_register(w.now, 4242, public, &mut out), None);
-    }
-
-    #[test]
-    fn announced_local_endpoints_reach_peers_and_are_capped() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.login(2, "bob");
-        w.join(1, "Lobby", None);
-        w.join(2, "Lobby", None);
-        let many: Vec<SocketAddr> = (0..20)
-            .map(|i| format!("10.0.0.{i}:5000").parse().unwrap())
-            .collect();
-        let out = w.send(
-            2,
-            ClientMsg::AnnounceEndpoints {
-                local: many,
-                voice_key: Some([7; 32]),
-            },
-        );
-        let peer = out
-            .iter()
-            .find_map(|o| match o {
-                Output::Send(1, ServerMsg::PeerEndpoints { peer }) => Some(peer.clone()),
-                _ => None,
-            })
-            .unwrap();
-        assert_eq!(peer.local.len(), 8);
-        assert_eq!(peer.voice_key, Some([7; 32]));
-    }
-
-    #[test]
-    fn overview_never_contains_password_hashes() {
-        let w = World::new();
-        let text = format!("{:?}", w.state.overview());
-        assert!(!text.contains("argon2"));
-    }
-
-    #[test]
-    fn a_flooding_session_is_closed_and_normal_use_is_not() {
-        let mut w = World::new();
-        w.login(1, "alice");
-        w.login(2, "bob");
-        // Normal use: a heartbeat every 4 s and bursts of a few clicks never trip the limit.
-        for _ in 0..100 {
-            w.now += Duration::from_secs(4);
-            let out = w.send(1, ClientMsg::Heartbeat);
-            assert!(!out.iter().any(|o| matches!(o, Output::Close(..))));
-        }
-        // A flood within one instant is cut off after the burst.
-        let mut closed_after = None;
-        for i in 0..200 {
-            let out = w.send(2, ClientMsg::Heartbeat);
-            if out
-                .iter()
-                .any(|o| matches!(o, Output::Close(2, r) if r.contains("too many")))
-            {
-                closed_after = Some(i);
-                break;
-            }
-        }
-        assert!(
-            closed_after.is_some_and(|n| (55..=62).contains(&n)),
-            "{closed_after:?}"
-        );
-    }
-
-    #[test]
-    fn wrong_passwords_are_rate_limited_per_ip_across_reconnects() {
-        let mut w = World::new();
-        let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
-        for round in 0..4u64 {
-            let id = 10 + round;
-            w.login(id, &format!("guess{round}"));
-            w.state.set_session_ip(id, ip);
-            for _ in 0..5 {
-                assert_eq!(
-                    join_status(&w.join(id, "Private", Some("x")), id),
-                    Some(Status::WrongPassword)
-                );
-            }
-            w.state.session_closed(w.now, id, &mut Vec::new());
-        }
-        // A fresh connection from the same address is still limited...
-        w.login(20, "fresh");
-        w.state.set_session_ip(20, ip);
-        assert_eq!(
-            join_status(&w.join(20, "Private", Some("letmein")), 20),
-            Some(Status::RateLimited)
-        );
-        // ...but another address is not.
-        w.login(21, "other");
-        w.state.set_session_ip(21, "198.51.100.1".parse().unwrap());
-        assert_eq!(
-            join_status(&w.join(21, "Private", Some("letmein")), 21),
-            Some(Status::Ok)
-        );
-    }
-
-    #[test]
-    fn a_big_overview_is_sent_in_parts_that_each_fit_a_frame() {
-        let mut big = channels();
-        big[0].max_members = 5_000;
-        let mut w = World {
-            state: ServerState::new(big, ServerRules::default()),
-            out: Vec::new(),
-            now: Duration::ZERO,
-        };
-        for i in 0..1_000u64 {
-            // 32-character names of 4-byte characters: the largest a member can be.
-            w.login(100 + i, &format!("{:\u{1F600}<28}{i:04}", ""));
-            w.join(100 + i, "Lobby", None);
-        }
-        let out = w.login(1, "late");
-        let mut members = 0;
-        let mut parts = 0;
-        for o in &out {
-            match o {
-                Output::Send(1, msg @ ServerMsg::Overview { .. }) => {
-                    assert!(crate::protocol::encode_frame(msg).is_ok());
-                }
-                Output::Send(1, msg @ ServerMsg::OverviewMembers { members: m, .. }) => {
-                    let frame = crate::protocol::encode_frame(msg).expect("part fits a frame");
-                    // ...and a client can decode it (the decoder's allocation bound is not hit).
-                    let mut dec = crate::protocol::FrameDecoder::new();
-                    dec.push(&frame);
-                    assert!(matches!(dec.next::<ServerMsg>(), Ok(Some(_))));
-                    members += m.len();
-                    parts += 1;
-                }
-                _ => {}
-            }
-        }
-        assert_eq!(members, 1_000);
-        assert!(parts >= 3);
-    }
-}
+mod tests;

@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::hash_password;
+use crate::protocol::datagram::MAX_DATAGRAM_LEN;
 
 const S: Duration = Duration::from_secs(1);
 
@@ -23,9 +24,14 @@ fn channels() -> Vec<ChannelConfig> {
     ]
 }
 
+/// Each test session connects from its own address unless a test says otherwise, so the
+/// per-address password limit only shows where a test means it to.
+fn ip_of(id: SessionId) -> IpAddr {
+    IpAddr::from([10, (id >> 16) as u8, (id >> 8) as u8, id as u8])
+}
+
 struct World {
     state: ServerState,
-    out: Vec<Output>,
     now: Duration,
 }
 
@@ -33,37 +39,42 @@ impl World {
     fn new() -> Self {
         Self {
             state: ServerState::new(channels(), ServerRules::default()),
-            out: Vec::new(),
             now: Duration::ZERO,
         }
     }
 
     fn send(&mut self, id: SessionId, msg: ClientMsg) -> Vec<Output> {
-        self.out.clear();
-        self.state.handle(self.now, id, msg, &mut self.out);
-        // Run password checks synchronously, as the shell's worker would.
-        let mut i = 0;
-        while i < self.out.len() {
+        self.state.handle_message(self.now, id, msg);
+        self.drain()
+    }
+
+    /// Everything the state queued, running password checks synchronously as the shell's
+    /// worker would (their outputs follow, as they would a moment later).
+    fn drain(&mut self) -> Vec<Output> {
+        let mut out = Vec::new();
+        while let Some(o) = self.state.poll_output() {
             if let Output::VerifyPassword {
                 session,
                 ticket,
                 hash,
                 password,
-            } = self.out[i].clone()
+            } = &o
             {
-                let ok = crate::config::verify_password(&hash, &password);
-                let mut more = Vec::new();
+                let ok = crate::config::verify_password(hash, password);
                 self.state
-                    .password_checked(self.now, session, ticket, ok, &mut more);
-                self.out.extend(more);
+                    .handle_password_checked(self.now, *session, *ticket, ok);
             }
-            i += 1;
+            out.push(o);
         }
-        std::mem::take(&mut self.out)
+        out
     }
 
     fn connect(&mut self, id: SessionId) -> Vec<Output> {
-        self.state.session_opened(self.now, id, 1000 + id);
+        self.connect_from(id, ip_of(id))
+    }
+
+    fn connect_from(&mut self, id: SessionId, ip: IpAddr) -> Vec<Output> {
+        self.state.handle_connected(self.now, id, ip, 1000 + id);
         self.send(
             id,
             ClientMsg::Hello {
@@ -73,14 +84,18 @@ impl World {
         )
     }
 
-    fn login(&mut self, id: SessionId, name: &str) -> Vec<Output> {
-        self.connect(id);
+    fn login_from(&mut self, id: SessionId, name: &str, ip: IpAddr) -> Vec<Output> {
+        self.connect_from(id, ip);
         self.send(
             id,
             ClientMsg::Identify {
                 username: name.into(),
             },
         )
+    }
+
+    fn login(&mut self, id: SessionId, name: &str) -> Vec<Output> {
+        self.login_from(id, name, ip_of(id))
     }
 
     fn join(&mut self, id: SessionId, channel: &str, pw: Option<&str>) -> Vec<Output> {
@@ -128,7 +143,7 @@ fn hello_gets_welcome_with_the_session_token() {
 #[test]
 fn version_mismatch_is_refused_and_closed_with_a_reason() {
     let mut w = World::new();
-    w.state.session_opened(w.now, 1, 5);
+    w.state.handle_connected(w.now, 1, ip_of(1), 5);
     let out = w.send(
         1,
         ClientMsg::Hello {
@@ -148,13 +163,13 @@ fn version_mismatch_is_refused_and_closed_with_a_reason() {
     )));
     assert!(out
         .iter()
-        .any(|o| matches!(o, Output::Close(1, r) if r.contains("protocol 2"))));
+        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 2"))));
 }
 
 #[test]
 fn anything_before_hello_closes_the_connection() {
     let mut w = World::new();
-    w.state.session_opened(w.now, 1, 5);
+    w.state.handle_connected(w.now, 1, ip_of(1), 5);
     let out = w.send(
         1,
         ClientMsg::Identify {
@@ -186,8 +201,8 @@ fn taken_name_is_refused_case_insensitively() {
     let out = w.login(2, "Alice");
     assert_eq!(identify_status(&out), Some(Status::NameTaken));
     // Once alice leaves, the name is free again.
-    let mut out = Vec::new();
-    w.state.session_closed(w.now, 1, &mut out);
+    w.state.handle_closed(w.now, 1);
+    w.drain();
     let out = w.send(
         2,
         ClientMsg::Identify {
@@ -205,7 +220,8 @@ fn invalid_names_are_refused_with_the_reason() {
         assert_eq!(identify_status(&out), Some(Status::InvalidName), "{bad:?}");
         assert!(out.iter().any(|o| matches!(o,
             Output::Send(9, ServerMsg::Error { status: Status::InvalidName, message }) if message.contains("username"))));
-        w.state.session_closed(w.now, 9, &mut Vec::new());
+        w.state.handle_closed(w.now, 9);
+        w.drain();
     }
 }
 
@@ -272,9 +288,8 @@ fn presence_is_prompt_for_the_channel_concerned() {
     let mut left = prompt_of(&w.send(2, ClientMsg::Leave));
     left.sort();
     assert_eq!(left, vec![1, 2], "who stays, and the one leaving");
-    let mut out = Vec::new();
-    w.state.session_closed(w.now, 1, &mut out);
-    assert_eq!(prompt_of(&out), vec![1]);
+    w.state.handle_closed(w.now, 1);
+    assert_eq!(prompt_of(&w.drain()), vec![1]);
 }
 
 #[test]
@@ -375,8 +390,10 @@ fn leave_notifies_and_tells_peers_to_stop_sending() {
     w.join(1, "Lobby", None);
     w.join(2, "Lobby", None);
     let out = w.send(2, ClientMsg::Leave);
-    assert!(out.iter().any(|o| matches!(o,
-        Output::Send(2, ServerMsg::Left { status: Status::Ok, channel: Some(c) }) if c == "Lobby")));
+    assert!(
+        out.iter().any(|o| matches!(o,
+        Output::Send(2, ServerMsg::Left { status: Status::Ok, channel: Some(c) }) if c == "Lobby"))
+    );
     assert!(out
         .iter()
         .any(|o| matches!(o, Output::Send(1, ServerMsg::PeerGone { .. }))));
@@ -407,8 +424,8 @@ fn closed_session_leaves_its_channel() {
     w.login(2, "bob");
     w.join(1, "Lobby", None);
     w.join(2, "Lobby", None);
-    let mut out = Vec::new();
-    w.state.session_closed(w.now, 2, &mut out);
+    w.state.handle_closed(w.now, 2);
+    let out = w.drain();
     assert!(out.iter().any(|o| matches!(o,
         Output::Broadcast { msg: ServerMsg::MemberLeft { channel, .. }, .. } if channel == "Lobby")));
     assert_eq!(w.state.overview()[0].members.len(), 1);
@@ -424,10 +441,10 @@ fn silent_sessions_time_out_and_heartbeats_keep_them() {
         w.now += S;
         w.send(1, ClientMsg::Heartbeat);
     }
-    let mut out = Vec::new();
-    w.state.tick(w.now, &mut out);
+    w.state.handle_timeout(w.now);
+    let out = w.drain();
     assert_eq!(out.len(), 1);
-    assert!(matches!(&out[0], Output::Close(2, r) if r.contains("heartbeat")));
+    assert!(matches!(&out[0], Output::Close(2, r) if r.to_string().contains("heartbeat")));
 }
 
 #[test]
@@ -438,9 +455,9 @@ fn connections_that_never_identify_are_dropped() {
         w.now += S;
         w.send(1, ClientMsg::Heartbeat);
     }
-    let mut out = Vec::new();
-    w.state.tick(w.now, &mut out);
-    assert!(matches!(&out[..], [Output::Close(1, r)] if r.contains("identify")));
+    w.state.handle_timeout(w.now);
+    let out = w.drain();
+    assert!(matches!(&out[..], [Output::Close(1, r)] if r.to_string().contains("identify")));
 }
 
 #[test]
@@ -451,15 +468,200 @@ fn udp_registration_publishes_the_public_endpoint_to_channel_members() {
     w.join(1, "Lobby", None);
     w.join(2, "Lobby", None);
     let public: SocketAddr = "198.51.100.7:40000".parse().unwrap();
-    let mut out = Vec::new();
-    assert_eq!(w.state.udp_register(w.now, 1002, public, &mut out), Some(2));
+    w.state.handle_datagram(w.now, public, &register(1002));
+    assert_eq!(w.state.poll_event(), Some(ServerEvent::UdpRegistered(2)));
+    let out = w.drain();
     assert!(out.iter().any(|o| matches!(o,
         Output::Send(1, ServerMsg::PeerEndpoints { peer }) if peer.public == Some(public))));
     // Same address again: nothing to tell.
-    out.clear();
-    w.state.udp_register(w.now, 1002, public, &mut out);
-    assert!(out.is_empty());
-    assert_eq!(w.state.udp_register(w.now, 4242, public, &mut out), None);
+    w.state.handle_datagram(w.now, public, &register(1002));
+    assert_eq!(w.state.poll_event(), Some(ServerEvent::UdpRegistered(2)));
+    assert!(w.drain().is_empty());
+    w.state.handle_datagram(w.now, public, &register(4242));
+    assert_eq!(
+        w.state.poll_event(),
+        Some(ServerEvent::DatagramDropped {
+            from: public,
+            why: DatagramDrop::UnknownToken
+        })
+    );
+}
+
+fn register(token: u64) -> Vec<u8> {
+    let mut buf = [0u8; MAX_DATAGRAM_LEN];
+    let len = Datagram::Register { token }.write(&mut buf).unwrap();
+    buf[..len].to_vec()
+}
+
+/// The client learns its public (NAT-mapped) address from the answer to its Register.
+#[test]
+fn a_register_is_answered_with_the_address_it_came_from() {
+    let mut w = World::new();
+    w.login(1, "alice");
+    let nat: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    let mut buf = [0u8; MAX_DATAGRAM_LEN];
+    assert_eq!(w.state.poll_transmit(w.now, &mut buf), None);
+    w.state.handle_datagram(w.now, nat, &register(1001));
+    let t = w.state.poll_transmit(w.now, &mut buf).expect("an ack");
+    assert_eq!(t.to, nat);
+    assert_eq!(
+        Datagram::parse(&buf[..t.len]),
+        Ok(Datagram::RegisterAck { observed: nat })
+    );
+    assert_eq!(
+        w.state.poll_transmit(w.now, &mut buf),
+        None,
+        "one ack per Register"
+    );
+}
+
+#[test]
+fn unknown_tokens_garbage_and_peer_traffic_get_no_answer_and_are_counted() {
+    let mut w = World::new();
+    w.login(1, "alice");
+    let from: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+    let mut voice = [0u8; MAX_DATAGRAM_LEN];
+    let len = Datagram::Ping {
+        from: 1,
+        to: 2,
+        sent_micros: 0,
+    }
+    .write(&mut voice)
+    .unwrap();
+    w.state.handle_datagram(w.now, from, &register(7));
+    w.state.handle_datagram(w.now, from, &[0xff, 1, 2]);
+    w.state.handle_datagram(w.now, from, &voice[..len]);
+    let mut why = Vec::new();
+    while let Some(event) = w.state.poll_event() {
+        match event {
+            ServerEvent::DatagramDropped { from: f, why: w } if f == from => why.push(w),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(matches!(
+        why[..],
+        [
+            DatagramDrop::UnknownToken,
+            DatagramDrop::Malformed(_),
+            DatagramDrop::Unexpected
+        ]
+    ));
+    let mut buf = [0u8; MAX_DATAGRAM_LEN];
+    assert_eq!(w.state.poll_transmit(w.now, &mut buf), None);
+    assert!(w.state.session_view(1).unwrap().public_endpoint.is_none());
+}
+
+#[test]
+fn closing_a_session_queues_its_close_before_telling_its_channel() {
+    let mut w = World::new();
+    w.login(1, "alice");
+    w.login(2, "bob");
+    w.join(1, "Lobby", None);
+    w.join(2, "Lobby", None);
+    w.state.close(2, CloseReason::TooSlow);
+    let out = w.drain();
+    assert_eq!(out[0], Output::Close(2, CloseReason::TooSlow));
+    assert!(out[1..]
+        .iter()
+        .any(|o| matches!(o, Output::Send(1, ServerMsg::PeerGone { .. }))));
+    assert!(!out[1..].iter().any(|o| matches!(o, Output::Close(..))));
+    assert_eq!(w.state.session_count(), 1);
+    // Closing again, or a message from the closed session, does nothing.
+    w.state.close(2, CloseReason::PeerClosed);
+    assert!(w.drain().is_empty());
+    assert!(w.send(2, ClientMsg::Heartbeat).is_empty());
+}
+
+#[test]
+fn a_lost_connection_leaves_without_a_close() {
+    let mut w = World::new();
+    w.login(1, "alice");
+    w.join(1, "Lobby", None);
+    w.state.handle_closed(w.now, 1);
+    let out = w.drain();
+    assert!(!out.iter().any(|o| matches!(o, Output::Close(..))));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Broadcast {
+            msg: ServerMsg::MemberLeft { .. },
+            ..
+        }
+    )));
+    assert_eq!(w.state.session_count(), 0);
+}
+
+#[test]
+fn goodbye_closes_with_its_reason() {
+    let mut w = World::new();
+    w.login(1, "alice");
+    let out = w.send(1, ClientMsg::Disconnect);
+    assert_eq!(out, vec![Output::Close(1, CloseReason::Goodbye)]);
+}
+
+#[test]
+fn the_version_error_and_the_close_say_the_same() {
+    let mut w = World::new();
+    w.state.handle_connected(w.now, 1, ip_of(1), 5);
+    let out = w.send(
+        1,
+        ClientMsg::Hello {
+            protocol_version: 99,
+            app_version: "x".into(),
+        },
+    );
+    let reason = CloseReason::VersionMismatch { client: 99 };
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(
+                1,
+                ServerMsg::Error {
+                    status: Status::VersionMismatch,
+                    message: reason.to_string(),
+                }
+            ),
+            Output::Close(1, reason),
+        ]
+    );
+}
+
+/// The timers are checked every [`EXPIRY_CHECK_INTERVAL`], not on every call, and only while
+/// there is something to time out.
+#[test]
+fn timers_are_checked_when_poll_timeout_says() {
+    let mut w = World::new();
+    assert_eq!(w.state.poll_timeout(), None, "nothing to time out");
+    w.login(1, "alice");
+    let first = w.state.poll_timeout().expect("a session can time out");
+    w.state.handle_timeout(first);
+    let next = w.state.poll_timeout().unwrap();
+    assert_eq!(next, first + EXPIRY_CHECK_INTERVAL);
+    w.now = 16 * S;
+    w.state.handle_timeout(w.now);
+    assert!(matches!(
+        &w.drain()[..],
+        [Output::Close(
+            1,
+            CloseReason::HeartbeatTimeout { silent_secs: 16 }
+        )]
+    ));
+    assert_eq!(w.state.poll_timeout(), None);
+}
+
+#[test]
+fn a_check_before_it_is_due_does_nothing() {
+    let mut w = World::new();
+    w.login(1, "alice");
+    let ms = Duration::from_millis(1);
+    // Not silent for long enough yet (the timeout is 15 s).
+    w.state.handle_timeout(15 * S);
+    assert!(w.drain().is_empty());
+    // Silent for long enough, but the next check is not due: nothing happens yet...
+    w.state.handle_timeout(15 * S + EXPIRY_CHECK_INTERVAL - ms);
+    assert!(w.drain().is_empty());
+    // ...and when it is due, the session is closed.
+    w.state.handle_timeout(15 * S + EXPIRY_CHECK_INTERVAL);
+    assert_eq!(w.drain().len(), 1);
 }
 
 #[test]
@@ -514,7 +716,7 @@ fn a_flooding_session_is_closed_and_normal_use_is_not() {
         let out = w.send(2, ClientMsg::Heartbeat);
         if out
             .iter()
-            .any(|o| matches!(o, Output::Close(2, r) if r.contains("too many")))
+            .any(|o| matches!(o, Output::Close(2, r) if r.to_string().contains("too many")))
         {
             closed_after = Some(i);
             break;
@@ -532,26 +734,24 @@ fn wrong_passwords_are_rate_limited_per_ip_across_reconnects() {
     let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
     for round in 0..4u64 {
         let id = 10 + round;
-        w.login(id, &format!("guess{round}"));
-        w.state.set_session_ip(id, ip);
+        w.login_from(id, &format!("guess{round}"), ip);
         for _ in 0..5 {
             assert_eq!(
                 join_status(&w.join(id, "Private", Some("x")), id),
                 Some(Status::WrongPassword)
             );
         }
-        w.state.session_closed(w.now, id, &mut Vec::new());
+        w.state.handle_closed(w.now, id);
+        w.drain();
     }
     // A fresh connection from the same address is still limited...
-    w.login(20, "fresh");
-    w.state.set_session_ip(20, ip);
+    w.login_from(20, "fresh", ip);
     assert_eq!(
         join_status(&w.join(20, "Private", Some("letmein")), 20),
         Some(Status::RateLimited)
     );
     // ...but another address is not.
-    w.login(21, "other");
-    w.state.set_session_ip(21, "198.51.100.1".parse().unwrap());
+    w.login_from(21, "other", "198.51.100.1".parse().unwrap());
     assert_eq!(
         join_status(&w.join(21, "Private", Some("letmein")), 21),
         Some(Status::Ok)
@@ -564,7 +764,6 @@ fn a_big_overview_is_sent_in_parts_that_each_fit_a_frame() {
     big[0].max_members = 5_000;
     let mut w = World {
         state: ServerState::new(big, ServerRules::default()),
-        out: Vec::new(),
         now: Duration::ZERO,
     };
     for i in 0..1_000u64 {

@@ -20,7 +20,7 @@ fn bincode_config() -> impl bincode::config::Config {
 }
 
 /// Why a frame could not be encoded or decoded. Any of these ends the connection.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum FramingError {
     #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
     TooLarge { len: usize },

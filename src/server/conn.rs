@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use mio::net::TcpStream;
 use rustls::ServerConnection;
 
-use crate::protocol::{ClientMsg, FrameDecoder, FramingError};
+use std::time::Duration;
 
-/// A client that does not read its socket gets this much queued before it is dropped.
-pub const MAX_QUEUED_OUTPUT: usize = 1024 * 1024;
+use super::close_reason::CloseReason;
+use super::slow_clients::{admit_output, MAX_QUEUED_OUTPUT};
+use crate::protocol::{ClientMsg, FrameDecoder, FramingError};
 
 /// Bytes read from one connection per tick before moving on, so a flooder cannot starve others.
 const READ_BUDGET: usize = 256 * 1024;
@@ -19,8 +20,8 @@ const READ_BUDGET: usize = 256 * 1024;
 #[derive(Debug, Default)]
 pub struct ReadOutcome {
     pub messages: Vec<ClientMsg>,
-    /// The connection ended; the string says why (for logs and for the Closing message).
-    pub closed: Option<String>,
+    /// The connection ended, and why (for logs, counters and the Closing message).
+    pub closed: Option<CloseReason>,
     /// Budget ran out before the socket was drained: read again next tick.
     pub more: bool,
 }
@@ -32,10 +33,9 @@ pub struct Conn {
     pub peer: SocketAddr,
     tls: ServerConnection,
     decoder: FrameDecoder,
-    /// Close after the queued output is flushed.
-    pub closing: bool,
-    /// Flush attempts since `closing` was set.
-    pub close_attempts: u32,
+    /// Set when the server closed the session: close once the queued output is flushed (or
+    /// the grace period of [`super::close_timing`] runs out).
+    pub closing_since: Option<Duration>,
     /// Encoded frames that may wait (lobby-wide presence news), not yet handed to TLS. They
     /// go out together as one record in one write; anything prompt queued after them pushes
     /// them out first, so the client sees every message in the order it was produced.
@@ -53,8 +53,7 @@ impl Conn {
             peer,
             tls,
             decoder: FrameDecoder::new(),
-            closing: false,
-            close_attempts: 0,
+            closing_since: None,
             deferred: Vec::new(),
             prompted: 0,
         }
@@ -71,7 +70,7 @@ impl Conn {
             }
             match self.tls.read_tls(&mut self.stream) {
                 Ok(0) => {
-                    outcome.closed = Some("connection closed by peer".into());
+                    outcome.closed = Some(CloseReason::PeerClosed);
                     break;
                 }
                 Ok(n) => {
@@ -79,7 +78,7 @@ impl Conn {
                     if let Err(e) = self.tls.process_new_packets() {
                         // Tell the client why, if the alert still gets out.
                         let _ = self.tls.write_tls(&mut self.stream);
-                        outcome.closed = Some(format!("TLS error: {e}"));
+                        outcome.closed = Some(CloseReason::Tls(e.to_string()));
                         return outcome;
                     }
                     if let Err(why) = self.drain_plaintext(scratch, &mut outcome.messages) {
@@ -90,7 +89,7 @@ impl Conn {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    outcome.closed = Some(format!("read error: {e}"));
+                    outcome.closed = Some(CloseReason::Read(e.to_string()));
                     break;
                 }
             }
@@ -102,17 +101,17 @@ impl Conn {
         &mut self,
         scratch: &mut [u8],
         into: &mut Vec<ClientMsg>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CloseReason> {
         loop {
             let want = self.decoder.wanted().min(scratch.len());
             match self.tls.reader().read(&mut scratch[..want]) {
-                Ok(0) => return Err("connection closed by peer".into()),
+                Ok(0) => return Err(CloseReason::PeerClosed),
                 Ok(n) => {
                     self.decoder.push(&scratch[..n]);
-                    self.drain(into).map_err(|e| e.to_string())?;
+                    self.drain(into)?;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(format!("read error: {e}")),
+                Err(e) => return Err(CloseReason::Read(e.to_string())),
             }
         }
     }
@@ -124,36 +123,40 @@ impl Conn {
         Ok(())
     }
 
+    pub fn is_closing(&self) -> bool {
+        self.closing_since.is_some()
+    }
+
     /// Queues an encoded frame for the next flush (after anything deferred before it).
-    /// Returns false when the client is too far behind.
-    pub fn queue(&mut self, frame: &[u8]) -> bool {
-        if !self.release_deferred() {
-            return false;
+    /// `Err(TooSlow)` when the client is too far behind (rustls's buffer, capped at
+    /// [`MAX_QUEUED_OUTPUT`], is full).
+    pub fn queue(&mut self, frame: &[u8]) -> Result<(), CloseReason> {
+        self.release_deferred()?;
+        match self.tls.writer().write(frame) {
+            Ok(n) if n == frame.len() => Ok(()),
+            _ => Err(CloseReason::TooSlow),
         }
-        matches!(self.tls.writer().write(frame), Ok(n) if n == frame.len())
     }
 
     /// Keeps an encoded frame back until [`Conn::release_deferred`] or the next
-    /// [`Conn::queue`]. Returns `Some(true)` when it is the first one waiting (the caller
-    /// schedules the release), `None` when the client is too far behind.
-    pub fn defer(&mut self, frame: &[u8]) -> Option<bool> {
-        if self.deferred.len() + frame.len() > MAX_QUEUED_OUTPUT {
-            return None;
-        }
+    /// [`Conn::queue`]. Returns `Ok(true)` when it is the first one waiting (the caller
+    /// schedules the release), `Err(TooSlow)` when the client is too far behind.
+    pub fn defer(&mut self, frame: &[u8]) -> Result<bool, CloseReason> {
+        admit_output(self.deferred.len(), frame.len())?;
         let first = self.deferred.is_empty();
         self.deferred.extend_from_slice(frame);
-        Some(first)
+        Ok(first)
     }
 
     pub fn has_deferred(&self) -> bool {
         !self.deferred.is_empty()
     }
 
-    /// Hands the deferred frames to TLS in one write (one record per 16 KiB). Returns false
-    /// when the client is too far behind.
-    pub fn release_deferred(&mut self) -> bool {
+    /// Hands the deferred frames to TLS in one write (one record per 16 KiB).
+    /// `Err(TooSlow)` when the client is too far behind.
+    pub fn release_deferred(&mut self) -> Result<(), CloseReason> {
         if self.deferred.is_empty() {
-            return true;
+            return Ok(());
         }
         let ok =
             matches!(self.tls.writer().write(&self.deferred), Ok(n) if n == self.deferred.len());
@@ -161,7 +164,11 @@ impl Conn {
         if self.deferred.capacity() > 64 * 1024 {
             self.deferred.shrink_to(4096);
         }
-        ok
+        if ok {
+            Ok(())
+        } else {
+            Err(CloseReason::TooSlow)
+        }
     }
 
     /// Ends the TLS session cleanly after what is queued.

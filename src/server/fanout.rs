@@ -26,6 +26,16 @@ pub const MIN_BATCH_DELAY: Duration = Duration::from_millis(10);
 /// A person watching another channel's member list never waits longer than this.
 pub const MAX_BATCH_DELAY: Duration = Duration::from_millis(500);
 
+/// Wall time per tick the shell spends writing batches of presence news. One broadcast starts
+/// a batch at every client at once; written in one go, 10,000 of them would hold the tick (and
+/// every join waiting behind it) for well over 100 ms. A millisecond a tick still writes tens
+/// of thousands a second, more than [`BATCHED_WRITES_PER_SEC`] asks for.
+pub const BATCH_TIME_BUDGET: Duration = Duration::from_millis(1);
+
+/// Batches taken from the queue between two looks at the clock: reading the clock per batch
+/// would cost more than some of the writes.
+pub const BATCH_CHUNK: usize = 16;
+
 /// How long a client's batch of lobby-wide news may wait, given how many clients there are.
 pub fn batch_delay(sessions: usize) -> Duration {
     let micros = sessions as u64 * 1_000_000 / BATCHED_WRITES_PER_SEC;
@@ -59,6 +69,25 @@ impl Batches {
                 _ => break,
             }
         }
+    }
+
+    /// The next chunk (up to [`BATCH_CHUNK`]) of sessions whose batch is due at `now`, into
+    /// `out` (cleared first), unless the shell has already `spent` [`BATCH_TIME_BUDGET`] of
+    /// this tick writing batches. False when there is nothing more to write this tick; what is
+    /// left stays queued, in order, for the next. The first chunk of a tick is always given,
+    /// so the queue moves however slow the writes are.
+    pub fn next_chunk(&mut self, now: Duration, spent: Duration, out: &mut Vec<SessionId>) -> bool {
+        out.clear();
+        if spent >= BATCH_TIME_BUDGET {
+            return false;
+        }
+        self.take_due(now, BATCH_CHUNK, out);
+        !out.is_empty()
+    }
+
+    /// When the oldest batch falls due, if any is scheduled.
+    pub fn next_due(&self) -> Option<Duration> {
+        self.queue.front().map(|&(due, _)| due)
     }
 
     /// True when no batch is scheduled (a batch pushed out early by a prompt message keeps
@@ -104,6 +133,50 @@ mod tests {
         b.take_due(13 * MS, 10, &mut out);
         assert_eq!(out, vec![1, 2]);
         assert!(b.is_empty());
+    }
+
+    /// The shell writes chunks until the time budget is spent; the rest waits for the next
+    /// tick, first come first served.
+    #[test]
+    fn the_time_budget_ends_a_tick_and_the_rest_waits_in_order() {
+        let mut b = Batches::default();
+        for id in 0..100 {
+            b.schedule(id, Duration::ZERO, 100);
+        }
+        let now = batch_delay(100);
+        assert_eq!(b.next_due(), Some(now));
+        // Each chunk costs 0.4 ms of writing: three chunks fit before the budget is spent.
+        let per_chunk = BATCH_TIME_BUDGET * 2 / 5;
+        let mut chunk = Vec::new();
+        let mut tick = Vec::new();
+        let mut spent = Duration::ZERO;
+        while b.next_chunk(now, spent, &mut chunk) {
+            assert!(chunk.len() <= BATCH_CHUNK);
+            tick.extend_from_slice(&chunk);
+            spent += per_chunk;
+        }
+        assert_eq!(tick, (0..3 * BATCH_CHUNK as u64).collect::<Vec<_>>());
+        // Next tick starts with a fresh budget where this one stopped.
+        assert!(b.next_chunk(now, Duration::ZERO, &mut chunk));
+        assert_eq!(chunk[0], 3 * BATCH_CHUNK as u64);
+    }
+
+    #[test]
+    fn a_tick_always_writes_one_chunk_however_slow_and_none_early() {
+        let mut b = Batches::default();
+        b.schedule(1, Duration::ZERO, 10);
+        let mut chunk = vec![99];
+        assert!(!b.next_chunk(Duration::ZERO, Duration::ZERO, &mut chunk));
+        assert!(chunk.is_empty(), "not due yet");
+        assert!(b.next_chunk(MIN_BATCH_DELAY, Duration::ZERO, &mut chunk));
+        assert_eq!(chunk, vec![1]);
+        assert!(!b.next_chunk(MIN_BATCH_DELAY, Duration::ZERO, &mut chunk));
+        b.schedule(2, Duration::ZERO, 10);
+        assert!(
+            !b.next_chunk(MIN_BATCH_DELAY, BATCH_TIME_BUDGET, &mut chunk),
+            "spent"
+        );
+        assert_eq!(b.next_due(), Some(MIN_BATCH_DELAY));
     }
 
     #[test]

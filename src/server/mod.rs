@@ -1,11 +1,26 @@
-//! The metadata server: a pure rule core ([`state::ServerState`]) and the Bevy shell that feeds
-//! it from non-blocking sockets ([`plugin::ServerPlugin`]).
+//! The metadata server: a pure rule core ([`state::ServerState`]), pure policy around it, and
+//! the Bevy shell that feeds it from non-blocking sockets ([`plugin::ServerPlugin`]).
+//!
+//! Pure (time is an argument, no sockets): [`state`] (the rules and their calling contract),
+//! [`close_reason`] (why a session ends, worded for the client), [`limits`] (connections per
+//! IP address), [`slow_clients`] (when a client that does not read is dropped),
+//! [`close_timing`] (how long a closing connection may flush), [`fanout`] (when lobby-wide
+//! presence news goes out, and how much of a tick writing it may take).
+//!
+//! Shells: [`plugin`] (the Bevy systems), [`conn`] (one TLS connection), [`password_pool`]
+//! (argon2 on worker threads).
 
+pub mod close_reason;
+pub mod close_timing;
 pub mod components;
 pub mod conn;
 pub mod fanout;
+pub mod limits;
+pub mod password_pool;
 pub mod plugin;
+pub mod slow_clients;
 pub mod state;
 
+pub use close_reason::CloseReason;
 pub use plugin::{ServerConfig, ServerPlugin, ServerStats};
-pub use state::{Output, ServerRules, ServerState, SessionId};
+pub use state::{DatagramDrop, Output, ServerEvent, ServerRules, ServerState, SessionId, Transmit};

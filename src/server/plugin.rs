@@ -1,27 +1,34 @@
-//! `ServerPlugin`: the thin Bevy shell around [`ServerState`]. Each tick it accepts connections,
-//! reads the sockets that mio reports ready (non-blocking, zero-timeout poll), feeds the rules,
-//! and writes what they ask. Password hashes are checked on worker threads so argon2 never
-//! stalls the tick.
+//! `ServerPlugin`: the Bevy shell around [`ServerState`]. It only moves bytes: each tick it
+//! accepts connections, reads the sockets that mio reports ready (non-blocking, zero-timeout
+//! poll), feeds what arrived to the rules (`handle_*`), fires their timers when
+//! `poll_timeout` is due, and carries out what they queue (`poll_output`, `poll_transmit`,
+//! `poll_event`). The decisions live in pure modules: [`super::limits`] (connections per IP),
+//! [`super::slow_clients`], [`super::close_timing`], [`super::fanout`]; password hashes are
+//! checked by [`super::password_pool`] so argon2 never stalls the tick.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bevy::prelude::*;
-use crossbeam_channel::{Receiver, Sender};
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use rand::RngCore;
 
+use super::close_timing::{after_flush, AfterFlush, SweepClock};
 use super::components::*;
 use super::conn::Conn;
-use super::fanout::Batches;
-use super::state::{Output, ServerRules, ServerState, SessionId};
-use crate::config::{verify_password, ChannelConfig};
-use crate::protocol::datagram::Datagram;
+use super::fanout::{Batches, BATCH_CHUNK};
+use super::limits::{AdmitError, ConnectionLimit};
+use super::password_pool::{PasswordJob, PasswordPool, PASSWORD_WORKERS};
+use super::state::{Output, ServerEvent, ServerRules, ServerState, SessionId};
+use crate::config::ChannelConfig;
+use crate::protocol::datagram::MAX_DATAGRAM_LEN;
 use crate::protocol::{encode_frame, ClientMsg, ServerMsg};
 use crate::tls::ServerIdentity;
-use std::sync::Arc;
+
+pub use super::limits::DEFAULT_MAX_CONNECTIONS_PER_IP;
 
 const LISTENER: Token = Token(usize::MAX);
 
@@ -40,10 +47,6 @@ pub struct ServerConfig {
     /// Connections accepted from one IP address at once; more are closed on accept.
     pub max_connections_per_ip: usize,
 }
-
-/// Default of [`ServerConfig::max_connections_per_ip`]: a household or office behind one NAT
-/// fits, one host cannot take the server's file descriptors.
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
 
 /// Counters for logs, benches and the host UI.
 #[derive(Resource, Debug, Default, Clone)]
@@ -98,39 +101,32 @@ struct ServerNet {
     batches: Batches,
     /// Marks the prompt recipients of the broadcast being applied (see [`Conn::prompted`]).
     broadcast_seq: u64,
-    /// When connections closing without output were last swept up.
-    last_sweep: Duration,
+    /// When connections closing without output are next swept up.
+    sweep: SweepClock,
     /// Sessions whose mirrored components must be refreshed.
     changed: HashSet<SessionId>,
+    /// Open connections whose socket died under a write: the rules must forget them.
+    lost: Vec<(SessionId, Entity)>,
     next_id: SessionId,
     start: Instant,
     scratch: Vec<u8>,
-    verify_tx: Sender<VerifyJob>,
-    verify_rx: Receiver<VerifyResult>,
+    passwords: PasswordPool,
     channel_entities: HashMap<String, Entity>,
     tls: Arc<rustls::ServerConfig>,
-    per_ip: HashMap<IpAddr, usize>,
-    max_per_ip: usize,
-}
-
-struct VerifyJob {
-    session: SessionId,
-    ticket: u64,
-    hash: String,
-    password: String,
-}
-
-struct VerifyResult {
-    session: SessionId,
-    ticket: u64,
-    ok: bool,
+    limit: ConnectionLimit,
 }
 
 #[derive(Resource)]
 struct Rules(ServerState);
 
-#[derive(Resource, Default)]
-struct Outbox(Vec<Output>);
+/// Why an accepted connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("cannot register with the poller: {0}")]
+    Register(std::io::Error),
+    #[error("TLS setup failed: {0}")]
+    Tls(rustls::Error),
+}
 
 /// Binds the sockets up front so a bad port fails the command with a clear message.
 pub struct ServerPlugin {
@@ -223,30 +219,6 @@ impl Plugin for ServerPlugin {
                 );
             }
         }
-        let (verify_tx, jobs_rx) = crossbeam_channel::unbounded::<VerifyJob>();
-        let (results_tx, verify_rx) = crossbeam_channel::unbounded::<VerifyResult>();
-        for i in 0..2 {
-            let jobs_rx = jobs_rx.clone();
-            let results_tx = results_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("password-check-{i}"))
-                .spawn(move || {
-                    for job in jobs_rx {
-                        let ok = verify_password(&job.hash, &job.password);
-                        if results_tx
-                            .send(VerifyResult {
-                                session: job.session,
-                                ticket: job.ticket,
-                                ok,
-                            })
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                })
-                .expect("spawn password worker");
-        }
         let mut channel_entities = HashMap::new();
         for ch in &self.config.channels {
             let mut e = app.world_mut().spawn((
@@ -270,17 +242,16 @@ impl Plugin for ServerPlugin {
             urgent: HashSet::new(),
             batches: Batches::default(),
             broadcast_seq: 0,
-            last_sweep: Duration::ZERO,
+            sweep: SweepClock::default(),
             changed: HashSet::new(),
+            lost: Vec::new(),
             next_id: 1,
             start: Instant::now(),
             scratch: vec![0u8; 64 * 1024],
-            verify_tx,
-            verify_rx,
+            passwords: PasswordPool::spawn(PASSWORD_WORKERS),
             channel_entities,
             tls: self.tls.clone(),
-            per_ip: HashMap::new(),
-            max_per_ip: self.config.max_connections_per_ip.max(1),
+            limit: ConnectionLimit::new(self.config.max_connections_per_ip),
         })
         .insert_resource(Rules(ServerState::new(
             self.config.channels.clone(),
@@ -290,7 +261,6 @@ impl Plugin for ServerPlugin {
             local_addr: local,
             ..default()
         })
-        .init_resource::<Outbox>()
         .add_systems(
             Update,
             (
@@ -298,22 +268,13 @@ impl Plugin for ServerPlugin {
                 read_connections,
                 read_udp,
                 collect_password_results,
-                expire_sessions,
+                fire_timers,
                 apply_outputs,
                 flush_connections,
                 mirror_sessions,
             )
                 .chain(),
         );
-    }
-}
-
-fn release_ip(per_ip: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
-    if let Some(n) = per_ip.get_mut(&ip) {
-        *n -= 1;
-        if *n == 0 {
-            per_ip.remove(&ip);
-        }
     }
 }
 
@@ -331,40 +292,28 @@ fn accept_connections(
     let t = now(net);
     loop {
         match net.listener.accept() {
-            Ok((mut stream, peer)) => {
-                let count = net.per_ip.entry(peer.ip()).or_default();
-                if *count >= net.max_per_ip {
-                    // Dropping the stream closes it; nothing was read, nothing to answer.
-                    stats.refused_per_ip += 1;
-                    continue;
-                }
-                *count += 1;
+            Ok((stream, peer)) => {
                 let id = net.next_id;
                 net.next_id += 1;
-                let _ = stream.set_nodelay(true);
-                if let Err(e) = net.poll.registry().register(
-                    &mut stream,
-                    Token(id as usize),
-                    Interest::READABLE,
-                ) {
-                    warn!("cannot register connection from {peer}: {e}");
-                    continue;
-                }
-                let tls = match rustls::ServerConnection::new(net.tls.clone()) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        warn!("TLS setup failed for {peer}: {e}");
-                        continue;
+                let (poll, tls) = (&net.poll, &net.tls);
+                match net
+                    .limit
+                    .admit(peer.ip(), || set_up_connection(poll, tls, stream, id))
+                {
+                    Ok((stream, tls)) => {
+                        let token = rand::rngs::OsRng.next_u64();
+                        rules.0.handle_connected(t, id, peer.ip(), token);
+                        let entity = commands.spawn(Session(id)).id();
+                        net.conns.insert(id, (entity, Conn::new(stream, peer, tls)));
+                        // Data may already be waiting: edge-triggered readiness would not
+                        // report it again.
+                        net.still_readable.insert(id);
+                        stats.accepted += 1;
                     }
-                };
-                let token = rand::rngs::OsRng.next_u64();
-                rules.0.session_opened(t, id, token);
-                rules.0.set_session_ip(id, peer.ip());
-                let entity = commands.spawn(Session(id)).id();
-                net.conns.insert(id, (entity, Conn::new(stream, peer, tls)));
-                // Data may already be waiting: edge-triggered readiness would not report it again.
-                net.still_readable.insert(id);
-                stats.accepted += 1;
+                    // Dropping the stream closed it; nothing was read, nothing to answer.
+                    Err(AdmitError::OverLimit(_)) => stats.refused_per_ip += 1,
+                    Err(AdmitError::Setup(e)) => warn!("connection from {peer}: {e}"),
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -378,10 +327,23 @@ fn accept_connections(
     stats.sessions = net.conns.len();
 }
 
+fn set_up_connection(
+    poll: &Poll,
+    tls: &Arc<rustls::ServerConfig>,
+    mut stream: TcpStream,
+    id: SessionId,
+) -> Result<(TcpStream, rustls::ServerConnection), SetupError> {
+    let _ = stream.set_nodelay(true);
+    poll.registry()
+        .register(&mut stream, Token(id as usize), Interest::READABLE)
+        .map_err(SetupError::Register)?;
+    let tls = rustls::ServerConnection::new(tls.clone()).map_err(SetupError::Tls)?;
+    Ok((stream, tls))
+}
+
 fn read_connections(
     mut net: ResMut<ServerNet>,
     mut rules: ResMut<Rules>,
-    mut outbox: ResMut<Outbox>,
     mut stats: ResMut<ServerStats>,
 ) {
     let net = &mut *net;
@@ -401,7 +363,7 @@ fn read_connections(
         let Some((_, conn)) = net.conns.get_mut(&id) else {
             continue;
         };
-        if conn.closing {
+        if conn.is_closing() {
             continue;
         }
         let outcome = conn.read(&mut net.scratch);
@@ -410,7 +372,7 @@ fn read_connections(
         for msg in outcome.messages {
             stats.messages_in += 1;
             news |= !matches!(msg, ClientMsg::Heartbeat);
-            rules.0.handle(t, id, msg, &mut outbox.0);
+            rules.0.handle_message(t, id, msg);
         }
         if outcome.more {
             net.still_readable.insert(id);
@@ -420,11 +382,11 @@ fn read_connections(
             net.dirty.insert(id);
         }
         if let Some(reason) = outcome.closed {
-            if reason != "connection closed by peer" {
+            if reason.is_transport_error() {
                 stats.protocol_errors += 1;
                 debug!("closing session {id}: {reason}");
             }
-            outbox.0.push(Output::Close(id, reason));
+            rules.0.close(id, reason);
         }
         if news {
             net.changed.insert(id);
@@ -432,16 +394,11 @@ fn read_connections(
     }
 }
 
-fn read_udp(
-    mut net: ResMut<ServerNet>,
-    mut rules: ResMut<Rules>,
-    mut outbox: ResMut<Outbox>,
-    mut stats: ResMut<ServerStats>,
-) {
+fn read_udp(mut net: ResMut<ServerNet>, mut rules: ResMut<Rules>, mut stats: ResMut<ServerStats>) {
     let net = &mut *net;
     let t = now(net);
     let mut buf = [0u8; 1500];
-    let mut reply = [0u8; 64];
+    let mut reply = [0u8; MAX_DATAGRAM_LEN];
     for _ in 0..4096 {
         let (len, from) = match net.udp.recv_from(&mut buf) {
             Ok(x) => x,
@@ -449,164 +406,142 @@ fn read_udp(
             // ICMP errors surface here on some systems; they say nothing about us.
             Err(_) => continue,
         };
-        match Datagram::parse(&buf[..len]) {
-            Ok(Datagram::Register { token }) => {
-                match rules.0.udp_register(t, token, from, &mut outbox.0) {
-                    Some(id) => {
-                        stats.udp_registered += 1;
-                        net.changed.insert(id);
-                        if let Ok(n) = (Datagram::RegisterAck { observed: from }).write(&mut reply)
-                        {
-                            let _ = net.udp.send_to(&reply[..n], from);
-                        }
-                    }
-                    None => stats.udp_dropped += 1,
-                }
+        rules.0.handle_datagram(t, from, &buf[..len]);
+        while let Some(transmit) = rules.0.poll_transmit(t, &mut reply) {
+            let _ = net.udp.send_to(&reply[..transmit.len], transmit.to);
+        }
+    }
+    while let Some(event) = rules.0.poll_event() {
+        match event {
+            ServerEvent::UdpRegistered(id) => {
+                stats.udp_registered += 1;
+                net.changed.insert(id);
             }
-            _ => stats.udp_dropped += 1,
+            ServerEvent::DatagramDropped { .. } => stats.udp_dropped += 1,
         }
     }
 }
 
-fn collect_password_results(
-    net: Res<ServerNet>,
-    mut rules: ResMut<Rules>,
-    mut outbox: ResMut<Outbox>,
-) {
+fn collect_password_results(net: Res<ServerNet>, mut rules: ResMut<Rules>) {
     let t = now(&net);
-    while let Ok(r) = net.verify_rx.try_recv() {
+    while let Some(r) = net.passwords.try_result() {
         rules
             .0
-            .password_checked(t, r.session, r.ticket, r.ok, &mut outbox.0);
+            .handle_password_checked(t, r.session, r.ticket, r.ok);
     }
 }
 
-fn expire_sessions(
-    net: Res<ServerNet>,
-    mut rules: ResMut<Rules>,
-    mut outbox: ResMut<Outbox>,
-    mut last: Local<Option<Duration>>,
-) {
+fn fire_timers(net: Res<ServerNet>, mut rules: ResMut<Rules>) {
     let t = now(&net);
-    // Timeouts are in seconds: checking every 250 ms is plenty and keeps big servers cheap.
-    if last.is_some_and(|l| t.saturating_sub(l) < Duration::from_millis(250)) {
-        return;
+    if rules.0.poll_timeout().is_some_and(|due| due <= t) {
+        rules.0.handle_timeout(t);
     }
-    *last = Some(t);
-    rules.0.tick(t, &mut outbox.0);
 }
 
+/// Carries out what the rules queued, until they are quiet (closing a session queues more:
+/// leave notifications).
 fn apply_outputs(
     mut net: ResMut<ServerNet>,
     mut rules: ResMut<Rules>,
-    mut outbox: ResMut<Outbox>,
     mut stats: ResMut<ServerStats>,
     mut commands: Commands,
 ) {
     let net = &mut *net;
     let t = now(net);
-    // Closing a session produces more outputs (leave notifications): loop until quiet.
-    let mut rounds = 0;
-    while !outbox.0.is_empty() && rounds < 8 {
-        rounds += 1;
-        let outputs = std::mem::take(&mut outbox.0);
-        let mut to_close: Vec<(SessionId, String)> = Vec::new();
-        for output in outputs {
-            match output {
-                Output::Send(id, msg) => {
-                    if let Some((_, conn)) = net.conns.get_mut(&id) {
-                        match encode_frame(&msg) {
-                            Ok(frame) if conn.queue(&frame) => {
+    while let Some(output) = rules.0.poll_output() {
+        match output {
+            Output::Send(id, msg) => {
+                if let Some((_, conn)) = net.conns.get_mut(&id) {
+                    match encode_frame(&msg) {
+                        Ok(frame) => match conn.queue(&frame) {
+                            Ok(()) => {
                                 stats.frames_out += 1;
                                 net.urgent.insert(id);
                             }
-                            Ok(_) => to_close.push((id, "too slow: output queue full".into())),
-                            Err(e) => warn!("cannot encode message: {e}"),
-                        }
-                    }
-                    if matches!(
-                        msg,
-                        ServerMsg::Joined { .. }
-                            | ServerMsg::Left { .. }
-                            | ServerMsg::Identified { .. }
-                    ) {
-                        net.changed.insert(id);
+                            Err(too_slow) => rules.0.close(id, too_slow),
+                        },
+                        Err(e) => warn!("cannot encode message: {e}"),
                     }
                 }
-                Output::Broadcast { msg, prompt } => {
-                    let Ok(frame) = encode_frame(&msg) else {
+                if matches!(
+                    msg,
+                    ServerMsg::Joined { .. }
+                        | ServerMsg::Left { .. }
+                        | ServerMsg::Identified { .. }
+                ) {
+                    net.changed.insert(id);
+                }
+            }
+            Output::Broadcast { msg, prompt } => {
+                let Ok(frame) = encode_frame(&msg) else {
+                    continue;
+                };
+                net.broadcast_seq += 1;
+                let seq = net.broadcast_seq;
+                // The channel concerned first, with the replies of this tick.
+                for id in prompt {
+                    let Some((_, conn)) = net.conns.get_mut(&id) else {
                         continue;
                     };
-                    net.broadcast_seq += 1;
-                    let seq = net.broadcast_seq;
-                    // The channel concerned first, with the replies of this tick.
-                    for id in prompt {
-                        let Some((_, conn)) = net.conns.get_mut(&id) else {
-                            continue;
-                        };
-                        conn.prompted = seq;
-                        if conn.closing {
-                            continue;
-                        }
-                        if conn.queue(&frame) {
+                    conn.prompted = seq;
+                    if conn.is_closing() {
+                        continue;
+                    }
+                    match conn.queue(&frame) {
+                        Ok(()) => {
                             stats.frames_out += 1;
                             net.urgent.insert(id);
-                        } else {
-                            to_close.push((id, "too slow: output queue full".into()));
                         }
+                        Err(too_slow) => rules.0.close(id, too_slow),
                     }
-                    // Everyone else: batched (see `fanout`).
-                    let sessions = net.conns.len();
-                    for (&id, (_, conn)) in net.conns.iter_mut() {
-                        if conn.prompted == seq || conn.closing || !rules.0.is_identified(id) {
-                            continue;
-                        }
-                        match conn.defer(&frame) {
-                            Some(first) => {
-                                stats.frames_out += 1;
-                                if first {
-                                    net.batches.schedule(id, t, sessions);
-                                }
+                }
+                // Everyone else: batched (see `fanout`).
+                let sessions = net.conns.len();
+                for (&id, (_, conn)) in net.conns.iter_mut() {
+                    if conn.prompted == seq || conn.is_closing() || !rules.0.is_identified(id) {
+                        continue;
+                    }
+                    match conn.defer(&frame) {
+                        Ok(first) => {
+                            stats.frames_out += 1;
+                            if first {
+                                net.batches.schedule(id, t, sessions);
                             }
-                            None => to_close.push((id, "too slow: output queue full".into())),
                         }
+                        Err(too_slow) => rules.0.close(id, too_slow),
                     }
                 }
-                Output::Close(id, reason) => to_close.push((id, reason)),
-                Output::VerifyPassword {
-                    session,
-                    ticket,
-                    hash,
-                    password,
-                } => {
-                    let _ = net.verify_tx.send(VerifyJob {
-                        session,
-                        ticket,
-                        hash,
-                        password,
-                    });
+            }
+            Output::Close(id, reason) => {
+                let Some((entity, conn)) = net.conns.get_mut(&id) else {
+                    continue;
+                };
+                if conn.is_closing() {
+                    continue;
                 }
+                conn.closing_since = Some(t);
+                if let Ok(frame) = encode_frame(&ServerMsg::Closing {
+                    reason: reason.to_string(),
+                }) {
+                    let _ = conn.queue(&frame);
+                }
+                conn.send_close_notify();
+                net.dirty.insert(id);
+                commands.entity(*entity).despawn();
+                stats.closed += 1;
+                debug!("session {id} closed: {reason}");
             }
-        }
-        for (id, reason) in to_close {
-            let Some((entity, conn)) = net.conns.get_mut(&id) else {
-                continue;
-            };
-            if conn.closing {
-                continue;
-            }
-            conn.closing = true;
-            if let Ok(frame) = encode_frame(&ServerMsg::Closing {
-                reason: reason.clone(),
-            }) {
-                conn.queue(&frame);
-            }
-            conn.send_close_notify();
-            net.dirty.insert(id);
-            commands.entity(*entity).despawn();
-            rules.0.session_closed(t, id, &mut outbox.0);
-            stats.closed += 1;
-            debug!("session {id} closed: {reason}");
+            Output::VerifyPassword {
+                session,
+                ticket,
+                hash,
+                password,
+            } => net.passwords.submit(PasswordJob {
+                session,
+                ticket,
+                hash,
+                password,
+            }),
         }
     }
 }
@@ -615,19 +550,11 @@ fn apply_outputs(
 /// beyond the urgent ones, so a crowd of slow readers cannot hold up the next tick's reads.
 const FLUSH_BUDGET: usize = 2_000;
 
-/// Wall time per tick spent writing batches of presence news. One broadcast starts a batch
-/// at every client at once; written in one go, 10,000 of them would hold the tick (and every
-/// join waiting behind it) for well over 100 ms. A millisecond a tick still writes tens of
-/// thousands a second, more than `fanout::BATCHED_WRITES_PER_SEC` asks for.
-const BATCH_TIME_BUDGET: Duration = Duration::from_millis(1);
-
-/// Batches taken from the queue between two looks at the clock.
-const BATCH_CHUNK: usize = 16;
-
 fn flush_connections(
     mut net: ResMut<ServerNet>,
+    mut rules: ResMut<Rules>,
     mut stats: ResMut<ServerStats>,
-    mut outbox: ResMut<Outbox>,
+    mut commands: Commands,
 ) {
     let net = &mut *net;
     let t = now(net);
@@ -635,86 +562,83 @@ fn flush_connections(
     let urgent: Vec<SessionId> = net.urgent.drain().collect();
     for id in urgent {
         net.dirty.remove(&id);
-        flush_one(net, id);
+        flush_one(net, id, t);
     }
     // Then lobby-wide presence that has waited long enough, within the time budget.
     let started = Instant::now();
     let mut due = Vec::with_capacity(BATCH_CHUNK);
-    loop {
-        due.clear();
-        net.batches.take_due(t, BATCH_CHUNK, &mut due);
-        if due.is_empty() {
-            break;
-        }
+    while net.batches.next_chunk(t, started.elapsed(), &mut due) {
         for &id in &due {
             let Some((_, conn)) = net.conns.get_mut(&id) else {
                 continue;
             };
             // Already pushed out by a prompt message, or never will be.
-            if !conn.has_deferred() || conn.closing {
+            if !conn.has_deferred() || conn.is_closing() {
                 continue;
             }
-            if conn.release_deferred() {
-                net.dirty.remove(&id);
-                flush_one(net, id);
-            } else {
-                outbox
-                    .0
-                    .push(Output::Close(id, "too slow: output queue full".into()));
+            match conn.release_deferred() {
+                Ok(()) => {
+                    net.dirty.remove(&id);
+                    flush_one(net, id, t);
+                }
+                Err(too_slow) => rules.0.close(id, too_slow),
             }
-        }
-        if started.elapsed() >= BATCH_TIME_BUDGET {
-            break;
         }
     }
     // Last, connections whose socket would have blocked before.
     let backlog: Vec<SessionId> = net.dirty.iter().copied().take(FLUSH_BUDGET).collect();
     for id in backlog {
         net.dirty.remove(&id);
-        flush_one(net, id);
+        flush_one(net, id, t);
     }
     // Connections that closed while we were not writing to them still need cleanup: a read
-    // error marks them closing without output; sweep those too (a walk over every
-    // connection, so a few times a second rather than every tick).
-    if t.saturating_sub(net.last_sweep) >= Duration::from_millis(250) {
-        net.last_sweep = t;
+    // error marks them closing without output; sweep those too.
+    if net.sweep.due(t) {
         let stale: Vec<SessionId> = net
             .conns
             .iter()
-            .filter(|(_, (_, c))| c.closing && !c.has_output())
+            .filter(|(_, (_, c))| c.is_closing() && !c.has_output())
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
             if let Some((_, mut conn)) = net.conns.remove(&id) {
-                release_ip(&mut net.per_ip, conn.peer.ip());
+                net.limit.release(conn.peer.ip());
                 let _ = net.poll.registry().deregister(&mut conn.stream);
             }
         }
+    }
+    // Open connections that died under a write: the rules forget them (their channel hears
+    // they left) and so does the ECS mirror.
+    for (id, entity) in net.lost.drain(..) {
+        rules.0.handle_closed(t, id);
+        commands.entity(entity).despawn();
+        stats.closed += 1;
+        debug!("session {id} lost: write failed");
     }
     stats.sessions = net.conns.len();
 }
 
 /// Writes what `id` has queued until its socket would block; leftovers go to the backlog.
-/// Removes the connection once it is dead, or closing and done.
-fn flush_one(net: &mut ServerNet, id: SessionId) {
-    let Some((_, conn)) = net.conns.get_mut(&id) else {
+/// Removes the connection once it is dead, or closing and done (see `close_timing`).
+fn flush_one(net: &mut ServerNet, id: SessionId, now: Duration) {
+    let Some((entity, conn)) = net.conns.get_mut(&id) else {
         return;
     };
-    let result = conn.flush();
-    if conn.closing {
-        conn.close_attempts += 1;
-    }
-    // A closing client that does not read gets about a second to take its Closing message.
-    let done =
-        result.is_err() || (conn.closing && (!conn.has_output() || conn.close_attempts > 1000));
-    if conn.has_output() && !done {
-        net.dirty.insert(id);
-    }
-    if done {
-        if let Some((_, mut conn)) = net.conns.remove(&id) {
-            release_ip(&mut net.per_ip, conn.peer.ip());
-            let _ = net.poll.registry().deregister(&mut conn.stream);
-            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    let failed = conn.flush().is_err();
+    match after_flush(now, failed, conn.has_output(), conn.closing_since) {
+        AfterFlush::Idle => {}
+        AfterFlush::FlushLater => {
+            net.dirty.insert(id);
+        }
+        AfterFlush::Drop => {
+            if !conn.is_closing() {
+                net.lost.push((id, *entity));
+            }
+            if let Some((_, mut conn)) = net.conns.remove(&id) {
+                net.limit.release(conn.peer.ip());
+                let _ = net.poll.registry().deregister(&mut conn.stream);
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 }
@@ -725,7 +649,7 @@ fn mirror_sessions(mut net: ResMut<ServerNet>, rules: Res<Rules>, mut commands: 
         let Some((entity, conn)) = net.conns.get(&id) else {
             continue;
         };
-        if conn.closing {
+        if conn.is_closing() {
             continue;
         }
         let Some(view) = rules.0.session_view(id) else {

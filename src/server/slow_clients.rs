@@ -1,0 +1,54 @@
+//! When a client that does not read its socket is dropped.
+//!
+//! Everything we send a client waits in memory until its socket takes it. A client that stops
+//! reading (a frozen machine, or an attacker) would otherwise make the server hold every
+//! presence update of a busy lobby for it. So each connection may have at most
+//! [`MAX_QUEUED_OUTPUT`] bytes waiting; a message that does not fit closes the connection with
+//! [`CloseReason::TooSlow`] instead of growing the queue. A client that does read never gets
+//! near the limit: a full overview of 1,000 members is well under it.
+//!
+//! Pure: the shell says how much is queued and how big the next message is. The TLS layer
+//! (rustls) enforces the same limit on its own buffer, configured with the same constant.
+
+use super::close_reason::CloseReason;
+
+/// A client that does not read its socket gets this much queued before it is dropped.
+pub const MAX_QUEUED_OUTPUT: usize = 1024 * 1024;
+
+/// May `frame` more bytes wait for a client that already has `queued` bytes waiting?
+/// `Err(TooSlow)` means the client must be closed: it is not reading.
+pub fn admit_output(queued: usize, frame: usize) -> Result<(), CloseReason> {
+    match queued.checked_add(frame) {
+        Some(total) if total <= MAX_QUEUED_OUTPUT => Ok(()),
+        _ => Err(CloseReason::TooSlow),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_up_to_the_limit_waits() {
+        assert_eq!(admit_output(0, 100), Ok(()));
+        assert_eq!(admit_output(MAX_QUEUED_OUTPUT - 100, 100), Ok(()));
+    }
+
+    #[test]
+    fn a_client_over_the_limit_is_too_slow() {
+        assert_eq!(
+            admit_output(MAX_QUEUED_OUTPUT - 99, 100),
+            Err(CloseReason::TooSlow)
+        );
+        assert_eq!(
+            admit_output(0, MAX_QUEUED_OUTPUT + 1),
+            Err(CloseReason::TooSlow),
+            "one message bigger than the whole queue"
+        );
+    }
+
+    #[test]
+    fn huge_sizes_do_not_overflow() {
+        assert_eq!(admit_output(usize::MAX, 1), Err(CloseReason::TooSlow));
+    }
+}

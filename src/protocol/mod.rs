@@ -9,10 +9,12 @@ pub mod datagram;
 pub mod framing;
 pub mod messages;
 pub mod status;
+pub mod transmit;
 
 pub use framing::{encode_frame, FrameDecoder, FramingError, MAX_FRAME_LEN};
 pub use messages::{ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, UserId};
 pub use status::Status;
+pub use transmit::Transmit;
 
 /// Version of the control protocol and datagram format. Bumped on any incompatible change;
 /// a client and server with different versions refuse each other with [`Status::VersionMismatch`].

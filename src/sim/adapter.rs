@@ -15,9 +15,8 @@ use std::time::Duration;
 use crate::audio::CHUNK_SAMPLES;
 use crate::client::session::{Action, ControlSession, SessionEvent, TransportError};
 use crate::config::ChannelConfig;
-use crate::protocol::datagram::Datagram;
 use crate::protocol::{ClientMsg, ServerMsg, UserId};
-use crate::server::state::{Output, ServerRules, ServerState, SessionId};
+use crate::server::{Output, ServerRules, ServerState, SessionId};
 use crate::voice::engine::{PeerState, VoiceConfig, VoiceEngine, VoiceSetting, MAX_DATAGRAM_LEN};
 use crate::voice::net::crypto::SessionKeys;
 
@@ -65,98 +64,82 @@ impl SimServer {
 
     /// A client's connection arrived from `ip`.
     pub fn opened(&mut self, now: Duration, conn: ConnId, udp_token: u64, ip: IpAddr) {
-        self.state.session_opened(now, conn, udp_token);
-        self.state.set_session_ip(conn, ip);
+        self.state.handle_connected(now, conn, ip, udp_token);
         self.conns.insert(conn);
     }
 
     /// The client closed its connection.
     pub fn closed(&mut self, now: Duration, conn: ConnId) -> Vec<ServerOut> {
-        let mut out = Vec::new();
         self.conns.remove(&conn);
-        self.state.session_closed(now, conn, &mut out);
-        self.apply(now, out)
+        self.state.handle_closed(now, conn);
+        self.drain(now)
     }
 
     pub fn handle(&mut self, now: Duration, conn: ConnId, msg: ClientMsg) -> Vec<ServerOut> {
-        let mut out = Vec::new();
-        self.state.handle(now, conn, msg, &mut out);
-        self.apply(now, out)
+        self.state.handle_message(now, conn, msg);
+        self.drain(now)
     }
 
-    /// Timeouts; the shell calls it every 250 ms.
-    pub fn tick(&mut self, now: Duration) -> Vec<ServerOut> {
-        let mut out = Vec::new();
-        self.state.tick(now, &mut out);
-        self.apply(now, out)
+    /// When the server's timers (heartbeats, identify deadline, batched news) are next due.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.state.poll_timeout()
+    }
+
+    /// Fires the server's timers that are due.
+    pub fn handle_timeout(&mut self, now: Duration) -> Vec<ServerOut> {
+        self.state.handle_timeout(now);
+        self.drain(now)
     }
 
     /// One datagram on the server's UDP port: a `Register` is answered with the address it
-    /// came from (`RegisterAck`), like `read_udp` in the plugin. Returns the reply to send
-    /// back to `from`, if any.
+    /// came from (`RegisterAck`). Returns the replies, each with its destination.
     pub fn udp(
         &mut self,
         now: Duration,
         from: SocketAddr,
         bytes: &[u8],
-    ) -> (Option<Vec<u8>>, Vec<ServerOut>) {
-        let mut out = Vec::new();
-        let mut reply = None;
-        if let Ok(Datagram::Register { token }) = Datagram::parse(bytes) {
-            if self
-                .state
-                .udp_register(now, token, from, &mut out)
-                .is_some()
-            {
-                let mut buf = [0u8; 64];
-                if let Ok(n) = (Datagram::RegisterAck { observed: from }).write(&mut buf) {
-                    reply = Some(buf[..n].to_vec());
-                }
-            }
+    ) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<ServerOut>) {
+        self.state.handle_datagram(now, from, bytes);
+        let mut buf = [0u8; MAX_DATAGRAM_LEN];
+        let mut replies = Vec::new();
+        while let Some(t) = self.state.poll_transmit(now, &mut buf) {
+            replies.push((t.to, buf[..t.len].to_vec()));
         }
-        (reply, self.apply(now, out))
+        (replies, self.drain(now))
     }
 
-    /// Applies outputs as `apply_outputs` does: broadcasts go to every identified connection,
-    /// a close makes the server forget the session at once (which may say more).
-    fn apply(&mut self, now: Duration, mut pending: Vec<Output>) -> Vec<ServerOut> {
+    /// Carries out the state's outputs as the plugin does: broadcasts go to every identified
+    /// connection, a close drops the connection (the state has already forgotten it), password
+    /// checks fail at once (the simulation's channels have none).
+    fn drain(&mut self, now: Duration) -> Vec<ServerOut> {
         let mut done = Vec::new();
-        // Closing sessions produces leave notifications; the plugin loops the same way.
-        for _ in 0..8 {
-            if pending.is_empty() {
-                break;
-            }
-            let mut more = Vec::new();
-            for output in pending {
-                match output {
-                    Output::Send(id, msg) => {
-                        if self.conns.contains(&id) {
-                            done.push(ServerOut::Send(id, msg));
-                        }
+        while let Some(output) = self.state.poll_output() {
+            match output {
+                Output::Send(id, msg) => {
+                    if self.conns.contains(&id) {
+                        done.push(ServerOut::Send(id, msg));
                     }
-                    Output::Broadcast { msg, .. } => {
-                        for &id in &self.conns {
-                            if self.state.is_identified(id) {
-                                done.push(ServerOut::Send(id, msg.clone()));
-                            }
-                        }
-                    }
-                    Output::Close(id, reason) => {
-                        if self.conns.remove(&id) {
-                            done.push(ServerOut::Close(id, reason));
-                            self.state.session_closed(now, id, &mut more);
-                        }
-                    }
-                    // The simulation's channels have no password, so nothing asks for this.
-                    Output::VerifyPassword {
-                        session, ticket, ..
-                    } => self
-                        .state
-                        .password_checked(now, session, ticket, false, &mut more),
                 }
+                Output::Broadcast { msg, .. } => {
+                    for &id in &self.conns {
+                        if self.state.is_identified(id) {
+                            done.push(ServerOut::Send(id, msg.clone()));
+                        }
+                    }
+                }
+                Output::Close(id, reason) => {
+                    if self.conns.remove(&id) {
+                        done.push(ServerOut::Close(id, reason.to_string()));
+                    }
+                }
+                Output::VerifyPassword {
+                    session, ticket, ..
+                } => self
+                    .state
+                    .handle_password_checked(now, session, ticket, false),
             }
-            pending = more;
         }
+        while self.state.poll_event().is_some() {}
         done
     }
 }

@@ -45,8 +45,6 @@ pub const SERVER_ADDR: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 7700);
 /// Channels of the simulated server.
 pub const CHANNELS: [&str; 2] = ["Lobby", "Gaming"];
-/// How often the server shell runs `tick` (as `expire_sessions` does).
-const SERVER_TICK: Duration = Duration::from_millis(250);
 /// Playout chunk duration (10 ms).
 const PLAYOUT_PERIOD: Duration = Duration::from_millis(10);
 /// Step taken when the earliest due time is not in the future: a timer with a strict deadline
@@ -179,7 +177,6 @@ pub struct World {
     control_seq: u64,
     next_conn: ConnId,
     conn_owner: BTreeMap<ConnId, usize>,
-    next_tick: Duration,
     digest: Digest,
     tx_buf: Vec<u8>,
     mix_buf: Vec<f32>,
@@ -199,7 +196,6 @@ impl World {
             control_seq: 0,
             next_conn: 1,
             conn_owner: BTreeMap::new(),
-            next_tick: Duration::ZERO,
             digest: Digest(0xcbf2_9ce4_8422_2325),
             tx_buf: vec![0u8; DATAGRAM_BUF],
             mix_buf: vec![0.0; PLAYOUT_SAMPLES],
@@ -292,7 +288,6 @@ impl World {
     /// A fresh server process starts: no sessions, user ids counted from the start again.
     pub fn start_server(&mut self) {
         self.server = Some(SimServer::new(&CHANNELS));
-        self.next_tick = self.now;
     }
 
     /// Runs the world for `d` of simulated time.
@@ -396,8 +391,8 @@ impl World {
         if let Some((&(at, _, _), _)) = self.control.first_key_value() {
             due = due.min(at);
         }
-        if self.server.is_some() {
-            due = due.min(self.next_tick);
+        if let Some(t) = self.server.as_ref().and_then(|s| s.poll_timeout()) {
+            due = due.min(t);
         }
         for u in &self.users {
             due = due.min(u.next_capture).min(u.next_playout);
@@ -425,13 +420,13 @@ impl World {
             self.digest.add(&d.bytes);
             match d.to {
                 Node::Server => {
-                    let Some((reply, outs)) =
+                    let Some((replies, outs)) =
                         self.server.as_mut().map(|s| s.udp(now, d.from, &d.bytes))
                     else {
                         continue;
                     };
-                    if let Some(reply) = reply {
-                        self.net.send(now, Node::Server, d.from, &reply);
+                    for (to, reply) in replies {
+                        self.net.send(now, Node::Server, to, &reply);
                     }
                     self.server_outputs(outs);
                 }
@@ -441,10 +436,11 @@ impl World {
                 }
             }
         }
-        if self.server.is_some() && now >= self.next_tick {
-            self.next_tick = now + SERVER_TICK;
-            let outs = self.server.as_mut().map(|s| s.tick(now));
-            self.server_outputs(outs.unwrap_or_default());
+        if let Some(server) = &mut self.server {
+            if server.poll_timeout().is_some_and(|t| t <= now) {
+                let outs = server.handle_timeout(now);
+                self.server_outputs(outs);
+            }
         }
         for i in 0..self.users.len() {
             if self.users[i]

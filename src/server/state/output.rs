@@ -63,10 +63,4 @@ pub enum DatagramDrop {
     UnknownToken,
 }
 
-/// One datagram [`poll_transmit`](super::ServerState::poll_transmit) wrote into the caller's
-/// buffer: send its first `len` bytes to `to` from the server's UDP socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transmit {
-    pub to: SocketAddr,
-    pub len: usize,
-}
+pub use crate::protocol::Transmit;

@@ -8,13 +8,7 @@ use crate::protocol::datagram::{MAX_VOICE_PAYLOAD, VOICE_HEADER_LEN};
 /// Largest datagram the engine writes: a sealed voice frame.
 pub const MAX_DATAGRAM_LEN: usize = VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD;
 
-/// One datagram [`VoiceEngine::poll_transmit`](super::VoiceEngine::poll_transmit) wrote into the caller's buffer: send its first
-/// `len` bytes to `to`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transmit {
-    pub to: SocketAddr,
-    pub len: usize,
-}
+pub use crate::protocol::Transmit;
 
 /// Most sealed voice datagrams queued between two drains (a channel's worth of frames many
 /// times over); beyond it new ones are dropped, since the shell is not draining.

@@ -2,6 +2,7 @@
 //! joins the requested channel, prints every control event as one JSON line on stdout and
 //! exits after `--duration` (0), on a refused join (3) or on a fatal refusal (4).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bevy::app::AppExit;
@@ -9,9 +10,9 @@ use bevy::prelude::*;
 use serde_json::json;
 
 use crate::client::{ClientIntent, ControlEvent, ControlLink, SessionEvent};
-use crate::protocol::Status;
+use crate::protocol::{Status, UserId};
 use crate::voice::{
-    PeerState, Voice, VoiceCommand, VoiceSetting, VoiceSnapshot, VoiceThreadConfig,
+    PeerSnapshot, PeerState, Voice, VoiceCommand, VoiceSetting, VoiceSnapshot, VoiceThreadConfig,
 };
 
 /// Exit code when the server refuses to let us join the channel.
@@ -54,7 +55,11 @@ impl Plugin for HeadlessPlugin {
                 goodbye_sent: false,
             })
             .add_systems(PostStartup, start_connect)
-            .add_systems(Update, (report_events, stop_when_done).chain());
+            .init_resource::<DepartedPeers>()
+            .add_systems(
+                Update,
+                (report_events, track_departures, stop_when_done).chain(),
+            );
     }
 }
 
@@ -173,27 +178,47 @@ fn report_events(mut clock: ResMut<RunClock>, mut events: EventReader<ControlEve
     }
 }
 
-/// The final JSON line: each peer's link state and stats.
-pub fn summary_json(snap: &VoiceSnapshot) -> serde_json::Value {
-    json!({
-        "event": "summary",
-        "self_id": snap.self_id,
-        "frames_sent": snap.frames_sent,
-        "bytes_sent": snap.bytes_sent,
-        "public_addr": snap.public_addr.map(|a| a.to_string()),
-        "fingerprint": snap.fingerprint,
-        "undecryptable_datagrams": snap.undecryptable,
-        "foreign_register_acks": snap.foreign_register_acks,
-        "dropped_datagrams": {
-            "garbage": snap.drops.garbage,
-            "unknown_sender": snap.drops.unknown_sender,
-            "wrong_recipient": snap.drops.wrong_recipient,
-            "unauthenticated_source": snap.drops.unauthenticated_source,
-            "replay": snap.drops.replay,
-            "stale_control": snap.drops.stale_control,
-            "unexpected_kind": snap.drops.unexpected_kind,
-        },
-        "peers": snap.peers.iter().map(|p| json!({
+/// Peers that were in the call and are gone (they left, or their run ended before ours), with
+/// their figures as last seen. Without them a summary taken at our end would hide whoever
+/// finished a moment earlier: calls end one participant at a time.
+#[derive(Resource, Default)]
+struct DepartedPeers {
+    /// The peers of the latest snapshot, by user id.
+    current: BTreeMap<UserId, PeerSnapshot>,
+    departed: Vec<PeerSnapshot>,
+}
+
+impl DepartedPeers {
+    /// Takes in the peers of a new snapshot; the known ones missing from it have departed.
+    fn update(&mut self, live: &[PeerSnapshot]) {
+        let gone: Vec<UserId> = self
+            .current
+            .keys()
+            .filter(|id| !live.iter().any(|p| p.user_id == **id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(p) = self.current.remove(&id) {
+                self.departed.push(p);
+            }
+        }
+        for p in live {
+            self.current.insert(p.user_id, p.clone());
+        }
+    }
+}
+
+fn track_departures(voice: Res<Voice>, mut peers: ResMut<DepartedPeers>) {
+    if voice.is_changed() {
+        peers.update(&voice.last.peers);
+    }
+}
+
+/// The final JSON line: each peer's link state and stats, and the same for the peers that
+/// departed during the run (`departed_peers`, in the order they went).
+pub fn summary_json(snap: &VoiceSnapshot, departed: &[PeerSnapshot]) -> serde_json::Value {
+    let peer_json = |p: &PeerSnapshot| {
+        json!({
             "user_id": p.user_id,
             "username": p.name,
             "link": match &p.state {
@@ -221,7 +246,28 @@ pub fn summary_json(snap: &VoiceSnapshot) -> serde_json::Value {
             "duplicates": p.duplicates,
             "fingerprint": p.fingerprint,
             "auth_failures": p.auth_failures,
-        })).collect::<Vec<_>>(),
+        })
+    };
+    json!({
+        "event": "summary",
+        "self_id": snap.self_id,
+        "frames_sent": snap.frames_sent,
+        "bytes_sent": snap.bytes_sent,
+        "public_addr": snap.public_addr.map(|a| a.to_string()),
+        "fingerprint": snap.fingerprint,
+        "undecryptable_datagrams": snap.undecryptable,
+        "foreign_register_acks": snap.foreign_register_acks,
+        "dropped_datagrams": {
+            "garbage": snap.drops.garbage,
+            "unknown_sender": snap.drops.unknown_sender,
+            "wrong_recipient": snap.drops.wrong_recipient,
+            "unauthenticated_source": snap.drops.unauthenticated_source,
+            "replay": snap.drops.replay,
+            "stale_control": snap.drops.stale_control,
+            "unexpected_kind": snap.drops.unexpected_kind,
+        },
+        "peers": snap.peers.iter().map(peer_json).collect::<Vec<_>>(),
+        "departed_peers": departed.iter().map(peer_json).collect::<Vec<_>>(),
     })
 }
 
@@ -229,6 +275,7 @@ fn stop_when_done(
     opts: Res<HeadlessOptions>,
     mut voice: ResMut<Voice>,
     mut clock: ResMut<RunClock>,
+    mut departed: ResMut<DepartedPeers>,
     mut intents: EventWriter<ClientIntent>,
     mut exit: EventWriter<AppExit>,
 ) {
@@ -246,7 +293,9 @@ fn stop_when_done(
             clock.goodbye_sent = true;
             if let Some(mut t) = voice.thread.take() {
                 if let Some(snap) = t.shutdown() {
-                    emit(format_args!("{}", summary_json(&snap)));
+                    // Whoever left since the last periodic snapshot departs now.
+                    departed.update(&snap.peers);
+                    emit(format_args!("{}", summary_json(&snap, &departed.departed)));
                 }
             }
             intents.write(ClientIntent::Disconnect);

@@ -94,9 +94,32 @@ fn killing_the_server_mid_call_does_not_stop_the_voice() {
         assert!(own_level < 0.02, "{name} hears its own tone: {own_level}");
         let gap = longest_silence_ms(outage, 0.01);
         assert!(gap <= 60, "{name}: {gap} ms gap during the outage");
-        // And after the return, the links are direct again.
+        // And after the return, the links to both others (under their new ids) were direct
+        // again. A peer whose run ended a moment before ours is in `departed_peers`.
+        let rejoined = lines
+            .iter()
+            .rposition(|l| l["event"] == "identified")
+            .expect("identified again after the restart");
+        let new_ids: std::collections::BTreeSet<u64> = lines[rejoined..]
+            .iter()
+            .filter(|l| l["event"] == "peer_endpoints")
+            .filter_map(|l| l["user_id"].as_u64())
+            .collect();
+        assert_eq!(new_ids.len(), 2, "{name} learned both others again");
         let s = summary(&lines);
-        assert_eq!(s["peers"].as_array().unwrap().len(), 2, "{name}: {s}");
+        let mut linked = std::collections::BTreeSet::new();
+        for p in s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(s["departed_peers"].as_array().unwrap())
+        {
+            let id = p["user_id"].as_u64().unwrap();
+            if new_ids.contains(&id) && p["link"]["state"] == "direct" {
+                linked.insert(id);
+            }
+        }
+        assert_eq!(linked, new_ids, "{name}: {s}");
     }
 }
 

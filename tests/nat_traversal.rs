@@ -1,6 +1,7 @@
 //! Two clients behind two different masquerading NAT routers reach each other by hole punching,
-//! introduced by a server on a "public" network — all built from Linux network namespaces,
-//! veth pairs and nftables. Skips (with the reason printed) where namespaces cannot be made,
+//! introduced by a server on a "public" network; and a guest behind a NAT reaches a host whose
+//! own client talks to the server over loopback (host mode) — all built from Linux network
+//! namespaces, veth pairs and nftables. Skips (with the reason printed) where namespaces cannot be made,
 //! except under CI (`CI` set), where it fails instead.
 
 mod common;
@@ -147,6 +148,16 @@ table inet guard {
 }
 
 fn client(ns: &str, name: &str, hz: &str, out: &std::path::Path) -> std::process::Child {
+    client_of(ns, "198.18.0.10:7700", name, hz, out)
+}
+
+fn client_of(
+    ns: &str,
+    server: &str,
+    name: &str,
+    hz: &str,
+    out: &std::path::Path,
+) -> std::process::Child {
     Command::new("ip")
         .args(["netns", "exec", ns, bin()])
         .env("P2P_VOICE_CONFIG_DIR", temp_path("config"))
@@ -154,7 +165,7 @@ fn client(ns: &str, name: &str, hz: &str, out: &std::path::Path) -> std::process
             "client",
             "--headless",
             "--server",
-            "198.18.0.10:7700",
+            server,
             "--username",
             name,
             "--channel",
@@ -172,26 +183,56 @@ fn client(ns: &str, name: &str, hz: &str, out: &std::path::Path) -> std::process
         .expect("spawn client in namespace")
 }
 
-#[test]
-fn clients_behind_two_nats_punch_through_and_hear_each_other() {
-    let is_root = is_root();
-    if !is_root {
+/// The namespace tag of one test (`suffix` keeps parallel tests apart), or `None` (after
+/// `skip_unless_ci`) where namespaces cannot be made here.
+fn namespaces_or_skip(suffix: char) -> Option<String> {
+    if !is_root() {
         skip_unless_ci("the NAT test needs root to create network namespaces");
-        return;
+        return None;
     }
     if sh(&["nft", "--version"]).is_err() {
         skip_unless_ci("nftables (nft) is not installed");
-        return;
+        return None;
     }
-    let tag = format!("{}", std::process::id() % 100_000);
+    let tag = format!("{}{suffix}", std::process::id() % 10_000);
     // Skip only when the kernel or sandbox refuses namespaces; once they work, any failure to
-    // build the network is a real failure of this test.
+    // build the network is a real failure of the test.
     let probe = format!("pv{tag}probe");
     if let Err(e) = sh(&["ip", "netns", "add", &probe]) {
         skip_unless_ci(&format!("cannot create network namespaces here: {e}"));
-        return;
+        return None;
     }
     let _ = sh(&["ip", "netns", "del", &probe]);
+    Some(tag)
+}
+
+/// The summary's entry for the peer called `name`, still in the call or departed.
+fn peer_named<'a>(summary: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    ["peers", "departed_peers"]
+        .iter()
+        .filter_map(|k| summary[*k].as_array())
+        .flatten()
+        .find(|p| p["username"] == name)
+}
+
+/// The JSON lines of a finished client, asserting it exited cleanly.
+fn finish(c: std::process::Child) -> (Vec<serde_json::Value>, String) {
+    let out = c.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "client failed: {text}");
+    (
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+        text,
+    )
+}
+
+#[test]
+fn clients_behind_two_nats_punch_through_and_hear_each_other() {
+    let Some(tag) = namespaces_or_skip('n') else {
+        return;
+    };
     let _net = build(&tag).expect("build the two-NAT namespace network");
     let pub_ns = format!("pv{tag}pub");
     let mut server = Command::new("ip")
@@ -206,26 +247,13 @@ fn clients_behind_two_nats_punch_through_and_hear_each_other() {
     let out_b = temp_path("nat-b.wav");
     let a = client(&format!("pv{tag}ha"), "alice", "440", &out_a);
     let b = client(&format!("pv{tag}hb"), "bob", "660", &out_b);
-    let results: Vec<(Vec<serde_json::Value>, String)> = [a, b]
-        .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            assert!(out.status.success(), "client failed: {text}");
-            (
-                text.lines()
-                    .filter_map(|l| serde_json::from_str(l).ok())
-                    .collect(),
-                text,
-            )
-        })
-        .collect();
+    let results: Vec<(Vec<serde_json::Value>, String)> = [a, b].into_iter().map(finish).collect();
     let _ = server.kill();
     let _ = server.wait();
-    for ((lines, text), (me, router_ip)) in results
-        .iter()
-        .zip([("alice", "198.18.0.1"), ("bob", "198.18.0.2")])
-    {
+    for ((lines, text), (me, other, router_ip)) in results.iter().zip([
+        ("alice", "bob", "198.18.0.1"),
+        ("bob", "alice", "198.18.0.2"),
+    ]) {
         let s = summary(lines);
         // The server saw us at our router's public address.
         assert!(
@@ -235,7 +263,8 @@ fn clients_behind_two_nats_punch_through_and_hear_each_other() {
                 .starts_with(router_ip),
             "{me}: {s}"
         );
-        let peer = &s["peers"][0];
+        // The other's run may end a moment before ours: then it is among the departed.
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
         assert_eq!(peer["link"]["state"], "direct", "{me}: {text}");
         // The peer is reached at the other router's public address, not a private one.
         assert!(
@@ -252,4 +281,59 @@ fn clients_behind_two_nats_punch_through_and_hear_each_other() {
     let tail = |a: &[f32]| a[a.len() - 48_000 * 3..].to_vec();
     assert!(tone_level(&tail(&audio_a), 660.0) > 0.1, "alice hears bob");
     assert!(tone_level(&tail(&audio_b), 440.0) > 0.1, "bob hears alice");
+}
+
+/// Host mode as `make run` starts it: the server and the host's own client on one machine with
+/// a public address, the client talking to the server over 127.0.0.1; a guest behind a home
+/// NAT joins through the public address. The guest must be told an address of the host it can
+/// reach (the server's public address with the host's voice port), not 127.0.0.1.
+#[test]
+fn a_guest_behind_a_nat_hears_a_host_whose_client_uses_loopback() {
+    let Some(tag) = namespaces_or_skip('h') else {
+        return;
+    };
+    let _net = build(&tag).expect("build the namespace network");
+    let pub_ns = format!("pv{tag}pub");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &pub_ns, bin()])
+        .env("P2P_VOICE_DATA_DIR", temp_path("host-data"))
+        .args(["server", "--port", "7700"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("server in namespace");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out_host = temp_path("host-host.wav");
+    let out_guest = temp_path("host-guest.wav");
+    let host = client_of(&pub_ns, "127.0.0.1:7700", "host", "440", &out_host);
+    let guest = client(&format!("pv{tag}ha"), "guest", "660", &out_guest);
+    let (host_lines, host_text) = finish(host);
+    let (guest_lines, guest_text) = finish(guest);
+    let _ = server.kill();
+    let _ = server.wait();
+    let g = summary(&guest_lines);
+    // The host's run may end a moment before the guest's: then it is among the departed.
+    let peer = peer_named(&g, "host").unwrap_or_else(|| panic!("guest: {guest_text}"));
+    assert_eq!(peer["link"]["state"], "direct", "guest: {g}");
+    assert!(
+        peer["link"]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.18.0.10:"),
+        "the guest reaches the host at the server's public address: {peer}"
+    );
+    assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
+    let h = summary(&host_lines);
+    let guest_peer = peer_named(&h, "guest").unwrap_or_else(|| panic!("host: {host_text}"));
+    assert_eq!(guest_peer["link"]["state"], "direct", "host: {h}");
+    let audio_host = p2p_voice::audio::load_wav_mono_48k(&out_host).unwrap();
+    let audio_guest = p2p_voice::audio::load_wav_mono_48k(&out_guest).unwrap();
+    let tail = |a: &[f32]| a[a.len() - 48_000 * 3..].to_vec();
+    assert!(
+        tone_level(&tail(&audio_guest), 440.0) > 0.1,
+        "guest hears host"
+    );
+    assert!(
+        tone_level(&tail(&audio_host), 660.0) > 0.1,
+        "host hears guest"
+    );
 }

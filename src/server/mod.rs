@@ -23,4 +23,7 @@ pub mod state;
 
 pub use close_reason::CloseReason;
 pub use plugin::{ServerConfig, ServerPlugin, ServerStats};
-pub use state::{DatagramDrop, Output, ServerEvent, ServerRules, ServerState, SessionId, Transmit};
+pub use state::{
+    ConnectionAddrs, DatagramDrop, Output, ServerEvent, ServerRules, ServerState, SessionId,
+    Transmit,
+};

@@ -22,7 +22,7 @@ use super::conn::Conn;
 use super::fanout::{Batches, BATCH_CHUNK};
 use super::limits::{AdmitError, ConnectionLimit};
 use super::password_pool::{PasswordJob, PasswordPool, PASSWORD_WORKERS};
-use super::state::{Output, ServerEvent, ServerRules, ServerState, SessionId};
+use super::state::{ConnectionAddrs, Output, ServerEvent, ServerRules, ServerState, SessionId};
 use crate::config::ChannelConfig;
 use crate::protocol::datagram::MAX_DATAGRAM_LEN;
 use crate::protocol::{encode_frame, ClientMsg, ServerMsg};
@@ -293,6 +293,9 @@ fn accept_connections(
     loop {
         match net.listener.accept() {
             Ok((stream, peer)) => {
+                // Which of our addresses the client dialled: in host mode, what it can reach
+                // the host's own voice socket at.
+                let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
                 let id = net.next_id;
                 net.next_id += 1;
                 let (poll, tls) = (&net.poll, &net.tls);
@@ -302,7 +305,12 @@ fn accept_connections(
                 {
                     Ok((stream, tls)) => {
                         let token = rand::rngs::OsRng.next_u64();
-                        rules.0.handle_connected(t, id, peer.ip(), token);
+                        rules.0.handle_connected(
+                            t,
+                            id,
+                            ConnectionAddrs::new(peer.ip(), local),
+                            token,
+                        );
                         let entity = commands.spawn(Session(id)).id();
                         net.conns.insert(id, (entity, Conn::new(stream, peer, tls)));
                         // Data may already be waiting: edge-triggered readiness would not

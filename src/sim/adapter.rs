@@ -16,7 +16,7 @@ use crate::audio::CHUNK_SAMPLES;
 use crate::client::session::{Action, ControlSession, SessionEvent, TransportError};
 use crate::config::ChannelConfig;
 use crate::protocol::{ClientMsg, ServerMsg, UserId};
-use crate::server::{Output, ServerRules, ServerState, SessionId};
+use crate::server::{ConnectionAddrs, Output, ServerRules, ServerState, SessionId};
 use crate::voice::engine::{PeerState, VoiceConfig, VoiceEngine, VoiceSetting, MAX_DATAGRAM_LEN};
 use crate::voice::net::crypto::SessionKeys;
 
@@ -64,7 +64,10 @@ impl SimServer {
 
     /// A client's connection arrived from `ip`.
     pub fn opened(&mut self, now: Duration, conn: ConnId, udp_token: u64, ip: IpAddr) {
-        self.state.handle_connected(now, conn, ip, udp_token);
+        // Every simulated client dials the server's public address.
+        let server_ip = super::SERVER_ADDR.ip();
+        self.state
+            .handle_connected(now, conn, ConnectionAddrs::new(ip, server_ip), udp_token);
         self.conns.insert(conn);
     }
 

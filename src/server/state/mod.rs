@@ -21,7 +21,10 @@ use crate::protocol::{
 };
 
 mod output;
+mod reachable;
 pub use output::{DatagramDrop, Output, ServerEvent, Transmit};
+use reachable::endpoints_for;
+pub use reachable::ConnectionAddrs;
 
 /// Identifier the shell gives each TCP connection.
 pub type SessionId = u64;
@@ -99,8 +102,9 @@ struct Session {
     /// Token bucket for the message rate limit: tokens left and when they were counted.
     tokens: f64,
     tokens_at: Duration,
-    /// Where the connection comes from; wrong-password limits per address survive reconnects.
-    ip: IpAddr,
+    /// Where the connection comes from (wrong-password limits per address survive
+    /// reconnects) and which of our addresses it reached (what it can reach our host at).
+    addrs: ConnectionAddrs,
 }
 
 #[derive(Debug)]
@@ -222,7 +226,13 @@ impl ServerState {
     /// A new connection from `ip`. `udp_token` must be unpredictable (the shell draws it from
     /// an OS RNG); the client gets it in `Welcome` and proves its UDP address with it. The
     /// address keeps wrong-password limits across reconnects.
-    pub fn handle_connected(&mut self, now: Duration, id: SessionId, ip: IpAddr, udp_token: u64) {
+    pub fn handle_connected(
+        &mut self,
+        now: Duration,
+        id: SessionId,
+        addrs: ConnectionAddrs,
+        udp_token: u64,
+    ) {
         self.tokens.insert(udp_token, id);
         self.sessions.insert(
             id,
@@ -239,7 +249,7 @@ impl ServerState {
                 wrong_passwords: VecDeque::new(),
                 tokens: self.rules.message_burst,
                 tokens_at: now,
-                ip,
+                addrs,
             },
         );
     }
@@ -515,7 +525,7 @@ impl ServerState {
             Some(hash) => {
                 let ip_failures =
                     self.wrong_by_ip
-                        .get_mut(&session.ip)
+                        .get_mut(&session.addrs.peer)
                         .map(|q| {
                             while q.front().is_some_and(|t| {
                                 now.saturating_sub(*t) > rules.wrong_password_window
@@ -566,7 +576,7 @@ impl ServerState {
         if !ok {
             session.wrong_passwords.push_back(now);
             self.wrong_by_ip
-                .entry(session.ip)
+                .entry(session.addrs.peer)
                 .or_default()
                 .push_back(now);
             self.outputs.push_back(Output::Send(
@@ -606,14 +616,17 @@ impl ServerState {
         }
     }
 
-    fn peer_info(&self, id: SessionId) -> Option<PeerInfo> {
+    /// Member `id`'s endpoints as `recipient` can use them (see [`reachable`]).
+    fn peer_info_for(&self, id: SessionId, recipient: SessionId) -> Option<PeerInfo> {
         let s = self.sessions.get(&id)?;
+        let to = self.sessions.get(&recipient)?;
         let member = self.member_info(id)?;
+        let (local, public) = endpoints_for(&s.local_endpoints, s.public_endpoint, to.addrs);
         Some(PeerInfo {
             user_id: member.user_id,
             username: member.username,
-            local: s.local_endpoints.clone(),
-            public: s.public_endpoint,
+            local,
+            public,
             voice_key: s.voice_key,
         })
     }
@@ -633,13 +646,12 @@ impl ServerState {
                 channel: canonical.clone(),
             },
         ));
-        let me = self.peer_info(id);
         for &other in &self.channels[index].members {
-            if let Some(peer) = self.peer_info(other) {
+            if let Some(peer) = self.peer_info_for(other, id) {
                 self.outputs
                     .push_back(Output::Send(id, ServerMsg::PeerEndpoints { peer }));
             }
-            if let Some(peer) = me.clone() {
+            if let Some(peer) = self.peer_info_for(id, other) {
                 self.outputs
                     .push_back(Output::Send(other, ServerMsg::PeerEndpoints { peer }));
             }
@@ -689,15 +701,14 @@ impl ServerState {
         let Some(index) = self.sessions.get(&id).and_then(|s| s.channel) else {
             return;
         };
-        let Some(peer) = self.peer_info(id) else {
-            return;
-        };
-        for &other in &self.channels[index].members {
-            if other != id {
-                self.outputs.push_back(Output::Send(
-                    other,
-                    ServerMsg::PeerEndpoints { peer: peer.clone() },
-                ));
+        let members = self.channels[index].members.clone();
+        for other in members {
+            if other == id {
+                continue;
+            }
+            if let Some(peer) = self.peer_info_for(id, other) {
+                self.outputs
+                    .push_back(Output::Send(other, ServerMsg::PeerEndpoints { peer }));
             }
         }
     }

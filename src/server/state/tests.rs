@@ -30,6 +30,13 @@ fn ip_of(id: SessionId) -> IpAddr {
     IpAddr::from([10, (id >> 16) as u8, (id >> 8) as u8, id as u8])
 }
 
+/// The server's address as the test clients reach it.
+const SERVER_IP: [u8; 4] = [198, 51, 100, 1];
+
+fn from_ip(ip: IpAddr) -> ConnectionAddrs {
+    ConnectionAddrs::new(ip, IpAddr::from(SERVER_IP))
+}
+
 struct World {
     state: ServerState,
     now: Duration,
@@ -74,7 +81,8 @@ impl World {
     }
 
     fn connect_from(&mut self, id: SessionId, ip: IpAddr) -> Vec<Output> {
-        self.state.handle_connected(self.now, id, ip, 1000 + id);
+        self.state
+            .handle_connected(self.now, id, from_ip(ip), 1000 + id);
         self.send(
             id,
             ClientMsg::Hello {
@@ -143,7 +151,7 @@ fn hello_gets_welcome_with_the_session_token() {
 #[test]
 fn version_mismatch_is_refused_and_closed_with_a_reason() {
     let mut w = World::new();
-    w.state.handle_connected(w.now, 1, ip_of(1), 5);
+    w.state.handle_connected(w.now, 1, from_ip(ip_of(1)), 5);
     let out = w.send(
         1,
         ClientMsg::Hello {
@@ -169,7 +177,7 @@ fn version_mismatch_is_refused_and_closed_with_a_reason() {
 #[test]
 fn anything_before_hello_closes_the_connection() {
     let mut w = World::new();
-    w.state.handle_connected(w.now, 1, ip_of(1), 5);
+    w.state.handle_connected(w.now, 1, from_ip(ip_of(1)), 5);
     let out = w.send(
         1,
         ClientMsg::Identify {
@@ -601,7 +609,7 @@ fn goodbye_closes_with_its_reason() {
 #[test]
 fn the_version_error_and_the_close_say_the_same() {
     let mut w = World::new();
-    w.state.handle_connected(w.now, 1, ip_of(1), 5);
+    w.state.handle_connected(w.now, 1, from_ip(ip_of(1)), 5);
     let out = w.send(
         1,
         ClientMsg::Hello {
@@ -793,4 +801,67 @@ fn a_big_overview_is_sent_in_parts_that_each_fit_a_frame() {
     }
     assert_eq!(members, 1_000);
     assert!(parts >= 3);
+}
+
+/// Host mode: the host's own client reaches the embedded server over loopback, so the server
+/// sees it at 127.0.0.1. A guest from elsewhere must be told an address it can reach (the one
+/// it dialled, with the host's voice port), never loopback; the host sees the guest as is.
+#[test]
+fn a_guest_is_told_the_host_at_the_address_it_dialled_not_loopback() {
+    let mut w = World::new();
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    w.state
+        .handle_connected(w.now, 1, ConnectionAddrs::new(loopback, loopback), 1001);
+    w.send(
+        1,
+        ClientMsg::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            app_version: "t".into(),
+        },
+    );
+    w.send(
+        1,
+        ClientMsg::Identify {
+            username: "host".into(),
+        },
+    );
+    let host_voice: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    w.send(
+        1,
+        ClientMsg::AnnounceEndpoints {
+            local: vec![host_voice],
+            voice_key: Some([7; 32]),
+        },
+    );
+    w.state.handle_datagram(w.now, host_voice, &register(1001));
+    w.join(1, "Lobby", None);
+    let guest_ip = IpAddr::from([203, 0, 113, 9]);
+    w.login_from(2, "guest", guest_ip);
+    let out = w.join(2, "Lobby", None);
+    let told: Vec<&PeerInfo> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(2, ServerMsg::PeerEndpoints { peer }) => Some(peer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told.len(), 1, "{out:?}");
+    let reachable: SocketAddr = (SERVER_IP, 5000).into();
+    assert_eq!(told[0].candidates(), vec![reachable], "{:?}", told[0]);
+    // The host hears of the guest unchanged (here: no UDP address yet, nothing rewritten).
+    assert!(out.iter().any(|o| matches!(o,
+        Output::Send(1, ServerMsg::PeerEndpoints { peer }) if peer.username == "guest")));
+    // When the guest's address changes, the host still sees it as it is ...
+    let guest_nat: SocketAddr = "203.0.113.9:40001".parse().unwrap();
+    w.state.handle_datagram(w.now, guest_nat, &register(1002));
+    let out = w.drain();
+    assert!(out.iter().any(|o| matches!(o,
+        Output::Send(1, ServerMsg::PeerEndpoints { peer }) if peer.public == Some(guest_nat))));
+    // ... and when the host's changes, the guest gets the reachable form again.
+    let moved: SocketAddr = "127.0.0.1:5001".parse().unwrap();
+    w.state.handle_datagram(w.now, moved, &register(1001));
+    let out = w.drain();
+    assert!(out.iter().any(|o| matches!(o,
+        Output::Send(2, ServerMsg::PeerEndpoints { peer })
+            if peer.candidates() == vec![SocketAddr::from((SERVER_IP, 5001))])));
 }

@@ -206,15 +206,6 @@ fn namespaces_or_skip(suffix: char) -> Option<String> {
     Some(tag)
 }
 
-/// The summary's entry for the peer called `name`, still in the call or departed.
-fn peer_named<'a>(summary: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-    ["peers", "departed_peers"]
-        .iter()
-        .filter_map(|k| summary[*k].as_array())
-        .flatten()
-        .find(|p| p["username"] == name)
-}
-
 /// The JSON lines of a finished client, asserting it exited cleanly.
 fn finish(c: std::process::Child) -> (Vec<serde_json::Value>, String) {
     let out = c.wait_with_output().unwrap();

@@ -411,6 +411,16 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The summary's entry for the peer called `name`, still in the call or departed (a peer
+/// whose run ended a moment before ours has left the call by the time we sum up).
+pub fn peer_named<'a>(summary: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    ["peers", "departed_peers"]
+        .iter()
+        .filter_map(|k| summary[*k].as_array())
+        .flatten()
+        .find(|p| p["username"] == name)
+}
+
 /// A talker (500 Hz tone, always transmitting) and a silent listener in Lobby for 8 s;
 /// `listener_extra` adds flags to the listener (e.g. `--impair`).
 pub fn talker_and_listener(

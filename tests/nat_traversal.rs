@@ -303,7 +303,7 @@ fn a_guest_behind_a_nat_hears_a_host_whose_client_uses_loopback() {
     let _ = server.wait();
     let g = summary(&guest_lines);
     // The host's run may end a moment before the guest's: then it is among the departed.
-    let peer = peer_named(&g, "host").unwrap_or_else(|| panic!("guest: {guest_text}"));
+    let peer = peer_named(g, "host").unwrap_or_else(|| panic!("guest: {guest_text}"));
     assert_eq!(peer["link"]["state"], "direct", "guest: {g}");
     assert!(
         peer["link"]["addr"]
@@ -314,7 +314,7 @@ fn a_guest_behind_a_nat_hears_a_host_whose_client_uses_loopback() {
     );
     assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
     let h = summary(&host_lines);
-    let guest_peer = peer_named(&h, "guest").unwrap_or_else(|| panic!("host: {host_text}"));
+    let guest_peer = peer_named(h, "guest").unwrap_or_else(|| panic!("host: {host_text}"));
     assert_eq!(guest_peer["link"]["state"], "direct", "host: {h}");
     let audio_host = p2p_voice::audio::load_wav_mono_48k(&out_host).unwrap();
     let audio_guest = p2p_voice::audio::load_wav_mono_48k(&out_guest).unwrap();

@@ -78,7 +78,7 @@ fn lossy_link_output_has_no_gap_longer_than_60ms() {
     let (lines, audio) = listener.finish();
     let s = summary(&lines);
     // The talker's run may end a moment before ours: then it is among the departed.
-    let peer = peer_named(&s, "talker").unwrap_or_else(|| panic!("{s}"));
+    let peer = peer_named(s, "talker").unwrap_or_else(|| panic!("{s}"));
     let talking = while_talking(&audio);
     let gap = longest_silence_ms(talking, 0.01);
     assert!(gap <= 60, "longest gap {gap} ms; peer stats {peer}");

@@ -35,10 +35,14 @@ const STATS_PERIOD: Duration = Duration::from_secs(1);
 
 type Reply<T> = Sender<Result<T, AudioError>>;
 
-/// Requests from [`super::AudioIo`] to the engine thread; each carries its reply channel.
+/// Requests from [`super::AudioIo`] to the engine thread. A switch either carries a reply
+/// channel (the caller waits) or none: then the outcome arrives as an event
+/// ([`AudioEvent::InputChanged`] / [`AudioEvent::OutputChanged`] or
+/// [`AudioEvent::SwitchFailed`]), so the voice thread never waits while devices are
+/// enumerated and opened (which can take seconds).
 pub(super) enum Command {
-    SwitchInput(InputSource, Reply<String>),
-    SwitchOutput(OutputSink, Reply<String>),
+    SwitchInput(InputSource, Option<Reply<String>>),
+    SwitchOutput(OutputSink, Option<Reply<String>>),
     Stop(Reply<()>),
 }
 
@@ -270,10 +274,12 @@ impl Engine {
             let wait = self.next_wake().saturating_duration_since(Instant::now());
             match commands.recv_timeout(wait) {
                 Ok(Command::SwitchInput(src, reply)) => {
-                    let _ = reply.send(self.switch_input(src));
+                    let result = self.switch_input(src);
+                    self.answer(Direction::Input, result, reply);
                 }
                 Ok(Command::SwitchOutput(sink, reply)) => {
-                    let _ = reply.send(self.switch_output(sink));
+                    let result = self.switch_output(sink);
+                    self.answer(Direction::Output, result, reply);
                 }
                 Ok(Command::Stop(reply)) => {
                     let _ = reply.send(self.shutdown());
@@ -285,6 +291,26 @@ impl Engine {
                     return;
                 }
             }
+        }
+    }
+
+    /// Hands a switch's outcome to whoever waits for it, or reports a failure as an event
+    /// (success already emitted `InputChanged` / `OutputChanged`).
+    fn answer(
+        &self,
+        which: Direction,
+        result: Result<String, AudioError>,
+        reply: Option<Reply<String>>,
+    ) {
+        match (reply, result) {
+            (Some(reply), result) => {
+                let _ = reply.send(result);
+            }
+            (None, Ok(_)) => {}
+            (None, Err(e)) => self.emit(AudioEvent::SwitchFailed {
+                which,
+                reason: e.to_string(),
+            }),
         }
     }
 

@@ -187,6 +187,9 @@ pub enum AudioEvent {
     DeviceLost { which: Direction, reason: String },
     /// A lost device was reopened; description of it.
     DeviceRestored { which: Direction, desc: String },
+    /// A switch asked for with [`AudioIo::request_input`] / [`AudioIo::request_output`]
+    /// failed; the previous device keeps running (or the fallback, as after a failed switch).
+    SwitchFailed { which: Direction, reason: String },
     /// A non-fatal backend report (e.g. the default route changed).
     DeviceWarning { which: Direction, reason: String },
     /// Glitch counters changed (sent at most once a second).
@@ -304,8 +307,15 @@ impl AudioIo {
     /// [`AudioEvent::NoMicrophone`]). The capture ring stays the same object.
     pub fn switch_input(&self, input: InputSource) -> Result<String, AudioError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(device_thread::Command::SwitchInput(input, reply))?;
+        self.send(device_thread::Command::SwitchInput(input, Some(reply)))?;
         answer.recv().map_err(|_| AudioError::EngineStopped)?
+    }
+
+    /// Asks for another input without waiting: the outcome arrives as
+    /// [`AudioEvent::InputChanged`] or [`AudioEvent::SwitchFailed`]. Opening a device can take
+    /// seconds; a caller with a call to keep going (the voice thread) must not wait for it.
+    pub fn request_input(&self, input: InputSource) -> Result<(), AudioError> {
+        self.send(device_thread::Command::SwitchInput(input, None))
     }
 
     /// Replaces the output (finalizing a WAV output); returns the new output's description.
@@ -313,8 +323,14 @@ impl AudioIo {
     /// with a [`AudioEvent::NoSpeaker`]). The playback ring stays the same object.
     pub fn switch_output(&self, output: OutputSink) -> Result<String, AudioError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(device_thread::Command::SwitchOutput(output, reply))?;
+        self.send(device_thread::Command::SwitchOutput(output, Some(reply)))?;
         answer.recv().map_err(|_| AudioError::EngineStopped)?
+    }
+
+    /// Asks for another output without waiting: the outcome arrives as
+    /// [`AudioEvent::OutputChanged`] or [`AudioEvent::SwitchFailed`].
+    pub fn request_output(&self, output: OutputSink) -> Result<(), AudioError> {
+        self.send(device_thread::Command::SwitchOutput(output, None))
     }
 
     /// Closes devices, finalizes a WAV output and joins the engine thread. Idempotent; also
@@ -518,6 +534,55 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert!(io.capture_mut().unwrap().available() >= 480);
         io.stop().unwrap();
+    }
+
+    /// The voice thread asks for switches without waiting; it learns the outcome from events,
+    /// and a failed request leaves the old input running.
+    #[test]
+    fn a_requested_switch_reports_its_outcome_as_an_event() {
+        let mut io = AudioIo::start(
+            &InputSource::Tone {
+                hz: 500.0,
+                amplitude: 0.5,
+            },
+            &OutputSink::Null,
+            AudioConfig::default(),
+        )
+        .unwrap();
+        let next_switch_event = |io: &AudioIo| loop {
+            match io.events().recv_timeout(Duration::from_secs(5)) {
+                Ok(e @ (AudioEvent::SwitchFailed { .. } | AudioEvent::InputChanged(_))) => {
+                    return e
+                }
+                Ok(_) => continue,
+                Err(e) => panic!("no outcome of the switch: {e}"),
+            }
+        };
+        io.request_input(InputSource::Wav {
+            path: "/nonexistent/x.wav".into(),
+            looped: true,
+        })
+        .unwrap();
+        assert!(matches!(
+            next_switch_event(&io),
+            AudioEvent::SwitchFailed {
+                which: Direction::Input,
+                ..
+            }
+        ));
+        io.capture_mut().unwrap().clear();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            io.capture_mut().unwrap().available() >= 480,
+            "old input runs"
+        );
+        io.request_input(InputSource::Silence).unwrap();
+        assert!(matches!(
+            next_switch_event(&io),
+            AudioEvent::InputChanged(_)
+        ));
+        io.stop().unwrap();
+        assert!(io.request_input(InputSource::Silence).is_err());
     }
 
     #[test]

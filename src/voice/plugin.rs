@@ -30,7 +30,9 @@ pub struct Voice {
 impl Voice {
     fn send(&self, cmd: VoiceCommand) {
         if let Some(t) = &self.thread {
-            t.send(cmd);
+            if !t.send(cmd) {
+                warn!("the voice thread is not taking commands; one was dropped");
+            }
         }
     }
 }
@@ -170,6 +172,9 @@ fn receive_voice_events(
                 }
                 // The sound goes on (a rerouted default device, a quietly restarted stream):
                 // worth a log line, not a red message.
+                AudioEvent::SwitchFailed { which, reason } => voice
+                    .audio_status
+                    .push(AudioProblem::SwitchFailed(format!("{which:?}: {reason}"))),
                 AudioEvent::DeviceWarning { which, reason } => {
                     warn!("{which:?} device: {reason}")
                 }

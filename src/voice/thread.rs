@@ -372,13 +372,16 @@ impl Worker {
             VoiceCommand::RemovePeer(id) => self.engine.remove_peer(id),
             VoiceCommand::ClearPeers => self.engine.clear_peers(),
             VoiceCommand::Setting(s) => self.engine.apply(now, s),
+            // Never wait for the device thread here: opening a device can take seconds, and
+            // meanwhile nothing would be played, sent or kept alive. The outcome comes back
+            // as an audio event.
             VoiceCommand::SwitchInput(src) => {
-                if let Err(e) = self.audio.switch_input(src) {
+                if let Err(e) = self.audio.request_input(src) {
                     self.publish(VoiceEvent::SwitchFailed(e.to_string()));
                 }
             }
             VoiceCommand::SwitchOutput(sink) => {
-                if let Err(e) = self.audio.switch_output(sink) {
+                if let Err(e) = self.audio.request_output(sink) {
                     self.publish(VoiceEvent::SwitchFailed(e.to_string()));
                 }
             }

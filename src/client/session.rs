@@ -321,6 +321,9 @@ impl ControlSession {
         ) {
             self.actions.push_back(Action::CloseTransport);
         }
+        // A new connection starts a new call: the voice plane must stop talking to the peers
+        // of this one (the new server may even hand out the same user ids to other people).
+        self.clear_membership();
         self.server = server.to_string();
         self.username = username.to_string();
         self.attempts = 0;
@@ -788,6 +791,40 @@ mod tests {
         assert!(matches!(sent[1], ClientMsg::Identify { .. }));
         assert!(matches!(&sent[2], ClientMsg::Join { channel, .. } if channel == "Lobby"));
         assert!(s.is_ready());
+    }
+
+    /// Found by the whole-system simulation: connecting again mid-call kept the old peers, so
+    /// the voice plane went on punching and sealing towards them.
+    #[test]
+    fn connecting_again_mid_call_ends_the_call() {
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        s.join(Duration::ZERO, "Lobby", None);
+        ready(&mut s, MS, 7);
+        s.handle_message(
+            MS,
+            ServerMsg::Joined {
+                status: Status::Ok,
+                channel: "Lobby".into(),
+            },
+        );
+        s.handle_message(MS, ServerMsg::PeerEndpoints { peer: peer(9) });
+        drain_events(&mut s);
+        s.connect(Duration::from_secs(1), "h:1", "me");
+        let events = drain_events(&mut s);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, SessionEvent::Left { channel } if channel == "Lobby")),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, SessionEvent::PeerGone { user_id: 9 })),
+            "{events:?}"
+        );
+        assert_eq!(s.peers().count(), 0);
     }
 
     #[test]

@@ -47,9 +47,15 @@ pub enum UsernameError {
     /// Contains a control character (tab, newline, bell, ...).
     #[error("username contains a non-printable character (U+{:04X})", *.0 as u32)]
     NotPrintable(char),
+    /// Contains a character that shows as nothing (zero-width space or joiner, a bidi
+    /// override, a soft hyphen ...): two names that look the same must not both exist, and a
+    /// bidi override can make a name read backwards in everyone's list.
+    #[error("username contains an invisible character (U+{:04X})", *.0 as u32)]
+    Invisible(char),
 }
 
-/// Checks a username: 1..=32 characters, printable, no leading or trailing whitespace.
+/// Checks a username: 1..=32 characters, printable, nothing invisible, no leading or
+/// trailing whitespace.
 pub fn validate_username(name: &str) -> Result<(), UsernameError> {
     let count = name.chars().count();
     if count == 0 {
@@ -64,7 +70,32 @@ pub fn validate_username(name: &str) -> Result<(), UsernameError> {
     if let Some(c) = name.chars().find(|c| c.is_control()) {
         return Err(UsernameError::NotPrintable(c));
     }
+    if let Some(c) = name.chars().find(|c| is_invisible(*c)) {
+        return Err(UsernameError::Invisible(c));
+    }
     Ok(())
+}
+
+/// Characters UTS #39 classes as default-ignorable (they render as nothing), deprecated or
+/// non-characters.
+fn is_invisible(c: char) -> bool {
+    use unicode_security::general_security_profile::IdentifierType;
+    use unicode_security::GeneralSecurityProfile;
+    matches!(
+        c.identifier_type(),
+        Some(
+            IdentifierType::Default_Ignorable
+                | IdentifierType::Deprecated
+                | IdentifierType::Not_Character
+        )
+    )
+}
+
+/// What makes two usernames "the same" for uniqueness: the UTS #39 confusable skeleton of
+/// the lower-cased name, so "Alice", "alice" and "аlice" (with a Cyrillic а) are one name and
+/// only the first to arrive gets it.
+pub fn username_key(name: &str) -> String {
+    unicode_security::skeleton(&name.to_lowercase()).collect()
 }
 
 #[cfg(test)]
@@ -82,6 +113,31 @@ mod tests {
         assert!(validate_username("bob ").is_err());
         assert!(validate_username("b\u{7}ob").is_err());
         assert!(validate_username("b\nob").is_err());
+        // Invisible characters: zero-width space and joiner, bidi override, soft hyphen.
+        for sneaky in [
+            "al\u{200B}ice",
+            "al\u{200D}ice",
+            "\u{202E}ecila",
+            "al\u{AD}ice",
+        ] {
+            assert!(
+                matches!(validate_username(sneaky), Err(UsernameError::Invisible(_))),
+                "{sneaky:?}"
+            );
+        }
+        // Real names in other scripts stay welcome.
+        assert!(validate_username("Андрей").is_ok());
+        assert!(validate_username("李小龙").is_ok());
+    }
+
+    #[test]
+    fn look_alike_names_share_one_key() {
+        let alice = username_key("alice");
+        assert_eq!(username_key("Alice"), alice);
+        assert_eq!(username_key("\u{430}lice"), alice, "Cyrillic a");
+        assert_eq!(username_key("ALICE"), alice);
+        assert_ne!(username_key("alicia"), alice);
+        assert_ne!(username_key("Андрей"), username_key("Andrei"));
     }
 
     /// The server sends these sentences to clients; they must not change with the type.

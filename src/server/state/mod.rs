@@ -16,8 +16,8 @@ use crate::config::ChannelConfig;
 use crate::protocol::datagram::Datagram;
 use crate::protocol::messages::OVERVIEW_PART_MEMBERS;
 use crate::protocol::{
-    validate_username, ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, Status, UserId,
-    APP_VERSION, PROTOCOL_VERSION,
+    username_key, validate_username, ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg,
+    Status, UserId, APP_VERSION, PROTOCOL_VERSION,
 };
 
 mod output;
@@ -137,7 +137,8 @@ pub struct ServerState {
     channels: Vec<Channel>,
     channel_index: HashMap<String, usize>,
     sessions: HashMap<SessionId, Session>,
-    /// Lower-cased username -> session, so "Alice" and "alice" cannot both exist.
+    /// [`username_key`] -> session, so "Alice", "alice" and a Cyrillic "аlice" cannot all
+    /// exist at once.
     names: HashMap<String, SessionId>,
     tokens: HashMap<u64, SessionId>,
     /// Recent wrong-password times per client address.
@@ -282,7 +283,7 @@ impl ServerState {
         if let Some(session) = self.sessions.remove(&id) {
             self.tokens.remove(&session.udp_token);
             if let Phase::Identified { username, .. } = &session.phase {
-                self.names.remove(&username.to_lowercase());
+                self.names.remove(&username_key(username));
             }
         }
     }
@@ -417,7 +418,7 @@ impl ServerState {
     fn identify(&mut self, id: SessionId, username: String) {
         let status = if validate_username(&username).is_err() {
             Status::InvalidName
-        } else if self.names.contains_key(&username.to_lowercase()) {
+        } else if self.names.contains_key(&username_key(&username)) {
             Status::NameTaken
         } else {
             Status::Ok
@@ -441,7 +442,7 @@ impl ServerState {
         }
         let user_id = self.next_user_id;
         self.next_user_id = self.next_user_id.wrapping_add(1).max(1);
-        self.names.insert(username.to_lowercase(), id);
+        self.names.insert(username_key(&username), id);
         if let Some(s) = self.sessions.get_mut(&id) {
             s.phase = Phase::Identified {
                 user_id,

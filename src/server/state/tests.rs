@@ -220,6 +220,19 @@ fn taken_name_is_refused_case_insensitively() {
     assert_eq!(identify_status(&out), Some(Status::Ok));
 }
 
+/// "аlice" with a Cyrillic а looks exactly like "alice" in everyone's list.
+#[test]
+fn a_look_alike_of_a_taken_name_is_refused() {
+    let mut w = World::new();
+    w.login(1, "alice");
+    let out = w.login(2, "\u{430}lice");
+    assert_eq!(identify_status(&out), Some(Status::NameTaken));
+    let out = w.login(3, "al\u{200B}ice");
+    assert_eq!(identify_status(&out), Some(Status::InvalidName));
+    let out = w.login(4, "bob");
+    assert_eq!(identify_status(&out), Some(Status::Ok));
+}
+
 #[test]
 fn invalid_names_are_refused_with_the_reason() {
     let mut w = World::new();

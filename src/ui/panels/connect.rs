@@ -18,6 +18,9 @@ pub fn username_hint(error: &UsernameError) -> String {
         }
         UsernameError::NotPrintable(_) => "Only printable characters are allowed".into(),
         UsernameError::SurroundingSpace => "No spaces at the start or end".into(),
+        UsernameError::Invisible(c) => {
+            format!("Remove the invisible character U+{:04X}", *c as u32)
+        }
     }
 }
 

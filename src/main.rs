@@ -332,8 +332,12 @@ fn run() -> anyhow::Result<ExitCode> {
         Mode::HashPassword(a) => {
             let password = match a.password {
                 Some(p) => p,
+                // On a terminal the password is not echoed (nor left on screen or in a
+                // recording); piped in by a script, it is read as one line.
+                None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+                    rpassword::prompt_password("Type the channel password and press Enter: ")?
+                }
                 None => {
-                    eprintln!("Type the channel password and press Enter:");
                     let mut line = String::new();
                     std::io::stdin().read_line(&mut line)?;
                     line.trim_end_matches(['\r', '\n']).to_string()

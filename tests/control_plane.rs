@@ -330,6 +330,48 @@ fn hash_password_prints_a_hash_the_server_accepts() {
     assert_eq!(a.join("Vault", Some("hunter2")), Status::Ok);
 }
 
+/// Typed at a terminal, the password is not echoed (nor left on screen); the hash printed is
+/// of what was typed. `script` (util-linux) gives the command a pseudo-terminal.
+#[test]
+fn hash_password_does_not_echo_what_is_typed_at_a_terminal() {
+    use std::io::Write;
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip_unless_ci("`script` (util-linux) is not installed");
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_p2p-voice");
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &format!("{bin} hash-password"), "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Give the prompt time to switch echo off, as a person would.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stdin.write_all(b"swordfish\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("swordfish"),
+        "the password was echoed: {text}"
+    );
+    let hash = text
+        .split_whitespace()
+        .find(|w| w.starts_with("$argon2id$"))
+        .unwrap_or_else(|| panic!("no hash in {text}"));
+    assert!(
+        p2p_voice::config::verify_password(hash, "swordfish"),
+        "{hash}"
+    );
+}
+
 #[test]
 fn bad_channels_file_fails_with_a_clear_message() {
     let path = temp_path("bad.toml");

@@ -206,6 +206,9 @@ pub enum PinCheck {
     Pinned,
     /// A different certificate than the one pinned: refuse.
     Changed { pinned: String, presented: String },
+    /// The pin file exists but cannot be read or parsed: nothing can be checked, so refuse
+    /// rather than trust whatever answers (and leave the file as it is for the user to see).
+    Unreadable { path: String, reason: String },
 }
 
 /// Known server fingerprints per address, kept in `known_servers.toml` next to the settings.
@@ -213,6 +216,25 @@ pub enum PinCheck {
 pub struct PinStore {
     path: Option<PathBuf>,
     pins: BTreeMap<String, String>,
+    /// Why the file on disk could not be used, if it could not.
+    unreadable: Option<String>,
+}
+
+/// The key a server is pinned under: `host:port` with the host lower-cased and an IP address
+/// in its canonical form, so "Example.org:7700" and "example.org:7700", or "[::1]:7700" and
+/// "[0:0::1]:7700", are one server. Anything unparsable is kept as typed.
+pub fn pin_key(server: &str) -> String {
+    let Some((host, port)) = server.trim().rsplit_once(':') else {
+        return server.trim().to_lowercase();
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return server.trim().to_lowercase();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip.to_canonical(), port).to_string(),
+        Err(_) => format!("{}:{port}", host.to_lowercase()),
+    }
 }
 
 impl PinStore {
@@ -221,15 +243,26 @@ impl PinStore {
         Self::default()
     }
 
-    /// Loads `dir/known_servers.toml` (missing or unreadable means empty).
+    /// Loads `dir/known_servers.toml`. A missing file means nothing is pinned yet; a file that
+    /// cannot be read or parsed makes every check [`PinCheck::Unreadable`], since treating it
+    /// as empty would silently trust any server again.
     pub fn load(dir: Option<PathBuf>) -> Self {
         let path = dir.map(|d| d.join("known_servers.toml"));
-        let pins = path
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| toml::from_str(&t).ok())
-            .unwrap_or_default();
-        Self { path, pins }
+        let mut store = Self {
+            path,
+            ..Self::default()
+        };
+        if let Some(p) = &store.path {
+            match std::fs::read_to_string(p) {
+                Ok(text) => match toml::from_str(&text) {
+                    Ok(pins) => store.pins = pins,
+                    Err(e) => store.unreadable = Some(e.message().to_string()),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => store.unreadable = Some(e.to_string()),
+            }
+        }
+        store
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -239,21 +272,42 @@ impl PinStore {
     /// Checks (and on first use pins) `fingerprint` for `server`. With `accept_change`, a
     /// changed certificate replaces the pin (the user said they trust the new one).
     pub fn check(&mut self, server: &str, fingerprint: &str, accept_change: bool) -> PinCheck {
-        match self.pins.get(server) {
+        if let Some(reason) = &self.unreadable {
+            return PinCheck::Unreadable {
+                path: self.path_text(),
+                reason: reason.clone(),
+            };
+        }
+        let key = pin_key(server);
+        // Pins written before keys were normalised are under the text as typed: adopt them.
+        if !self.pins.contains_key(&key) {
+            if let Some(old) = self.pins.remove(server) {
+                self.pins.insert(key.clone(), old);
+            }
+        }
+        match self.pins.get(&key) {
             Some(p) if p == fingerprint => PinCheck::Known,
             Some(p) if !accept_change => PinCheck::Changed {
                 pinned: p.clone(),
                 presented: fingerprint.to_string(),
             },
             _ => {
-                self.pins
-                    .insert(server.to_string(), fingerprint.to_string());
+                self.pins.insert(key, fingerprint.to_string());
                 self.save();
                 PinCheck::Pinned
             }
         }
     }
 
+    fn path_text(&self) -> String {
+        self.path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the pin store".into())
+    }
+
+    /// Writes the pins to a temporary file beside the real one and renames it over it, so a
+    /// crash or a full disk mid-write leaves the old pins, never half a file.
     fn save(&self) {
         let Some(path) = &self.path else {
             return;
@@ -261,8 +315,19 @@ impl PinStore {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        if let Ok(text) = toml::to_string(&self.pins) {
-            let _ = std::fs::write(path, text);
+        let Ok(text) = toml::to_string(&self.pins) else {
+            return;
+        };
+        let tmp = path.with_extension("toml.tmp");
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        });
+        if written.is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        } else {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
 }
@@ -296,6 +361,72 @@ mod tests {
         PinStore::load(Some(dir.clone())).check("h:1", "AA", false);
         assert_eq!(
             PinStore::load(Some(dir.clone())).check("h:1", "AA", false),
+            PinCheck::Known
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_corrupt_pin_file_refuses_every_server_and_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("pv-pins-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("known_servers.toml");
+        std::fs::write(&file, "this is = = not toml").unwrap();
+        let mut pins = PinStore::load(Some(dir.clone()));
+        assert!(matches!(
+            pins.check("h:1", "AA", false),
+            PinCheck::Unreadable { .. }
+        ));
+        // Not even --accept-new-cert pins over it: the user must look at the file.
+        assert!(matches!(
+            pins.check("h:1", "AA", true),
+            PinCheck::Unreadable { .. }
+        ));
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "this is = = not toml"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_server_written_two_ways_is_one_pin() {
+        assert_eq!(pin_key("Example.ORG:7700"), "example.org:7700");
+        assert_eq!(pin_key("[0:0::1]:7700"), "[::1]:7700");
+        assert_eq!(pin_key("[::ffff:127.0.0.1]:7700"), "127.0.0.1:7700");
+        let mut pins = PinStore::in_memory();
+        assert_eq!(
+            pins.check("Example.org:7700", "AA", false),
+            PinCheck::Pinned
+        );
+        assert!(matches!(
+            pins.check("example.org:7700", "BB", false),
+            PinCheck::Changed { .. }
+        ));
+    }
+
+    #[test]
+    fn pins_saved_under_the_typed_text_are_still_honoured() {
+        let dir = std::env::temp_dir().join(format!("pv-pins-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("known_servers.toml"),
+            "\"Example.org:7700\" = \"AA\"\n",
+        )
+        .unwrap();
+        let mut pins = PinStore::load(Some(dir.clone()));
+        assert!(matches!(
+            pins.check("Example.org:7700", "BB", false),
+            PinCheck::Changed { .. }
+        ));
+        assert_eq!(pins.check("example.org:7700", "AA", false), PinCheck::Known);
+        // Saved atomically: no temporary file left behind.
+        pins.check("other:1", "CC", false);
+        assert!(!dir.join("known_servers.toml.tmp").exists());
+        assert_eq!(
+            PinStore::load(Some(dir.clone())).check("other:1", "CC", false),
             PinCheck::Known
         );
         let _ = std::fs::remove_dir_all(&dir);

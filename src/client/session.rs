@@ -96,6 +96,13 @@ pub enum TransportError {
         /// Where the pin lives, for the user to edit.
         pin_store: String,
     },
+    /// The file of pinned server certificates is corrupt or unreadable, so no server's
+    /// identity can be checked.
+    #[error(
+        "cannot check the server's certificate: {path} is unreadable ({reason}); \
+         fix or remove that file"
+    )]
+    PinStoreUnreadable { path: String, reason: String },
     /// The socket took no bytes.
     #[error("connection to server lost")]
     LostOnWrite,
@@ -121,7 +128,9 @@ impl TransportError {
     pub fn is_final(&self) -> bool {
         matches!(
             self,
-            TransportError::NoCertificate | TransportError::CertificateChanged { .. }
+            TransportError::NoCertificate
+                | TransportError::CertificateChanged { .. }
+                | TransportError::PinStoreUnreadable { .. }
         )
     }
 }

@@ -266,6 +266,9 @@ impl Transport {
         self.fingerprint = Some(fp.clone());
         match self.pins.check(&self.server, &fp, self.accept_new_cert) {
             PinCheck::Known | PinCheck::Pinned => Ok(()),
+            PinCheck::Unreadable { path, reason } => {
+                Err(TransportError::PinStoreUnreadable { path, reason })
+            }
             PinCheck::Changed { pinned, presented } => Err(TransportError::CertificateChanged {
                 pinned,
                 presented,

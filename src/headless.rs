@@ -143,9 +143,18 @@ pub fn event_json(event: &SessionEvent) -> serde_json::Value {
     }
 }
 
-fn report_events(mut clock: ResMut<RunClock>, mut events: EventReader<ControlEvent>) {
+fn report_events(
+    mut clock: ResMut<RunClock>,
+    mut events: EventReader<ControlEvent>,
+    link: Res<ControlLink>,
+) {
     for ControlEvent(event) in events.read() {
-        emit(format_args!("{}", event_json(event)));
+        let mut line = event_json(event);
+        if matches!(event, SessionEvent::Welcome { .. }) {
+            // What to compare with the server operator's fingerprint (pinned on first use).
+            line["server_fingerprint"] = json!(link.server_fingerprint());
+        }
+        emit(format_args!("{line}"));
         match event {
             SessionEvent::JoinRefused { channel, status } => {
                 eprintln!("p2p-voice: cannot join {channel}: {}", status.message());

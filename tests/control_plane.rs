@@ -234,6 +234,10 @@ fn headless_client_prints_json_and_exits_zero() {
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
     assert!(kinds.contains(&"overview"), "{kinds:?}");
     assert!(kinds.contains(&"joined"), "{kinds:?}");
+    // The client says which certificate it pinned: the one the server says it has.
+    let connected = events.iter().find(|e| e["event"] == "connected").unwrap();
+    assert!(!server.fingerprint.is_empty());
+    assert_eq!(connected["server_fingerprint"], server.fingerprint.as_str());
     watcher.expect(
         |m| matches!(m, ServerMsg::MemberJoined { member, .. } if member.username == "alice"),
     );

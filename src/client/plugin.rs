@@ -49,6 +49,11 @@ impl ControlLink {
     pub fn server_addr(&self) -> Option<std::net::SocketAddr> {
         self.transport.remote()
     }
+
+    /// The certificate fingerprint of the server we are connected to (checked against the pin).
+    pub fn server_fingerprint(&self) -> Option<&str> {
+        self.transport.fingerprint()
+    }
 }
 
 /// Index from server names/ids to the mirrored entities.

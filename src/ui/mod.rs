@@ -469,6 +469,9 @@ fn status_view(state: &UiState, link: &ControlLink, voice: &Voice) -> StatusView
         connection,
         host_address: state.host_address.clone(),
         voice_state,
+        server_fingerprint: matches!(phase, Phase::Ready)
+            .then(|| link.server_fingerprint().map(str::to_owned))
+            .flatten(),
         errors: state.notices.texts(),
     }
 }

@@ -187,6 +187,9 @@ pub struct StatusView {
     pub host_address: Option<String>,
     /// Short description of the voice state ("3 peers, 2 direct", "muted", ...).
     pub voice_state: String,
+    /// Fingerprint of the server's certificate while connected (pinned on first use): what to
+    /// compare with the server's operator, who sees the same in their window or log.
+    pub server_fingerprint: Option<String>,
     /// Recent human-readable error messages, oldest first; dismissed by index.
     pub errors: Vec<String>,
 }

@@ -28,6 +28,8 @@ pub fn p2p() -> Command {
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Its TLS certificate's fingerprint, as its `listening` line says.
+    pub fingerprint: String,
     /// Where it keeps its TLS identity (kept across `restart`).
     pub data_dir: PathBuf,
     channels: Option<String>,
@@ -96,11 +98,13 @@ impl ServerProcess {
             .expect("read server stdout");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
         let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+        let fingerprint = v["fingerprint"].as_str().unwrap_or_default().to_string();
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Self {
             child,
             addr,
+            fingerprint,
             data_dir,
             channels: channels.map(String::from),
         }

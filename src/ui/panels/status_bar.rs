@@ -22,6 +22,16 @@ pub fn connection_text(state: &ConnectionState) -> String {
     }
 }
 
+/// The first four groups of a fingerprint: enough to spot a change at a glance; the whole one
+/// is in the hover text.
+pub fn fingerprint_short(fp: &str) -> String {
+    let groups: Vec<&str> = fp.split(':').take(4).collect();
+    if groups.len() < 4 {
+        return fp.to_owned();
+    }
+    format!("{}…", groups.join(":"))
+}
+
 fn connection_color(state: &ConnectionState) -> Color32 {
     match state {
         ConnectionState::Connected => Color32::from_rgb(60, 200, 90),
@@ -68,6 +78,14 @@ pub fn status_bar(ui: &mut Ui, view: &StatusView) -> Vec<UiAction> {
             {
                 ui.ctx().copy_text(address.clone());
             }
+        }
+        if let Some(fp) = &view.server_fingerprint {
+            ui.separator();
+            ui.label(format!("🔒 {}", fingerprint_short(fp)))
+                .on_hover_text(format!(
+                    "Server certificate {fp}\nPinned the first time you connected: compare it \
+                 with the server's operator to be sure nobody sits in between."
+                ));
         }
         if !view.voice_state.is_empty() {
             ui.separator();
@@ -131,6 +149,17 @@ mod tests {
     }
 
     #[test]
+    fn the_server_fingerprint_is_shown_while_connected() {
+        let h = harness(StatusView {
+            connection: ConnectionState::Connected,
+            server_fingerprint: Some("AB:CD:EF:01:23:45:67:89".into()),
+            ..StatusView::default()
+        });
+        h.get_by_label("🔒 AB:CD:EF:01…");
+        assert_eq!(fingerprint_short("AB:CD"), "AB:CD");
+    }
+
+    #[test]
     fn disconnected_shows_reason() {
         assert_eq!(
             connection_text(&ConnectionState::Disconnected(
@@ -173,6 +202,10 @@ mod tests {
         });
         h.get_by_label("192.168.1.20:7700");
         h.get_by_label("2 peers, 2 direct");
+        assert!(
+            h.query_by_label_contains("🔒").is_none(),
+            "no fingerprint, no lock"
+        );
         h.get_by_label("Copy").click();
         // One frame per queued event; the last one (button release) is the click frame.
         h.step();

@@ -9,9 +9,13 @@ CARGO ?= cargo
 BUILD_PKGS := build-essential pkg-config cmake libasound2-dev
 # The window: X11 client libraries and a Vulkan driver (software fallback: lavapipe).
 RUN_PKGS := $(BUILD_PKGS) libx11-6 libxcursor1 libxrandr2 libxi6 libxkbcommon-x11-0 libvulkan1 mesa-vulkan-drivers
+# Real recorded speech for the PESQ-WB benchmark (benches/voice_quality.rs): alsa-utils ships a
+# voice reading the speaker names (48 kHz), codec2-examples ships wideband (16 kHz) and
+# narrowband (8 kHz) test speech.
+SPEECH_PKGS := alsa-utils codec2-examples
 # Tests: PulseAudio null sink for the real-device test, iproute2/nftables for the NAT test,
 # Xvfb for screenshots.
-TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables tcpdump xvfb xauth
+TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables tcpdump xvfb xauth $(SPEECH_PKGS)
 
 .PHONY: help deps-run deps-test run server test lint bench screenshots fmt fuzz
 

@@ -1,5 +1,10 @@
-//! A simulated bad network for received datagrams: loss, delay jitter (which also reorders),
-//! and duplicates, driven by a seeded generator so a test run is reproducible.
+//! A simulated bad network for received datagrams: loss (independent, or in bursts), delay
+//! jitter (which also reorders), and duplicates, driven by a seeded generator so a test run is
+//! reproducible.
+//!
+//! Bursty loss is a two-state Gilbert–Elliott chain (the "simple Gilbert" model: every datagram
+//! in the bad state is lost, none in the good one), because real links lose packets in runs and
+//! loss concealment copes very differently with one lost frame than with three in a row.
 //!
 //! Pure: `push(now, from, bytes)` files a datagram, `pop_due(now)` hands back the ones whose
 //! simulated arrival time has come. The voice thread puts it in front of the engine when
@@ -11,11 +16,15 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-/// Impairment settings. Parsed from `loss=0.1,jitter_ms=30,duplicate=0.02,seed=7`.
+/// Impairment settings. Parsed from `loss=0.1,jitter_ms=30,duplicate=0.02,seed=7`; add
+/// `burst=3` to lose the same share of datagrams in runs of 3 on average.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImpairConfig {
-    /// Probability that a datagram is dropped.
+    /// Probability that a datagram is dropped (the long-run share when `burst` is set).
     pub loss: f64,
+    /// Mean length of a run of lost datagrams (Gilbert–Elliott), or `None` for independent
+    /// losses. At least 1.
+    pub burst: Option<f64>,
     /// Extra delay drawn uniformly from 0..=jitter for each datagram (this reorders them).
     pub jitter: Duration,
     /// Fixed extra delay for every datagram.
@@ -29,6 +38,7 @@ impl Default for ImpairConfig {
     fn default() -> Self {
         Self {
             loss: 0.0,
+            burst: None,
             jitter: Duration::ZERO,
             delay: Duration::ZERO,
             duplicate: 0.0,
@@ -38,7 +48,7 @@ impl Default for ImpairConfig {
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("bad --impair setting {0:?}: expected e.g. loss=0.1,jitter_ms=30,delay_ms=0,duplicate=0.02,seed=7")]
+#[error("bad --impair setting {0:?}: expected e.g. loss=0.1,burst=3,jitter_ms=30,delay_ms=0,duplicate=0.02,seed=7")]
 pub struct ImpairParseError(pub String);
 
 impl std::str::FromStr for ImpairConfig {
@@ -55,6 +65,7 @@ impl std::str::FromStr for ImpairConfig {
             }
             match k.trim() {
                 "loss" if num <= 1.0 => cfg.loss = num,
+                "burst" if num >= 1.0 => cfg.burst = Some(num),
                 "duplicate" if num <= 1.0 => cfg.duplicate = num,
                 "jitter_ms" => cfg.jitter = Duration::from_secs_f64(num / 1000.0),
                 "delay_ms" => cfg.delay = Duration::from_secs_f64(num / 1000.0),
@@ -91,6 +102,8 @@ impl PartialOrd for Pending {
 pub struct Impairment {
     cfg: ImpairConfig,
     rng: u64,
+    /// Gilbert–Elliott state: the last datagram fell in a loss burst.
+    in_burst: bool,
     queue: BinaryHeap<Pending>,
     order: u64,
     pub dropped: u64,
@@ -101,6 +114,7 @@ impl Impairment {
     pub fn new(cfg: ImpairConfig) -> Self {
         Self {
             rng: cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            in_burst: false,
             cfg,
             queue: BinaryHeap::new(),
             order: 0,
@@ -122,8 +136,30 @@ impl Impairment {
         self.cfg.delay + self.cfg.jitter.mul_f64(self.next_f64())
     }
 
+    /// Whether the next datagram is lost. With a mean burst length `b` and a loss share `p`,
+    /// a burst ends with probability `1/b` per datagram and one starts with probability
+    /// `p / (b (1 - p))`, so the chain spends the share `p` of datagrams in the bad state.
+    fn lose_next(&mut self) -> bool {
+        let loss = self.cfg.loss;
+        match self.cfg.burst {
+            None => self.next_f64() < loss,
+            Some(_) if loss >= 1.0 => true,
+            Some(burst) => {
+                let flip = if self.in_burst {
+                    1.0 / burst
+                } else {
+                    (loss / (burst * (1.0 - loss))).min(1.0)
+                };
+                if self.next_f64() < flip {
+                    self.in_burst = !self.in_burst;
+                }
+                self.in_burst
+            }
+        }
+    }
+
     pub fn push(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
-        if self.next_f64() < self.cfg.loss {
+        if self.lose_next() {
             self.dropped += 1;
             return;
         }
@@ -208,6 +244,58 @@ mod tests {
         assert!((300..700).contains(&dup), "{dup}");
         // Jitter of 30 ms on a 20 ms cadence reorders some packets.
         assert!(a.windows(2).any(|w| w[1] < w[0]));
+    }
+
+    #[test]
+    fn parses_burst_length_and_refuses_bursts_shorter_than_one() {
+        let c: ImpairConfig = "loss=0.1,burst=3,seed=2".parse().unwrap();
+        assert_eq!(c.burst, Some(3.0));
+        assert_eq!(c.loss, 0.1);
+        assert_eq!("loss=0.1".parse::<ImpairConfig>().unwrap().burst, None);
+        assert!("loss=0.1,burst=0.5".parse::<ImpairConfig>().is_err());
+    }
+
+    /// Pushes `n` numbered datagrams 20 ms apart with no delay and returns which were lost.
+    fn lost_pattern(spec: &str, n: u32) -> Vec<bool> {
+        let mut imp = Impairment::new(spec.parse().unwrap());
+        (0..n)
+            .map(|i| {
+                let now = Duration::from_millis(20 * u64::from(i));
+                imp.push(now, addr(), &i.to_be_bytes());
+                imp.pop_due(now).is_none()
+            })
+            .collect()
+    }
+
+    /// Lengths of the runs of consecutive lost datagrams.
+    fn bursts(lost: &[bool]) -> Vec<usize> {
+        lost.split(|l| !l)
+            .filter(|r| !r.is_empty())
+            .map(<[bool]>::len)
+            .collect()
+    }
+
+    #[test]
+    fn bursty_loss_keeps_the_asked_rate_and_mean_burst_length() {
+        let lost = lost_pattern("loss=0.1,burst=3,seed=11", 100_000);
+        let rate = lost.iter().filter(|&&l| l).count() as f64 / lost.len() as f64;
+        assert!((0.09..0.11).contains(&rate), "loss rate {rate}");
+        let runs = bursts(&lost);
+        let mean = runs.iter().sum::<usize>() as f64 / runs.len() as f64;
+        assert!((2.7..3.3).contains(&mean), "mean burst {mean}");
+        // Independent loss at the same rate has a mean run of about 1 / (1 - 0.1) = 1.1.
+        let indep = bursts(&lost_pattern("loss=0.1,seed=11", 100_000));
+        let mean_indep = indep.iter().sum::<usize>() as f64 / indep.len() as f64;
+        assert!(mean_indep < 1.3, "independent mean run {mean_indep}");
+    }
+
+    #[test]
+    fn bursty_loss_is_deterministic_by_seed() {
+        let a = lost_pattern("loss=0.2,burst=3,seed=5", 5_000);
+        assert_eq!(a, lost_pattern("loss=0.2,burst=3,seed=5", 5_000));
+        assert_ne!(a, lost_pattern("loss=0.2,burst=3,seed=6", 5_000));
+        assert!(lost_pattern("loss=1,burst=3", 100).iter().all(|&l| l));
+        assert!(!lost_pattern("loss=0,burst=3", 100).iter().any(|&l| l));
     }
 
     #[test]

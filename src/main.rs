@@ -123,7 +123,8 @@ struct ClientArgs {
     /// Start muted.
     #[arg(long)]
     mute: bool,
-    /// Simulate a bad network on received voice, e.g. loss=0.1,jitter_ms=30,duplicate=0.02,seed=7.
+    /// Simulate a bad network on received voice, e.g. loss=0.1,jitter_ms=30,duplicate=0.02,seed=7
+    /// (add burst=3 for bursty Gilbert-Elliott loss with a mean run of 3 lost packets).
     #[arg(long, value_name = "SPEC")]
     impair: Option<ImpairConfig>,
     /// Trust the server's certificate even though it differs from the one seen before

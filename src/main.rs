@@ -84,8 +84,9 @@ struct ClientArgs {
     /// Channel to join once connected.
     #[arg(long)]
     channel: Option<String>,
-    /// Password of that channel.
-    #[arg(long)]
+    /// Password of that channel. Prefer the environment variable: a command line is visible
+    /// to every local user in the process list and stays in the shell's history.
+    #[arg(long, env = "P2P_VOICE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
     /// No window: print events as JSON lines; audio from/to files or a tone.
     #[arg(long)]
@@ -210,6 +211,7 @@ fn has_display() -> bool {
 
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    warn_about_password_on_the_command_line(std::env::args());
     let mode = cli.mode.unwrap_or(Mode::Host(HostArgs {
         port: DEFAULT_PORT,
         bind: "0.0.0.0".parse().expect("literal address"),
@@ -356,6 +358,19 @@ fn run() -> anyhow::Result<ExitCode> {
             app::print_devices()?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A password typed as `--password X` can be read by every local user (`ps`) and stays in the
+/// shell's history; it still works (scripts rely on it), but say so once.
+fn warn_about_password_on_the_command_line(args: impl Iterator<Item = String>) {
+    let mut args = args.skip(1);
+    let given = args.any(|a| a == "--password" || a.starts_with("--password="));
+    if given {
+        eprintln!(
+            "p2p-voice: warning: --password is visible to other users of this machine in the \
+             process list; set P2P_VOICE_PASSWORD instead"
+        );
     }
 }
 

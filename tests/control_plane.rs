@@ -244,6 +244,37 @@ fn headless_client_prints_json_and_exits_zero() {
     watcher.expect(|m| matches!(m, ServerMsg::MemberLeft { .. }));
 }
 
+/// The channel password can come from the environment, out of the process list.
+#[test]
+fn the_channel_password_can_come_from_the_environment() {
+    let server = ServerProcess::start();
+    let out = p2p()
+        .env("P2P_VOICE_PASSWORD", "letmein")
+        .args(["client", "--headless", "--server"])
+        .arg(server.addr.to_string())
+        .args([
+            "--username",
+            "eve",
+            "--channel",
+            "Private",
+            "--duration",
+            "1.5",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| e["event"] == "joined" && e["channel"] == "Private"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("warning: --password"), "{stderr}");
+}
+
 #[test]
 fn headless_client_exits_non_zero_with_the_servers_message_on_refusal() {
     let server = ServerProcess::start();
@@ -268,6 +299,8 @@ fn headless_client_exits_non_zero_with_the_servers_message_on_refusal() {
     assert_eq!(out.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("wrong password"), "{stderr}");
+    // A password on the command line is visible in `ps`: the client says so.
+    assert!(stderr.contains("P2P_VOICE_PASSWORD"), "{stderr}");
 
     let _taken = RawClient::login(server.addr, "bob");
     let out = p2p()

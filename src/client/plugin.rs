@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use bevy::prelude::*;
 
 use super::components::*;
+use super::person_settings::PersonSettings;
 use super::session::{Action, ControlSession, SessionEvent};
 use super::transport::Transport;
 use crate::protocol::{ChannelInfo, MemberInfo, UserId};
+use crate::voice::VoiceCommand;
 
 /// User intents for the control plane (from the UI, the CLI or tests).
 #[derive(Event, Debug, Clone, PartialEq, Eq)]
@@ -83,6 +85,8 @@ impl Plugin for ClientNetPlugin {
         .init_resource::<Directory>()
         .add_event::<ClientIntent>()
         .add_event::<ControlEvent>()
+        .add_event::<VoiceCommand>()
+        .init_resource::<PersonSettings>()
         .add_systems(
             PreUpdate,
             (apply_intents, drive_transport, mirror_overview).chain(),
@@ -151,12 +155,19 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
     }
 }
 
+/// Where a member entity's settings come from and where the voice engine hears of them.
+struct Members<'a, 'w> {
+    people: &'a PersonSettings,
+    voice: &'a mut EventWriter<'w, VoiceCommand>,
+}
+
 fn spawn_member(
     commands: &mut Commands,
     dir: &mut Directory,
     channel: Entity,
     member: &MemberInfo,
     self_id: Option<UserId>,
+    members: &mut Members,
 ) {
     if let Some(old) = dir.users.remove(&member.user_id) {
         commands.entity(old).despawn();
@@ -169,13 +180,22 @@ fn spawn_member(
         MemberOf(channel),
         Speaking::default(),
         VoiceLevel::default(),
-        Muted::default(),
-        Volume::default(),
     ));
     if Some(member.user_id) == self_id {
-        e.insert(IsSelf);
+        e.insert((IsSelf, Muted::default(), Volume::default()));
     } else {
-        e.insert(LinkStatus::default());
+        let chosen = members.people.get(&member.username);
+        e.insert((
+            LinkStatus::default(),
+            Muted(chosen.muted),
+            Volume(chosen.volume),
+        ));
+        for cmd in members
+            .people
+            .commands_for(&member.username, member.user_id)
+        {
+            members.voice.write(cmd);
+        }
     }
     dir.users.insert(member.user_id, e.id());
 }
@@ -185,6 +205,7 @@ fn rebuild(
     dir: &mut Directory,
     channels: &[ChannelInfo],
     self_id: Option<UserId>,
+    members: &mut Members,
 ) {
     for (_, e) in dir.users.drain() {
         commands.entity(e).despawn();
@@ -203,7 +224,7 @@ fn rebuild(
             .id();
         dir.channels.insert(ch.name.clone(), e);
         for m in &ch.members {
-            spawn_member(commands, dir, e, m, self_id);
+            spawn_member(commands, dir, e, m, self_id, members);
         }
     }
 }
@@ -213,16 +234,22 @@ fn mirror_overview(
     mut dir: ResMut<Directory>,
     link: Res<ControlLink>,
     mut events: EventReader<ControlEvent>,
+    people: Res<PersonSettings>,
+    mut voice: EventWriter<VoiceCommand>,
 ) {
     let self_id = link.session.user_id();
+    let mut members = Members {
+        people: &people,
+        voice: &mut voice,
+    };
     for ControlEvent(event) in events.read() {
         match event {
             SessionEvent::Overview { channels } => {
-                rebuild(&mut commands, &mut dir, channels, self_id);
+                rebuild(&mut commands, &mut dir, channels, self_id, &mut members);
             }
             SessionEvent::MemberJoined { channel, member } => {
                 if let Some(&ch) = dir.channels.get(channel) {
-                    spawn_member(&mut commands, &mut dir, ch, member, self_id);
+                    spawn_member(&mut commands, &mut dir, ch, member, self_id, &mut members);
                 }
             }
             SessionEvent::MemberLeft { user_id, .. } => {
@@ -231,9 +258,76 @@ fn mirror_overview(
                 }
             }
             SessionEvent::Disconnected { .. } => {
-                rebuild(&mut commands, &mut dir, &[], self_id);
+                rebuild(&mut commands, &mut dir, &[], self_id, &mut members);
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ChannelInfo;
+    use crate::voice::VoiceSetting;
+    use bevy::ecs::system::RunSystemOnce;
+
+    fn world() -> World {
+        let mut world = World::new();
+        world.insert_resource(ControlLink {
+            session: ControlSession::new(),
+            transport: Transport::default(),
+            start: Instant::now(),
+        });
+        world.init_resource::<Directory>();
+        world.init_resource::<PersonSettings>();
+        world.init_resource::<Events<ControlEvent>>();
+        world.init_resource::<Events<VoiceCommand>>();
+        world
+    }
+
+    fn overview(bob_id: UserId) -> ControlEvent {
+        ControlEvent(SessionEvent::Overview {
+            channels: vec![ChannelInfo {
+                name: "Lobby".into(),
+                has_password: false,
+                max_members: 16,
+                members: vec![MemberInfo {
+                    user_id: bob_id,
+                    username: "bob".into(),
+                }],
+            }],
+        })
+    }
+
+    /// Found in the desktop app: a rebuilt member entity showed "unmuted, 100 %" for someone
+    /// the engine still muted, and after a reconnect (new id) the engine forgot the choice.
+    #[test]
+    fn a_rebuilt_member_keeps_the_chosen_settings_and_the_engine_hears_them_under_the_new_id() {
+        let mut world = world();
+        world.resource_mut::<PersonSettings>().remember(
+            "bob",
+            &VoiceSetting::PeerMuted {
+                user_id: 2,
+                muted: true,
+            },
+        );
+        // A reconnect: the overview now lists bob as user 9.
+        world.send_event(overview(9));
+        world.run_system_once(mirror_overview).unwrap();
+        let mut q = world.query::<(&User, &Muted, &Volume)>();
+        let (user, muted, volume) = q.single(&world).unwrap();
+        assert_eq!((user.id, muted.0, volume.0), (9, true, 1.0));
+        let sent: Vec<VoiceCommand> = world
+            .resource_mut::<Events<VoiceCommand>>()
+            .drain()
+            .collect();
+        assert_eq!(
+            sent,
+            vec![VoiceCommand::Setting(VoiceSetting::PeerMuted {
+                user_id: 9,
+                muted: true
+            })]
+        );
     }
 }

@@ -16,8 +16,8 @@ use bevy_egui::{egui, EguiContexts, EguiPrimaryContextPass};
 
 use crate::audio::{InputSource, OutputSink};
 use crate::client::{
-    Channel, ClientIntent, ControlEvent, ControlLink, IsSelf, LinkStatus, MemberOf, Muted, Phase,
-    SessionEvent, Speaking, User, VoiceLevel, Volume,
+    Channel, ClientIntent, ControlEvent, ControlLink, IsSelf, LinkStatus, MemberOf, Muted,
+    PersonSettings, Phase, SessionEvent, Speaking, User, VoiceLevel, Volume,
 };
 use crate::config::ClientSettings;
 use crate::protocol::Status;
@@ -372,6 +372,8 @@ struct UiOutputs<'w, 's> {
     voice: EventWriter<'w, VoiceCommand>,
     perf: ResMut<'w, perf::PerfOverlay>,
     settings: Res<'w, SettingsWriter>,
+    /// Per-person volume and mute, so rebuilt member entities start from them.
+    people: ResMut<'w, PersonSettings>,
 }
 
 /// One frame of the window: mirror the voice plane's facts into the views, draw the panels,
@@ -596,6 +598,7 @@ fn dispatch(
                     for (e, u, ..) in users.iter() {
                         if u.id == user_id {
                             out.commands.entity(e).insert(Volume(volume));
+                            out.people.remember(&u.name, &setting);
                         }
                     }
                 }
@@ -603,6 +606,7 @@ fn dispatch(
                     for (e, u, ..) in users.iter() {
                         if u.id == user_id {
                             out.commands.entity(e).insert(Muted(muted));
+                            out.people.remember(&u.name, &setting);
                         }
                     }
                 }

@@ -424,16 +424,24 @@ impl JitterBuffer {
         if let Some(first) = self.seq_first {
             let expected = (self.seq_high - first + 1) as u64;
             stats.lost = expected.saturating_sub(self.unique_seen);
-            let window = (self.seq_high - first + 1).min(LOSS_WINDOW);
-            let mask = if window >= 128 {
-                u128::MAX
-            } else {
-                (1u128 << window) - 1
-            };
-            let seen = (self.seq_mask & mask).count_ones() as f32;
-            stats.loss_fraction = 1.0 - seen / window as f32;
         }
+        stats.loss_fraction = self.recent_loss_fraction();
         stats
+    }
+
+    /// Share of the last [`LOSS_WINDOW`] sequence numbers that never arrived.
+    fn recent_loss_fraction(&self) -> f32 {
+        let Some(first) = self.seq_first else {
+            return 0.0;
+        };
+        let window = (self.seq_high - first + 1).min(LOSS_WINDOW);
+        let mask = if window >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << window) - 1
+        };
+        let seen = (self.seq_mask & mask).count_ones() as f32;
+        1.0 - seen / window as f32
     }
 
     /// True while a talkspurt is being played (false when idle).
@@ -714,9 +722,17 @@ impl JitterBuffer {
     }
 
     fn update_target(&mut self, now_ms: f64) {
-        let needed = self
-            .jitter_ms
-            .clamp(ms(self.cfg.min_delay), ms(self.cfg.max_delay));
+        let mut needed = self.jitter_ms;
+        // FEC lookahead: a lost frame can be rebuilt from the in-band FEC of the next packet
+        // only if that packet is already here when the lost frame is due, one frame later
+        // than the lost one would have arrived. While packets are being lost, keep one frame
+        // (plus the jitter) of delay for that; on a clean link the floor stays as low as the
+        // jitter allows.
+        if self.recent_loss_fraction() > 0.0 {
+            let frame_ms = self.frame_ts as f64 / SAMPLES_PER_MS;
+            needed = needed.max(frame_ms + self.jitter_ms);
+        }
+        let needed = needed.clamp(ms(self.cfg.min_delay), ms(self.cfg.max_delay));
         let elapsed_s = self
             .last_target_update_ms
             .map_or(0.0, |t| ((now_ms - t) / 1000.0).max(0.0));
@@ -986,6 +1002,32 @@ mod tests {
         assert_eq!(run.stats.received, 500);
     }
 
+    /// At the default 10 ms floor a lost 20 ms frame could never be rebuilt from FEC: its
+    /// successor was not there yet when it was due. While loss is seen, the buffer keeps one
+    /// frame of lookahead, so most losses on a steady link are rebuilt.
+    #[test]
+    fn under_loss_most_lost_frames_are_rebuilt_from_fec_at_the_default_floor() {
+        let mut net = Network::steady(3000);
+        net.loss = 0.1;
+        let (arrivals, _) = net.arrivals(5);
+        let run = simulate_with(JitterConfig::default(), &arrivals, 61_000.0);
+        assert_every_frame_covered(&run);
+        let s = run.stats;
+        assert!(
+            s.fec_recovered * 10 > s.lost * 7,
+            "fec {} of {} lost, {} concealed",
+            s.fec_recovered,
+            s.lost,
+            s.concealed
+        );
+        // The lookahead costs one frame, not more.
+        assert!(
+            s.target_delay <= Duration::from_millis(25),
+            "{:?}",
+            s.target_delay
+        );
+    }
+
     #[test]
     fn twenty_percent_loss_is_concealed_or_recovered_and_measured() {
         let mut net = Network::steady(3000);
@@ -1228,7 +1270,8 @@ mod tests {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         // First talkspurt arrives with 30 ms transit; after 5 s of silence the second one arrives
         // with 80 ms transit (a route change or drift). Playout must restart `target` after the
-        // new arrivals, not keep the old schedule.
+        // new arrivals, not keep the old schedule. The sender numbers the packets it sends, so
+        // the sequence continues across the pause (a gap in it would mean loss).
         let mut pops = Vec::new();
         for t in (0..20_000u32).step_by(20) {
             let t_ms = f64::from(t);
@@ -1237,7 +1280,8 @@ mod tests {
             if spurt {
                 let transit = if frame < 50 { 30.0 } else { 80.0 };
                 let ts = frame * FRAME;
-                jb.push(from_ms(t_ms + transit), frame, ts, &payload_for(ts));
+                let seq = if frame < 50 { frame } else { frame - 250 };
+                jb.push(from_ms(t_ms + transit), seq, ts, &payload_for(ts));
             }
             let pop_ms = t_ms + 95.0;
             if let Playout::Packet { timestamp, .. } = jb.pop(from_ms(pop_ms)) {

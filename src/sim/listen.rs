@@ -13,21 +13,9 @@ use super::SAMPLE_RATE;
 pub const BLOCK_SAMPLES: usize = 4_800;
 const BLOCK: Duration = Duration::from_millis(100);
 
-/// Amplitude (0..1 of full scale) of a pure tone at `hz` in `samples`.
+/// Amplitude (0..1 of full scale) of a pure tone at `hz` in `samples` (48 kHz).
 pub fn goertzel_amplitude(samples: &[f32], hz: f32) -> f32 {
-    if samples.is_empty() {
-        return 0.0;
-    }
-    let w = std::f64::consts::TAU * f64::from(hz) / f64::from(SAMPLE_RATE);
-    let coeff = 2.0 * w.cos();
-    let (mut s1, mut s2) = (0.0f64, 0.0f64);
-    for &x in samples {
-        let s0 = f64::from(x) + coeff * s1 - s2;
-        s2 = s1;
-        s1 = s0;
-    }
-    let power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
-    (2.0 * power.max(0.0).sqrt() / samples.len() as f64) as f32
+    crate::audio::goertzel_amplitude(samples, hz, SAMPLE_RATE)
 }
 
 /// One client's ears: tone amplitudes of every talker frequency per 100 ms of its playout.

@@ -39,7 +39,7 @@ use network::{LinkProfile, NatKind, NetStats, Network, Node, SimRng};
 use crate::protocol::{ClientMsg, ServerMsg, UserId};
 
 /// The audio sample rate of every client.
-pub const SAMPLE_RATE: u32 = 48_000;
+pub use crate::audio::SAMPLE_RATE;
 /// The server's public address (TCP control and UDP registration share the port).
 pub const SERVER_ADDR: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 7700);

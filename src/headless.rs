@@ -12,7 +12,8 @@ use serde_json::json;
 use crate::client::{ClientIntent, ControlEvent, ControlLink, SessionEvent};
 use crate::protocol::{Status, UserId};
 use crate::voice::{
-    PeerSnapshot, PeerState, Voice, VoiceCommand, VoiceSetting, VoiceSnapshot, VoiceThreadConfig,
+    PeerSnapshot, PeerState, RelayVia, Voice, VoiceCommand, VoiceSetting, VoiceSnapshot,
+    VoiceThreadConfig,
 };
 
 /// Exit code when the server refuses to let us join the channel.
@@ -233,6 +234,14 @@ pub fn summary_json(snap: &VoiceSnapshot, departed: &[PeerSnapshot]) -> serde_js
             "link": match &p.state {
                 PeerState::Punching => json!({"state": "punching"}),
                 PeerState::Direct(a) => json!({"state": "direct", "addr": a.to_string()}),
+                PeerState::Relayed(via) => json!({
+                    "state": "relayed",
+                    "via": match via {
+                        RelayVia::Member { name, .. } => name.as_str(),
+                        RelayVia::Server => "server",
+                    },
+                    "text": via.to_string(),
+                }),
                 PeerState::Unreachable(r) => {
                     json!({"state": "unreachable", "reason": r.to_string()})
                 }
@@ -255,6 +264,7 @@ pub fn summary_json(snap: &VoiceSnapshot, departed: &[PeerSnapshot]) -> serde_js
             "duplicates": p.duplicates,
             "fingerprint": p.fingerprint,
             "auth_failures": p.auth_failures,
+            "forwarded": p.forwarded,
         })
     };
     json!({

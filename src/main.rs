@@ -10,7 +10,8 @@ use p2p_voice::app::{self, HeadlessOptions};
 use p2p_voice::audio::{InputSource, OutputSink};
 use p2p_voice::config::{hash_password, load_channels};
 use p2p_voice::protocol::DEFAULT_PORT;
-use p2p_voice::server::{ServerConfig, ServerRules};
+use p2p_voice::server::relay::DEFAULT_RELAY_KBPS;
+use p2p_voice::server::{RelayRules, ServerConfig, ServerRules};
 use p2p_voice::voice::codec::FrameDuration;
 use p2p_voice::voice::net::impair::ImpairConfig;
 use p2p_voice::voice::{VoiceConfig, VoiceThreadConfig};
@@ -53,6 +54,13 @@ struct HostArgs {
     /// Where the embedded server keeps its TLS certificate.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Do not let the embedded server relay for guests that cannot reach each other directly
+    /// (it relays by default in host mode: the host is in the call anyway).
+    #[arg(long)]
+    no_relay: bool,
+    /// Most each client may send through the embedded server's relay, in kb/s.
+    #[arg(long, default_value_t = DEFAULT_RELAY_KBPS)]
+    relay_kbps: u32,
 }
 
 #[derive(Args, Clone)]
@@ -72,6 +80,14 @@ struct ServerArgs {
     /// Most simultaneous connections from one IP address.
     #[arg(long, default_value_t = p2p_voice::server::plugin::DEFAULT_MAX_CONNECTIONS_PER_IP)]
     max_connections_per_ip: usize,
+    /// Relay sealed voice between members that cannot reach each other directly (symmetric
+    /// or carrier NATs). Off by default: the server then never carries voice. It can never
+    /// read what it relays.
+    #[arg(long)]
+    relay: bool,
+    /// Most each client may send through the relay, in kb/s.
+    #[arg(long, default_value_t = DEFAULT_RELAY_KBPS, requires = "relay")]
+    relay_kbps: u32,
 }
 
 #[derive(Args, Clone)]
@@ -160,13 +176,17 @@ fn server_config(
     json: bool,
     data_dir: Option<PathBuf>,
     max_connections_per_ip: usize,
+    relay: Option<RelayRules>,
 ) -> anyhow::Result<ServerConfig> {
     let channels = load_channels(channels.map(|p| p.as_path()))?;
     Ok(ServerConfig {
         bind,
         port,
         channels,
-        rules: ServerRules::default(),
+        rules: ServerRules {
+            relay,
+            ..ServerRules::default()
+        },
         announce_json: json,
         data_dir: data_dir.or_else(p2p_voice::tls::default_data_dir),
         max_connections_per_ip,
@@ -218,6 +238,8 @@ fn run() -> anyhow::Result<ExitCode> {
         channels: None,
         username: None,
         data_dir: None,
+        no_relay: false,
+        relay_kbps: DEFAULT_RELAY_KBPS,
     }));
     match mode {
         Mode::Server(a) => {
@@ -228,6 +250,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 a.json,
                 a.data_dir,
                 a.max_connections_per_ip,
+                a.relay.then(|| RelayRules::per_client_kbps(a.relay_kbps)),
             )?;
             app::run_server(cfg)
         }
@@ -239,6 +262,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 false,
                 a.data_dir.clone(),
                 p2p_voice::server::plugin::DEFAULT_MAX_CONNECTIONS_PER_IP,
+                (!a.no_relay).then(|| RelayRules::per_client_kbps(a.relay_kbps)),
             )?;
             if !has_display() {
                 eprintln!(

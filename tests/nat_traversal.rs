@@ -70,16 +70,33 @@ fn nft(ns: &str, rules: &str) -> Result<(), String> {
     }
 }
 
+/// How a site's router maps and filters UDP (see ARCHITECTURE.md, the hard cases).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nat {
+    /// A home router: masquerade (endpoint-independent mapping, port-restricted filtering).
+    Home,
+    /// A symmetric NAT: `masquerade fully-random`, a new random port per destination, so a
+    /// punch towards a peer leaves from a port nobody was told about.
+    Symmetric,
+}
+
 /// Public net 198.18.0.0/24 (a bridge in the `pub` namespace, server at .10); router A at
-/// 198.18.0.1 NATs 10.1.0.0/24 (host A 10.1.0.2); router B at 198.18.0.2 NATs 10.2.0.0/24.
+/// 198.18.0.1 NATs 10.1.0.0/24 (host A 10.1.0.2); router B at 198.18.0.2 NATs 10.2.0.0/24;
+/// both home routers.
 fn build(tag: &str) -> Result<Netns, String> {
+    build_sites(tag, &[Nat::Home, Nat::Home])
+}
+
+/// The public net and one site per entry of `nats`, named a, b, c...: router X at
+/// 198.18.0.N NATs 10.N.0.0/24 with host X at 10.N.0.2.
+fn build_sites(tag: &str, nats: &[Nat]) -> Result<Netns, String> {
     let pub_ns = format!("pv{tag}pub");
     let mut names = vec![pub_ns.clone()];
-    let guard_names: Vec<String> = ["ra", "rb", "ha", "hb"]
-        .iter()
-        .map(|n| format!("pv{tag}{n}"))
-        .collect();
-    names.extend(guard_names.iter().cloned());
+    let sides: Vec<char> = ('a'..='z').take(nats.len()).collect();
+    for side in &sides {
+        names.push(format!("pv{tag}r{side}"));
+        names.push(format!("pv{tag}h{side}"));
+    }
     let guard = Netns { names };
     for n in &guard.names {
         sh(&["ip", "netns", "add", n])?;
@@ -91,7 +108,8 @@ fn build(tag: &str) -> Result<Netns, String> {
         &["ip", "addr", "add", "198.18.0.10/24", "dev", "br0"],
     )?;
     in_ns(&pub_ns, &["ip", "link", "set", "br0", "up"])?;
-    for (side, pub_ip, lan) in [("a", "198.18.0.1", "10.1.0"), ("b", "198.18.0.2", "10.2.0")] {
+    for (i, (side, &nat)) in sides.iter().zip(nats).enumerate() {
+        let (pub_ip, lan) = (format!("198.18.0.{}", i + 1), format!("10.{}.0", i + 1));
         let router = format!("pv{tag}r{side}");
         let host = format!("pv{tag}h{side}");
         // Router <-> public bridge.
@@ -129,19 +147,25 @@ fn build(tag: &str) -> Result<Netns, String> {
             &host,
             &["ip", "route", "add", "default", "via", &format!("{lan}.1")],
         )?;
-        // A home router: masquerade outgoing, drop unsolicited incoming (at input too, so an
-        // early punch creates no conntrack entry; see SETUP-NOTES.md).
+        // Masquerade outgoing, drop unsolicited incoming (at input too, so an early punch
+        // creates no conntrack entry; see SETUP-NOTES.md).
+        let masquerade = match nat {
+            Nat::Home => "masquerade",
+            Nat::Symmetric => "masquerade fully-random",
+        };
         nft(
             &router,
-            r#"
-table ip nat {
-  chain post { type nat hook postrouting priority 100; oifname "wan0" masquerade; }
-}
-table inet guard {
-  chain forward_guard { type filter hook forward priority 0; policy accept; iifname "wan0" ct state new drop; }
-  chain input_guard { type filter hook input priority 0; policy accept; iifname "wan0" ct state new drop; }
-}
-"#,
+            &format!(
+                r#"
+table ip nat {{
+  chain post {{ type nat hook postrouting priority 100; oifname "wan0" {masquerade}; }}
+}}
+table inet guard {{
+  chain forward_guard {{ type filter hook forward priority 0; policy accept; iifname "wan0" ct state new drop; }}
+  chain input_guard {{ type filter hook input priority 0; policy accept; iifname "wan0" ct state new drop; }}
+}}
+"#
+            ),
         )?;
     }
     Ok(guard)
@@ -327,4 +351,99 @@ fn a_guest_behind_a_nat_hears_a_host_whose_client_uses_loopback() {
         tone_level(&tail(&audio_host), 660.0) > 0.1,
         "host hears guest"
     );
+}
+
+/// Starts `p2p-voice server` (with `extra` arguments) on the public net.
+fn public_server(tag: &str, extra: &[&str]) -> std::process::Child {
+    let pub_ns = format!("pv{tag}pub");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &pub_ns, bin()])
+        .env("P2P_VOICE_DATA_DIR", temp_path("relay-server-data"))
+        .args(["server", "--bind", "198.18.0.10", "--port", "7700"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("server in namespace");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child
+}
+
+/// The last 3 s of a client's output WAV.
+fn tail_of(path: &std::path::Path) -> Vec<f32> {
+    let audio = p2p_voice::audio::load_wav_mono_48k(path).unwrap();
+    audio[audio.len() - 48_000 * 3..].to_vec()
+}
+
+/// Two clients behind symmetric NATs (`masquerade fully-random`) cannot punch through; a
+/// server started with `--relay` forwards their sealed voice, and each hears the other.
+#[test]
+fn clients_behind_two_symmetric_nats_talk_through_a_relaying_server() {
+    let Some(tag) = namespaces_or_skip('s') else {
+        return;
+    };
+    let _net =
+        build_sites(&tag, &[Nat::Symmetric, Nat::Symmetric]).expect("build the namespace network");
+    let mut server = public_server(&tag, &["--relay"]);
+    let out_a = temp_path("sym-a.wav");
+    let out_b = temp_path("sym-b.wav");
+    let a = client(&format!("pv{tag}ha"), "alice", "440", &out_a);
+    let b = client(&format!("pv{tag}hb"), "bob", "660", &out_b);
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
+        let s = summary(lines);
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
+        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
+        assert_eq!(peer["link"]["via"], "server", "{me}: {peer}");
+        assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
+    }
+    assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
+    assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
+}
+
+/// Two clients behind symmetric NATs and a third on a public address, with a server that does
+/// not relay: the third forwards the two's sealed voice (it cannot read it), and everybody
+/// hears everybody.
+#[test]
+fn a_public_member_bridges_two_clients_behind_symmetric_nats() {
+    let Some(tag) = namespaces_or_skip('m') else {
+        return;
+    };
+    let _net =
+        build_sites(&tag, &[Nat::Symmetric, Nat::Symmetric]).expect("build the namespace network");
+    let mut server = public_server(&tag, &[]);
+    let out_a = temp_path("bridge-a.wav");
+    let out_b = temp_path("bridge-b.wav");
+    let out_c = temp_path("bridge-c.wav");
+    let c = client(&format!("pv{tag}pub"), "carol", "880", &out_c);
+    let a = client(&format!("pv{tag}ha"), "alice", "440", &out_a);
+    let b = client(&format!("pv{tag}hb"), "bob", "660", &out_b);
+    let results: Vec<_> = [a, b, c].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
+        let s = summary(lines);
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
+        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
+        assert_eq!(peer["link"]["via"], "carol", "{me}: {peer}");
+        let bridge = peer_named(s, "carol").unwrap_or_else(|| panic!("{me}: {text}"));
+        assert_eq!(bridge["link"]["state"], "direct", "{me}: {bridge}");
+    }
+    // Carol forwarded each one's stream to the other (about 50 frames a second each).
+    let carol = summary(&results[2].0);
+    for name in ["alice", "bob"] {
+        let peer = peer_named(carol, name).unwrap_or_else(|| panic!("carol: {}", results[2].1));
+        assert!(
+            peer["forwarded"].as_u64().unwrap() > 100,
+            "carol forwarded {peer}"
+        );
+    }
+    let (a, b, c) = (tail_of(&out_a), tail_of(&out_b), tail_of(&out_c));
+    assert!(tone_level(&a, 660.0) > 0.1, "alice hears bob");
+    assert!(tone_level(&a, 880.0) > 0.1, "alice hears carol");
+    assert!(tone_level(&b, 440.0) > 0.1, "bob hears alice");
+    assert!(tone_level(&b, 880.0) > 0.1, "bob hears carol");
+    assert!(tone_level(&c, 440.0) > 0.1, "carol hears alice");
+    assert!(tone_level(&c, 660.0) > 0.1, "carol hears bob");
 }

@@ -181,6 +181,8 @@ pub enum Action {
 pub enum SessionEvent {
     Welcome {
         udp_token: u64,
+        /// Whether the server relays sealed datagrams for members that cannot reach each other.
+        relay: bool,
     },
     Identified {
         user_id: UserId,
@@ -533,6 +535,7 @@ impl ControlSession {
             ServerMsg::Welcome {
                 protocol_version,
                 udp_token,
+                relay,
                 ..
             } => {
                 if self.phase != Phase::Handshake {
@@ -548,7 +551,8 @@ impl ControlSession {
                     );
                     return;
                 }
-                self.events.push_back(SessionEvent::Welcome { udp_token });
+                self.events
+                    .push_back(SessionEvent::Welcome { udp_token, relay });
                 self.set_phase(now, Phase::Identifying);
                 let username = self.username.clone();
                 self.send(now, ClientMsg::Identify { username });
@@ -743,6 +747,7 @@ mod tests {
                 app_version: "t".into(),
                 udp_token: 1,
                 heartbeat_timeout_ms: 15_000,
+                relay: false,
             },
         );
         s.handle_message(
@@ -933,6 +938,7 @@ mod tests {
                 app_version: "t".into(),
                 udp_token: 1,
                 heartbeat_timeout_ms: 1,
+                relay: false,
             },
         );
         s.handle_message(
@@ -958,6 +964,7 @@ mod tests {
                 app_version: "t".into(),
                 udp_token: 1,
                 heartbeat_timeout_ms: 1,
+                relay: false,
             },
         );
         s.handle_message(
@@ -991,7 +998,7 @@ mod tests {
             ),
             (
                 DisconnectReason::VersionMismatch { server: 9 },
-                "server speaks protocol 9, this app speaks 2: update one of them",
+                "server speaks protocol 9, this app speaks 3: update one of them",
             ),
             (
                 DisconnectReason::VersionRefused("as said".into()),

@@ -12,6 +12,14 @@
 //! | 4    | Ping        | from u32, to u32, sent_micros u64                     | 17       |
 //! | 5    | Pong        | from u32, to u32, echo_micros u64 (echo of the Ping)  | 17       |
 //! | 6    | Voice       | from u32, seq u32, timestamp u32 (48 kHz), payload    | 13 + n   |
+//! | 7    | RelayTo     | to u32, a sealed peer datagram for peer `to`          | 5 + n    |
+//! | 8    | RelayFrom   | from u32, a sealed peer datagram from peer `from`     | 5 + n    |
+//!
+//! The two relay kinds are envelopes: a peer that cannot reach another directly sends
+//! `RelayTo` to a relay (a member both reach, or the server), which checks who sent it and
+//! forwards the inner bytes unchanged as `RelayFrom` to the addressed peer. The inner datagram
+//! stays sealed end to end (voice encrypted, control tagged), so a relay can drop or delay it
+//! but neither read nor forge it.
 //!
 //! No datagram may exceed [`MAX_DATAGRAM_LEN`] bytes, which keeps it below common path MTUs
 //! (1500 minus IP/UDP headers and tunnel overhead) so it is never fragmented. Fixed-size kinds
@@ -22,7 +30,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// Version of the datagram format, carried in the high nibble of byte 0. It equals the
 /// control protocol's `PROTOCOL_VERSION` and is bumped together with it.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Largest datagram (header included) that is written or accepted.
 pub const MAX_DATAGRAM_LEN: usize = 1400;
@@ -33,6 +41,13 @@ pub const VOICE_HEADER_LEN: usize = 13;
 
 /// Largest Voice payload that fits in [`MAX_DATAGRAM_LEN`].
 pub const MAX_VOICE_PAYLOAD: usize = MAX_DATAGRAM_LEN - VOICE_HEADER_LEN;
+
+/// Length of the RelayTo / RelayFrom envelope header (type byte, peer id).
+pub const RELAY_HEADER_LEN: usize = 5;
+
+/// Largest inner datagram a relay envelope can carry within [`MAX_DATAGRAM_LEN`]. Voice is
+/// encoded small enough to fit (see `voice::engine`), so any path can carry any frame.
+pub const MAX_RELAYED_LEN: usize = MAX_DATAGRAM_LEN - RELAY_HEADER_LEN;
 
 /// Size of Punch, PunchAck, Ping and Pong datagrams. On the wire between peers each is
 /// followed by a 16-byte authentication tag (`voice::crypto::PeerCipher::tag_control`).
@@ -52,6 +67,8 @@ pub enum DatagramKind {
     Ping = 4,
     Pong = 5,
     Voice = 6,
+    RelayTo = 7,
+    RelayFrom = 8,
 }
 
 impl DatagramKind {
@@ -64,6 +81,8 @@ impl DatagramKind {
             4 => Self::Ping,
             5 => Self::Pong,
             6 => Self::Voice,
+            7 => Self::RelayTo,
+            8 => Self::RelayFrom,
             _ => return None,
         })
     }
@@ -106,6 +125,10 @@ pub enum Datagram<'a> {
         timestamp: u32,
         payload: &'a [u8],
     },
+    /// Peer to relay: please forward `inner` (a sealed peer datagram we wrote) to peer `to`.
+    RelayTo { to: u32, inner: &'a [u8] },
+    /// Relay to peer: `inner` (a sealed peer datagram) was handed to the relay by peer `from`.
+    RelayFrom { from: u32, inner: &'a [u8] },
 }
 
 /// Why a datagram could not be parsed or written. Every malformed input maps to one of these;
@@ -145,6 +168,33 @@ pub fn voice_header(from: u32, seq: u32, timestamp: u32) -> [u8; VOICE_HEADER_LE
     h[5..9].copy_from_slice(&seq.to_be_bytes());
     h[9..13].copy_from_slice(&timestamp.to_be_bytes());
     h
+}
+
+/// The envelope header of a relay datagram of `kind` naming `peer`: what [`Datagram::write`]
+/// puts before the inner bytes. Lets a sender seal the inner datagram in place after it.
+pub fn relay_header(kind: DatagramKind, peer: u32) -> [u8; RELAY_HEADER_LEN] {
+    let mut h = [0u8; RELAY_HEADER_LEN];
+    h[0] = kind.type_byte();
+    h[1..5].copy_from_slice(&peer.to_be_bytes());
+    h
+}
+
+/// The sender id written in a peer datagram's bytes (Punch, PunchAck, Ping, Pong, Voice),
+/// without parsing or authenticating the rest: what a relay checks against the address the
+/// datagram came from. `None` for any other kind or a truncated header.
+pub fn peer_sender(bytes: &[u8]) -> Option<u32> {
+    let first = *bytes.first()?;
+    if first >> 4 != VERSION || bytes.len() < 5 {
+        return None;
+    }
+    match DatagramKind::from_nibble(first & 0x0f)? {
+        DatagramKind::Punch
+        | DatagramKind::PunchAck
+        | DatagramKind::Ping
+        | DatagramKind::Pong
+        | DatagramKind::Voice => Some(be_u32(bytes, 1)),
+        _ => None,
+    }
 }
 
 fn be_u16(b: &[u8], at: usize) -> u16 {
@@ -273,6 +323,22 @@ impl<'a> Datagram<'a> {
                     payload: &bytes[VOICE_HEADER_LEN..],
                 })
             }
+            DatagramKind::RelayTo | DatagramKind::RelayFrom => {
+                // An envelope always carries something: the smallest inner datagram is 9 bytes.
+                if bytes.len() <= RELAY_HEADER_LEN {
+                    return Err(DatagramError::Truncated {
+                        kind,
+                        needed: RELAY_HEADER_LEN + 1,
+                        got: bytes.len(),
+                    });
+                }
+                let peer = be_u32(bytes, 1);
+                let inner = &bytes[RELAY_HEADER_LEN..];
+                Ok(match kind {
+                    DatagramKind::RelayTo => Self::RelayTo { to: peer, inner },
+                    _ => Self::RelayFrom { from: peer, inner },
+                })
+            }
         }
     }
 
@@ -286,13 +352,19 @@ impl<'a> Datagram<'a> {
             Self::Ping { .. } => DatagramKind::Ping,
             Self::Pong { .. } => DatagramKind::Pong,
             Self::Voice { .. } => DatagramKind::Voice,
+            Self::RelayTo { .. } => DatagramKind::RelayTo,
+            Self::RelayFrom { .. } => DatagramKind::RelayFrom,
         }
     }
 
-    /// The sending peer's id for peer-to-peer kinds; `None` for Register and RegisterAck.
+    /// The sending peer's id for peer-to-peer kinds; `None` for Register, RegisterAck and the
+    /// relay envelopes (whose sender is whoever the relay or the forwarding peer is).
     pub fn sender(&self) -> Option<u32> {
         match *self {
-            Self::Register { .. } | Self::RegisterAck { .. } => None,
+            Self::Register { .. }
+            | Self::RegisterAck { .. }
+            | Self::RelayTo { .. }
+            | Self::RelayFrom { .. } => None,
             Self::Punch { from, .. }
             | Self::PunchAck { from, .. }
             | Self::Ping { from, .. }
@@ -327,6 +399,9 @@ impl<'a> Datagram<'a> {
                 PEER_CONTROL_LEN
             }
             Self::Voice { payload, .. } => VOICE_HEADER_LEN + payload.len(),
+            Self::RelayTo { inner, .. } | Self::RelayFrom { inner, .. } => {
+                RELAY_HEADER_LEN + inner.len()
+            }
         }
     }
 
@@ -392,6 +467,10 @@ impl<'a> Datagram<'a> {
                 out[..VOICE_HEADER_LEN].copy_from_slice(&voice_header(from, seq, timestamp));
                 out[VOICE_HEADER_LEN..].copy_from_slice(payload);
             }
+            Self::RelayTo { to: peer, inner } | Self::RelayFrom { from: peer, inner } => {
+                out[..RELAY_HEADER_LEN].copy_from_slice(&relay_header(self.kind(), peer));
+                out[RELAY_HEADER_LEN..].copy_from_slice(inner);
+            }
         }
         Ok(len)
     }
@@ -425,7 +504,7 @@ mod tests {
         let bytes = d.to_vec().unwrap();
         assert_eq!(
             bytes,
-            [0x26, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0xaa, 0xbb]
+            [0x36, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0xaa, 0xbb]
         );
         assert_eq!(
             &bytes[..VOICE_HEADER_LEN],
@@ -476,8 +555,8 @@ mod tests {
     #[test]
     fn unknown_kind_is_refused() {
         assert_eq!(
-            Datagram::parse(&[(VERSION << 4) | 7, 0, 0]),
-            Err(DatagramError::UnknownKind { kind: 7 })
+            Datagram::parse(&[(VERSION << 4) | 9, 0, 0]),
+            Err(DatagramError::UnknownKind { kind: 9 })
         );
     }
 
@@ -572,10 +651,10 @@ mod tests {
 
     #[test]
     fn errors_read_as_sentences() {
-        let e = DatagramError::WrongVersion { found: 3 };
+        let e = DatagramError::WrongVersion { found: 4 };
         assert_eq!(
             e.to_string(),
-            "datagram format version 3 is not supported (this build speaks version 2)"
+            "datagram format version 4 is not supported (this build speaks version 3)"
         );
         assert_eq!(
             DatagramError::TooLarge { len: 1500 }.to_string(),
@@ -595,7 +674,7 @@ mod tests {
     /// Owned description of a datagram so proptest can generate voice payloads.
     fn arb_datagram() -> impl Strategy<Value = (u8, u32, u32, u64, SocketAddr, Vec<u8>)> {
         (
-            0u8..7,
+            0u8..9,
             any::<u32>(),
             any::<u32>(),
             any::<u64>(),
@@ -631,13 +710,59 @@ mod tests {
                 to: b,
                 echo_micros: c,
             },
-            _ => Datagram::Voice {
+            6 => Datagram::Voice {
                 from: a,
                 seq: b,
                 timestamp: c as u32,
                 payload,
             },
+            // Envelopes carry at least one byte and fit the datagram limit.
+            7 => Datagram::RelayTo {
+                to: a,
+                inner: relay_inner(payload),
+            },
+            _ => Datagram::RelayFrom {
+                from: a,
+                inner: relay_inner(payload),
+            },
         }
+    }
+
+    fn relay_inner(payload: &[u8]) -> &[u8] {
+        const ONE: &[u8] = &[0x36];
+        match payload.len() {
+            0 => ONE,
+            n => &payload[..n.min(MAX_RELAYED_LEN)],
+        }
+    }
+
+    #[test]
+    fn relay_envelopes_carry_the_inner_bytes_unchanged_and_name_no_sender() {
+        let inner = voice_header(3, 9, 960);
+        let to = Datagram::RelayTo {
+            to: 0x0a0b_0c0d,
+            inner: &inner,
+        };
+        let bytes = to.to_vec().unwrap();
+        assert_eq!(bytes[0], DatagramKind::RelayTo.type_byte());
+        assert_eq!(&bytes[1..5], &[0x0a, 0x0b, 0x0c, 0x0d]);
+        assert_eq!(&bytes[5..], &inner);
+        assert_eq!(Datagram::parse(&bytes), Ok(to));
+        assert_eq!(to.sender(), None);
+        assert_eq!(to.recipient(), None);
+        assert_eq!(peer_sender(&inner), Some(3));
+        assert_eq!(
+            peer_sender(&bytes),
+            None,
+            "an envelope is not a peer datagram"
+        );
+        let empty = relay_header(DatagramKind::RelayFrom, 1);
+        assert!(matches!(
+            Datagram::parse(&empty),
+            Err(DatagramError::Truncated { .. })
+        ));
+        // Any voice frame the engine sends still fits in an envelope.
+        assert_eq!(MAX_RELAYED_LEN + RELAY_HEADER_LEN, MAX_DATAGRAM_LEN);
     }
 
     proptest! {

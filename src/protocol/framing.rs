@@ -277,14 +277,20 @@ mod tests {
 
     fn arb_server_msg() -> impl Strategy<Value = ServerMsg> {
         prop_oneof![
-            (any::<u32>(), ".{0,10}", any::<u64>(), any::<u32>()).prop_map(|(v, a, t, h)| {
-                ServerMsg::Welcome {
+            (
+                any::<u32>(),
+                ".{0,10}",
+                any::<u64>(),
+                any::<u32>(),
+                any::<bool>()
+            )
+                .prop_map(|(v, a, t, h, relay)| ServerMsg::Welcome {
                     protocol_version: v,
                     app_version: a,
                     udp_token: t,
                     heartbeat_timeout_ms: h,
-                }
-            }),
+                    relay,
+                }),
             (arb_status(), proptest::option::of(any::<u32>()), ".{0,32}").prop_map(
                 |(status, user_id, username)| ServerMsg::Identified {
                     status,

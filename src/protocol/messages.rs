@@ -93,6 +93,10 @@ pub enum ServerMsg {
         app_version: String,
         udp_token: u64,
         heartbeat_timeout_ms: u32,
+        /// Whether this server forwards sealed peer datagrams for members that cannot reach
+        /// each other (host mode, or `server --relay`). A client says so when a peer is
+        /// unreachable and the server does not relay.
+        relay: bool,
     },
     /// Result of `Identify`.
     Identified {

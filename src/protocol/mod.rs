@@ -3,11 +3,13 @@
 //! - [`messages`]: the control messages exchanged over TCP.
 //! - [`framing`]: length-prefixed bincode frames with a size limit and an incremental decoder.
 //! - [`status`]: the outcome codes of control requests, each with a human message.
-//! - [`datagram`]: the UDP datagram format of the voice plane.
+//! - [`datagram`]: the UDP datagram format of the voice plane, relay envelopes included.
+//! - [`relay_budget`]: the byte budget every relay (member or server) forwards within.
 
 pub mod datagram;
 pub mod framing;
 pub mod messages;
+pub mod relay_budget;
 pub mod status;
 pub mod transmit;
 
@@ -18,7 +20,7 @@ pub use transmit::Transmit;
 
 /// Version of the control protocol and datagram format. Bumped on any incompatible change;
 /// a client and server with different versions refuse each other with [`Status::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Version of this build, sent in `Hello` for diagnostics.
 pub const APP_VERSION: &str = env!("CARGO_PKG_VERSION");

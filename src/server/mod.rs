@@ -5,7 +5,8 @@
 //! [`close_reason`] (why a session ends, worded for the client), [`limits`] (connections per
 //! IP address), [`slow_clients`] (when a client that does not read is dropped),
 //! [`close_timing`] (how long a closing connection may flush), [`fanout`] (when lobby-wide
-//! presence news goes out, and how much of a tick writing it may take).
+//! presence news goes out, and how much of a tick writing it may take), [`relay`] (the
+//! operator's relay settings and each client's relay budget).
 //!
 //! Shells: [`plugin`] (the Bevy systems), [`conn`] (one TLS connection), [`password_pool`]
 //! (argon2 on worker threads).
@@ -18,11 +19,13 @@ pub mod fanout;
 pub mod limits;
 pub mod password_pool;
 pub mod plugin;
+pub mod relay;
 pub mod slow_clients;
 pub mod state;
 
 pub use close_reason::CloseReason;
 pub use plugin::{ServerConfig, ServerPlugin, ServerStats};
+pub use relay::{RelayRefusal, RelayRules};
 pub use state::{
     ConnectionAddrs, DatagramDrop, Output, ServerEvent, ServerRules, ServerState, SessionId,
     Transmit,

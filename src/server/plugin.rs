@@ -59,6 +59,9 @@ pub struct ServerStats {
     pub frames_out: u64,
     pub udp_registered: u64,
     pub udp_dropped: u64,
+    /// Sealed peer datagrams forwarded (relaying on) and their bytes.
+    pub relayed_datagrams: u64,
+    pub relayed_bytes: u64,
     pub protocol_errors: u64,
     /// Connections refused because their IP already had the maximum.
     pub refused_per_ip: u64,
@@ -424,6 +427,10 @@ fn read_udp(mut net: ResMut<ServerNet>, mut rules: ResMut<Rules>, mut stats: Res
             ServerEvent::UdpRegistered(id) => {
                 stats.udp_registered += 1;
                 net.changed.insert(id);
+            }
+            ServerEvent::Relayed { bytes } => {
+                stats.relayed_datagrams += 1;
+                stats.relayed_bytes += bytes as u64;
             }
             ServerEvent::DatagramDropped { .. } => stats.udp_dropped += 1,
         }

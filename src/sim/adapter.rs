@@ -16,8 +16,10 @@ use crate::audio::CHUNK_SAMPLES;
 use crate::client::session::{Action, ControlSession, SessionEvent, TransportError};
 use crate::config::ChannelConfig;
 use crate::protocol::{ClientMsg, ServerMsg, UserId};
-use crate::server::{ConnectionAddrs, Output, ServerRules, ServerState, SessionId};
-use crate::voice::engine::{PeerState, VoiceConfig, VoiceEngine, VoiceSetting, MAX_DATAGRAM_LEN};
+use crate::server::{ConnectionAddrs, Output, RelayRules, ServerRules, ServerState, SessionId};
+use crate::voice::engine::{
+    PeerState, RelayVia, VoiceConfig, VoiceEngine, VoiceSetting, MAX_DATAGRAM_LEN,
+};
 use crate::voice::net::crypto::SessionKeys;
 
 /// The server's name for one control connection (a new one for every connect).
@@ -46,8 +48,9 @@ pub struct SimServer {
 }
 
 impl SimServer {
-    /// A fresh server (as after a restart: no sessions, ids start again) with open channels.
-    pub fn new(channels: &[&str]) -> Self {
+    /// A fresh server (as after a restart: no sessions, ids start again) with open channels,
+    /// relaying for members that cannot reach each other when `relay` is set.
+    pub fn new(channels: &[&str], relay: bool) -> Self {
         let channels = channels
             .iter()
             .map(|name| ChannelConfig {
@@ -57,7 +60,13 @@ impl SimServer {
             })
             .collect();
         Self {
-            state: ServerState::new(channels, ServerRules::default()),
+            state: ServerState::new(
+                channels,
+                ServerRules {
+                    relay: relay.then(RelayRules::default),
+                    ..ServerRules::default()
+                },
+            ),
             conns: BTreeSet::new(),
         }
     }
@@ -160,6 +169,8 @@ pub enum ControlOut {
 pub enum PeerPath {
     Punching,
     Direct,
+    /// Through another member (its user id) or, with `None`, through the server.
+    Relayed(Option<UserId>),
     Unreachable,
 }
 
@@ -285,8 +296,9 @@ impl SimClient {
         while let Some(ev) = self.session.poll_event() {
             self.log.push_back(format!("{ev:?}"));
             match ev {
-                SessionEvent::Welcome { udp_token } => {
+                SessionEvent::Welcome { udp_token, relay } => {
                     self.engine.set_server(now, self.server, udp_token);
+                    self.engine.set_server_relays(relay);
                     let key = self.engine.public_key();
                     self.session
                         .set_local_endpoints(now, vec![self.local], Some(key));
@@ -383,9 +395,13 @@ impl SimClient {
             .peers
             .iter()
             .map(|p| {
-                let path = match p.state {
+                let path = match &p.state {
                     PeerState::Punching => PeerPath::Punching,
                     PeerState::Direct(_) => PeerPath::Direct,
+                    PeerState::Relayed(RelayVia::Member { user_id, .. }) => {
+                        PeerPath::Relayed(Some(*user_id))
+                    }
+                    PeerState::Relayed(RelayVia::Server) => PeerPath::Relayed(None),
                     PeerState::Unreachable(_) => PeerPath::Unreachable,
                 };
                 (p.user_id, path)

@@ -172,6 +172,8 @@ pub struct World {
     seed: u64,
     net: Network,
     server: Option<SimServer>,
+    /// Whether the server (and any restart of it) relays.
+    server_relays: bool,
     users: Vec<User>,
     control: BTreeMap<(Duration, usize, u64), Control>,
     control_seq: u64,
@@ -183,14 +185,21 @@ pub struct World {
 }
 
 impl World {
-    /// An empty world with the server up.
+    /// An empty world with the server up (not relaying, as a dedicated `server` starts).
     pub fn new(seed: u64) -> Self {
+        Self::with_server_relay(seed, false)
+    }
+
+    /// An empty world whose server relays (`relay`) or not: host mode and `server --relay`
+    /// relay for members that cannot reach each other, a plain dedicated server does not.
+    pub fn with_server_relay(seed: u64, relay: bool) -> Self {
         Self {
             now: Duration::ZERO,
             rng: SimRng::new(seed),
             seed,
             net: Network::new(seed, SERVER_ADDR),
-            server: Some(SimServer::new(&CHANNELS)),
+            server: Some(SimServer::new(&CHANNELS, relay)),
+            server_relays: relay,
             users: Vec::new(),
             control: BTreeMap::new(),
             control_seq: 0,
@@ -287,7 +296,7 @@ impl World {
 
     /// A fresh server process starts: no sessions, user ids counted from the start again.
     pub fn start_server(&mut self) {
-        self.server = Some(SimServer::new(&CHANNELS));
+        self.server = Some(SimServer::new(&CHANNELS, self.server_relays));
     }
 
     /// Runs the world for `d` of simulated time.

@@ -292,7 +292,7 @@ fn link_view(p: Option<&LinkStatus>, is_self: bool) -> LinkView {
     let Some(p) = p else {
         return LinkView::default();
     };
-    let measured = matches!(p.state, PeerState::Direct(_));
+    let measured = matches!(p.state, PeerState::Direct(_) | PeerState::Relayed(_));
     LinkView {
         state: MemberLink::Peer(p.state.clone()),
         rtt_ms: p.rtt_ms,
@@ -420,7 +420,7 @@ fn mirror_voice(state: &mut UiState, voice: &Voice) {
                 }
             }
             // Reachable again: the old complaint no longer describes the call.
-            PeerState::Direct(_) => {
+            PeerState::Direct(_) | PeerState::Relayed(_) => {
                 state.unreachable_reported.remove(&p.user_id);
                 state.notices.withdraw(&topic);
             }
@@ -451,6 +451,10 @@ fn status_view(state: &UiState, link: &ControlLink, voice: &Voice) -> StatusView
         .iter()
         .filter(|p| matches!(p.state, PeerState::Direct(_)))
         .count();
+    let relayed = peers
+        .iter()
+        .filter(|p| matches!(p.state, PeerState::Relayed(_)))
+        .count();
     let voice_state = if let Some(e) = &voice.error {
         e.clone()
     } else if snap.muted {
@@ -459,9 +463,14 @@ fn status_view(state: &UiState, link: &ControlLink, voice: &Voice) -> StatusView
         "not in a channel".into()
     } else {
         format!(
-            "{} peer{}, {direct} direct{}",
+            "{} peer{}, {direct} direct{}{}",
             peers.len(),
             if peers.len() == 1 { "" } else { "s" },
+            if relayed > 0 {
+                format!(", {relayed} relayed")
+            } else {
+                String::new()
+            },
             snap.public_addr
                 .map(|a| format!(" — you are {a}"))
                 .unwrap_or_default()

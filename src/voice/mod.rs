@@ -34,7 +34,8 @@ pub mod tx;
 pub use audio_problem::AudioProblem;
 #[cfg(feature = "app")]
 pub use engine::{
-    PeerSettings, PeerSnapshot, PeerState, VoiceConfig, VoiceEngine, VoiceSetting, VoiceSnapshot,
+    PeerSettings, PeerSnapshot, PeerState, RelayVia, Unreachable, VoiceConfig, VoiceEngine,
+    VoiceSetting, VoiceSnapshot,
 };
 pub use net::link::UnreachableReason;
 #[cfg(feature = "app")]

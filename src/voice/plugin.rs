@@ -81,11 +81,12 @@ fn forward_control_events(
 ) {
     for ControlEvent(ev) in events.read() {
         match ev {
-            SessionEvent::Welcome { udp_token } => {
+            SessionEvent::Welcome { udp_token, relay } => {
                 if let Some(addr) = link.server_addr() {
                     voice.send(VoiceCommand::SetServer {
                         addr,
                         token: *udp_token,
+                        relay: *relay,
                     });
                 }
             }

@@ -41,8 +41,12 @@ const WAKE: mio::Token = mio::Token(1);
 pub enum VoiceCommand {
     /// The server gave us this user id.
     SetSelfId(UserId),
-    /// The server's UDP address and our registration token.
-    SetServer { addr: SocketAddr, token: u64 },
+    /// The server's UDP address, our registration token, and whether it relays.
+    SetServer {
+        addr: SocketAddr,
+        token: u64,
+        relay: bool,
+    },
     /// A channel member's endpoints and key, new or changed.
     UpsertPeer(PeerInfo),
     /// A member left the channel.
@@ -359,8 +363,9 @@ impl Worker {
     fn apply(&mut self, now: Duration, cmd: VoiceCommand) {
         match cmd {
             VoiceCommand::SetSelfId(id) => self.engine.set_self_id(id),
-            VoiceCommand::SetServer { addr, token } => {
+            VoiceCommand::SetServer { addr, token, relay } => {
                 self.engine.set_server(now, addr, token);
+                self.engine.set_server_relays(relay);
                 if let Ok(local) = self.socket.local_addr() {
                     self.publish(VoiceEvent::LocalEndpoints {
                         addrs: local_candidates(local.port(), addr),

@@ -12,8 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::close_reason::CloseReason;
+use super::relay::{RelayBudget, RelayRefusal, RelayRules};
 use crate::config::ChannelConfig;
-use crate::protocol::datagram::Datagram;
+use crate::protocol::datagram::{peer_sender, Datagram, DatagramKind, RELAY_HEADER_LEN};
 use crate::protocol::messages::OVERVIEW_PART_MEMBERS;
 use crate::protocol::{
     username_key, validate_username, ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg,
@@ -49,6 +50,9 @@ pub struct ServerRules {
     /// ...and the burst it may send at once. A session over the limit is closed: a real
     /// client sends a heartbeat every 4 s and a handful of messages per user action.
     pub message_burst: f64,
+    /// Whether (and how much) the server forwards sealed peer datagrams between members of a
+    /// channel that cannot reach each other (see `super::relay`); `None`: it does not.
+    pub relay: Option<RelayRules>,
 }
 
 impl Default for ServerRules {
@@ -62,6 +66,7 @@ impl Default for ServerRules {
             max_local_endpoints: 8,
             message_rate: 20.0,
             message_burst: 60.0,
+            relay: None,
         }
     }
 }
@@ -105,6 +110,8 @@ struct Session {
     /// Where the connection comes from (wrong-password limits per address survive
     /// reconnects) and which of our addresses it reached (what it can reach our host at).
     addrs: ConnectionAddrs,
+    /// What this client may still send through the relay.
+    relay_budget: RelayBudget,
 }
 
 #[derive(Debug)]
@@ -141,6 +148,10 @@ pub struct ServerState {
     /// exist at once.
     names: HashMap<String, SessionId>,
     tokens: HashMap<u64, SessionId>,
+    /// Registered UDP address -> session: who a relay request comes from.
+    by_endpoint: HashMap<SocketAddr, SessionId>,
+    /// Relayed datagrams owed to members: (destination, the whole `RelayFrom` datagram).
+    relayed: VecDeque<(SocketAddr, Vec<u8>)>,
     /// Recent wrong-password times per client address.
     wrong_by_ip: HashMap<IpAddr, VecDeque<Duration>>,
     next_user_id: UserId,
@@ -173,6 +184,8 @@ impl ServerState {
             sessions: HashMap::new(),
             names: HashMap::new(),
             tokens: HashMap::new(),
+            by_endpoint: HashMap::new(),
+            relayed: VecDeque::new(),
             wrong_by_ip: HashMap::new(),
             next_user_id: 1,
             next_ticket: 1,
@@ -200,7 +213,8 @@ impl ServerState {
         self.outputs.pop_front()
     }
 
-    /// The next UDP datagram to send (a `RegisterAck`), written into `buf`, which should hold
+    /// The next UDP datagram to send (a `RegisterAck` or a relayed datagram), written into
+    /// `buf`, which should hold
     /// [`MAX_DATAGRAM_LEN`](crate::protocol::datagram::MAX_DATAGRAM_LEN) bytes.
     pub fn poll_transmit(&mut self, _now: Duration, buf: &mut [u8]) -> Option<Transmit> {
         while let Some(to) = self.acks.pop_front() {
@@ -209,7 +223,21 @@ impl ServerState {
                 return Some(Transmit { to, len });
             }
         }
+        while let Some((to, bytes)) = self.relayed.pop_front() {
+            if let Some(out) = buf.get_mut(..bytes.len()) {
+                out.copy_from_slice(&bytes);
+                return Some(Transmit {
+                    to,
+                    len: bytes.len(),
+                });
+            }
+        }
         None
+    }
+
+    /// Whether this server forwards sealed peer datagrams (told to clients in `Welcome`).
+    pub fn relays(&self) -> bool {
+        self.rules.relay.is_some()
     }
 
     /// The next event for the shell's counters and ECS mirror.
@@ -251,6 +279,10 @@ impl ServerState {
                 tokens: self.rules.message_burst,
                 tokens_at: now,
                 addrs,
+                relay_budget: RelayBudget::new(
+                    now,
+                    self.rules.relay.unwrap_or_default().burst_bytes,
+                ),
             },
         );
     }
@@ -282,6 +314,9 @@ impl ServerState {
         }
         if let Some(session) = self.sessions.remove(&id) {
             self.tokens.remove(&session.udp_token);
+            if let Some(ep) = session.public_endpoint {
+                self.by_endpoint.remove(&ep);
+            }
             if let Phase::Identified { username, .. } = &session.phase {
                 self.names.remove(&username_key(username));
             }
@@ -332,6 +367,7 @@ impl ServerState {
                         protocol_version: PROTOCOL_VERSION,
                         app_version: APP_VERSION.to_string(),
                         udp_token: session.udp_token,
+                        relay: self.rules.relay.is_some(),
                         heartbeat_timeout_ms: self.rules.heartbeat_timeout.as_millis() as u32,
                     },
                 ));
@@ -718,8 +754,12 @@ impl ServerState {
     /// known session records `from` as the session's public address (telling its channel if it
     /// changed) and queues a `RegisterAck` to `from`; anything else is dropped. Either way an
     /// event says what happened.
-    pub fn handle_datagram(&mut self, _now: Duration, from: SocketAddr, bytes: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
         let why = match Datagram::parse(bytes) {
+            Ok(Datagram::RelayTo { to, inner }) => match self.relay(now, from, to, inner) {
+                Ok(()) => return,
+                Err(refusal) => DatagramDrop::Relay(refusal),
+            },
             Ok(Datagram::Register { token }) => match self.register_udp(token, from) {
                 Some(id) => {
                     if self.acks.len() < MAX_QUEUED_UDP {
@@ -747,10 +787,69 @@ impl ServerState {
         let id = *self.tokens.get(&token)?;
         let session = self.sessions.get_mut(&id)?;
         if session.public_endpoint != Some(from) {
-            session.public_endpoint = Some(from);
+            if let Some(old) = session.public_endpoint.replace(from) {
+                self.by_endpoint.remove(&old);
+            }
+            self.by_endpoint.insert(from, id);
             self.endpoints_changed(id);
         }
         Some(id)
+    }
+
+    /// Forwards `inner` from the session registered at `from` to member `to` of its channel,
+    /// as `RelayFrom`, if relaying is on, the inner datagram names the sender as its author,
+    /// and the sender's budget allows it.
+    fn relay(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        to: UserId,
+        inner: &[u8],
+    ) -> Result<(), RelayRefusal> {
+        let rules = self.rules.relay.ok_or(RelayRefusal::Disabled)?;
+        let &sender = self
+            .by_endpoint
+            .get(&from)
+            .ok_or(RelayRefusal::UnknownSource)?;
+        let session = self
+            .sessions
+            .get(&sender)
+            .ok_or(RelayRefusal::UnknownSource)?;
+        let Phase::Identified { user_id, .. } = session.phase else {
+            return Err(RelayRefusal::UnknownSource);
+        };
+        let channel = session.channel.ok_or(RelayRefusal::NotInChannel)?;
+        if peer_sender(inner) != Some(user_id) {
+            return Err(RelayRefusal::ForgedSender);
+        }
+        let target = self.channels[channel]
+            .members
+            .iter()
+            .filter_map(|m| self.sessions.get(m))
+            .find(|s| matches!(s.phase, Phase::Identified { user_id: u, .. } if u == to && u != user_id))
+            .ok_or(RelayRefusal::NotInSameChannel)?;
+        let dest = target.public_endpoint.ok_or(RelayRefusal::NoEndpoint)?;
+        if self.relayed.len() >= MAX_QUEUED_UDP {
+            return Err(RelayRefusal::OverBudget);
+        }
+        let budget = &mut self
+            .sessions
+            .get_mut(&sender)
+            .ok_or(RelayRefusal::UnknownSource)?
+            .relay_budget;
+        let len = RELAY_HEADER_LEN + inner.len();
+        if !budget.try_spend(now, len, rules.bytes_per_sec, rules.burst_bytes) {
+            return Err(RelayRefusal::OverBudget);
+        }
+        let mut bytes = Vec::with_capacity(len);
+        bytes.extend_from_slice(&crate::protocol::datagram::relay_header(
+            DatagramKind::RelayFrom,
+            user_id,
+        ));
+        bytes.extend_from_slice(inner);
+        self.relayed.push_back((dest, bytes));
+        self.push_event(ServerEvent::Relayed { bytes: len });
+        Ok(())
     }
 
     /// Closes sessions that went silent or never identified, and forgets old failures. Does

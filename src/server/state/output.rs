@@ -46,6 +46,8 @@ pub enum ServerEvent {
     /// The session's client registered its UDP (public, NAT-mapped) address; a `RegisterAck`
     /// is queued for [`poll_transmit`](super::ServerState::poll_transmit).
     UdpRegistered(SessionId),
+    /// A sealed peer datagram of `bytes` was queued for forwarding (relaying is on).
+    Relayed { bytes: usize },
     /// A datagram was dropped, unanswered.
     DatagramDropped { from: SocketAddr, why: DatagramDrop },
 }
@@ -61,6 +63,8 @@ pub enum DatagramDrop {
     /// `Register` with a token no session holds (stale, or guessed).
     #[error("register with an unknown token")]
     UnknownToken,
+    #[error("relay refused: {0}")]
+    Relay(#[from] super::super::relay::RelayRefusal),
 }
 
 pub use crate::protocol::Transmit;

@@ -1,6 +1,7 @@
 use super::*;
 use crate::config::hash_password;
-use crate::protocol::datagram::MAX_DATAGRAM_LEN;
+use crate::protocol::datagram::{voice_header, MAX_DATAGRAM_LEN};
+use crate::server::relay::RelayRules;
 
 const S: Duration = Duration::from_secs(1);
 
@@ -171,7 +172,7 @@ fn version_mismatch_is_refused_and_closed_with_a_reason() {
     )));
     assert!(out
         .iter()
-        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 2"))));
+        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 3"))));
 }
 
 #[test]
@@ -877,4 +878,137 @@ fn a_guest_is_told_the_host_at_the_address_it_dialled_not_loopback() {
     assert!(out.iter().any(|o| matches!(o,
         Output::Send(2, ServerMsg::PeerEndpoints { peer })
             if peer.candidates() == vec![SocketAddr::from((SERVER_IP, 5001))])));
+}
+
+/// The user id the server gave a session, from its `Identified` answer.
+fn user_id(out: &[Output]) -> UserId {
+    out.iter()
+        .find_map(|o| match o {
+            Output::Send(_, ServerMsg::Identified { user_id, .. }) => *user_id,
+            _ => None,
+        })
+        .expect("identified")
+}
+
+fn relay_to(to: UserId, inner: &[u8]) -> Vec<u8> {
+    Datagram::RelayTo { to, inner }.to_vec().unwrap()
+}
+
+fn drops(w: &mut World) -> Vec<DatagramDrop> {
+    std::iter::from_fn(|| w.state.poll_event())
+        .filter_map(|e| match e {
+            ServerEvent::DatagramDropped { why, .. } => Some(why),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A relaying server forwards a member's sealed datagram, unchanged, to another member of its
+/// channel as `RelayFrom`, and refuses everything else: forged authors, other channels,
+/// unregistered sources, and more than the per-client budget.
+#[test]
+fn a_relaying_server_forwards_sealed_datagrams_within_a_channel_and_its_budget_only() {
+    let mut w = World::new();
+    w.state = ServerState::new(
+        channels(),
+        ServerRules {
+            relay: Some(RelayRules::per_client_kbps(8)), // 1000 B/s, 1000 B burst
+            ..ServerRules::default()
+        },
+    );
+    let alice = user_id(&w.login(1, "alice"));
+    let bob = user_id(&w.login(2, "bob"));
+    let dave = user_id(&w.login(4, "dave"));
+    w.join(1, "Lobby", None);
+    w.join(2, "Lobby", None);
+    w.join(4, "Duo", None);
+    let (a, b, d): (SocketAddr, SocketAddr, SocketAddr) = (
+        "198.51.100.7:40000".parse().unwrap(),
+        "203.0.113.8:50000".parse().unwrap(),
+        "203.0.113.9:50000".parse().unwrap(),
+    );
+    for (from, token) in [(a, 1001), (b, 1002), (d, 1004)] {
+        w.state.handle_datagram(w.now, from, &register(token));
+    }
+    let mut buf = [0u8; MAX_DATAGRAM_LEN];
+    while w.state.poll_transmit(w.now, &mut buf).is_some() {}
+    w.drain();
+    drops(&mut w);
+
+    let mut inner = voice_header(alice, 1, 960).to_vec();
+    inner.extend_from_slice(&[0x5a; 100]); // ciphertext and tag, opaque to the server
+    w.state.handle_datagram(w.now, a, &relay_to(bob, &inner));
+    let t = w.state.poll_transmit(w.now, &mut buf).expect("forwarded");
+    assert_eq!(t.to, b);
+    assert_eq!(
+        Datagram::parse(&buf[..t.len]),
+        Ok(Datagram::RelayFrom {
+            from: alice,
+            inner: &inner
+        })
+    );
+    assert!(w.state.relays());
+
+    let forged = voice_header(bob, 1, 960);
+    w.state.handle_datagram(w.now, a, &relay_to(bob, &forged));
+    w.state.handle_datagram(w.now, a, &relay_to(dave, &inner));
+    w.state.handle_datagram(
+        w.now,
+        "192.0.2.1:1".parse().unwrap(),
+        &relay_to(bob, &inner),
+    );
+    w.state.handle_datagram(w.now, a, &relay_to(alice, &inner));
+    assert_eq!(w.state.poll_transmit(w.now, &mut buf), None);
+    // The burst is 1000 bytes; 118 went out: seven more fit, the eighth does not.
+    for _ in 0..8 {
+        w.state.handle_datagram(w.now, a, &relay_to(bob, &inner));
+    }
+    let forwarded = std::iter::from_fn(|| w.state.poll_transmit(w.now, &mut buf)).count();
+    assert_eq!(forwarded, 7);
+    use super::RelayRefusal as R;
+    assert_eq!(
+        drops(&mut w),
+        [
+            R::ForgedSender,
+            R::NotInSameChannel,
+            R::UnknownSource,
+            R::NotInSameChannel,
+            R::OverBudget
+        ]
+        .map(DatagramDrop::Relay)
+    );
+    // A second later the budget allows more.
+    w.now += S;
+    w.state.handle_datagram(w.now, a, &relay_to(bob, &inner));
+    assert!(w.state.poll_transmit(w.now, &mut buf).is_some());
+}
+
+#[test]
+fn a_server_without_relay_forwards_nothing_and_says_so_in_welcome() {
+    let mut w = World::new();
+    let out = w.connect(1);
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Send(1, ServerMsg::Welcome { relay: false, .. }))));
+    let alice = user_id(&w.send(
+        1,
+        ClientMsg::Identify {
+            username: "alice".into(),
+        },
+    ));
+    let bob = user_id(&w.login(2, "bob"));
+    w.join(1, "Lobby", None);
+    w.join(2, "Lobby", None);
+    let a: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    w.state.handle_datagram(w.now, a, &register(1001));
+    let mut buf = [0u8; MAX_DATAGRAM_LEN];
+    while w.state.poll_transmit(w.now, &mut buf).is_some() {}
+    drops(&mut w);
+    let inner = voice_header(alice, 1, 960);
+    w.state.handle_datagram(w.now, a, &relay_to(bob, &inner));
+    assert_eq!(w.state.poll_transmit(w.now, &mut buf), None);
+    assert_eq!(
+        drops(&mut w),
+        [DatagramDrop::Relay(super::RelayRefusal::Disabled)]
+    );
 }

@@ -6,21 +6,25 @@ use egui::{Color32, Grid, Ui};
 use crate::ui::view::{MemberLink, MemberView};
 use crate::voice::PeerState;
 
-/// Short human text for a link state ("direct", "punching…", "unreachable: reason", "you").
+/// Short human text for a link state ("direct", "relayed via NAME", "punching…",
+/// "unreachable: reason", "you").
 pub fn link_state_text(state: &MemberLink) -> String {
     match state {
         MemberLink::Peer(PeerState::Direct(_)) => "direct".to_owned(),
         MemberLink::Peer(PeerState::Punching) => "punching…".to_owned(),
+        MemberLink::Peer(PeerState::Relayed(via)) => via.to_string(),
         MemberLink::Peer(PeerState::Unreachable(reason)) => format!("unreachable: {reason}"),
         MemberLink::Local => "you".to_owned(),
         MemberLink::OtherChannel => "in another channel".to_owned(),
     }
 }
 
-/// Colour of the small link dot: green direct, amber punching, red unreachable, grey for self.
+/// Colour of the small link dot: green direct, teal relayed, amber punching, red unreachable,
+/// grey for self.
 pub fn link_color(state: &MemberLink) -> Color32 {
     match state {
         MemberLink::Peer(PeerState::Direct(_)) => Color32::from_rgb(60, 200, 90),
+        MemberLink::Peer(PeerState::Relayed(_)) => Color32::from_rgb(60, 170, 200),
         MemberLink::Peer(PeerState::Punching) => Color32::from_rgb(230, 170, 40),
         MemberLink::Peer(PeerState::Unreachable(_)) => Color32::from_rgb(220, 60, 60),
         MemberLink::Local | MemberLink::OtherChannel => Color32::GRAY,
@@ -80,12 +84,29 @@ mod tests {
             candidates: 2,
             after: std::time::Duration::from_secs(10),
         };
-        let text = link_state_text(&MemberLink::Peer(PeerState::Unreachable(reason)));
+        let state = |server_relays| {
+            MemberLink::Peer(PeerState::Unreachable(crate::voice::Unreachable {
+                direct: reason.clone(),
+                server_relays,
+            }))
+        };
         assert_eq!(
-            text,
+            link_state_text(&state(true)),
             "unreachable: no answer from 2 candidates after 10 s \
-             (peer behind a symmetric NAT or offline?)"
+             (peer behind a symmetric NAT or offline?); no member nor the server could relay"
         );
+        assert!(
+            link_state_text(&state(false)).ends_with(
+                "no member could relay, and this server does not relay \
+                 (its operator can start it with --relay)"
+            ),
+            "says what to change when the server does not relay"
+        );
+        let relayed = MemberLink::Peer(PeerState::Relayed(crate::voice::RelayVia::Member {
+            user_id: 3,
+            name: "carol".into(),
+        }));
+        assert_eq!(link_state_text(&relayed), "relayed via carol");
     }
 
     #[test]

@@ -31,18 +31,22 @@ use self::peer::Peer;
 pub use self::peer::PeerSettings;
 use self::registration::Registration;
 pub use self::setting::VoiceSetting;
-pub use self::snapshot::{PeerSnapshot, PeerState, VoiceSnapshot};
+pub use self::snapshot::{PeerSnapshot, PeerState, RelayVia, Unreachable, VoiceSnapshot};
 use super::codec::{is_dtx_payload, opus_frame_duration, CodecError, FrameDuration};
 use super::net::crypto::{CryptoError, PeerCipher, SessionKeys, TAG_LEN};
 use super::net::link::LinkConfig;
-use super::net::peers::{DropCounters, DropReason, Incoming, PeerTable, Upsert};
+use super::net::peers::{DropCounters, DropReason, Incoming, Outgoing, PeerTable, Route, Upsert};
 use super::net::received::Received;
+use super::net::relay::Via;
 use super::rx::mixer::{MixInput, Mixer};
 use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::tx::levels::rms_dbfs;
 use super::tx::OpusEncoder;
 use crate::audio::CHUNK_SAMPLES;
-use crate::protocol::datagram::{Datagram, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, VOICE_HEADER_LEN};
+use crate::protocol::datagram::{
+    relay_header, Datagram, DatagramKind, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, RELAY_HEADER_LEN,
+    VOICE_HEADER_LEN,
+};
 use crate::protocol::{PeerInfo, UserId};
 
 /// Settings of the voice plane.
@@ -103,7 +107,9 @@ pub struct VoiceEngine {
     /// replays refused by a cipher); the table counts the rest.
     drops: DropCounters,
     vad_above_floor_db: f32,
-    targets: Vec<(u32, SocketAddr)>,
+    targets: Vec<(u32, Route)>,
+    /// Whether the server relays (told in its `Welcome`); kept across peer tables.
+    server_relays: bool,
     /// Our X25519 key pair for this run; peers derive per-direction voice keys from it.
     keys: SessionKeys,
     sealed: Vec<u8>,
@@ -142,6 +148,7 @@ impl VoiceEngine {
             drops: DropCounters::default(),
             vad_above_floor_db: vad_above,
             targets: Vec::with_capacity(32),
+            server_relays: false,
             keys: SessionKeys::generate(),
             sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
             opened: vec![0u8; MAX_VOICE_PAYLOAD],
@@ -172,13 +179,23 @@ impl VoiceEngine {
     pub fn set_self_id(&mut self, id: UserId) {
         if self.table.as_ref().map(|t| t.our_id()) != Some(id) {
             self.forget_peers();
-            self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
+            let mut table = PeerTable::new(id, self.cfg.link.clone(), self.seed);
+            table.set_server_relays(self.server_relays);
+            self.table = Some(table);
         }
     }
 
     /// Where to register our UDP address, and the token the server gave us over TCP.
     pub fn set_server(&mut self, now: Duration, addr: SocketAddr, token: u64) {
         self.registration.set_server(now, addr, token);
+    }
+
+    /// Whether the server relays for peers we cannot reach directly (its `Welcome` says).
+    pub fn set_server_relays(&mut self, on: bool) {
+        self.server_relays = on;
+        if let Some(table) = &mut self.table {
+            table.set_server_relays(on);
+        }
     }
 
     /// The public address the server saw, once it answered.
@@ -227,7 +244,9 @@ impl VoiceEngine {
         self.forget_peers();
         if let Some(table) = &self.table {
             let id = table.our_id();
-            self.table = Some(PeerTable::new(id, self.cfg.link.clone(), self.seed));
+            let mut table = PeerTable::new(id, self.cfg.link.clone(), self.seed);
+            table.set_server_relays(self.server_relays);
+            self.table = Some(table);
         }
     }
 
@@ -292,12 +311,20 @@ impl VoiceEngine {
     /// One datagram arrived on our voice socket. It is parsed once ([`Received`]); a peer's
     /// datagram is authenticated (and voice decrypted) by that peer's cipher before the peer
     /// table, its link or its jitter buffer look at it, so forged packets cannot move replay
-    /// windows or addresses.
+    /// windows or addresses. Relay envelopes are forwarded (`RelayTo`, when we bridge two
+    /// members) or opened and handled like a direct datagram (`RelayFrom`).
     pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
-        // The server's answer to our registration is not a peer datagram.
+        // The server sends us its answer to our registration, and relayed datagrams.
         if self.registration.is_server(from) {
-            if let Ok(Datagram::RegisterAck { observed }) = Datagram::parse(bytes) {
-                self.registration.handle_ack(now, observed);
+            match Datagram::parse(bytes) {
+                Ok(Datagram::RegisterAck { observed }) => {
+                    self.registration.handle_ack(now, observed)
+                }
+                Ok(Datagram::RelayFrom {
+                    from: origin,
+                    inner,
+                }) => self.handle_relayed(now, Via::Server, origin, inner),
+                _ => self.drops.unexpected_kind += 1,
             }
             return;
         }
@@ -312,52 +339,38 @@ impl VoiceEngine {
                 return;
             }
         };
-        let datagram = match received {
-            // Punch, PunchAck, Ping and Pong carry a tag from the peer's control key: a spoofed
-            // punch would otherwise make the link adopt (and stream voice to) any address.
-            Received::Control { datagram, tagged } => {
-                let verified = datagram
-                    .sender()
-                    .and_then(|sender| self.peers.get_mut(&sender))
-                    .and_then(|p| p.cipher.as_mut())
-                    .is_some_and(|c| c.verify_control(tagged).is_ok());
-                if !verified {
-                    self.undecryptable += 1;
-                    return;
-                }
-                datagram
-            }
-            Received::Voice {
-                from: sender,
-                seq,
-                timestamp,
-                sealed,
-            } => {
-                let cipher = self.peers.get_mut(&sender).and_then(|p| p.cipher.as_mut());
-                let Some(cipher) = cipher else {
-                    self.undecryptable += 1;
-                    return;
-                };
-                match cipher.open_datagram(sealed, &mut self.opened) {
-                    Ok(n) => Datagram::Voice {
+        match received {
+            Received::Plain(Datagram::RelayTo { to, inner }) => {
+                if let Ok((sender, dest)) = table.forward(now, from, to, inner) {
+                    let envelope = Datagram::RelayFrom {
                         from: sender,
-                        seq,
-                        timestamp,
-                        payload: &self.opened[..n],
-                    },
-                    // The cipher's window is the one replay window of this direction: a
-                    // replayed or duplicated datagram is no attack on the key, count it as such.
-                    Err(CryptoError::Replay { .. }) => {
-                        self.drops.count(&DropReason::Replay(sender));
-                        return;
-                    }
-                    Err(_) => {
-                        self.undecryptable += 1;
-                        return;
+                        inner,
+                    };
+                    if let Ok(n) = envelope.write(&mut self.sealed) {
+                        self.outbox.push(dest, &self.sealed[..n]);
                     }
                 }
+                return;
             }
-            Received::Plain(datagram) => datagram,
+            Received::Plain(Datagram::RelayFrom {
+                from: origin,
+                inner,
+            }) => {
+                match table.member_at(from) {
+                    Some(member) => self.handle_relayed(now, Via::Member(member), origin, inner),
+                    None => self.drops.count(&DropReason::UnknownRelay),
+                }
+                return;
+            }
+            _ => {}
+        }
+        let mut gate = Gate {
+            peers: &mut self.peers,
+            drops: &mut self.drops,
+            undecryptable: &mut self.undecryptable,
+        };
+        let Some(datagram) = gate.authenticate(&mut self.opened, received) else {
+            return;
         };
         match table.handle_parsed(now, from, datagram) {
             Incoming::Voice {
@@ -365,20 +378,43 @@ impl VoiceEngine {
                 seq,
                 timestamp,
                 payload,
-            } => {
-                let Some(frame) = opus_frame_duration(payload) else {
-                    return;
-                };
-                let Some(peer) = self.peers.get_mut(&peer_id) else {
-                    return;
-                };
-                if let Ok(rx) = peer.receive_path(frame) {
-                    rx.receiver.push(now, seq, timestamp, payload);
-                }
-            }
+            } => deliver_voice(&mut self.peers, now, peer_id, seq, timestamp, payload),
             // The server's own ack was handled above: this one is from someone else.
             Incoming::RegisterAck { .. } => self.registration.count_foreign_ack(),
             Incoming::Control { .. } | Incoming::Dropped(_) => {}
+        }
+    }
+
+    /// `inner`, a datagram of peer `origin` that `via` forwarded to us: authenticated by that
+    /// peer's cipher like a direct one, then handled by its relay route.
+    fn handle_relayed(&mut self, now: Duration, via: Via, origin: UserId, inner: &[u8]) {
+        let Some(table) = &mut self.table else {
+            self.drops.unknown_sender += 1;
+            return;
+        };
+        let received = match Received::parse(inner) {
+            Ok(received) => received,
+            Err(e) => {
+                self.drops.count(&DropReason::Garbage(e));
+                return;
+            }
+        };
+        let mut gate = Gate {
+            peers: &mut self.peers,
+            drops: &mut self.drops,
+            undecryptable: &mut self.undecryptable,
+        };
+        let Some(datagram) = gate.authenticate(&mut self.opened, received) else {
+            return;
+        };
+        if let Incoming::Voice {
+            peer_id,
+            seq,
+            timestamp,
+            payload,
+        } = table.handle_relayed(now, via, origin, datagram)
+        {
+            deliver_voice(&mut self.peers, now, peer_id, seq, timestamp, payload);
         }
     }
 
@@ -395,8 +431,9 @@ impl VoiceEngine {
             return;
         };
         for frame in out.frames() {
-            // Leave room for the AEAD tag inside the datagram size limit.
-            let body = &mut self.packet[..MAX_VOICE_PAYLOAD - TAG_LEN];
+            // Leave room for the AEAD tag and a relay envelope inside the datagram size limit,
+            // so any frame can take any path.
+            let body = &mut self.packet[..MAX_VOICE_PAYLOAD - TAG_LEN - RELAY_HEADER_LEN];
             let Ok(len) = self.encoder.encode(frame.samples, body) else {
                 continue;
             };
@@ -409,17 +446,37 @@ impl VoiceEngine {
             // Reused buffer: no allocation per frame once it has grown to the channel size.
             self.targets.clear();
             self.targets.extend(table.voice_targets());
-            for &(peer, addr) in &self.targets {
+            for &(peer, route) in &self.targets {
                 // Only peers whose key we know get voice, and only sealed for them alone.
                 let cipher = self.peers.get_mut(&peer).and_then(|p| p.cipher.as_mut());
                 let Some(cipher) = cipher else {
                     continue;
                 };
-                let Ok(total) =
-                    cipher.seal_datagram(seq, timestamp, &self.packet[..len], &mut self.sealed)
-                else {
+                // Relayed voice is sealed in place behind its envelope header.
+                let (addr, at) = match route {
+                    Route::Direct(addr) => (Some(addr), 0),
+                    Route::Relayed(via) => {
+                        let addr = match via {
+                            Via::Member(m) => table.member_addr(m),
+                            Via::Server => self.registration.server_addr(),
+                        };
+                        let header = relay_header(DatagramKind::RelayTo, peer);
+                        self.sealed[..RELAY_HEADER_LEN].copy_from_slice(&header);
+                        (addr, RELAY_HEADER_LEN)
+                    }
+                };
+                let Some(addr) = addr else {
                     continue;
                 };
+                let Ok(sealed) = cipher.seal_datagram(
+                    seq,
+                    timestamp,
+                    &self.packet[..len],
+                    &mut self.sealed[at..],
+                ) else {
+                    continue;
+                };
+                let total = at + sealed;
                 self.outbox.push(addr, &self.sealed[..total]);
                 table.record_voice_sent(peer, total);
                 self.bytes_sent += total as u64;
@@ -492,27 +549,46 @@ impl VoiceEngine {
             return Some(t);
         }
         let table = self.table.as_mut()?;
-        while let Some(t) = table.poll_transmit() {
-            let Ok(n) = t.datagram.write(buf) else {
+        while let Some(out) = table.poll_transmit() {
+            // A relayed datagram is written behind its envelope header.
+            let (datagram, to, at) = match out {
+                Outgoing::Direct(t) => (t.datagram, Some(t.to), 0),
+                Outgoing::Relayed(t) => {
+                    let to = match t.via {
+                        Via::Member(m) => table.member_addr(m),
+                        Via::Server => self.registration.server_addr(),
+                    };
+                    (t.datagram, to, RELAY_HEADER_LEN)
+                }
+            };
+            let Some(to) = to else {
+                continue;
+            };
+            let Some(peer_id) = datagram.recipient() else {
+                continue;
+            };
+            let Ok(n) = datagram.write(&mut buf[at..]) else {
                 continue;
             };
             // Every peer datagram is authenticated; a peer without a key cannot verify
             // ours (and gets no voice either), so nothing is sent to it.
-            let peer = t.datagram.recipient().and_then(|to| self.peers.get(&to));
-            let cipher = peer.and_then(|p| p.cipher.as_ref());
+            let cipher = self.peers.get(&peer_id).and_then(|p| p.cipher.as_ref());
             let Some(cipher) = cipher else {
                 continue;
             };
-            let Ok(fixed) = <&[u8; PEER_CONTROL_LEN]>::try_from(&buf[..n]) else {
+            let Ok(fixed) = <&[u8; PEER_CONTROL_LEN]>::try_from(&buf[at..at + n]) else {
                 continue;
             };
             let Ok(tag) = cipher.tag_control(fixed) else {
                 continue;
             };
-            buf[n..n + TAG_LEN].copy_from_slice(&tag);
+            buf[at + n..at + n + TAG_LEN].copy_from_slice(&tag);
+            if at > 0 {
+                buf[..at].copy_from_slice(&relay_header(DatagramKind::RelayTo, peer_id));
+            }
             return Some(Transmit {
-                to: t.to,
-                len: n + TAG_LEN,
+                to,
+                len: at + n + TAG_LEN,
             });
         }
         None
@@ -526,5 +602,93 @@ impl VoiceEngine {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+}
+
+/// What authenticates a peer's datagram: the peers' ciphers and the engine's counters,
+/// borrowed apart from the peer table so a direct and a relayed datagram go through the same
+/// check.
+struct Gate<'e> {
+    peers: &'e mut BTreeMap<UserId, Peer>,
+    drops: &'e mut DropCounters,
+    undecryptable: &'e mut u64,
+}
+
+impl Gate<'_> {
+    /// The datagram once its sender's cipher verified (control) or opened (voice) it; `None`,
+    /// counted, when it did not. Voice plaintext is written into `opened`.
+    fn authenticate<'a>(
+        &mut self,
+        opened: &'a mut [u8],
+        received: Received<'a>,
+    ) -> Option<Datagram<'a>> {
+        match received {
+            // Punch, PunchAck, Ping and Pong carry a tag from the peer's control key: a spoofed
+            // punch would otherwise make the link adopt (and stream voice to) any address.
+            Received::Control { datagram, tagged } => {
+                let verified = datagram
+                    .sender()
+                    .and_then(|sender| self.peers.get_mut(&sender))
+                    .and_then(|p| p.cipher.as_mut())
+                    .is_some_and(|c| c.verify_control(tagged).is_ok());
+                if !verified {
+                    *self.undecryptable += 1;
+                    return None;
+                }
+                Some(datagram)
+            }
+            Received::Voice {
+                from: sender,
+                seq,
+                timestamp,
+                sealed,
+            } => {
+                let cipher = self.peers.get_mut(&sender).and_then(|p| p.cipher.as_mut());
+                let Some(cipher) = cipher else {
+                    *self.undecryptable += 1;
+                    return None;
+                };
+                match cipher.open_datagram(sealed, opened) {
+                    Ok(n) => Some(Datagram::Voice {
+                        from: sender,
+                        seq,
+                        timestamp,
+                        payload: &opened[..n],
+                    }),
+                    // The cipher's window is the one replay window of this direction: a
+                    // replayed or duplicated datagram is no attack on the key, count it as such.
+                    Err(CryptoError::Replay { .. }) => {
+                        self.drops.count(&DropReason::Replay(sender));
+                        None
+                    }
+                    Err(_) => {
+                        *self.undecryptable += 1;
+                        None
+                    }
+                }
+            }
+            // Relay envelopes were handled before; anything else is not a peer's.
+            Received::Plain(datagram) => Some(datagram),
+        }
+    }
+}
+
+/// Hands a voice frame of peer `peer_id` to its receive path (made for the frame's duration).
+fn deliver_voice(
+    peers: &mut BTreeMap<UserId, Peer>,
+    now: Duration,
+    peer_id: UserId,
+    seq: u32,
+    timestamp: u32,
+    payload: &[u8],
+) {
+    let Some(frame) = opus_frame_duration(payload) else {
+        return;
+    };
+    let Some(peer) = peers.get_mut(&peer_id) else {
+        return;
+    };
+    if let Ok(rx) = peer.receive_path(frame) {
+        rx.receiver.push(now, seq, timestamp, payload);
     }
 }

@@ -44,6 +44,11 @@ impl Registration {
         self.server.is_some_and(|(server, _)| server == from)
     }
 
+    /// The server's UDP address (where server-relayed datagrams go), once known.
+    pub(super) fn server_addr(&self) -> Option<SocketAddr> {
+        self.server.map(|(addr, _)| addr)
+    }
+
     /// The server acknowledged our registration; `observed` is our public address.
     pub(super) fn handle_ack(&mut self, now: Duration, observed: SocketAddr) {
         self.public_addr = Some(observed);

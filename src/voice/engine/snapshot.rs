@@ -9,6 +9,7 @@ use crate::protocol::UserId;
 use crate::voice::net::crypto::fingerprint;
 use crate::voice::net::link::{LinkState, UnreachableReason};
 use crate::voice::net::peers::DropCounters;
+use crate::voice::net::relay::Via;
 
 /// Link state of one peer: the one type the UI consumes (the link's own
 /// [`LinkState`] keeps the timing details only the link needs).
@@ -16,8 +17,51 @@ use crate::voice::net::peers::DropCounters;
 pub enum PeerState {
     Punching,
     Direct(SocketAddr),
-    /// Its `Display` is the sentence to show.
-    Unreachable(UnreachableReason),
+    /// No direct path; voice goes through a relay. Its `Display` is "relayed via NAME".
+    Relayed(RelayVia),
+    /// Neither a direct path nor a relay works. Its `Display` is the sentence to show.
+    Unreachable(Unreachable),
+}
+
+/// Who relays a peer's voice, as people read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayVia {
+    /// A member of the channel connected to both of us (it forwards what it cannot read).
+    Member { user_id: UserId, name: String },
+    /// The metadata server (its operator lets it relay; it forwards what it cannot read).
+    Server,
+}
+
+impl std::fmt::Display for RelayVia {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Member { name, .. } => write!(f, "relayed via {name}"),
+            Self::Server => f.write_str("relayed via the server"),
+        }
+    }
+}
+
+/// Why a peer cannot be heard: the direct path's failure, and why no relay stepped in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable {
+    pub direct: UnreachableReason,
+    /// Whether the server offers to relay: when it does not, that is what to change.
+    pub server_relays: bool,
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.server_relays {
+            write!(f, "{}; no member nor the server could relay", self.direct)
+        } else {
+            write!(
+                f,
+                "{}; no member could relay, and this server does not relay \
+                 (its operator can start it with --relay)",
+                self.direct
+            )
+        }
+    }
 }
 
 /// Figures of one peer for the UI, the headless summary and the benchmarks.
@@ -52,6 +96,8 @@ pub struct PeerSnapshot {
     pub fingerprint: Option<String>,
     /// Voice datagrams from this peer that failed authentication.
     pub auth_failures: u64,
+    /// Datagrams of this peer we forwarded to another member (we bridge them).
+    pub forwarded: u64,
 }
 
 /// Everything the rest of the app wants to know about the voice plane, taken periodically.
@@ -88,10 +134,28 @@ impl VoiceEngine {
         if let Some(table) = &self.table {
             for (id, entry) in table.peers() {
                 let link = entry.link.stats();
-                let state = match entry.link.state() {
-                    LinkState::Punching { .. } => PeerState::Punching,
-                    LinkState::Connected { addr } => PeerState::Direct(*addr),
-                    LinkState::Unreachable { reason } => PeerState::Unreachable(reason.clone()),
+                let relayed = entry.relay.active_path();
+                let state = match (entry.link.state(), relayed) {
+                    (LinkState::Connected { addr }, _) => PeerState::Direct(*addr),
+                    (_, Some(path)) => PeerState::Relayed(match path.via {
+                        Via::Member(m) => RelayVia::Member {
+                            user_id: m,
+                            name: table.peer(m).map(|e| e.name.clone()).unwrap_or_default(),
+                        },
+                        Via::Server => RelayVia::Server,
+                    }),
+                    (LinkState::Punching { .. }, None) => PeerState::Punching,
+                    (LinkState::Unreachable { reason }, None) => {
+                        PeerState::Unreachable(Unreachable {
+                            direct: reason.clone(),
+                            server_relays: table.server_relays(),
+                        })
+                    }
+                };
+                // Over a relay the round trip is the relay path's (both legs).
+                let rtt = match (&state, relayed) {
+                    (PeerState::Relayed(_), Some(path)) => path.rtt,
+                    _ => link.rtt,
                 };
                 let peer = self.peers.get(&id);
                 let audio = peer.and_then(|p| p.rx.as_ref());
@@ -102,7 +166,7 @@ impl VoiceEngine {
                     user_id: id,
                     name: entry.name.clone(),
                     state,
-                    rtt_ms: link.rtt.map(ms),
+                    rtt_ms: rtt.map(ms),
                     loss_pct: rx.map(|r| r.jitter.loss_fraction * 100.0).unwrap_or(0.0),
                     jitter_ms: rx.map(|r| ms(r.jitter.jitter)).unwrap_or(0.0),
                     buffer_ms: rx.map(|r| ms(r.jitter.current_delay)).unwrap_or(0.0),
@@ -122,6 +186,7 @@ impl VoiceEngine {
                     level_db: audio.map(|a| a.level_db).unwrap_or(-120.0),
                     fingerprint: cipher.map(|c| fingerprint(&c.peer_public())),
                     auth_failures: cipher.map(|c| c.auth_failures()).unwrap_or(0),
+                    forwarded: entry.forwarded,
                 });
             }
         }

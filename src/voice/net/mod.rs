@@ -6,6 +6,8 @@
 //! - [`peers`]: the table of every peer's link behind our one UDP socket; routes each
 //!   datagram by sender id and counts what it drops.
 //! - [`crypto`]: per-peer keys, sealing and opening of voice, tags on control datagrams.
+//! - [`relay`]: reaching a peer through a member or the server while no direct path works
+//!   ([`RelayRoute`]), and the [`Via`] naming the relay.
 //! - [`received`]: a datagram from the socket, parsed once, waiting for its cipher.
 //! - [`replay`]: the replay window, kept by the cipher per direction of each peer.
 //! - [`impair`]: a simulated lossy, jittery network for tests and `--impair`.
@@ -15,7 +17,9 @@ pub mod impair;
 pub mod link;
 pub mod peers;
 pub mod received;
+pub mod relay;
 pub mod replay;
 
 pub use link::{LinkConfig, LinkState, PeerLink};
 pub use peers::{DropCounters, DropReason, Incoming, PeerTable};
+pub use relay::{RelayRoute, Via};

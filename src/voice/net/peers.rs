@@ -11,7 +11,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::link::{LinkConfig, LinkOutcome, LinkReject, PeerLink, Transmit};
-use crate::protocol::datagram::{Datagram, DatagramError};
+use super::relay::{ForwardRefusal, RelayConfig, RelayRoute, RelayedTransmit, Via};
+use crate::protocol::datagram::{peer_sender, Datagram, DatagramError, RELAY_HEADER_LEN};
+use crate::protocol::relay_budget::RelayBudget;
+
+/// What one member forwards for each pair it bridges, in bytes per second (and the burst):
+/// 96 kb/s, a voice stream at 10 ms frames with its headers and room for punches and pings.
+pub const MEMBER_RELAY_BYTES_PER_SEC: f64 = 12_000.0;
 
 /// Why an incoming datagram was dropped. Dropped datagrams are counted, never played.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +38,13 @@ pub enum DropReason {
     StaleControl(u32),
     #[error("datagram kind not expected from a peer")]
     UnexpectedKind,
+    /// A `RelayFrom` from an address that is neither a member we are directly connected to
+    /// nor the server.
+    #[error("relayed datagram from an address that is no relay of ours")]
+    UnknownRelay,
+    /// A `RelayTo` we would not forward.
+    #[error("relay request refused: {0}")]
+    RelayRefused(ForwardRefusal),
 }
 
 /// How many datagrams were dropped, per reason.
@@ -44,6 +57,8 @@ pub struct DropCounters {
     pub replay: u64,
     pub stale_control: u64,
     pub unexpected_kind: u64,
+    pub unknown_relay: u64,
+    pub relay_refused: u64,
 }
 
 impl DropCounters {
@@ -55,6 +70,8 @@ impl DropCounters {
             + self.replay
             + self.stale_control
             + self.unexpected_kind
+            + self.unknown_relay
+            + self.relay_refused
     }
 
     /// Adds one drop for `reason`.
@@ -67,6 +84,8 @@ impl DropCounters {
             DropReason::Replay(_) => &mut self.replay,
             DropReason::StaleControl(_) => &mut self.stale_control,
             DropReason::UnexpectedKind => &mut self.unexpected_kind,
+            DropReason::UnknownRelay => &mut self.unknown_relay,
+            DropReason::RelayRefused(_) => &mut self.relay_refused,
         };
         *counter += 1;
     }
@@ -80,6 +99,8 @@ impl DropCounters {
         self.replay += other.replay;
         self.stale_control += other.stale_control;
         self.unexpected_kind += other.unexpected_kind;
+        self.unknown_relay += other.unknown_relay;
+        self.relay_refused += other.relay_refused;
     }
 }
 
@@ -106,6 +127,30 @@ pub enum Incoming<'a> {
 pub struct PeerEntry {
     pub name: String,
     pub link: PeerLink,
+    /// The way to it through a relay while the direct link is down.
+    pub relay: RelayRoute,
+    /// What we still forward from this peer to each other peer, when we bridge them.
+    forward_budgets: BTreeMap<u32, RelayBudget>,
+    /// Datagrams we forwarded from this peer.
+    pub forwarded: u64,
+}
+
+/// Where a peer's voice goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Straight to the peer's address.
+    Direct(SocketAddr),
+    /// In a `RelayTo` envelope through a relay.
+    Relayed(Via),
+}
+
+/// A datagram the table wants sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outgoing {
+    /// To the peer's address, as it is (the caller tags it).
+    Direct(Transmit),
+    /// To the peer through a relay: the caller tags it and wraps it in a `RelayTo`.
+    Relayed(RelayedTransmit),
 }
 
 /// What [`PeerTable::upsert_peer`] did.
@@ -128,9 +173,15 @@ pub enum Upsert {
 pub struct PeerTable {
     our_id: u32,
     config: LinkConfig,
+    relay_config: RelayConfig,
     seed: u64,
     peers: BTreeMap<u32, PeerEntry>,
     drops: DropCounters,
+    /// Whether the server forwards for us (it said so in `Welcome`).
+    server_relays: bool,
+    /// Members we are directly connected to, with their RTT: the relays possible right now.
+    connected: Vec<(u32, Duration)>,
+    vias: Vec<Via>,
 }
 
 impl PeerTable {
@@ -139,10 +190,24 @@ impl PeerTable {
         Self {
             our_id,
             config,
+            relay_config: RelayConfig::default(),
             seed,
             peers: BTreeMap::new(),
             drops: DropCounters::default(),
+            server_relays: false,
+            connected: Vec::new(),
+            vias: Vec::new(),
         }
+    }
+
+    /// Whether the server relays for members that cannot reach each other; the server is
+    /// then the last path tried.
+    pub fn set_server_relays(&mut self, on: bool) {
+        self.server_relays = on;
+    }
+
+    pub fn server_relays(&self) -> bool {
+        self.server_relays
     }
 
     pub fn our_id(&self) -> u32 {
@@ -170,12 +235,25 @@ impl PeerTable {
         }
         let seed = self.seed ^ u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let link = PeerLink::new(now, self.our_id, id, candidates, self.config.clone(), seed);
-        self.peers.insert(id, PeerEntry { name, link });
+        let relay = RelayRoute::new(self.our_id, id, self.relay_config.clone());
+        self.peers.insert(
+            id,
+            PeerEntry {
+                name,
+                link,
+                relay,
+                forward_budgets: BTreeMap::new(),
+                forwarded: 0,
+            },
+        );
         Upsert::Added
     }
 
     /// Forgets a peer (it left the channel). Returns its entry if it was known.
     pub fn remove_peer(&mut self, id: u32) -> Option<PeerEntry> {
+        for entry in self.peers.values_mut() {
+            entry.forward_budgets.remove(&id);
+        }
         self.peers.remove(&id)
     }
 
@@ -274,30 +352,189 @@ impl PeerTable {
         }
     }
 
-    /// Fires every link's timers due at `now`.
+    /// Fires every link's and relay route's timers due at `now`. A route is wanted while its
+    /// peer's direct link is not connected; its possible relays are the members we are
+    /// directly connected to (lowest RTT first), then the server if it relays.
     pub fn handle_timeout(&mut self, now: Duration) {
         for entry in self.peers.values_mut() {
             entry.link.handle_timeout(now);
         }
+        self.connected.clear();
+        self.connected
+            .extend(self.peers.iter().filter_map(|(&id, e)| {
+                e.link.active_addr()?;
+                Some((id, e.link.stats().rtt.unwrap_or(Duration::MAX)))
+            }));
+        self.connected.sort_by_key(|&(id, rtt)| (rtt, id));
+        for (&id, entry) in self.peers.iter_mut() {
+            self.vias.clear();
+            self.vias.extend(
+                self.connected
+                    .iter()
+                    .filter(|&&(member, _)| member != id)
+                    .map(|&(member, _)| Via::Member(member)),
+            );
+            if self.server_relays {
+                self.vias.push(Via::Server);
+            }
+            let wanted = entry.link.active_addr().is_none();
+            entry.relay.handle_timeout(now, wanted, &self.vias);
+        }
     }
 
-    /// Next datagram any link wants sent. Call until `None`.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.peers
-            .values_mut()
-            .find_map(|entry| entry.link.poll_transmit())
+    /// Next datagram any link or relay route wants sent. Call until `None`.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        self.peers.values_mut().find_map(|entry| {
+            entry
+                .link
+                .poll_transmit()
+                .map(Outgoing::Direct)
+                .or_else(|| entry.relay.poll_transmit().map(Outgoing::Relayed))
+        })
     }
 
-    /// Earliest time any link needs `handle_timeout` again; `None` with no peers.
+    /// Earliest time any link or route needs `handle_timeout` again; `None` with no peers.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.peers.values().map(|e| e.link.poll_timeout()).min()
+        self.peers
+            .values()
+            .map(|e| match e.relay.poll_timeout() {
+                Some(r) => r.min(e.link.poll_timeout()),
+                None => e.link.poll_timeout(),
+            })
+            .min()
     }
 
-    /// `(peer id, address)` of every connected peer: where each encoded voice frame goes.
-    pub fn voice_targets(&self) -> impl Iterator<Item = (u32, SocketAddr)> + '_ {
+    /// Where each encoded voice frame goes: every peer with a direct path, and every other
+    /// peer with a working relay path.
+    pub fn voice_targets(&self) -> impl Iterator<Item = (u32, Route)> + '_ {
+        self.peers.iter().filter_map(|(&id, e)| {
+            let route = match e.link.active_addr() {
+                Some(addr) => Route::Direct(addr),
+                None => Route::Relayed(e.relay.active()?),
+            };
+            Some((id, route))
+        })
+    }
+
+    /// The address of member relay `id`: its direct path (a relay is never itself relayed).
+    pub fn member_addr(&self, id: u32) -> Option<SocketAddr> {
+        self.peers.get(&id)?.link.active_addr()
+    }
+
+    /// The member we are directly connected to at `from`, if any: who a relay envelope that
+    /// arrived from `from` comes from.
+    pub fn member_at(&self, from: SocketAddr) -> Option<u32> {
         self.peers
             .iter()
-            .filter_map(|(&id, e)| e.link.active_addr().map(|a| (id, a)))
+            .find(|(_, e)| e.link.active_addr() == Some(from))
+            .map(|(&id, _)| id)
+    }
+
+    /// A `RelayTo { to, inner }` arrived from `from`: may we forward it? Only between two
+    /// members we are both directly connected to, only what the sender itself wrote (the inner
+    /// datagram names it), and within [`MEMBER_RELAY_BYTES_PER_SEC`] per pair. Returns the
+    /// sender's id (the `RelayFrom` names it) and where to send. Refusals are counted.
+    pub fn forward(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        to: u32,
+        inner: &[u8],
+    ) -> Result<(u32, SocketAddr), ForwardRefusal> {
+        let result = self.check_forward(now, from, to, inner);
+        if let Err(refusal) = result {
+            self.drops.count(&DropReason::RelayRefused(refusal));
+        }
+        result
+    }
+
+    fn check_forward(
+        &mut self,
+        now: Duration,
+        from: SocketAddr,
+        to: u32,
+        inner: &[u8],
+    ) -> Result<(u32, SocketAddr), ForwardRefusal> {
+        let sender = self.member_at(from).ok_or(ForwardRefusal::NotConnected)?;
+        if peer_sender(inner) != Some(sender) {
+            return Err(ForwardRefusal::ForgedSender);
+        }
+        if to == sender || to == self.our_id {
+            return Err(ForwardRefusal::NoSuchTarget);
+        }
+        let dest = self
+            .peers
+            .get(&to)
+            .ok_or(ForwardRefusal::NoSuchTarget)?
+            .link
+            .active_addr()
+            .ok_or(ForwardRefusal::TargetNotConnected)?;
+        let entry = self
+            .peers
+            .get_mut(&sender)
+            .ok_or(ForwardRefusal::NotConnected)?;
+        let rate = MEMBER_RELAY_BYTES_PER_SEC;
+        let budget = entry
+            .forward_budgets
+            .entry(to)
+            .or_insert_with(|| RelayBudget::new(now, rate));
+        if !budget.try_spend(now, RELAY_HEADER_LEN + inner.len(), rate, rate) {
+            return Err(ForwardRefusal::OverBudget);
+        }
+        entry.forwarded += 1;
+        Ok((sender, dest))
+    }
+
+    /// Handles one datagram of peer `from`, relayed to us through `via` and already
+    /// authenticated by that peer's cipher. Voice is handed on; Pings are answered through
+    /// the same relay; Pongs tell the peer's route that the path works.
+    pub fn handle_relayed<'a>(
+        &mut self,
+        now: Duration,
+        via: Via,
+        from: u32,
+        datagram: Datagram<'a>,
+    ) -> Incoming<'a> {
+        if datagram.sender() != Some(from) {
+            return self.dropped(DropReason::UnknownSender(datagram.sender().unwrap_or(0)));
+        }
+        if let Some(to) = datagram.recipient() {
+            if to != self.our_id {
+                return self.dropped(DropReason::WrongRecipient(to));
+            }
+        }
+        let Some(entry) = self.peers.get_mut(&from) else {
+            return self.dropped(DropReason::UnknownSender(from));
+        };
+        match datagram {
+            Datagram::Voice {
+                seq,
+                timestamp,
+                payload,
+                ..
+            } => {
+                entry.relay.voice_in += 1;
+                Incoming::Voice {
+                    peer_id: from,
+                    seq,
+                    timestamp,
+                    payload,
+                }
+            }
+            Datagram::Ping { sent_micros, .. } => {
+                entry.relay.handle_ping(via, sent_micros);
+                Incoming::Control { peer_id: from }
+            }
+            Datagram::Pong { echo_micros, .. } => {
+                if entry.relay.handle_pong(now, via, echo_micros) {
+                    Incoming::Control { peer_id: from }
+                } else {
+                    self.dropped(DropReason::StaleControl(from))
+                }
+            }
+            // Punching is about direct paths; through a relay it means nothing.
+            _ => self.dropped(DropReason::UnexpectedKind),
+        }
     }
 
     /// Counts a voice datagram of `bytes` sent to `peer_id` in that link's stats.
@@ -471,8 +708,11 @@ mod tests {
                     continue;
                 }
                 self.nodes[i].table.handle_timeout(self.now);
+                // This plaintext simulation has no relay: relayed probes are dropped.
                 while let Some(t) = self.nodes[i].table.poll_transmit() {
-                    self.send(i, t.to, t.datagram.to_vec().unwrap());
+                    if let Outgoing::Direct(t) = t {
+                        self.send(i, t.to, t.datagram.to_vec().unwrap());
+                    }
                 }
             }
         }
@@ -488,7 +728,8 @@ mod tests {
             .to_vec()
             .unwrap();
             let targets: Vec<_> = self.nodes[node].table.voice_targets().collect();
-            for (peer, to) in targets {
+            for (peer, route) in targets {
+                let Route::Direct(to) = route else { continue };
                 self.nodes[node].table.record_voice_sent(peer, bytes.len());
                 self.send(node, to, bytes.clone());
             }
@@ -876,6 +1117,8 @@ mod tests {
                 replay: 0,
                 stale_control: 0,
                 unexpected_kind: 1,
+                unknown_relay: 0,
+                relay_refused: 0,
             }
         );
         assert_eq!(c.total(), 5);

@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use egui::{CentralPanel, Context, Pos2, RawInput, Rect, Vec2};
 use p2p_voice::ui::panels;
 use p2p_voice::ui::view::{ChannelView, LinkView, MemberLink, MemberView, OverviewView};
-use p2p_voice::voice::{PeerState, UnreachableReason};
+use p2p_voice::voice::{PeerState, RelayVia, Unreachable, UnreachableReason};
 
 fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
     let channels = (0..channels)
@@ -27,10 +27,17 @@ fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
                     member.link = LinkView {
                         state: match id % 4 {
                             1 => MemberLink::Peer(PeerState::Punching),
-                            2 => MemberLink::Peer(PeerState::Unreachable(
-                                UnreachableReason::NoAnswer {
+                            2 => MemberLink::Peer(PeerState::Unreachable(Unreachable {
+                                direct: UnreachableReason::NoAnswer {
                                     candidates: 2,
                                     after: Duration::from_secs(10),
+                                },
+                                server_relays: false,
+                            })),
+                            3 if id % 8 == 3 => MemberLink::Peer(PeerState::Relayed(
+                                RelayVia::Member {
+                                    user_id: 1,
+                                    name: "m1".into(),
                                 },
                             )),
                             _ => MemberLink::Peer(PeerState::Direct(([192, 0, 2, 7], 7700).into())),

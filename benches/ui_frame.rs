@@ -34,12 +34,12 @@ fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
                                 },
                                 server_relays: false,
                             })),
-                            3 if id % 8 == 3 => MemberLink::Peer(PeerState::Relayed(
-                                RelayVia::Member {
+                            3 if id % 8 == 3 => {
+                                MemberLink::Peer(PeerState::Relayed(RelayVia::Member {
                                     user_id: 1,
                                     name: "m1".into(),
-                                },
-                            )),
+                                }))
+                            }
                             _ => MemberLink::Peer(PeerState::Direct(([192, 0, 2, 7], 7700).into())),
                         },
                         rtt_ms: Some(20.0 + (id % 50) as f32),

@@ -427,7 +427,15 @@ fn a_peer_without_a_voice_key_gets_no_voice() {
     let mut now = Duration::ZERO;
     let mut to_keyless = 0;
     for _ in 0..20 {
-        a.drain(now, |to, _| to_keyless += usize::from(to == addr(3000)));
+        let mut to_b = Vec::new();
+        a.drain(now, |to, d| {
+            to_keyless += usize::from(to == addr(3000));
+            if to == addr(2000) {
+                to_b.push(d.to_vec());
+            }
+        });
+        to_b.iter()
+            .for_each(|d| b.handle_datagram(now, addr(1000), d));
         exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 1);
     }
     assert_eq!(
@@ -600,4 +608,44 @@ fn a_duplicated_voice_datagram_is_dropped_by_the_cipher_and_counted_as_a_replay(
         DropReason::Replay(1).to_string(),
         "replayed or too old voice sequence number from peer 1"
     );
+}
+
+/// An attacker who recorded A's genuine, correctly tagged datagrams (punches, pings, acks)
+/// replays every one of them from its own address: B answers at most with challenges it
+/// cannot meet, and B's voice keeps going to A alone.
+#[test]
+fn replayed_genuine_control_from_a_third_address_does_not_divert_voice() {
+    let (mut a, mut b) = (engine(1), engine(2));
+    a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(Duration::ZERO, &peer(1, 1000, a.public_key()));
+    let mut now = Duration::ZERO;
+    let mut recorded = Vec::new();
+    for _ in 0..20 {
+        let (mut to_b, mut to_a) = (Vec::new(), Vec::new());
+        a.drain(now, |_, d| to_b.push(d.to_vec()));
+        b.drain(now, |_, d| to_a.push(d.to_vec()));
+        for d in &to_b {
+            b.handle_datagram(now, addr(1000), d);
+        }
+        to_a.iter()
+            .for_each(|d| a.handle_datagram(now, addr(2000), d));
+        recorded.extend(to_b);
+        now += Duration::from_millis(20);
+    }
+    let direct_to = |b: &VoiceEngine, now| match &b.snapshot(now).peers[0].state {
+        PeerState::Direct(addr) => Some(*addr),
+        _ => None,
+    };
+    assert_eq!(direct_to(&b, now), Some(addr(1000)));
+    assert!(recorded.len() > 3, "{} datagrams recorded", recorded.len());
+    let attacker = addr(6666);
+    for d in &recorded {
+        b.handle_datagram(now, attacker, d);
+        now += Duration::from_millis(5);
+        b.drain(now, |_, _| {});
+    }
+    assert_eq!(direct_to(&b, now), Some(addr(1000)));
+    let sent = voice_destinations(&mut b, &mut now, 20);
+    assert!(!sent.is_empty());
+    assert!(sent.iter().all(|&d| d == addr(1000)), "{sent:?}");
 }

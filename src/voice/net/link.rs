@@ -8,12 +8,23 @@
 //! arbitrary start chosen by the caller.
 //!
 //! ```text
-//! Punching     --valid packet from the peer-------------------> Connected { addr }
+//! Punching     --consent from an address (see below)----------> Connected { addr }
 //! Punching     --unreachable_after (10 s) without answer------> Unreachable { reason }
-//! Unreachable  --valid packet (punches continue every 2 s)----> Connected { addr }
+//! Unreachable  --consent (punches continue every 2 s)---------> Connected { addr }
 //! Unreachable  --add_candidate with a new address-------------> Punching
 //! Connected    --Ping unanswered for silence_timeout (5 s)----> Punching (reconnecting)
 //! ```
+//!
+//! Consent (as ICE's): an address becomes the path only after it answered a fresh challenge of
+//! ours, never because something, perhaps replayed, arrived from it. Proof is a PunchAck that
+//! echoes a nonce we sent to that very address: the punching episode's nonce for a candidate we
+//! punch, or a one-time challenge nonce for an address the peer's datagrams came from that we
+//! did not know (its NAT picked another port). Voice from a known candidate counts too: it is
+//! sealed, and the cipher's replay window has refused anything old. A Punch or Ping from an
+//! unknown address is answered (the peer needs that for its own consent) and challenged, both
+//! within a small byte budget, so replayed datagrams can neither move our voice elsewhere nor
+//! make us flood a third party; only verified addresses are kept as candidates, so spoofers
+//! cannot evict the real ones either.
 //!
 //! Liveness: a connected link sends a Ping every `keepalive_interval` (keeps NAT mappings open
 //! and measures RTT). A Ping is answered by anything from the peer; while it is unanswered it
@@ -25,7 +36,8 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::protocol::datagram::Datagram;
+use crate::protocol::datagram::{Datagram, PEER_CONTROL_LEN};
+use crate::protocol::relay_budget::RelayBudget;
 
 /// Most candidate addresses kept per peer (announced plus adopted peer-reflexive ones). Bounds
 /// the punch traffic a spoofer can cause by sending punches from many addresses.
@@ -181,6 +193,8 @@ pub struct LinkStats {
     pub last_heard: Option<Duration>,
     /// Datagrams not queued because the send queue was full.
     pub queue_overflows: u64,
+    /// Answers and challenges not sent to unverified addresses, over their byte budget.
+    pub unverified_refused: u64,
 }
 
 /// Small deterministic generator for punch nonces (the caller seeds it with real randomness).
@@ -194,6 +208,27 @@ fn splitmix64(state: &mut u64) -> u64 {
 
 /// Number of recent Ping timestamps remembered to validate Pongs.
 const PING_MEMORY: usize = 4;
+
+/// Challenges to unknown addresses outstanding at once; a new one replaces the oldest.
+const MAX_CHALLENGES: usize = 4;
+/// One address is challenged at most this often.
+const CHALLENGE_REPEAT: Duration = Duration::from_millis(500);
+/// A challenge not answered within this long is forgotten.
+const CHALLENGE_EXPIRY: Duration = Duration::from_secs(3);
+/// Bytes per second (and burst) this link may send to addresses not yet verified (answers and
+/// challenges): about 30 tagged control datagrams, so replayed punches sent from (or spoofed
+/// as) many addresses cannot turn us into a flood aimed at them.
+const UNVERIFIED_BYTES_PER_SEC: f64 = 1000.0;
+/// A tagged control datagram on the wire.
+const TAGGED_CONTROL_LEN: usize = PEER_CONTROL_LEN + 16;
+
+/// A one-time nonce sent in a Punch to an address we did not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Challenge {
+    addr: SocketAddr,
+    nonce: u64,
+    sent_at: Duration,
+}
 
 /// Hole punching, keepalive and liveness for one remote peer.
 ///
@@ -223,6 +258,8 @@ pub struct PeerLink {
     rttvar_micros: u64,
     outbox: VecDeque<Transmit>,
     stats: LinkStats,
+    challenges: [Option<Challenge>; MAX_CHALLENGES],
+    unverified_budget: RelayBudget,
 }
 
 impl PeerLink {
@@ -259,6 +296,8 @@ impl PeerLink {
             rttvar_micros: 0,
             outbox: VecDeque::new(),
             stats: LinkStats::default(),
+            challenges: [None; MAX_CHALLENGES],
+            unverified_budget: RelayBudget::new(now, UNVERIFIED_BYTES_PER_SEC),
         };
         for &addr in candidates {
             link.push_announced(addr);
@@ -540,33 +579,68 @@ impl PeerLink {
                 return Err(LinkReject::WrongRecipient);
             }
         }
-        // Validate fully before anything changes state.
         let known = self.index_of(from).is_some();
+        let active = self.active_addr() == Some(from);
+        // Validate fully before anything changes state.
         match *datagram {
             // Replays never get here: the peer's cipher refused them (`super::replay`).
             Datagram::Voice { .. } if !known => return Err(LinkReject::UnauthenticatedSource),
-            Datagram::PunchAck { nonce, .. } if nonce != self.nonce && nonce != self.prev_nonce => {
-                return Err(LinkReject::StaleNonce);
-            }
             Datagram::Pong { echo_micros, .. }
                 if !self.recent_pings.contains(&Some(echo_micros)) =>
             {
                 return Err(LinkReject::UnsolicitedPong);
             }
+            Datagram::PunchAck { nonce, .. } => {
+                let episode = nonce == self.nonce || nonce == self.prev_nonce;
+                let challenged = self.challenge_of(from, nonce).is_some();
+                if !challenged && !episode {
+                    return Err(LinkReject::StaleNonce);
+                }
+            }
             _ => {}
         }
-        if !known {
-            self.adopt_peer_reflexive(from);
-        }
-        // Answers go out before the Ping that a new connection sends.
+        self.stats.packets_in += 1;
+        self.stats.bytes_in += datagram.encoded_len() as u64;
         let outcome = match *datagram {
             Datagram::Punch { nonce, .. } => {
+                // Answer: the peer needs our PunchAck for its own consent on this path.
                 let ack = Datagram::PunchAck {
                     from: self.our_id,
                     to: self.peer_id,
                     nonce,
                 };
-                self.queue(from, ack);
+                if known {
+                    self.queue(from, ack);
+                    if !active {
+                        // Punch back at once rather than at the next round (and, while
+                        // connected elsewhere, to learn whether this candidate works).
+                        self.queue_punch(from);
+                    }
+                } else {
+                    self.queue_unverified(now, from, ack);
+                    self.challenge(now, from);
+                }
+                if active {
+                    self.mark_alive(now);
+                }
+                LinkOutcome::Control
+            }
+            Datagram::PunchAck { nonce, .. } => {
+                if let Some(i) = self.challenge_of(from, nonce) {
+                    // A fresh challenge of ours came back from `from`: the peer is there.
+                    self.challenges[i] = None;
+                    if !known {
+                        self.adopt_peer_reflexive(from);
+                    }
+                    self.consent(now, from, !known);
+                } else if known {
+                    // The episode's nonce, echoed from a candidate we punched.
+                    self.consent(now, from, false);
+                } else {
+                    // The episode's nonce from elsewhere proves nothing (it may be a replay):
+                    // challenge that address afresh.
+                    self.challenge(now, from);
+                }
                 LinkOutcome::Control
             }
             Datagram::Ping { sent_micros, .. } => {
@@ -575,38 +649,145 @@ impl PeerLink {
                     to: self.peer_id,
                     echo_micros: sent_micros,
                 };
-                self.queue(from, pong);
-                LinkOutcome::Control
-            }
-            Datagram::Pong { echo_micros, .. } => {
-                let now_micros = now.as_micros() as u64;
-                if now_micros >= echo_micros {
-                    self.update_rtt(now_micros - echo_micros);
+                if known {
+                    self.queue(from, pong);
+                    if !active {
+                        self.queue_punch(from);
+                    }
+                } else {
+                    self.queue_unverified(now, from, pong);
+                    self.challenge(now, from);
+                }
+                if active {
+                    self.mark_alive(now);
                 }
                 LinkOutcome::Control
             }
-            Datagram::Voice { .. } => LinkOutcome::Voice,
+            Datagram::Pong { echo_micros, .. } => {
+                // Our Pings go to the active address; a Pong from anywhere else is a copy.
+                if active {
+                    let now_micros = now.as_micros() as u64;
+                    if now_micros >= echo_micros {
+                        self.update_rtt(now_micros - echo_micros);
+                    }
+                    self.mark_alive(now);
+                } else if !known {
+                    self.challenge(now, from);
+                }
+                LinkOutcome::Control
+            }
+            Datagram::Voice { .. } => {
+                // Fresh (the cipher refused replays) and from a candidate address.
+                if active {
+                    self.mark_alive(now);
+                } else if !matches!(self.state, LinkState::Connected { .. }) {
+                    self.consent(now, from, false);
+                }
+                LinkOutcome::Voice
+            }
             _ => LinkOutcome::Control,
         };
-        self.mark_heard(now, from, !known, datagram.encoded_len());
         Ok(outcome)
     }
 
-    /// Records an accepted datagram: stats, liveness, and the connection state.
-    fn mark_heard(&mut self, now: Duration, from: SocketAddr, newly_adopted: bool, len: usize) {
-        self.stats.packets_in += 1;
-        self.stats.bytes_in += len as u64;
+    /// The index of the outstanding challenge to `addr` with `nonce`, if any.
+    fn challenge_of(&self, addr: SocketAddr, nonce: u64) -> Option<usize> {
+        self.challenges
+            .iter()
+            .position(|c| c.is_some_and(|c| c.addr == addr && c.nonce == nonce))
+    }
+
+    /// Sends a Punch with a one-time nonce to `addr`, which the peer's datagrams came from but
+    /// which we have not verified, unless it was challenged a moment ago.
+    fn challenge(&mut self, now: Duration, addr: SocketAddr) {
+        for slot in &mut self.challenges {
+            if slot.is_some_and(|c| now.saturating_sub(c.sent_at) > CHALLENGE_EXPIRY) {
+                *slot = None;
+            }
+        }
+        let recent = self
+            .challenges
+            .iter()
+            .flatten()
+            .any(|c| c.addr == addr && now.saturating_sub(c.sent_at) < CHALLENGE_REPEAT);
+        if recent {
+            return;
+        }
+        let nonce = splitmix64(&mut self.rng);
+        let punch = Datagram::Punch {
+            from: self.our_id,
+            to: self.peer_id,
+            nonce,
+        };
+        if !self.queue_unverified(now, addr, punch) {
+            return;
+        }
+        let slot = match self.challenges.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => self
+                .challenges
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, c)| c.map(|c| c.sent_at))
+                .map(|(i, _)| i)
+                .unwrap_or(0),
+        };
+        self.challenges[slot] = Some(Challenge {
+            addr,
+            nonce,
+            sent_at: now,
+        });
+    }
+
+    /// Queues `datagram` to an address not verified yet, within the byte budget for such
+    /// addresses. Returns whether it was queued.
+    fn queue_unverified(
+        &mut self,
+        now: Duration,
+        to: SocketAddr,
+        datagram: Datagram<'static>,
+    ) -> bool {
+        let rate = UNVERIFIED_BYTES_PER_SEC;
+        if !self
+            .unverified_budget
+            .try_spend(now, TAGGED_CONTROL_LEN, rate, rate)
+        {
+            self.stats.unverified_refused += 1;
+            return false;
+        }
+        self.queue(to, datagram);
+        true
+    }
+
+    /// A Punch of this episode to `to` (a known candidate), outside the punch rounds.
+    fn queue_punch(&mut self, to: SocketAddr) {
+        let punch = Datagram::Punch {
+            from: self.our_id,
+            to: self.peer_id,
+            nonce: self.nonce,
+        };
+        self.queue(to, punch);
+    }
+
+    /// Something arrived that only the live peer can send (fresh proof, or traffic from the
+    /// active address): the link is alive.
+    fn mark_alive(&mut self, now: Duration) {
         self.stats.last_heard = Some(now);
         self.ping_outstanding_since = None;
+    }
+
+    /// `from` proved to be a working path to the peer: connect to it, or move to it when it
+    /// is newly verified (the peer's NAT changed its mapping) or ranks better; never back to a
+    /// worse one.
+    fn consent(&mut self, now: Duration, from: SocketAddr, newly_verified: bool) {
+        self.mark_alive(now);
         match self.state {
             LinkState::Connected { addr } => {
-                // Move to a newly learned address (the peer's NAT changed its mapping) or to a
-                // better-ranked candidate; never back to a worse one.
                 let better = match (self.index_of(from), self.index_of(addr)) {
                     (Some(new), Some(cur)) => new < cur,
                     _ => false,
                 };
-                if from != addr && (newly_adopted || better) {
+                if from != addr && (newly_verified || better) {
                     self.state = LinkState::Connected { addr: from };
                 }
             }
@@ -652,6 +833,8 @@ mod tests {
         }
     }
 
+    /// The peer punches us from `from`; we answer and punch (or challenge) back; the peer
+    /// answers that: the path is verified.
     fn connect(l: &mut PeerLink, now: Duration, from: SocketAddr) {
         let out = l.handle(
             now,
@@ -663,6 +846,20 @@ mod tests {
             },
         );
         assert_eq!(out, LinkOutcome::Control);
+        let sent = drain(l, now);
+        let nonce = sent
+            .iter()
+            .find_map(|t| match t.datagram {
+                Datagram::Punch { nonce, .. } if t.to == from => Some(nonce),
+                _ => None,
+            })
+            .expect("a punch or challenge back to the source");
+        let ack = Datagram::PunchAck {
+            from: PEER,
+            to: US,
+            nonce,
+        };
+        assert_eq!(l.handle(now, from, &ack), LinkOutcome::Control);
         drain(l, now);
     }
 
@@ -687,9 +884,9 @@ mod tests {
     }
 
     #[test]
-    fn a_punch_is_answered_with_a_punch_ack_to_its_source_and_connects() {
+    fn a_punch_is_answered_and_punched_back_and_only_the_answer_to_ours_connects() {
         let mut l = link(&["198.51.100.2:6000"]);
-        drain(&mut l, Duration::ZERO);
+        let nonce = punch_nonce(&drain(&mut l, Duration::ZERO));
         let src = addr("198.51.100.2:6000");
         let out = l.handle(
             ms(30),
@@ -701,20 +898,41 @@ mod tests {
             },
         );
         assert_eq!(out, LinkOutcome::Control);
-        assert_eq!(l.state(), &LinkState::Connected { addr: src });
+        assert!(
+            matches!(l.state(), LinkState::Punching { .. }),
+            "a punch (perhaps replayed) is no proof the path works"
+        );
         let sent = drain(&mut l, ms(30));
         assert_eq!(
-            sent[0],
-            Transmit {
-                to: src,
-                datagram: Datagram::PunchAck {
-                    from: US,
-                    to: PEER,
-                    nonce: 99
+            sent[..2],
+            [
+                Transmit {
+                    to: src,
+                    datagram: Datagram::PunchAck {
+                        from: US,
+                        to: PEER,
+                        nonce: 99
+                    }
+                },
+                Transmit {
+                    to: src,
+                    datagram: Datagram::Punch {
+                        from: US,
+                        to: PEER,
+                        nonce
+                    }
                 }
-            }
+            ]
         );
-        assert!(matches!(sent[1].datagram, Datagram::Ping { .. }));
+        let ack = Datagram::PunchAck {
+            from: PEER,
+            to: US,
+            nonce,
+        };
+        assert_eq!(l.handle(ms(40), src, &ack), LinkOutcome::Control);
+        assert_eq!(l.state(), &LinkState::Connected { addr: src });
+        let sent = drain(&mut l, ms(40));
+        assert!(matches!(sent[0].datagram, Datagram::Ping { .. }));
     }
 
     #[test]
@@ -772,7 +990,8 @@ mod tests {
     }
 
     #[test]
-    fn punch_from_an_unknown_address_is_adopted_as_peer_reflexive_and_made_active() {
+    fn an_unknown_address_that_answers_our_challenge_is_adopted_as_peer_reflexive_and_made_active()
+    {
         let mut l = link(&["10.0.0.2:5000", "198.51.100.2:6000"]);
         connect(&mut l, ms(5), addr("198.51.100.2:6000"));
         let nat = addr("198.51.100.2:6001");
@@ -1020,27 +1239,93 @@ mod tests {
         }
     }
 
+    /// A punch recorded from the peer and replayed from 100 addresses (or with 100 spoofed
+    /// sources): none becomes a candidate or the path, the real ones stay, and what we send
+    /// to those addresses stays within the unverified budget.
     #[test]
-    fn peer_reflexive_candidates_are_bounded() {
+    fn replayed_punches_from_many_addresses_move_nothing_and_cost_little() {
         let mut l = link(&["198.51.100.2:6000"]);
+        let real = addr("198.51.100.2:6000");
+        connect(&mut l, ms(0), real);
+        let mut to_unverified = 0;
         for port in 0..100u16 {
             let from = SocketAddr::from(([203, 0, 113, 5], 1000 + port));
+            let now = ms(1 + u64::from(port));
             l.handle(
-                ms(u64::from(port)),
+                now,
                 from,
                 &Datagram::Punch {
                     from: PEER,
                     to: US,
-                    nonce: 1,
+                    nonce: 5,
                 },
             );
-            drain(&mut l, ms(u64::from(port)));
+            to_unverified += drain(&mut l, now).iter().filter(|t| t.to != real).count();
         }
-        assert_eq!(l.candidates().len(), MAX_CANDIDATES);
-        assert_eq!(l.candidates()[0].addr, addr("198.51.100.2:6000"));
-        let active = l.active_addr().unwrap();
-        assert_eq!(active, SocketAddr::from(([203, 0, 113, 5], 1099)));
-        assert!(l.candidates().iter().any(|c| c.addr == active));
+        assert_eq!(l.active_addr(), Some(real));
+        assert_eq!(l.candidates().len(), 1);
+        // 1000 B/s with as much burst, 33 B each: 30 at once, 3 more over the 0.1 s.
+        assert!(
+            to_unverified <= 34,
+            "{to_unverified} datagrams to unverified addresses"
+        );
+        assert!(l.stats().unverified_refused > 60);
+    }
+
+    /// What an attacker who recorded our traffic can replay from a third address: the peer's
+    /// Punch, Ping, Pong and PunchAck of this episode. None moves the path; only an answer to
+    /// the fresh challenge we send there would (and that the attacker cannot produce).
+    #[test]
+    fn replayed_control_from_a_third_address_does_not_move_the_path() {
+        let mut l = link(&["198.51.100.2:6000"]);
+        let real = addr("198.51.100.2:6000");
+        let episode = punch_nonce(&drain(&mut l, ms(0)));
+        let ack = Datagram::PunchAck {
+            from: PEER,
+            to: US,
+            nonce: episode,
+        };
+        l.handle(ms(10), real, &ack);
+        let sent = drain(&mut l, ms(10));
+        let Datagram::Ping { sent_micros, .. } = sent[0].datagram else {
+            panic!("{sent:?}")
+        };
+        let attacker = addr("203.0.113.66:4444");
+        let replays = [
+            Datagram::Punch {
+                from: PEER,
+                to: US,
+                nonce: 5,
+            },
+            ack,
+            Datagram::Ping {
+                from: PEER,
+                to: US,
+                sent_micros: 1,
+            },
+            Datagram::Pong {
+                from: PEER,
+                to: US,
+                echo_micros: sent_micros,
+            },
+        ];
+        let mut challenges = Vec::new();
+        for (i, d) in replays.iter().enumerate() {
+            let now = ms(20 + 600 * i as u64);
+            l.handle(now, attacker, d);
+            for t in drain(&mut l, now) {
+                if let (true, Datagram::Punch { nonce, .. }) = (t.to == attacker, t.datagram) {
+                    challenges.push(nonce);
+                }
+            }
+            assert_eq!(l.active_addr(), Some(real), "after replaying {d:?}");
+        }
+        assert!(!challenges.is_empty());
+        assert!(
+            !challenges.contains(&episode),
+            "challenges are one-time nonces"
+        );
+        assert_eq!(l.candidates().len(), 1, "nothing unverified is kept");
     }
 
     /// The texts people read are exactly the ones shown before the reason was typed.

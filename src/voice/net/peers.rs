@@ -253,6 +253,8 @@ impl PeerTable {
     pub fn remove_peer(&mut self, id: u32) -> Option<PeerEntry> {
         for entry in self.peers.values_mut() {
             entry.forward_budgets.remove(&id);
+            // A relay that left carries nothing any more: fall back at once.
+            entry.relay.forget(Via::Member(id));
         }
         self.peers.remove(&id)
     }

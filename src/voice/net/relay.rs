@@ -214,6 +214,17 @@ impl RelayRoute {
         })
     }
 
+    /// `via` can no longer relay (the member left the channel): drop its path now rather than
+    /// at the next timeout.
+    pub fn forget(&mut self, via: Via) {
+        self.paths.retain(|p| p.via != via);
+        if self.active == Some(via) {
+            self.active = None;
+            // Probe the remaining paths at once.
+            self.next_probe = Duration::ZERO;
+        }
+    }
+
     /// A Pong from the peer came back through `via`. Returns whether it answered one of our
     /// Pings (only then does the path count as working).
     pub fn handle_pong(&mut self, now: Duration, via: Via, echo_micros: u64) -> bool {

@@ -75,6 +75,13 @@ impl Default for ServerRules {
 /// every 250 ms is plenty, and one check walks every session, so it stays cheap on big servers.
 pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Registers per second one session may send, and its burst. A client sends one every 15 s
+/// once registered, four a second until then.
+pub const REGISTER_RATE: f64 = 5.0;
+pub const REGISTER_BURST: f64 = 10.0;
+/// A session's changed public endpoint reaches its channel at most this often.
+pub const ENDPOINT_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Most `RegisterAck`s and events kept for a shell that is not draining; beyond it new ones
 /// are dropped (a shell reading a burst of datagrams drains after each batch of reads).
 const MAX_QUEUED_UDP: usize = 4096;
@@ -112,6 +119,12 @@ struct Session {
     addrs: ConnectionAddrs,
     /// What this client may still send through the relay.
     relay_budget: RelayBudget,
+    /// Registers this client may still send (a token bucket counting datagrams).
+    register_budget: RelayBudget,
+    /// When the channel was last told of this client's public endpoint, and whether a later
+    /// change waits for the announce interval.
+    endpoint_announced_at: Option<Duration>,
+    endpoint_change_pending: bool,
 }
 
 #[derive(Debug)]
@@ -283,6 +296,9 @@ impl ServerState {
                     now,
                     self.rules.relay.unwrap_or_default().burst_bytes,
                 ),
+                register_budget: RelayBudget::new(now, REGISTER_BURST),
+                endpoint_announced_at: None,
+                endpoint_change_pending: false,
             },
         );
     }
@@ -760,15 +776,15 @@ impl ServerState {
                 Ok(()) => return,
                 Err(refusal) => DatagramDrop::Relay(refusal),
             },
-            Ok(Datagram::Register { token }) => match self.register_udp(token, from) {
-                Some(id) => {
+            Ok(Datagram::Register { token }) => match self.register_udp(now, token, from) {
+                Ok(id) => {
                     if self.acks.len() < MAX_QUEUED_UDP {
                         self.acks.push_back(from);
                     }
                     self.push_event(ServerEvent::UdpRegistered(id));
                     return;
                 }
-                None => DatagramDrop::UnknownToken,
+                Err(why) => why,
             },
             Ok(_) => DatagramDrop::Unexpected,
             Err(e) => DatagramDrop::Malformed(e),
@@ -782,18 +798,70 @@ impl ServerState {
         }
     }
 
-    /// The session holding `token` is reachable at `from`.
-    fn register_udp(&mut self, token: u64, from: SocketAddr) -> Option<SessionId> {
-        let id = *self.tokens.get(&token)?;
-        let session = self.sessions.get_mut(&id)?;
+    /// The session holding `token` is reachable at `from`. Refused when `from` is not the
+    /// address the session's TCP connection comes from (a token seen on the wire cannot
+    /// register someone else's address) or the session registers faster than
+    /// [`REGISTER_RATE`]. A changed address reaches the channel at most once per
+    /// [`ENDPOINT_ANNOUNCE_INTERVAL`]: alternating source ports cannot make us flood members.
+    fn register_udp(
+        &mut self,
+        now: Duration,
+        token: u64,
+        from: SocketAddr,
+    ) -> Result<SessionId, DatagramDrop> {
+        let id = *self.tokens.get(&token).ok_or(DatagramDrop::UnknownToken)?;
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(DatagramDrop::UnknownToken)?;
+        if from.ip().to_canonical() != session.addrs.peer {
+            return Err(DatagramDrop::RegisterFromElsewhere);
+        }
+        if !session
+            .register_budget
+            .try_spend(now, 1, REGISTER_RATE, REGISTER_BURST)
+        {
+            return Err(DatagramDrop::RegisterRateLimited);
+        }
         if session.public_endpoint != Some(from) {
             if let Some(old) = session.public_endpoint.replace(from) {
                 self.by_endpoint.remove(&old);
             }
             self.by_endpoint.insert(from, id);
+            let due = session
+                .endpoint_announced_at
+                .is_none_or(|t| now.saturating_sub(t) >= ENDPOINT_ANNOUNCE_INTERVAL);
+            if due {
+                session.endpoint_announced_at = Some(now);
+                session.endpoint_change_pending = false;
+                self.endpoints_changed(id);
+            } else {
+                // Told with the next expiry check once the interval has passed.
+                session.endpoint_change_pending = true;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Tells channels about endpoint changes held back by the announce interval.
+    fn announce_pending_endpoints(&mut self, now: Duration) {
+        let due: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.endpoint_change_pending
+                    && s.endpoint_announced_at
+                        .is_none_or(|t| now.saturating_sub(t) >= ENDPOINT_ANNOUNCE_INTERVAL)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.endpoint_change_pending = false;
+                s.endpoint_announced_at = Some(now);
+            }
             self.endpoints_changed(id);
         }
-        Some(id)
     }
 
     /// Forwards `inner` from the session registered at `from` to member `to` of its channel,
@@ -859,6 +927,7 @@ impl ServerState {
             return;
         }
         self.next_expiry_check = now + EXPIRY_CHECK_INTERVAL;
+        self.announce_pending_endpoints(now);
         let window = self.rules.wrong_password_window;
         self.wrong_by_ip
             .retain(|_, q| q.back().is_some_and(|t| now.saturating_sub(*t) <= window));

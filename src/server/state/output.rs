@@ -63,6 +63,11 @@ pub enum DatagramDrop {
     /// `Register` with a token no session holds (stale, or guessed).
     #[error("register with an unknown token")]
     UnknownToken,
+    /// A valid token from an IP address other than its session's TCP connection.
+    #[error("register from another address than the session's connection")]
+    RegisterFromElsewhere,
+    #[error("registers sent too fast")]
+    RegisterRateLimited,
     #[error("relay refused: {0}")]
     Relay(#[from] super::super::relay::RelayRefusal),
 }

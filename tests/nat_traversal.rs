@@ -313,6 +313,8 @@ fn clients_behind_two_nats_punch_through_and_hear_each_other() {
         );
         assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
     }
+    report_first_audio("home-home direct", "alice", &out_a, 660.0);
+    report_first_audio("home-home direct", "bob", &out_b, 440.0);
     let audio_a = p2p_voice::audio::load_wav_mono_48k(&out_a).unwrap();
     let audio_b = p2p_voice::audio::load_wav_mono_48k(&out_b).unwrap();
     let tail = |a: &[f32]| a[a.len() - 48_000 * 3..].to_vec();
@@ -362,6 +364,8 @@ fn a_guest_behind_a_nat_hears_a_host_whose_client_uses_loopback() {
     let h = summary(&host_lines);
     let guest_peer = peer_named(h, "guest").unwrap_or_else(|| panic!("host: {host_text}"));
     assert_eq!(guest_peer["link"]["state"], "direct", "host: {h}");
+    report_first_audio("host mode, guest behind NAT", "guest", &out_guest, 440.0);
+    report_first_audio("host mode, guest behind NAT", "host", &out_host, 660.0);
     let audio_host = p2p_voice::audio::load_wav_mono_48k(&out_host).unwrap();
     let audio_guest = p2p_voice::audio::load_wav_mono_48k(&out_guest).unwrap();
     let tail = |a: &[f32]| a[a.len() - 48_000 * 3..].to_vec();
@@ -388,6 +392,25 @@ fn public_server(tag: &str, extra: &[&str]) -> std::process::Child {
         .expect("server in namespace");
     std::thread::sleep(std::time::Duration::from_millis(500));
     child
+}
+
+/// Milliseconds from the start of a client's output WAV (about when the process started,
+/// before it connected, identified and joined) to the first 20 ms block where the tone `hz`
+/// is heard: an upper bound of join-to-first-audio, printed for docs/BENCHMARKS.md (never
+/// asserted: no test asserts wall-clock speed).
+fn first_heard_ms(path: &std::path::Path, hz: f32) -> Option<usize> {
+    let audio = p2p_voice::audio::load_wav_mono_48k(path).unwrap();
+    audio
+        .chunks(960)
+        .position(|block| tone_level(block, hz) > 0.05)
+        .map(|i| i * 20)
+}
+
+fn report_first_audio(case: &str, who: &str, path: &std::path::Path, hz: f32) {
+    match first_heard_ms(path, hz) {
+        Some(ms) => eprintln!("first-audio {case}: {who} hears {hz} Hz after {ms} ms"),
+        None => eprintln!("first-audio {case}: {who} never hears {hz} Hz"),
+    }
 }
 
 /// The last 3 s of a client's output WAV.
@@ -420,6 +443,8 @@ fn clients_behind_two_symmetric_nats_talk_through_a_relaying_server() {
         assert_eq!(peer["link"]["via"], "server", "{me}: {peer}");
         assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
     }
+    report_first_audio("symmetric-symmetric via server", "alice", &out_a, 660.0);
+    report_first_audio("symmetric-symmetric via server", "bob", &out_b, 440.0);
     assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
     assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
 }
@@ -462,6 +487,9 @@ fn a_public_member_bridges_two_clients_behind_symmetric_nats() {
             "carol forwarded {peer}"
         );
     }
+    report_first_audio("symmetric-symmetric via a member", "alice", &out_a, 660.0);
+    report_first_audio("symmetric-symmetric via a member", "bob", &out_b, 440.0);
+    report_first_audio("symmetric-public direct", "alice", &out_a, 880.0);
     // Carol's last seconds are after the others left: listen to her call's middle instead.
     let carol_audio = p2p_voice::audio::load_wav_mono_48k(&out_c).unwrap();
     let c = carol_audio[48_000 * 5..48_000 * 8].to_vec();

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use p2p_voice::protocol::datagram::{Datagram, MAX_DATAGRAM_LEN, VOICE_HEADER_LEN};
-use p2p_voice::voice::net::link::LinkConfig;
-use p2p_voice::voice::net::peers::{Incoming, PeerTable};
+use p2p_voice::voice::net::link::{LinkConfig, Transmit};
+use p2p_voice::voice::net::peers::{Incoming, Outgoing, PeerTable};
 
 /// A typical 20 ms Opus frame at ~32 kbit/s.
 const PAYLOAD_LEN: usize = 80;
@@ -34,24 +34,40 @@ fn parse_and_write(c: &mut Criterion) {
     group.finish();
 }
 
-/// A table whose 8 peers are connected (each answered a punch).
+/// A table whose 8 peers are connected: each echoed the punch we sent it (consent), so the
+/// path is verified.
 fn connected_table() -> (PeerTable, Vec<SocketAddr>) {
     let mut table = PeerTable::new(1, LinkConfig::default(), 42);
     let mut addrs = Vec::new();
     for id in 2..10u32 {
         let addr = SocketAddr::from(([198, 51, 100, id as u8], 7000));
         table.upsert_peer(Duration::ZERO, id, format!("peer{id}"), &[addr]);
-        let punch = Datagram::Punch {
-            from: id,
-            to: 1,
-            nonce: 1,
-        }
-        .to_vec()
-        .expect("fits");
-        table.handle_datagram(Duration::ZERO, addr, &punch);
         addrs.push(addr);
     }
     table.handle_timeout(Duration::ZERO);
+    let mut acks = Vec::new();
+    while let Some(out) = table.poll_transmit() {
+        if let Outgoing::Direct(Transmit {
+            to,
+            datagram:
+                Datagram::Punch {
+                    from,
+                    to: peer,
+                    nonce,
+                },
+        }) = out
+        {
+            let ack = Datagram::PunchAck {
+                from: peer,
+                to: from,
+                nonce,
+            };
+            acks.push((to, ack.to_vec().expect("fits")));
+        }
+    }
+    for (addr, ack) in acks {
+        table.handle_datagram(Duration::ZERO, addr, &ack);
+    }
     while table.poll_transmit().is_some() {}
     assert_eq!(table.voice_targets().count(), 8);
     (table, addrs)

@@ -119,7 +119,7 @@ pub fn run_desktop(
     use bevy::window::{Window, WindowPlugin};
     use bevy_egui::EguiPlugin;
 
-    let devices = crate::audio::list_devices().ok();
+    let devices = crate::audio::list_devices(voice.audio.host).ok();
     let names = |v: &[crate::audio::DeviceInfo]| v.iter().map(|d| d.name.clone()).collect();
     let mut ui = UiOptions {
         input_devices: devices
@@ -177,9 +177,13 @@ pub fn run_desktop(
 }
 
 /// `p2p-voice devices`.
-pub fn print_devices() -> anyhow::Result<()> {
-    let list = crate::audio::list_devices()?;
+pub fn print_devices(host: crate::audio::AudioHost) -> anyhow::Result<()> {
+    let list = crate::audio::list_devices(host)?;
     println!("audio host: {}", list.host);
+    println!(
+        "available hosts: {} (pick one with --audio-host)",
+        crate::audio::AudioHost::available().join(", ")
+    );
     println!("inputs:");
     if list.inputs.is_empty() {
         println!("  (none)");

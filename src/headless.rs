@@ -224,9 +224,21 @@ fn track_departures(voice: Res<Voice>, mut peers: ResMut<DepartedPeers>) {
     }
 }
 
-/// The final JSON line: each peer's link state and stats, and the same for the peers that
-/// departed during the run (`departed_peers`, in the order they went).
-pub fn summary_json(snap: &VoiceSnapshot, departed: &[PeerSnapshot]) -> serde_json::Value {
+/// The devices in use, as the audio path described them when it opened them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeviceDescs<'a> {
+    pub input: Option<&'a str>,
+    pub output: Option<&'a str>,
+}
+
+/// The final JSON line: each peer's link state and stats, the same for the peers that
+/// departed during the run (`departed_peers`, in the order they went), and the audio path's
+/// devices and glitch counters (`audio`).
+pub fn summary_json(
+    snap: &VoiceSnapshot,
+    departed: &[PeerSnapshot],
+    devices: DeviceDescs<'_>,
+) -> serde_json::Value {
     let peer_json = |p: &PeerSnapshot| {
         json!({
             "user_id": p.user_id,
@@ -287,6 +299,17 @@ pub fn summary_json(snap: &VoiceSnapshot, departed: &[PeerSnapshot]) -> serde_js
         },
         "peers": snap.peers.iter().map(peer_json).collect::<Vec<_>>(),
         "departed_peers": departed.iter().map(peer_json).collect::<Vec<_>>(),
+        "audio": {
+            "input": devices.input,
+            "output": devices.output,
+            "capture_overrun_samples": snap.audio.capture_overrun_samples,
+            "playback_underrun_samples": snap.audio.playback_underrun_samples,
+            "device_xruns": snap.audio.device_xruns,
+            "device_errors": snap.audio.device_errors,
+            "paced_chunks_skipped": snap.audio.paced_chunks_skipped,
+            "stream_restarts": snap.audio.stream_restarts,
+            "devices_lost": snap.audio.devices_lost,
+        },
     })
 }
 
@@ -314,7 +337,12 @@ fn stop_when_done(
                 if let Some(snap) = t.shutdown() {
                     // Whoever left since the last periodic snapshot departs now.
                     departed.update(&snap.peers);
-                    emit(format_args!("{}", summary_json(&snap, &departed.departed)));
+                    let devices = DeviceDescs {
+                        input: voice.input_desc.as_deref(),
+                        output: voice.output_desc.as_deref(),
+                    };
+                    let line = summary_json(&snap, &departed.departed, devices);
+                    emit(format_args!("{line}"));
                 }
             }
             intents.write(ClientIntent::Disconnect);

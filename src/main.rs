@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use p2p_voice::app::{self, HeadlessOptions};
-use p2p_voice::audio::{InputSource, OutputSink};
+use p2p_voice::audio::{AudioHost, InputSource, OutputSink};
 use p2p_voice::config::{hash_password, load_channels};
 use p2p_voice::protocol::DEFAULT_PORT;
 use p2p_voice::server::relay::DEFAULT_RELAY_KBPS;
@@ -34,7 +34,7 @@ enum Mode {
     /// Print an argon2 hash of a channel password for the channels file.
     HashPassword(HashArgs),
     /// List audio input and output devices.
-    Devices,
+    Devices(DevicesArgs),
 }
 
 #[derive(Args, Clone)]
@@ -61,6 +61,19 @@ struct HostArgs {
     /// Most each client may send through the embedded server's relay, in kb/s.
     #[arg(long, default_value_t = DEFAULT_RELAY_KBPS)]
     relay_kbps: u32,
+    /// Sound system for the microphone and speaker.
+    #[arg(long, value_name = AUDIO_HOST_VALUES, default_value_t = AudioHost::Auto)]
+    audio_host: AudioHost,
+}
+
+/// What `--audio-host` takes (the names depend on the platform; `devices` prints the one used).
+const AUDIO_HOST_VALUES: &str = "auto|PulseAudio|ALSA";
+
+#[derive(Args, Clone)]
+struct DevicesArgs {
+    /// Sound system to list: auto (what the app uses), or one by name.
+    #[arg(long, value_name = AUDIO_HOST_VALUES, default_value_t = AudioHost::Auto)]
+    audio_host: AudioHost,
 }
 
 #[derive(Args, Clone)]
@@ -154,6 +167,10 @@ struct ClientArgs {
     /// Output device name (desktop app, or headless without --output-wav).
     #[arg(long)]
     output_device: Option<String>,
+    /// Sound system the devices are on: auto (the native PulseAudio/PipeWire server when
+    /// one runs, else ALSA), or one by name (see `p2p-voice devices`).
+    #[arg(long, value_name = AUDIO_HOST_VALUES, default_value_t = AudioHost::Auto)]
+    audio_host: AudioHost,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -224,6 +241,11 @@ fn voice_config(
     }
 }
 
+fn with_audio_host(mut voice: VoiceThreadConfig, host: AudioHost) -> VoiceThreadConfig {
+    voice.audio.host = host;
+    voice
+}
+
 fn has_display() -> bool {
     std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty())
         || std::env::var_os("WAYLAND_DISPLAY").is_some_and(|d| !d.is_empty())
@@ -240,6 +262,7 @@ fn run() -> anyhow::Result<ExitCode> {
         data_dir: None,
         no_relay: false,
         relay_kbps: DEFAULT_RELAY_KBPS,
+        audio_host: AudioHost::Auto,
     }));
     match mode {
         Mode::Server(a) => {
@@ -277,7 +300,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 a.username,
                 None,
                 None,
-                VoiceThreadConfig::default(),
+                with_audio_host(VoiceThreadConfig::default(), a.audio_host),
                 false,
             )?)
         }
@@ -320,10 +343,13 @@ fn run() -> anyhow::Result<ExitCode> {
                     channel: a.channel,
                     password: a.password,
                     duration: a.duration.map(std::time::Duration::from_secs_f64),
-                    voice: VoiceThreadConfig {
-                        impair: a.impair.clone(),
-                        ..voice_config(a.frame_ms, a.bitrate, denoise, input, output)
-                    },
+                    voice: with_audio_host(
+                        VoiceThreadConfig {
+                            impair: a.impair.clone(),
+                            ..voice_config(a.frame_ms, a.bitrate, denoise, input, output)
+                        },
+                        a.audio_host,
+                    ),
                     always_transmit: a.always_transmit,
                     start_muted: a.mute,
                     accept_new_cert: a.accept_new_cert,
@@ -336,16 +362,19 @@ fn run() -> anyhow::Result<ExitCode> {
                 );
             }
             let denoise = !matches!(a.noise_suppression, Some(OnOff::Off));
-            let voice = VoiceThreadConfig {
-                impair: a.impair.clone(),
-                ..voice_config(
-                    a.frame_ms,
-                    a.bitrate,
-                    denoise,
-                    InputSource::Device(a.input_device.clone()),
-                    OutputSink::Device(a.output_device.clone()),
-                )
-            };
+            let voice = with_audio_host(
+                VoiceThreadConfig {
+                    impair: a.impair.clone(),
+                    ..voice_config(
+                        a.frame_ms,
+                        a.bitrate,
+                        denoise,
+                        InputSource::Device(a.input_device.clone()),
+                        OutputSink::Device(a.output_device.clone()),
+                    )
+                },
+                a.audio_host,
+            );
             let join = a.channel.map(|c| (c, a.password));
             Ok(app::run_desktop(
                 None,
@@ -378,8 +407,8 @@ fn run() -> anyhow::Result<ExitCode> {
             eprintln!("Put it in the channels file as: password_hash = \"{hash}\"");
             Ok(ExitCode::SUCCESS)
         }
-        Mode::Devices => {
-            app::print_devices()?;
+        Mode::Devices(a) => {
+            app::print_devices(a.audio_host)?;
             Ok(ExitCode::SUCCESS)
         }
     }

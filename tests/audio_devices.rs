@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use p2p_voice::audio::{
-    goertzel_amplitude, list_devices, AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink,
-    ToneGenerator, SAMPLE_RATE,
+    goertzel_amplitude, list_devices, AudioConfig, AudioEvent, AudioHost, AudioIo, InputSource,
+    OutputSink, ToneGenerator, SAMPLE_RATE,
 };
 
 use common::skip_unless_ci;
@@ -138,7 +138,7 @@ fn tone_played_to_the_default_output_comes_back_on_the_default_input() {
             return;
         }
     };
-    match list_devices() {
+    match list_devices(AudioHost::Auto) {
         Ok(list) => println!("{list:#?}"),
         Err(e) => println!("device listing failed: {e}"),
     }
@@ -194,4 +194,215 @@ fn tone_played_to_the_default_output_comes_back_on_the_default_input() {
         );
         assert!(off_tone < at_tone / 10.0, "tone not clean at {rate} Hz");
     }
+}
+
+/// The PulseAudio server's socket as `PULSE_SERVER` wants it. The native host finds the
+/// server through `PULSE_SERVER` or `XDG_RUNTIME_DIR` (set in every desktop session); a
+/// daemon started by root outside one lives under /tmp, so the clients are told.
+fn pulse_server() -> Result<String, String> {
+    let out = Command::new("pactl")
+        .arg("info")
+        .output()
+        .map_err(|e| format!("pactl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Server String: "))
+        .map(|s| {
+            if s.starts_with('/') {
+                format!("unix:{s}")
+            } else {
+                s.to_string()
+            }
+        })
+        .ok_or_else(|| format!("no server string in `pactl info`: {text}"))
+}
+
+/// Null sinks loaded for one test (their monitors are the matching sources); unloaded on drop.
+struct NullSinks(Vec<String>);
+
+impl NullSinks {
+    fn load(names: &[&str]) -> Self {
+        let mut modules = Vec::new();
+        for name in names {
+            let out = Command::new("pactl")
+                .args([
+                    "load-module",
+                    "module-null-sink",
+                    &format!("sink_name={name}"),
+                    "rate=48000",
+                ])
+                .output()
+                .expect("pactl load-module");
+            assert!(out.status.success(), "loading null sink {name}: {out:?}");
+            modules.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        Self(modules)
+    }
+}
+
+impl Drop for NullSinks {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let _ = Command::new("pactl").args(["unload-module", m]).status();
+        }
+    }
+}
+
+/// Every 20 ms block of `samples` between `from_s` and `to_s` seconds that carries less than
+/// a quarter of the median level of `hz`: what a listener hears as a gap or a dip.
+fn tone_gaps(samples: &[f32], hz: f32, from_s: f32, to_s: f32) -> (f32, Vec<f32>) {
+    let rate = SAMPLE_RATE as f32;
+    let from = (from_s * rate) as usize;
+    let to = ((to_s * rate) as usize).min(samples.len());
+    assert!(
+        to > from + SAMPLE_RATE as usize * 10,
+        "recording too short: {} samples",
+        samples.len()
+    );
+    let levels: Vec<f32> = samples[from..to]
+        .chunks_exact(960)
+        .map(|b| goertzel_amplitude(b, hz, SAMPLE_RATE))
+        .collect();
+    let mut sorted = levels.clone();
+    sorted.sort_by(f32::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let gaps = levels
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l < median / 4.0)
+        .map(|(i, _)| from_s + i as f32 * 0.02)
+        .collect();
+    (median, gaps)
+}
+
+/// Raw 48 kHz mono f32 recorded from a PulseAudio source by `parecord`.
+fn read_f32le(path: &std::path::Path) -> Vec<f32> {
+    std::fs::read(path)
+        .expect("recording")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// A 30 s call with one member on real PulseAudio devices through cpal's native PulseAudio
+/// host, the other on a tone and a WAV file. The device member captures a 660 Hz tone played
+/// into a null sink (its monitor is the microphone) and plays what it hears into a second
+/// null sink, whose monitor we record. Asserts what a user would notice: the native host was
+/// used, no stream restarted and no device failed or reported errors, and neither direction
+/// has a gap.
+#[test]
+fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
+    let _pulse = match PulseGuard::ensure() {
+        Ok(guard) => guard,
+        Err(reason) => {
+            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
+            return;
+        }
+    };
+    let pulse_server = pulse_server().expect("PulseAudio server address");
+    let _sinks = NullSinks::load(&["p2pv_mic", "p2pv_spk"]);
+    const CALL_S: f32 = 30.0;
+    const MIC_HZ: f32 = 660.0;
+    const PEER_HZ: f32 = 440.0;
+
+    // The "microphone": 40 s of a 660 Hz tone played into p2pv_mic.
+    let mic_raw = common::temp_path("mic.f32");
+    let mut tone = ToneGenerator::new(MIC_HZ, 0.3, SAMPLE_RATE);
+    let mut samples = vec![0.0f32; SAMPLE_RATE as usize * 40];
+    tone.fill(&mut samples);
+    let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+    std::fs::write(&mic_raw, bytes).expect("write tone");
+    let raw_args = [
+        "--raw",
+        "--format=float32le",
+        "--rate=48000",
+        "--channels=1",
+    ];
+    let mut player = Command::new("pacat")
+        .args(["--playback", "--device=p2pv_mic"])
+        .args(raw_args)
+        .arg(&mic_raw)
+        .spawn()
+        .expect("pacat --playback");
+    let speaker_raw = common::temp_path("speaker.f32");
+    let mut recorder = Command::new("parecord")
+        .args(["--device=p2pv_spk.monitor"])
+        .args(raw_args)
+        .arg(&speaker_raw)
+        .spawn()
+        .expect("parecord");
+
+    let server = common::ServerProcess::start();
+    let peer = common::HeadlessClient::spawn(
+        server.addr,
+        "tone",
+        "Lobby",
+        &["--input-tone", &PEER_HZ.to_string()],
+        &["--always-transmit"],
+        f64::from(CALL_S),
+    );
+    let device_member = common::p2p()
+        .args(["client", "--headless", "--server", &server.addr.to_string()])
+        .args(["--username", "devices", "--channel", "Lobby"])
+        .args(["--duration", &CALL_S.to_string()])
+        .args(["--audio-host", "pulseaudio"])
+        .args(["--input-device", "p2pv_mic.monitor"])
+        .args(["--output-device", "p2pv_spk"])
+        // A steady tone is what a noise suppressor is for removing; speech would keep it on.
+        .args(["--noise-suppression", "off", "--always-transmit"])
+        .env("PULSE_SERVER", &pulse_server)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn device member");
+    let out = device_member.wait_with_output().expect("device member");
+    let _ = recorder.kill();
+    let _ = recorder.wait();
+    let _ = player.kill();
+    let _ = player.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "device member: {}: {stdout}",
+        out.status
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let (_, heard_by_peer) = peer.finish();
+    let summary = common::summary(&lines);
+    let audio = &summary["audio"];
+    println!("device member's audio path: {audio:#}");
+
+    for side in ["input", "output"] {
+        let desc = audio[side].as_str().unwrap_or_default();
+        assert!(
+            desc.contains("on PulseAudio"),
+            "{side} is not on the native host: {desc:?}"
+        );
+    }
+    for counter in [
+        "stream_restarts",
+        "devices_lost",
+        "device_errors",
+        "capture_overrun_samples",
+    ] {
+        assert_eq!(audio[counter], 0, "{counter} in {audio:#}");
+    }
+
+    // Capture direction: the 660 Hz microphone tone, as the other member recorded it.
+    let (level, gaps) = tone_gaps(&heard_by_peer, MIC_HZ, 3.0, CALL_S - 1.0);
+    println!("peer heard the device microphone at {level:.3}, gaps at {gaps:?}");
+    assert!(level > 0.05, "microphone tone not heard (level {level})");
+    assert!(gaps.is_empty(), "gaps in the captured tone at {gaps:?} s");
+
+    // Playback direction: the peer's 440 Hz tone, as it left the device member's speaker.
+    let played = read_f32le(&speaker_raw);
+    let (level, gaps) = tone_gaps(&played, PEER_HZ, 3.0, played.len() as f32 / 48_000.0 - 1.0);
+    println!(
+        "speaker played the peer at {level:.3} over {:.1} s, gaps at {gaps:?}",
+        played.len() as f32 / 48_000.0
+    );
+    assert!(level > 0.05, "peer's tone not played (level {level})");
+    assert!(gaps.is_empty(), "gaps in the played tone at {gaps:?} s");
 }

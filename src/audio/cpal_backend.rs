@@ -20,7 +20,7 @@ use ringbuf::{HeapCons, HeapProd};
 
 use super::resample::StreamResampler;
 use super::ring::sample_ring;
-use super::{AudioConfig, AudioError, AudioEvent, Counters, Direction, SAMPLE_RATE};
+use super::{AudioConfig, AudioError, AudioEvent, AudioHost, Counters, Direction, SAMPLE_RATE};
 
 /// Samples converted per step inside a callback (a stack buffer: no allocation).
 const CALLBACK_BLOCK: usize = 256;
@@ -38,7 +38,7 @@ pub struct DeviceInfo {
     pub is_default: bool,
 }
 
-/// Input and output devices of the default host, for choosing one by name.
+/// Input and output devices of one host, for choosing one by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceList {
     /// Name of the audio host (e.g. "ALSA").
@@ -47,9 +47,9 @@ pub struct DeviceList {
     pub outputs: Vec<DeviceInfo>,
 }
 
-/// Lists the default host's capture and playback devices, marking the defaults.
-pub fn list_devices() -> Result<DeviceList, AudioError> {
-    let host = cpal::default_host();
+/// Lists a host's capture and playback devices, marking the defaults.
+pub fn list_devices(host: AudioHost) -> Result<DeviceList, AudioError> {
+    let host = host.open()?;
     let default_in = host.default_input_device().and_then(|d| device_id(&d));
     let default_out = host.default_output_device().and_then(|d| device_id(&d));
     let describe = |d: cpal::Device, default: &Option<String>| {
@@ -88,8 +88,14 @@ fn device_name(d: &cpal::Device) -> String {
         .unwrap_or_else(|_| "unknown device".to_string())
 }
 
-fn find_device(name: Option<&str>, dir: Direction) -> Result<cpal::Device, AudioError> {
-    let host = cpal::default_host();
+/// The device to open, and the name of the host it is on (for its description).
+fn find_device(
+    host: AudioHost,
+    name: Option<&str>,
+    dir: Direction,
+) -> Result<(cpal::Device, &'static str), AudioError> {
+    let host = host.open()?;
+    let host_name = host.id().name();
     let what = match dir {
         Direction::Input => "input",
         Direction::Output => "output",
@@ -99,8 +105,8 @@ fn find_device(name: Option<&str>, dir: Direction) -> Result<cpal::Device, Audio
             Direction::Input => host.default_input_device(),
             Direction::Output => host.default_output_device(),
         };
-        return default.ok_or_else(|| {
-            AudioError::NoDevice(format!("no default {what} device on {}", host.id().name()))
+        return default.map(|d| (d, host_name)).ok_or_else(|| {
+            AudioError::NoDevice(format!("no default {what} device on {host_name}"))
         });
     };
     let devices: Vec<cpal::Device> = match dir {
@@ -119,7 +125,10 @@ fn find_device(name: Option<&str>, dir: Direction) -> Result<cpal::Device, Audio
             .position(|d| labels(d).iter().any(|l| l.to_lowercase().contains(&lower)))
     };
     match exact.or_else(partial) {
-        Some(i) => Ok(devices.into_iter().nth(i).expect("index from position")),
+        Some(i) => Ok((
+            devices.into_iter().nth(i).expect("index from position"),
+            host_name,
+        )),
         None => Err(AudioError::NoDevice(format!(
             "no {what} device named \"{wanted}\" (see `p2p-voice devices`)"
         ))),
@@ -304,9 +313,14 @@ fn error_callback(
     }
 }
 
-fn describe(device: &cpal::Device, config: &StreamConfig, format: SampleFormat) -> String {
+fn describe(
+    device: &cpal::Device,
+    host_name: &str,
+    config: &StreamConfig,
+    format: SampleFormat,
+) -> String {
     format!(
-        "{} ({} Hz, {} ch, {format})",
+        "{} on {host_name} ({} Hz, {} ch, {format})",
         device_name(device),
         config.sample_rate,
         config.channels
@@ -416,7 +430,7 @@ impl InputDevice {
         events: &Sender<AudioEvent>,
         counters: &Arc<Counters>,
     ) -> Result<Self, AudioError> {
-        let device = find_device(name, Direction::Input)?;
+        let (device, host_name) = find_device(cfg.host, name, Direction::Input)?;
         let supported = choose_config(&device, Direction::Input, cfg.preferred_device_rate)?;
         let rate = supported.sample_rate();
         let channels = usize::from(supported.channels().max(1));
@@ -456,7 +470,7 @@ impl InputDevice {
         Ok(Self {
             resampler: StreamResampler::new(rate, SAMPLE_RATE, rate as usize / 100)?,
             scratch: vec![0.0; capacity],
-            desc: describe(&device, &config, format),
+            desc: describe(&device, host_name, &config, format),
             _stream: stream,
             ring,
             shared,
@@ -568,7 +582,7 @@ impl OutputDevice {
         events: &Sender<AudioEvent>,
         counters: &Arc<Counters>,
     ) -> Result<Self, AudioError> {
-        let device = find_device(name, Direction::Output)?;
+        let (device, host_name) = find_device(cfg.host, name, Direction::Output)?;
         let supported = choose_config(&device, Direction::Output, cfg.preferred_device_rate)?;
         let rate = supported.sample_rate();
         let channels = usize::from(supported.channels().max(1));
@@ -609,7 +623,7 @@ impl OutputDevice {
             scratch: vec![0.0; SAMPLE_RATE as usize / 2],
             queue_frames: (rate as usize * cfg.playback_queue_ms.max(1) as usize / 1000)
                 .min(capacity / 2),
-            desc: describe(&device, &config, format),
+            desc: describe(&device, host_name, &config, format),
             _stream: stream,
             ring,
             shared,

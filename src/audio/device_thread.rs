@@ -209,6 +209,9 @@ impl Engine {
     }
 
     fn emit(&self, event: AudioEvent) {
+        if matches!(event, AudioEvent::DeviceLost { .. }) {
+            self.counters.devices_lost.fetch_add(1, Ordering::Relaxed);
+        }
         let _ = self.events.try_send(event);
     }
 
@@ -528,6 +531,9 @@ impl Engine {
     /// Closes and reopens a device whose backend keeps reporting errors. Said as a warning
     /// when it works (the sound barely skips); a loss, with the usual retries, when not.
     fn restart_device(&mut self, now: Instant, which: Direction) {
+        self.counters
+            .stream_restarts
+            .fetch_add(1, Ordering::Relaxed);
         let reopened = match which {
             Direction::Input => {
                 self.capture = Capture::Missing;

@@ -15,6 +15,7 @@
 mod cpal_backend;
 mod device_thread;
 mod file;
+mod host;
 mod pacer;
 mod resample;
 mod ring;
@@ -29,6 +30,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 pub use self::cpal_backend::{list_devices, DeviceInfo, DeviceList};
 pub use self::file::{load_wav_mono_48k, WavSink, WavSource};
+pub use self::host::{AudioHost, UnknownAudioHost};
 pub use self::pacer::Pacer;
 pub use self::resample::{resample_buffer, StreamResampler};
 pub use self::ring::{CaptureRing, PlaybackRing};
@@ -77,6 +79,9 @@ pub enum Direction {
 /// Tunables for [`AudioIo::start`]. The defaults suit voice chat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AudioConfig {
+    /// The sound system real devices are opened on (default: cpal's choice, the native
+    /// PulseAudio/PipeWire server when there is one, else ALSA).
+    pub host: AudioHost,
     /// Capacity of the capture ring in samples (default 200 ms).
     pub capture_ring_samples: usize,
     /// Capacity of the playback ring in samples (default 200 ms).
@@ -117,6 +122,7 @@ impl PartialEq for RingWake {
 impl Default for AudioConfig {
     fn default() -> Self {
         Self {
+            host: AudioHost::Auto,
             capture_ring_samples: 9_600,
             playback_ring_samples: 9_600,
             preferred_device_rate: SAMPLE_RATE,
@@ -141,6 +147,11 @@ pub struct AudioStats {
     pub device_errors: u64,
     /// 10 ms chunks a virtual device skipped because its thread stalled too long.
     pub paced_chunks_skipped: u64,
+    /// Streams closed and reopened because the backend kept reporting errors (each one a
+    /// short skip the user hears).
+    pub stream_restarts: u64,
+    /// Devices that failed while running and were closed (unplugged, server gone).
+    pub devices_lost: u64,
 }
 
 /// Lock-free counters shared by the engine and the device callbacks.
@@ -151,6 +162,8 @@ struct Counters {
     device_xruns: AtomicU64,
     device_errors: AtomicU64,
     paced_chunks_skipped: AtomicU64,
+    stream_restarts: AtomicU64,
+    devices_lost: AtomicU64,
 }
 
 impl Counters {
@@ -161,6 +174,8 @@ impl Counters {
             device_xruns: self.device_xruns.load(Ordering::Relaxed),
             device_errors: self.device_errors.load(Ordering::Relaxed),
             paced_chunks_skipped: self.paced_chunks_skipped.load(Ordering::Relaxed),
+            stream_restarts: self.stream_restarts.load(Ordering::Relaxed),
+            devices_lost: self.devices_lost.load(Ordering::Relaxed),
         }
     }
 }

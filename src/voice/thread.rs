@@ -263,6 +263,13 @@ struct Worker {
 }
 
 impl Worker {
+    /// The engine's snapshot with the audio path's counters, which only this thread sees.
+    fn snapshot(&self, now: Duration) -> VoiceSnapshot {
+        let mut snap = self.engine.snapshot(now);
+        snap.audio = self.audio.stats();
+        snap
+    }
+
     fn publish(&self, ev: VoiceEvent) {
         // Bounded: if ECS is not reading (window minimised, app exiting), drop rather than block.
         if let Err(TrySendError::Full(_)) = self.events.try_send(ev) {}
@@ -288,7 +295,7 @@ impl Worker {
         loop {
             let now = self.start.elapsed();
             if let Ok(reply) = self.stop.try_recv() {
-                let _ = reply.send(self.engine.snapshot(now));
+                let _ = reply.send(self.snapshot(now));
                 let _ = self.audio.stop();
                 return;
             }
@@ -338,7 +345,7 @@ impl Worker {
             }
             if now >= next_snapshot {
                 next_snapshot = now + SNAPSHOT_INTERVAL;
-                self.publish(VoiceEvent::Snapshot(self.engine.snapshot(now)));
+                self.publish(VoiceEvent::Snapshot(self.snapshot(now)));
             }
             // Sleep until something happens or a timer is due.
             let due = [

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::VoiceEngine;
+use crate::audio::AudioStats;
 use crate::protocol::UserId;
 use crate::voice::net::crypto::fingerprint;
 use crate::voice::net::link::{LinkState, UnreachableReason};
@@ -125,6 +126,9 @@ pub struct VoiceSnapshot {
     /// `RegisterAck`s that did not come from the server's address: ignored, since anyone could
     /// otherwise tell us a false public address to announce.
     pub foreign_register_acks: u64,
+    /// The audio path's glitch counters. The engine does no I/O, so it leaves them at zero;
+    /// the voice thread, which owns the devices, fills them in.
+    pub audio: AudioStats,
 }
 
 impl VoiceEngine {
@@ -213,6 +217,7 @@ impl VoiceEngine {
             fingerprint: self.keys.fingerprint(),
             undecryptable: self.undecryptable,
             foreign_register_acks: self.registration.foreign_acks(),
+            audio: AudioStats::default(),
         }
     }
 }

@@ -33,6 +33,7 @@ fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
                                     after: Duration::from_secs(10),
                                 },
                                 server_relays: false,
+                                udp_blocked: false,
                             })),
                             3 if id % 8 == 3 => {
                                 MemberLink::Peer(PeerState::Relayed(RelayVia::Member {

@@ -288,6 +288,12 @@ pub fn summary_json(
         "fingerprint": snap.fingerprint,
         "undecryptable_datagrams": snap.undecryptable,
         "foreign_register_acks": snap.foreign_register_acks,
+        "udp_blocked": snap.udp_blocked,
+        "tunnel": {
+            "on": snap.tunnelled,
+            "datagrams": snap.tunnel_datagrams,
+            "dropped": snap.tunnel_dropped,
+        },
         "dropped_datagrams": {
             "garbage": snap.drops.garbage,
             "unknown_sender": snap.drops.unknown_sender,

@@ -369,8 +369,25 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let (_, heard_by_peer) = peer.finish();
+    let (peer_lines, heard_by_peer) = peer.finish();
     let summary = common::summary(&lines);
+    // How each side's jitter buffer fared: a frame it concealed or dropped is a dip in the
+    // tone that is not the device path's doing.
+    for (who, s, other) in [
+        ("tone member", common::summary(&peer_lines), "devices"),
+        ("device member", summary, "tone"),
+    ] {
+        if let Some(p) = common::peer_named(s, other) {
+            println!(
+                "{who} receiving: concealed {} dropped {} late {} target_ms {} jitter_ms {}",
+                p["frames_concealed"],
+                p["frames_dropped"],
+                p["late"],
+                p["target_ms"],
+                p["jitter_ms"]
+            );
+        }
+    }
     let audio = &summary["audio"];
     println!("device member's audio path: {audio:#}");
 

@@ -78,6 +78,9 @@ enum Nat {
     /// A symmetric NAT: `masquerade fully-random`, a new random port per destination, so a
     /// punch towards a peer leaves from a port nobody was told about.
     Symmetric,
+    /// A home router whose firewall lets no UDP out but DNS (some corporate and hotel
+    /// networks): only TCP reaches the server.
+    UdpBlocked,
 }
 
 /// Public net 198.18.0.0/24 (a bridge in the `pub` namespace, server at .10); router A at
@@ -150,8 +153,13 @@ fn build_sites(tag: &str, nats: &[Nat]) -> Result<Netns, String> {
         // Masquerade outgoing, drop unsolicited incoming (at input too, so an early punch
         // creates no conntrack entry; see SETUP-NOTES.md).
         let masquerade = match nat {
-            Nat::Home => "masquerade",
+            Nat::Home | Nat::UdpBlocked => "masquerade",
             Nat::Symmetric => "masquerade fully-random",
+        };
+        let udp_filter = if nat == Nat::UdpBlocked {
+            r#"chain udp_out { type filter hook forward priority -10; policy accept; iifname "lan0" udp dport != 53 drop; }"#
+        } else {
+            ""
         };
         nft(
             &router,
@@ -163,6 +171,7 @@ table ip nat {{
 table inet guard {{
   chain forward_guard {{ type filter hook forward priority 0; policy accept; iifname "wan0" ct state new drop; }}
   chain input_guard {{ type filter hook input priority 0; policy accept; iifname "wan0" ct state new drop; }}
+  {udp_filter}
 }}
 "#
             ),
@@ -500,4 +509,86 @@ fn a_public_member_bridges_two_clients_behind_symmetric_nats() {
     assert!(tone_level(&b, 880.0) > 0.1, "bob hears carol");
     assert!(tone_level(&c, 440.0) > 0.1, "carol hears alice");
     assert!(tone_level(&c, 660.0) > 0.1, "carol hears bob");
+}
+
+/// A client whose network lets no UDP out but DNS, and one behind a home router, with a
+/// relaying server: the first finds its UDP blocked and tunnels through its TLS connection,
+/// the server relays both ways, and each hears the other.
+#[test]
+fn a_client_whose_network_blocks_udp_talks_through_the_servers_tcp_tunnel() {
+    let Some(tag) = namespaces_or_skip('u') else {
+        return;
+    };
+    let _net =
+        build_sites(&tag, &[Nat::UdpBlocked, Nat::Home]).expect("build the namespace network");
+    let mut server = public_server(&tag, &["--relay"]);
+    let out_a = temp_path("blocked-a.wav");
+    let out_b = temp_path("blocked-b.wav");
+    let a = client(&format!("pv{tag}ha"), "alice", "440", &out_a);
+    let b = client(&format!("pv{tag}hb"), "bob", "660", &out_b);
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    let alice = summary(&results[0].0);
+    assert_eq!(alice["udp_blocked"], true, "alice: {}", results[0].1);
+    assert_eq!(alice["tunnel"]["on"], true, "alice: {alice}");
+    assert!(
+        alice["tunnel"]["datagrams"].as_u64().unwrap() > 100,
+        "{alice}"
+    );
+    assert_eq!(
+        summary(&results[1].0)["udp_blocked"],
+        false,
+        "bob's UDP works"
+    );
+    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
+        let s = summary(lines);
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
+        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
+        assert_eq!(peer["link"]["via"], "server", "{me}: {peer}");
+        assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
+    }
+    report_first_audio(
+        "udp-blocked-home via the TCP tunnel",
+        "alice",
+        &out_a,
+        660.0,
+    );
+    report_first_audio("udp-blocked-home via the TCP tunnel", "bob", &out_b, 440.0);
+    assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
+    assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
+}
+
+/// The same networks with a server that does not relay: nothing can carry the call, and the
+/// blocked client says why (its UDP is blocked and the server does not relay) instead of
+/// blaming the peer's NAT.
+#[test]
+fn blocked_udp_with_a_server_that_does_not_relay_is_explained() {
+    let Some(tag) = namespaces_or_skip('v') else {
+        return;
+    };
+    let _net =
+        build_sites(&tag, &[Nat::UdpBlocked, Nat::Home]).expect("build the namespace network");
+    let mut server = public_server(&tag, &[]);
+    let out_a = temp_path("blocked-norelay-a.wav");
+    let out_b = temp_path("blocked-norelay-b.wav");
+    let a = client_for(&format!("pv{tag}ha"), "alice", "440", &out_a, "13");
+    let b = client_for(&format!("pv{tag}hb"), "bob", "660", &out_b, "13");
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    let alice = summary(&results[0].0);
+    assert_eq!(alice["udp_blocked"], true, "alice: {}", results[0].1);
+    assert_eq!(alice["tunnel"]["on"], false, "{alice}");
+    let bob = peer_named(alice, "bob").unwrap_or_else(|| panic!("alice: {}", results[0].1));
+    assert_eq!(bob["link"]["state"], "unreachable", "{bob}");
+    let reason = bob["link"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("block UDP") && reason.contains("--relay"),
+        "{reason}"
+    );
+    assert!(
+        tone_level(&tail_of(&out_a), 660.0) < 0.01,
+        "alice hears nothing"
+    );
 }

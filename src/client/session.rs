@@ -250,7 +250,14 @@ pub struct ControlSession {
     last_heard: Duration,
     actions: VecDeque<Action>,
     events: VecDeque<SessionEvent>,
+    /// Datagrams the server tunnelled to us (relayed voice while our UDP is blocked), for
+    /// the voice plane. Kept apart from `events`: they are data, ~50 a second, not news.
+    tunnelled: VecDeque<Vec<u8>>,
 }
+
+/// Most tunnelled datagrams kept for a voice plane that is not draining (2 s of voice from
+/// a few peers); beyond it the oldest are dropped, as late voice is worthless.
+const MAX_TUNNELLED_QUEUE: usize = 256;
 
 impl Default for ControlSession {
     fn default() -> Self {
@@ -279,6 +286,7 @@ impl ControlSession {
             last_heard: Duration::ZERO,
             actions: VecDeque::new(),
             events: VecDeque::new(),
+            tunnelled: VecDeque::new(),
         }
     }
 
@@ -312,6 +320,20 @@ impl ControlSession {
     }
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         self.events.pop_front()
+    }
+
+    /// The next datagram the server tunnelled to us, to hand to the voice engine as if it
+    /// had come from the server's UDP address.
+    pub fn poll_tunnelled(&mut self) -> Option<Vec<u8>> {
+        self.tunnelled.pop_front()
+    }
+
+    /// Sends a datagram for the server's UDP port through this connection instead (the voice
+    /// plane found UDP blocked). Dropped unless we are identified: the server would refuse it.
+    pub fn send_tunnel(&mut self, now: Duration, datagram: Vec<u8>) {
+        if self.phase == Phase::Ready {
+            self.send(now, ClientMsg::Tunnel { datagram });
+        }
     }
 
     fn set_phase(&mut self, now: Duration, phase: Phase) {
@@ -710,6 +732,12 @@ impl ControlSession {
                 }
             }
             ServerMsg::HeartbeatAck => {}
+            ServerMsg::Tunnel { datagram } => {
+                if self.tunnelled.len() >= MAX_TUNNELLED_QUEUE {
+                    self.tunnelled.pop_front();
+                }
+                self.tunnelled.push_back(datagram);
+            }
             ServerMsg::Error { status, message } => {
                 if status == Status::VersionMismatch {
                     self.fail(now, Some(status), DisconnectReason::VersionRefused(message));
@@ -772,6 +800,43 @@ mod tests {
 
     fn drain_events(s: &mut ControlSession) -> Vec<SessionEvent> {
         std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    /// Tunnelled datagrams go out only once we are identified, come in apart from the
+    /// session's news, and a voice plane that stops draining keeps only the newest.
+    #[test]
+    fn tunnelled_datagrams_pass_both_ways_and_a_stalled_reader_keeps_the_newest() {
+        let mut s = ControlSession::new();
+        s.connect(MS, "127.0.0.1:7700", "me");
+        s.send_tunnel(MS, vec![1]);
+        assert!(!drain_actions(&mut s)
+            .iter()
+            .any(|a| matches!(a, Action::Send(ClientMsg::Tunnel { .. }))));
+        ready(&mut s, MS, 1);
+        drain_actions(&mut s);
+        drain_events(&mut s);
+        s.send_tunnel(MS, vec![2, 3]);
+        assert_eq!(
+            drain_actions(&mut s),
+            vec![Action::Send(ClientMsg::Tunnel {
+                datagram: vec![2, 3]
+            })]
+        );
+        for i in 0..(MAX_TUNNELLED_QUEUE + 10) {
+            s.handle_message(
+                MS,
+                ServerMsg::Tunnel {
+                    datagram: (i as u32).to_le_bytes().to_vec(),
+                },
+            );
+        }
+        assert!(
+            drain_events(&mut s).is_empty(),
+            "tunnelled data is not news"
+        );
+        let got: Vec<Vec<u8>> = std::iter::from_fn(|| s.poll_tunnelled()).collect();
+        assert_eq!(got.len(), MAX_TUNNELLED_QUEUE);
+        assert_eq!(got[0], 10u32.to_le_bytes().to_vec());
     }
 
     fn peer(id: UserId) -> PeerInfo {
@@ -998,7 +1063,7 @@ mod tests {
             ),
             (
                 DisconnectReason::VersionMismatch { server: 9 },
-                "server speaks protocol 9, this app speaks 3: update one of them",
+                "server speaks protocol 9, this app speaks 4: update one of them",
             ),
             (
                 DisconnectReason::VersionRefused("as said".into()),

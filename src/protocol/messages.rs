@@ -40,6 +40,13 @@ pub enum ClientMsg {
     },
     /// Orderly goodbye; the server closes the connection.
     Disconnect,
+    /// A datagram for the server's UDP port (a `RelayTo` envelope around a sealed peer
+    /// datagram), carried here because this network lets no UDP through to the server. The
+    /// server handles it as if it came from this session's UDP address, with the same relay
+    /// rules and budget; at most [`MAX_DATAGRAM_LEN`](super::datagram::MAX_DATAGRAM_LEN)
+    /// bytes. Not counted against the control message rate (voice is ~50 a second): the relay
+    /// budget bounds it.
+    Tunnel { datagram: Vec<u8> },
 }
 
 /// One member of a channel as shown in the overview.
@@ -133,6 +140,9 @@ pub enum ServerMsg {
         channel: String,
         members: Vec<MemberInfo>,
     },
+    /// A datagram the server would have sent to this client's UDP address (a `RelayFrom`
+    /// envelope), for a client that tunnels because its network blocks UDP.
+    Tunnel { datagram: Vec<u8> },
 }
 
 /// Members per `OverviewMembers` part: even with 32-character names of 4-byte characters a part

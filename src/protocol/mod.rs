@@ -20,7 +20,7 @@ pub use transmit::Transmit;
 
 /// Version of the control protocol and datagram format. Bumped on any incompatible change;
 /// a client and server with different versions refuse each other with [`Status::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Version of this build, sent in `Hello` for diagnostics.
 pub const APP_VERSION: &str = env!("CARGO_PKG_VERSION");

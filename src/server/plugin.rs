@@ -432,7 +432,9 @@ fn read_udp(mut net: ResMut<ServerNet>, mut rules: ResMut<Rules>, mut stats: Res
                 stats.relayed_datagrams += 1;
                 stats.relayed_bytes += bytes as u64;
             }
-            ServerEvent::DatagramDropped { .. } => stats.udp_dropped += 1,
+            ServerEvent::DatagramDropped { .. } | ServerEvent::TunnelDropped { .. } => {
+                stats.udp_dropped += 1
+            }
         }
     }
 }

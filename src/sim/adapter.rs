@@ -87,9 +87,16 @@ impl SimServer {
         self.drain(now)
     }
 
-    pub fn handle(&mut self, now: Duration, conn: ConnId, msg: ClientMsg) -> Vec<ServerOut> {
+    /// One control message from `conn`. Returns the datagrams it makes the server send (a
+    /// tunnelled relay envelope goes out on UDP) and the outputs.
+    pub fn handle(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        msg: ClientMsg,
+    ) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<ServerOut>) {
         self.state.handle_message(now, conn, msg);
-        self.drain(now)
+        (self.transmits(now), self.drain(now))
     }
 
     /// When the server's timers (heartbeats, identify deadline, batched news) are next due.
@@ -112,12 +119,17 @@ impl SimServer {
         bytes: &[u8],
     ) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<ServerOut>) {
         self.state.handle_datagram(now, from, bytes);
+        (self.transmits(now), self.drain(now))
+    }
+
+    /// The datagrams the state has queued, each with its destination.
+    fn transmits(&mut self, now: Duration) -> Vec<(SocketAddr, Vec<u8>)> {
         let mut buf = [0u8; MAX_DATAGRAM_LEN];
-        let mut replies = Vec::new();
+        let mut out = Vec::new();
         while let Some(t) = self.state.poll_transmit(now, &mut buf) {
-            replies.push((t.to, buf[..t.len].to_vec()));
+            out.push((t.to, buf[..t.len].to_vec()));
         }
-        (replies, self.drain(now))
+        out
     }
 
     /// Carries out the state's outputs as the plugin does: broadcasts go to every identified
@@ -279,6 +291,10 @@ impl SimClient {
     pub fn handle_message(&mut self, now: Duration, msg: ServerMsg) {
         self.session.handle_message(now, msg);
         self.forward_events(now);
+        // Datagrams the server tunnelled to us, as `voice/plugin.rs` forwards them.
+        while let Some(datagram) = self.session.poll_tunnelled() {
+            self.engine.handle_tunnelled(now, &datagram);
+        }
     }
 
     /// The next thing the control transport must do.
@@ -354,8 +370,15 @@ impl SimClient {
     }
 
     /// The next datagram to send, written into `buf` ([`DATAGRAM_BUF`] bytes).
+    /// Datagrams for the server that the engine tunnels go to the control session here, as
+    /// the voice thread and `voice/plugin.rs` pass them on.
     pub fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<ClientTransmit> {
-        let t = self.engine.poll_transmit(now, buf)?;
+        let Some(t) = self.engine.poll_transmit(now, buf) else {
+            while let Some(datagram) = self.engine.poll_tunnel() {
+                self.session.send_tunnel(now, datagram);
+            }
+            return None;
+        };
         Some(ClientTransmit {
             to: t.to,
             len: t.len,

@@ -498,6 +498,11 @@ impl World {
     /// Drains what user `i`'s cores want done: control actions and datagrams.
     fn pump(&mut self, i: usize) {
         let now = self.now;
+        // Datagrams first: what the engine tunnels becomes control messages sent below.
+        while let Some(t) = self.users[i].client.poll_transmit(now, &mut self.tx_buf) {
+            self.net
+                .send(now, Node::Client(i), t.to, &self.tx_buf[..t.len]);
+        }
         while let Some(out) = self.users[i].client.poll_control() {
             let lat = self.users[i].control_latency;
             match out {
@@ -525,10 +530,6 @@ impl World {
         log.sort();
         for line in log {
             self.digest.add(line.as_bytes());
-        }
-        while let Some(t) = self.users[i].client.poll_transmit(now, &mut self.tx_buf) {
-            self.net
-                .send(now, Node::Client(i), t.to, &self.tx_buf[..t.len]);
         }
     }
 
@@ -565,8 +566,15 @@ impl World {
                 }
             }
             Control::ToServer { conn, msg } => {
-                let outs = self.server.as_mut().map(|s| s.handle(now, conn, msg));
-                self.server_outputs(outs.unwrap_or_default());
+                let Some((datagrams, outs)) =
+                    self.server.as_mut().map(|s| s.handle(now, conn, msg))
+                else {
+                    return;
+                };
+                for (to, bytes) in datagrams {
+                    self.net.send(now, Node::Server, to, &bytes);
+                }
+                self.server_outputs(outs);
             }
             Control::ToClient { user, conn, msg } => {
                 if self.users[user].conn == Some(conn) {

@@ -223,19 +223,20 @@ use NatKind::{Home, Public, Symmetric, UdpBlocked};
 use Outcome::{Direct, Unreachable, ViaServer};
 
 /// What happens for every unordered pair of NAT kinds, with a server that does not relay (a
-/// plain dedicated `server`) and with one that does (host mode, `server --relay`). Relaying
-/// over the TLS connection for blocked UDP is not built yet: those rows stay unreachable.
+/// plain dedicated `server`) and with one that does (host mode, `server --relay`). A user
+/// whose UDP is blocked is reached only through the relaying server, over its control
+/// connection (the tunnel).
 const OUTCOMES: [(NatKind, NatKind, Outcome, Outcome); 10] = [
     (Public, Public, Direct, Direct),
     (Public, Home, Direct, Direct),
     (Public, Symmetric, Direct, Direct),
-    (Public, UdpBlocked, Unreachable, Unreachable),
+    (Public, UdpBlocked, Unreachable, ViaServer),
     (Home, Home, Direct, Direct),
     (Home, Symmetric, Unreachable, ViaServer),
-    (Home, UdpBlocked, Unreachable, Unreachable),
+    (Home, UdpBlocked, Unreachable, ViaServer),
     (Symmetric, Symmetric, Unreachable, ViaServer),
-    (Symmetric, UdpBlocked, Unreachable, Unreachable),
-    (UdpBlocked, UdpBlocked, Unreachable, Unreachable),
+    (Symmetric, UdpBlocked, Unreachable, ViaServer),
+    (UdpBlocked, UdpBlocked, Unreachable, ViaServer),
 ];
 
 /// Two users behind `x` and `y` in one call, talking, for longer than punching may take

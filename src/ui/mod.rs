@@ -410,6 +410,18 @@ fn mirror_voice(state: &mut UiState, voice: &Voice) {
         .mix
         .push(crate::voice::plugin::meter_from_db(snap.mix_level_db));
     sync_audio_problems(state, &voice.audio_status);
+    if snap.udp_blocked {
+        let text = if snap.tunnelled {
+            "UDP is blocked on this network: voice goes through the server's TCP connection \
+             (a little more delay)"
+        } else {
+            "UDP is blocked on this network and this server does not relay: nobody can hear \
+             you (its operator can start it with --relay)"
+        };
+        state.notices.push_once(Topic::UdpBlocked, text.into());
+    } else {
+        state.notices.withdraw(&Topic::UdpBlocked);
+    }
     for p in &snap.peers {
         let topic = Topic::Unreachable(p.user_id);
         match &p.state {

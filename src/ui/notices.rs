@@ -17,6 +17,8 @@ pub enum Topic {
     Audio(AudioProblem),
     /// Voice could not start at all.
     VoiceDisabled,
+    /// This network lets no UDP reach the server; withdrawn if it starts to.
+    UdpBlocked,
     /// Everything else: stays until the user dismisses it or newer notices push it out.
     Other,
 }

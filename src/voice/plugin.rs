@@ -53,6 +53,7 @@ impl Plugin for VoicePlugin {
                 Update,
                 (
                     forward_control_events,
+                    forward_tunnelled,
                     forward_commands,
                     receive_voice_events,
                 )
@@ -102,6 +103,14 @@ fn forward_control_events(
             }
             _ => {}
         }
+    }
+}
+
+/// Datagrams the server tunnelled to us go to the voice thread as they came (the other
+/// direction is [`VoiceEvent::Tunnel`], in `receive_voice_events`).
+fn forward_tunnelled(voice: Res<Voice>, mut link: ResMut<ControlLink>) {
+    while let Some(datagram) = link.session.poll_tunnelled() {
+        voice.send(VoiceCommand::Tunnelled(datagram));
     }
 }
 
@@ -183,6 +192,10 @@ fn receive_voice_events(
             },
             VoiceEvent::SwitchFailed(why) => {
                 voice.audio_status.push(AudioProblem::SwitchFailed(why))
+            }
+            VoiceEvent::Tunnel(datagram) => {
+                let now = link.now();
+                link.session.send_tunnel(now, datagram);
             }
         }
     }

@@ -20,6 +20,7 @@ use thiserror::Error;
 use super::engine::VoiceSetting;
 use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
 use super::net::impair::{ImpairConfig, Impairment};
+use super::rx::playout_clock::PlayoutClock;
 use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink, RingWake};
 use crate::protocol::{PeerInfo, UserId};
 
@@ -30,6 +31,10 @@ const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
 /// latency budget; the device thread wakes the voice loop each time it takes samples, so the
 /// device never finds the ring empty.
 const PLAYBACK_LOW_WATER_SAMPLES: usize = crate::audio::CHUNK_SAMPLES;
+/// How long one mixed chunk plays.
+const CHUNK_PERIOD: Duration = Duration::from_micros(
+    crate::audio::CHUNK_SAMPLES as u64 * 1_000_000 / crate::audio::SAMPLE_RATE as u64,
+);
 /// Poll tokens of the voice loop.
 const SOCKET: mio::Token = mio::Token(0);
 const WAKE: mio::Token = mio::Token(1);
@@ -59,6 +64,8 @@ pub enum VoiceCommand {
     SwitchInput(InputSource),
     /// Play to another sink.
     SwitchOutput(OutputSink),
+    /// A datagram the server sent through the control connection (our UDP is blocked).
+    Tunnelled(Vec<u8>),
 }
 
 /// What the voice thread reports.
@@ -73,6 +80,9 @@ pub enum VoiceEvent {
     Audio(AudioEvent),
     /// A device switch failed; the previous device keeps running.
     SwitchFailed(String),
+    /// A datagram for the server to send through the control connection (our UDP to the
+    /// server is blocked).
+    Tunnel(Vec<u8>),
 }
 
 #[derive(Debug, Error)]
@@ -165,6 +175,7 @@ impl VoiceThread {
                     audio,
                     capture,
                     playback,
+                    playout_clock: PlayoutClock::new(CHUNK_PERIOD),
                     commands: cmd_rx,
                     events: ev_tx,
                     stop: stop_rx,
@@ -255,6 +266,8 @@ struct Worker {
     audio: AudioIo,
     capture: crate::audio::CaptureRing,
     playback: crate::audio::PlaybackRing,
+    /// When each mixed chunk will be heard (steady, whatever bursts the device asks in).
+    playout_clock: PlayoutClock,
     commands: Receiver<VoiceCommand>,
     events: Sender<VoiceEvent>,
     stop: Receiver<Sender<VoiceSnapshot>>,
@@ -281,6 +294,9 @@ impl Worker {
             // A full socket buffer or an ICMP error from a vanished peer loses one datagram;
             // the voice stream and the links' retries cope with that.
             let _ = self.socket.send_to(&buf[..t.len], t.to);
+        }
+        while let Some(datagram) = self.engine.poll_tunnel() {
+            self.publish(VoiceEvent::Tunnel(datagram));
         }
     }
 
@@ -340,7 +356,8 @@ impl Worker {
             while self.playback.queued() < PLAYBACK_LOW_WATER_SAMPLES
                 && self.playback.free() >= mix.len()
             {
-                self.engine.playout_frame(now, &mut mix);
+                let at = self.playout_clock.next(now);
+                self.engine.playout_frame(at, &mut mix);
                 self.playback.push(&mix);
             }
             if now >= next_snapshot {
@@ -383,6 +400,7 @@ impl Worker {
             VoiceCommand::UpsertPeer(p) => self.engine.upsert_peer(now, &p),
             VoiceCommand::RemovePeer(id) => self.engine.remove_peer(id),
             VoiceCommand::ClearPeers => self.engine.clear_peers(),
+            VoiceCommand::Tunnelled(datagram) => self.engine.handle_tunnelled(now, &datagram),
             VoiceCommand::Setting(s) => self.engine.apply(now, s),
             // Never wait for the device thread here: opening a device can take seconds, and
             // meanwhile nothing would be played, sent or kept alive. The outcome comes back

@@ -14,7 +14,9 @@ use std::time::Duration;
 use super::close_reason::CloseReason;
 use super::relay::{RelayBudget, RelayRefusal, RelayRules};
 use crate::config::ChannelConfig;
-use crate::protocol::datagram::{peer_sender, Datagram, DatagramKind, RELAY_HEADER_LEN};
+use crate::protocol::datagram::{
+    peer_sender, Datagram, DatagramKind, MAX_DATAGRAM_LEN, RELAY_HEADER_LEN,
+};
 use crate::protocol::messages::OVERVIEW_PART_MEMBERS;
 use crate::protocol::{
     username_key, validate_username, ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg,
@@ -125,6 +127,9 @@ struct Session {
     /// change waits for the announce interval.
     endpoint_announced_at: Option<Duration>,
     endpoint_change_pending: bool,
+    /// The client tunnels its datagrams through this connection (its network blocks UDP):
+    /// what is relayed to it goes back the same way, as [`ServerMsg::Tunnel`].
+    tunnelled: bool,
 }
 
 #[derive(Debug)]
@@ -299,6 +304,7 @@ impl ServerState {
                 register_budget: RelayBudget::new(now, REGISTER_BURST),
                 endpoint_announced_at: None,
                 endpoint_change_pending: false,
+                tunnelled: false,
             },
         );
     }
@@ -345,6 +351,13 @@ impl ServerState {
             return;
         };
         session.last_seen = now;
+        if session.phase != Phase::AwaitingHello {
+            if let ClientMsg::Tunnel { datagram } = msg {
+                // Bounded by the relay budget, not the message rate (voice is ~50 a second).
+                self.handle_tunnelled(now, id, &datagram);
+                return;
+            }
+        }
         let elapsed = now.saturating_sub(session.tokens_at).as_secs_f64();
         session.tokens =
             (session.tokens + elapsed * self.rules.message_rate).min(self.rules.message_burst);
@@ -389,6 +402,8 @@ impl ServerState {
                 ));
             }
             (Phase::AwaitingHello, _) => self.close(id, CloseReason::HelloFirst),
+            // Taken above, before the message-rate limit.
+            (_, ClientMsg::Tunnel { .. }) => {}
             (_, ClientMsg::Hello { .. }) => self.close(id, CloseReason::HelloTwice),
             (_, ClientMsg::Heartbeat) => self
                 .outputs
@@ -772,10 +787,16 @@ impl ServerState {
     /// event says what happened.
     pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, bytes: &[u8]) {
         let why = match Datagram::parse(bytes) {
-            Ok(Datagram::RelayTo { to, inner }) => match self.relay(now, from, to, inner) {
-                Ok(()) => return,
-                Err(refusal) => DatagramDrop::Relay(refusal),
-            },
+            Ok(Datagram::RelayTo { to, inner }) => {
+                let relayed = match self.by_endpoint.get(&from) {
+                    Some(&sender) => self.relay(now, sender, to, inner),
+                    None => Err(RelayRefusal::UnknownSource),
+                };
+                match relayed {
+                    Ok(()) => return,
+                    Err(refusal) => DatagramDrop::Relay(refusal),
+                }
+            }
             Ok(Datagram::Register { token }) => match self.register_udp(now, token, from) {
                 Ok(id) => {
                     if self.acks.len() < MAX_QUEUED_UDP {
@@ -790,6 +811,32 @@ impl ServerState {
             Err(e) => DatagramDrop::Malformed(e),
         };
         self.push_event(ServerEvent::DatagramDropped { from, why });
+    }
+
+    /// A datagram session `id` tunnelled over its TCP connection because its network blocks
+    /// UDP. Only `RelayTo` has a meaning here (registering a UDP address over TCP would
+    /// register nothing); it is relayed exactly as one over UDP would be, from this session,
+    /// and from now on what is relayed to the session comes back through the tunnel.
+    fn handle_tunnelled(&mut self, now: Duration, id: SessionId, bytes: &[u8]) {
+        if bytes.len() > MAX_DATAGRAM_LEN {
+            let why = DatagramDrop::TooLong { len: bytes.len() };
+            self.push_event(ServerEvent::TunnelDropped { session: id, why });
+            return;
+        }
+        let why = match Datagram::parse(bytes) {
+            Ok(Datagram::RelayTo { to, inner }) => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.tunnelled = true;
+                }
+                match self.relay(now, id, to, inner) {
+                    Ok(()) => return,
+                    Err(refusal) => DatagramDrop::Relay(refusal),
+                }
+            }
+            Ok(_) => DatagramDrop::Unexpected,
+            Err(e) => DatagramDrop::Malformed(e),
+        };
+        self.push_event(ServerEvent::TunnelDropped { session: id, why });
     }
 
     fn push_event(&mut self, event: ServerEvent) {
@@ -864,21 +911,18 @@ impl ServerState {
         }
     }
 
-    /// Forwards `inner` from the session registered at `from` to member `to` of its channel,
-    /// as `RelayFrom`, if relaying is on, the inner datagram names the sender as its author,
-    /// and the sender's budget allows it.
+    /// Forwards `inner` from session `sender` (found by its UDP address, or the connection
+    /// it tunnelled on) to member `to` of its channel, as `RelayFrom`, if relaying is on, the
+    /// inner datagram names the sender as its author, and the sender's budget allows it. The
+    /// target gets it on its UDP address, or through its tunnel if it tunnels.
     fn relay(
         &mut self,
         now: Duration,
-        from: SocketAddr,
+        sender: SessionId,
         to: UserId,
         inner: &[u8],
     ) -> Result<(), RelayRefusal> {
         let rules = self.rules.relay.ok_or(RelayRefusal::Disabled)?;
-        let &sender = self
-            .by_endpoint
-            .get(&from)
-            .ok_or(RelayRefusal::UnknownSource)?;
         let session = self
             .sessions
             .get(&sender)
@@ -890,14 +934,18 @@ impl ServerState {
         if peer_sender(inner) != Some(user_id) {
             return Err(RelayRefusal::ForgedSender);
         }
-        let target = self.channels[channel]
+        let (target_id, target) = self.channels[channel]
             .members
             .iter()
-            .filter_map(|m| self.sessions.get(m))
-            .find(|s| matches!(s.phase, Phase::Identified { user_id: u, .. } if u == to && u != user_id))
+            .filter_map(|m| Some((*m, self.sessions.get(m)?)))
+            .find(|(_, s)| matches!(s.phase, Phase::Identified { user_id: u, .. } if u == to && u != user_id))
             .ok_or(RelayRefusal::NotInSameChannel)?;
-        let dest = target.public_endpoint.ok_or(RelayRefusal::NoEndpoint)?;
-        if self.relayed.len() >= MAX_QUEUED_UDP {
+        let dest = if target.tunnelled {
+            None
+        } else {
+            Some(target.public_endpoint.ok_or(RelayRefusal::NoEndpoint)?)
+        };
+        if dest.is_some() && self.relayed.len() >= MAX_QUEUED_UDP {
             return Err(RelayRefusal::OverBudget);
         }
         let budget = &mut self
@@ -915,7 +963,13 @@ impl ServerState {
             user_id,
         ));
         bytes.extend_from_slice(inner);
-        self.relayed.push_back((dest, bytes));
+        match dest {
+            Some(dest) => self.relayed.push_back((dest, bytes)),
+            None => self.outputs.push_back(Output::Send(
+                target_id,
+                ServerMsg::Tunnel { datagram: bytes },
+            )),
+        }
         self.push_event(ServerEvent::Relayed { bytes: len });
         Ok(())
     }

@@ -50,6 +50,11 @@ pub enum ServerEvent {
     Relayed { bytes: usize },
     /// A datagram was dropped, unanswered.
     DatagramDropped { from: SocketAddr, why: DatagramDrop },
+    /// A datagram tunnelled over session `session`'s connection was dropped, unanswered.
+    TunnelDropped {
+        session: SessionId,
+        why: DatagramDrop,
+    },
 }
 
 /// Why a datagram to the server was dropped.
@@ -68,6 +73,9 @@ pub enum DatagramDrop {
     RegisterFromElsewhere,
     #[error("registers sent too fast")]
     RegisterRateLimited,
+    /// A tunnelled datagram longer than any UDP datagram of ours.
+    #[error("tunnelled datagram of {len} bytes is too long")]
+    TooLong { len: usize },
     #[error("relay refused: {0}")]
     Relay(#[from] super::super::relay::RelayRefusal),
 }

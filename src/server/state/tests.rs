@@ -1,6 +1,6 @@
 use super::*;
 use crate::config::hash_password;
-use crate::protocol::datagram::{voice_header, MAX_DATAGRAM_LEN};
+use crate::protocol::datagram::voice_header;
 use crate::server::relay::RelayRules;
 
 const S: Duration = Duration::from_secs(1);
@@ -172,7 +172,7 @@ fn version_mismatch_is_refused_and_closed_with_a_reason() {
     )));
     assert!(out
         .iter()
-        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 3"))));
+        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 4"))));
 }
 
 #[test]
@@ -1076,4 +1076,137 @@ fn alternating_source_ports_reach_the_channel_at_most_once_a_second() {
     w.state.handle_timeout(w.now);
     let last = w.state.session_view(1).unwrap().public_endpoint;
     assert!(last.is_some());
+}
+
+fn tunnel_drops(w: &mut World) -> Vec<DatagramDrop> {
+    std::iter::from_fn(|| w.state.poll_event())
+        .filter_map(|e| match e {
+            ServerEvent::TunnelDropped { why, .. } => Some(why),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A client whose network blocks UDP tunnels its relay envelopes over its TCP connection:
+/// the server relays them as if they came from its UDP address (same checks, same budget, no
+/// message-rate limit), and what is relayed to it goes back through the tunnel.
+#[test]
+fn a_tunnelling_client_is_relayed_both_ways_through_its_connection() {
+    let mut w = World::new();
+    w.state = ServerState::new(
+        channels(),
+        ServerRules {
+            relay: Some(RelayRules::per_client_kbps(80)), // 10 kB/s, 10 kB burst
+            ..ServerRules::default()
+        },
+    );
+    let alice = user_id(&w.login(1, "alice"));
+    let bob = user_id(&w.login(2, "bob"));
+    w.join(1, "Lobby", None);
+    w.join(2, "Lobby", None);
+    // Bob has UDP; alice never registers (her Registers never arrive).
+    let b = SocketAddr::new(ip_of(2), 50000);
+    w.state.handle_datagram(w.now, b, &register(1002));
+    let mut buf = [0u8; MAX_DATAGRAM_LEN];
+    while w.state.poll_transmit(w.now, &mut buf).is_some() {}
+    w.drain();
+    tunnel_drops(&mut w);
+
+    // Alice -> bob: in through her connection, out on UDP to bob.
+    let mut inner = voice_header(alice, 1, 960).to_vec();
+    inner.extend_from_slice(&[0x5a; 100]);
+    let out = w.send(
+        1,
+        ClientMsg::Tunnel {
+            datagram: relay_to(bob, &inner),
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+    let t = w
+        .state
+        .poll_transmit(w.now, &mut buf)
+        .expect("relayed to bob");
+    assert_eq!(t.to, b);
+    assert_eq!(
+        Datagram::parse(&buf[..t.len]),
+        Ok(Datagram::RelayFrom {
+            from: alice,
+            inner: &inner
+        })
+    );
+
+    // Bob -> alice: in on UDP, out through alice's connection, not to any UDP address.
+    let mut reply = voice_header(bob, 1, 960).to_vec();
+    reply.extend_from_slice(&[0xa5; 100]);
+    w.state.handle_datagram(w.now, b, &relay_to(alice, &reply));
+    assert_eq!(w.state.poll_transmit(w.now, &mut buf), None);
+    let out = w.drain();
+    let expected = Datagram::RelayFrom {
+        from: bob,
+        inner: &reply,
+    }
+    .to_vec()
+    .unwrap();
+    assert_eq!(
+        out,
+        vec![Output::Send(1, ServerMsg::Tunnel { datagram: expected })]
+    );
+
+    // Voice rate: 60 tunnelled datagrams in one second do not trip the 20/s message limit
+    // (the relay budget is what bounds them: 10 kB of 118-byte envelopes is 84).
+    for _ in 0..60 {
+        w.send(
+            1,
+            ClientMsg::Tunnel {
+                datagram: relay_to(bob, &inner),
+            },
+        );
+    }
+    assert!(w.state.is_identified(1), "alice was closed");
+    let forwarded = std::iter::from_fn(|| w.state.poll_transmit(w.now, &mut buf)).count();
+    assert_eq!(forwarded, 60);
+
+    // What is refused over UDP is refused through the tunnel too, and said why.
+    let forged = voice_header(bob, 2, 960);
+    let too_long = vec![0u8; MAX_DATAGRAM_LEN + 1];
+    for datagram in [relay_to(bob, &forged), register(1001), too_long] {
+        w.send(1, ClientMsg::Tunnel { datagram });
+    }
+    use super::RelayRefusal as R;
+    assert_eq!(
+        tunnel_drops(&mut w),
+        [
+            DatagramDrop::Relay(R::ForgedSender),
+            DatagramDrop::Unexpected,
+            DatagramDrop::TooLong {
+                len: MAX_DATAGRAM_LEN + 1
+            },
+        ]
+    );
+    assert_eq!(w.state.poll_transmit(w.now, &mut buf), None);
+}
+
+/// Without relaying a tunnel carries nothing; it is counted, and the session stays.
+#[test]
+fn a_server_without_relay_drops_tunnelled_datagrams() {
+    let mut w = World::new();
+    let alice = user_id(&w.login(1, "alice"));
+    let bob = user_id(&w.login(2, "bob"));
+    w.join(1, "Lobby", None);
+    w.join(2, "Lobby", None);
+    w.drain();
+    tunnel_drops(&mut w);
+    let inner = voice_header(alice, 1, 960);
+    let out = w.send(
+        1,
+        ClientMsg::Tunnel {
+            datagram: relay_to(bob, &inner),
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(
+        tunnel_drops(&mut w),
+        [DatagramDrop::Relay(super::RelayRefusal::Disabled)]
+    );
+    assert!(w.state.is_identified(1));
 }

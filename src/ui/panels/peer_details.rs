@@ -88,6 +88,7 @@ mod tests {
             MemberLink::Peer(PeerState::Unreachable(crate::voice::Unreachable {
                 direct: reason.clone(),
                 server_relays,
+                udp_blocked: false,
             }))
         };
         assert_eq!(
@@ -101,6 +102,16 @@ mod tests {
                  (its operator can start it with --relay)"
             ),
             "says what to change when the server does not relay"
+        );
+        let blocked = MemberLink::Peer(PeerState::Unreachable(crate::voice::Unreachable {
+            direct: reason.clone(),
+            server_relays: false,
+            udp_blocked: true,
+        }));
+        assert!(
+            link_state_text(&blocked).contains("this network seems to block UDP"),
+            "{}",
+            link_state_text(&blocked)
         );
         let relayed = MemberLink::Peer(PeerState::Relayed(crate::voice::RelayVia::Member {
             user_id: 3,

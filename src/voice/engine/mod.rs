@@ -20,6 +20,7 @@ mod setting;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod tunnel;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ pub use self::peer::PeerSettings;
 use self::registration::Registration;
 pub use self::setting::VoiceSetting;
 pub use self::snapshot::{PeerSnapshot, PeerState, RelayVia, Unreachable, VoiceSnapshot};
+use self::tunnel::Tunnel;
 use super::codec::{is_dtx_payload, opus_frame_duration, CodecError, FrameDuration};
 use super::net::crypto::{CryptoError, PeerCipher, SessionKeys, TAG_LEN};
 use super::net::link::LinkConfig;
@@ -115,6 +117,8 @@ pub struct VoiceEngine {
     sealed: Vec<u8>,
     opened: Vec<u8>,
     undecryptable: u64,
+    /// The TCP fallback while the server gets none of our UDP.
+    tunnel: Tunnel,
 }
 
 impl VoiceEngine {
@@ -153,6 +157,7 @@ impl VoiceEngine {
             sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
             opened: vec![0u8; MAX_VOICE_PAYLOAD],
             undecryptable: 0,
+            tunnel: Tunnel::default(),
         })
     }
 
@@ -201,6 +206,26 @@ impl VoiceEngine {
     /// The public address the server saw, once it answered.
     pub fn public_addr(&self) -> Option<SocketAddr> {
         self.registration.public_addr()
+    }
+
+    /// Whether datagrams for the server go through the control connection (UDP to the
+    /// server is blocked and the server relays); drain them with [`Self::poll_tunnel`].
+    pub fn tunnels(&self) -> bool {
+        self.tunnel.is_on()
+    }
+
+    /// The next datagram to send through the control connection (`ClientMsg::Tunnel`).
+    /// Call until `None` after `poll_transmit` returned `None`.
+    pub fn poll_tunnel(&mut self) -> Option<Vec<u8>> {
+        self.tunnel.poll()
+    }
+
+    /// A datagram the server sent us through the control connection (`ServerMsg::Tunnel`):
+    /// handled exactly as if it had come from the server's UDP address.
+    pub fn handle_tunnelled(&mut self, now: Duration, bytes: &[u8]) {
+        if let Some(server) = self.registration.server_addr() {
+            self.handle_datagram(now, server, bytes);
+        }
     }
 
     /// A member of our channel, announced (again) by the server: its link starts punching, and
@@ -533,6 +558,8 @@ impl VoiceEngine {
     /// Fires the timers due at `now`: registration with the server, punches and keepalives.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.registration.handle_timeout(now);
+        self.tunnel
+            .update(self.registration.udp_blocked(now), self.server_relays);
         if let Some(table) = &mut self.table {
             table.handle_timeout(now);
         }
@@ -540,11 +567,24 @@ impl VoiceEngine {
 
     /// The next datagram to send, written into `buf` (at least [`MAX_DATAGRAM_LEN`] bytes):
     /// the server registration, sealed voice, then punches, keepalives and answers, each
-    /// tagged for its peer. Call until `None` after every `handle_*` call.
+    /// tagged for its peer. Call until `None` after every `handle_*` call. While the engine
+    /// [tunnels](Self::tunnels), what is for the server is held for [`Self::poll_tunnel`]
+    /// instead (registrations still try UDP, to notice it opening up).
     pub fn poll_transmit(&mut self, _now: Duration, buf: &mut [u8]) -> Option<Transmit> {
         if let Some(t) = self.registration.poll_transmit(buf) {
             return Some(t);
         }
+        let server = self.registration.server_addr();
+        while let Some(t) = self.poll_peer_transmit(buf) {
+            if !self.tunnel.divert(t.to, server, &buf[..t.len]) {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// Sealed voice, then punches, keepalives and answers: everything but registration.
+    fn poll_peer_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
         if let Some(t) = self.outbox.pop(buf) {
             return Some(t);
         }

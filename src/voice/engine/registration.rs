@@ -13,6 +13,11 @@ use crate::protocol::datagram::Datagram;
 const REGISTER_REFRESH: Duration = Duration::from_secs(15);
 /// Registration retry while unacknowledged.
 const REGISTER_RETRY: Duration = Duration::from_millis(250);
+/// Without an answer for this long, UDP to the server is taken to be blocked (ten tries: a
+/// lossy path loses them all with negligible odds), and voice falls back to the tunnel.
+pub(super) const UDP_BLOCKED_AFTER: Duration = Duration::from_millis(2_500);
+/// Registration retry once UDP looks blocked: slow, just enough to notice it opening up.
+const REGISTER_RETRY_BLOCKED: Duration = Duration::from_secs(5);
 
 /// The registration timer and what the server told us. Pure, driven by the engine.
 ///
@@ -23,6 +28,8 @@ const REGISTER_RETRY: Duration = Duration::from_millis(250);
 pub(super) struct Registration {
     /// The server's UDP address and our token; `None` until the control session has both.
     server: Option<(SocketAddr, u64)>,
+    /// When registering with this server began (for telling that UDP is blocked).
+    since: Duration,
     acked: bool,
     next: Duration,
     /// A Register is due: `handle_timeout` found it so, `poll_transmit` sends it.
@@ -35,6 +42,7 @@ impl Registration {
     /// Starts (or restarts) registering with `addr` at `now`.
     pub(super) fn set_server(&mut self, now: Duration, addr: SocketAddr, token: u64) {
         self.server = Some((addr, token));
+        self.since = now;
         self.acked = false;
         self.next = now;
     }
@@ -67,10 +75,18 @@ impl Registration {
             self.next = now
                 + if self.acked {
                     REGISTER_REFRESH
+                } else if self.udp_blocked(now) {
+                    REGISTER_RETRY_BLOCKED
                 } else {
                     REGISTER_RETRY
                 };
         }
+    }
+
+    /// Whether the server has not answered a single registration in [`UDP_BLOCKED_AFTER`]:
+    /// this network does not let our UDP reach it (or its answers reach us).
+    pub(super) fn udp_blocked(&self, now: Duration) -> bool {
+        self.server.is_some() && !self.acked && now.saturating_sub(self.since) >= UDP_BLOCKED_AFTER
     }
 
     /// The due `Register`, written into `buf`.

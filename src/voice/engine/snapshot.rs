@@ -48,11 +48,21 @@ pub struct Unreachable {
     pub direct: UnreachableReason,
     /// Whether the server offers to relay: when it does not, that is what to change.
     pub server_relays: bool,
+    /// Whether our own UDP never reached the server: then no direct path can work either,
+    /// and only a relaying server (through the tunnel) can carry the call.
+    pub udp_blocked: bool,
 }
 
 impl std::fmt::Display for Unreachable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.server_relays {
+        if self.udp_blocked && !self.server_relays {
+            write!(
+                f,
+                "{}; this network seems to block UDP, and this server does not relay over \
+                 its TCP connection (its operator can start it with --relay)",
+                self.direct
+            )
+        } else if self.server_relays {
             write!(f, "{}; no member nor the server could relay", self.direct)
         } else {
             write!(
@@ -126,6 +136,13 @@ pub struct VoiceSnapshot {
     /// `RegisterAck`s that did not come from the server's address: ignored, since anyone could
     /// otherwise tell us a false public address to announce.
     pub foreign_register_acks: u64,
+    /// Whether the server has answered none of our UDP (this network blocks it).
+    pub udp_blocked: bool,
+    /// Whether datagrams for the server go through the control connection instead, and how
+    /// many did so far (and were dropped because the connection was backed up).
+    pub tunnelled: bool,
+    pub tunnel_datagrams: u64,
+    pub tunnel_dropped: u64,
     /// The audio path's glitch counters. The engine does no I/O, so it leaves them at zero;
     /// the voice thread, which owns the devices, fills them in.
     pub audio: AudioStats,
@@ -153,6 +170,7 @@ impl VoiceEngine {
                         PeerState::Unreachable(Unreachable {
                             direct: reason.clone(),
                             server_relays: table.server_relays(),
+                            udp_blocked: self.registration.udp_blocked(now),
                         })
                     }
                 };
@@ -217,6 +235,10 @@ impl VoiceEngine {
             fingerprint: self.keys.fingerprint(),
             undecryptable: self.undecryptable,
             foreign_register_acks: self.registration.foreign_acks(),
+            udp_blocked: self.registration.udp_blocked(now),
+            tunnelled: self.tunnel.is_on(),
+            tunnel_datagrams: self.tunnel.counts().0,
+            tunnel_dropped: self.tunnel.counts().1,
             audio: AudioStats::default(),
         }
     }

@@ -252,6 +252,85 @@ fn registration_repeats_until_acknowledged_then_refreshes_slowly() {
     assert_eq!(later, 0, "no re-registration within 15 s of an ack");
 }
 
+/// When the server answers none of our Registers, UDP is taken to be blocked: with a relaying
+/// server, what is for the server (relay envelopes) goes to the tunnel instead, Registers
+/// keep trying UDP slowly, and an answer after all turns the tunnel off.
+#[test]
+fn unanswered_registration_sends_server_traffic_through_the_tunnel_until_udp_answers() {
+    let (mut a, b) = (engine(1), engine(2));
+    let server = addr(7700);
+    a.set_server(Duration::ZERO, server, 42);
+    a.set_server_relays(true);
+    a.upsert_peer(Duration::ZERO, &peer(2, 2000, b.public_key()));
+    let (mut regs_early, mut regs_late, mut relayed_udp, mut to_peer) = (0, 0, 0, 0);
+    let mut tunnelled = Vec::new();
+    for ms in (0..8_000u64).step_by(10) {
+        let now = Duration::from_millis(ms);
+        a.drain(now, |to, bytes| match Datagram::parse(bytes) {
+            Ok(Datagram::Register { .. }) if ms < 2_500 => regs_early += 1,
+            Ok(Datagram::Register { .. }) => regs_late += 1,
+            Ok(Datagram::RelayTo { .. }) if to == server => relayed_udp += 1,
+            _ if to == addr(2000) => to_peer += 1,
+            _ => {}
+        });
+        while let Some(d) = a.poll_tunnel() {
+            tunnelled.push((ms, d));
+        }
+    }
+    assert!(a.tunnels());
+    let snap = a.snapshot(Duration::from_secs(8));
+    assert!(snap.udp_blocked && snap.tunnelled, "{snap:?}");
+    assert_eq!(snap.tunnel_datagrams, tunnelled.len() as u64);
+    assert!(regs_early >= 9, "{regs_early} Registers in the first 2.5 s");
+    assert!(
+        (1..=2).contains(&regs_late),
+        "{regs_late} Registers in the 5.5 s after: slow retries"
+    );
+    assert!(
+        to_peer > 0,
+        "punches to the peer's own address still go out on UDP"
+    );
+    assert!(!tunnelled.is_empty(), "relay probes go through the tunnel");
+    assert!(tunnelled
+        .iter()
+        .all(|(ms, d)| *ms >= 2_500
+            && matches!(Datagram::parse(d), Ok(Datagram::RelayTo { to: 2, .. }))));
+    let before = relayed_udp;
+    assert!(before > 0, "relay probes went out on UDP before the tunnel");
+
+    // UDP answers after all: the tunnel is off, relay probes go to the server's UDP again.
+    let ack = Datagram::RegisterAck {
+        observed: addr(5555),
+    }
+    .to_vec()
+    .unwrap();
+    a.handle_datagram(Duration::from_secs(8), server, &ack);
+    for ms in (8_000..10_000u64).step_by(10) {
+        a.drain(Duration::from_millis(ms), |to, bytes| {
+            if to == server && matches!(Datagram::parse(bytes), Ok(Datagram::RelayTo { .. })) {
+                relayed_udp += 1;
+            }
+        });
+    }
+    assert!(!a.tunnels());
+    assert_eq!(a.poll_tunnel(), None);
+    assert!(relayed_udp > before);
+}
+
+/// Without a relaying server there is nothing to tunnel to: the engine only says UDP is
+/// blocked, so the user is told why nobody hears them.
+#[test]
+fn blocked_udp_without_a_relaying_server_is_reported_not_tunnelled() {
+    let mut a = engine(1);
+    a.set_server(Duration::ZERO, addr(7700), 42);
+    for ms in (0..3_000u64).step_by(10) {
+        a.drain(Duration::from_millis(ms), |_, _| {});
+    }
+    let snap = a.snapshot(Duration::from_secs(3));
+    assert!(snap.udp_blocked && !snap.tunnelled, "{snap:?}");
+    assert!(!a.tunnels());
+}
+
 #[test]
 fn voice_on_the_wire_is_sealed_for_each_peer_and_opaque_to_others() {
     let (mut a, mut b) = (engine(1), engine(2));

@@ -379,10 +379,14 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     ] {
         if let Some(p) = common::peer_named(s, other) {
             println!(
-                "{who} receiving: concealed {} dropped {} late {} target_ms {} jitter_ms {}",
+                "{who} receiving: decoded {} fec {} concealed {} dropped {} late {} \
+                 packets_in {} target_ms {} jitter_ms {}",
+                p["frames_decoded"],
+                p["frames_fec"],
                 p["frames_concealed"],
                 p["frames_dropped"],
                 p["late"],
+                p["packets_in"],
                 p["target_ms"],
                 p["jitter_ms"]
             );

@@ -154,7 +154,7 @@ fn receive_voice_events(
                 while voice.mix_history.len() > 200 {
                     voice.mix_history.pop_front();
                 }
-                voice.last = s;
+                voice.last = *s;
             }
             VoiceEvent::Audio(a) => match a {
                 AudioEvent::Started {

@@ -76,7 +76,8 @@ pub enum VoiceEvent {
         addrs: Vec<SocketAddr>,
         voice_key: [u8; 32],
     },
-    Snapshot(VoiceSnapshot),
+    /// Boxed: it is by far the largest event, and sent only every few hundred ms.
+    Snapshot(Box<VoiceSnapshot>),
     Audio(AudioEvent),
     /// A device switch failed; the previous device keeps running.
     SwitchFailed(String),
@@ -362,7 +363,7 @@ impl Worker {
             }
             if now >= next_snapshot {
                 next_snapshot = now + SNAPSHOT_INTERVAL;
-                self.publish(VoiceEvent::Snapshot(self.snapshot(now)));
+                self.publish(VoiceEvent::Snapshot(Box::new(self.snapshot(now))));
             }
             // Sleep until something happens or a timer is due.
             let due = [

@@ -81,6 +81,9 @@ enum Nat {
     /// A home router whose firewall lets no UDP out but DNS (some corporate and hotel
     /// networks): only TCP reaches the server.
     UdpBlocked,
+    /// A symmetric NAT whose owner forwarded TCP and UDP 7700 to the host behind it, as the
+    /// README tells someone hosting a call: only the server's port is reachable from outside.
+    SymmetricForwarding7700,
 }
 
 /// Public net 198.18.0.0/24 (a bridge in the `pub` namespace, server at .10); router A at
@@ -154,7 +157,17 @@ fn build_sites(tag: &str, nats: &[Nat]) -> Result<Netns, String> {
         // creates no conntrack entry; see SETUP-NOTES.md).
         let masquerade = match nat {
             Nat::Home | Nat::UdpBlocked => "masquerade",
-            Nat::Symmetric => "masquerade fully-random",
+            Nat::Symmetric | Nat::SymmetricForwarding7700 => "masquerade fully-random",
+        };
+        let (forward_in, forward_accept) = if nat == Nat::SymmetricForwarding7700 {
+            (
+                format!(
+                    r#"chain pre {{ type nat hook prerouting priority -100; iifname "wan0" tcp dport 7700 dnat to {lan}.2; iifname "wan0" udp dport 7700 dnat to {lan}.2; }}"#
+                ),
+                r#"iifname "wan0" ct status dnat accept;"#,
+            )
+        } else {
+            (String::new(), "")
         };
         let udp_filter = if nat == Nat::UdpBlocked {
             r#"chain udp_out { type filter hook forward priority -10; policy accept; iifname "lan0" udp dport != 53 drop; }"#
@@ -167,9 +180,10 @@ fn build_sites(tag: &str, nats: &[Nat]) -> Result<Netns, String> {
                 r#"
 table ip nat {{
   chain post {{ type nat hook postrouting priority 100; oifname "wan0" {masquerade}; }}
+  {forward_in}
 }}
 table inet guard {{
-  chain forward_guard {{ type filter hook forward priority 0; policy accept; iifname "wan0" ct state new drop; }}
+  chain forward_guard {{ type filter hook forward priority 0; policy accept; {forward_accept} iifname "wan0" ct state new drop; }}
   chain input_guard {{ type filter hook input priority 0; policy accept; iifname "wan0" ct state new drop; }}
   {udp_filter}
 }}
@@ -590,5 +604,72 @@ fn blocked_udp_with_a_server_that_does_not_relay_is_explained() {
     assert!(
         tone_level(&tail_of(&out_a), 660.0) < 0.01,
         "alice hears nothing"
+    );
+}
+
+/// Host mode with the host itself behind a symmetric NAT that forwards only port 7700 (TCP
+/// and UDP) to it, and a guest behind a home NAT: the host's client talks to its own server
+/// over loopback, as in host mode; the guest cannot punch through to the host's voice port,
+/// so the host's server relays, through the one forwarded port, and each hears the other.
+/// (The embedded server of `p2p-voice host` is this `server --relay` in the host's
+/// namespace; the window is what differs.)
+#[test]
+fn a_host_behind_a_nat_that_forwards_only_its_port_is_heard_through_its_relay() {
+    let Some(tag) = namespaces_or_skip('f') else {
+        return;
+    };
+    let _net = build_sites(&tag, &[Nat::SymmetricForwarding7700, Nat::Home])
+        .expect("build the namespace network");
+    let host_ns = format!("pv{tag}ha");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &host_ns, bin()])
+        .env("P2P_VOICE_DATA_DIR", temp_path("nat-host-data"))
+        .args(["server", "--port", "7700", "--relay"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("server in the host's namespace");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out_host = temp_path("nat-host-host.wav");
+    let out_guest = temp_path("nat-host-guest.wav");
+    let host = client_of(&host_ns, "127.0.0.1:7700", "host", "440", &out_host);
+    // The guest dials the host's public address, where the router forwards 7700.
+    let guest = client_of(
+        &format!("pv{tag}hb"),
+        "198.18.0.1:7700",
+        "guest",
+        "660",
+        &out_guest,
+    );
+    let (host_lines, host_text) = finish(host);
+    let (guest_lines, guest_text) = finish(guest);
+    let _ = server.kill();
+    let _ = server.wait();
+    let g = summary(&guest_lines);
+    let peer = peer_named(g, "host").unwrap_or_else(|| panic!("guest: {guest_text}"));
+    assert_eq!(peer["link"]["state"], "relayed", "guest: {g}");
+    assert_eq!(peer["link"]["via"], "server", "guest: {peer}");
+    assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
+    let h = summary(&host_lines);
+    let guest_peer = peer_named(h, "guest").unwrap_or_else(|| panic!("host: {host_text}"));
+    assert_eq!(guest_peer["link"]["state"], "relayed", "host: {h}");
+    report_first_audio(
+        "host behind a forwarding symmetric NAT",
+        "guest",
+        &out_guest,
+        440.0,
+    );
+    report_first_audio(
+        "host behind a forwarding symmetric NAT",
+        "host",
+        &out_host,
+        660.0,
+    );
+    assert!(
+        tone_level(&tail_of(&out_guest), 440.0) > 0.1,
+        "guest hears host"
+    );
+    assert!(
+        tone_level(&tail_of(&out_host), 660.0) > 0.1,
+        "host hears guest"
     );
 }

@@ -84,6 +84,9 @@ enum Nat {
     /// A symmetric NAT whose owner forwarded TCP and UDP 7700 to the host behind it, as the
     /// README tells someone hosting a call: only the server's port is reachable from outside.
     SymmetricForwarding7700,
+    /// A home router behind a carrier-grade NAT (RFC 6598 space, 100.64.0.0/10) that maps
+    /// symmetrically, as mobile and many fibre carriers do: two layers, neither of them ours.
+    Cgnat,
 }
 
 /// Public net 198.18.0.0/24 (a bridge in the `pub` namespace, server at .10); router A at
@@ -99,8 +102,11 @@ fn build_sites(tag: &str, nats: &[Nat]) -> Result<Netns, String> {
     let pub_ns = format!("pv{tag}pub");
     let mut names = vec![pub_ns.clone()];
     let sides: Vec<char> = ('a'..='z').take(nats.len()).collect();
-    for side in &sides {
+    for (side, &nat) in sides.iter().zip(nats) {
         names.push(format!("pv{tag}r{side}"));
+        if nat == Nat::Cgnat {
+            names.push(format!("pv{tag}g{side}"));
+        }
         names.push(format!("pv{tag}h{side}"));
     }
     let guard = Netns { names };
@@ -115,7 +121,8 @@ fn build_sites(tag: &str, nats: &[Nat]) -> Result<Netns, String> {
     )?;
     in_ns(&pub_ns, &["ip", "link", "set", "br0", "up"])?;
     for (i, (side, &nat)) in sides.iter().zip(nats).enumerate() {
-        let (pub_ip, lan) = (format!("198.18.0.{}", i + 1), format!("10.{}.0", i + 1));
+        let n = i + 1;
+        let pub_ip = format!("198.18.0.{n}");
         let router = format!("pv{tag}r{side}");
         let host = format!("pv{tag}h{side}");
         // Router <-> public bridge.
@@ -131,33 +138,54 @@ fn build_sites(tag: &str, nats: &[Nat]) -> Result<Netns, String> {
             &["ip", "addr", "add", &format!("{pub_ip}/24"), "dev", "wan0"],
         )?;
         in_ns(&router, &["ip", "link", "set", "wan0", "up"])?;
-        // Router <-> host LAN.
-        let down = format!("pv{tag}d{side}");
-        sh(&[
-            "ip", "link", "add", &down, "type", "veth", "peer", "name", "eth0", "netns", &host,
-        ])?;
-        sh(&["ip", "link", "set", &down, "netns", &router])?;
-        in_ns(&router, &["ip", "link", "set", &down, "name", "lan0"])?;
-        in_ns(
-            &router,
-            &["ip", "addr", "add", &format!("{lan}.1/24"), "dev", "lan0"],
-        )?;
-        in_ns(&router, &["ip", "link", "set", "lan0", "up"])?;
-        in_ns(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        in_ns(
-            &host,
-            &["ip", "addr", "add", &format!("{lan}.2/24"), "dev", "eth0"],
-        )?;
-        in_ns(&host, &["ip", "link", "set", "eth0", "up"])?;
+        if nat == Nat::Cgnat {
+            // Carrier NAT (symmetric) on 100.64.N.0/24, the subscriber's home router at
+            // 100.64.N.2 behind it, and the host behind that.
+            let home = format!("pv{tag}g{side}");
+            let carrier = format!("100.64.{n}");
+            lan_link(&router, &home, "wan0", &format!("pv{tag}d{side}"), &carrier)?;
+            in_ns(
+                &home,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("{carrier}.1"),
+                ],
+            )?;
+            nft(&router, &nat_tables("masquerade fully-random", "", "", ""))?;
+            lan_link(
+                &home,
+                &host,
+                "eth0",
+                &format!("pv{tag}e{side}"),
+                &format!("10.{n}.0"),
+            )?;
+            in_ns(
+                &host,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("10.{n}.0.1"),
+                ],
+            )?;
+            nft(&home, &nat_tables("masquerade", "", "", ""))?;
+            continue;
+        }
+        let lan = format!("10.{n}.0");
+        lan_link(&router, &host, "eth0", &format!("pv{tag}d{side}"), &lan)?;
         in_ns(
             &host,
             &["ip", "route", "add", "default", "via", &format!("{lan}.1")],
         )?;
-        // Masquerade outgoing, drop unsolicited incoming (at input too, so an early punch
-        // creates no conntrack entry; see SETUP-NOTES.md).
         let masquerade = match nat {
             Nat::Home | Nat::UdpBlocked => "masquerade",
-            Nat::Symmetric | Nat::SymmetricForwarding7700 => "masquerade fully-random",
+            Nat::Symmetric | Nat::SymmetricForwarding7700 | Nat::Cgnat => "masquerade fully-random",
         };
         let (forward_in, forward_accept) = if nat == Nat::SymmetricForwarding7700 {
             (
@@ -176,8 +204,65 @@ fn build_sites(tag: &str, nats: &[Nat]) -> Result<Netns, String> {
         };
         nft(
             &router,
-            &format!(
-                r#"
+            &nat_tables(masquerade, &forward_in, forward_accept, udp_filter),
+        )?;
+    }
+    Ok(guard)
+}
+
+/// A LAN from `router` (its `lan0`, at `PREFIX.1/24`) to `inside` (its `inside_if`, at
+/// `PREFIX.2/24`), with forwarding on in the router.
+fn lan_link(
+    router: &str,
+    inside: &str,
+    inside_if: &str,
+    tmp: &str,
+    prefix: &str,
+) -> Result<(), String> {
+    sh(&[
+        "ip", "link", "add", tmp, "type", "veth", "peer", "name", inside_if, "netns", inside,
+    ])?;
+    sh(&["ip", "link", "set", tmp, "netns", router])?;
+    in_ns(router, &["ip", "link", "set", tmp, "name", "lan0"])?;
+    in_ns(
+        router,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{prefix}.1/24"),
+            "dev",
+            "lan0",
+        ],
+    )?;
+    in_ns(router, &["ip", "link", "set", "lan0", "up"])?;
+    in_ns(router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    in_ns(
+        inside,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{prefix}.2/24"),
+            "dev",
+            inside_if,
+        ],
+    )?;
+    in_ns(inside, &["ip", "link", "set", inside_if, "up"])
+}
+
+/// A router's nftables: masquerade out of `wan0`, drop unsolicited incoming (at input too, so
+/// an early punch creates no conntrack entry; see SETUP-NOTES.md), plus optional port
+/// forwarding (`forward_in`, with `forward_accept` letting it through the guard) and an
+/// outgoing filter.
+fn nat_tables(
+    masquerade: &str,
+    forward_in: &str,
+    forward_accept: &str,
+    udp_filter: &str,
+) -> String {
+    format!(
+        r#"
 table ip nat {{
   chain post {{ type nat hook postrouting priority 100; oifname "wan0" {masquerade}; }}
   {forward_in}
@@ -188,10 +273,7 @@ table inet guard {{
   {udp_filter}
 }}
 "#
-            ),
-        )?;
-    }
-    Ok(guard)
+    )
 }
 
 fn client(ns: &str, name: &str, hz: &str, out: &std::path::Path) -> std::process::Child {
@@ -672,4 +754,100 @@ fn a_host_behind_a_nat_that_forwards_only_its_port_is_heard_through_its_relay() 
         tone_level(&tail_of(&out_host), 660.0) > 0.1,
         "host hears guest"
     );
+}
+
+/// A client behind a home router behind a carrier-grade symmetric NAT, and one behind a home
+/// router elsewhere, with a relaying server: no direct path exists (the carrier maps every
+/// destination anew), so the server relays, and each hears the other.
+#[test]
+fn a_client_behind_a_carrier_grade_nat_is_heard_through_the_relay() {
+    let Some(tag) = namespaces_or_skip('c') else {
+        return;
+    };
+    let _net = build_sites(&tag, &[Nat::Cgnat, Nat::Home]).expect("build the namespace network");
+    let mut server = public_server(&tag, &["--relay"]);
+    let out_a = temp_path("cgnat-a.wav");
+    let out_b = temp_path("cgnat-b.wav");
+    let a = client(&format!("pv{tag}ha"), "alice", "440", &out_a);
+    let b = client(&format!("pv{tag}hb"), "bob", "660", &out_b);
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    let alice = summary(&results[0].0);
+    // The server saw alice at the carrier's address, not her home router's.
+    assert!(
+        alice["public_addr"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("198.18.0.1:"),
+        "{alice}"
+    );
+    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
+        let s = summary(lines);
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
+        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
+        assert_eq!(peer["link"]["via"], "server", "{me}: {peer}");
+        assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
+    }
+    report_first_audio("CGNAT-home via server", "alice", &out_a, 660.0);
+    report_first_audio("CGNAT-home via server", "bob", &out_b, 440.0);
+    assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
+    assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
+}
+
+/// Routers that forget a UDP mapping after 20 s without traffic (what some carriers and cheap
+/// routers do; Linux's default is 30 s, or 120 s once a flow saw replies both ways), a home
+/// NAT and a symmetric one, with a relaying server: a 35 s call stays up and audible to the
+/// end, because every path (registration towards the server, the relay path, punches and
+/// keepalives) is refreshed well within 20 s.
+#[test]
+fn a_call_outlives_routers_that_forget_udp_mappings_after_20_s() {
+    let Some(tag) = namespaces_or_skip('t') else {
+        return;
+    };
+    let _net =
+        build_sites(&tag, &[Nat::Home, Nat::Symmetric]).expect("build the namespace network");
+    for side in ['a', 'b'] {
+        let router = format!("pv{tag}r{side}");
+        for key in [
+            "net.netfilter.nf_conntrack_udp_timeout=20",
+            "net.netfilter.nf_conntrack_udp_timeout_stream=20",
+        ] {
+            in_ns(&router, &["sysctl", "-qw", key]).expect("per-namespace conntrack timeout");
+        }
+    }
+    let mut server = public_server(&tag, &["--relay"]);
+    let out_a = temp_path("expiry-a.wav");
+    let out_b = temp_path("expiry-b.wav");
+    let a = client_for(&format!("pv{tag}ha"), "alice", "440", &out_a, "35");
+    let b = client_for(&format!("pv{tag}hb"), "bob", "660", &out_b, "35");
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
+        let s = summary(lines);
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
+        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
+    }
+    // Heard in the last seconds, long after the first mappings would have expired.
+    assert!(
+        tone_level(&tail_of(&out_a), 660.0) > 0.1,
+        "alice hears bob at the end"
+    );
+    assert!(
+        tone_level(&tail_of(&out_b), 440.0) > 0.1,
+        "bob hears alice at the end"
+    );
+    // And no gap of a second or more on the way (a lost mapping would cost at least that).
+    for (path, hz) in [(&out_a, 660.0), (&out_b, 440.0)] {
+        let audio = p2p_voice::audio::load_wav_mono_48k(path).unwrap();
+        let heard: Vec<bool> = audio[48_000 * 3..audio.len() - 48_000]
+            .chunks(48_000 / 2)
+            .map(|c| tone_level(c, hz) > 0.05)
+            .collect();
+        assert!(
+            heard.iter().all(|h| *h),
+            "a silent half second in {path:?}: {heard:?}"
+        );
+    }
 }

@@ -236,7 +236,7 @@ impl VoiceEngine {
         };
         let id = info.user_id;
         let upsert = table.upsert_peer(now, id, info.username.clone(), &info.candidates());
-        if upsert == Upsert::IgnoredSelf {
+        if matches!(upsert, Upsert::IgnoredSelf | Upsert::TableFull) {
             return;
         }
         let our_id = table.our_id();

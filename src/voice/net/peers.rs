@@ -19,6 +19,12 @@ use crate::protocol::relay_budget::RelayBudget;
 /// 96 kb/s, a voice stream at 10 ms frames with its headers and room for punches and pings.
 pub const MEMBER_RELAY_BYTES_PER_SEC: f64 = 12_000.0;
 
+/// Most peers one client links to. Each one punches and probes within its own small budget,
+/// so the table's size bounds what a server (or a flood of announcements) can make us send to
+/// addresses nobody verified; and a full mesh sends our voice once per peer, so past this many
+/// the call could not work anyway. Channels are capped to match (`MAX_PEERS + 1` members).
+pub const MAX_PEERS: usize = 128;
+
 /// Why an incoming datagram was dropped. Dropped datagrams are counted, never played.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DropReason {
@@ -162,6 +168,8 @@ pub enum Upsert {
     Updated,
     /// The id is our own; we never link to ourselves.
     IgnoredSelf,
+    /// The table holds [`MAX_PEERS`] already: no new link.
+    TableFull,
 }
 
 /// All peer links of this client, keyed by peer id.
@@ -232,6 +240,9 @@ impl PeerTable {
                 entry.link.add_candidate(now, c);
             }
             return Upsert::Updated;
+        }
+        if self.peers.len() >= MAX_PEERS {
+            return Upsert::TableFull;
         }
         let seed = self.seed ^ u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let link = PeerLink::new(now, self.our_id, id, candidates, self.config.clone(), seed);
@@ -560,6 +571,34 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// Announcements beyond [`MAX_PEERS`] make no new link (so nothing more punches), while
+    /// the peers already known keep being updated.
+    #[test]
+    fn the_table_stops_growing_at_max_peers() {
+        let mut t = PeerTable::new(1, LinkConfig::default(), 7);
+        for id in 2..(2 + MAX_PEERS as u32) {
+            assert_eq!(
+                t.upsert_peer(ms(0), id, "p", &[addr("192.0.2.1:9")]),
+                Upsert::Added
+            );
+        }
+        let extra = 2 + MAX_PEERS as u32;
+        assert_eq!(
+            t.upsert_peer(ms(0), extra, "x", &[addr("192.0.2.2:9")]),
+            Upsert::TableFull
+        );
+        assert!(t.peer(extra).is_none());
+        assert_eq!(
+            t.upsert_peer(ms(0), 2, "renamed", &[addr("192.0.2.3:9")]),
+            Upsert::Updated
+        );
+        t.remove_peer(2);
+        assert_eq!(
+            t.upsert_peer(ms(0), extra, "x", &[addr("192.0.2.2:9")]),
+            Upsert::Added
+        );
     }
 
     /// Tiny deterministic PRNG for simulated loss (xorshift64).

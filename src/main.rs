@@ -42,8 +42,8 @@ struct HostArgs {
     /// TCP and UDP port of the embedded server.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     port: u16,
-    /// Address the embedded server listens on.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address the embedded server listens on (`::`: IPv6 and IPv4).
+    #[arg(long, default_value = "::")]
     bind: IpAddr,
     /// Channels file (TOML); the built-in list when absent.
     #[arg(long)]
@@ -78,7 +78,8 @@ struct DevicesArgs {
 
 #[derive(Args, Clone)]
 struct ServerArgs {
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address to listen on (`::`: IPv6 and IPv4; `0.0.0.0`: IPv4 only).
+    #[arg(long, default_value = "::")]
     bind: IpAddr,
     #[arg(long, default_value_t = DEFAULT_PORT)]
     port: u16,
@@ -256,7 +257,7 @@ fn run() -> anyhow::Result<ExitCode> {
     warn_about_password_on_the_command_line(std::env::args());
     let mode = cli.mode.unwrap_or(Mode::Host(HostArgs {
         port: DEFAULT_PORT,
-        bind: "0.0.0.0".parse().expect("literal address"),
+        bind: "::".parse().expect("literal address"),
         channels: None,
         username: None,
         data_dir: None,

@@ -851,3 +851,110 @@ fn a_call_outlives_routers_that_forget_udp_mappings_after_20_s() {
         );
     }
 }
+
+/// An IPv6-only network: the server and two hosts on one segment with global addresses
+/// (2001:db8::/64) and no IPv4 at all, each host behind a stateful firewall that drops
+/// unsolicited UDP (what IPv6 home routers do instead of NAT). The clients reach the server
+/// over IPv6, announce IPv6 candidates, punch through each other's firewall, and talk
+/// directly.
+#[test]
+fn an_ipv6_only_pair_punches_through_stateful_firewalls_and_talks_directly() {
+    let Some(tag) = namespaces_or_skip('6') else {
+        return;
+    };
+    let pub_ns = format!("pv{tag}pub");
+    let hosts = [format!("pv{tag}ha"), format!("pv{tag}hb")];
+    let _net = Netns {
+        names: vec![pub_ns.clone(), hosts[0].clone(), hosts[1].clone()],
+    };
+    let setup = || -> Result<(), String> {
+        for n in [&pub_ns, &hosts[0], &hosts[1]] {
+            sh(&["ip", "netns", "add", n])?;
+            in_ns(n, &["ip", "link", "set", "lo", "up"])?;
+        }
+        in_ns(&pub_ns, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        in_ns(
+            &pub_ns,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "2001:db8::10/64",
+                "dev",
+                "br0",
+                "nodad",
+            ],
+        )?;
+        in_ns(&pub_ns, &["ip", "link", "set", "br0", "up"])?;
+        for (i, host) in hosts.iter().enumerate() {
+            let up = format!("pv{tag}6{i}");
+            sh(&[
+                "ip", "link", "add", &up, "type", "veth", "peer", "name", "eth0", "netns", host,
+            ])?;
+            sh(&["ip", "link", "set", &up, "netns", &pub_ns])?;
+            in_ns(&pub_ns, &["ip", "link", "set", &up, "master", "br0"])?;
+            in_ns(&pub_ns, &["ip", "link", "set", &up, "up"])?;
+            let ip = format!("2001:db8::{}/64", i + 1);
+            in_ns(
+                host,
+                &["ip", "-6", "addr", "add", &ip, "dev", "eth0", "nodad"],
+            )?;
+            in_ns(host, &["ip", "link", "set", "eth0", "up"])?;
+            in_ns(
+                host,
+                &["ip", "-6", "route", "add", "default", "via", "2001:db8::10"],
+            )?;
+            nft(
+                host,
+                r#"
+table inet guard {
+  chain input_guard { type filter hook input priority 0; policy accept; iifname "eth0" meta l4proto udp ct state new drop; }
+}
+"#,
+            )?;
+        }
+        Ok(())
+    };
+    setup().expect("build the IPv6 network");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &pub_ns, bin()])
+        .env("P2P_VOICE_DATA_DIR", temp_path("v6-server-data"))
+        .args(["server", "--port", "7700"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("server in namespace");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out_a = temp_path("v6-a.wav");
+    let out_b = temp_path("v6-b.wav");
+    let server_addr = "[2001:db8::10]:7700";
+    let a = client_of(&hosts[0], server_addr, "alice", "440", &out_a);
+    let b = client_of(&hosts[1], server_addr, "bob", "660", &out_b);
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    for ((lines, text), (me, other, their_ip)) in results.iter().zip([
+        ("alice", "bob", "2001:db8::2"),
+        ("bob", "alice", "2001:db8::1"),
+    ]) {
+        let s = summary(lines);
+        assert!(
+            s["public_addr"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("[2001:db8::"),
+            "{me} registered over IPv6: {s}"
+        );
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
+        assert_eq!(peer["link"]["state"], "direct", "{me}: {peer}");
+        let addr = peer["link"]["addr"].as_str().unwrap();
+        assert!(
+            addr.starts_with(&format!("[{their_ip}]:")),
+            "{me} talks to {addr}"
+        );
+    }
+    report_first_audio("IPv6 only, stateful firewalls", "alice", &out_a, 660.0);
+    report_first_audio("IPv6 only, stateful firewalls", "bob", &out_b, 440.0);
+    assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
+    assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
+}

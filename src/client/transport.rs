@@ -4,6 +4,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use mio::net::TcpStream;
@@ -29,7 +30,9 @@ pub struct Progress {
 
 enum State {
     Idle,
-    Resolving(Receiver<Result<SocketAddr, TransportError>>),
+    /// Resolving the name and connecting (every address, happy-eyeballs style) off the
+    /// frame thread.
+    Resolving(Receiver<Result<(std::net::TcpStream, SocketAddr), TransportError>>),
     Connecting(TcpStream),
     Handshaking(TcpStream, Box<ClientConnection>),
     Open(TcpStream, Box<ClientConnection>),
@@ -56,22 +59,99 @@ impl Default for Transport {
     }
 }
 
-/// Accepts "host", "host:port", "[v6]:port"; the default port is 7700.
+/// Accepts "host", "host:port", "[v6]:port"; the default port is 7700. The first address.
 pub fn resolve(server: &str) -> Result<SocketAddr, TransportError> {
+    resolve_all(server)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| TransportError::NoAddress {
+            server: server.trim().to_string(),
+        })
+}
+
+/// Every address `server` resolves to, in the order to try them ([`eyeball_order`]).
+pub fn resolve_all(server: &str) -> Result<Vec<SocketAddr>, TransportError> {
     let server = server.trim();
     if server.is_empty() {
         return Err(TransportError::EmptyAddress);
     }
     let with_port = with_default_port(server);
-    let mut addrs = with_port
+    let addrs: Vec<SocketAddr> = with_port
         .to_socket_addrs()
         .map_err(|e| TransportError::Unresolvable {
             server: server.to_string(),
             detail: e.to_string(),
-        })?;
-    addrs.next().ok_or_else(|| TransportError::NoAddress {
-        server: server.to_string(),
-    })
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(TransportError::NoAddress {
+            server: server.to_string(),
+        });
+    }
+    Ok(eyeball_order(addrs))
+}
+
+/// Happy Eyeballs (RFC 8305) order: IPv6 first, then alternating families, each family in
+/// the resolver's order, so a broken IPv6 path costs one short head start, not the call.
+pub fn eyeball_order(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let (mut v6, mut v4): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| a.is_ipv6());
+    v6.reverse();
+    v4.reverse();
+    let mut out = Vec::with_capacity(v6.len() + v4.len());
+    loop {
+        match (v6.pop(), v4.pop()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// How long each address gets before the next one is tried alongside it.
+const EYEBALL_HEAD_START: Duration = Duration::from_millis(250);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the first of `addrs` that answers: each attempt starts
+/// [`EYEBALL_HEAD_START`] after the previous one unless one has already succeeded. Blocking:
+/// runs on the resolver thread.
+fn connect_first(
+    addrs: &[SocketAddr],
+) -> Result<(std::net::TcpStream, SocketAddr), TransportError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for (i, &addr) in addrs.iter().enumerate() {
+        let (attempt_tx, done) = (tx.clone(), Arc::clone(&done));
+        let spawned = std::thread::Builder::new()
+            .name("connect".into())
+            .spawn(move || {
+                std::thread::sleep(EYEBALL_HEAD_START * i as u32);
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let _ = attempt_tx.send((
+                    addr,
+                    std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT),
+                ));
+            });
+        if spawned.is_err() {
+            let _ = tx.send((
+                addr,
+                Err(std::io::Error::other("cannot start a connect thread")),
+            ));
+        }
+    }
+    drop(tx);
+    let mut last = None;
+    for (addr, result) in rx.iter().take(addrs.len()) {
+        match result {
+            Ok(stream) => {
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Ok((stream, addr));
+            }
+            Err(e) => last = Some(connect_error(Some(addr), e)),
+        }
+    }
+    Err(last.unwrap_or(TransportError::ResolverGone))
 }
 
 fn with_default_port(server: &str) -> String {
@@ -140,7 +220,7 @@ impl Transport {
         let _ = std::thread::Builder::new()
             .name("resolve".into())
             .spawn(move || {
-                let _ = tx.send(resolve(&server));
+                let _ = tx.send(resolve_all(&server).and_then(|addrs| connect_first(&addrs)));
             });
         self.state = State::Resolving(rx);
     }
@@ -175,17 +255,12 @@ impl Transport {
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => {}
             State::Resolving(rx) => match rx.try_recv() {
-                Ok(Ok(addr)) => match TcpStream::connect(addr) {
-                    Ok(s) => {
+                Ok(Ok((stream, addr))) => match stream.set_nonblocking(true) {
+                    Ok(()) => {
                         self.remote = Some(addr);
-                        self.state = State::Connecting(s);
+                        self.state = State::Connecting(TcpStream::from_std(stream));
                     }
-                    Err(e) => {
-                        p.lost = Some(TransportError::ConnectFailed {
-                            target: addr.to_string(),
-                            detail: e.to_string(),
-                        })
-                    }
+                    Err(e) => p.lost = Some(connect_error(Some(addr), e)),
                 },
                 Ok(Err(e)) => p.lost = Some(e),
                 Err(crossbeam_channel::TryRecvError::Empty) => self.state = State::Resolving(rx),
@@ -354,6 +429,50 @@ fn connect_error(remote: Option<SocketAddr>, e: std::io::Error) -> TransportErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_tried_ipv6_first_then_alternating_families() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let resolved = vec![
+            a("192.0.2.1:7700"),
+            a("192.0.2.2:7700"),
+            a("[2001:db8::1]:7700"),
+            a("[2001:db8::2]:7700"),
+            a("[2001:db8::3]:7700"),
+        ];
+        assert_eq!(
+            eyeball_order(resolved),
+            vec![
+                a("[2001:db8::1]:7700"),
+                a("192.0.2.1:7700"),
+                a("[2001:db8::2]:7700"),
+                a("192.0.2.2:7700"),
+                a("[2001:db8::3]:7700"),
+            ]
+        );
+        assert_eq!(
+            eyeball_order(vec![a("192.0.2.1:1")]),
+            vec![a("192.0.2.1:1")]
+        );
+    }
+
+    /// The first address refuses, the second listens: the connection is made to the second,
+    /// after the head start, and a refusal alone is reported as one.
+    #[test]
+    fn a_dead_first_address_costs_only_its_head_start() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let live = listener.local_addr().unwrap();
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (_, addr) = connect_first(&[dead, live]).expect("the live one answers");
+        assert_eq!(addr, live);
+        assert!(matches!(
+            connect_first(&[dead]),
+            Err(TransportError::Refused { .. })
+        ));
+    }
 
     #[test]
     fn addresses_get_the_default_port() {

@@ -6,6 +6,7 @@
 //! - [`datagram`]: the UDP datagram format of the voice plane, relay envelopes included.
 //! - [`relay_budget`]: the byte budget every relay (member or server) forwards within.
 
+pub mod addr;
 pub mod datagram;
 pub mod framing;
 pub mod messages;

@@ -24,6 +24,7 @@ use super::limits::{AdmitError, ConnectionLimit};
 use super::password_pool::{PasswordJob, PasswordPool, PASSWORD_WORKERS};
 use super::state::{ConnectionAddrs, Output, ServerEvent, ServerRules, ServerState, SessionId};
 use crate::config::ChannelConfig;
+use crate::protocol::addr;
 use crate::protocol::datagram::MAX_DATAGRAM_LEN;
 use crate::protocol::{encode_frame, ClientMsg, ServerMsg};
 use crate::tls::ServerIdentity;
@@ -141,7 +142,15 @@ pub struct ServerPlugin {
 
 impl ServerPlugin {
     pub fn bind(config: ServerConfig) -> Result<Self, ServerStartError> {
-        let (listener, udp) = bind_pair(config.bind, config.port)?;
+        // `::` takes IPv6 and IPv4 alike (Linux's default, net.ipv6.bindv6only = 0); where
+        // the machine has no IPv6 at all, IPv4 alone.
+        let (listener, udp) = match bind_pair(config.bind, config.port) {
+            Err(e) if config.bind == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) => {
+                warn!("cannot listen on IPv6 ({e}); listening on IPv4 only");
+                bind_pair(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), config.port)?
+            }
+            other => other?,
+        };
         let poll = Poll::new().map_err(ServerStartError::Poll)?;
         let identity = match &config.data_dir {
             Some(dir) => ServerIdentity::load_or_create(dir)?,
@@ -410,17 +419,29 @@ fn read_udp(mut net: ResMut<ServerNet>, mut rules: ResMut<Rules>, mut stats: Res
     let t = now(net);
     let mut buf = [0u8; 1500];
     let mut reply = [0u8; MAX_DATAGRAM_LEN];
+    let local = net
+        .udp
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    // Relays of datagrams tunnelled over TCP (read just before) go out in the first pass.
     for _ in 0..4096 {
+        while let Some(transmit) = rules.0.poll_transmit(t, &mut reply) {
+            let to = addr::for_socket(transmit.to, local);
+            let _ = net.udp.send_to(&reply[..transmit.len], to);
+        }
         let (len, from) = match net.udp.recv_from(&mut buf) {
             Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             // ICMP errors surface here on some systems; they say nothing about us.
             Err(_) => continue,
         };
-        rules.0.handle_datagram(t, from, &buf[..len]);
-        while let Some(transmit) = rules.0.poll_transmit(t, &mut reply) {
-            let _ = net.udp.send_to(&reply[..transmit.len], transmit.to);
-        }
+        rules
+            .0
+            .handle_datagram(t, addr::canonical(from), &buf[..len]);
+    }
+    while let Some(transmit) = rules.0.poll_transmit(t, &mut reply) {
+        let to = addr::for_socket(transmit.to, local);
+        let _ = net.udp.send_to(&reply[..transmit.len], to);
     }
     while let Some(event) = rules.0.poll_event() {
         match event {

@@ -9,7 +9,7 @@
 //! can take 16 ms; the latency budget is 60 ms end to end). ECS talks to it through bounded
 //! crossbeam channels: [`VoiceCommand`] in, [`VoiceEvent`] out.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
 use super::net::impair::{ImpairConfig, Impairment};
 use super::rx::playout_clock::PlayoutClock;
 use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink, RingWake};
-use crate::protocol::{PeerInfo, UserId};
+use crate::protocol::{addr, PeerInfo, UserId};
 
 /// How often a [`VoiceSnapshot`] is published to ECS.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
@@ -118,7 +118,8 @@ pub struct VoiceThreadConfig {
     pub input: InputSource,
     pub output: OutputSink,
     pub audio: AudioConfig,
-    /// Local address to bind the voice socket to (port 0 = any).
+    /// Local address to bind the voice socket to (port 0 = any; `[::]`, the default, takes
+    /// IPv6 and IPv4).
     pub bind: SocketAddr,
     /// Simulated bad network on received datagrams (tests, benchmarks).
     pub impair: Option<ImpairConfig>,
@@ -131,7 +132,7 @@ impl Default for VoiceThreadConfig {
             input: InputSource::Device(None),
             output: OutputSink::Device(None),
             audio: AudioConfig::default(),
-            bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            bind: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
             impair: None,
         }
     }
@@ -139,7 +140,14 @@ impl Default for VoiceThreadConfig {
 
 impl VoiceThread {
     pub fn spawn(cfg: VoiceThreadConfig) -> Result<Self, VoiceError> {
-        let socket = UdpSocket::bind(cfg.bind).map_err(VoiceError::Socket)?;
+        // `[::]` takes IPv6 and IPv4 (Linux's default); without IPv6 on the machine, IPv4.
+        let socket = match UdpSocket::bind(cfg.bind) {
+            Err(_) if cfg.bind.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => UdpSocket::bind(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), cfg.bind.port()),
+            ),
+            other => other,
+        }
+        .map_err(VoiceError::Socket)?;
         socket.set_nonblocking(true).map_err(VoiceError::Socket)?;
         let local_addr = socket.local_addr().map_err(VoiceError::Socket)?;
         let mut socket = mio::net::UdpSocket::from_std(socket);
@@ -177,6 +185,7 @@ impl VoiceThread {
                     capture,
                     playback,
                     playout_clock: PlayoutClock::new(CHUNK_PERIOD),
+                    local: local_addr,
                     commands: cmd_rx,
                     events: ev_tx,
                     stop: stop_rx,
@@ -240,24 +249,45 @@ impl Drop for VoiceThread {
 }
 
 /// The local addresses peers on our LAN may reach us at: the source address used to reach
-/// `towards` (the server), or loopback when the server is local.
+/// `towards` (the server), then our address of the other IP family if we have one (a global
+/// IPv6 address next to IPv4, or the reverse), for peers who only have that family; loopback
+/// when the server is local.
 pub fn local_candidates(port: u16, towards: SocketAddr) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
     if towards.ip().is_loopback() {
-        out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-        return out;
+        return vec![SocketAddr::new(towards.ip(), port)];
     }
-    if let Ok(probe) = UdpSocket::bind("0.0.0.0:0") {
-        // connect() on UDP sends nothing; it only asks the kernel which route it would use.
-        if probe.connect(towards).is_ok() {
-            if let Ok(a) = probe.local_addr() {
-                if !a.ip().is_unspecified() {
-                    out.push(SocketAddr::new(a.ip(), port));
-                }
-            }
+    // Only the route is looked up (connect() on UDP sends nothing); documentation addresses
+    // stand for "anywhere" in the other family.
+    let other_family: SocketAddr = if towards.is_ipv4() {
+        (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9).into()
+    } else {
+        (Ipv4Addr::new(192, 0, 2, 1), 9).into()
+    };
+    let mut out = Vec::new();
+    for target in [towards, other_family] {
+        let Some(ip) = route_source(target) else {
+            continue;
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+        let candidate = SocketAddr::new(ip, port);
+        if !ip.is_loopback() && !link_local && !out.contains(&candidate) {
+            out.push(candidate);
         }
     }
     out
+}
+
+/// The source address the kernel would use to reach `target`, if it has a route there.
+fn route_source(target: SocketAddr) -> Option<IpAddr> {
+    let any: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = UdpSocket::bind(any).ok()?;
+    probe.connect(target).ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 struct Worker {
@@ -269,6 +299,8 @@ struct Worker {
     playback: crate::audio::PlaybackRing,
     /// When each mixed chunk will be heard (steady, whatever bursts the device asks in).
     playout_clock: PlayoutClock,
+    /// The socket's own address (its family decides how destinations are written).
+    local: SocketAddr,
     commands: Receiver<VoiceCommand>,
     events: Sender<VoiceEvent>,
     stop: Receiver<Sender<VoiceSnapshot>>,
@@ -294,7 +326,9 @@ impl Worker {
         while let Some(t) = self.engine.poll_transmit(now, buf) {
             // A full socket buffer or an ICMP error from a vanished peer loses one datagram;
             // the voice stream and the links' retries cope with that.
-            let _ = self.socket.send_to(&buf[..t.len], t.to);
+            let _ = self
+                .socket
+                .send_to(&buf[..t.len], addr::for_socket(t.to, self.local));
         }
         while let Some(datagram) = self.engine.poll_tunnel() {
             self.publish(VoiceEvent::Tunnel(datagram));
@@ -327,6 +361,7 @@ impl Worker {
             for _ in 0..4096 {
                 match self.socket.recv_from(&mut buf) {
                     Ok((n, from)) => {
+                        let from = addr::canonical(from);
                         let now = self.start.elapsed();
                         match &mut self.impair {
                             Some(imp) => imp.push(now, from, &buf[..n]),

@@ -22,7 +22,8 @@ pub const MEMBER_RELAY_BYTES_PER_SEC: f64 = 12_000.0;
 /// Most peers one client links to. Each one punches and probes within its own small budget,
 /// so the table's size bounds what a server (or a flood of announcements) can make us send to
 /// addresses nobody verified; and a full mesh sends our voice once per peer, so past this many
-/// the call could not work anyway. Channels are capped to match (`MAX_PEERS + 1` members).
+/// the call could not work anyway. A bigger channel (the server allows any size, for lobbies
+/// where few talk) links each client to the first `MAX_PEERS` members announced.
 pub const MAX_PEERS: usize = 128;
 
 /// Why an incoming datagram was dropped. Dropped datagrams are counted, never played.

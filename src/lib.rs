@@ -48,6 +48,11 @@
 //!     while let Some(t) = engine.poll_transmit(now, &mut buf) {
 //!         assert!(t.len <= MAX_DATAGRAM_LEN);
 //!     }
+//!     //    Where UDP is blocked, what is for the server goes on the control connection
+//!     //    instead (`ClientMsg::Tunnel`); what comes back is `engine.handle_tunnelled(now, b)`.
+//!     while let Some(datagram) = engine.poll_tunnel() {
+//!         assert!(datagram.len() <= MAX_DATAGRAM_LEN);
+//!     }
 //!     // 4. Sleep until the next input or `poll_timeout`, whichever comes first.
 //!     now += engine.frame().duration();
 //! }

@@ -102,7 +102,8 @@ fn a_minute_of_speech_over_a_clean_loopback_link_is_played_untouched() {
         .unwrap_or_else(|| panic!("listener never saw the talker: {sum}"))
         .clone();
     println!("listener's figures for the talker: {p}");
-    println!("talker's summary: {}", summary(&talker_lines));
+    println!("listener's audio path: {}", sum["audio"]);
+    println!("talker's audio path: {}", summary(&talker_lines)["audio"]);
     let count = |k: &str| {
         p[k].as_u64()
             .unwrap_or_else(|| panic!("{k} missing in {p}"))

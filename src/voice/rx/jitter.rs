@@ -44,6 +44,9 @@ const SAME_SEND_MS: f64 = 2.0;
 /// The playout clock moves towards the time `pop` is called by this fraction of the
 /// difference per frame (see `JitterBuffer::playout_clock`).
 const CLOCK_SLEW: f64 = 1.0 / 32.0;
+/// The delay must stay above the drop threshold this long (with audio to play at every pop)
+/// before audio is dropped; see `decide`.
+const DROP_AFTER_MS: f64 = 2_000.0;
 /// A difference this large between the playout clock and the time `pop` is called is no
 /// wake-up noise: the clock jumps to the caller's time.
 const CLOCK_RESYNC_MS: f64 = 60.0;
@@ -279,6 +282,9 @@ pub struct JitterBuffer {
     /// The playout clock while playing: when the frame of the current pop starts playing,
     /// by the steady schedule of pops (see `playout_clock`).
     clock_ms: Option<f64>,
+    /// Since when the delay has been above the drop threshold at every pop that had a
+    /// packet to play (see `decide`).
+    over_since_ms: Option<f64>,
     /// When `pop` was last called: while idle the engine pops every 10 ms playout chunk, not
     /// every frame, and the interval tells how soon the next chance to start comes.
     last_pop_ms: Option<f64>,
@@ -342,6 +348,7 @@ impl JitterBuffer {
             last_stretch_ms: None,
             clock_ms: None,
             last_pop_ms: None,
+            over_since_ms: None,
             dry: None,
             seq_first: None,
             seq_high: 0,
@@ -611,11 +618,20 @@ impl JitterBuffer {
                     self.state = State::Idle;
                     self.floor = Some(next_ts);
                     self.clock_ms = None;
+                    self.over_since_ms = None;
                     return Step::Silence;
                 }
                 if delay < target {
                     self.note_stretch(now_ms);
                     return Step::Conceal(None);
+                }
+                // A frame over the budget while nothing is here: most likely a pause, where
+                // skipping a frame costs nothing. Were it a loss, a concealed frame fewer.
+                if delay - frame_ms >= target && !dropped_audio {
+                    self.advance(next_ts + frame, last_seq.map(|s| s + 1));
+                    self.stats.silence_skipped += 1;
+                    dropped_audio = true;
+                    continue;
                 }
                 self.advance(next_ts + frame, last_seq.map(|s| s + 1));
                 self.note_delay(delay);
@@ -636,10 +652,20 @@ impl JitterBuffer {
                     return Step::Conceal(None);
                 }
                 let has_successor = self.earliest(ts + 1).is_some();
-                if delay > target + self.drop_margin(now_ms) * frame_ms
-                    && has_successor
-                    && !dropped_audio
-                {
+                // Only an excess that lasts is cut by dropping audio. A receiver whose own
+                // thread was held up (its device then played silence: the delay really grew)
+                // sees a frame too many at once; speech soon pauses, and pauses absorb it
+                // for free (re-anchoring, skipped silence). Dropping at once cut a frame of
+                // speech on a clean link (issue 11); a drifting sender clock still gets its
+                // frames dropped, a couple of seconds later.
+                let over = delay > target + self.drop_margin(now_ms) * frame_ms;
+                let since = if over {
+                    *self.over_since_ms.get_or_insert(now_ms)
+                } else {
+                    self.over_since_ms = None;
+                    now_ms
+                };
+                if over && now_ms - since >= DROP_AFTER_MS && has_successor && !dropped_audio {
                     self.slots[i].used = false;
                     self.advance(ts + frame, Some(seq));
                     self.stats.dropped += 1;
@@ -1042,7 +1068,10 @@ mod tests {
         let first = run.played[0];
         let last = *run.played.last().unwrap();
         let expected = ((last - first) / FRAME + 1) as u64;
-        let dropped = run.stats.dropped + run.stats.preroll_skipped - run.dropped_before_start;
+        // Skipped silence counts too: a frame skipped while nothing was buffered (at the end
+        // of the stream).
+        let dropped = run.stats.dropped + run.stats.preroll_skipped + run.stats.silence_skipped
+            - run.dropped_before_start;
         assert_eq!(
             run.played.len() as u64 + dropped,
             expected,
@@ -1134,7 +1163,18 @@ mod tests {
     fn clocked_playout(
         arrivals: &[Arrival],
         duration_ms: f64,
+        wake: impl FnMut(&mut Rng) -> f64,
+    ) -> ClockedRun {
+        clocked_playout_with_stalls(arrivals, duration_ms, wake, &[])
+    }
+
+    /// [`clocked_playout`] where the playing thread is held up for 20 ms at each of `stalls`
+    /// (ms): the device plays silence meanwhile, so everything after plays 20 ms later.
+    fn clocked_playout_with_stalls(
+        arrivals: &[Arrival],
+        duration_ms: f64,
         mut wake: impl FnMut(&mut Rng) -> f64,
+        stalls: &[f64],
     ) -> ClockedRun {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         let mut rng = Rng(4242);
@@ -1143,7 +1183,11 @@ mod tests {
         let mut packets = 0;
         let mut delay_sum = 0.0;
         let mut tick = 3.0;
+        let mut stalls = stalls.iter().peekable();
         while tick < duration_ms {
+            if stalls.next_if(|&&at| at <= tick).is_some() {
+                tick += 20.0;
+            }
             let now = tick + wake(&mut rng);
             while next < arrivals.len() && arrivals[next].at_ms <= now {
                 let a = arrivals[next];
@@ -1260,6 +1304,41 @@ mod tests {
         assert_clean(&run, 3000);
         assert!(
             run.mean_delay_ms < 16.0,
+            "mean delay {} ms",
+            run.mean_delay_ms
+        );
+    }
+
+    /// The listener's own thread held up for 20 ms (its device played 20 ms of silence, so
+    /// the delay really grew by a frame) in the middle of talkspurts: the excess goes at the
+    /// next pause, for free. Dropping it at once cut a frame of speech on a clean link.
+    #[test]
+    fn a_frame_of_delay_added_by_a_stalled_listener_goes_at_the_next_pause() {
+        // Talkspurts of 3 s with 400 ms pauses; the listener stalls 0.5 s into some of them.
+        let mut rng = Rng(13);
+        let mut arrivals = Vec::new();
+        for spurt in 0..15u32 {
+            for k in 0..150u32 {
+                let frame = spurt * 170 + k;
+                arrivals.push(Arrival {
+                    at_ms: f64::from(frame) * 20.0 + 30.0 + loopback_noise(&mut rng),
+                    seq: spurt * 150 + k,
+                    ts: frame * FRAME,
+                });
+            }
+        }
+        arrivals.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+        let end = arrivals.iter().map(|a| a.at_ms).fold(0.0, f64::max) + 500.0;
+        let stalls: Vec<f64> = [2u32, 5, 8, 11]
+            .iter()
+            .map(|&spurt| f64::from(spurt * 170) * 20.0 + 500.0)
+            .collect();
+        let run = clocked_playout_with_stalls(&arrivals, end, |_| 0.5, &stalls);
+        let s = run.stats;
+        assert_clean(&run, arrivals.len() - s.preroll_skipped as usize);
+        // The rest of each stalled talkspurt plays a frame later, then the pause takes it.
+        assert!(
+            run.mean_delay_ms < 20.0,
             "mean delay {} ms",
             run.mean_delay_ms
         );

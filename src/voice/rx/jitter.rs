@@ -11,14 +11,17 @@
 //!   sender's voice-detector pre-roll, sent with the onset) count as one: they are late by
 //!   design, not by the network.
 //! - The *current delay* is how long after the fastest recent packet a frame is played:
-//!   `now - media(frame) - min transit`. The buffer keeps it in `[target, target + one frame]`:
-//!   below it inserts a frame (concealment, or silence in a pause), above it drops one (silence
-//!   first). Because the delay is measured against arrival times, a sender whose clock runs fast
+//!   `now - media(frame) - min transit`, where `now` is a smoothed playout clock (the thread
+//!   that pops wakes up late now and then). The buffer keeps it in `[target, target + one
+//!   frame]`: below it inserts a frame (concealment, or silence in a pause); above it skips
+//!   silence in a pause at once, and drops audio only when the excess has lasted 2 s. Because the delay is measured against arrival times, a sender whose clock runs fast
 //!   or slow shows up as a slowly moving minimum transit and is corrected by the same
 //!   drops/insertions, so the delay does not creep.
 //! - Sequence numbers tell a lost packet (a sequence gap: conceal, or recover with the next
 //!   packet's FEC) from a pause in sending (timestamps jump but sequence numbers are contiguous,
-//!   as with DTX/VAD: play silence, not counted as loss).
+//!   as with DTX/VAD: play silence, not counted as loss). Frames concealed while nothing was
+//!   buffered are counted once the next packet tells which they were: loss, or a pause
+//!   (`pause_concealed`).
 //! - When nothing arrived for a while the buffer goes idle; the next packet starts a new talkspurt
 //!   that is played exactly `target` after its arrival (re-anchoring). If the talkspurt opens
 //!   with more audio than that (pre-roll), the oldest frames beyond the budget are dropped.

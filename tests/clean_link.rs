@@ -6,8 +6,9 @@
 //! none dropped, none rebuilt from FEC, none late, and no more delay than the jitter needs.
 //! The recording itself must follow the speech at one steady lag, with no gap in it.
 //!
-//! The speech is `speech_orig_16k.wav` (10.8 s, a man reading, 16 kHz) from the Debian package
-//! `codec2-examples` (LGPL-2.1, see docs/BENCHMARKS.md), which `make test` installs.
+//! The speech is `speech_orig_16k.wav` (10.8 s of sentences, male and female voices, 16 kHz)
+//! from the Debian package `codec2-examples` (LGPL-2.1, see docs/BENCHMARKS.md), which
+//! `make test` installs.
 
 mod common;
 

@@ -270,6 +270,8 @@ pub fn summary_json(
             "frames_decoded": p.frames_decoded,
             "frames_fec": p.frames_fec,
             "frames_concealed": p.frames_concealed,
+            "frames_pause_concealed": p.frames_pause_concealed,
+            "frames_preroll_skipped": p.frames_preroll_skipped,
             "frames_stretched": p.frames_stretched,
             "frames_dropped": p.frames_dropped,
             "late": p.late,

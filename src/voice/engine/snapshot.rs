@@ -92,12 +92,19 @@ pub struct PeerSnapshot {
     pub bytes_out: u64,
     pub frames_decoded: u64,
     pub frames_fec: u64,
-    /// Frames played by concealment: lost ones, and the ones inserted to raise the delay
-    /// (`frames_stretched` of them).
+    /// Frames played by concealment: lost or late ones, undecodable ones, and the ones
+    /// inserted to raise the delay (`frames_stretched` of them). Not the pause concealment
+    /// (`frames_pause_concealed`), nor frames whose fate the next packet will tell.
     pub frames_concealed: u64,
+    /// Frames concealed while the stream had stopped for a pause in sending (voice detection
+    /// or DTX): nothing was lost; the buffer cannot know a pause until the next packet.
+    pub frames_pause_concealed: u64,
+    /// Pre-roll frames skipped at a talkspurt's start because they did not fit the delay
+    /// (not in `frames_dropped`).
+    pub frames_preroll_skipped: u64,
     /// Frames inserted to raise the delay to a higher target.
     pub frames_stretched: u64,
-    /// Frames dropped to bring the delay down to the target (or skipped at a talkspurt start).
+    /// Frames dropped to bring the delay down to the target.
     pub frames_dropped: u64,
     pub late: u64,
     pub duplicates: u64,
@@ -199,7 +206,16 @@ impl VoiceEngine {
                     bytes_out: link.bytes_out,
                     frames_decoded: audio.map(|a| a.decoded).unwrap_or(0),
                     frames_fec: audio.map(|a| a.fec).unwrap_or(0),
-                    frames_concealed: audio.map(|a| a.concealed).unwrap_or(0),
+                    frames_concealed: audio
+                        .zip(rx)
+                        .map(|(a, r)| {
+                            a.concealed.saturating_sub(
+                                r.jitter.pause_concealed + r.jitter.unresolved_concealed,
+                            )
+                        })
+                        .unwrap_or(0),
+                    frames_pause_concealed: rx.map(|r| r.jitter.pause_concealed).unwrap_or(0),
+                    frames_preroll_skipped: rx.map(|r| r.jitter.preroll_skipped).unwrap_or(0),
                     frames_stretched: rx.map(|r| r.jitter.stretched).unwrap_or(0),
                     frames_dropped: rx.map(|r| r.jitter.dropped).unwrap_or(0),
                     late: rx.map(|r| r.jitter.late).unwrap_or(0),

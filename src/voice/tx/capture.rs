@@ -49,6 +49,12 @@ pub struct CaptureConfig {
     pub vad: VadConfig,
     /// Audio released before a detected speech onset (at most [`MAX_PREROLL_FRAMES`] frames).
     pub preroll: Duration,
+    /// The pre-roll is released only when the previous talkspurt ended at least this long
+    /// ago. After a shorter pause the receivers are still playing the previous talkspurt
+    /// (they wait [`JitterConfig::idle_after`](crate::voice::rx::jitter::JitterConfig) for
+    /// more before they give up) and have already played those frames' time: the pre-roll
+    /// would arrive late, and be counted as late. The onset frame alone arrives on time.
+    pub preroll_after_pause: Duration,
     /// Voice activity or push-to-talk.
     pub mode: TransmitMode,
     /// How long sending continues after the push-to-talk key is released.
@@ -69,6 +75,8 @@ impl CaptureConfig {
             denoise: true,
             vad: VadConfig::for_frame(frame),
             preroll: Duration::from_millis(60),
+            // Longer than the receivers' 200 ms idle_after, plus their delay.
+            preroll_after_pause: Duration::from_millis(300),
             mode: TransmitMode::VoiceActivity,
             ptt_release_tail: Duration::from_millis(100),
         }
@@ -145,6 +153,8 @@ pub struct CaptureChain {
     head: usize,
     next_index: u64,
     transmitting: bool,
+    /// Capture index of the last frame released, if any.
+    last_sent: Option<u64>,
     preroll_frames: usize,
     scratch_in: [f32; DENOISE_FRAME],
     scratch_out: [f32; DENOISE_FRAME],
@@ -177,6 +187,7 @@ impl CaptureChain {
             head: 0,
             next_index: 0,
             transmitting: false,
+            last_sent: None,
             preroll_frames,
             scratch_in: [0.0; DENOISE_FRAME],
             scratch_out: [0.0; DENOISE_FRAME],
@@ -306,7 +317,12 @@ impl CaptureChain {
 
         let mut to_send = [0usize; MAX_FRAMES_PER_OUTPUT];
         let mut to_send_len = 0;
-        if talkspurt_start && self.cfg.mode == TransmitMode::VoiceActivity {
+        let frame_ms = self.cfg.frame.millis();
+        let pause_frames = self.cfg.preroll_after_pause.as_millis() as u64 / frame_ms.max(1);
+        let long_pause = self
+            .last_sent
+            .is_none_or(|last| index - last > pause_frames);
+        if talkspurt_start && self.cfg.mode == TransmitMode::VoiceActivity && long_pause {
             // Oldest first: walk back from the frame before this one while frames are eligible.
             let len = self.history.len();
             let mut eligible = 0;
@@ -329,6 +345,9 @@ impl CaptureChain {
         }
         for &i in &to_send[..to_send_len] {
             self.history[i].preroll_ok = false;
+        }
+        if send {
+            self.last_sent = Some(index);
         }
         self.history[slot].preroll_ok = !self.muted && !send;
         self.transmitting = send;
@@ -437,6 +456,63 @@ mod tests {
             let out = chain.process(at(started + 1), &src.voice());
             assert_eq!(indices(&out), vec![started + 1], "then one frame at a time");
             assert!(!out.talkspurt_start);
+        }
+    }
+
+    /// After a short pause the receivers are still playing the previous talkspurt and have
+    /// played the pause's time already: a pre-roll would reach them late (counted as late
+    /// packets on a clean link, issue 11). It comes only after a pause they have given up on.
+    #[test]
+    fn pre_roll_is_sent_only_after_a_pause_of_at_least_300_ms() {
+        for quiet in [16u64, 20, 25, 29, 31, 40, 60] {
+            let mut chain = CaptureChain::new(CaptureConfig {
+                denoise: false,
+                ..CaptureConfig::default()
+            });
+            let mut src = Source::new();
+            let mut f = 0;
+            let mut last_sent = None;
+            for _ in 0..50 {
+                chain.process(at(f), &src.noise(0.0005));
+                f += 1;
+            }
+            for _ in 0..30 {
+                let out = chain.process(at(f), &src.voice());
+                if let Some(last) = indices(&out).last() {
+                    last_sent = Some(*last);
+                }
+                f += 1;
+            }
+            for _ in 0..quiet {
+                let out = chain.process(at(f), &src.noise(0.0005));
+                if let Some(last) = indices(&out).last() {
+                    last_sent = Some(*last);
+                }
+                f += 1;
+            }
+            let out = loop {
+                let out = chain.process(at(f), &src.voice());
+                f += 1;
+                if out.frame_count() > 0 {
+                    break out;
+                }
+            };
+            let sent = indices(&out);
+            let onset = *sent.last().unwrap();
+            let unsent = onset - last_sent.unwrap() - 1;
+            assert!(
+                unsent > 0,
+                "quiet {quiet}: the hangover covered the whole pause"
+            );
+            if unsent < 15 {
+                assert_eq!(sent, vec![onset], "pause of {unsent} frames: onset only");
+            } else {
+                assert_eq!(
+                    sent,
+                    (onset - 3..=onset).collect::<Vec<u64>>(),
+                    "pause of {unsent} frames: pre-roll first"
+                );
+            }
         }
     }
 

@@ -206,10 +206,14 @@ fn a_minute_of_speech_over_a_clean_loopback_link_is_played_untouched() {
         "gaps at {gaps:?} s of the recording ({allowed} allowed for {underrun} samples of \
          playback underrun)"
     );
+    // The lag may move by one frame in the minute (a frame of excess delay given back in a
+    // pause, which plays nothing twice and skips no speech), plus what a playback underrun
+    // added (the device played silence, so everything after it is later by that much).
     let spread = lags.iter().max().unwrap() - lags.iter().min().unwrap();
+    let underrun_ms = underrun / 48;
     assert!(
-        spread * 2 <= 12,
-        "the lag moved by {} ms: {lags:?} (in 2 ms blocks)",
+        spread * 2 <= 22 + underrun_ms as i64,
+        "the lag moved by {} ms: {lags:?} (in 2 ms blocks; {underrun_ms} ms of underrun)",
         spread * 2
     );
 }

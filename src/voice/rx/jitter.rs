@@ -537,7 +537,7 @@ impl JitterBuffer {
                 let error = now_ms - due;
                 // A pop is never early: one that comes before the clock shows the clock is
                 // behind (it started on a late pop, or the device runs faster than ours).
-                if error < 0.0 || error > CLOCK_RESYNC_MS {
+                if !(0.0..=CLOCK_RESYNC_MS).contains(&error) {
                     now_ms
                 } else {
                     due + error * CLOCK_SLEW

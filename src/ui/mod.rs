@@ -711,6 +711,40 @@ mod tests {
         assert!(state.notices.texts().contains(&shown));
     }
 
+    /// The voice plane's "UDP is blocked" reaches the status bar, worded for whether the
+    /// server relays (and so tunnels), once however many frames it lasts, and goes when UDP
+    /// answers after all.
+    #[test]
+    fn blocked_udp_is_shown_once_in_the_words_of_the_case_and_withdrawn() {
+        let mut state = UiState::default();
+        let mut voice = Voice::default();
+        voice.last.udp_blocked = true;
+        voice.last.tunnelled = true;
+        mirror_voice(&mut state, &voice);
+        mirror_voice(&mut state, &voice);
+        let texts = state.notices.texts();
+        let shown: Vec<_> = texts
+            .iter()
+            .filter(|t| t.contains("UDP is blocked"))
+            .collect();
+        assert_eq!(shown.len(), 1, "{texts:?}");
+        assert!(shown[0].contains("TCP connection"), "{}", shown[0]);
+        voice.last.udp_blocked = false;
+        voice.last.tunnelled = false;
+        mirror_voice(&mut state, &voice);
+        assert!(!state.notices.texts().iter().any(|t| t.contains("UDP")));
+        let mut state = UiState::default();
+        voice.last.udp_blocked = true;
+        mirror_voice(&mut state, &voice);
+        let texts = state.notices.texts();
+        assert!(
+            texts
+                .iter()
+                .any(|t| t.contains("does not relay") && t.contains("--relay")),
+            "{texts:?}"
+        );
+    }
+
     #[test]
     fn capitalize_makes_messages_read_as_sentences() {
         assert_eq!(capitalize("wrong password"), "Wrong password");

@@ -342,3 +342,29 @@ fn a_relayed_pair_hears_each_other_within_two_seconds_of_joining() {
     assert_eq!(w.path(a, b), Some(PeerPath::Relayed(None)));
     assert_hearing(&w, secs(3.0), secs(4.0), &all_hear_all(&[a, b]));
 }
+
+/// A channel of three where one member's network blocks UDP: the two others talk directly,
+/// and each of them reaches the blocked one through the server (over its TLS tunnel); all
+/// three hear both others, and nobody hears themselves.
+#[test]
+fn a_member_whose_udp_is_blocked_is_in_the_whole_call_through_the_tunnel() {
+    let mut w = World::with_server_relay(21, true);
+    let a = w.add_user(UserSpec::new("a", 440.0).nat(UdpBlocked));
+    let b = w.add_user(UserSpec::new("b", 660.0).nat(Home));
+    let c = w.add_user(UserSpec::new("c", 880.0).nat(Home));
+    start_call(&mut w, &[a, b, c], secs(1.0));
+    w.run_for(secs(8.0));
+    assert_eq!(w.path(b, c), Some(PeerPath::Direct));
+    assert_eq!(w.path(c, b), Some(PeerPath::Direct));
+    for (x, y) in [(a, b), (b, a), (a, c), (c, a)] {
+        assert_eq!(w.path(x, y), Some(PeerPath::Relayed(None)), "{x} -> {y}");
+    }
+    let (from, to) = (secs(6.0), secs(9.0));
+    for (listener, talker) in [(a, b), (a, c), (b, a), (c, a), (b, c), (c, b)] {
+        let level = w.hears(listener, talker, from, to);
+        assert!(level > HEARD, "{listener} hears {talker} at {level}");
+    }
+    for u in [a, b, c] {
+        assert!(w.hears(u, u, from, to) < SILENT, "{u} hears itself");
+    }
+}

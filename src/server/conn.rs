@@ -42,6 +42,9 @@ pub struct Conn {
     deferred: Vec<u8>,
     /// The last broadcast this connection got promptly; the lobby-wide pass skips it.
     pub prompted: u64,
+    /// Bytes handed to TLS since the socket last took everything (an upper bound of what
+    /// waits: TLS framing aside). Zero after a flush that emptied the buffer.
+    unflushed: usize,
 }
 
 impl Conn {
@@ -56,6 +59,7 @@ impl Conn {
             closing_since: None,
             deferred: Vec::new(),
             prompted: 0,
+            unflushed: 0,
         }
     }
 
@@ -133,7 +137,10 @@ impl Conn {
     pub fn queue(&mut self, frame: &[u8]) -> Result<(), CloseReason> {
         self.release_deferred()?;
         match self.tls.writer().write(frame) {
-            Ok(n) if n == frame.len() => Ok(()),
+            Ok(n) if n == frame.len() => {
+                self.unflushed += n;
+                Ok(())
+            }
             _ => Err(CloseReason::TooSlow),
         }
     }
@@ -160,6 +167,7 @@ impl Conn {
         }
         let ok =
             matches!(self.tls.writer().write(&self.deferred), Ok(n) if n == self.deferred.len());
+        self.unflushed += self.deferred.len();
         self.deferred.clear();
         if self.deferred.capacity() > 64 * 1024 {
             self.deferred.shrink_to(4096);
@@ -180,8 +188,16 @@ impl Conn {
         self.tls.wants_write()
     }
 
+    /// Bytes of output the client's socket has not taken yet (see `slow_clients`).
+    pub fn unflushed(&self) -> usize {
+        self.unflushed
+    }
+
     /// Writes queued bytes until the socket would block. Err means the connection is dead.
     pub fn flush(&mut self) -> std::io::Result<()> {
+        if !self.tls.wants_write() {
+            self.unflushed = 0;
+        }
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut self.stream) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
@@ -190,6 +206,9 @@ impl Conn {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+        }
+        if !self.tls.wants_write() {
+            self.unflushed = 0;
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ use super::conn::Conn;
 use super::fanout::{Batches, BATCH_CHUNK};
 use super::limits::{AdmitError, ConnectionLimit};
 use super::password_pool::{PasswordJob, PasswordPool, PASSWORD_WORKERS};
+use super::slow_clients;
 use super::state::{ConnectionAddrs, Output, ServerEvent, ServerRules, ServerState, SessionId};
 use crate::config::ChannelConfig;
 use crate::protocol::addr;
@@ -63,6 +64,8 @@ pub struct ServerStats {
     /// Sealed peer datagrams forwarded (relaying on) and their bytes.
     pub relayed_datagrams: u64,
     pub relayed_bytes: u64,
+    /// Tunnelled datagrams dropped because their client's connection was backed up.
+    pub tunnel_dropped: u64,
     pub protocol_errors: u64,
     /// Connections refused because their IP already had the maximum.
     pub refused_per_ip: u64,
@@ -490,6 +493,12 @@ fn apply_outputs(
         match output {
             Output::Send(id, msg) => {
                 if let Some((_, conn)) = net.conns.get_mut(&id) {
+                    if matches!(msg, ServerMsg::Tunnel { .. })
+                        && !slow_clients::admit_tunnelled(conn.unflushed())
+                    {
+                        stats.tunnel_dropped += 1;
+                        continue;
+                    }
                     match encode_frame(&msg) {
                         Ok(frame) => match conn.queue(&frame) {
                             Ok(()) => {

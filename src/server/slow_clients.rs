@@ -24,9 +24,30 @@ pub fn admit_output(queued: usize, frame: usize) -> Result<(), CloseReason> {
     }
 }
 
+/// A client with more than this much of our output not yet taken by its socket gets no more
+/// tunnelled voice until it catches up: about half a second of a relay budget's worth.
+pub const MAX_TUNNEL_BACKLOG: usize = 16 * 1024;
+
+/// May a tunnelled datagram (relayed voice for a client whose UDP is blocked) be queued for
+/// a client with `unflushed` bytes of earlier output still waiting? Voice that waits behind a
+/// backlog arrives too late to be played, and would delay the control messages queued after
+/// it and push the client towards the [`MAX_QUEUED_OUTPUT`] cut-off; so it is dropped
+/// instead (the receiver conceals it, as any lost packet).
+pub fn admit_tunnelled(unflushed: usize) -> bool {
+    unflushed <= MAX_TUNNEL_BACKLOG
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunnelled_voice_waits_only_behind_a_short_backlog() {
+        assert!(admit_tunnelled(0));
+        assert!(admit_tunnelled(MAX_TUNNEL_BACKLOG));
+        assert!(!admit_tunnelled(MAX_TUNNEL_BACKLOG + 1));
+        const { assert!(MAX_TUNNEL_BACKLOG < MAX_QUEUED_OUTPUT) };
+    }
 
     #[test]
     fn output_up_to_the_limit_waits() {

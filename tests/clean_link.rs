@@ -194,12 +194,14 @@ fn a_minute_of_speech_over_a_clean_loopback_link_is_played_untouched() {
     // A gap can only come from the listener's own audio path: when the machine holds its
     // voice thread up past the 10 ms in the playback queue, the device plays silence (a
     // playback underrun, counted; seen on the shared 2-core machine while others compiled).
-    // That is no jitter-buffer fault and is allowed, 20 ms of gap per 20 ms of underrun
-    // (plus one 20 ms block on either side); any other gap is not.
+    // That is no jitter-buffer fault and is allowed: the silence itself, and since everything
+    // after it plays later by that much, speech edges near it that the 5 s windows' single lag
+    // no longer lines up (seen: 7 such blocks for 40 ms of underrun); four blocks per 20 ms of
+    // underrun, plus two. Without an underrun, no gap at all.
     let allowed = if underrun == 0 {
         0
     } else {
-        underrun.div_ceil(960) as usize + 2
+        4 * underrun.div_ceil(960) as usize + 2
     };
     assert!(
         gaps.len() <= allowed,

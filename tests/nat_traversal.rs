@@ -144,17 +144,7 @@ fn clients_behind_two_symmetric_nats_talk_through_a_relaying_server() {
     let results: Vec<_> = [a, b].into_iter().map(finish).collect();
     let _ = server.kill();
     let _ = server.wait();
-    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
-        let s = summary(lines);
-        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
-        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
-        assert_eq!(peer["link"]["via"], "server", "{me}: {peer}");
-        assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
-    }
-    report_first_audio("symmetric-symmetric via server", "alice", &out_a, 660.0);
-    report_first_audio("symmetric-symmetric via server", "bob", &out_b, 440.0);
-    assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
-    assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
+    assert_pair_relayed_by_server(&results, "symmetric-symmetric via server", &out_a, &out_b);
 }
 
 /// Two clients behind symmetric NATs and a third on a public address, with a server that does
@@ -240,22 +230,12 @@ fn a_client_whose_network_blocks_udp_talks_through_the_servers_tcp_tunnel() {
         false,
         "bob's UDP works"
     );
-    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
-        let s = summary(lines);
-        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
-        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
-        assert_eq!(peer["link"]["via"], "server", "{me}: {peer}");
-        assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
-    }
-    report_first_audio(
+    assert_pair_relayed_by_server(
+        &results,
         "udp-blocked-home via the TCP tunnel",
-        "alice",
         &out_a,
-        660.0,
+        &out_b,
     );
-    report_first_audio("udp-blocked-home via the TCP tunnel", "bob", &out_b, 440.0);
-    assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
-    assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
 }
 
 /// The same networks with a server that does not relay: nothing can carry the call, and the
@@ -385,17 +365,7 @@ fn a_client_behind_a_carrier_grade_nat_is_heard_through_the_relay() {
             .starts_with("198.18.0.1:"),
         "{alice}"
     );
-    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
-        let s = summary(lines);
-        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
-        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
-        assert_eq!(peer["link"]["via"], "server", "{me}: {peer}");
-        assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
-    }
-    report_first_audio("CGNAT-home via server", "alice", &out_a, 660.0);
-    report_first_audio("CGNAT-home via server", "bob", &out_b, 440.0);
-    assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
-    assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
+    assert_pair_relayed_by_server(&results, "CGNAT-home via server", &out_a, &out_b);
 }
 
 /// Routers that forget a UDP mapping after 20 s without traffic (what some carriers and cheap

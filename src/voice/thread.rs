@@ -20,7 +20,6 @@ use thiserror::Error;
 use super::engine::VoiceSetting;
 use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
 use super::net::impair::{ImpairConfig, Impairment};
-use super::rx::playout_clock::PlayoutClock;
 use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink, RingWake};
 use crate::protocol::{addr, PeerInfo, UserId};
 
@@ -31,10 +30,6 @@ const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
 /// latency budget; the device thread wakes the voice loop each time it takes samples, so the
 /// device never finds the ring empty.
 const PLAYBACK_LOW_WATER_SAMPLES: usize = crate::audio::CHUNK_SAMPLES;
-/// How long one mixed chunk plays.
-const CHUNK_PERIOD: Duration = Duration::from_micros(
-    crate::audio::CHUNK_SAMPLES as u64 * 1_000_000 / crate::audio::SAMPLE_RATE as u64,
-);
 /// Poll tokens of the voice loop.
 const SOCKET: mio::Token = mio::Token(0);
 const WAKE: mio::Token = mio::Token(1);
@@ -184,7 +179,6 @@ impl VoiceThread {
                     audio,
                     capture,
                     playback,
-                    playout_clock: PlayoutClock::new(CHUNK_PERIOD),
                     local: local_addr,
                     commands: cmd_rx,
                     events: ev_tx,
@@ -297,8 +291,6 @@ struct Worker {
     audio: AudioIo,
     capture: crate::audio::CaptureRing,
     playback: crate::audio::PlaybackRing,
-    /// When each mixed chunk will be heard (steady, whatever bursts the device asks in).
-    playout_clock: PlayoutClock,
     /// The socket's own address (its family decides how destinations are written).
     local: SocketAddr,
     commands: Receiver<VoiceCommand>,
@@ -392,8 +384,7 @@ impl Worker {
             while self.playback.queued() < PLAYBACK_LOW_WATER_SAMPLES
                 && self.playback.free() >= mix.len()
             {
-                let at = self.playout_clock.next(now);
-                self.engine.playout_frame(at, &mut mix);
+                self.engine.playout_frame(now, &mut mix);
                 self.playback.push(&mix);
             }
             if now >= next_snapshot {

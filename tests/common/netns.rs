@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use super::{bin, is_root, skip_unless_ci, temp_path, tone_level};
+use super::{bin, is_root, peer_named, skip_unless_ci, summary, temp_path, tone_level};
 
 pub struct Netns {
     pub names: Vec<String>,
@@ -405,4 +405,27 @@ pub fn report_first_audio(case: &str, who: &str, path: &std::path::Path, hz: f32
 pub fn tail_of(path: &std::path::Path) -> Vec<f32> {
     let audio = p2p_voice::audio::load_wav_mono_48k(path).unwrap();
     audio[audio.len() - 48_000 * 3..].to_vec()
+}
+
+/// Alice (440 Hz) and Bob (660 Hz), whose finished runs are `results` (in that order) and
+/// recordings `out_a` / `out_b`, talked through the server's relay: each summary shows the
+/// other relayed by the server with audio decoded, and each hears the other in its last 3 s.
+/// First audio is printed for `case`.
+pub fn assert_pair_relayed_by_server(
+    results: &[(Vec<serde_json::Value>, String)],
+    case: &str,
+    out_a: &std::path::Path,
+    out_b: &std::path::Path,
+) {
+    for ((lines, text), (me, other)) in results.iter().zip([("alice", "bob"), ("bob", "alice")]) {
+        let s = summary(lines);
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {text}"));
+        assert_eq!(peer["link"]["state"], "relayed", "{me}: {text}");
+        assert_eq!(peer["link"]["via"], "server", "{me}: {peer}");
+        assert!(peer["frames_decoded"].as_u64().unwrap() > 100, "{peer}");
+    }
+    report_first_audio(case, "alice", out_a, 660.0);
+    report_first_audio(case, "bob", out_b, 440.0);
+    assert!(tone_level(&tail_of(out_a), 660.0) > 0.1, "alice hears bob");
+    assert!(tone_level(&tail_of(out_b), 440.0) > 0.1, "bob hears alice");
 }

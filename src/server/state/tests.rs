@@ -896,13 +896,29 @@ fn relay_to(to: UserId, inner: &[u8]) -> Vec<u8> {
     Datagram::RelayTo { to, inner }.to_vec().unwrap()
 }
 
+/// Why datagrams were dropped since the last call, whether they came over UDP or a tunnel.
 fn drops(w: &mut World) -> Vec<DatagramDrop> {
     std::iter::from_fn(|| w.state.poll_event())
         .filter_map(|e| match e {
-            ServerEvent::DatagramDropped { why, .. } => Some(why),
+            ServerEvent::DatagramDropped { why, .. } | ServerEvent::TunnelDropped { why, .. } => {
+                Some(why)
+            }
             _ => None,
         })
         .collect()
+}
+
+/// A world whose server relays, each client at most `kbps`.
+fn relaying_world(kbps: u32) -> World {
+    let mut w = World::new();
+    w.state = ServerState::new(
+        channels(),
+        ServerRules {
+            relay: Some(RelayRules::per_client_kbps(kbps)),
+            ..ServerRules::default()
+        },
+    );
+    w
 }
 
 /// A relaying server forwards a member's sealed datagram, unchanged, to another member of its
@@ -910,14 +926,7 @@ fn drops(w: &mut World) -> Vec<DatagramDrop> {
 /// unregistered sources, and more than the per-client budget.
 #[test]
 fn a_relaying_server_forwards_sealed_datagrams_within_a_channel_and_its_budget_only() {
-    let mut w = World::new();
-    w.state = ServerState::new(
-        channels(),
-        ServerRules {
-            relay: Some(RelayRules::per_client_kbps(8)), // 1000 B/s, 1000 B burst
-            ..ServerRules::default()
-        },
-    );
+    let mut w = relaying_world(8); // 1000 B/s, 1000 B burst
     let alice = user_id(&w.login(1, "alice"));
     let bob = user_id(&w.login(2, "bob"));
     let dave = user_id(&w.login(4, "dave"));
@@ -1078,28 +1087,12 @@ fn alternating_source_ports_reach_the_channel_at_most_once_a_second() {
     assert!(last.is_some());
 }
 
-fn tunnel_drops(w: &mut World) -> Vec<DatagramDrop> {
-    std::iter::from_fn(|| w.state.poll_event())
-        .filter_map(|e| match e {
-            ServerEvent::TunnelDropped { why, .. } => Some(why),
-            _ => None,
-        })
-        .collect()
-}
-
 /// A client whose network blocks UDP tunnels its relay envelopes over its TCP connection:
 /// the server relays them as if they came from its UDP address (same checks, same budget, no
 /// message-rate limit), and what is relayed to it goes back through the tunnel.
 #[test]
 fn a_tunnelling_client_is_relayed_both_ways_through_its_connection() {
-    let mut w = World::new();
-    w.state = ServerState::new(
-        channels(),
-        ServerRules {
-            relay: Some(RelayRules::per_client_kbps(80)), // 10 kB/s, 10 kB burst
-            ..ServerRules::default()
-        },
-    );
+    let mut w = relaying_world(80); // 10 kB/s, 10 kB burst
     let alice = user_id(&w.login(1, "alice"));
     let bob = user_id(&w.login(2, "bob"));
     w.join(1, "Lobby", None);
@@ -1110,7 +1103,7 @@ fn a_tunnelling_client_is_relayed_both_ways_through_its_connection() {
     let mut buf = [0u8; MAX_DATAGRAM_LEN];
     while w.state.poll_transmit(w.now, &mut buf).is_some() {}
     w.drain();
-    tunnel_drops(&mut w);
+    drops(&mut w);
 
     // Alice -> bob: in through her connection, out on UDP to bob.
     let mut inner = voice_header(alice, 1, 960).to_vec();
@@ -1174,7 +1167,7 @@ fn a_tunnelling_client_is_relayed_both_ways_through_its_connection() {
     }
     use super::RelayRefusal as R;
     assert_eq!(
-        tunnel_drops(&mut w),
+        drops(&mut w),
         [
             DatagramDrop::Relay(R::ForgedSender),
             DatagramDrop::Unexpected,
@@ -1195,7 +1188,7 @@ fn a_server_without_relay_drops_tunnelled_datagrams() {
     w.join(1, "Lobby", None);
     w.join(2, "Lobby", None);
     w.drain();
-    tunnel_drops(&mut w);
+    drops(&mut w);
     let inner = voice_header(alice, 1, 960);
     let out = w.send(
         1,
@@ -1205,7 +1198,7 @@ fn a_server_without_relay_drops_tunnelled_datagrams() {
     );
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(
-        tunnel_drops(&mut w),
+        drops(&mut w),
         [DatagramDrop::Relay(super::RelayRefusal::Disabled)]
     );
     assert!(w.state.is_identified(1));

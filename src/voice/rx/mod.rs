@@ -1,13 +1,11 @@
 //! The receiving side of the voice plane, per peer and then for all of them: the adaptive
 //! [`jitter`] buffer decides what to play each frame period, the [`receiver`] turns that into
 //! PCM with the Opus [`decoder`] (decode, FEC recovery or concealment), and the [`mixer`] sums
-//! every peer into what the speaker plays; the [`playout_clock`] stamps each mixed chunk with
-//! when it will be heard. Pure: time is passed in.
+//! every peer into what the speaker plays. Pure: time is passed in.
 
 pub mod decoder;
 pub mod jitter;
 pub mod mixer;
-pub mod playout_clock;
 pub mod receiver;
 
 pub use decoder::OpusDecoder;

@@ -8,6 +8,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use p2p_voice::audio::{
@@ -20,9 +21,16 @@ use common::skip_unless_ci;
 const TONE_HZ: f32 = 440.0;
 
 /// Keeps a PulseAudio daemon available for the test; kills it on drop only if it started it.
+/// Holding one also holds [`PULSE_LOCK`]: the tests in this file run one at a time, because
+/// two of them starting the daemon at once make the second start fail ("Daemon startup
+/// failed", as CI saw on a machine with no daemon running), and because they share the
+/// daemon's default devices.
 struct PulseGuard {
     started_here: bool,
+    _serial: MutexGuard<'static, ()>,
 }
+
+static PULSE_LOCK: Mutex<()> = Mutex::new(());
 
 fn pulse_is_up() -> bool {
     Command::new("pactl")
@@ -34,9 +42,14 @@ fn pulse_is_up() -> bool {
 
 impl PulseGuard {
     fn ensure() -> Result<Self, String> {
+        // A test that failed while holding the lock poisons it; the daemon is still usable.
+        let serial = PULSE_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if pulse_is_up() {
             return Ok(Self {
                 started_here: false,
+                _serial: serial,
             });
         }
         let status = Command::new("pulseaudio")
@@ -55,7 +68,10 @@ impl PulseGuard {
         if !status.success() {
             return Err(format!("pulseaudio exited with {status}"));
         }
-        let guard = Self { started_here: true };
+        let guard = Self {
+            started_here: true,
+            _serial: serial,
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         while !pulse_is_up() {
             if Instant::now() > deadline {
@@ -71,6 +87,12 @@ impl Drop for PulseGuard {
     fn drop(&mut self) {
         if self.started_here {
             let _ = Command::new("pulseaudio").arg("--kill").status();
+            // `--kill` only signals; the next test may start a daemon of its own as soon as
+            // it takes the lock, and that fails while this one still holds its socket.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pulse_is_up() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
 }

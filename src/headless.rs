@@ -269,6 +269,8 @@ pub fn summary_json(
             "bytes_out": p.bytes_out,
             "frames_decoded": p.frames_decoded,
             "frames_fec": p.frames_fec,
+            "frames_rebuilt": p.frames_rebuilt,
+            "reported_loss_pct": p.reported_loss_pct,
             "frames_concealed": p.frames_concealed,
             "frames_pause_concealed": p.frames_pause_concealed,
             "frames_preroll_skipped": p.frames_preroll_skipped,

@@ -14,6 +14,12 @@
 //! | 6    | Voice       | from u32, seq u32, timestamp u32 (48 kHz), payload    | 13 + n   |
 //! | 7    | RelayTo     | to u32, a sealed peer datagram for peer `to`          | 5 + n    |
 //! | 8    | RelayFrom   | from u32, a sealed peer datagram from peer `from`     | 5 + n    |
+//! | 9    | Report      | from u32, to u32, seq u32, loss u16 (per mille), jitter u16 (ms) | 17 |
+//!
+//! A Report tells a peer how its voice reaches us (loss over the last 128 packets, arrival
+//! jitter), about once a second, so its encoder can size the redundancy for the loss its
+//! listeners really see. Like the other fixed kinds between peers, it is followed by a tag; its
+//! `seq` (strictly increasing per sender) keeps the tag's nonce unique and stale copies out.
 //!
 //! The two relay kinds are envelopes: a peer that cannot reach another directly sends
 //! `RelayTo` to a relay (a member both reach, or the server), which checks who sent it and
@@ -69,6 +75,7 @@ pub enum DatagramKind {
     Voice = 6,
     RelayTo = 7,
     RelayFrom = 8,
+    Report = 9,
 }
 
 impl DatagramKind {
@@ -83,6 +90,7 @@ impl DatagramKind {
             6 => Self::Voice,
             7 => Self::RelayTo,
             8 => Self::RelayFrom,
+            9 => Self::Report,
             _ => return None,
         })
     }
@@ -118,6 +126,12 @@ pub enum Datagram<'a> {
         to: u32,
         echo_micros: u64,
     },
+    /// How `from` receives `to`'s voice: see [`ReceiverReport`].
+    Report {
+        from: u32,
+        to: u32,
+        report: ReceiverReport,
+    },
     /// One encoded audio frame from sender `from`. `timestamp` counts 48 kHz samples.
     Voice {
         from: u32,
@@ -129,6 +143,33 @@ pub enum Datagram<'a> {
     RelayTo { to: u32, inner: &'a [u8] },
     /// Relay to peer: `inner` (a sealed peer datagram) was handed to the relay by peer `from`.
     RelayFrom { from: u32, inner: &'a [u8] },
+}
+
+/// What a Report datagram says about the voice its sender receives from its addressee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReceiverReport {
+    /// Counts the sender's reports to this peer; a report not newer than the last is stale.
+    pub seq: u32,
+    /// Packets lost of the last 128, in per mille (0..=1000).
+    pub loss_permille: u16,
+    /// Arrival jitter in milliseconds (saturating).
+    pub jitter_ms: u16,
+}
+
+impl ReceiverReport {
+    fn to_value(self) -> u64 {
+        (u64::from(self.seq) << 32)
+            | (u64::from(self.loss_permille) << 16)
+            | u64::from(self.jitter_ms)
+    }
+
+    fn from_value(value: u64) -> Self {
+        Self {
+            seq: (value >> 32) as u32,
+            loss_permille: (value >> 16) as u16,
+            jitter_ms: value as u16,
+        }
+    }
 }
 
 /// Why a datagram could not be parsed or written. Every malformed input maps to one of these;
@@ -282,7 +323,8 @@ impl<'a> Datagram<'a> {
             DatagramKind::Punch
             | DatagramKind::PunchAck
             | DatagramKind::Ping
-            | DatagramKind::Pong => {
+            | DatagramKind::Pong
+            | DatagramKind::Report => {
                 exact(kind, bytes, PEER_CONTROL_LEN)?;
                 let (from, to, value) = (be_u32(bytes, 1), be_u32(bytes, 5), be_u64(bytes, 9));
                 Ok(match kind {
@@ -301,10 +343,15 @@ impl<'a> Datagram<'a> {
                         to,
                         sent_micros: value,
                     },
-                    _ => Self::Pong {
+                    DatagramKind::Pong => Self::Pong {
                         from,
                         to,
                         echo_micros: value,
+                    },
+                    _ => Self::Report {
+                        from,
+                        to,
+                        report: ReceiverReport::from_value(value),
                     },
                 })
             }
@@ -351,6 +398,7 @@ impl<'a> Datagram<'a> {
             Self::PunchAck { .. } => DatagramKind::PunchAck,
             Self::Ping { .. } => DatagramKind::Ping,
             Self::Pong { .. } => DatagramKind::Pong,
+            Self::Report { .. } => DatagramKind::Report,
             Self::Voice { .. } => DatagramKind::Voice,
             Self::RelayTo { .. } => DatagramKind::RelayTo,
             Self::RelayFrom { .. } => DatagramKind::RelayFrom,
@@ -369,6 +417,7 @@ impl<'a> Datagram<'a> {
             | Self::PunchAck { from, .. }
             | Self::Ping { from, .. }
             | Self::Pong { from, .. }
+            | Self::Report { from, .. }
             | Self::Voice { from, .. } => Some(from),
         }
     }
@@ -380,7 +429,8 @@ impl<'a> Datagram<'a> {
             Self::Punch { to, .. }
             | Self::PunchAck { to, .. }
             | Self::Ping { to, .. }
-            | Self::Pong { to, .. } => Some(to),
+            | Self::Pong { to, .. }
+            | Self::Report { to, .. } => Some(to),
             _ => None,
         }
     }
@@ -395,9 +445,11 @@ impl<'a> Datagram<'a> {
             Self::RegisterAck {
                 observed: SocketAddr::V6(_),
             } => REGISTER_ACK_V6_LEN,
-            Self::Punch { .. } | Self::PunchAck { .. } | Self::Ping { .. } | Self::Pong { .. } => {
-                PEER_CONTROL_LEN
-            }
+            Self::Punch { .. }
+            | Self::PunchAck { .. }
+            | Self::Ping { .. }
+            | Self::Pong { .. }
+            | Self::Report { .. } => PEER_CONTROL_LEN,
             Self::Voice { payload, .. } => VOICE_HEADER_LEN + payload.len(),
             Self::RelayTo { inner, .. } | Self::RelayFrom { inner, .. } => {
                 RELAY_HEADER_LEN + inner.len()
@@ -457,6 +509,11 @@ impl<'a> Datagram<'a> {
                 out[1..5].copy_from_slice(&from.to_be_bytes());
                 out[5..9].copy_from_slice(&to.to_be_bytes());
                 out[9..17].copy_from_slice(&value.to_be_bytes());
+            }
+            Self::Report { from, to, report } => {
+                out[1..5].copy_from_slice(&from.to_be_bytes());
+                out[5..9].copy_from_slice(&to.to_be_bytes());
+                out[9..17].copy_from_slice(&report.to_value().to_be_bytes());
             }
             Self::Voice {
                 from,
@@ -532,6 +589,25 @@ mod tests {
     }
 
     #[test]
+    fn report_packs_its_fields_into_the_fixed_control_layout() {
+        let d = Datagram::Report {
+            from: 7,
+            to: 9,
+            report: ReceiverReport {
+                seq: 0x0102_0304,
+                loss_permille: 1000,
+                jitter_ms: 0xabcd,
+            },
+        };
+        let bytes = d.to_vec().unwrap();
+        assert_eq!(bytes.len(), PEER_CONTROL_LEN);
+        assert_eq!(bytes[0], DatagramKind::Report.type_byte());
+        assert_eq!(&bytes[9..], &[1, 2, 3, 4, 0x03, 0xe8, 0xab, 0xcd]);
+        assert_eq!(Datagram::parse(&bytes).unwrap(), d);
+        assert_eq!((d.sender(), d.recipient()), (Some(7), Some(9)));
+    }
+
+    #[test]
     fn register_ack_round_trips_v4_and_v6() {
         for observed in [v4("203.0.113.7:40000"), v4("[2001:db8::1]:7700")] {
             let d = Datagram::RegisterAck { observed };
@@ -555,8 +631,8 @@ mod tests {
     #[test]
     fn unknown_kind_is_refused() {
         assert_eq!(
-            Datagram::parse(&[(VERSION << 4) | 9, 0, 0]),
-            Err(DatagramError::UnknownKind { kind: 9 })
+            Datagram::parse(&[(VERSION << 4) | 10, 0, 0]),
+            Err(DatagramError::UnknownKind { kind: 10 })
         );
     }
 
@@ -674,7 +750,7 @@ mod tests {
     /// Owned description of a datagram so proptest can generate voice payloads.
     fn arb_datagram() -> impl Strategy<Value = (u8, u32, u32, u64, SocketAddr, Vec<u8>)> {
         (
-            0u8..9,
+            0u8..10,
             any::<u32>(),
             any::<u32>(),
             any::<u64>(),
@@ -721,9 +797,14 @@ mod tests {
                 to: a,
                 inner: relay_inner(payload),
             },
-            _ => Datagram::RelayFrom {
+            8 => Datagram::RelayFrom {
                 from: a,
                 inner: relay_inner(payload),
+            },
+            _ => Datagram::Report {
+                from: a,
+                to: b,
+                report: ReceiverReport::from_value(c),
             },
         }
     }

@@ -43,13 +43,18 @@ use super::net::relay::Via;
 use super::rx::mixer::{MixInput, Mixer};
 use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::tx::levels::rms_dbfs;
-use super::tx::OpusEncoder;
+use super::tx::{bitrate_for_loss, OpusEncoder};
 use crate::audio::CHUNK_SAMPLES;
 use crate::protocol::datagram::{
-    relay_header, Datagram, DatagramKind, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN, RELAY_HEADER_LEN,
-    VOICE_HEADER_LEN,
+    relay_header, Datagram, DatagramKind, ReceiverReport, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN,
+    RELAY_HEADER_LEN, VOICE_HEADER_LEN,
 };
 use crate::protocol::{PeerInfo, UserId};
+
+/// How often we tell each peer how its voice reaches us.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// A listener's Report counts for this long (they come every [`REPORT_INTERVAL`]).
+const REPORT_FRESH: Duration = Duration::from_secs(5);
 
 /// Settings of the voice plane.
 #[derive(Debug, Clone)]
@@ -104,7 +109,8 @@ pub struct VoiceEngine {
     frames_sent: u64,
     bytes_sent: u64,
     mix_level_db: f32,
-    last_loss_update: Duration,
+    /// When the next Reports go out (and the encoder is tuned again); see `exchange_reports`.
+    next_report: Duration,
     /// Datagrams the engine drops before the peer table sees them (no table yet, garbage,
     /// replays refused by a cipher); the table counts the rest.
     drops: DropCounters,
@@ -119,6 +125,8 @@ pub struct VoiceEngine {
     undecryptable: u64,
     /// The TCP fallback while the server gets none of our UDP.
     tunnel: Tunnel,
+    /// The `seq` of the last Report we sent (to any peer).
+    report_seq: u32,
 }
 
 impl VoiceEngine {
@@ -148,7 +156,7 @@ impl VoiceEngine {
             frames_sent: 0,
             bytes_sent: 0,
             mix_level_db: -120.0,
-            last_loss_update: Duration::ZERO,
+            next_report: Duration::ZERO,
             drops: DropCounters::default(),
             vad_above_floor_db: vad_above,
             targets: Vec::with_capacity(32),
@@ -158,6 +166,7 @@ impl VoiceEngine {
             opened: vec![0u8; MAX_VOICE_PAYLOAD],
             undecryptable: 0,
             tunnel: Tunnel::default(),
+            report_seq: 0,
         })
     }
 
@@ -397,6 +406,17 @@ impl VoiceEngine {
         let Some(datagram) = gate.authenticate(&mut self.opened, received) else {
             return;
         };
+        if let Datagram::Report { from: sender, .. } = datagram {
+            take_report(
+                &mut self.peers,
+                &mut self.drops,
+                table.our_id(),
+                now,
+                sender,
+                datagram,
+            );
+            return;
+        }
         match table.handle_parsed(now, from, datagram) {
             Incoming::Voice {
                 peer_id,
@@ -432,6 +452,17 @@ impl VoiceEngine {
         let Some(datagram) = gate.authenticate(&mut self.opened, received) else {
             return;
         };
+        if let Datagram::Report { .. } = datagram {
+            take_report(
+                &mut self.peers,
+                &mut self.drops,
+                table.our_id(),
+                now,
+                origin,
+                datagram,
+            );
+            return;
+        }
         if let Incoming::Voice {
             peer_id,
             seq,
@@ -540,19 +571,89 @@ impl VoiceEngine {
         out[..n].copy_from_slice(&mixed[..n]);
         out[n..].fill(0.0);
         self.mix_level_db = rms_dbfs(&out[..n]);
-        if now.saturating_sub(self.last_loss_update) >= Duration::from_secs(1) {
-            self.last_loss_update = now;
-            // Loss seen from our peers is the best guess of the loss they see from us:
-            // tune the encoder's FEC to it.
-            let loss = self
-                .peers
+    }
+
+    /// Tells every peer we hear how its voice reaches us (a Report), and tunes our encoder's
+    /// redundancy and bit rate to the worst loss our listeners report of ours. Before any
+    /// report (a peer that has not heard us yet, or one too old to send them), the loss we
+    /// see from our peers stands in for it.
+    fn exchange_reports(&mut self, now: Duration) {
+        let Some(table) = &mut self.table else {
+            return;
+        };
+        let our_id = table.our_id();
+        self.targets.clear();
+        self.targets.extend(table.voice_targets());
+        for &(peer_id, route) in &self.targets {
+            let Some(peer) = self.peers.get(&peer_id) else {
+                continue;
+            };
+            let (Some(rx), Some(cipher)) = (peer.rx.as_ref(), peer.cipher.as_ref()) else {
+                continue;
+            };
+            // One counter for every report of this run: the tag's nonce never repeats under
+            // a key, even for a peer that left and came back.
+            let Some(seq) = self.report_seq.checked_add(1) else {
+                continue;
+            };
+            let stats = rx.receiver.stats().jitter;
+            let report = ReceiverReport {
+                seq,
+                loss_permille: (stats.loss_fraction * 1000.0).round().clamp(0.0, 1000.0) as u16,
+                jitter_ms: stats.jitter.as_millis().min(u128::from(u16::MAX)) as u16,
+            };
+            let datagram = Datagram::Report {
+                from: our_id,
+                to: peer_id,
+                report,
+            };
+            let (addr, at) = match route {
+                Route::Direct(addr) => (Some(addr), 0),
+                Route::Relayed(via) => (
+                    match via {
+                        Via::Member(m) => table.member_addr(m),
+                        Via::Server => self.registration.server_addr(),
+                    },
+                    RELAY_HEADER_LEN,
+                ),
+            };
+            let Some(addr) = addr else {
+                continue;
+            };
+            let mut fixed = [0u8; PEER_CONTROL_LEN];
+            if datagram.write(&mut fixed).is_err() {
+                continue;
+            }
+            let Ok(tag) = cipher.tag_control(&fixed) else {
+                continue;
+            };
+            self.report_seq = seq;
+            let wire = &mut self.sealed[..at + PEER_CONTROL_LEN + TAG_LEN];
+            if at > 0 {
+                wire[..at].copy_from_slice(&relay_header(DatagramKind::RelayTo, peer_id));
+            }
+            wire[at..at + PEER_CONTROL_LEN].copy_from_slice(&fixed);
+            wire[at + PEER_CONTROL_LEN..].copy_from_slice(&tag);
+            self.outbox.push(addr, wire);
+        }
+
+        let reported = self
+            .peers
+            .values()
+            .filter_map(|p| p.reported_loss_percent(now, REPORT_FRESH))
+            .reduce(f32::max);
+        let loss_pct = reported.unwrap_or_else(|| {
+            self.peers
                 .values()
                 .filter_map(|p| p.rx.as_ref())
-                .map(|rx| rx.receiver.stats().jitter.loss_fraction)
-                .fold(0.0f32, f32::max);
-            let pct = (loss * 100.0).round().clamp(0.0, 50.0) as u8;
-            let _ = self.encoder.set_expected_loss_percent(pct.max(5));
-        }
+                .map(|rx| rx.receiver.stats().jitter.loss_fraction * 100.0)
+                .fold(0.0f32, f32::max)
+        });
+        let pct = loss_pct.round().clamp(0.0, 50.0) as u8;
+        let _ = self.encoder.set_expected_loss_percent(pct.max(5));
+        let _ = self
+            .encoder
+            .set_bitrate(bitrate_for_loss(self.cfg.bitrate_bps, pct));
     }
 
     /// Fires the timers due at `now`: registration with the server, punches and keepalives.
@@ -562,6 +663,10 @@ impl VoiceEngine {
             .update(self.registration.udp_blocked(now), self.server_relays);
         if let Some(table) = &mut self.table {
             table.handle_timeout(now);
+        }
+        if self.table.is_some() && now >= self.next_report {
+            self.next_report = now + REPORT_INTERVAL;
+            self.exchange_reports(now);
         }
     }
 
@@ -636,7 +741,11 @@ impl VoiceEngine {
 
     /// When [`VoiceEngine::handle_timeout`] is next due; `None` with no server and no peers.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let link = self.table.as_ref().and_then(|t| t.poll_timeout());
+        let link = self
+            .table
+            .as_ref()
+            .and_then(|t| t.poll_timeout())
+            .map(|t| t.min(self.next_report));
         let reg = self.registration.poll_timeout();
         match (link, reg) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -710,6 +819,28 @@ impl Gate<'_> {
             // Relay envelopes were handled before; anything else is not a peer's.
             Received::Plain(datagram) => Some(datagram),
         }
+    }
+}
+
+/// Takes a Report, already authenticated by the cipher of `sender` (the peer it came from, or
+/// whose datagram a relay forwarded), if it is that peer's and addressed to us.
+fn take_report(
+    peers: &mut BTreeMap<UserId, Peer>,
+    drops: &mut DropCounters,
+    our_id: UserId,
+    now: Duration,
+    sender: UserId,
+    datagram: Datagram<'_>,
+) {
+    let Datagram::Report { from, to, report } = datagram else {
+        return;
+    };
+    if from != sender {
+        drops.count(&DropReason::UnknownSender(from));
+    } else if to != our_id {
+        drops.count(&DropReason::WrongRecipient(to));
+    } else if let Some(peer) = peers.get_mut(&from) {
+        peer.handle_report(now, report);
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::audio::CHUNK_SAMPLES;
+use crate::protocol::datagram::ReceiverReport;
 use crate::voice::codec::{CodecError, FrameDuration};
 use crate::voice::net::crypto::PeerCipher;
 use crate::voice::rx::jitter::JitterConfig;
@@ -50,6 +51,8 @@ pub(super) struct Peer {
     /// Created by the first voice frame that arrives, replaced when the frame duration changes.
     pub(super) rx: Option<ReceivePath>,
     pub(super) settings: PeerSettings,
+    /// Its last report on how our voice reaches it, and when that came.
+    pub(super) heard: Option<(ReceiverReport, Duration)>,
 }
 
 impl Peer {
@@ -58,7 +61,23 @@ impl Peer {
             cipher: None,
             rx: None,
             settings,
+            heard: None,
         }
+    }
+
+    /// Takes `report` (from this member, about our voice) unless it is not newer than the
+    /// last one: a replayed or reordered copy must not bring back an old loss figure.
+    pub(super) fn handle_report(&mut self, now: Duration, report: ReceiverReport) {
+        if self.heard.is_none_or(|(last, _)| report.seq > last.seq) {
+            self.heard = Some((report, now));
+        }
+    }
+
+    /// The loss this member reported for our voice within the last `fresh`, in per cent.
+    pub(super) fn reported_loss_percent(&self, now: Duration, fresh: Duration) -> Option<f32> {
+        self.heard
+            .filter(|(_, at)| now.saturating_sub(*at) <= fresh)
+            .map(|(r, _)| f32::from(r.loss_permille.min(1000)) / 10.0)
     }
 
     /// The receive path for voice frames of `frame` duration, made (anew) if needed.
@@ -87,6 +106,7 @@ pub(super) struct ReceivePath {
     pub(super) level_db: f32,
     pub(super) decoded: u64,
     pub(super) fec: u64,
+    pub(super) rebuilt: u64,
     pub(super) concealed: u64,
 }
 
@@ -102,6 +122,7 @@ impl ReceivePath {
             level_db: -120.0,
             decoded: 0,
             fec: 0,
+            rebuilt: 0,
             concealed: 0,
         })
     }
@@ -115,10 +136,14 @@ impl ReceivePath {
             match kind {
                 PlayoutKind::Decoded => self.decoded += 1,
                 PlayoutKind::Fec => self.fec += 1,
+                PlayoutKind::Rebuilt => self.rebuilt += 1,
                 PlayoutKind::Concealed => self.concealed += 1,
                 PlayoutKind::Silence => {}
             }
-            if matches!(kind, PlayoutKind::Decoded | PlayoutKind::Fec) {
+            if matches!(
+                kind,
+                PlayoutKind::Decoded | PlayoutKind::Fec | PlayoutKind::Rebuilt
+            ) {
                 audible = true;
             }
             if kind == PlayoutKind::Silence && !self.receiver.is_playing() {

@@ -92,6 +92,11 @@ pub struct PeerSnapshot {
     pub bytes_out: u64,
     pub frames_decoded: u64,
     pub frames_fec: u64,
+    /// Lost frames rebuilt from a later packet's deep redundancy (DRED).
+    pub frames_rebuilt: u64,
+    /// The share of our voice this peer last reported losing, in per cent (`None` before its
+    /// first Report, or when its last one is more than 5 s old).
+    pub reported_loss_pct: Option<f32>,
     /// Frames played by concealment: lost or late ones, undecodable ones, and the ones
     /// inserted to raise the delay (`frames_stretched` of them). Not the pause concealment
     /// (`frames_pause_concealed`), nor frames whose fate the next packet will tell.
@@ -206,6 +211,9 @@ impl VoiceEngine {
                     bytes_out: link.bytes_out,
                     frames_decoded: audio.map(|a| a.decoded).unwrap_or(0),
                     frames_fec: audio.map(|a| a.fec).unwrap_or(0),
+                    frames_rebuilt: audio.map(|a| a.rebuilt).unwrap_or(0),
+                    reported_loss_pct: peer
+                        .and_then(|p| p.reported_loss_percent(now, super::REPORT_FRESH)),
                     frames_concealed: audio
                         .zip(rx)
                         .map(|(a, r)| {

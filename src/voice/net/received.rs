@@ -9,11 +9,12 @@
 use crate::protocol::datagram::{Datagram, DatagramError, DatagramKind, PEER_CONTROL_LEN};
 
 /// The kinds that peers tag with their control key.
-const CONTROL_KINDS: [DatagramKind; 4] = [
+const CONTROL_KINDS: [DatagramKind; 5] = [
     DatagramKind::Punch,
     DatagramKind::PunchAck,
     DatagramKind::Ping,
     DatagramKind::Pong,
+    DatagramKind::Report,
 ];
 
 /// One parsed datagram, not yet authenticated.

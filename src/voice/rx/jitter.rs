@@ -146,6 +146,18 @@ pub enum Playout<'a> {
         /// Payload of the following packet.
         next_payload: &'a [u8],
     },
+    /// The frame at `timestamp` was lost, and so was the one after it: the next packet at hand
+    /// (which stays buffered and is played normally in its turn) may rebuild it from the deep
+    /// redundancy (DRED) it carries; conceal when it does not. Counted as concealed here: the
+    /// decoder's caller knows whether the rebuild worked.
+    Rebuild {
+        /// Timestamp of the lost frame.
+        timestamp: u32,
+        /// Timestamp of the packet that carries the redundancy (after `timestamp`).
+        later_timestamp: u32,
+        /// Payload of that packet.
+        later_payload: &'a [u8],
+    },
     /// Play packet loss concealment. `timestamp` is the missing frame's timestamp, or `None`
     /// when the frame is inserted to grow the delay (no media time is consumed).
     Conceal {
@@ -245,6 +257,7 @@ enum State {
 enum Step {
     Play(usize),
     Fec(usize),
+    Rebuild(usize),
     Conceal(Option<i64>),
     Silence,
 }
@@ -452,6 +465,17 @@ impl JitterBuffer {
                 Playout::Fec {
                     timestamp: (next_ts - self.frame_ts) as u32,
                     next_payload: &self.slots[i].data,
+                }
+            }
+            Step::Rebuild(i) => {
+                let State::Playing { next_ts, .. } = self.state else {
+                    unreachable!("a rebuild is only chosen while playing")
+                };
+                let slot = &self.slots[i];
+                Playout::Rebuild {
+                    timestamp: (next_ts - self.frame_ts) as u32,
+                    later_timestamp: slot.ts as u32,
+                    later_payload: &slot.data,
                 }
             }
             Step::Conceal(ts) => Playout::Conceal {
@@ -708,7 +732,7 @@ impl JitterBuffer {
                 return Step::Fec(later);
             }
             self.stats.concealed += 1;
-            return Step::Conceal(Some(next_ts));
+            return Step::Rebuild(later);
         }
         Step::Silence
     }
@@ -1039,6 +1063,16 @@ mod tests {
                 } => {
                     let next_ts = u32::from_le_bytes(next_payload.try_into().unwrap());
                     assert!(next_ts > timestamp && next_ts < timestamp + 2 * FRAME);
+                    Some(timestamp)
+                }
+                Playout::Rebuild {
+                    timestamp,
+                    later_timestamp,
+                    later_payload,
+                } => {
+                    let carried = u32::from_le_bytes(later_payload.try_into().unwrap());
+                    assert_eq!(carried, later_timestamp, "payload matches its timestamp");
+                    assert!(later_timestamp >= timestamp + 2 * FRAME);
                     Some(timestamp)
                 }
                 Playout::Conceal { timestamp } => timestamp,
@@ -1789,7 +1823,9 @@ mod tests {
             match self {
                 Playout::Packet { .. } => "packet",
                 Playout::Fec { .. } => "fec",
-                Playout::Conceal { .. } => "conceal",
+                // Counted as concealment by the buffer: whether DRED rebuilt it is the
+                // decoder's business.
+                Playout::Conceal { .. } | Playout::Rebuild { .. } => "conceal",
                 Playout::Silence => "silence",
             }
         }
@@ -1850,7 +1886,7 @@ mod tests {
                                 prop_assert_eq!(Some(&payload.to_vec()), pushed.get(&timestamp));
                                 Some(timestamp)
                             }
-                            Playout::Fec { timestamp, .. } => Some(timestamp),
+                            Playout::Fec { timestamp, .. } | Playout::Rebuild { timestamp, .. } => Some(timestamp),
                             Playout::Conceal { timestamp } => timestamp,
                             Playout::Silence => None,
                         };

@@ -8,4 +8,4 @@ pub mod encoder;
 pub mod levels;
 pub mod vad;
 
-pub use encoder::OpusEncoder;
+pub use encoder::{bitrate_for_loss, OpusEncoder};

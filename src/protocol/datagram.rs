@@ -220,7 +220,7 @@ pub fn relay_header(kind: DatagramKind, peer: u32) -> [u8; RELAY_HEADER_LEN] {
     h
 }
 
-/// The sender id written in a peer datagram's bytes (Punch, PunchAck, Ping, Pong, Voice),
+/// The sender id written in a peer datagram's bytes (Punch, PunchAck, Ping, Pong, Report, Voice),
 /// without parsing or authenticating the rest: what a relay checks against the address the
 /// datagram came from. `None` for any other kind or a truncated header.
 pub fn peer_sender(bytes: &[u8]) -> Option<u32> {
@@ -233,6 +233,7 @@ pub fn peer_sender(bytes: &[u8]) -> Option<u32> {
         | DatagramKind::PunchAck
         | DatagramKind::Ping
         | DatagramKind::Pong
+        | DatagramKind::Report
         | DatagramKind::Voice => Some(be_u32(bytes, 1)),
         _ => None,
     }

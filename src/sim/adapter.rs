@@ -411,6 +411,16 @@ impl SimClient {
     }
 
     /// Every peer the voice engine knows, with its link state, by id.
+    /// The loss peer `id` last reported of our voice (its Report), in per cent.
+    pub fn reported_loss(&self, now: Duration, id: UserId) -> Option<f32> {
+        self.engine
+            .snapshot(now)
+            .peers
+            .iter()
+            .find(|p| p.user_id == id)
+            .and_then(|p| p.reported_loss_pct)
+    }
+
     pub fn peer_paths(&self, now: Duration) -> Vec<(UserId, PeerPath)> {
         let mut v: Vec<_> = self
             .engine

@@ -347,6 +347,13 @@ impl World {
             .map(|(_, path)| path)
     }
 
+    /// The loss the user at index `listener` last reported of `talker`'s voice (`None`: no
+    /// fresh Report reached `talker`).
+    pub fn reported_loss(&self, talker: usize, listener: usize) -> Option<f32> {
+        let id = self.user_id(listener)?;
+        self.users[talker].client.reported_loss(self.now, id)
+    }
+
     /// Amplitude of `talker`'s tone in what `listener` heard between `from` and `to`.
     ///
     /// Panics if no 100 ms block of `listener`'s output lies within the window (each user's

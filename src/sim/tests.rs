@@ -313,6 +313,9 @@ fn a_member_bridges_two_that_cannot_reach_each_other() {
     assert_eq!(w.path(b, a), Some(PeerPath::Relayed(cid)));
     assert_eq!(w.path(a, c), Some(PeerPath::Direct));
     assert_hearing(&w, secs(10.0), secs(13.0), &all_hear_all(&[a, b, c]));
+    // Receiver reports cross the member relay too: each talker knows what the other loses.
+    assert_eq!(w.reported_loss(a, b), Some(0.0));
+    assert_eq!(w.reported_loss(b, a), Some(0.0));
 }
 
 /// With both a member and the server able to relay, the member carries the pair (the design
@@ -366,5 +369,13 @@ fn a_member_whose_udp_is_blocked_is_in_the_whole_call_through_the_tunnel() {
     }
     for u in [a, b, c] {
         assert!(w.hears(u, u, from, to) < SILENT, "{u} hears itself");
+    }
+    // Receiver reports go through the tunnel both ways, like voice.
+    for (talker, listener) in [(a, b), (b, a), (a, c), (c, a), (b, c)] {
+        assert_eq!(
+            w.reported_loss(talker, listener),
+            Some(0.0),
+            "{talker} <- {listener}"
+        );
     }
 }

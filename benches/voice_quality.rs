@@ -483,6 +483,9 @@ struct Scored {
     level_ratio: f32,
 }
 
+/// Below this correlation with the input, an utterance is taken not to have come out at all.
+const MIN_FOUND_CORRELATION: f32 = 0.3;
+
 /// Scores the utterance at `start..start + len` of `input16` against `heard16`, where it is
 /// expected to begin at `expected` (all 16 kHz samples).
 fn score(input16: &[f32], start: usize, len: usize, heard16: &[f32], expected: isize) -> Scored {
@@ -493,17 +496,29 @@ fn score(input16: &[f32], start: usize, len: usize, heard16: &[f32], expected: i
     let (at, correlation) = locate(speech, heard16, expected, search);
     let degraded = cut(heard16, at - margin as isize, len + 2 * margin);
     let as_i16 = |x: &[f32]| x.iter().map(|&v| to_i16(v)).collect::<Vec<i16>>();
+    let level_ratio = rms(&degraded) / rms(&reference).max(1e-9);
     let (reference16, degraded16) = (as_i16(&reference), as_i16(&degraded));
     // pesq 0.2.0 overflows an index on some inputs (seen once in a 20 % loss call, debug
     // build): score that utterance as an error instead of losing the whole run.
     let pesq = std::panic::catch_unwind(|| pesq::pesq_wb(&reference16, &degraded16))
         .map_err(|_| "the pesq crate panicked on this pair".to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        // pesq scores silence against speech 4.6: speech that did not come out is a failure,
+        // not a score (a call that broke off looked perfect before this check).
+        .and_then(|p| {
+            if correlation < MIN_FOUND_CORRELATION || level_ratio < 0.1 {
+                Err(format!(
+                    "the speech is not in the output (correlation {correlation:.2}, level {level_ratio:.2})"
+                ))
+            } else {
+                Ok(p)
+            }
+        });
     Scored {
         pesq,
         lag_ms: (at - start as isize) as f64 * 1000.0 / PESQ_RATE as f64,
         correlation,
-        level_ratio: rms(&degraded) / rms(&reference).max(1e-9),
+        level_ratio,
     }
 }
 

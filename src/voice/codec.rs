@@ -98,10 +98,18 @@ pub fn is_dtx_payload(len: usize) -> bool {
 }
 
 /// Frame duration announced by an Opus packet's TOC byte (RFC 6716 section 3.1), if it is one
-/// we can play (10 or 20 ms, one frame per packet).
+/// we can play (10 or 20 ms, one frame per packet). A packet that carries deep redundancy
+/// (DRED) or other extensions in its padding is framed with code 3 and a frame count of one;
+/// that is one frame too.
 pub fn opus_frame_duration(payload: &[u8]) -> Option<FrameDuration> {
     let toc = *payload.first()?;
-    if toc & 0x03 != 0 {
+    let one_frame = match toc & 0x03 {
+        0 => true,
+        // Code 3: the next byte holds the frame count in its low six bits.
+        3 => payload.get(1).is_some_and(|&count| count & 0x3f == 1),
+        _ => false,
+    };
+    if !one_frame {
         return None; // several frames per packet: our senders never do that
     }
     let config = toc >> 3;
@@ -311,5 +319,12 @@ mod tests {
         assert_eq!(opus_frame_duration(&[]), None);
         // Two frames per packet.
         assert_eq!(opus_frame_duration(&[(31 << 3) | 1]), None);
+        // Code 3 (padding, where DRED travels) with one frame, and with three.
+        assert_eq!(
+            opus_frame_duration(&[(31 << 3) | 3, 0x40 | 1, 9]),
+            Some(FrameDuration::Ms20)
+        );
+        assert_eq!(opus_frame_duration(&[(31 << 3) | 3, 3]), None);
+        assert_eq!(opus_frame_duration(&[(31 << 3) | 3]), None);
     }
 }

@@ -45,6 +45,7 @@ fn big_overview(channels: u32, users_per_channel: u32) -> OverviewView {
                         },
                         rtt_ms: Some(20.0 + (id % 50) as f32),
                         loss_pct: Some(0.5),
+                        reported_loss_pct: Some(1.0),
                         jitter_ms: Some(4.0),
                         buffer_ms: Some(40.0),
                     };

@@ -114,6 +114,7 @@ pub fn run_desktop(
     connect_to: Option<String>,
     join: Option<(String, Option<String>)>,
     voice: VoiceThreadConfig,
+    voice_choices: Vec<crate::voice::VoiceSetting>,
     accept_new_cert: bool,
 ) -> anyhow::Result<ExitCode> {
     use bevy::window::{Window, WindowPlugin};
@@ -132,6 +133,7 @@ pub fn run_desktop(
             .unwrap_or_default(),
         username: username.clone(),
         join,
+        voice_choices,
         ..Default::default()
     };
     let mut app = App::new();

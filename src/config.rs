@@ -141,6 +141,7 @@ pub struct ClientSettings {
     pub input_device: Option<String>,
     pub output_device: Option<String>,
     pub noise_suppression: Option<bool>,
+    pub normalize_loudness: Option<bool>,
     pub push_to_talk: Option<bool>,
     /// Push-to-talk key, an egui key name such as "Space", "F5" or "T".
     pub ptt_key: Option<String>,

@@ -14,7 +14,7 @@ use p2p_voice::server::relay::DEFAULT_RELAY_KBPS;
 use p2p_voice::server::{RelayRules, ServerConfig, ServerRules};
 use p2p_voice::voice::codec::FrameDuration;
 use p2p_voice::voice::net::impair::ImpairConfig;
-use p2p_voice::voice::{VoiceConfig, VoiceThreadConfig};
+use p2p_voice::voice::{VoiceConfig, VoiceSetting, VoiceThreadConfig};
 
 #[derive(Parser)]
 #[command(name = "p2p-voice", version, about = "Peer-to-peer voice chat", long_about = None)]
@@ -64,6 +64,10 @@ struct HostArgs {
     /// Sound system for the microphone and speaker.
     #[arg(long, value_name = AUDIO_HOST_VALUES, default_value_t = AudioHost::Auto)]
     audio_host: AudioHost,
+    /// Bring every speaker to the same loudness (before each one's own volume); when absent,
+    /// what was last chosen in the window (off at first).
+    #[arg(long, value_name = "on|off")]
+    normalize_loudness: Option<OnOff>,
 }
 
 /// What `--audio-host` takes (the names depend on the platform; `devices` prints the one used).
@@ -148,6 +152,10 @@ struct ClientArgs {
     /// Noise suppression: on by default for microphones, off for WAV/tone inputs.
     #[arg(long, value_name = "on|off")]
     noise_suppression: Option<OnOff>,
+    /// Bring every speaker to the same loudness (before each one's own volume): off by
+    /// default headless; in the window, what was last chosen there.
+    #[arg(long, value_name = "on|off")]
+    normalize_loudness: Option<OnOff>,
     /// Send all the time instead of only while the voice activity detector hears speech.
     #[arg(long)]
     always_transmit: bool,
@@ -174,7 +182,7 @@ struct ClientArgs {
     audio_host: AudioHost,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
 enum OnOff {
     On,
     Off,
@@ -264,6 +272,7 @@ fn run() -> anyhow::Result<ExitCode> {
         no_relay: false,
         relay_kbps: DEFAULT_RELAY_KBPS,
         audio_host: AudioHost::Auto,
+        normalize_loudness: None,
     }));
     match mode {
         Mode::Server(a) => {
@@ -296,12 +305,18 @@ fn run() -> anyhow::Result<ExitCode> {
                 );
                 return app::run_server(cfg);
             }
+            let choices = a
+                .normalize_loudness
+                .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On))
+                .into_iter()
+                .collect();
             Ok(app::run_desktop(
                 Some(cfg),
                 a.username,
                 None,
                 None,
                 with_audio_host(VoiceThreadConfig::default(), a.audio_host),
+                choices,
                 false,
             )?)
         }
@@ -345,9 +360,14 @@ fn run() -> anyhow::Result<ExitCode> {
                     password: a.password,
                     duration: a.duration.map(std::time::Duration::from_secs_f64),
                     voice: with_audio_host(
-                        VoiceThreadConfig {
-                            impair: a.impair.clone(),
-                            ..voice_config(a.frame_ms, a.bitrate, denoise, input, output)
+                        {
+                            let mut voice = VoiceThreadConfig {
+                                impair: a.impair.clone(),
+                                ..voice_config(a.frame_ms, a.bitrate, denoise, input, output)
+                            };
+                            voice.voice.normalize_loudness =
+                                a.normalize_loudness == Some(OnOff::On);
+                            voice
                         },
                         a.audio_host,
                     ),
@@ -377,12 +397,23 @@ fn run() -> anyhow::Result<ExitCode> {
                 a.audio_host,
             );
             let join = a.channel.map(|c| (c, a.password));
+            // What the command line says explicitly wins over what the window remembers.
+            let choices = [
+                a.noise_suppression
+                    .map(|v| VoiceSetting::NoiseSuppression(v == OnOff::On)),
+                a.normalize_loudness
+                    .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             Ok(app::run_desktop(
                 None,
                 a.username,
                 a.server,
                 join,
                 voice,
+                choices,
                 a.accept_new_cert,
             )?)
         }

@@ -61,6 +61,8 @@ pub struct LinkStatus {
     pub state: PeerState,
     pub rtt_ms: Option<f32>,
     pub loss_pct: f32,
+    /// What this member last reported losing of our voice, in per cent.
+    pub reported_loss_pct: Option<f32>,
     pub jitter_ms: f32,
     pub buffer_ms: f32,
     pub fingerprint: Option<String>,
@@ -73,6 +75,7 @@ impl Default for LinkStatus {
             state: PeerState::Punching,
             rtt_ms: None,
             loss_pct: 0.0,
+            reported_loss_pct: None,
             jitter_ms: 0.0,
             buffer_ms: 0.0,
             fingerprint: None,

@@ -42,6 +42,8 @@ pub struct UiOptions {
     pub output_devices: Vec<String>,
     /// Channel (and password) to join once connected (`client --channel`).
     pub join: Option<(String, Option<String>)>,
+    /// Voice settings the command line gave explicitly: they win over the remembered ones.
+    pub voice_choices: Vec<VoiceSetting>,
 }
 
 /// Everything the panels edit or remember between frames.
@@ -78,13 +80,14 @@ impl Plugin for UiPlugin {
         if let Some(u) = &username {
             connect.username = u.clone();
         }
-        let controls = ControlsView {
+        let mut controls = ControlsView {
             ptt_key: settings
                 .ptt_key
                 .clone()
                 .filter(|k| egui::Key::from_name(k).is_some())
                 .unwrap_or_else(|| "Space".into()),
             noise_suppression: settings.noise_suppression.unwrap_or(true),
+            normalize_loudness: settings.normalize_loudness.unwrap_or(false),
             ptt_enabled: settings.push_to_talk.unwrap_or(false),
             input_devices: o.input_devices.clone(),
             output_devices: o.output_devices.clone(),
@@ -94,6 +97,9 @@ impl Plugin for UiPlugin {
             vad_threshold_db: -60.0,
             ..Default::default()
         };
+        for choice in &o.voice_choices {
+            controls.reflect(choice);
+        }
         app.insert_resource(UiState {
             connect,
             password: None,
@@ -110,7 +116,10 @@ impl Plugin for UiPlugin {
             auto_join: o.join.clone(),
         })
         .insert_resource(SettingsWriter::spawn(ClientSettings::path()))
-        .add_systems(Startup, (setup_camera, auto_connect))
+        .add_systems(
+            Startup,
+            (setup_camera, auto_connect, start_with_shown_settings),
+        )
         .add_systems(Update, track_control_events)
         .add_systems(EguiPrimaryContextPass, draw_ui);
     }
@@ -126,6 +135,20 @@ fn setup_camera(
     if std::env::var_os("P2P_VOICE_PERF_OVERLAY").is_some() {
         state.show_perf = true;
         perf.visible = true;
+    }
+}
+
+/// The voice plane starts with what the controls show: the remembered settings (push-to-talk,
+/// noise suppression, loudness), overridden by the command line. Before this the window showed
+/// a remembered "push-to-talk" or "noise suppression off" that the voice thread did not know.
+fn start_with_shown_settings(state: Res<UiState>, mut voice: EventWriter<VoiceCommand>) {
+    let c = &state.controls;
+    for setting in [
+        VoiceSetting::PushToTalk(c.ptt_enabled),
+        VoiceSetting::NoiseSuppression(c.noise_suppression),
+        VoiceSetting::NormalizeLoudness(c.normalize_loudness),
+    ] {
+        voice.write(VoiceCommand::Setting(setting));
     }
 }
 
@@ -297,6 +320,7 @@ fn link_view(p: Option<&LinkStatus>, is_self: bool) -> LinkView {
         state: MemberLink::Peer(p.state.clone()),
         rtt_ms: p.rtt_ms,
         loss_pct: measured.then_some(p.loss_pct),
+        reported_loss_pct: p.reported_loss_pct.filter(|_| measured),
         jitter_ms: measured.then_some(p.jitter_ms),
         buffer_ms: measured.then_some(p.buffer_ms),
     }

@@ -21,6 +21,7 @@ pub enum SettingsChange {
     },
     PushToTalk(bool),
     NoiseSuppression(bool),
+    NormalizeLoudness(bool),
     InputDevice(String),
     OutputDevice(String),
 }
@@ -32,6 +33,7 @@ impl SettingsChange {
         match *setting {
             VoiceSetting::PushToTalk(on) => Some(Self::PushToTalk(on)),
             VoiceSetting::NoiseSuppression(on) => Some(Self::NoiseSuppression(on)),
+            VoiceSetting::NormalizeLoudness(on) => Some(Self::NormalizeLoudness(on)),
             _ => None,
         }
     }
@@ -44,6 +46,7 @@ impl SettingsChange {
             }
             Self::PushToTalk(on) => s.push_to_talk = Some(on),
             Self::NoiseSuppression(on) => s.noise_suppression = Some(on),
+            Self::NormalizeLoudness(on) => s.normalize_loudness = Some(on),
             Self::InputDevice(name) => s.input_device = Some(name),
             Self::OutputDevice(name) => s.output_device = Some(name),
         }

@@ -71,6 +71,8 @@ pub struct LinkView {
     pub rtt_ms: Option<f32>,
     /// Packet loss in percent (0..=100).
     pub loss_pct: Option<f32>,
+    /// The share of our voice this member reports losing, in percent.
+    pub reported_loss_pct: Option<f32>,
     /// Measured inter-arrival jitter in milliseconds.
     pub jitter_ms: Option<f32>,
     /// Current jitter-buffer delay (playout target) in milliseconds.
@@ -210,6 +212,8 @@ pub struct ControlsView {
     pub ptt_key: String,
     /// Noise suppression on the capture chain.
     pub noise_suppression: bool,
+    /// Every speaker brought to the same loudness.
+    pub normalize_loudness: bool,
     /// Names of the available input devices.
     pub input_devices: Vec<String>,
     /// Names of the available output devices.
@@ -235,6 +239,7 @@ impl ControlsView {
             VoiceSetting::Deafened(d) => self.deafened = d,
             VoiceSetting::PushToTalk(on) => self.ptt_enabled = on,
             VoiceSetting::NoiseSuppression(on) => self.noise_suppression = on,
+            VoiceSetting::NormalizeLoudness(on) => self.normalize_loudness = on,
             // The threshold and the peers' settings are drawn from the voice snapshot and
             // the user entities; the key press has no lasting state.
             VoiceSetting::VadThreshold(_)

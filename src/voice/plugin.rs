@@ -226,6 +226,7 @@ fn receive_voice_events(
             }
             pl.rtt_ms = p.rtt_ms;
             pl.loss_pct = p.loss_pct;
+            pl.reported_loss_pct = p.reported_loss_pct;
             pl.jitter_ms = p.jitter_ms;
             pl.buffer_ms = p.buffer_ms;
             pl.fingerprint = p.fingerprint.clone();

@@ -52,6 +52,14 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
     if ui.checkbox(&mut suppression, "Noise suppression").changed() {
         actions.push(UiAction::Voice(VoiceSetting::NoiseSuppression(suppression)));
     }
+    let mut even = view.normalize_loudness;
+    if ui
+        .checkbox(&mut even, "Even out speakers' loudness")
+        .on_hover_text("Bring quiet and loud speakers to the same level, before each one's volume")
+        .changed()
+    {
+        actions.push(UiAction::Voice(VoiceSetting::NormalizeLoudness(even)));
+    }
 
     ui.add_space(4.0);
     if let Some(name) = device_picker(
@@ -189,7 +197,7 @@ mod tests {
     }
 
     #[test]
-    fn toggles_emit_deafen_ptt_and_noise_suppression() {
+    fn toggles_emit_deafen_ptt_noise_suppression_and_loudness() {
         let mut h = harness(view());
         h.get_by_label("Deafen").click();
         h.run();
@@ -197,12 +205,15 @@ mod tests {
         h.run();
         h.get_by_label("Noise suppression").click();
         h.run();
+        h.get_by_label("Even out speakers' loudness").click();
+        h.run();
         assert_eq!(
             h.state().actions,
             vec![
                 UiAction::Voice(VoiceSetting::Deafened(true)),
                 UiAction::Voice(VoiceSetting::PushToTalk(true)),
-                UiAction::Voice(VoiceSetting::NoiseSuppression(true))
+                UiAction::Voice(VoiceSetting::NoiseSuppression(true)),
+                UiAction::Voice(VoiceSetting::NormalizeLoudness(true))
             ]
         );
     }

@@ -1,4 +1,5 @@
-//! Link details of one channel member: state, round trip, loss, jitter, buffer delay, fingerprint.
+//! Link details of one channel member: state, round trip, loss both ways, jitter, buffer delay,
+//! fingerprint.
 //! Shown as the hover tooltip of a member in the overview.
 
 use egui::{Color32, Grid, Ui};
@@ -39,6 +40,14 @@ pub fn format_measure(value: Option<f32>, unit: &str) -> String {
     }
 }
 
+/// A percentage with one decimal, a dash when not measured yet.
+fn format_percent(value: Option<f32>) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{v:.1} %"),
+        _ => "–".to_owned(),
+    }
+}
+
 /// Draws the details grid for one member.
 pub fn peer_details(ui: &mut Ui, member: &MemberView) {
     ui.strong(&member.name);
@@ -54,10 +63,11 @@ pub fn peer_details(ui: &mut Ui, member: &MemberView) {
                 ui.label(format_measure(link.rtt_ms, "ms"));
                 ui.end_row();
                 ui.label("Loss");
-                ui.label(match link.loss_pct {
-                    Some(v) if v.is_finite() => format!("{v:.1} %"),
-                    _ => "–".to_owned(),
-                });
+                ui.label(format_percent(link.loss_pct));
+                ui.end_row();
+                // What they hear of us: from their receiver reports.
+                ui.label("Loss of your voice");
+                ui.label(format_percent(link.reported_loss_pct));
                 ui.end_row();
                 ui.label("Jitter");
                 ui.label(format_measure(link.jitter_ms, "ms"));
@@ -133,6 +143,7 @@ mod tests {
             state: MemberLink::Peer(PeerState::Direct(([192, 0, 2, 7], 7700).into())),
             rtt_ms: Some(42.0),
             loss_pct: Some(1.5),
+            reported_loss_pct: Some(7.3),
             jitter_ms: Some(3.0),
             buffer_ms: Some(40.0),
         };
@@ -141,6 +152,8 @@ mod tests {
         harness.get_by_label("direct");
         harness.get_by_label("42 ms");
         harness.get_by_label("1.5 %");
+        harness.get_by_label("Loss of your voice");
+        harness.get_by_label("7.3 %");
         harness.get_by_label("40 ms");
         harness.get_by_label("ab:cd:ef");
     }

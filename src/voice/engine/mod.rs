@@ -64,6 +64,9 @@ pub struct VoiceConfig {
     pub bitrate_bps: u32,
     pub capture: CaptureConfig,
     pub link: LinkConfig,
+    /// Bring every peer's speech to the same level before the per-peer volume (off by
+    /// default: some people want to hear who speaks up).
+    pub normalize_loudness: bool,
 }
 
 impl Default for VoiceConfig {
@@ -79,6 +82,7 @@ impl VoiceConfig {
             bitrate_bps: 24_000,
             capture: CaptureConfig::for_frame(frame),
             link: LinkConfig::default(),
+            normalize_loudness: false,
         }
     }
 }
@@ -297,6 +301,11 @@ impl VoiceEngine {
     pub fn set_deafened(&mut self, deafened: bool) {
         self.mixer.set_deafened(deafened);
     }
+    /// Turns per-speaker loudness normalisation on or off.
+    pub fn set_normalize_loudness(&mut self, on: bool) {
+        self.cfg.normalize_loudness = on;
+    }
+
     pub fn set_noise_suppression(&mut self, on: bool) {
         self.capture.set_denoise(on);
     }
@@ -560,9 +569,14 @@ impl VoiceEngine {
             let Some(rx) = &peer.rx else {
                 continue;
             };
+            let evened = if self.cfg.normalize_loudness {
+                rx.loudness.gain()
+            } else {
+                1.0
+            };
             self.mixer.add(MixInput {
                 samples: &rx.out,
-                gain: peer.settings.volume,
+                gain: peer.settings.volume * evened,
                 muted: peer.settings.muted,
             });
         }

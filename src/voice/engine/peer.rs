@@ -10,6 +10,7 @@ use crate::protocol::datagram::ReceiverReport;
 use crate::voice::codec::{CodecError, FrameDuration};
 use crate::voice::net::crypto::PeerCipher;
 use crate::voice::rx::jitter::JitterConfig;
+use crate::voice::rx::loudness::SpeakerLoudness;
 use crate::voice::rx::receiver::{PeerReceiver, PlayoutKind};
 use crate::voice::tx::levels::rms_dbfs;
 
@@ -104,6 +105,8 @@ pub(super) struct ReceivePath {
     pub(super) out: Vec<f32>,
     last_audible: Option<Duration>,
     pub(super) level_db: f32,
+    /// This peer's speech level and the gain that evens it out (used when normalising).
+    pub(super) loudness: SpeakerLoudness,
     pub(super) decoded: u64,
     pub(super) fec: u64,
     pub(super) rebuilt: u64,
@@ -120,6 +123,7 @@ impl ReceivePath {
             out: vec![0.0; CHUNK_SAMPLES],
             last_audible: None,
             level_db: -120.0,
+            loudness: SpeakerLoudness::new(),
             decoded: 0,
             fec: 0,
             rebuilt: 0,
@@ -160,6 +164,9 @@ impl ReceivePath {
             *o = s;
         }
         self.level_db = rms_dbfs(&self.out);
+        if audible {
+            self.loudness.observe(&self.out);
+        }
         if audible && self.level_db > SPEAKING_FLOOR_DB {
             self.last_audible = Some(now);
         }

@@ -20,6 +20,8 @@ pub enum VoiceSetting {
     Deafened(bool),
     /// Run (or bypass) the noise suppressor in the capture chain.
     NoiseSuppression(bool),
+    /// Bring every speaker to the same loudness (before each one's own volume), or not.
+    NormalizeLoudness(bool),
     /// Send only while the push-to-talk key is held, instead of on voice activity.
     PushToTalk(bool),
     /// The push-to-talk key went down (`true`) or up (`false`).
@@ -49,6 +51,7 @@ impl VoiceEngine {
             VoiceSetting::Muted(m) => self.set_muted(m),
             VoiceSetting::Deafened(d) => self.set_deafened(d),
             VoiceSetting::NoiseSuppression(on) => self.set_noise_suppression(on),
+            VoiceSetting::NormalizeLoudness(on) => self.set_normalize_loudness(on),
             VoiceSetting::PushToTalk(on) => self.set_push_to_talk(on),
             VoiceSetting::PttPressed(p) => self.set_ptt_pressed(now, p),
             VoiceSetting::VadThreshold(db) => self.set_vad_threshold_abs(db),

@@ -6,6 +6,7 @@
 pub mod decoder;
 pub mod dred;
 pub mod jitter;
+pub mod loudness;
 pub mod mixer;
 pub mod receiver;
 

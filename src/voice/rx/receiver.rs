@@ -311,10 +311,10 @@ mod tests {
         let mut heard = Vec::new();
         let mut kinds = Vec::new();
         let mut out = vec![0.0f32; n];
-        for i in 0..80usize {
+        for (i, packet) in packets.iter().enumerate() {
             let now = Duration::from_millis(i as u64 * 20);
             if !burst.contains(&i) {
-                rx.push(now, i as u32, (i * n) as u32, &packets[i]);
+                rx.push(now, i as u32, (i * n) as u32, packet);
             }
             let kind = rx.pop_pcm(now + Duration::from_millis(1), &mut out);
             if kind != PlayoutKind::Silence {

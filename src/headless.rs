@@ -270,6 +270,8 @@ pub fn summary_json(
             "frames_decoded": p.frames_decoded,
             "frames_fec": p.frames_fec,
             "frames_rebuilt": p.frames_rebuilt,
+            "frames_shortened": p.frames_shortened,
+            "decode_errors": p.decode_errors,
             "reported_loss_pct": p.reported_loss_pct,
             "frames_concealed": p.frames_concealed,
             "frames_pause_concealed": p.frames_pause_concealed,

@@ -311,9 +311,10 @@ fn read_f32le(path: &std::path::Path) -> Vec<f32> {
 /// into a null sink (its monitor is the microphone) and plays what it hears into a second
 /// null sink, whose monitor we record. Asserts what a user would notice: the native host was
 /// used, no stream restarted and no device failed or reported errors, and the device path
-/// adds no gap in either direction: every 20 ms dip in a tone must be one of the frames the
-/// receiving jitter buffer reports it concealed or dropped (those are issue 11's item 2: on
-/// this VM the null sink runs a few per cent slow, see docs/BENCHMARKS.md).
+/// adds no gap in either direction: every 20 ms dip in a tone must lie on one of the frames the
+/// receiving jitter buffer reports it concealed or dropped. And the speaker running slow (this
+/// VM's null sink does, by a few per cent) costs no dropped frame: time-scaling takes the
+/// delay out.
 #[test]
 fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     let _pulse = match PulseGuard::ensure() {
@@ -398,9 +399,12 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     // How each side's jitter buffer fared: a frame it concealed or dropped is a dip in the
     // tone that is not the device path's doing (its clean-link behaviour is issue 11's item
     // 2), so each direction may show at most that many dips; any other is the device path's.
+    // A 20 ms frame that is not aligned with the 20 ms analysis blocks touches two of them,
+    // so each such frame may show as two dips.
     let jitter_events = |s: &serde_json::Value, other: &str| {
         common::peer_named(s, other).map_or(0, |p| {
-            p["frames_concealed"].as_u64().unwrap_or(0) + p["frames_dropped"].as_u64().unwrap_or(0)
+            2 * (p["frames_concealed"].as_u64().unwrap_or(0)
+                + p["frames_dropped"].as_u64().unwrap_or(0))
         })
     };
     let capture_allowance = jitter_events(common::summary(&peer_lines), "devices");
@@ -411,12 +415,14 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     ] {
         if let Some(p) = common::peer_named(s, other) {
             println!(
-                "{who} receiving: decoded {} fec {} concealed {} dropped {} late {} \
+                "{who} receiving: decoded {} fec {} concealed {} stretched {} dropped {} shortened {} late {} \
                  packets_in {} target_ms {} jitter_ms {}",
                 p["frames_decoded"],
                 p["frames_fec"],
                 p["frames_concealed"],
+                p["frames_stretched"],
                 p["frames_dropped"],
+                p["frames_shortened"],
                 p["late"],
                 p["packets_in"],
                 p["target_ms"],
@@ -426,6 +432,15 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     }
     let audio = &summary["audio"];
     println!("device member's audio path: {audio:#}");
+    // A speaker that takes audio slower than real time (this VM's null sink runs 5-7 % slow)
+    // makes the receiver's delay grow; time-scaling takes it out a pitch period at a time.
+    // Before it, the receiver dropped whole frames (about 25 in these 30 s, 90 with the
+    // old playout clock): audible skips.
+    let heard = common::peer_named(summary, "tone").expect("device member hears the tone");
+    assert_eq!(
+        heard["frames_dropped"], 0,
+        "the device member dropped frames instead of time-scaling: {heard}"
+    );
 
     for side in ["input", "output"] {
         let desc = audio[side].as_str().unwrap_or_default();
@@ -449,8 +464,8 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     assert!(level > 0.05, "microphone tone not heard (level {level})");
     assert!(
         gaps.len() as u64 <= capture_allowance,
-        "gaps in the captured tone at {gaps:?} s, more than the {capture_allowance} frames \
-         the receiver concealed or dropped"
+        "gaps in the captured tone at {gaps:?} s, more than the {capture_allowance} blocks \
+         the frames the receiver concealed or dropped can touch"
     );
 
     // Playback direction: the peer's 440 Hz tone, as it left the device member's speaker.
@@ -463,7 +478,7 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     assert!(level > 0.05, "peer's tone not played (level {level})");
     assert!(
         gaps.len() as u64 <= playback_allowance,
-        "gaps in the played tone at {gaps:?} s, more than the {playback_allowance} frames \
-         the receiver concealed or dropped"
+        "gaps in the played tone at {gaps:?} s, more than the {playback_allowance} blocks \
+         the frames the receiver concealed or dropped can touch"
     );
 }

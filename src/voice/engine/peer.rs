@@ -136,7 +136,7 @@ impl ReceivePath {
         let want = self.out.len();
         let mut audible = false;
         while self.pcm.len() < want {
-            let kind = self.receiver.pop_pcm(now, &mut self.scratch);
+            let (kind, len) = self.receiver.pop_scaled(now, &mut self.scratch);
             match kind {
                 PlayoutKind::Decoded => self.decoded += 1,
                 PlayoutKind::Fec => self.fec += 1,
@@ -158,7 +158,7 @@ impl ReceivePath {
                 self.pcm.resize(want, 0.0);
                 break;
             }
-            self.pcm.extend(self.scratch.iter().copied());
+            self.pcm.extend(self.scratch[..len].iter().copied());
         }
         for (o, s) in self.out.iter_mut().zip(self.pcm.drain(..want)) {
             *o = s;

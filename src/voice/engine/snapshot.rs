@@ -94,6 +94,10 @@ pub struct PeerSnapshot {
     pub frames_fec: u64,
     /// Lost frames rebuilt from a later packet's deep redundancy (DRED).
     pub frames_rebuilt: u64,
+    /// Frames played a pitch period shorter to take out excess delay (time-scaling).
+    pub frames_shortened: u64,
+    /// Payloads the decoder refused or that held another frame length (concealed instead).
+    pub decode_errors: u64,
     /// The share of our voice this peer last reported losing, in per cent (`None` before its
     /// first Report, or when its last one is more than 5 s old).
     pub reported_loss_pct: Option<f32>,
@@ -212,6 +216,8 @@ impl VoiceEngine {
                     frames_decoded: audio.map(|a| a.decoded).unwrap_or(0),
                     frames_fec: audio.map(|a| a.fec).unwrap_or(0),
                     frames_rebuilt: audio.map(|a| a.rebuilt).unwrap_or(0),
+                    frames_shortened: rx.map(|r| r.jitter.shortened).unwrap_or(0),
+                    decode_errors: rx.map(|r| r.decode_errors).unwrap_or(0),
                     reported_loss_pct: peer
                         .and_then(|p| p.reported_loss_percent(now, super::REPORT_FRESH)),
                     frames_concealed: audio

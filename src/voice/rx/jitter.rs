@@ -137,6 +137,10 @@ pub enum Playout<'a> {
         timestamp: u32,
         /// The Opus payload.
         payload: &'a [u8],
+        /// The delay has been too long for a while: play this frame shortened by a pitch
+        /// period if it can be done unheard ([`super::timescale::shorten`]), and tell
+        /// [`JitterBuffer::note_shortened`] by how much.
+        shorten: bool,
     },
     /// The frame at `timestamp` was lost; recover it from the FEC data in the next packet's
     /// payload (which stays buffered and is played normally next).
@@ -211,6 +215,10 @@ pub struct JitterStats {
     pub dropped: u64,
     /// Silent gap frames skipped to shrink the delay.
     pub silence_skipped: u64,
+    /// Frames played shortened by a pitch period to shrink the delay (time-scaling).
+    pub shortened: u64,
+    /// Audio those shortenings took out.
+    pub shortened_by: Duration,
     /// Fraction (0..1) of the last 128 sequence numbers never received.
     pub loss_fraction: f32,
 }
@@ -255,7 +263,8 @@ enum State {
 }
 
 enum Step {
-    Play(usize),
+    /// Play slot `.0`; `.1`: shortened if possible.
+    Play(usize, bool),
     Fec(usize),
     Rebuild(usize),
     Conceal(Option<i64>),
@@ -451,11 +460,12 @@ impl JitterBuffer {
         self.last_pop_ms = Some(now_ms);
         self.stats.buffered = self.buffered();
         match step {
-            Step::Play(i) => {
+            Step::Play(i, shorten) => {
                 let slot = &self.slots[i];
                 Playout::Packet {
                     timestamp: slot.ts as u32,
                     payload: &slot.data,
+                    shorten,
                 }
             }
             Step::Fec(i) => {
@@ -483,6 +493,20 @@ impl JitterBuffer {
             },
             Step::Silence => Playout::Silence,
         }
+    }
+
+    /// The frame just handed out with `shorten` was played `samples` shorter: the next frame
+    /// starts that much earlier, and the delay is that much less.
+    pub fn note_shortened(&mut self, samples: usize) {
+        if samples == 0 {
+            return;
+        }
+        let ms = samples as f64 / SAMPLES_PER_MS;
+        if let Some(clock) = &mut self.clock_ms {
+            *clock -= ms;
+        }
+        self.stats.shortened += 1;
+        self.stats.shortened_by += from_ms(ms);
     }
 
     /// Current counters and estimates.
@@ -692,7 +716,16 @@ impl JitterBuffer {
                     self.over_since_ms = None;
                     now_ms
                 };
-                if over && now_ms - since >= DROP_AFTER_MS && has_successor && !dropped_audio {
+                // An excess that lasts is first taken out by time-scaling: frames played a
+                // pitch period shorter, unheard. Only if that has not got the delay down
+                // after as long again (no frame could be cut: unvoiced and loud throughout,
+                // or a caller that does not time-scale) is a whole frame dropped.
+                let lasting = over && now_ms - since >= DROP_AFTER_MS;
+                if lasting
+                    && now_ms - since >= 2.0 * DROP_AFTER_MS
+                    && has_successor
+                    && !dropped_audio
+                {
                     self.slots[i].used = false;
                     self.advance(ts + frame, Some(seq));
                     self.stats.dropped += 1;
@@ -702,7 +735,7 @@ impl JitterBuffer {
                 self.slots[i].used = false;
                 self.advance(ts + frame, Some(seq));
                 self.note_delay(delay);
-                return Step::Play(i);
+                return Step::Play(i, lasting);
             }
 
             // A gap before the next buffered packet: lost packets or a pause in sending.
@@ -1049,7 +1082,9 @@ mod tests {
             let playout = jb.pop(from_ms(pop_ms));
             let kind = playout.kind();
             let played = match playout {
-                Playout::Packet { timestamp, payload } => {
+                Playout::Packet {
+                    timestamp, payload, ..
+                } => {
                     assert_eq!(
                         payload,
                         payload_for(timestamp),
@@ -1882,7 +1917,9 @@ mod tests {
                     Op::Pop { dt } => {
                         now += u64::from(dt);
                         let ts = match jb.pop(Duration::from_millis(now)) {
-                            Playout::Packet { timestamp, payload } => {
+                            Playout::Packet {
+                    timestamp, payload, ..
+                } => {
                                 prop_assert_eq!(Some(&payload.to_vec()), pushed.get(&timestamp));
                                 Some(timestamp)
                             }

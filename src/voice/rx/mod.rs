@@ -9,5 +9,6 @@ pub mod jitter;
 pub mod loudness;
 pub mod mixer;
 pub mod receiver;
+pub mod timescale;
 
 pub use decoder::OpusDecoder;

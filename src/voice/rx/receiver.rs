@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::decoder::{has_fec, OpusDecoder};
 use super::dred::Redundancy;
 use super::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout, PushOutcome};
+use super::timescale::shorten as shorten_frame;
 use crate::voice::codec::{CodecError, FrameDuration};
 
 /// How the frame returned by [`PeerReceiver::pop_pcm`] was produced.
@@ -73,21 +74,44 @@ impl PeerReceiver {
         self.jitter.push(now, seq, timestamp, payload)
     }
 
-    /// Produces this frame period's audio into `out` (exactly one frame of samples).
+    /// Produces this frame period's audio into `out` (exactly one frame of samples), always a
+    /// whole frame: the jitter buffer then takes excess delay out by dropping frames. A caller
+    /// that can play a shorter frame uses [`Self::pop_scaled`] instead.
     ///
     /// # Panics
     /// If `out.len()` differs from the frame length: that is a wiring bug, not a network event.
     pub fn pop_pcm(&mut self, now: Duration, out: &mut [f32]) -> PlayoutKind {
+        self.pop(now, out, false).0
+    }
+
+    /// Like [`Self::pop_pcm`], but when the jitter buffer wants delay taken out, a voiced or
+    /// quiet frame comes out a pitch period shorter (time-scaling) instead of a frame being
+    /// dropped later. Returns how the frame was made and how many samples of `out` it filled.
+    ///
+    /// # Panics
+    /// If `out.len()` differs from the frame length.
+    pub fn pop_scaled(&mut self, now: Duration, out: &mut [f32]) -> (PlayoutKind, usize) {
+        self.pop(now, out, true)
+    }
+
+    fn pop(&mut self, now: Duration, out: &mut [f32], may_shorten: bool) -> (PlayoutKind, usize) {
         assert_eq!(
             out.len(),
             self.frame.samples(),
             "pop_pcm needs exactly one frame of samples"
         );
+        let mut shorten = false;
         let result = match self.jitter.pop(now) {
-            Playout::Packet { payload, .. } => self
-                .decoder
-                .decode(payload, out)
-                .map(|n| (n, PlayoutKind::Decoded)),
+            Playout::Packet {
+                payload,
+                shorten: wanted,
+                ..
+            } => {
+                shorten = wanted && may_shorten;
+                self.decoder
+                    .decode(payload, out)
+                    .map(|n| (n, PlayoutKind::Decoded))
+            }
             Playout::Fec {
                 timestamp,
                 next_payload,
@@ -130,26 +154,33 @@ impl PeerReceiver {
                 .map(|n| (n, PlayoutKind::Concealed)),
             Playout::Silence => {
                 out.fill(0.0);
-                return PlayoutKind::Silence;
+                return (PlayoutKind::Silence, out.len());
             }
         };
-        match result {
+        let kind = match result {
             Ok((n, kind)) if n == out.len() => kind,
             Ok((n, _)) => {
                 // A packet of another duration: keep what was decoded, pad with silence.
                 self.decode_errors += 1;
                 let len = out.len();
                 out[n.min(len)..].fill(0.0);
-                PlayoutKind::Concealed
+                return (PlayoutKind::Concealed, len);
             }
             Err(_) => {
                 self.decode_errors += 1;
                 if self.decoder.conceal(out).is_err() {
                     out.fill(0.0);
                 }
-                PlayoutKind::Concealed
+                return (PlayoutKind::Concealed, out.len());
+            }
+        };
+        if shorten {
+            if let Some(len) = shorten_frame(out) {
+                self.jitter.note_shortened(out.len() - len);
+                return (kind, len);
             }
         }
+        (kind, out.len())
     }
 
     /// True while a talkspurt is being played; false while waiting for one to start.
@@ -358,6 +389,64 @@ mod tests {
             rebuilt_err < concealed_err * 0.75,
             "rebuilt error {rebuilt_err} is not clearly below concealment's {concealed_err}"
         );
+    }
+
+    /// A talker whose clock runs 3 % fast sends more audio than we play; the excess delay must
+    /// go. Time-scaled (`pop_scaled`, what the engine uses), it goes by shortening voiced
+    /// frames by a pitch period and no frame of speech is dropped; without time-scaling
+    /// (`pop_pcm`) whole frames are dropped.
+    #[test]
+    fn a_fast_talker_clock_is_absorbed_by_shortening_frames_not_dropping_them() {
+        let frame = FrameDuration::Ms20;
+        let n = frame.samples();
+        let mut enc = OpusEncoder::new(frame, DEFAULT_BITRATE_BPS).unwrap();
+        let mut payload = [0u8; MAX_PAYLOAD];
+        let frames = 1000; // 20 s
+        let packets: Vec<Vec<u8>> = (0..frames)
+            .map(|i| {
+                let len = enc.encode(&voiced_frame(i, n), &mut payload).unwrap();
+                payload[..len].to_vec()
+            })
+            .collect();
+        let run = |scaled: bool| {
+            let mut rx = PeerReceiver::new(frame).unwrap();
+            let mut out = vec![0.0f32; n];
+            let (mut next, mut queued) = (0usize, 0usize);
+            // We play 10 ms chunks in real time; frame i arrives at 0.97 * 20 ms * i.
+            for step in 0..(frames as u64 * 2 - 10) {
+                let now_ms = step as f64 * 10.0;
+                while next < frames && next as f64 * 20.0 * 0.97 <= now_ms {
+                    let at = Duration::from_secs_f64(next as f64 * 0.0194);
+                    rx.push(at, next as u32, (next * n) as u32, &packets[next]);
+                    next += 1;
+                }
+                let now = Duration::from_secs_f64(now_ms / 1000.0);
+                while queued < 480 {
+                    queued += if scaled {
+                        rx.pop_scaled(now, &mut out).1
+                    } else {
+                        rx.pop_pcm(now, &mut out);
+                        n
+                    };
+                }
+                queued -= 480;
+            }
+            rx.stats().jitter
+        };
+        let scaled = run(true);
+        assert_eq!(scaled.dropped, 0, "{scaled:?}");
+        assert!(scaled.shortened > 10, "{scaled:?}");
+        // 3 % of 20 s is 600 ms that had to go, and went.
+        let taken = scaled.shortened_by.as_secs_f64();
+        assert!(
+            (0.45..0.75).contains(&taken),
+            "shortened by {taken} s: {scaled:?}"
+        );
+        assert!(scaled.current_delay < scaled.target_delay + Duration::from_millis(40));
+
+        let dropping = run(false);
+        assert!(dropping.dropped > 10, "{dropping:?}");
+        assert_eq!(dropping.shortened, 0);
     }
 
     #[test]

@@ -86,7 +86,19 @@ fn call_keeping_talker(
     secs: f64,
     impair: Option<ImpairConfig>,
 ) -> (Vec<f32>, VoiceSnapshot, VoiceEngine) {
+    call_with(hz, 0.3, secs, impair, |_| {})
+}
+
+/// [`call_keeping_talker`] with the tone's amplitude and a change to the listener B.
+fn call_with(
+    hz: f32,
+    amplitude: f32,
+    secs: f64,
+    impair: Option<ImpairConfig>,
+    listener: impl FnOnce(&mut VoiceEngine),
+) -> (Vec<f32>, VoiceSnapshot, VoiceEngine) {
     let (mut a, mut b) = (engine(1), engine(2));
+    listener(&mut b);
     let now0 = Duration::ZERO;
     a.upsert_peer(now0, &peer(2, 2000, b.public_key()));
     b.upsert_peer(now0, &peer(1, 1000, a.public_key()));
@@ -101,7 +113,7 @@ fn call_keeping_talker(
         let pcm: Vec<f32> = (0..frame)
             .map(|_| {
                 phase = (phase + hz / 48_000.0).fract();
-                0.3 * (phase * std::f32::consts::TAU).sin()
+                amplitude * (phase * std::f32::consts::TAU).sin()
             })
             .collect();
         a.capture(now, &pcm, |to, bytes| {
@@ -161,6 +173,25 @@ fn the_talker_tunes_its_redundancy_to_the_loss_its_listener_reports() {
     assert_eq!(clean.encoder.expected_loss_percent(), 5);
     let reported = clean.snapshot(Duration::from_secs(4)).peers[0].reported_loss_pct;
     assert_eq!(reported, Some(0.0));
+}
+
+/// A quiet talker plays at its own level, or, with loudness normalisation on, near the
+/// common target (−23 dBFS RMS), without touching its per-peer volume.
+#[test]
+fn loudness_normalisation_brings_a_quiet_talker_up_to_the_common_level() {
+    // 0.03 peak: about -33 dBFS RMS, 10 dB under the target.
+    let level = |normalize: bool| {
+        let (out, _, _) = call_with(440.0, 0.03, 5.0, None, |b| {
+            b.apply(Duration::ZERO, VoiceSetting::NormalizeLoudness(normalize));
+        });
+        rms_dbfs(&out[3 * 48_000..])
+    };
+    let (plain, evened) = (level(false), level(true));
+    assert!((plain + 33.0).abs() < 2.0, "as sent: {plain} dBFS");
+    assert!(
+        (evened - crate::voice::rx::loudness::TARGET_DBFS).abs() < 2.0,
+        "normalised: {evened} dBFS"
+    );
 }
 
 /// A Report is taken only from the peer it names, only when addressed to us, and only when

@@ -1,14 +1,16 @@
 //! Mixes the decoded frames of all peers into the one frame sent to the speakers.
 //!
-//! Each peer has a gain (0..2) and can be muted locally; deafen silences the whole output. The
+//! Each peer has a gain (the listener's volume, 0..2, times loudness normalisation, up to 4)
+//! and can be muted locally; deafen silences the whole output. The
 //! sum goes through a soft limiter: samples up to -6 dBFS pass unchanged, louder ones are bent
 //! smoothly towards full scale so the output never leaves [-1, 1] and never wraps or clicks the
 //! way a hard clip does. The mixing buffer is allocated once, at construction.
 
 use crate::voice::codec::FrameDuration;
 
-/// Largest per-peer gain (+6 dB).
-pub const MAX_GAIN: f32 = 2.0;
+/// Largest gain a peer's frame is mixed with (+18 dB): the listener's volume (up to 2, +6 dB)
+/// times loudness normalisation (up to 4, +12 dB; `voice::rx::loudness`).
+pub const MAX_GAIN: f32 = 8.0;
 
 /// Level below which the limiter leaves samples untouched: 0.5, about -6 dBFS.
 pub const LIMITER_KNEE: f32 = 0.5;
@@ -156,11 +158,11 @@ mod tests {
     }
 
     #[test]
-    fn gain_scales_and_is_clamped_to_two() {
-        let a = [0.1f32; 4];
+    fn gain_scales_and_is_clamped_to_eight() {
+        let a = [0.01f32; 4];
         let mut mixer = Mixer::with_frame_samples(4);
-        assert!((mixer.mix([input(&a, 0.5)])[0] - 0.05).abs() < 1e-6);
-        assert!((mixer.mix([input(&a, 10.0)])[0] - 0.2).abs() < 1e-6);
+        assert!((mixer.mix([input(&a, 0.5)])[0] - 0.005).abs() < 1e-6);
+        assert!((mixer.mix([input(&a, 20.0)])[0] - 0.08).abs() < 1e-6);
         assert_eq!(mixer.mix([input(&a, -1.0)])[0], 0.0);
         assert_eq!(mixer.mix([input(&a, f32::NAN)])[0], 0.0);
     }

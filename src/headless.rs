@@ -271,6 +271,7 @@ pub fn summary_json(
             "frames_fec": p.frames_fec,
             "frames_rebuilt": p.frames_rebuilt,
             "frames_shortened": p.frames_shortened,
+            "packets_lost": p.packets_lost,
             "decode_errors": p.decode_errors,
             "reported_loss_pct": p.reported_loss_pct,
             "frames_concealed": p.frames_concealed,

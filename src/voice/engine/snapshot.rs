@@ -96,6 +96,8 @@ pub struct PeerSnapshot {
     pub frames_rebuilt: u64,
     /// Frames played a pitch period shorter to take out excess delay (time-scaling).
     pub frames_shortened: u64,
+    /// This peer's packets that never arrived (sequence gaps), over the whole call.
+    pub packets_lost: u64,
     /// Payloads the decoder refused or that held another frame length (concealed instead).
     pub decode_errors: u64,
     /// The share of our voice this peer last reported losing, in per cent (`None` before its
@@ -217,6 +219,7 @@ impl VoiceEngine {
                     frames_fec: audio.map(|a| a.fec).unwrap_or(0),
                     frames_rebuilt: audio.map(|a| a.rebuilt).unwrap_or(0),
                     frames_shortened: rx.map(|r| r.jitter.shortened).unwrap_or(0),
+                    packets_lost: rx.map(|r| r.jitter.lost).unwrap_or(0),
                     decode_errors: rx.map(|r| r.decode_errors).unwrap_or(0),
                     reported_loss_pct: peer
                         .and_then(|p| p.reported_loss_percent(now, super::REPORT_FRESH)),

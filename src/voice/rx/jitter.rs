@@ -437,10 +437,31 @@ impl JitterBuffer {
             self.stats.late += 1;
             return PushOutcome::TooLate;
         }
-        let Some(slot) = self.slots.iter_mut().find(|s| !s.used) else {
-            self.stats.rejected += 1;
-            return PushOutcome::Overflow;
+        let free = match self.slots.iter().position(|s| !s.used) {
+            Some(i) => i,
+            // Full before a talkspurt has started: a receiver that was held up (its audio
+            // devices opening at start) finds a second or more of audio at once. The talkspurt
+            // will start at the newest frames that fit the delay budget anyway, so the oldest
+            // make room, as pre-roll beyond the budget. Rejecting the newest instead left a
+            // hole of 25 frames, concealed half a second into the call (tests/audio_devices.rs).
+            None if self.state == State::Idle => {
+                let oldest = self
+                    .earliest(i64::MIN)
+                    .expect("a full buffer holds packets");
+                if self.slots[oldest].ts > ts {
+                    self.stats.rejected += 1;
+                    return PushOutcome::Overflow;
+                }
+                self.slots[oldest].used = false;
+                self.stats.preroll_skipped += 1;
+                oldest
+            }
+            None => {
+                self.stats.rejected += 1;
+                return PushOutcome::Overflow;
+            }
         };
+        let slot = &mut self.slots[free];
         slot.used = true;
         slot.ts = ts;
         slot.seq = seq_ext;
@@ -1816,11 +1837,62 @@ mod tests {
             jb.push(Duration::ZERO, 1, FRAME, b"x"),
             PushOutcome::Accepted
         );
+        // Full while playing: the newest is refused.
+        assert!(matches!(jb.pop(from_ms(40.0)), Playout::Packet { .. }));
+        assert!(jb.is_playing());
+        for seq in 2..4 {
+            let at = from_ms(40.0 + f64::from(seq));
+            assert_eq!(jb.push(at, seq, seq * FRAME, b"x"), PushOutcome::Accepted);
+        }
         assert_eq!(
-            jb.push(Duration::ZERO, 2, 2 * FRAME, b"x"),
+            jb.push(from_ms(45.0), 4, 4 * FRAME, b"x"),
             PushOutcome::Overflow
         );
         assert_eq!(jb.stats().rejected, 3);
+    }
+
+    /// A receiver held up at start (its devices opening) finds 1.8 s of audio at once, more
+    /// than the buffer holds: the oldest make room (they would be skipped as pre-roll anyway),
+    /// so the stream has no hole and nothing is concealed later. Rejecting the newest left a
+    /// hole of 25 frames half a second into the call.
+    #[test]
+    fn a_backlog_larger_than_the_buffer_at_start_leaves_no_hole() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let mut kinds = std::collections::BTreeMap::new();
+        let (mut next, mut queued) = (0u32, 0usize);
+        let arrival = |i: u32| {
+            if i < 90 {
+                1_800.0
+            } else {
+                f64::from(i) * 20.0 + 1.0
+            }
+        };
+        let mut t = 0.0;
+        while t < 6_000.0 {
+            while next < 290 && arrival(next) <= t {
+                assert_ne!(
+                    jb.push(from_ms(t), next, next * FRAME, b"x"),
+                    PushOutcome::Overflow
+                );
+                next += 1;
+            }
+            // The engine's cadence: a frame whenever its 10 ms chunk queue runs low.
+            if t >= 1_800.0 {
+                while queued < 480 {
+                    queued += 960;
+                    *kinds.entry(jb.pop(from_ms(t)).kind()).or_insert(0) += 1;
+                }
+                queued -= 480;
+            }
+            t += 10.0;
+        }
+        let s = jb.stats();
+        assert_eq!(
+            (s.rejected, s.concealed, s.stretched),
+            (0, 0, 0),
+            "{kinds:?} {s:?}"
+        );
+        assert!(s.preroll_skipped >= 26, "{s:?}");
     }
 
     #[test]

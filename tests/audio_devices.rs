@@ -312,9 +312,9 @@ fn read_f32le(path: &std::path::Path) -> Vec<f32> {
 /// null sink, whose monitor we record. Asserts what a user would notice: the native host was
 /// used, no stream restarted and no device failed or reported errors, and the device path
 /// adds no gap in either direction: every 20 ms dip in a tone must lie on one of the frames the
-/// receiving jitter buffer reports it concealed or dropped. And the speaker running slow (this
-/// VM's null sink does, by a few per cent) costs no dropped frame: time-scaling takes the
-/// delay out.
+/// receiving jitter buffer reports it concealed or dropped. And the device member drops no
+/// frame of what it hears: not at the start, when a backlog waits while its devices open, nor
+/// later, when excess delay is taken out by time-scaling.
 #[test]
 fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     let _pulse = match PulseGuard::ensure() {
@@ -432,10 +432,9 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     }
     let audio = &summary["audio"];
     println!("device member's audio path: {audio:#}");
-    // A speaker that takes audio slower than real time (this VM's null sink runs 5-7 % slow)
-    // makes the receiver's delay grow; time-scaling takes it out a pitch period at a time.
-    // Before it, the receiver dropped whole frames (about 25 in these 30 s, 90 with the
-    // old playout clock): audible skips.
+    // Before session 8 the device member refused a backlog that overflowed its jitter buffer
+    // while its devices opened, concealed the hole and dropped about 25 frames to get rid of
+    // the delay it left: audible skips at the start of every call on devices.
     let heard = common::peer_named(summary, "tone").expect("device member hears the tone");
     assert_eq!(
         heard["frames_dropped"], 0,

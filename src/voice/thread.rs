@@ -135,6 +135,18 @@ impl Default for VoiceThreadConfig {
 
 impl VoiceThread {
     pub fn spawn(cfg: VoiceThreadConfig) -> Result<Self, VoiceError> {
+        let poll = mio::Poll::new().map_err(VoiceError::Poll)?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE).map_err(VoiceError::Poll)?);
+        let ring_waker = Arc::clone(&waker);
+        let mut audio_cfg = cfg.audio.clone();
+        audio_cfg.ring_wake = Some(RingWake(Arc::new(move || {
+            let _ = ring_waker.wake();
+        })));
+        // The devices open first (PulseAudio takes up to two seconds), then the socket: bound
+        // before, it collected every peer's voice of that time, which the jitter buffer then
+        // got all at once.
+        let mut audio = AudioIo::start(&cfg.input, &cfg.output, audio_cfg)?;
+        let audio_started = std::time::SystemTime::now();
         // `[::]` takes IPv6 and IPv4 (Linux's default); without IPv6 on the machine, IPv4.
         let socket = match UdpSocket::bind(cfg.bind) {
             Err(_) if cfg.bind.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => UdpSocket::bind(
@@ -146,18 +158,9 @@ impl VoiceThread {
         socket.set_nonblocking(true).map_err(VoiceError::Socket)?;
         let local_addr = socket.local_addr().map_err(VoiceError::Socket)?;
         let mut socket = mio::net::UdpSocket::from_std(socket);
-        let poll = mio::Poll::new().map_err(VoiceError::Poll)?;
         poll.registry()
             .register(&mut socket, SOCKET, mio::Interest::READABLE)
             .map_err(VoiceError::Poll)?;
-        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE).map_err(VoiceError::Poll)?);
-        let ring_waker = Arc::clone(&waker);
-        let mut audio_cfg = cfg.audio.clone();
-        audio_cfg.ring_wake = Some(RingWake(Arc::new(move || {
-            let _ = ring_waker.wake();
-        })));
-        let mut audio = AudioIo::start(&cfg.input, &cfg.output, audio_cfg)?;
-        let audio_started = std::time::SystemTime::now();
         let seed = rand::random::<u64>();
         let engine = VoiceEngine::new(cfg.voice.clone(), seed)?;
         let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(256);

@@ -62,7 +62,8 @@ fn speech_or_voiced() -> Vec<f32> {
         .unwrap_or_else(|| voiced(50))
 }
 
-/// Packets of `input` at 32 kb/s with 30 % expected loss: FEC and deep redundancy both in.
+/// Packets of `input` at `bitrate` for `loss_percent` expected loss, DTX frames left out
+/// (32 kb/s and 30 % put FEC and deep redundancy both in).
 fn packets(input: &[f32], bitrate: u32, loss_percent: u8) -> Vec<Vec<u8>> {
     let mut enc = OpusEncoder::new(FrameDuration::Ms20, bitrate).unwrap();
     enc.set_expected_loss_percent(loss_percent).unwrap();

@@ -518,21 +518,12 @@ impl VoiceEngine {
                     continue;
                 };
                 // Relayed voice is sealed in place behind its envelope header.
-                let (addr, at) = match route {
-                    Route::Direct(addr) => (Some(addr), 0),
-                    Route::Relayed(via) => {
-                        let addr = match via {
-                            Via::Member(m) => table.member_addr(m),
-                            Via::Server => self.registration.server_addr(),
-                        };
-                        let header = relay_header(DatagramKind::RelayTo, peer);
-                        self.sealed[..RELAY_HEADER_LEN].copy_from_slice(&header);
-                        (addr, RELAY_HEADER_LEN)
-                    }
-                };
-                let Some(addr) = addr else {
+                let (Some(addr), at) = route_target(table, &self.registration, route) else {
                     continue;
                 };
+                if at > 0 {
+                    self.sealed[..at].copy_from_slice(&relay_header(DatagramKind::RelayTo, peer));
+                }
                 let Ok(sealed) = cipher.seal_datagram(
                     seq,
                     timestamp,
@@ -621,17 +612,7 @@ impl VoiceEngine {
                 to: peer_id,
                 report,
             };
-            let (addr, at) = match route {
-                Route::Direct(addr) => (Some(addr), 0),
-                Route::Relayed(via) => (
-                    match via {
-                        Via::Member(m) => table.member_addr(m),
-                        Via::Server => self.registration.server_addr(),
-                    },
-                    RELAY_HEADER_LEN,
-                ),
-            };
-            let Some(addr) = addr else {
+            let (Some(addr), at) = route_target(table, &self.registration, route) else {
                 continue;
             };
             let mut fixed = [0u8; PEER_CONTROL_LEN];
@@ -712,13 +693,11 @@ impl VoiceEngine {
             // A relayed datagram is written behind its envelope header.
             let (datagram, to, at) = match out {
                 Outgoing::Direct(t) => (t.datagram, Some(t.to), 0),
-                Outgoing::Relayed(t) => {
-                    let to = match t.via {
-                        Via::Member(m) => table.member_addr(m),
-                        Via::Server => self.registration.server_addr(),
-                    };
-                    (t.datagram, to, RELAY_HEADER_LEN)
-                }
+                Outgoing::Relayed(t) => (
+                    t.datagram,
+                    relay_addr(table, &self.registration, t.via),
+                    RELAY_HEADER_LEN,
+                ),
             };
             let Some(to) = to else {
                 continue;
@@ -833,6 +812,27 @@ impl Gate<'_> {
             // Relay envelopes were handled before; anything else is not a peer's.
             Received::Plain(datagram) => Some(datagram),
         }
+    }
+}
+
+/// The address of relay `via`: a member's, or the server's.
+fn relay_addr(table: &PeerTable, registration: &Registration, via: Via) -> Option<SocketAddr> {
+    match via {
+        Via::Member(m) => table.member_addr(m),
+        Via::Server => registration.server_addr(),
+    }
+}
+
+/// Where a datagram for a peer on `route` goes, and where the peer datagram starts in it:
+/// after the envelope header when it goes through a relay.
+fn route_target(
+    table: &PeerTable,
+    registration: &Registration,
+    route: Route,
+) -> (Option<SocketAddr>, usize) {
+    match route {
+        Route::Direct(addr) => (Some(addr), 0),
+        Route::Relayed(via) => (relay_addr(table, registration, via), RELAY_HEADER_LEN),
     }
 }
 

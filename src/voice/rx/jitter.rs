@@ -147,6 +147,8 @@ pub enum Playout<'a> {
     Fec {
         /// Timestamp of the lost frame being recovered.
         timestamp: u32,
+        /// Timestamp of the following packet (where its DRED would be counted from).
+        next_timestamp: u32,
         /// Payload of the following packet.
         next_payload: &'a [u8],
     },
@@ -207,7 +209,8 @@ pub struct JitterStats {
     /// Pre-roll frames a talkspurt opened with that did not fit the delay budget and were
     /// skipped (see `decide`); not counted in `dropped`.
     pub preroll_skipped: u64,
-    /// Frames recovered from FEC.
+    /// Lost frames handed out for recovery from the next packet (FEC, or its DRED when it
+    /// carries no FEC); the receiver's `PlayoutKind` says what each became.
     pub fec_recovered: u64,
     /// Frames inserted to grow the delay.
     pub stretched: u64,
@@ -495,6 +498,7 @@ impl JitterBuffer {
                 };
                 Playout::Fec {
                     timestamp: (next_ts - self.frame_ts) as u32,
+                    next_timestamp: self.slots[i].ts as u32,
                     next_payload: &self.slots[i].data,
                 }
             }
@@ -1115,9 +1119,11 @@ mod tests {
                 }
                 Playout::Fec {
                     timestamp,
+                    next_timestamp,
                     next_payload,
                 } => {
                     let next_ts = u32::from_le_bytes(next_payload.try_into().unwrap());
+                    assert_eq!(next_ts, next_timestamp, "payload matches its timestamp");
                     assert!(next_ts > timestamp && next_ts < timestamp + 2 * FRAME);
                     Some(timestamp)
                 }
@@ -1805,6 +1811,7 @@ mod tests {
             jb.pop(from_ms(60.0)),
             Playout::Fec {
                 timestamp: 1920,
+                next_timestamp: 2880,
                 next_payload: b"d"
             }
         ));

@@ -114,6 +114,7 @@ impl PeerReceiver {
             }
             Playout::Fec {
                 timestamp,
+                next_timestamp,
                 next_payload,
             } => {
                 // The next packet's FEC when it has some; its DRED when not (a packet coded
@@ -123,12 +124,11 @@ impl PeerReceiver {
                         .decode_fec(next_payload, out)
                         .map(|n| (n, PlayoutKind::Fec))
                 } else {
-                    let later_timestamp = timestamp.wrapping_add(out.len() as u32);
-                    let offset = out.len();
+                    let offset = next_timestamp.wrapping_sub(timestamp) as usize;
                     rebuild(
                         &mut self.decoder,
                         &mut self.redundancy,
-                        (later_timestamp, next_payload),
+                        (next_timestamp, next_payload),
                         offset,
                         out,
                     )
@@ -243,19 +243,28 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn lossy_stream_is_decoded_recovered_and_concealed_like_a_direct_decoder() {
-        let frame = FrameDuration::Ms20;
-        let n = frame.samples();
-        let mut enc = OpusEncoder::new(frame, DEFAULT_BITRATE_BPS).unwrap();
-        enc.set_expected_loss_percent(20).unwrap();
+    /// `frames` 20 ms packets of the voiced signal at `bitrate`, encoded for `loss_percent`
+    /// expected loss (`None`: the encoder's starting hint).
+    fn voiced_packets(frames: usize, bitrate: u32, loss_percent: Option<u8>) -> Vec<Vec<u8>> {
+        let n = FrameDuration::Ms20.samples();
+        let mut enc = OpusEncoder::new(FrameDuration::Ms20, bitrate).unwrap();
+        if let Some(loss) = loss_percent {
+            enc.set_expected_loss_percent(loss).unwrap();
+        }
         let mut payload = [0u8; MAX_PAYLOAD];
-        let packets: Vec<Vec<u8>> = (0..100)
+        (0..frames)
             .map(|i| {
                 let len = enc.encode(&voiced_frame(i, n), &mut payload).unwrap();
                 payload[..len].to_vec()
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn lossy_stream_is_decoded_recovered_and_concealed_like_a_direct_decoder() {
+        let frame = FrameDuration::Ms20;
+        let n = frame.samples();
+        let packets = voiced_packets(100, DEFAULT_BITRATE_BPS, Some(20));
         // Every 10th packet is lost; a single loss is recoverable from the next packet's FEC.
         let lost = |i: usize| i % 10 == 5;
 
@@ -324,15 +333,7 @@ mod tests {
         let frame = FrameDuration::Ms20;
         let n = frame.samples();
         // 32 kb/s and 30 % expected loss: enough bits for libopus to add DRED next to FEC.
-        let mut enc = OpusEncoder::new(frame, 32_000).unwrap();
-        enc.set_expected_loss_percent(30).unwrap();
-        let mut payload = [0u8; MAX_PAYLOAD];
-        let packets: Vec<Vec<u8>> = (0..80)
-            .map(|i| {
-                let len = enc.encode(&voiced_frame(i, n), &mut payload).unwrap();
-                payload[..len].to_vec()
-            })
-            .collect();
+        let packets = voiced_packets(80, 32_000, Some(30));
         let burst = 50..53;
         let cfg = JitterConfig {
             min_delay: Duration::from_millis(90),
@@ -399,15 +400,8 @@ mod tests {
     fn a_fast_talker_clock_is_absorbed_by_shortening_frames_not_dropping_them() {
         let frame = FrameDuration::Ms20;
         let n = frame.samples();
-        let mut enc = OpusEncoder::new(frame, DEFAULT_BITRATE_BPS).unwrap();
-        let mut payload = [0u8; MAX_PAYLOAD];
         let frames = 1000; // 20 s
-        let packets: Vec<Vec<u8>> = (0..frames)
-            .map(|i| {
-                let len = enc.encode(&voiced_frame(i, n), &mut payload).unwrap();
-                payload[..len].to_vec()
-            })
-            .collect();
+        let packets = voiced_packets(frames, DEFAULT_BITRATE_BPS, None);
         let run = |scaled: bool| {
             let mut rx = PeerReceiver::new(frame).unwrap();
             let mut out = vec![0.0f32; n];

@@ -142,6 +142,9 @@ pub struct ClientSettings {
     pub output_device: Option<String>,
     pub noise_suppression: Option<bool>,
     pub normalize_loudness: Option<bool>,
+    pub echo_cancellation: Option<bool>,
+    pub gain_control: Option<bool>,
+    pub high_pass: Option<bool>,
     pub push_to_talk: Option<bool>,
     /// Push-to-talk key, an egui key name such as "Space", "F5" or "T".
     pub ptt_key: Option<String>,

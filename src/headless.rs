@@ -323,6 +323,14 @@ pub fn summary_json(
             "stream_restarts": snap.audio.stream_restarts,
             "devices_lost": snap.audio.devices_lost,
         },
+        "capture": {
+            "noise_suppression": snap.noise_suppression,
+            "echo_cancellation": snap.processing.echo_cancel,
+            "gain_control": snap.processing.gain_control,
+            "high_pass": snap.processing.high_pass,
+            "echo_erle_db": snap.echo.map(|e| e.erle_db),
+            "echo_delay_ms": snap.echo.map(|e| e.delay_ms),
+        },
     })
 }
 

@@ -14,6 +14,7 @@ use p2p_voice::server::relay::DEFAULT_RELAY_KBPS;
 use p2p_voice::server::{RelayRules, ServerConfig, ServerRules};
 use p2p_voice::voice::codec::FrameDuration;
 use p2p_voice::voice::net::impair::ImpairConfig;
+use p2p_voice::voice::tx::ProcessingConfig;
 use p2p_voice::voice::{VoiceConfig, VoiceSetting, VoiceThreadConfig};
 
 #[derive(Parser)]
@@ -68,6 +69,58 @@ struct HostArgs {
     /// what was last chosen in the window (off at first).
     #[arg(long, value_name = "on|off")]
     normalize_loudness: Option<OnOff>,
+    #[command(flatten)]
+    capture: CaptureFlags,
+}
+
+/// The capture chain's stages, each switchable. When a flag is absent: on for a microphone
+/// (in the window, what was last chosen there), off for WAV and tone inputs.
+#[derive(Args, Clone, Default)]
+struct CaptureFlags {
+    /// Noise suppression (RNNoise).
+    #[arg(long, value_name = "on|off")]
+    noise_suppression: Option<OnOff>,
+    /// Echo cancellation: take what the speaker plays out of the microphone (WebRTC AEC3).
+    #[arg(long, value_name = "on|off")]
+    echo_cancellation: Option<OnOff>,
+    /// Automatic gain control: bring the microphone to a steady level (WebRTC AGC2).
+    #[arg(long, value_name = "on|off")]
+    gain_control: Option<OnOff>,
+    /// High-pass filter: take rumble and hum below about 80 Hz out of the microphone.
+    #[arg(long, value_name = "on|off")]
+    high_pass: Option<OnOff>,
+}
+
+impl CaptureFlags {
+    /// Noise suppression, `default` when not given.
+    fn denoise(&self, default: bool) -> bool {
+        self.noise_suppression.map_or(default, |v| v == OnOff::On)
+    }
+
+    /// The WebRTC stages, each from its flag or `default`.
+    fn processing(&self, default: ProcessingConfig) -> ProcessingConfig {
+        let pick = |flag: Option<OnOff>, default: bool| flag.map_or(default, |v| v == OnOff::On);
+        ProcessingConfig {
+            echo_cancel: pick(self.echo_cancellation, default.echo_cancel),
+            gain_control: pick(self.gain_control, default.gain_control),
+            high_pass: pick(self.high_pass, default.high_pass),
+        }
+    }
+
+    /// The stages given explicitly, as settings that win over what the window remembers.
+    fn choices(&self) -> impl Iterator<Item = VoiceSetting> {
+        let on = |v: OnOff| v == OnOff::On;
+        [
+            self.noise_suppression
+                .map(|v| VoiceSetting::NoiseSuppression(on(v))),
+            self.echo_cancellation
+                .map(|v| VoiceSetting::EchoCancellation(on(v))),
+            self.gain_control.map(|v| VoiceSetting::GainControl(on(v))),
+            self.high_pass.map(|v| VoiceSetting::HighPass(on(v))),
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// What `--audio-host` takes (the names depend on the platform; `devices` prints the one used).
@@ -149,9 +202,8 @@ struct ClientArgs {
     /// Opus bitrate in bits per second.
     #[arg(long, default_value_t = 24_000, value_parser = clap::value_parser!(u32).range(6_000..=128_000))]
     bitrate: u32,
-    /// Noise suppression: on by default for microphones, off for WAV/tone inputs.
-    #[arg(long, value_name = "on|off")]
-    noise_suppression: Option<OnOff>,
+    #[command(flatten)]
+    capture: CaptureFlags,
     /// Bring every speaker to the same loudness (before each one's own volume): off by
     /// default headless; in the window, what was last chosen there.
     #[arg(long, value_name = "on|off")]
@@ -230,7 +282,7 @@ fn parse_frame_ms(s: &str) -> Result<u32, String> {
 fn voice_config(
     frame_ms: u32,
     bitrate: u32,
-    denoise: bool,
+    (denoise, processing): (bool, ProcessingConfig),
     input: InputSource,
     output: OutputSink,
 ) -> VoiceThreadConfig {
@@ -242,6 +294,7 @@ fn voice_config(
     let mut voice = VoiceConfig::for_frame(frame);
     voice.bitrate_bps = bitrate;
     voice.capture.denoise = denoise;
+    voice.capture.processing = processing;
     VoiceThreadConfig {
         voice,
         input,
@@ -273,6 +326,7 @@ fn run() -> anyhow::Result<ExitCode> {
         relay_kbps: DEFAULT_RELAY_KBPS,
         audio_host: AudioHost::Auto,
         normalize_loudness: None,
+        capture: CaptureFlags::default(),
     }));
     match mode {
         Mode::Server(a) => {
@@ -309,13 +363,17 @@ fn run() -> anyhow::Result<ExitCode> {
                 .normalize_loudness
                 .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On))
                 .into_iter()
+                .chain(a.capture.choices())
                 .collect();
+            let mut voice = VoiceThreadConfig::default();
+            voice.voice.capture.denoise = a.capture.denoise(true);
+            voice.voice.capture.processing = a.capture.processing(ProcessingConfig::ALL);
             Ok(app::run_desktop(
                 Some(cfg),
                 a.username,
                 None,
                 None,
-                with_audio_host(VoiceThreadConfig::default(), a.audio_host),
+                with_audio_host(voice, a.audio_host),
                 choices,
                 false,
             )?)
@@ -344,10 +402,16 @@ fn run() -> anyhow::Result<ExitCode> {
                     }
                     None => OutputSink::Null,
                 };
-                let denoise = match a.noise_suppression {
-                    Some(OnOff::On) => true,
-                    Some(OnOff::Off) => false,
-                    None => !file_input,
+                let stages = if file_input {
+                    (
+                        a.capture.denoise(false),
+                        a.capture.processing(ProcessingConfig::NONE),
+                    )
+                } else {
+                    (
+                        a.capture.denoise(true),
+                        a.capture.processing(ProcessingConfig::ALL),
+                    )
                 };
                 let opts = HeadlessOptions {
                     server: a
@@ -363,7 +427,7 @@ fn run() -> anyhow::Result<ExitCode> {
                         {
                             let mut voice = VoiceThreadConfig {
                                 impair: a.impair.clone(),
-                                ..voice_config(a.frame_ms, a.bitrate, denoise, input, output)
+                                ..voice_config(a.frame_ms, a.bitrate, stages, input, output)
                             };
                             voice.voice.normalize_loudness =
                                 a.normalize_loudness == Some(OnOff::On);
@@ -382,14 +446,17 @@ fn run() -> anyhow::Result<ExitCode> {
                     "no display found (DISPLAY/WAYLAND_DISPLAY unset); use `p2p-voice client --headless` to run without a window"
                 );
             }
-            let denoise = !matches!(a.noise_suppression, Some(OnOff::Off));
+            let stages = (
+                a.capture.denoise(true),
+                a.capture.processing(ProcessingConfig::ALL),
+            );
             let voice = with_audio_host(
                 VoiceThreadConfig {
                     impair: a.impair.clone(),
                     ..voice_config(
                         a.frame_ms,
                         a.bitrate,
-                        denoise,
+                        stages,
                         InputSource::Device(a.input_device.clone()),
                         OutputSink::Device(a.output_device.clone()),
                     )
@@ -398,15 +465,12 @@ fn run() -> anyhow::Result<ExitCode> {
             );
             let join = a.channel.map(|c| (c, a.password));
             // What the command line says explicitly wins over what the window remembers.
-            let choices = [
-                a.noise_suppression
-                    .map(|v| VoiceSetting::NoiseSuppression(v == OnOff::On)),
-                a.normalize_loudness
-                    .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On)),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
+            let choices = a
+                .normalize_loudness
+                .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On))
+                .into_iter()
+                .chain(a.capture.choices())
+                .collect();
             Ok(app::run_desktop(
                 None,
                 a.username,

@@ -216,6 +216,7 @@ impl SimClient {
     pub fn new(username: &str, local: SocketAddr, server: SocketAddr, seed: u64) -> Self {
         let mut cfg = VoiceConfig::default();
         cfg.capture.denoise = false;
+        cfg.capture.processing = crate::voice::tx::ProcessingConfig::NONE;
         let mut engine = VoiceEngine::new(cfg, seed).expect("Opus encoder for 48 kHz mono");
         let mut secret = [0u8; 32];
         let mut s = seed;

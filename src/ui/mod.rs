@@ -88,6 +88,9 @@ impl Plugin for UiPlugin {
                 .unwrap_or_else(|| "Space".into()),
             noise_suppression: settings.noise_suppression.unwrap_or(true),
             normalize_loudness: settings.normalize_loudness.unwrap_or(false),
+            echo_cancellation: settings.echo_cancellation.unwrap_or(true),
+            gain_control: settings.gain_control.unwrap_or(true),
+            high_pass: settings.high_pass.unwrap_or(true),
             ptt_enabled: settings.push_to_talk.unwrap_or(false),
             input_devices: o.input_devices.clone(),
             output_devices: o.output_devices.clone(),
@@ -139,7 +142,7 @@ fn setup_camera(
 }
 
 /// The voice plane starts with what the controls show: the remembered settings (push-to-talk,
-/// noise suppression, loudness), overridden by the command line. Before this the window showed
+/// the capture chain's stages, loudness), overridden by the command line. Before this the window showed
 /// a remembered "push-to-talk" or "noise suppression off" that the voice thread did not know.
 fn start_with_shown_settings(state: Res<UiState>, mut voice: EventWriter<VoiceCommand>) {
     let c = &state.controls;
@@ -147,6 +150,9 @@ fn start_with_shown_settings(state: Res<UiState>, mut voice: EventWriter<VoiceCo
         VoiceSetting::PushToTalk(c.ptt_enabled),
         VoiceSetting::NoiseSuppression(c.noise_suppression),
         VoiceSetting::NormalizeLoudness(c.normalize_loudness),
+        VoiceSetting::EchoCancellation(c.echo_cancellation),
+        VoiceSetting::GainControl(c.gain_control),
+        VoiceSetting::HighPass(c.high_pass),
     ] {
         voice.write(VoiceCommand::Setting(setting));
     }
@@ -429,6 +435,7 @@ fn mirror_voice(state: &mut UiState, voice: &Voice) {
     let snap = &voice.last;
     state.controls.input_level_db = snap.input_level_db;
     state.controls.vad_threshold_db = snap.vad_threshold_db;
+    state.controls.echo = snap.echo.map(|e| (e.erle_db, e.delay_ms));
     state.controls.speaking = snap.transmitting && !snap.muted;
     state
         .mix

@@ -22,6 +22,9 @@ pub enum SettingsChange {
     PushToTalk(bool),
     NoiseSuppression(bool),
     NormalizeLoudness(bool),
+    EchoCancellation(bool),
+    GainControl(bool),
+    HighPass(bool),
     InputDevice(String),
     OutputDevice(String),
 }
@@ -34,6 +37,9 @@ impl SettingsChange {
             VoiceSetting::PushToTalk(on) => Some(Self::PushToTalk(on)),
             VoiceSetting::NoiseSuppression(on) => Some(Self::NoiseSuppression(on)),
             VoiceSetting::NormalizeLoudness(on) => Some(Self::NormalizeLoudness(on)),
+            VoiceSetting::EchoCancellation(on) => Some(Self::EchoCancellation(on)),
+            VoiceSetting::GainControl(on) => Some(Self::GainControl(on)),
+            VoiceSetting::HighPass(on) => Some(Self::HighPass(on)),
             _ => None,
         }
     }
@@ -47,6 +53,9 @@ impl SettingsChange {
             Self::PushToTalk(on) => s.push_to_talk = Some(on),
             Self::NoiseSuppression(on) => s.noise_suppression = Some(on),
             Self::NormalizeLoudness(on) => s.normalize_loudness = Some(on),
+            Self::EchoCancellation(on) => s.echo_cancellation = Some(on),
+            Self::GainControl(on) => s.gain_control = Some(on),
+            Self::HighPass(on) => s.high_pass = Some(on),
             Self::InputDevice(name) => s.input_device = Some(name),
             Self::OutputDevice(name) => s.output_device = Some(name),
         }

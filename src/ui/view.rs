@@ -214,6 +214,14 @@ pub struct ControlsView {
     pub noise_suppression: bool,
     /// Every speaker brought to the same loudness.
     pub normalize_loudness: bool,
+    /// Echo cancellation on the capture chain.
+    pub echo_cancellation: bool,
+    /// Automatic gain control on the capture chain.
+    pub gain_control: bool,
+    /// High-pass filter on the capture chain.
+    pub high_pass: bool,
+    /// What the echo canceller reports: echo taken out (dB) and the delay it found (ms).
+    pub echo: Option<(f32, i32)>,
     /// Names of the available input devices.
     pub input_devices: Vec<String>,
     /// Names of the available output devices.
@@ -240,6 +248,9 @@ impl ControlsView {
             VoiceSetting::PushToTalk(on) => self.ptt_enabled = on,
             VoiceSetting::NoiseSuppression(on) => self.noise_suppression = on,
             VoiceSetting::NormalizeLoudness(on) => self.normalize_loudness = on,
+            VoiceSetting::EchoCancellation(on) => self.echo_cancellation = on,
+            VoiceSetting::GainControl(on) => self.gain_control = on,
+            VoiceSetting::HighPass(on) => self.high_pass = on,
             // The threshold and the peers' settings are drawn from the voice snapshot and
             // the user entities; the key press has no lasting state.
             VoiceSetting::VadThreshold(_)

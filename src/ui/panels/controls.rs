@@ -48,10 +48,7 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
     {
         actions.push(UiAction::Voice(VoiceSetting::PushToTalk(ptt)));
     }
-    let mut suppression = view.noise_suppression;
-    if ui.checkbox(&mut suppression, "Noise suppression").changed() {
-        actions.push(UiAction::Voice(VoiceSetting::NoiseSuppression(suppression)));
-    }
+    microphone_processing(ui, view, &mut actions);
     let mut even = view.normalize_loudness;
     if ui
         .checkbox(&mut even, "Even out speakers' loudness")
@@ -106,6 +103,54 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
         actions.push(UiAction::Voice(VoiceSetting::VadThreshold(threshold)));
     }
     actions
+}
+
+/// One capture stage's checkbox: whether it is on, its label, its hover text, its setting.
+type Stage<'a> = (bool, &'a str, &'a str, fn(bool) -> VoiceSetting);
+
+/// The capture chain's stages, in the order they run, each with a checkbox.
+fn microphone_processing(ui: &mut egui::Ui, view: &ControlsView, actions: &mut Vec<UiAction>) {
+    let echo_hint = match view.echo {
+        Some((erle, delay)) if view.echo_cancellation => format!(
+            "Takes what your speaker plays out of your microphone, so others don't hear \
+             themselves (now: {erle:.0} dB less echo, delay {delay} ms)"
+        ),
+        _ => "Takes what your speaker plays out of your microphone, so others don't hear \
+              themselves"
+            .to_owned(),
+    };
+    let stages: [Stage; 4] = [
+        (
+            view.high_pass,
+            "Low-cut filter",
+            "Removes rumble and hum below about 80 Hz",
+            VoiceSetting::HighPass,
+        ),
+        (
+            view.echo_cancellation,
+            "Echo cancellation",
+            &echo_hint,
+            VoiceSetting::EchoCancellation,
+        ),
+        (
+            view.noise_suppression,
+            "Noise suppression",
+            "Removes steady background noise (fans, hiss, traffic)",
+            VoiceSetting::NoiseSuppression,
+        ),
+        (
+            view.gain_control,
+            "Automatic gain",
+            "Keeps your voice at a steady level, however close you are to the microphone",
+            VoiceSetting::GainControl,
+        ),
+    ];
+    for (on, label, hint, setting) in stages {
+        let mut on = on;
+        if ui.checkbox(&mut on, label).on_hover_text(hint).changed() {
+            actions.push(UiAction::Voice(setting(on)));
+        }
+    }
 }
 
 /// A combo box listing `devices`; returns the name the user picked, if it differs.
@@ -197,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn toggles_emit_deafen_ptt_noise_suppression_and_loudness() {
+    fn toggles_emit_deafen_ptt_loudness_and_each_capture_stage() {
         let mut h = harness(view());
         h.get_by_label("Deafen").click();
         h.run();
@@ -207,13 +252,20 @@ mod tests {
         h.run();
         h.get_by_label("Even out speakers' loudness").click();
         h.run();
+        for stage in ["Low-cut filter", "Echo cancellation", "Automatic gain"] {
+            h.get_by_label(stage).click();
+            h.run();
+        }
         assert_eq!(
             h.state().actions,
             vec![
                 UiAction::Voice(VoiceSetting::Deafened(true)),
                 UiAction::Voice(VoiceSetting::PushToTalk(true)),
                 UiAction::Voice(VoiceSetting::NoiseSuppression(true)),
-                UiAction::Voice(VoiceSetting::NormalizeLoudness(true))
+                UiAction::Voice(VoiceSetting::NormalizeLoudness(true)),
+                UiAction::Voice(VoiceSetting::HighPass(true)),
+                UiAction::Voice(VoiceSetting::EchoCancellation(true)),
+                UiAction::Voice(VoiceSetting::GainControl(true)),
             ]
         );
     }

@@ -43,6 +43,7 @@ use super::net::relay::Via;
 use super::rx::mixer::{MixInput, Mixer};
 use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::tx::levels::rms_dbfs;
+use super::tx::ProcessingConfig;
 use super::tx::{bitrate_for_loss, OpusEncoder};
 use crate::audio::CHUNK_SAMPLES;
 use crate::protocol::datagram::{
@@ -308,6 +309,15 @@ impl VoiceEngine {
 
     pub fn set_noise_suppression(&mut self, on: bool) {
         self.capture.set_denoise(on);
+    }
+    /// Turns the capture chain's high-pass filter, echo canceller and gain controller on or
+    /// off.
+    pub fn set_processing(&mut self, cfg: ProcessingConfig) {
+        self.capture.set_processing(cfg);
+    }
+    /// Which of the high-pass filter, echo canceller and gain controller run.
+    pub fn processing(&self) -> ProcessingConfig {
+        self.capture.processing()
     }
     pub fn set_push_to_talk(&mut self, enabled: bool) {
         self.capture.set_mode(if enabled {
@@ -576,6 +586,8 @@ impl VoiceEngine {
         out[..n].copy_from_slice(&mixed[..n]);
         out[n..].fill(0.0);
         self.mix_level_db = rms_dbfs(&out[..n]);
+        // What goes to the speaker is what the echo canceller must take out of the microphone.
+        self.capture.analyze_render(out);
     }
 
     /// Tells every peer we hear how its voice reaches us (a Report), and tunes our encoder's

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::protocol::UserId;
 
 use super::VoiceEngine;
+use crate::voice::tx::ProcessingConfig;
 
 /// One change to the local voice plane.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,6 +21,12 @@ pub enum VoiceSetting {
     Deafened(bool),
     /// Run (or bypass) the noise suppressor in the capture chain.
     NoiseSuppression(bool),
+    /// Take the speaker's sound out of the microphone (echo cancellation), or not.
+    EchoCancellation(bool),
+    /// Bring the microphone to a steady level (automatic gain control), or not.
+    GainControl(bool),
+    /// Filter rumble below about 80 Hz out of the microphone, or not.
+    HighPass(bool),
     /// Bring every speaker to the same loudness (before each one's own volume), or not.
     NormalizeLoudness(bool),
     /// Send only while the push-to-talk key is held, instead of on voice activity.
@@ -52,6 +59,18 @@ impl VoiceEngine {
             VoiceSetting::Deafened(d) => self.set_deafened(d),
             VoiceSetting::NoiseSuppression(on) => self.set_noise_suppression(on),
             VoiceSetting::NormalizeLoudness(on) => self.set_normalize_loudness(on),
+            VoiceSetting::EchoCancellation(echo_cancel) => self.set_processing(ProcessingConfig {
+                echo_cancel,
+                ..self.processing()
+            }),
+            VoiceSetting::GainControl(gain_control) => self.set_processing(ProcessingConfig {
+                gain_control,
+                ..self.processing()
+            }),
+            VoiceSetting::HighPass(high_pass) => self.set_processing(ProcessingConfig {
+                high_pass,
+                ..self.processing()
+            }),
             VoiceSetting::PushToTalk(on) => self.set_push_to_talk(on),
             VoiceSetting::PttPressed(p) => self.set_ptt_pressed(now, p),
             VoiceSetting::VadThreshold(db) => self.set_vad_threshold_abs(db),

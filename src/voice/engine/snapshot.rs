@@ -11,6 +11,7 @@ use crate::voice::net::crypto::fingerprint;
 use crate::voice::net::link::{LinkState, UnreachableReason};
 use crate::voice::net::peers::DropCounters;
 use crate::voice::net::relay::Via;
+use crate::voice::tx::{EchoStats, ProcessingConfig};
 
 /// Link state of one peer: the one type the UI consumes (the link's own
 /// [`LinkState`] keeps the timing details only the link needs).
@@ -146,6 +147,13 @@ pub struct VoiceSnapshot {
     pub peers: Vec<PeerSnapshot>,
     /// Recent level of the channel mix, dBFS.
     pub mix_level_db: f32,
+    /// Whether the capture chain's noise suppressor runs.
+    pub noise_suppression: bool,
+    /// Which of the capture chain's high-pass filter, echo canceller and gain controller run.
+    pub processing: ProcessingConfig,
+    /// The echo canceller's figures (how much echo it takes out, the delay it found), while
+    /// it runs and once it has some.
+    pub echo: Option<EchoStats>,
     /// Fingerprint of our own voice key.
     pub fingerprint: String,
     /// Voice and peer-control datagrams dropped because no key was known for their sender or
@@ -265,6 +273,9 @@ impl VoiceEngine {
             drops,
             peers,
             mix_level_db: self.mix_level_db,
+            noise_suppression: self.capture.denoise(),
+            processing: self.capture.processing(),
+            echo: self.capture.echo_stats(),
             fingerprint: self.keys.fingerprint(),
             undecryptable: self.undecryptable,
             foreign_register_acks: self.registration.foreign_acks(),

@@ -42,6 +42,7 @@ fn goertzel_amplitude(samples: &[f32], hz: f32, rate: u32) -> f32 {
 fn engine(id: UserId) -> VoiceEngine {
     let mut cfg = VoiceConfig::default();
     cfg.capture.denoise = false;
+    cfg.capture.processing = crate::voice::tx::ProcessingConfig::NONE;
     let mut e = VoiceEngine::new(cfg, id as u64).unwrap();
     e.set_self_id(id);
     e

@@ -1,5 +1,8 @@
-//! The microphone side of the voice plane: per input frame, noise suppression, voice activity
-//! detection, mute and push-to-talk, deciding which frames to encode and send.
+//! The microphone side of the voice plane: per input frame, the high-pass filter and echo
+//! cancellation, noise suppression, gain control, voice activity detection, mute and
+//! push-to-talk, deciding which frames to encode and send (in that order: the echo must be gone
+//! before the noise suppressor and the gain controller judge the signal, and the voice detector
+//! judges the level that will be sent).
 //!
 //! When voice activity starts, the last ~60 ms of frames that were not sent (the pre-roll) are
 //! released before the current one, so word onsets that were still under the threshold survive.
@@ -16,6 +19,7 @@ use std::time::Duration;
 use nnnoiseless::DenoiseState;
 
 use super::levels::rms_dbfs;
+use super::processing::{EchoAndGain, EchoStats, ProcessingConfig};
 use super::vad::{Vad, VadConfig};
 use crate::voice::codec::FrameDuration;
 
@@ -45,6 +49,9 @@ pub struct CaptureConfig {
     pub frame: FrameDuration,
     /// Noise suppression at start (can be toggled later).
     pub denoise: bool,
+    /// High-pass filter, echo cancellation and gain control at start (each can be toggled
+    /// later).
+    pub processing: ProcessingConfig,
     /// Voice activity detector tuning.
     pub vad: VadConfig,
     /// Audio released before a detected speech onset (at most [`MAX_PREROLL_FRAMES`] frames).
@@ -73,6 +80,7 @@ impl CaptureConfig {
         Self {
             frame,
             denoise: true,
+            processing: ProcessingConfig::ALL,
             vad: VadConfig::for_frame(frame),
             preroll: Duration::from_millis(60),
             // Longer than the receivers' 200 ms idle_after, plus their delay.
@@ -145,6 +153,7 @@ pub struct CaptureChain {
     cfg: CaptureConfig,
     denoiser: Box<DenoiseState<'static>>,
     denoise: bool,
+    processing: EchoAndGain,
     vad: Vad,
     muted: bool,
     ptt_pressed: bool,
@@ -179,6 +188,7 @@ impl CaptureChain {
         Self {
             denoiser: DenoiseState::new(),
             denoise: cfg.denoise,
+            processing: EchoAndGain::new(cfg.processing),
             vad: Vad::new(vad_cfg),
             muted: false,
             ptt_pressed: false,
@@ -212,6 +222,27 @@ impl CaptureChain {
     /// Whether noise suppression is on.
     pub fn denoise(&self) -> bool {
         self.denoise
+    }
+
+    /// Turns the high-pass filter, echo cancellation and gain control on or off.
+    pub fn set_processing(&mut self, cfg: ProcessingConfig) {
+        self.processing.set_config(cfg);
+    }
+
+    /// Which of the high-pass filter, echo cancellation and gain control run.
+    pub fn processing(&self) -> ProcessingConfig {
+        self.processing.config()
+    }
+
+    /// Tells the echo canceller what is being played: the final mix, as it goes to the
+    /// speaker (any whole number of 10 ms chunks).
+    pub fn analyze_render(&mut self, played: &[f32]) {
+        self.processing.analyze_render(played);
+    }
+
+    /// The echo canceller's figures, while it runs.
+    pub fn echo_stats(&self) -> Option<EchoStats> {
+        self.processing.echo_stats()
     }
 
     /// Mutes the microphone: nothing is sent while muted.
@@ -271,33 +302,27 @@ impl CaptureChain {
         {
             let entry = &mut self.history[slot];
             entry.index = index;
+            for (dst, &s) in entry.samples.iter_mut().zip(input) {
+                *dst = if s.is_finite() {
+                    s.clamp(-1.0, 1.0)
+                } else {
+                    0.0
+                };
+            }
+            self.processing.process_front(&mut entry.samples);
             if self.denoise {
-                for (chunk_in, chunk_out) in input
-                    .chunks(DENOISE_FRAME)
-                    .zip(entry.samples.chunks_mut(DENOISE_FRAME))
-                {
-                    for (dst, &s) in self.scratch_in.iter_mut().zip(chunk_in) {
-                        *dst = if s.is_finite() {
-                            s.clamp(-1.0, 1.0) * I16_SCALE
-                        } else {
-                            0.0
-                        };
+                for chunk in entry.samples.chunks_mut(DENOISE_FRAME) {
+                    for (dst, &s) in self.scratch_in.iter_mut().zip(chunk.iter()) {
+                        *dst = s * I16_SCALE;
                     }
                     self.denoiser
                         .process_frame(&mut self.scratch_out, &self.scratch_in);
-                    for (dst, &s) in chunk_out.iter_mut().zip(&self.scratch_out) {
+                    for (dst, &s) in chunk.iter_mut().zip(&self.scratch_out) {
                         *dst = (s / I16_SCALE).clamp(-1.0, 1.0);
                     }
                 }
-            } else {
-                for (dst, &s) in entry.samples.iter_mut().zip(input) {
-                    *dst = if s.is_finite() {
-                        s.clamp(-1.0, 1.0)
-                    } else {
-                        0.0
-                    };
-                }
             }
+            self.processing.process_back(&mut entry.samples);
         }
 
         let level_db = rms_dbfs(&self.history[slot].samples);
@@ -467,6 +492,7 @@ mod tests {
         for quiet in [16u64, 20, 25, 29, 31, 40, 60] {
             let mut chain = CaptureChain::new(CaptureConfig {
                 denoise: false,
+                processing: ProcessingConfig::NONE,
                 ..CaptureConfig::default()
             });
             let mut src = Source::new();
@@ -596,7 +622,10 @@ mod tests {
 
     #[test]
     fn noise_suppression_attenuates_steady_noise_and_can_be_toggled() {
-        let mut chain = CaptureChain::new(CaptureConfig::default());
+        let mut chain = CaptureChain::new(CaptureConfig {
+            processing: ProcessingConfig::NONE,
+            ..CaptureConfig::default()
+        });
         let mut src = Source::new();
         let mut level = 0.0;
         for f in 0..200 {
@@ -611,6 +640,69 @@ mod tests {
         assert!((raw + 34.0).abs() < 1.0, "{raw}");
         chain.set_denoise(true);
         assert!(chain.denoise());
+    }
+
+    /// The far end's voice coming back through a room: 100 ms late, a few reflections.
+    fn room_echo(played: &[f32], history: &mut Vec<f32>) -> Vec<f32> {
+        history.extend_from_slice(played);
+        let delay = 4_800;
+        let end = history.len();
+        (end - played.len()..end)
+            .map(|n| {
+                (0..6)
+                    .filter_map(|k| n.checked_sub(delay + k * 131))
+                    .enumerate()
+                    .map(|(k, i)| history[i] * 0.6 * (-(k as f32) / 2.0).exp())
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_far_ends_echo_alone_is_not_sent_back_with_echo_cancellation_on() {
+        for echo_cancel in [true, false] {
+            let mut chain = CaptureChain::new(CaptureConfig {
+                processing: ProcessingConfig {
+                    echo_cancel,
+                    ..ProcessingConfig::ALL
+                },
+                ..CaptureConfig::default()
+            });
+            let mut far = Source::new();
+            let mut near = Source::new();
+            let mut history = Vec::new();
+            let mut sent_late = 0;
+            // 10 s of the far end talking; the near end says nothing, its microphone hears
+            // the room's echo over faint noise.
+            for f in 0..500 {
+                let played = far.voice();
+                chain.analyze_render(&played);
+                let background = near.noise(0.0003);
+                let mic: Vec<f32> = room_echo(&played, &mut history)
+                    .iter()
+                    .zip(&background)
+                    .map(|(e, b)| e + b)
+                    .collect();
+                let out = chain.process(at(f), &mic);
+                // Once the canceller has had 3 s to adapt.
+                if f >= 150 {
+                    sent_late += out.frame_count();
+                }
+            }
+            if echo_cancel {
+                assert!(
+                    sent_late <= 10,
+                    "{sent_late} frames of echo sent back with echo cancellation on"
+                );
+                assert!(chain.echo_stats().is_some(), "figures while it runs");
+            } else {
+                assert!(
+                    sent_late > 300,
+                    "without a canceller the echo is sent ({sent_late})"
+                );
+                assert!(chain.echo_stats().is_none());
+            }
+        }
     }
 
     #[test]

@@ -68,6 +68,11 @@ struct HostArgs {
     /// what was last chosen in the window (off at first).
     #[arg(long, value_name = "on|off")]
     normalize_loudness: Option<OnOff>,
+    /// Ask the router to open the voice port (PCP, NAT-PMP or UPnP-IGD) and tell peers the
+    /// mapped address: reaches peers that hole punching cannot (symmetric NATs). On by
+    /// default; the mapping is removed on exit.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    port_mapping: OnOff,
 }
 
 /// What `--audio-host` takes (the names depend on the platform; `devices` prints the one used).
@@ -180,6 +185,11 @@ struct ClientArgs {
     /// one runs, else ALSA), or one by name (see `p2p-voice devices`).
     #[arg(long, value_name = AUDIO_HOST_VALUES, default_value_t = AudioHost::Auto)]
     audio_host: AudioHost,
+    /// Ask the router to open the voice port (PCP, NAT-PMP or UPnP-IGD) and tell peers the
+    /// mapped address: reaches peers that hole punching cannot (symmetric NATs). On by
+    /// default; the mapping is removed on exit.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    port_mapping: OnOff,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -273,6 +283,7 @@ fn run() -> anyhow::Result<ExitCode> {
         relay_kbps: DEFAULT_RELAY_KBPS,
         audio_host: AudioHost::Auto,
         normalize_loudness: None,
+        port_mapping: OnOff::On,
     }));
     match mode {
         Mode::Server(a) => {
@@ -315,7 +326,13 @@ fn run() -> anyhow::Result<ExitCode> {
                 a.username,
                 None,
                 None,
-                with_audio_host(VoiceThreadConfig::default(), a.audio_host),
+                with_audio_host(
+                    VoiceThreadConfig {
+                        port_mapping: a.port_mapping == OnOff::On,
+                        ..VoiceThreadConfig::default()
+                    },
+                    a.audio_host,
+                ),
                 choices,
                 false,
             )?)
@@ -363,6 +380,7 @@ fn run() -> anyhow::Result<ExitCode> {
                         {
                             let mut voice = VoiceThreadConfig {
                                 impair: a.impair.clone(),
+                                port_mapping: a.port_mapping == OnOff::On,
                                 ..voice_config(a.frame_ms, a.bitrate, denoise, input, output)
                             };
                             voice.voice.normalize_loudness =
@@ -386,6 +404,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let voice = with_audio_host(
                 VoiceThreadConfig {
                     impair: a.impair.clone(),
+                    port_mapping: a.port_mapping == OnOff::On,
                     ..voice_config(
                         a.frame_ms,
                         a.bitrate,

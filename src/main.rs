@@ -187,9 +187,10 @@ struct ClientArgs {
     audio_host: AudioHost,
     /// Ask the router to open the voice port (PCP, NAT-PMP or UPnP-IGD) and tell peers the
     /// mapped address: reaches peers that hole punching cannot (symmetric NATs). On by
-    /// default; the mapping is removed on exit.
-    #[arg(long, value_name = "on|off", default_value = "on")]
-    port_mapping: OnOff,
+    /// default in the window, off with --headless (scripts and tests); the mapping is
+    /// removed on exit.
+    #[arg(long, value_name = "on|off")]
+    port_mapping: Option<OnOff>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -380,7 +381,7 @@ fn run() -> anyhow::Result<ExitCode> {
                         {
                             let mut voice = VoiceThreadConfig {
                                 impair: a.impair.clone(),
-                                port_mapping: a.port_mapping == OnOff::On,
+                                port_mapping: a.port_mapping == Some(OnOff::On),
                                 ..voice_config(a.frame_ms, a.bitrate, denoise, input, output)
                             };
                             voice.voice.normalize_loudness =
@@ -404,7 +405,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let voice = with_audio_host(
                 VoiceThreadConfig {
                     impair: a.impair.clone(),
-                    port_mapping: a.port_mapping == OnOff::On,
+                    port_mapping: a.port_mapping != Some(OnOff::Off),
                     ..voice_config(
                         a.frame_ms,
                         a.bitrate,

@@ -125,8 +125,9 @@ pub struct VoiceThreadConfig {
     pub bind: SocketAddr,
     /// Simulated bad network on received datagrams (tests, benchmarks).
     pub impair: Option<ImpairConfig>,
-    /// Ask the router to map the voice port (NAT-PMP, UPnP-IGD) and announce the mapped
-    /// address (`--port-mapping`; on by default).
+    /// Ask the router to map the voice port (PCP, NAT-PMP, UPnP-IGD) and announce the mapped
+    /// address. Off unless asked for: the CLI turns it on for the desktop app
+    /// (`--port-mapping`); tests and benchmarks must not talk to the machine's router.
     pub port_mapping: bool,
 }
 
@@ -139,7 +140,7 @@ impl Default for VoiceThreadConfig {
             audio: AudioConfig::default(),
             bind: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
             impair: None,
-            port_mapping: true,
+            port_mapping: false,
         }
     }
 }

@@ -222,18 +222,9 @@ fn assert_mapped_call(tag: &str, protocol: &str, bob_nat: &str) {
     let to_bob = peer_named(alice, "bob").unwrap_or_else(|| panic!("alice: {alice_text}"));
     assert_eq!(to_bob["link"]["state"], "direct", "alice: {alice_text}");
     assert!(to_bob["frames_decoded"].as_u64().unwrap() > 100, "{to_bob}");
-    report_first_audio(
-        &format!("symmetric+{protocol} mapping - symmetric"),
-        "alice",
-        &out_a,
-        660.0,
-    );
-    report_first_audio(
-        &format!("symmetric+{protocol} mapping - symmetric"),
-        "bob",
-        &out_b,
-        440.0,
-    );
+    let case = format!("symmetric NAT with {protocol} mapping - {bob_nat} NAT");
+    report_first_audio(&case, "alice", &out_a, 660.0);
+    report_first_audio(&case, "bob", &out_b, 440.0);
     assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
     assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
     assert_eq!(

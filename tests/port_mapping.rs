@@ -86,35 +86,63 @@ insert rule inet guard forward_guard iifname "wan0" ct status dnat accept
     net
 }
 
-/// miniupnpd on router a's LAN, with PCP and NAT-PMP (`natpmp`) or UPnP-IGD only.
-fn start_miniupnpd(tag: &str, natpmp: bool) -> Daemon {
+/// What Alice's router offers.
+#[derive(Clone, Copy)]
+struct Offer {
+    /// PCP answered (else its datagrams are dropped before miniupnpd sees them, as on a
+    /// NAT-PMP-only router that ignores them).
+    pcp: bool,
+    /// NAT-PMP and PCP (miniupnpd's one switch for both); UPnP-IGD is always on.
+    natpmp: bool,
+    /// The longest lease granted over PCP and NAT-PMP.
+    max_lease_s: u32,
+}
+
+const EVERYTHING: Offer = Offer {
+    pcp: true,
+    natpmp: true,
+    max_lease_s: 86_400,
+};
+
+/// miniupnpd on router a's LAN, offering `offer`; its log goes to a temp file.
+fn start_miniupnpd(tag: &str, offer: Offer) -> Daemon {
+    let ra = format!("pv{tag}ra");
+    if !offer.pcp {
+        // PCP datagrams carry version 2 in their first byte, NAT-PMP ones version 0.
+        nft(
+            &ra,
+            r#"
+table inet no_pcp {
+  chain input { type filter hook input priority -10; policy accept; iifname "lan0" udp dport 5351 @th,64,8 2 drop; }
+}
+"#,
+        )
+        .unwrap();
+    }
     let conf = temp_path("miniupnpd.conf");
     let pid = temp_path("miniupnpd.pid");
+    let log = temp_path("miniupnpd.log");
     std::fs::write(
         &conf,
         format!(
             "ext_ifname=wan0\nlistening_ip=lan0\nport=0\nenable_upnp=yes\nenable_natpmp={}\n\
-             secure_mode=yes\nsystem_uptime=no\nmin_lifetime=60\nmax_lifetime=86400\n\
+             secure_mode=yes\nsystem_uptime=no\nmin_lifetime={}\nmax_lifetime={}\n\
              uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n\
              allow 1024-65535 10.1.0.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
-            if natpmp { "yes" } else { "no" }
+            if offer.natpmp { "yes" } else { "no" },
+            offer.max_lease_s.saturating_sub(1).min(60),
+            offer.max_lease_s,
         ),
     )
     .unwrap();
+    eprintln!("miniupnpd log: {}", log.display());
     let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &format!("pv{tag}ra"),
-            "miniupnpd",
-            "-d",
-            "-f",
-        ])
+        .args(["netns", "exec", &ra, "miniupnpd", "-d", "-f"])
         .arg(&conf)
         .arg("-P")
         .arg(&pid)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start miniupnpd");
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -195,7 +223,7 @@ fn call(
 /// The mapping Alice reports is `protocol`'s, on her router's public address; Bob reaches her
 /// directly at exactly that address; both hear each other; and the mapping is gone once
 /// Alice has exited.
-fn assert_mapped_call(tag: &str, protocol: &str, bob_nat: &str) {
+fn assert_mapped_call(tag: &str, protocol: &str, bob_nat: &str) -> serde_json::Value {
     let (results, [out_a, out_b]) = call(tag, "on");
     let (alice, alice_text) = (&summary(&results[0].0), &results[0].1);
     let (bob, bob_text) = (&summary(&results[1].0), &results[1].1);
@@ -232,6 +260,7 @@ fn assert_mapped_call(tag: &str, protocol: &str, bob_nat: &str) {
         "",
         "alice's mapping is removed when she exits"
     );
+    mapping.clone()
 }
 
 #[test]
@@ -240,7 +269,7 @@ fn a_client_behind_a_symmetric_nat_is_reached_at_the_port_its_router_mapped_with
         return;
     };
     let _net = build_mapping_network(&tag);
-    let _daemon = start_miniupnpd(&tag, true);
+    let _daemon = start_miniupnpd(&tag, EVERYTHING);
     assert_mapped_call(&tag, "pcp", "symmetric");
 }
 
@@ -250,7 +279,13 @@ fn a_client_behind_a_symmetric_nat_is_reached_at_the_port_its_router_mapped_with
         return;
     };
     let _net = build_mapping_network(&tag);
-    let _daemon = start_miniupnpd(&tag, false);
+    let _daemon = start_miniupnpd(
+        &tag,
+        Offer {
+            natpmp: false,
+            ..EVERYTHING
+        },
+    );
     assert_mapped_call(&tag, "upnp", "symmetric");
 }
 
@@ -262,7 +297,7 @@ fn with_port_mapping_off_the_same_pair_is_not_linked_directly_and_nothing_is_map
         return;
     };
     let _net = build_mapping_network(&tag);
-    let _daemon = start_miniupnpd(&tag, true);
+    let _daemon = start_miniupnpd(&tag, EVERYTHING);
     let (results, _) = call(&tag, "off");
     let (alice, alice_text) = (&summary(&results[0].0), &results[0].1);
     assert!(alice["port_mapping"].is_null(), "alice: {alice}");
@@ -279,6 +314,42 @@ fn a_peer_behind_a_home_nat_reaches_the_mapped_port_too() {
         return;
     };
     let _net = build_mapping_network_with(&tag, Nat::Home);
-    let _daemon = start_miniupnpd(&tag, true);
+    let _daemon = start_miniupnpd(&tag, EVERYTHING);
     assert_mapped_call(&tag, "pcp", "home");
+}
+
+/// A router that answers NAT-PMP but not PCP: the client falls back to NAT-PMP.
+#[test]
+fn a_client_behind_a_symmetric_nat_is_reached_at_the_port_its_router_mapped_with_natpmp() {
+    let Some(tag) = mapping_tag('n') else {
+        return;
+    };
+    let _net = build_mapping_network(&tag);
+    let _daemon = start_miniupnpd(
+        &tag,
+        Offer {
+            pcp: false,
+            ..EVERYTHING
+        },
+    );
+    assert_mapped_call(&tag, "natpmp", "symmetric");
+}
+
+/// A router granting only 4 s leases: the client renews every 2 s, so the mapping (which
+/// miniupnpd deletes once a lease runs out) carries the call to its end.
+#[test]
+fn a_short_lease_is_renewed_through_the_call() {
+    let Some(tag) = mapping_tag('r') else {
+        return;
+    };
+    let _net = build_mapping_network(&tag);
+    let _daemon = start_miniupnpd(
+        &tag,
+        Offer {
+            max_lease_s: 4,
+            ..EVERYTHING
+        },
+    );
+    let mapping = assert_mapped_call(&tag, "pcp", "symmetric");
+    assert_eq!(mapping["lifetime_s"], 4, "{mapping}");
 }

@@ -14,8 +14,9 @@ RUN_PKGS := $(BUILD_PKGS) libx11-6 libxcursor1 libxrandr2 libxi6 libxkbcommon-x1
 # narrowband (8 kHz) test speech.
 SPEECH_PKGS := alsa-utils codec2-examples
 # Tests: PulseAudio null sink for the real-device test, iproute2/nftables for the NAT test,
-# Xvfb for screenshots.
-TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables tcpdump xvfb xauth $(SPEECH_PKGS)
+# miniupnpd (PCP, NAT-PMP, UPnP-IGD; the nftables build, which starts no service) for the
+# port-mapping test, Xvfb for screenshots.
+TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables miniupnpd-nftables tcpdump xvfb xauth $(SPEECH_PKGS)
 
 .PHONY: help deps-run deps-test run server test lint bench screenshots fmt fuzz
 

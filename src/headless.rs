@@ -292,6 +292,13 @@ pub fn summary_json(
         "frames_sent": snap.frames_sent,
         "bytes_sent": snap.bytes_sent,
         "public_addr": snap.public_addr.map(|a| a.to_string()),
+        // The router's mapping of our voice port, announced as a candidate (null: none).
+        "port_mapping": snap.port_mapping.map(|m| json!({
+            "protocol": m.lease.protocol.to_string(),
+            "external": m.lease.external.to_string(),
+            "lifetime_s": m.lease.lifetime.as_secs(),
+            "mapped_after_ms": m.since.as_millis() as u64,
+        })),
         "fingerprint": snap.fingerprint,
         "undecryptable_datagrams": snap.undecryptable,
         "foreign_register_acks": snap.foreign_register_acks,

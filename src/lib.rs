@@ -8,10 +8,13 @@
 //! # Layers
 //! - Pure cores (no I/O, no threads, time passed in): [`protocol`], `server::state`
 //!   (`ServerState`), `client::session` (`ControlSession`), and the voice plane's
-//!   `voice::engine` (`VoiceEngine`) with its `net`, `rx` and `tx` parts.
+//!   `voice::engine` (`VoiceEngine`) with its `net`, `rx` and `tx` parts, and
+//!   `voice::net::portmap` (`PortMapSchedule`: when to map, renew and remove our port on the
+//!   router) with its messages in `voice::net::portmap_wire`.
 //! - Thin shells around them: the Bevy plugins (`server::ServerPlugin`,
 //!   `client::ClientNetPlugin`, `voice::VoicePlugin`, `ui::UiPlugin`), the voice thread
-//!   (`voice::thread`) and the audio device thread (`audio`).
+//!   (`voice::thread`), the port-mapping thread (`voice::port_mapping`) and the audio device
+//!   thread (`audio`).
 //! - `sim`: the whole system (server, control sessions, voice engines) over a simulated
 //!   network with NATs, in simulated time, driving the very same calls as the shells.
 //!

@@ -69,6 +69,11 @@ struct HostArgs {
     /// what was last chosen in the window (off at first).
     #[arg(long, value_name = "on|off")]
     normalize_loudness: Option<OnOff>,
+    /// Ask the router to open the voice port (PCP, NAT-PMP or UPnP-IGD) and tell peers the
+    /// mapped address: reaches peers that hole punching cannot (symmetric NATs). On by
+    /// default; the mapping is removed on exit.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    port_mapping: OnOff,
     #[command(flatten)]
     capture: CaptureFlags,
 }
@@ -232,6 +237,12 @@ struct ClientArgs {
     /// one runs, else ALSA), or one by name (see `p2p-voice devices`).
     #[arg(long, value_name = AUDIO_HOST_VALUES, default_value_t = AudioHost::Auto)]
     audio_host: AudioHost,
+    /// Ask the router to open the voice port (PCP, NAT-PMP or UPnP-IGD) and tell peers the
+    /// mapped address: reaches peers that hole punching cannot (symmetric NATs). On by
+    /// default in the window, off with --headless (scripts and tests); the mapping is
+    /// removed on exit.
+    #[arg(long, value_name = "on|off")]
+    port_mapping: Option<OnOff>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -327,6 +338,7 @@ fn run() -> anyhow::Result<ExitCode> {
         audio_host: AudioHost::Auto,
         normalize_loudness: None,
         capture: CaptureFlags::default(),
+        port_mapping: OnOff::On,
     }));
     match mode {
         Mode::Server(a) => {
@@ -368,6 +380,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let mut voice = VoiceThreadConfig::default();
             voice.voice.capture.denoise = a.capture.denoise(true);
             voice.voice.capture.processing = a.capture.processing(ProcessingConfig::ALL);
+            voice.port_mapping = a.port_mapping == OnOff::On;
             Ok(app::run_desktop(
                 Some(cfg),
                 a.username,
@@ -427,6 +440,7 @@ fn run() -> anyhow::Result<ExitCode> {
                         {
                             let mut voice = VoiceThreadConfig {
                                 impair: a.impair.clone(),
+                                port_mapping: a.port_mapping == Some(OnOff::On),
                                 ..voice_config(a.frame_ms, a.bitrate, stages, input, output)
                             };
                             voice.voice.normalize_loudness =
@@ -453,6 +467,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let voice = with_audio_host(
                 VoiceThreadConfig {
                     impair: a.impair.clone(),
+                    port_mapping: a.port_mapping != Some(OnOff::Off),
                     ..voice_config(
                         a.frame_ms,
                         a.bitrate,

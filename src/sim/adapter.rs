@@ -199,6 +199,9 @@ pub struct SimClient {
     engine: VoiceEngine,
     /// The voice socket's address inside its site (announced as the local candidate).
     local: SocketAddr,
+    /// The port its router mapped for it, announced after the local candidate (as the voice
+    /// thread announces what the port-mapping thread got).
+    mapped: Option<SocketAddr>,
     server: SocketAddr,
     username: String,
     /// Session events in the order they happened, for the trace.
@@ -232,10 +235,16 @@ impl SimClient {
             session: ControlSession::new(),
             engine,
             local,
+            mapped: None,
             server,
             username: username.to_string(),
             log: VecDeque::new(),
         }
+    }
+
+    /// The router mapped our port at `mapped`: announce it too.
+    pub fn set_mapped(&mut self, mapped: Option<SocketAddr>) {
+        self.mapped = mapped;
     }
 
     pub fn username(&self) -> &str {
@@ -317,8 +326,9 @@ impl SimClient {
                     self.engine.set_server(now, self.server, udp_token);
                     self.engine.set_server_relays(relay);
                     let key = self.engine.public_key();
-                    self.session
-                        .set_local_endpoints(now, vec![self.local], Some(key));
+                    let mut local = vec![self.local];
+                    local.extend(self.mapped);
+                    self.session.set_local_endpoints(now, local, Some(key));
                 }
                 SessionEvent::Identified { user_id, .. } => self.engine.set_self_id(user_id),
                 SessionEvent::PeerEndpoints(peer) => self.engine.upsert_peer(now, &peer),

@@ -64,6 +64,8 @@ pub struct UserSpec {
     pub link: LinkProfile,
     /// One-way delay of control messages between this user and the server.
     pub control_latency: Duration,
+    /// Whether the user's router maps its voice port on request (PCP, NAT-PMP, UPnP-IGD).
+    pub port_mapped: bool,
 }
 
 impl UserSpec {
@@ -75,7 +77,14 @@ impl UserSpec {
             nat: NatKind::Home,
             link: LinkProfile::default(),
             control_latency: Duration::from_millis(15),
+            port_mapped: false,
         }
+    }
+
+    /// The user's router maps its voice port, and the user announces the mapped address.
+    pub fn port_mapped(mut self) -> Self {
+        self.port_mapped = true;
+        self
     }
 
     pub fn nat(mut self, nat: NatKind) -> Self {
@@ -221,7 +230,10 @@ impl World {
         let i = self.users.len();
         let local = self.net.add_site(spec.nat, spec.link);
         let seed = self.seed ^ (i as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f);
-        let client = SimClient::new(&spec.name, local, SERVER_ADDR, seed);
+        let mut client = SimClient::new(&spec.name, local, SERVER_ADDR, seed);
+        if spec.port_mapped {
+            client.set_mapped(self.net.map_port(i));
+        }
         // Each user's audio clock starts at its own offset, as real devices do.
         let offset = Duration::from_micros(1_700 * i as u64);
         self.users.push(User {

@@ -115,6 +115,12 @@ pub struct Nat {
     reverse: BTreeMap<u16, SocketAddr>,
     /// (external port, remote address) pairs allowed in: created by sending out.
     permissions: BTreeSet<(u16, SocketAddr)>,
+    /// Ports mapped on request (PCP, NAT-PMP, UPnP-IGD): external port -> internal socket,
+    /// open to every remote address.
+    forwarded: BTreeMap<u16, SocketAddr>,
+    /// Flows that came in through a mapped port: (internal, remote) -> that port, which the
+    /// answers leave from (as Linux conntrack sends replies of a DNATed flow).
+    replies: BTreeMap<(SocketAddr, SocketAddr), u16>,
 }
 
 impl Nat {
@@ -125,7 +131,24 @@ impl Nat {
             mappings: BTreeMap::new(),
             reverse: BTreeMap::new(),
             permissions: BTreeSet::new(),
+            forwarded: BTreeMap::new(),
+            replies: BTreeMap::new(),
         }
+    }
+
+    /// Maps a port of the router's public address to `internal`, as a router that speaks PCP,
+    /// NAT-PMP or UPnP-IGD does when asked: the same port number if it is free. `None` where
+    /// there is no router that maps (`Public`, `UdpBlocked`).
+    pub fn map_port(&mut self, internal: SocketAddr) -> Option<SocketAddr> {
+        if matches!(self.kind, NatKind::Public | NatKind::UdpBlocked) {
+            return None;
+        }
+        let taken = |p: &u16| self.reverse.contains_key(p) || self.forwarded.contains_key(p);
+        let port = (internal.port()..=u16::MAX)
+            .chain(1024..internal.port())
+            .find(|p| !taken(p))?;
+        self.forwarded.insert(port, internal);
+        Some(SocketAddr::new(self.external_ip, port))
     }
 
     pub fn kind(&self) -> NatKind {
@@ -144,6 +167,9 @@ impl Nat {
         internal: SocketAddr,
         dest: SocketAddr,
     ) -> Option<SocketAddr> {
+        if let Some(&port) = self.replies.get(&(internal, dest)) {
+            return Some(SocketAddr::new(self.external_ip, port));
+        }
         let key = match self.kind {
             NatKind::Public => return Some(internal),
             NatKind::UdpBlocked => return None,
@@ -170,9 +196,13 @@ impl Nat {
 
     /// A datagram from `from` arrives at external address `to`: the internal socket it is
     /// for, or `None` if the router filters it.
-    pub fn inbound(&self, from: SocketAddr, to: SocketAddr) -> Option<SocketAddr> {
+    pub fn inbound(&mut self, from: SocketAddr, to: SocketAddr) -> Option<SocketAddr> {
         if to.ip() != self.external_ip {
             return None;
+        }
+        if let Some(&internal) = self.forwarded.get(&to.port()) {
+            self.replies.insert((internal, from), to.port());
+            return Some(internal);
         }
         match self.kind {
             NatKind::Public => Some(to),
@@ -292,6 +322,12 @@ impl Network {
             link,
         });
         internal
+    }
+
+    /// Has client site `client`'s router map its client's voice port (see [`Nat::map_port`]).
+    pub fn map_port(&mut self, client: usize) -> Option<SocketAddr> {
+        let site = &mut self.sites[client];
+        site.nat.map_port(site.internal)
     }
 
     /// The public IP of client site `client`'s router (where its TCP connections come from).
@@ -440,6 +476,25 @@ mod tests {
         // The peer may answer on its own mapping, not on the one made for the server.
         assert_eq!(nat.inbound(peer, b), Some(inside));
         assert_eq!(nat.inbound(peer, a), None);
+    }
+
+    #[test]
+    fn a_mapped_port_lets_anyone_in_and_the_answers_leave_from_it() {
+        let mut rng = SimRng::new(1);
+        let mut nat = Nat::new(NatKind::Symmetric, "203.0.113.1".parse().unwrap());
+        let inside = addr("10.1.0.2:40000");
+        let peer = addr("203.0.113.9:40000");
+        let mapped = nat.map_port(inside).unwrap();
+        assert_eq!(mapped, addr("203.0.113.1:40000"), "the same port when free");
+        // Sent to before: a symmetric NAT's own port for that destination...
+        let own = nat.outbound(&mut rng, inside, peer).unwrap();
+        assert_ne!(own, mapped);
+        // ...does not stop the peer coming in through the mapping, answered from it.
+        assert_eq!(nat.inbound(peer, mapped), Some(inside));
+        assert_eq!(nat.outbound(&mut rng, inside, peer), Some(mapped));
+        assert_eq!(nat.inbound(addr("198.51.100.7:1"), mapped), Some(inside));
+        let mut blocked = Nat::new(NatKind::UdpBlocked, "203.0.113.2".parse().unwrap());
+        assert_eq!(blocked.map_port(inside), None);
     }
 
     #[test]

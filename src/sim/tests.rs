@@ -266,6 +266,27 @@ fn pair_outcome(x: NatKind, y: NatKind, server_relays: bool) -> Result<Outcome, 
     }
 }
 
+/// A router that maps the user's port (PCP, NAT-PMP, UPnP-IGD) makes a symmetric NAT
+/// reachable directly from the NATs that could not punch through to it (the table above),
+/// with a server that does not relay; the peer's path is the mapped address.
+#[test]
+fn a_mapped_port_behind_a_symmetric_nat_connects_what_punching_cannot() {
+    for other in [Home, Symmetric] {
+        let mut w = World::with_server_relay(10, false);
+        let a = w.add_user(UserSpec::new("a", 440.0).nat(Symmetric).port_mapped());
+        let b = w.add_user(UserSpec::new("b", 660.0).nat(other));
+        start_call(&mut w, &[a, b], secs(1.0));
+        w.run_for(secs(12.0));
+        assert_eq!(
+            (w.path(a, b), w.path(b, a)),
+            (Some(PeerPath::Direct), Some(PeerPath::Direct)),
+            "symmetric with a mapping <-> {other:?}"
+        );
+        assert!(w.hears(a, b, secs(10.0), secs(13.0)) > HEARD, "{other:?}");
+        assert!(w.hears(b, a, secs(10.0), secs(13.0)) > HEARD, "{other:?}");
+    }
+}
+
 #[test]
 fn every_nat_pairing_has_its_outcome_with_and_without_a_relaying_server() {
     let mut listed: Vec<_> = OUTCOMES

@@ -12,7 +12,9 @@
 //!   the peer table), registration with the server, the outbox and the snapshot.
 //!
 //! All of the above are pure (no sockets, no threads, time passed in). The only shells are
-//! [`thread`] (UDP socket + audio rings, waking on `poll_timeout`) and [`plugin`] (ECS bridge).
+//! [`thread`] (UDP socket + audio rings, waking on `poll_timeout`), [`port_mapping`] (the
+//! thread that asks the router to map our port, driven by `net::portmap`'s schedule) and
+//! [`plugin`] (ECS bridge).
 
 #[cfg(feature = "app")]
 pub mod audio_problem;
@@ -23,6 +25,8 @@ pub mod engine;
 pub mod net;
 #[cfg(feature = "app")]
 pub mod plugin;
+#[cfg(feature = "app")]
+pub mod port_mapping;
 #[cfg(feature = "app")]
 pub mod rx;
 #[cfg(feature = "app")]

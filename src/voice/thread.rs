@@ -20,6 +20,8 @@ use thiserror::Error;
 use super::engine::VoiceSetting;
 use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
 use super::net::impair::{ImpairConfig, Impairment};
+use super::net::portmap::{AnnouncedMapping, MapEvent};
+use super::port_mapping::PortMapper;
 use crate::audio::{AudioConfig, AudioEvent, AudioIo, InputSource, OutputSink, RingWake};
 use crate::protocol::{addr, PeerInfo, UserId};
 
@@ -61,6 +63,9 @@ pub enum VoiceCommand {
     SwitchOutput(OutputSink),
     /// A datagram the server sent through the control connection (our UDP is blocked).
     Tunnelled(Vec<u8>),
+    /// The port-mapping thread's news: the router mapped our port (announce that address as
+    /// a candidate) or the mapping is gone. Sent by that thread, not by ECS.
+    PortMapping(MapEvent),
 }
 
 /// What the voice thread reports.
@@ -104,6 +109,8 @@ pub struct VoiceThread {
     join: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
     audio_started: std::time::SystemTime,
+    /// Maps our port on the router (`None` when switched off or it could not start).
+    port_mapper: Option<PortMapper>,
 }
 
 /// Options of the voice thread.
@@ -118,6 +125,10 @@ pub struct VoiceThreadConfig {
     pub bind: SocketAddr,
     /// Simulated bad network on received datagrams (tests, benchmarks).
     pub impair: Option<ImpairConfig>,
+    /// Ask the router to map the voice port (PCP, NAT-PMP, UPnP-IGD) and announce the mapped
+    /// address. Off unless asked for: the CLI turns it on for the desktop app
+    /// (`--port-mapping`); tests and benchmarks must not talk to the machine's router.
+    pub port_mapping: bool,
 }
 
 impl Default for VoiceThreadConfig {
@@ -129,6 +140,7 @@ impl Default for VoiceThreadConfig {
             audio: AudioConfig::default(),
             bind: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
             impair: None,
+            port_mapping: false,
         }
     }
 }
@@ -166,6 +178,18 @@ impl VoiceThread {
         let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(256);
         let (ev_tx, ev_rx) = crossbeam_channel::bounded(256);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        // In parallel with everything else: the call never waits for the router.
+        let port_mapper = if cfg.port_mapping {
+            let (commands, waker) = (cmd_tx.clone(), Arc::clone(&waker));
+            PortMapper::spawn(local_addr.port(), move |ev| {
+                let _ = commands.try_send(VoiceCommand::PortMapping(ev));
+                let _ = waker.wake();
+            })
+            .map_err(|e| bevy::log::debug!("port mapping: cannot start its thread: {e}"))
+            .ok()
+        } else {
+            None
+        };
         let capture = audio
             .take_capture()
             .expect("fresh AudioIo has its capture ring");
@@ -188,6 +212,8 @@ impl VoiceThread {
                     stop: stop_rx,
                     start: Instant::now(),
                     impair: cfg.impair.map(Impairment::new),
+                    server: None,
+                    mapping: None,
                 };
                 w.run();
             })
@@ -200,6 +226,7 @@ impl VoiceThread {
             join: Some(join),
             local_addr,
             audio_started,
+            port_mapper,
         })
     }
 
@@ -235,6 +262,10 @@ impl VoiceThread {
         let _ = self.waker.wake();
         let snap = rx.recv_timeout(Duration::from_secs(5)).ok();
         let _ = join.join();
+        // The router's mapping goes with the socket it pointed at.
+        if let Some(mut mapper) = self.port_mapper.take() {
+            mapper.shutdown();
+        }
         snap
     }
 }
@@ -275,7 +306,7 @@ pub fn local_candidates(port: u16, towards: SocketAddr) -> Vec<SocketAddr> {
 }
 
 /// The source address the kernel would use to reach `target`, if it has a route there.
-fn route_source(target: SocketAddr) -> Option<IpAddr> {
+pub(crate) fn route_source(target: SocketAddr) -> Option<IpAddr> {
     let any: SocketAddr = if target.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -301,14 +332,38 @@ struct Worker {
     stop: Receiver<Sender<VoiceSnapshot>>,
     start: Instant,
     impair: Option<Impairment>,
+    /// The server's UDP address, once known: our local candidates are the ones towards it.
+    server: Option<SocketAddr>,
+    /// The router's mapping of our port, announced as one more candidate.
+    mapping: Option<AnnouncedMapping>,
 }
 
 impl Worker {
-    /// The engine's snapshot with the audio path's counters, which only this thread sees.
+    /// The engine's snapshot with the audio path's counters and the port mapping, which only
+    /// this thread sees.
     fn snapshot(&self, now: Duration) -> VoiceSnapshot {
         let mut snap = self.engine.snapshot(now);
         snap.audio = self.audio.stats();
+        snap.port_mapping = self.mapping;
         snap
+    }
+
+    /// Tells ECS our candidates (for the server to announce): the local ones towards the
+    /// server, then the router's mapping of our port.
+    fn announce_endpoints(&self) {
+        let (Some(server), Ok(local)) = (self.server, self.socket.local_addr()) else {
+            return;
+        };
+        let mut addrs = local_candidates(local.port(), server);
+        if let Some(m) = self.mapping {
+            if !addrs.contains(&m.lease.external) {
+                addrs.push(m.lease.external);
+            }
+        }
+        self.publish(VoiceEvent::LocalEndpoints {
+            addrs,
+            voice_key: self.engine.public_key(),
+        });
     }
 
     fn publish(&self, ev: VoiceEvent) {
@@ -420,12 +475,15 @@ impl Worker {
             VoiceCommand::SetServer { addr, token, relay } => {
                 self.engine.set_server(now, addr, token);
                 self.engine.set_server_relays(relay);
-                if let Ok(local) = self.socket.local_addr() {
-                    self.publish(VoiceEvent::LocalEndpoints {
-                        addrs: local_candidates(local.port(), addr),
-                        voice_key: self.engine.public_key(),
-                    });
-                }
+                self.server = Some(addr);
+                self.announce_endpoints();
+            }
+            VoiceCommand::PortMapping(ev) => {
+                self.mapping = match ev {
+                    MapEvent::Mapped(lease) => Some(AnnouncedMapping { lease, since: now }),
+                    MapEvent::Withdrawn => None,
+                };
+                self.announce_endpoints();
             }
             VoiceCommand::UpsertPeer(p) => self.engine.upsert_peer(now, &p),
             VoiceCommand::RemovePeer(id) => self.engine.remove_peer(id),

@@ -172,6 +172,9 @@ pub struct VoiceSnapshot {
     /// The audio path's glitch counters. The engine does no I/O, so it leaves them at zero;
     /// the voice thread, which owns the devices, fills them in.
     pub audio: AudioStats,
+    /// The router's mapping of our voice port, announced as a candidate; filled in by the
+    /// voice thread (the port-mapping thread talks to the router), `None` without one.
+    pub port_mapping: Option<crate::voice::net::portmap::AnnouncedMapping>,
 }
 
 impl VoiceEngine {
@@ -284,6 +287,7 @@ impl VoiceEngine {
             tunnel_datagrams: self.tunnel.counts().0,
             tunnel_dropped: self.tunnel.counts().1,
             audio: AudioStats::default(),
+            port_mapping: None,
         }
     }
 }

@@ -11,11 +11,16 @@
 //! - [`received`]: a datagram from the socket, parsed once, waiting for its cipher.
 //! - [`replay`]: the replay window, kept by the cipher per direction of each peer.
 //! - [`impair`]: a simulated lossy, jittery network for tests and `--impair`.
+//! - [`portmap`]: when to ask the router for a port mapping (PCP, NAT-PMP, UPnP-IGD), renew
+//!   it, announce it and remove it; [`portmap_wire`]: those protocols' messages. The requests
+//!   themselves run on `voice::port_mapping`'s thread.
 
 pub mod crypto;
 pub mod impair;
 pub mod link;
 pub mod peers;
+pub mod portmap;
+pub mod portmap_wire;
 pub mod received;
 pub mod relay;
 pub mod replay;

@@ -563,6 +563,10 @@ struct Case {
     /// Loss share asked of the impairment, for the table.
     loss_pct: u32,
     bursty: bool,
+    /// The talker runs the capture chain a microphone gets by default (echo cancellation,
+    /// noise suppression, gain control; the high-pass filter off) on the WAV, instead of the
+    /// file default (all off).
+    mic_chain: bool,
     /// The PESQ-WB goal for this condition.
     goal: Option<f64>,
 }
@@ -627,6 +631,29 @@ fn run_call(scratch: &Scratch, case: &Case, utterances: &[Utterance]) -> CallRes
     ];
     if case.always_transmit {
         mouth_extra.push("--always-transmit".into());
+    }
+    if case.mic_chain {
+        // To find what a stage costs: e.g. VOICE_QUALITY_MIC_CHAIN="--gain-control off".
+        let overrides = std::env::var("VOICE_QUALITY_MIC_CHAIN").unwrap_or_default();
+        let overrides: Vec<&str> = overrides.split_whitespace().collect();
+        for stage in [
+            "--high-pass",
+            "--echo-cancellation",
+            "--noise-suppression",
+            "--gain-control",
+        ] {
+            let value = overrides
+                .iter()
+                .position(|f| *f == stage)
+                .and_then(|i| overrides.get(i + 1))
+                // The high-pass filter is off by default (ProcessingConfig::MICROPHONE).
+                .unwrap_or(if stage == "--high-pass" {
+                    &"off"
+                } else {
+                    &"on"
+                });
+            mouth_extra.extend([stage.to_string(), value.to_string()]);
+        }
     }
     let mouth_s = input_s + 1.5;
     let mut mouth = Proc::spawn(
@@ -771,6 +798,7 @@ fn report(case: &Case, run: usize, utterances: &[Utterance], r: &CallResult, tab
     emit(json!({
         "bench": "voice_quality", "case": case.label, "run": run, "frame_ms": case.frame_ms,
         "always_transmit": case.always_transmit, "impair": case.impair,
+        "mic_chain": case.mic_chain,
         "pesq_wb_mean": mean, "pesq_wb_min": min, "pesq_wb_max": max, "goal": case.goal,
         "opus_alone_mean": alone_mean, "wire_kbps_while_sending": r.wire_kbps,
         "sent_share": r.sent_share, "mouth_to_ear_ms_median": median(&r.latency_ms),
@@ -856,6 +884,7 @@ fn smoke() {
         impair: None,
         loss_pct: 0,
         bursty: false,
+        mic_chain: false,
         goal: None,
     };
     let scratch = Scratch::new();
@@ -900,6 +929,7 @@ fn full() {
         impair,
         loss_pct,
         bursty,
+        mic_chain: false,
         goal,
     };
     let cases = [
@@ -936,6 +966,17 @@ fn full() {
             true,
             Some(3.5),
         ),
+        Case {
+            mic_chain: true,
+            ..vad(
+                "20 ms, VAD, 0 %, microphone chain",
+                20,
+                None,
+                0,
+                false,
+                None,
+            )
+        },
         Case {
             always_transmit: true,
             ..vad("20 ms, always-transmit, 0 %", 20, None, 0, false, None)

@@ -79,7 +79,8 @@ struct HostArgs {
 }
 
 /// The capture chain's stages, each switchable. When a flag is absent: on for a microphone
-/// (in the window, what was last chosen there), off for WAV and tone inputs.
+/// (in the window, what was last chosen there), off for WAV and tone inputs; the high-pass
+/// filter is off for both.
 #[derive(Args, Clone, Default)]
 struct CaptureFlags {
     /// Noise suppression (RNNoise).
@@ -91,7 +92,8 @@ struct CaptureFlags {
     /// Automatic gain control: bring the microphone to a steady level (WebRTC AGC2).
     #[arg(long, value_name = "on|off")]
     gain_control: Option<OnOff>,
-    /// High-pass filter: take rumble and hum below about 80 Hz out of the microphone.
+    /// High-pass filter: take rumble and hum below about 90 Hz out of the microphone (off
+    /// unless asked for, microphones included: it costs clean speech some quality).
     #[arg(long, value_name = "on|off")]
     high_pass: Option<OnOff>,
 }
@@ -379,7 +381,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 .collect();
             let mut voice = VoiceThreadConfig::default();
             voice.voice.capture.denoise = a.capture.denoise(true);
-            voice.voice.capture.processing = a.capture.processing(ProcessingConfig::ALL);
+            voice.voice.capture.processing = a.capture.processing(ProcessingConfig::MICROPHONE);
             voice.port_mapping = a.port_mapping == OnOff::On;
             Ok(app::run_desktop(
                 Some(cfg),
@@ -423,7 +425,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 } else {
                     (
                         a.capture.denoise(true),
-                        a.capture.processing(ProcessingConfig::ALL),
+                        a.capture.processing(ProcessingConfig::MICROPHONE),
                     )
                 };
                 let opts = HeadlessOptions {
@@ -462,7 +464,7 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             let stages = (
                 a.capture.denoise(true),
-                a.capture.processing(ProcessingConfig::ALL),
+                a.capture.processing(ProcessingConfig::MICROPHONE),
             );
             let voice = with_audio_host(
                 VoiceThreadConfig {

@@ -486,3 +486,126 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
          the frames the receiver concealed or dropped can touch"
     );
 }
+
+/// A PulseAudio module loaded for one test; unloaded on drop.
+struct PulseModule(String);
+
+impl PulseModule {
+    fn load(args: &[&str]) -> Self {
+        let out = Command::new("pactl")
+            .arg("load-module")
+            .args(args)
+            .output()
+            .expect("pactl load-module");
+        assert!(out.status.success(), "loading {args:?}: {out:?}");
+        Self(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for PulseModule {
+    fn drop(&mut self) {
+        let _ = Command::new("pactl")
+            .args(["unload-module", &self.0])
+            .status();
+    }
+}
+
+fn rms_db(x: &[f32]) -> f64 {
+    let p = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / x.len().max(1) as f64;
+    10.0 * p.max(1e-20).log10()
+}
+
+/// One call of `secs` between a talker (recorded speech) and a device member whose speaker is
+/// fed straight back into its microphone by a PulseAudio loopback (a laptop without
+/// headphones, with the speaker as loud at the microphone as the talker's voice). Returns the
+/// level, dBFS, of what the talker heard back over the last 12 s, its own voice's level, and
+/// the device member's summary.
+fn call_through_a_speaker_loop(
+    echo_cancellation: bool,
+    secs: f64,
+) -> (f64, f64, serde_json::Value) {
+    let pulse_server = pulse_server().expect("PulseAudio server address");
+    let _sinks = NullSinks::load(&["p2pv_spk"]);
+    let server = common::ServerProcess::start();
+    let talker = common::HeadlessClient::spawn(
+        server.addr,
+        "talker",
+        "Lobby",
+        &["--input-wav", SPEECH, "--loop-input"],
+        &[],
+        secs,
+    );
+    let on_off = if echo_cancellation { "on" } else { "off" };
+    let device_member = common::p2p()
+        .args(["client", "--headless", "--server", &server.addr.to_string()])
+        .args(["--username", "laptop", "--channel", "Lobby"])
+        .args(["--duration", &secs.to_string()])
+        .args(["--audio-host", "pulseaudio"])
+        // The microphone hears exactly what the speaker plays.
+        .args(["--input-device", "p2pv_spk.monitor"])
+        .args(["--output-device", "p2pv_spk"])
+        // Everything else is the default capture chain of a microphone.
+        .args(["--echo-cancellation", on_off])
+        .env("PULSE_SERVER", &pulse_server)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn device member");
+    let out = device_member.wait_with_output().expect("device member");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "device member: {}: {stdout}",
+        out.status
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let summary = common::summary(&lines).clone();
+    let (_, heard_back) = talker.finish();
+    let tail = heard_back.len().saturating_sub(SAMPLE_RATE as usize * 12);
+    let speech = p2p_voice::audio::load_wav_mono_48k(std::path::Path::new(SPEECH)).expect("speech");
+    (rms_db(&heard_back[tail..]), rms_db(&speech), summary)
+}
+
+/// Real recorded speech (codec2-examples, which `make test` installs).
+const SPEECH: &str = "/usr/share/codec2/raw/speech_orig_16k.wav";
+
+/// A laptop without headphones must not send the others their own voice back. The device
+/// member's speaker is looped into its microphone at full level; with echo cancellation on
+/// (the default for a microphone) the talker hears at least 25 dB less of its own voice back
+/// than with it off, and with it off it does hear itself (the control: the loop is real).
+#[test]
+fn a_speaker_looped_into_the_microphone_does_not_send_the_talker_its_own_voice_back() {
+    let _pulse = match PulseGuard::ensure() {
+        Ok(guard) => guard,
+        Err(reason) => {
+            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
+            return;
+        }
+    };
+    if !std::path::Path::new(SPEECH).exists() {
+        skip_unless_ci(&format!(
+            "{SPEECH} is missing (Debian package codec2-examples)"
+        ));
+        return;
+    }
+    let (off, own, _) = call_through_a_speaker_loop(false, 22.0);
+    let (on, _, summary) = call_through_a_speaker_loop(true, 22.0);
+    let capture = &summary["capture"];
+    println!(
+        "talker's own voice {own:.1} dBFS; heard back {off:.1} dBFS without echo cancellation, \
+         {on:.1} dBFS with it; the canceller's figures: {capture}"
+    );
+    assert!(
+        off > own - 20.0,
+        "without echo cancellation the talker should hear itself back ({off:.1} dBFS against \
+         its own {own:.1}): the loop is not working"
+    );
+    assert!(
+        on < off - 25.0,
+        "echo cancellation took only {:.1} dB off the talker's voice coming back",
+        off - on
+    );
+    assert_eq!(capture["echo_cancellation"], true, "{capture}");
+}

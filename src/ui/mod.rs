@@ -90,7 +90,7 @@ impl Plugin for UiPlugin {
             normalize_loudness: settings.normalize_loudness.unwrap_or(false),
             echo_cancellation: settings.echo_cancellation.unwrap_or(true),
             gain_control: settings.gain_control.unwrap_or(true),
-            high_pass: settings.high_pass.unwrap_or(true),
+            high_pass: settings.high_pass.unwrap_or(false),
             ptt_enabled: settings.push_to_talk.unwrap_or(false),
             input_devices: o.input_devices.clone(),
             output_devices: o.output_devices.clone(),

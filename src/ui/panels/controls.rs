@@ -110,10 +110,12 @@ type Stage<'a> = (bool, &'a str, &'a str, fn(bool) -> VoiceSetting);
 
 /// The capture chain's stages, in the order they run, each with a checkbox.
 fn microphone_processing(ui: &mut egui::Ui, view: &ControlsView, actions: &mut Vec<UiAction>) {
+    // Only the delay is shown: AEC3's own ERLE figure reads near 0 dB on calls where the
+    // echo is fully removed (its linear filter's estimate, not what reaches the others).
     let echo_hint = match view.echo {
-        Some((erle, delay)) if view.echo_cancellation => format!(
+        Some((_, delay)) if view.echo_cancellation => format!(
             "Takes what your speaker plays out of your microphone, so others don't hear \
-             themselves (now: {erle:.0} dB less echo, delay {delay} ms)"
+             themselves (speaker-to-microphone delay found: {delay} ms)"
         ),
         _ => "Takes what your speaker plays out of your microphone, so others don't hear \
               themselves"

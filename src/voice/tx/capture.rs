@@ -80,7 +80,7 @@ impl CaptureConfig {
         Self {
             frame,
             denoise: true,
-            processing: ProcessingConfig::ALL,
+            processing: ProcessingConfig::MICROPHONE,
             vad: VadConfig::for_frame(frame),
             preroll: Duration::from_millis(60),
             // Longer than the receivers' 200 ms idle_after, plus their delay.

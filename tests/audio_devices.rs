@@ -487,29 +487,6 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     );
 }
 
-/// A PulseAudio module loaded for one test; unloaded on drop.
-struct PulseModule(String);
-
-impl PulseModule {
-    fn load(args: &[&str]) -> Self {
-        let out = Command::new("pactl")
-            .arg("load-module")
-            .args(args)
-            .output()
-            .expect("pactl load-module");
-        assert!(out.status.success(), "loading {args:?}: {out:?}");
-        Self(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-}
-
-impl Drop for PulseModule {
-    fn drop(&mut self) {
-        let _ = Command::new("pactl")
-            .args(["unload-module", &self.0])
-            .status();
-    }
-}
-
 fn rms_db(x: &[f32]) -> f64 {
     let p = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / x.len().max(1) as f64;
     10.0 * p.max(1e-20).log10()

@@ -242,6 +242,16 @@ impl SimClient {
         }
     }
 
+    /// The router mapped our port at `mapped` mid-call: announce our endpoints again with it,
+    /// as the voice thread does when the mapping thread reports one.
+    pub fn announce_mapped(&mut self, now: Duration, mapped: Option<SocketAddr>) {
+        self.mapped = mapped;
+        let key = self.engine.public_key();
+        let mut local = vec![self.local];
+        local.extend(self.mapped);
+        self.session.set_local_endpoints(now, local, Some(key));
+    }
+
     /// The router mapped our port at `mapped`: announce it too.
     pub fn set_mapped(&mut self, mapped: Option<SocketAddr>) {
         self.mapped = mapped;

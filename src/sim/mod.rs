@@ -257,6 +257,30 @@ impl World {
         i
     }
 
+    /// The user's router maps its voice port now, mid-call, and the user announces it (a
+    /// direct path appears where there was none).
+    pub fn map_port_now(&mut self, user: usize) {
+        let mapped = self.net.map_port(user);
+        let now = self.now;
+        self.users[user].client.announce_mapped(now, mapped);
+    }
+
+    /// The longest gap in `talker`'s tone as `listener` heard it within `from..to`, in
+    /// 20 ms blocks.
+    pub fn longest_gap(
+        &self,
+        listener: usize,
+        talker: usize,
+        from: Duration,
+        to: Duration,
+    ) -> Duration {
+        let hz = self.users[talker].tone_hz;
+        self.users[listener]
+            .ear
+            .longest_gap(hz, from, to)
+            .unwrap_or_else(|| panic!("user {listener} has no measured audio in {from:?}..{to:?}"))
+    }
+
     pub fn connect(&mut self, user: usize) {
         let now = self.now;
         self.users[user].client.connect(now);

@@ -234,6 +234,24 @@ pub struct DeviceDescs<'a> {
 /// The final JSON line: each peer's link state and stats, the same for the peers that
 /// departed during the run (`departed_peers`, in the order they went), and the audio path's
 /// devices and glitch counters (`audio`).
+/// User plus system CPU time of this process so far, ms (`None` where unknown).
+fn process_cpu_ms() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes the struct we hand it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+            return None;
+        }
+        let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+        Some(ms(usage.ru_utime) + ms(usage.ru_stime))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 pub fn summary_json(
     snap: &VoiceSnapshot,
     departed: &[PeerSnapshot],
@@ -329,6 +347,11 @@ pub fn summary_json(
             "paced_chunks_skipped": snap.audio.paced_chunks_skipped,
             "stream_restarts": snap.audio.stream_restarts,
             "devices_lost": snap.audio.devices_lost,
+        },
+        "process": {
+            // This process's CPU time so far (all threads), for benchmarks: what a member
+            // spends on, say, forwarding others' streams.
+            "cpu_ms": process_cpu_ms(),
         },
         "capture": {
             "noise_suppression": snap.noise_suppression,

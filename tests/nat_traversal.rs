@@ -185,6 +185,22 @@ fn a_public_member_bridges_two_clients_behind_symmetric_nats() {
             "carol forwarded {peer}"
         );
     }
+    // What forwarding costs Carol: her CPU share beyond the others' (all three capture,
+    // encode and decode alike; only she forwards two streams). A figure for
+    // docs/BENCHMARKS.md, not an assertion.
+    let share = |i: usize, secs: f64| {
+        summary(&results[i].0)["process"]["cpu_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+            / (secs * 10.0)
+    };
+    // Carol's 2 s after the others left count as call time: an upper bound on her extra.
+    let (sa, sb, sc) = (share(0, 9.0), share(1, 9.0), share(2, 9.0));
+    println!(
+        "cpu: alice {sa:.1} %, bob {sb:.1} %, carol (forwarding both) {sc:.1} % of one core; \
+         forwarding about {:.1} % per stream",
+        (sc - (sa + sb) / 2.0) / 2.0
+    );
     report_first_audio("symmetric-symmetric via a member", "alice", &out_a, 660.0);
     report_first_audio("symmetric-symmetric via a member", "bob", &out_b, 440.0);
     report_first_audio("symmetric-public direct", "alice", &out_a, 880.0);

@@ -384,6 +384,37 @@ fn a_client_behind_a_carrier_grade_nat_is_heard_through_the_relay() {
     assert_pair_relayed_by_server(&results, "CGNAT-home via server", &out_a, &out_b);
 }
 
+/// Both clients behind home routers behind carrier-grade symmetric NATs (two mobile or fibre
+/// subscribers), with a relaying server: neither can be reached directly, the server relays,
+/// and each hears the other.
+#[test]
+fn two_clients_behind_carrier_grade_nats_hear_each_other_through_the_relay() {
+    let Some(tag) = namespaces_or_skip('g') else {
+        return;
+    };
+    let _net = build_sites(&tag, &[Nat::Cgnat, Nat::Cgnat]).expect("build the namespace network");
+    let mut server = public_server(&tag, &["--relay"]);
+    let out_a = temp_path("cgnat2-a.wav");
+    let out_b = temp_path("cgnat2-b.wav");
+    let a = client(&format!("pv{tag}ha"), "alice", "440", &out_a);
+    let b = client(&format!("pv{tag}hb"), "bob", "660", &out_b);
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    // The server saw each at its carrier's address.
+    for (i, carrier) in [(0, "198.18.0.1:"), (1, "198.18.0.2:")] {
+        let s = summary(&results[i].0);
+        assert!(
+            s["public_addr"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(carrier),
+            "{s}"
+        );
+    }
+    assert_pair_relayed_by_server(&results, "CGNAT-CGNAT via server", &out_a, &out_b);
+}
+
 /// Routers that forget a UDP mapping after 20 s without traffic (what some carriers and cheap
 /// routers do; Linux's default is 30 s, or 120 s once a flow saw replies both ways), two home
 /// NATs, and 25 s of silence in the middle of the call: one member speaks (real recorded

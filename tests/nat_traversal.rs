@@ -415,6 +415,55 @@ fn two_clients_behind_carrier_grade_nats_hear_each_other_through_the_relay() {
     assert_pair_relayed_by_server(&results, "CGNAT-CGNAT via server", &out_a, &out_b);
 }
 
+/// The table's "two symmetric and one home NAT in one channel" (no pair connected before the
+/// relays): with a relaying server every pair has a path, every link is up (direct or
+/// relayed, none unreachable) and everybody hears everybody.
+#[test]
+fn two_symmetric_nats_and_a_home_nat_in_one_channel_all_hear_each_other() {
+    let Some(tag) = namespaces_or_skip('y') else {
+        return;
+    };
+    let _net = build_sites(&tag, &[Nat::Symmetric, Nat::Symmetric, Nat::Home])
+        .expect("build the namespace network");
+    let mut server = public_server(&tag, &["--relay"]);
+    let names = [
+        ("alice", "440", 'a'),
+        ("bob", "660", 'b'),
+        ("carol", "880", 'c'),
+    ];
+    let outs: Vec<_> = names
+        .iter()
+        .map(|(n, _, _)| temp_path(&format!("mixed-{n}.wav")))
+        .collect();
+    let children: Vec<_> = names
+        .iter()
+        .zip(&outs)
+        .map(|((name, hz, side), out)| client(&format!("pv{tag}h{side}"), name, hz, out))
+        .collect();
+    let results: Vec<_> = children.into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    for (i, (me, _, _)) in names.iter().enumerate() {
+        let s = summary(&results[i].0);
+        let heard = tail_of(&outs[i]);
+        for (j, (other, hz, _)) in names.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {}", results[i].1));
+            let state = peer["link"]["state"].as_str().unwrap_or_default();
+            assert!(
+                state == "direct" || state == "relayed",
+                "{me} -> {other}: {peer}"
+            );
+            let hz: f32 = hz.parse().unwrap();
+            println!("{me} -> {other}: {state} {}", peer["link"]["via"]);
+            report_first_audio("two symmetric and a home NAT", me, &outs[i], hz);
+            assert!(tone_level(&heard, hz) > 0.1, "{me} hears {other} ({state})");
+        }
+    }
+}
+
 /// Routers that forget a UDP mapping after 20 s without traffic (what some carriers and cheap
 /// routers do; Linux's default is 30 s, or 120 s once a flow saw replies both ways), two home
 /// NATs, and 25 s of silence in the middle of the call: one member speaks (real recorded

@@ -9,6 +9,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::netns::*;
 use common::*;
@@ -461,6 +462,125 @@ fn two_symmetric_nats_and_a_home_nat_in_one_channel_all_hear_each_other() {
             report_first_audio("two symmetric and a home NAT", me, &outs[i], hz);
             assert!(tone_level(&heard, hz) > 0.1, "{me} hears {other} ({state})");
         }
+    }
+}
+
+/// Sends `payloads` to `to` from a socket bound to `from` inside network namespace `ns` (the
+/// attacker's third address), on a thread that enters the namespace by itself.
+fn send_from_namespace(ns: &str, from: &str, to: std::net::SocketAddr, payloads: &[Vec<u8>]) {
+    let path = format!("/var/run/netns/{ns}");
+    let from: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    let payloads = payloads.to_vec();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&path).expect("namespace handle");
+        // SAFETY: setns only changes this thread's network namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns into {path}");
+        let socket = std::net::UdpSocket::bind(from).expect("attacker socket");
+        for p in &payloads {
+            let _ = socket.send_to(p, to);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+    .join()
+    .expect("replay thread");
+}
+
+/// Issue 12's hijack: genuine datagrams of Alice's (punches, pings, voice) recorded on the wire
+/// and replayed to Bob from a third address must not become Alice's path, so Bob's voice keeps
+/// going to the real Alice and Bob keeps hearing her without a gap. Bob is on the public
+/// segment, where nothing filters what reaches him; Alice behind a home NAT.
+#[test]
+fn datagrams_replayed_from_a_third_address_do_not_move_the_path() {
+    let Some(tag) = namespaces_or_skip('r') else {
+        return;
+    };
+    if Command::new("tcpdump").arg("--version").output().is_err() {
+        skip_unless_ci("replaying recorded datagrams needs tcpdump");
+        return;
+    }
+    let _net = build_sites(&tag, &[Nat::Home]).expect("build the namespace network");
+    let pub_ns = format!("pv{tag}pub");
+    in_ns(
+        &pub_ns,
+        &["ip", "addr", "add", "198.18.0.99/24", "dev", "br0"],
+    )
+    .unwrap();
+    let mut server = public_server(&tag, &[]);
+    let pcap = temp_path("replay.pcap");
+    let mut dump = Command::new("ip")
+        .args([
+            "netns", "exec", &pub_ns, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w",
+        ])
+        .arg(&pcap)
+        .arg("udp and src host 198.18.0.1 and dst host 198.18.0.10 and not dst port 7700")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tcpdump");
+    let out_a = temp_path("replay-a.wav");
+    let out_b = temp_path("replay-b.wav");
+    let b = client_for(&pub_ns, "bob", "660", &out_b, "12");
+    let a = client_for(&format!("pv{tag}ha"), "alice", "440", &out_a, "11");
+    // The path is up after about a second; record four seconds of it.
+    std::thread::sleep(Duration::from_secs(5));
+    let _ = dump.kill();
+    let _ = dump.wait();
+    let captured = pcap_payloads(&std::fs::read(&pcap).expect("capture"));
+    let bob_port = captured
+        .first()
+        .map(|&(_, _, dport, _)| dport)
+        .expect("alice's datagrams to bob");
+    let payloads: Vec<Vec<u8>> = captured
+        .iter()
+        .filter(|(proto, _, dport, _)| *proto == 17 && *dport == bob_port)
+        .map(|(_, _, _, p)| p.clone())
+        .collect();
+    assert!(
+        payloads.len() > 50,
+        "only {} datagrams recorded",
+        payloads.len()
+    );
+    // Replay all of them (punches, pings, reports and voice) from the third address, twice.
+    let bob: std::net::SocketAddr = format!("198.18.0.10:{bob_port}").parse().unwrap();
+    let replayed = payloads.len().min(400);
+    send_from_namespace(&pub_ns, "198.18.0.99", bob, &payloads[..replayed]);
+    send_from_namespace(&pub_ns, "198.18.0.99", bob, &payloads[..replayed]);
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let bob_summary = summary(&results[1].0);
+    let alice = peer_named(bob_summary, "alice").unwrap_or_else(|| panic!("bob: {}", results[1].1));
+    assert_eq!(alice["link"]["state"], "direct", "{alice}");
+    let addr = alice["link"]["addr"].as_str().unwrap_or_default();
+    assert!(
+        addr.starts_with("198.18.0.1:"),
+        "bob's path to alice moved to {addr} (the attacker is 198.18.0.99)"
+    );
+    let drops = &bob_summary["dropped_datagrams"];
+    let refused: u64 = ["replay", "unauthenticated_source", "stale_control"]
+        .iter()
+        .map(|k| drops[k].as_u64().unwrap_or(0))
+        .sum();
+    println!("replayed {} datagrams twice; bob dropped {drops}", replayed);
+    assert!(
+        refused > 0,
+        "the replayed datagrams were not refused: {drops}"
+    );
+    // Alice still hears bob (his voice did not go to the attacker) and bob hears alice,
+    // with no gap over 100 ms from before the replay to the end.
+    let alice_heard = p2p_voice::audio::load_wav_mono_48k(&out_a).unwrap();
+    let bob_heard = p2p_voice::audio::load_wav_mono_48k(&out_b).unwrap();
+    for (who, heard, hz) in [("alice", &alice_heard, 660.0), ("bob", &bob_heard, 440.0)] {
+        let part = &heard[48_000 * 4..(48_000 * 10).min(heard.len())];
+        assert!(
+            tone_level(part, hz) > 0.1,
+            "{who} stopped hearing the other"
+        );
+        let gap = longest_silence_ms(part, 0.02);
+        assert!(gap <= 100, "{who} heard a {gap} ms gap during the replay");
     }
 }
 

@@ -465,3 +465,57 @@ pub fn while_talking(audio: &[f32]) -> &[f32] {
     );
     &audio[from..to]
 }
+
+/// Minimal pcap reader for Linux captures (Ethernet framing, IPv4): yields
+/// (protocol, source port, destination port, payload) for every TCP and UDP packet.
+pub fn pcap_payloads(bytes: &[u8]) -> Vec<(u8, u16, u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    if bytes.len() < 24 {
+        return out;
+    }
+    let le = bytes[0] == 0xd4;
+    let u32_at = |b: &[u8], i: usize| {
+        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    let mut i = 24;
+    while i + 16 <= bytes.len() {
+        let caplen = u32_at(bytes, i + 8) as usize;
+        let frame = &bytes[i + 16..(i + 16 + caplen).min(bytes.len())];
+        i += 16 + caplen;
+        // Ethernet header, then IPv4.
+        if frame.len() < 14 + 20 || frame[12] != 0x08 || frame[13] != 0x00 {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        let proto = ip[9];
+        let total = (u16::from_be_bytes([ip[2], ip[3]]) as usize).min(ip.len());
+        if total < ihl {
+            continue;
+        }
+        let l4 = &ip[ihl..total];
+        if l4.len() < 4 {
+            continue;
+        }
+        let (sport, dport) = (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        );
+        match proto {
+            17 if l4.len() >= 8 => out.push((17, sport, dport, l4[8..].to_vec())),
+            6 if l4.len() >= 20 => {
+                let off = ((l4[12] >> 4) as usize) * 4;
+                if l4.len() >= off {
+                    out.push((6, sport, dport, l4[off..].to_vec()));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}

@@ -213,6 +213,14 @@ fn a_public_member_bridges_two_clients_behind_symmetric_nats() {
     assert!(tone_level(&a, 880.0) > 0.1, "alice hears carol");
     assert!(tone_level(&b, 440.0) > 0.1, "bob hears alice");
     assert!(tone_level(&b, 880.0) > 0.1, "bob hears carol");
+    for (who, out, hz) in [
+        ("alice", &out_a, 660.0),
+        ("alice", &out_a, 880.0),
+        ("bob", &out_b, 440.0),
+        ("bob", &out_b, 880.0),
+    ] {
+        assert_heard_without_gaps(who, out, hz);
+    }
     assert!(tone_level(&c, 440.0) > 0.1, "carol hears alice");
     assert!(tone_level(&c, 660.0) > 0.1, "carol hears bob");
 }
@@ -354,6 +362,8 @@ fn a_host_behind_a_nat_that_forwards_only_its_port_is_heard_through_its_relay() 
         tone_level(&tail_of(&out_host), 660.0) > 0.1,
         "host hears guest"
     );
+    assert_heard_without_gaps("guest", &out_guest, 440.0);
+    assert_heard_without_gaps("host", &out_host, 660.0);
 }
 
 /// A client behind a home router behind a carrier-grade symmetric NAT, and one behind a home
@@ -461,6 +471,7 @@ fn two_symmetric_nats_and_a_home_nat_in_one_channel_all_hear_each_other() {
             println!("{me} -> {other}: {state} {}", peer["link"]["via"]);
             report_first_audio("two symmetric and a home NAT", me, &outs[i], hz);
             assert!(tone_level(&heard, hz) > 0.1, "{me} hears {other} ({state})");
+            assert_heard_without_gaps(me, &outs[i], hz);
         }
     }
 }
@@ -802,4 +813,6 @@ table inet guard {
     report_first_audio("IPv6 only, stateful firewalls", "bob", &out_b, 440.0);
     assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
     assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
+    assert_heard_without_gaps("alice", &out_a, 660.0);
+    assert_heard_without_gaps("bob", &out_b, 440.0);
 }

@@ -255,6 +255,8 @@ fn assert_mapped_call(tag: &str, protocol: &str, bob_nat: &str) -> serde_json::V
     report_first_audio(&case, "bob", &out_b, 440.0);
     assert!(tone_level(&tail_of(&out_a), 660.0) > 0.1, "alice hears bob");
     assert!(tone_level(&tail_of(&out_b), 440.0) > 0.1, "bob hears alice");
+    assert_heard_without_gaps("alice", &out_a, 660.0);
+    assert_heard_without_gaps("bob", &out_b, 440.0);
     assert_eq!(
         mapping_rules(tag),
         "",

@@ -401,6 +401,35 @@ pub fn report_first_audio(case: &str, who: &str, path: &std::path::Path, hz: f32
     }
 }
 
+/// Asserts `who` heard the tone at `hz` in its recording `path` without a gap over 100 ms
+/// once the path was up: from half a second after the tone is first heard to half a second
+/// before the end, no run of 20 ms blocks in which it is missing is longer (issue 12's rule).
+/// Prints the longest gap found.
+pub fn assert_heard_without_gaps(who: &str, path: &std::path::Path, hz: f32) {
+    let audio = p2p_voice::audio::load_wav_mono_48k(path).unwrap();
+    let first = first_heard_ms(path, hz).unwrap_or_else(|| panic!("{who} never hears {hz} Hz"));
+    let from = (first + 500) * 48;
+    let to = audio.len().saturating_sub(24_000);
+    assert!(
+        to > from + 48_000,
+        "{who}: too little audio after the path came up"
+    );
+    let (mut run, mut longest) = (0, 0);
+    for block in audio[from..to].chunks_exact(960) {
+        run = if tone_level(block, hz) < 0.05 {
+            run + 20
+        } else {
+            0
+        };
+        longest = longest.max(run);
+    }
+    eprintln!("gap: {who} hearing {hz} Hz: longest gap {longest} ms");
+    assert!(
+        longest <= 100,
+        "{who} heard a {longest} ms gap in {hz} Hz after the path came up"
+    );
+}
+
 /// The last 3 s of a client's output WAV.
 pub fn tail_of(path: &std::path::Path) -> Vec<f32> {
     let audio = p2p_voice::audio::load_wav_mono_48k(path).unwrap();
@@ -428,4 +457,6 @@ pub fn assert_pair_relayed_by_server(
     report_first_audio(case, "bob", out_b, 440.0);
     assert!(tone_level(&tail_of(out_a), 660.0) > 0.1, "alice hears bob");
     assert!(tone_level(&tail_of(out_b), 440.0) > 0.1, "bob hears alice");
+    assert_heard_without_gaps("alice", out_a, 660.0);
+    assert_heard_without_gaps("bob", out_b, 440.0);
 }

@@ -595,6 +595,54 @@ fn datagrams_replayed_from_a_third_address_do_not_move_the_path() {
     }
 }
 
+/// Issue 12's switch: a pair the server relays moves to a direct path as soon as one appears,
+/// without a gap over 60 ms. Two home NATs, a relaying server, and Bob's router dropping
+/// everything from Alice's router for the first 3 s: the call starts relayed; when the rule
+/// goes, the punches get through and both move to the direct path.
+#[test]
+fn a_relayed_call_moves_to_a_direct_path_as_it_appears_without_a_gap() {
+    let Some(tag) = namespaces_or_skip('w') else {
+        return;
+    };
+    let _net = build_sites(&tag, &[Nat::Home, Nat::Home]).expect("build the namespace network");
+    let rb = format!("pv{tag}rb");
+    nft(
+        &rb,
+        r#"
+table inet no_direct {
+  chain pre { type filter hook prerouting priority -300; policy accept; ip saddr 198.18.0.1 drop; }
+}
+"#,
+    )
+    .expect("block alice's router at bob's");
+    let mut server = public_server(&tag, &["--relay"]);
+    let out_a = temp_path("switch-a.wav");
+    let out_b = temp_path("switch-b.wav");
+    let a = client(&format!("pv{tag}ha"), "alice", "440", &out_a);
+    let b = client(&format!("pv{tag}hb"), "bob", "660", &out_b);
+    std::thread::sleep(Duration::from_secs(3));
+    in_ns(&rb, &["nft", "delete", "table", "inet", "no_direct"]).expect("lift the block");
+    let results: Vec<_> = [a, b].into_iter().map(finish).collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    for (i, (me, other)) in [("alice", "bob"), ("bob", "alice")].into_iter().enumerate() {
+        let s = summary(&results[i].0);
+        let peer = peer_named(s, other).unwrap_or_else(|| panic!("{me}: {}", results[i].1));
+        assert_eq!(peer["link"]["state"], "direct", "{me}: {peer}");
+    }
+    // Heard well before the block was lifted: the call started on the relay.
+    for (who, out, hz) in [("alice", &out_a, 660.0), ("bob", &out_b, 440.0)] {
+        let first = first_heard_ms(out, hz).unwrap_or_else(|| panic!("{who} never hears"));
+        assert!(first < 2_000, "{who} first heard the other at {first} ms");
+        let gap = longest_gap_after_path_up(who, out, hz);
+        eprintln!("switch: {who} hearing {hz} Hz: first at {first} ms, longest gap {gap} ms");
+        assert!(
+            gap <= 60,
+            "{who} heard a {gap} ms gap across the move to the direct path"
+        );
+    }
+}
+
 /// Routers that forget a UDP mapping after 20 s without traffic (what some carriers and cheap
 /// routers do; Linux's default is 30 s, or 120 s once a flow saw replies both ways), two home
 /// NATs, and 25 s of silence in the middle of the call: one member speaks (real recorded

@@ -406,6 +406,18 @@ pub fn report_first_audio(case: &str, who: &str, path: &std::path::Path, hz: f32
 /// before the end, no run of 20 ms blocks in which it is missing is longer (issue 12's rule).
 /// Prints the longest gap found.
 pub fn assert_heard_without_gaps(who: &str, path: &std::path::Path, hz: f32) {
+    let longest = longest_gap_after_path_up(who, path, hz);
+    eprintln!("gap: {who} hearing {hz} Hz: longest gap {longest} ms");
+    assert!(
+        longest <= 100,
+        "{who} heard a {longest} ms gap in {hz} Hz after the path came up"
+    );
+}
+
+/// The longest run of 20 ms blocks, ms, in which the tone at `hz` is missing from `who`'s
+/// recording `path`, from half a second after it is first heard to half a second before
+/// the end.
+pub fn longest_gap_after_path_up(who: &str, path: &std::path::Path, hz: f32) -> usize {
     let audio = p2p_voice::audio::load_wav_mono_48k(path).unwrap();
     let first = first_heard_ms(path, hz).unwrap_or_else(|| panic!("{who} never hears {hz} Hz"));
     let from = (first + 500) * 48;
@@ -423,11 +435,7 @@ pub fn assert_heard_without_gaps(who: &str, path: &std::path::Path, hz: f32) {
         };
         longest = longest.max(run);
     }
-    eprintln!("gap: {who} hearing {hz} Hz: longest gap {longest} ms");
-    assert!(
-        longest <= 100,
-        "{who} heard a {longest} ms gap in {hz} Hz after the path came up"
-    );
+    longest
 }
 
 /// The last 3 s of a client's output WAV.

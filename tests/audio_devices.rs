@@ -586,3 +586,204 @@ fn a_speaker_looped_into_the_microphone_does_not_send_the_talker_its_own_voice_b
     );
     assert_eq!(capture["echo_cancellation"], true, "{capture}");
 }
+
+/// Normalised cross-correlation of `clip` against `x` at every lag (step `step` samples).
+fn correlate(clip: &[f32], x: &[f32], step: usize) -> Vec<(usize, f32)> {
+    let energy = clip.iter().map(|v| v * v).sum::<f32>().sqrt();
+    (0..x.len().saturating_sub(clip.len()))
+        .step_by(step)
+        .map(|lag| {
+            let window = &x[lag..lag + clip.len()];
+            let dot: f32 = clip.iter().zip(window).map(|(a, b)| a * b).sum();
+            let e = window.iter().map(|v| v * v).sum::<f32>().sqrt();
+            (lag, if e > 0.0 { dot / (energy * e) } else { 0.0 })
+        })
+        .collect()
+}
+
+/// Mouth to ear through real PulseAudio devices at both ends, with the default capture
+/// chain: a speech clip is played once into a combined sink that feeds both the talker's
+/// microphone and a reference sink; the listener plays what it hears into the same reference
+/// sink; one recording of that sink holds the clip twice, and the distance between the two
+/// is what a listener waits from mouth to ear (both device paths and their queues included).
+/// Prints the figure for docs/BENCHMARKS.md (and each side's jitter buffer); asserts only that
+/// the speech came through, not a time.
+#[test]
+fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
+    let _pulse = match PulseGuard::ensure() {
+        Ok(guard) => guard,
+        Err(reason) => {
+            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
+            return;
+        }
+    };
+    const CLIP: &str = "/usr/share/sounds/alsa/Front_Center.wav";
+    if !std::path::Path::new(CLIP).exists() {
+        skip_unless_ci(&format!("{CLIP} is missing (Debian package alsa-utils)"));
+        return;
+    }
+    let pulse_server = pulse_server().expect("PulseAudio server address");
+    let sinks = NullSinks::load(&["p2pv_mic", "p2pv_ref", "p2pv_dump"]);
+    let combine = Command::new("pactl")
+        .args([
+            "load-module",
+            "module-combine-sink",
+            "sink_name=p2pv_both",
+            "slaves=p2pv_mic,p2pv_ref",
+            "rate=48000",
+        ])
+        .output()
+        .expect("pactl load-module");
+    assert!(combine.status.success(), "combine sink: {combine:?}");
+    let combine_module = String::from_utf8_lossy(&combine.stdout).trim().to_string();
+    let _unload = NullSinks(vec![combine_module]);
+
+    // The clip every 3 s, 8 times, scaled to -6 dBFS peak.
+    let clip = p2p_voice::audio::load_wav_mono_48k(std::path::Path::new(CLIP)).expect("clip");
+    let peak = clip.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let clip: Vec<f32> = clip.iter().map(|v| v * 0.5 / peak).collect();
+    let mut script = vec![0.0f32; SAMPLE_RATE as usize * 4];
+    for _ in 0..8 {
+        script.extend_from_slice(&clip);
+        script.extend(std::iter::repeat_n(
+            0.0,
+            SAMPLE_RATE as usize * 3 - clip.len(),
+        ));
+    }
+    let raw = common::temp_path("m2e-script.f32");
+    let bytes: Vec<u8> = script.iter().flat_map(|s| s.to_le_bytes()).collect();
+    std::fs::write(&raw, bytes).expect("write script");
+
+    let server = common::ServerProcess::start();
+    let member = |name: &str, input: &[&str], output: &str| {
+        common::p2p()
+            .args(["client", "--headless", "--server", &server.addr.to_string()])
+            .args(["--username", name, "--channel", "Lobby", "--duration", "31"])
+            .args(["--audio-host", "pulseaudio"])
+            .args(input)
+            .args(["--output-device", output])
+            .env("PULSE_SERVER", &pulse_server)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn device member")
+    };
+    let ear = member("ear", &["--input-silence"], "p2pv_ref");
+    let mouth = member(
+        "mouth",
+        &["--input-device", "p2pv_mic.monitor"],
+        "p2pv_dump",
+    );
+    // Let both open their devices and the call come up.
+    std::thread::sleep(Duration::from_secs(4));
+    let recording = common::temp_path("m2e-ref.f32");
+    let raw_args = [
+        "--raw",
+        "--format=float32le",
+        "--rate=48000",
+        "--channels=1",
+    ];
+    let mut recorder = Command::new("parecord")
+        .args(["--device=p2pv_ref.monitor"])
+        .args(raw_args)
+        .arg(&recording)
+        .spawn()
+        .expect("parecord");
+    let mut player = Command::new("pacat")
+        .args(["--playback", "--device=p2pv_both"])
+        .args(raw_args)
+        .arg(&raw)
+        .spawn()
+        .expect("pacat");
+    let _ = player.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = recorder.kill();
+    let _ = recorder.wait();
+    let mut ear_decoded = 0;
+    for (who, c) in [("ear", ear), ("mouth", mouth)] {
+        let out = c.wait_with_output().expect("device member");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let summary = common::summary(&lines);
+        for p in summary["peers"].as_array().into_iter().flatten() {
+            println!(
+                "{who}: hears {} with {} frames decoded, jitter buffer {} ms (target {} ms)",
+                p["username"], p["frames_decoded"], p["buffer_ms"], p["target_ms"]
+            );
+            if who == "ear" {
+                ear_decoded = p["frames_decoded"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    drop(sinks);
+    let heard = read_f32le(&recording);
+    // Each clip's direct copy is the best match; the call's copy the best match at least
+    // 20 ms later within half a second.
+    let probe = &clip[..clip.len().min(24_000)];
+    let matches = correlate(probe, &heard, 48);
+    println!(
+        "recorded {:.1} s at {:.1} dBFS; best match {:?}",
+        heard.len() as f64 / 48_000.0,
+        rms_db(&heard),
+        matches.iter().max_by(|a, b| a.1.total_cmp(&b.1))
+    );
+    let mut delays = Vec::new();
+    let mut t = 0;
+    while t < heard.len() {
+        let window = t;
+        t += SAMPLE_RATE as usize * 3;
+        // The direct copy comes first: the earliest strong match in the window, then the
+        // best match within 10 ms of it.
+        let Some(&(first, _)) = matches
+            .iter()
+            .filter(|(lag, _)| *lag >= window)
+            .take_while(|(lag, _)| *lag < window + SAMPLE_RATE as usize * 3)
+            .find(|(_, c)| *c > 0.5)
+        else {
+            continue;
+        };
+        let Some(&(direct, _)) = matches
+            .iter()
+            .filter(|(lag, _)| *lag >= first && *lag < first + 480)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+        else {
+            continue;
+        };
+        // The call's copy: the best match from 20 ms to 1 s later.
+        let later = matches
+            .iter()
+            .filter(|(lag, _)| *lag >= direct + 960 && *lag < direct + 48_000)
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some(&(call, cc)) = later {
+            if cc > 0.3 {
+                // Refine both to the sample.
+                let fine = |around: usize| {
+                    correlate(
+                        probe,
+                        &heard[around.saturating_sub(48)
+                            ..(around + 48 + probe.len()).min(heard.len())],
+                        1,
+                    )
+                    .into_iter()
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .map_or(around, |(l, _)| around.saturating_sub(48) + l)
+                };
+                delays.push((fine(call) as f64 - fine(direct) as f64) / 48.0);
+                // The next window starts after this clip's call copy.
+                t = t.max(call + probe.len());
+            }
+        }
+    }
+    delays.sort_by(f64::total_cmp);
+    println!(
+        "mouth to ear through PulseAudio, default capture chain: {delays:.1?} ms ({} of 8 clips \
+         found in the recording)",
+        delays.len()
+    );
+    assert!(
+        ear_decoded > 100,
+        "the speech did not come through the call ({ear_decoded} frames decoded)"
+    );
+}

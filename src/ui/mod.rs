@@ -123,7 +123,7 @@ impl Plugin for UiPlugin {
             Startup,
             (setup_camera, auto_connect, start_with_shown_settings),
         )
-        .add_systems(Update, track_control_events)
+        .add_systems(Update, (track_control_events, release_ptt_when_unfocused))
         .add_systems(EguiPrimaryContextPass, draw_ui);
     }
 }
@@ -155,6 +155,18 @@ fn start_with_shown_settings(state: Res<UiState>, mut voice: EventWriter<VoiceCo
         VoiceSetting::HighPass(c.high_pass),
     ] {
         voice.write(VoiceCommand::Setting(setting));
+    }
+}
+
+/// Push-to-talk is read from the window's key events, so a key let go while another window
+/// has focus is never seen and would leave the microphone open: losing focus releases it.
+fn release_ptt_when_unfocused(
+    mut focus: EventReader<bevy::window::WindowFocused>,
+    state: Res<UiState>,
+    mut voice: EventWriter<VoiceCommand>,
+) {
+    if focus.read().any(|f| !f.focused) && state.controls.ptt_enabled {
+        voice.write(VoiceCommand::Setting(VoiceSetting::PttPressed(false)));
     }
 }
 
@@ -707,6 +719,38 @@ mod tests {
         draw.initialize(&mut world);
         let mut track = IntoSystem::into_system(track_control_events);
         track.initialize(&mut world);
+    }
+
+    #[test]
+    fn losing_window_focus_releases_push_to_talk() {
+        let mut app = App::new();
+        app.add_event::<bevy::window::WindowFocused>()
+            .add_event::<VoiceCommand>()
+            .insert_resource(UiState::default())
+            .add_systems(Update, release_ptt_when_unfocused);
+        let lose_focus = |app: &mut App| {
+            app.world_mut().send_event(bevy::window::WindowFocused {
+                window: Entity::PLACEHOLDER,
+                focused: false,
+            });
+            app.update();
+            let events = app.world().resource::<Events<VoiceCommand>>();
+            events
+                .get_cursor()
+                .read(events)
+                .filter(|c| matches!(c, VoiceCommand::Setting(VoiceSetting::PttPressed(false))))
+                .count()
+        };
+        assert_eq!(
+            lose_focus(&mut app),
+            0,
+            "voice activation: nothing to release"
+        );
+        app.world_mut()
+            .resource_mut::<UiState>()
+            .controls
+            .ptt_enabled = true;
+        assert_eq!(lose_focus(&mut app), 1, "push-to-talk is released");
     }
 
     #[test]

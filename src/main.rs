@@ -52,6 +52,9 @@ struct HostArgs {
     /// Username (defaults to the last one used).
     #[arg(long)]
     username: Option<String>,
+    /// Channel the host joins as soon as it is connected (it starts in a call).
+    #[arg(long, default_value = "Lobby")]
+    channel: String,
     /// Where the embedded server keeps its TLS certificate.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -334,6 +337,7 @@ fn run() -> anyhow::Result<ExitCode> {
         bind: "::".parse().expect("literal address"),
         channels: None,
         username: None,
+        channel: "Lobby".into(),
         data_dir: None,
         no_relay: false,
         relay_kbps: DEFAULT_RELAY_KBPS,
@@ -387,7 +391,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 Some(cfg),
                 a.username,
                 None,
-                None,
+                Some((a.channel, None)),
                 with_audio_host(voice, a.audio_host),
                 choices,
                 false,

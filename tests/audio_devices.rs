@@ -709,10 +709,12 @@ fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
         let summary = common::summary(&lines);
-        for p in summary["peers"].as_array().into_iter().flatten() {
+        let other = if who == "ear" { "mouth" } else { "ear" };
+        // The other may have left a moment earlier: `peer_named` looks in both lists.
+        if let Some(p) = common::peer_named(summary, other) {
             println!(
-                "{who}: hears {} with {} frames decoded, jitter buffer {} ms (target {} ms)",
-                p["username"], p["frames_decoded"], p["buffer_ms"], p["target_ms"]
+                "{who}: hears {other} with {} frames decoded, jitter buffer {} ms (target {} ms)",
+                p["frames_decoded"], p["buffer_ms"], p["target_ms"]
             );
             if who == "ear" {
                 ear_decoded = p["frames_decoded"].as_u64().unwrap_or(0);

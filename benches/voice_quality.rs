@@ -18,7 +18,9 @@
 //!
 //! `cargo bench --bench voice_quality` runs every condition twice (about fifteen minutes;
 //! `VOICE_QUALITY_RUNS=N` changes the count, `VOICE_QUALITY_ONLY=TEXT` runs only the conditions
-//! whose label contains TEXT, `VOICE_QUALITY_KEEP=1` keeps the WAVs). Without
+//! whose label contains TEXT, `VOICE_QUALITY_KEEP=1` keeps the WAVs; in the "microphone
+//! chain" case `VOICE_QUALITY_MIC_CHAIN="--gain-control off"` and the like switch the
+//! talker's stages, to find what each costs). Without
 //! `--bench` in argv (how `cargo test --all-targets` runs benches) it runs one short call at 0 %
 //! loss and checks only that a score was computed and that speech came out.
 

@@ -319,6 +319,16 @@ fn voice_config(
     }
 }
 
+/// The voice settings the command line gives explicitly, which win over what the window
+/// remembers.
+fn window_choices(normalize_loudness: Option<OnOff>, capture: &CaptureFlags) -> Vec<VoiceSetting> {
+    normalize_loudness
+        .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On))
+        .into_iter()
+        .chain(capture.choices())
+        .collect()
+}
+
 fn with_audio_host(mut voice: VoiceThreadConfig, host: AudioHost) -> VoiceThreadConfig {
     voice.audio.host = host;
     voice
@@ -377,12 +387,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 );
                 return app::run_server(cfg);
             }
-            let choices = a
-                .normalize_loudness
-                .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On))
-                .into_iter()
-                .chain(a.capture.choices())
-                .collect();
+            let choices = window_choices(a.normalize_loudness, &a.capture);
             let mut voice = VoiceThreadConfig::default();
             voice.voice.capture.denoise = a.capture.denoise(true);
             voice.voice.capture.processing = a.capture.processing(ProcessingConfig::MICROPHONE);
@@ -485,13 +490,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 a.audio_host,
             );
             let join = a.channel.map(|c| (c, a.password));
-            // What the command line says explicitly wins over what the window remembers.
-            let choices = a
-                .normalize_loudness
-                .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On))
-                .into_iter()
-                .chain(a.capture.choices())
-                .collect();
+            let choices = window_choices(a.normalize_loudness, &a.capture);
             Ok(app::run_desktop(
                 None,
                 a.username,

@@ -306,6 +306,37 @@ fn read_f32le(path: &std::path::Path) -> Vec<f32> {
         .collect()
 }
 
+/// A headless member of Lobby for `secs` on cpal's native PulseAudio host, reached at
+/// `pulse_server`, with the device arguments `args` (input, output, stages).
+fn pulse_member(
+    server: std::net::SocketAddr,
+    pulse_server: &str,
+    name: &str,
+    secs: f64,
+    args: &[&str],
+) -> std::process::Child {
+    common::p2p()
+        .args(["client", "--headless", "--server", &server.to_string()])
+        .args(["--username", name, "--channel", "Lobby"])
+        .args(["--duration", &secs.to_string()])
+        .args(["--audio-host", "pulseaudio"])
+        .args(args)
+        .env("PULSE_SERVER", pulse_server)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn device member")
+}
+
+/// The JSON lines a finished member printed; panics (with them) if it did not exit cleanly.
+fn member_lines(out: std::process::Output, who: &str) -> Vec<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{who}: {}: {stdout}", out.status);
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// A 30 s call with one member on real PulseAudio devices through cpal's native PulseAudio
 /// host, the other on a tone and a WAV file. The device member captures a 660 Hz tone played
 /// into a null sink (its monitor is the microphone) and plays what it hears into a second
@@ -366,38 +397,34 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
         &["--always-transmit"],
         f64::from(CALL_S),
     );
-    let device_member = common::p2p()
-        .args(["client", "--headless", "--server", &server.addr.to_string()])
-        .args(["--username", "devices", "--channel", "Lobby"])
-        .args(["--duration", &CALL_S.to_string()])
-        .args(["--audio-host", "pulseaudio"])
-        .args(["--input-device", "p2pv_mic.monitor"])
-        .args(["--output-device", "p2pv_spk"])
-        // A steady tone is what a noise suppressor is for removing, and a steady tone heard
-        // while another plays is what an echo canceller cannot tell from echo (AEC3 held this
-        // one down for about 6 s before it found there was no echo path); speech would keep
-        // both on. This test is about the device path; benches/echo.rs measures the chain.
-        .args(["--noise-suppression", "off", "--echo-cancellation", "off"])
-        .arg("--always-transmit")
-        .env("PULSE_SERVER", &pulse_server)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn device member");
+    let device_member = pulse_member(
+        server.addr,
+        &pulse_server,
+        "devices",
+        f64::from(CALL_S),
+        &[
+            "--input-device",
+            "p2pv_mic.monitor",
+            "--output-device",
+            "p2pv_spk",
+            // A steady tone is what a noise suppressor is for removing, and a steady tone
+            // heard while another plays is what an echo canceller cannot tell from echo (AEC3
+            // held this one down for about 6 s before it found there was no echo path);
+            // speech would keep both on. This test is about the device path; benches/echo.rs
+            // measures the chain.
+            "--noise-suppression",
+            "off",
+            "--echo-cancellation",
+            "off",
+            "--always-transmit",
+        ],
+    );
     let out = device_member.wait_with_output().expect("device member");
     let _ = recorder.kill();
     let _ = recorder.wait();
     let _ = player.kill();
     let _ = player.wait();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "device member: {}: {stdout}",
-        out.status
-    );
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines = member_lines(out, "device member");
     let (peer_lines, heard_by_peer) = peer.finish();
     let summary = common::summary(&lines);
     // How each side's jitter buffer fared: a frame it concealed or dropped is a dip in the
@@ -513,31 +540,24 @@ fn call_through_a_speaker_loop(
         secs,
     );
     let on_off = if echo_cancellation { "on" } else { "off" };
-    let device_member = common::p2p()
-        .args(["client", "--headless", "--server", &server.addr.to_string()])
-        .args(["--username", "laptop", "--channel", "Lobby"])
-        .args(["--duration", &secs.to_string()])
-        .args(["--audio-host", "pulseaudio"])
-        // The microphone hears exactly what the speaker plays.
-        .args(["--input-device", "p2pv_spk.monitor"])
-        .args(["--output-device", "p2pv_spk"])
-        // Everything else is the default capture chain of a microphone.
-        .args(["--echo-cancellation", on_off])
-        .env("PULSE_SERVER", &pulse_server)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn device member");
-    let out = device_member.wait_with_output().expect("device member");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "device member: {}: {stdout}",
-        out.status
+    let device_member = pulse_member(
+        server.addr,
+        &pulse_server,
+        "laptop",
+        secs,
+        &[
+            // The microphone hears exactly what the speaker plays.
+            "--input-device",
+            "p2pv_spk.monitor",
+            "--output-device",
+            "p2pv_spk",
+            // Everything else is the default capture chain of a microphone.
+            "--echo-cancellation",
+            on_off,
+        ],
     );
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let out = device_member.wait_with_output().expect("device member");
+    let lines = member_lines(out, "device member");
     let summary = common::summary(&lines).clone();
     let (_, heard_back) = talker.finish();
     let tail = heard_back.len().saturating_sub(SAMPLE_RATE as usize * 12);
@@ -638,6 +658,7 @@ fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
         .expect("pactl load-module");
     assert!(combine.status.success(), "combine sink: {combine:?}");
     let combine_module = String::from_utf8_lossy(&combine.stdout).trim().to_string();
+    // Unloaded on drop like the sinks (a NullSinks holds any module ids).
     let _unload = NullSinks(vec![combine_module]);
 
     // The clip every 3 s, 8 times, scaled to -6 dBFS peak.
@@ -657,23 +678,17 @@ fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
     std::fs::write(&raw, bytes).expect("write script");
 
     let server = common::ServerProcess::start();
-    let member = |name: &str, input: &[&str], output: &str| {
-        common::p2p()
-            .args(["client", "--headless", "--server", &server.addr.to_string()])
-            .args(["--username", name, "--channel", "Lobby", "--duration", "31"])
-            .args(["--audio-host", "pulseaudio"])
-            .args(input)
-            .args(["--output-device", output])
-            .env("PULSE_SERVER", &pulse_server)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn device member")
-    };
-    let ear = member("ear", &["--input-silence"], "p2pv_ref");
+    let member =
+        |name: &str, args: &[&str]| pulse_member(server.addr, &pulse_server, name, 31.0, args);
+    let ear = member("ear", &["--input-silence", "--output-device", "p2pv_ref"]);
     let mouth = member(
         "mouth",
-        &["--input-device", "p2pv_mic.monitor"],
-        "p2pv_dump",
+        &[
+            "--input-device",
+            "p2pv_mic.monitor",
+            "--output-device",
+            "p2pv_dump",
+        ],
     );
     // Let both open their devices and the call come up.
     std::thread::sleep(Duration::from_secs(4));
@@ -702,12 +717,7 @@ fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
     let _ = recorder.wait();
     let mut ear_decoded = 0;
     for (who, c) in [("ear", ear), ("mouth", mouth)] {
-        let out = c.wait_with_output().expect("device member");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let lines = member_lines(c.wait_with_output().expect("device member"), who);
         let summary = common::summary(&lines);
         let other = if who == "ear" { "mouth" } else { "ear" };
         // The other may have left a moment earlier: `peer_named` looks in both lists.

@@ -10,7 +10,7 @@
 //!   (`ServerState`), `client::session` (`ControlSession`), and the voice plane's
 //!   `voice::engine` (`VoiceEngine`) with its `net`, `rx` and `tx` parts, and
 //!   `voice::net::portmap` (`PortMapSchedule`: when to map, renew and remove our port on the
-//!   router) with its messages in `voice::net::portmap_wire`.
+//!   router); the protocols themselves come from the `crab_nat` and `igd-next` crates.
 //! - Thin shells around them: the Bevy plugins (`server::ServerPlugin`,
 //!   `client::ClientNetPlugin`, `voice::VoicePlugin`, `ui::UiPlugin`), the voice thread
 //!   (`voice::thread`), the port-mapping thread (`voice::port_mapping`) and the audio device

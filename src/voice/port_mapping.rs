@@ -1,60 +1,80 @@
 //! The port-mapping thread: the I/O shell around [`PortMapSchedule`].
 //!
-//! It asks the default gateway to forward our voice socket's UDP port, first with PCP and
+//! It asks the default gateway to forward our voice socket's UDP port, first with PCP, then
 //! NAT-PMP (one datagram each to the gateway's port 5351, answered within milliseconds where
 //! the router speaks them), then with UPnP-IGD (an SSDP search, then SOAP over HTTP), renews
 //! the lease when the schedule says so, and removes it when the voice thread stops. Every
 //! request blocks, which is why this is a thread of its own: it must never hold up the voice
 //! loop or the call, which goes on punching meanwhile. What it learns reaches the voice
 //! thread as [`VoiceCommand::PortMapping`](super::VoiceCommand::PortMapping), which announces
-//! the mapped address as one more candidate. The messages are `net::portmap_wire`'s.
+//! the mapped address as one more candidate.
+//!
+//! The protocols are libraries', not ours: `crab_nat` speaks PCP (RFC 6887) and NAT-PMP
+//! (RFC 6886), `igd-next` speaks UPnP-IGD. `crab_nat` is async, so this thread owns a
+//! current-thread tokio runtime and blocks on each request in turn; nothing else in the
+//! program uses tokio. When to ask, renew and remove stays with our pure
+//! [`PortMapSchedule`], which the tests drive without a router.
 //!
 //! A network without a mapping router costs two refused (or unanswered) datagrams and an
 //! unanswered SSDP search of [`SSDP_TIMEOUT`], then another try after a back-off; nothing is
 //! shown but a debug log line and a `null` in the headless summary.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bevy::log::{debug, info};
+use crab_nat::{InternetProtocol, MappingFailure, PortMapping, PortMappingOptions, TimeoutConfig};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use rand::Rng;
+use igd_next::{AddAnyPortError, AddPortError, PortMappingProtocol, SearchOptions};
 use thiserror::Error;
 
+use super::net::gateway::default_gateway_v4;
 use super::net::portmap::{MapEvent, MapProtocol, MapRequest, PortLease, PortMapSchedule};
-use super::net::portmap_wire::{self as wire, Granted, IgdService, WireError};
 
 /// How long an SSDP search waits for a gateway to answer (routers answer within
 /// milliseconds; UPnP's customary several seconds would only delay giving up).
 pub const SSDP_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long one PCP or NAT-PMP exchange may take: the first try and one resend after
-/// 250 ms (RFC 6886's schedule), enough on a LAN.
-pub const PCP_TIMEOUT: Duration = Duration::from_millis(750);
-/// Connect, read and write timeout of one HTTP exchange with a UPnP gateway.
-pub const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+/// PCP and NAT-PMP: the first try, then one resend after 250 ms (RFC 6886's schedule), given
+/// up after 750 ms in all: enough on a LAN, and a router without the service usually refuses
+/// at once (ICMP port unreachable).
+const PMP_TIMEOUTS: TimeoutConfig = TimeoutConfig {
+    initial_timeout: Duration::from_millis(250),
+    max_retries: 1,
+    max_retry_timeout: Some(Duration::from_millis(500)),
+};
 /// How long [`PortMapper::shutdown`] waits for the lease to be removed. A request that hangs
 /// longer is abandoned: the lease then ends by itself within its lifetime.
 pub const REMOVAL_WAIT: Duration = Duration::from_secs(3);
 /// Shown in the router's mapping table, so its owner knows what opened the port.
 const DESCRIPTION: &str = "p2p-voice";
-/// Largest HTTP answer read from a gateway (descriptions are a few kB).
-const MAX_HTTP_ANSWER: u64 = 256 * 1024;
+/// PCP and NAT-PMP's port on the gateway, used to find our own address towards it.
+const PMP_PORT: u16 = crab_nat::GATEWAY_PORT;
+/// Where UPnP's SSDP searches go, used to find our own address when there is no gateway.
+const SSDP_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(239, 255, 255, 250)), 1900);
 
 /// Why one mapping request failed; only logged (the call never depends on it).
 #[derive(Debug, Error)]
 pub enum MapError {
     #[error("no default IPv4 gateway")]
     NoGateway,
-    #[error("no answer")]
-    NoAnswer,
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
-    Wire(#[from] WireError),
+    Pmp(#[from] MappingFailure),
+    #[error("UPnP search: {0}")]
+    UpnpSearch(#[from] igd_next::SearchError),
+    #[error("UPnP external address: {0}")]
+    UpnpAddress(#[from] igd_next::GetExternalIpError),
+    #[error("UPnP mapping: {0}")]
+    UpnpAdd(#[from] AddPortError),
+    #[error("UPnP mapping: {0}")]
+    UpnpAddAny(#[from] AddAnyPortError),
+    #[error("UPnP removal: {0}")]
+    UpnpRemove(#[from] igd_next::RemovePortError),
     #[error("the router reports no usable public address ({0})")]
     NoPublicAddress(IpAddr),
 }
@@ -74,6 +94,7 @@ impl PortMapper {
         port: u16,
         report: impl Fn(MapEvent) + Send + 'static,
     ) -> Result<Self, std::io::Error> {
+        let routers = Routers::new()?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let holds_lease = Arc::new(AtomicBool::new(false));
@@ -81,7 +102,7 @@ impl PortMapper {
         let join = std::thread::Builder::new()
             .name("port-mapping".into())
             .spawn(move || {
-                run(port, &stop_rx, &holds, &report);
+                run(port, routers, &stop_rx, &holds, &report);
                 let _ = done_tx.send(());
             })?;
         Ok(Self {
@@ -120,10 +141,15 @@ impl Drop for PortMapper {
 }
 
 /// The thread's loop: do what the schedule asks, sleep until it is due or we are stopped.
-fn run(port: u16, stop: &Receiver<()>, holds: &AtomicBool, report: &dyn Fn(MapEvent)) {
+fn run(
+    port: u16,
+    mut routers: Routers,
+    stop: &Receiver<()>,
+    holds: &AtomicBool,
+    report: &dyn Fn(MapEvent),
+) {
     let start = Instant::now();
     let mut schedule = PortMapSchedule::new(Duration::ZERO, port);
-    let mut routers = Routers::default();
     let mut stopping = false;
     loop {
         let now = start.elapsed();
@@ -150,7 +176,7 @@ fn run(port: u16, stop: &Receiver<()>, holds: &AtomicBool, report: &dyn Fn(MapEv
                         schedule.handle_failed(start.elapsed());
                     }
                 },
-                MapRequest::Remove(lease) => match routers.remove(port, lease) {
+                MapRequest::Remove(lease) => match routers.remove(lease) {
                     Ok(()) => {
                         debug!("port mapping: removed {}", lease.external);
                         schedule.handle_removed();
@@ -198,44 +224,58 @@ fn run(port: u16, stop: &Receiver<()>, holds: &AtomicBool, report: &dyn Fn(MapEv
     }
 }
 
-/// What the thread knows of the routers: the PCP nonce of our mapping (the same for its
-/// renewals and its deletion) and the UPnP service that answered the search.
+/// What the thread holds of the routers: the PCP or NAT-PMP mapping granted (it carries what
+/// renewing and deleting it need, such as PCP's nonce), the UPnP gateway that answered the
+/// search, and the runtime `crab_nat`'s requests run on.
 struct Routers {
-    nonce: [u8; 12],
-    upnp: Option<IgdService>,
-}
-
-impl Default for Routers {
-    fn default() -> Self {
-        Self {
-            nonce: rand::random(),
-            upnp: None,
-        }
-    }
+    runtime: tokio::runtime::Runtime,
+    pmp: Option<PortMapping>,
+    upnp: Option<igd_next::Gateway>,
 }
 
 /// The IPv4 default gateway and our address towards it.
 fn gateway() -> Option<(Ipv4Addr, Ipv4Addr)> {
     let table = std::fs::read_to_string("/proc/net/route").ok()?;
-    let gw = wire::default_gateway_v4(&table)?;
-    match super::thread::route_source(SocketAddr::new(IpAddr::V4(gw), wire::PCP_PORT))? {
+    let gw = default_gateway_v4(&table)?;
+    match super::thread::route_source(SocketAddr::new(IpAddr::V4(gw), PMP_PORT))? {
         IpAddr::V4(local) => Some((gw, local)),
         IpAddr::V6(_) => None,
     }
 }
 
-fn lease(protocol: MapProtocol, g: Granted) -> Result<PortLease, MapError> {
-    if g.external.ip().is_unspecified() || g.external.port() == 0 {
-        return Err(MapError::NoPublicAddress(g.external.ip()));
+/// A lease from what the router granted; an unspecified address or port 0 is no mapping.
+fn lease(
+    protocol: MapProtocol,
+    external: SocketAddr,
+    lifetime: Duration,
+) -> Result<PortLease, MapError> {
+    if external.ip().is_unspecified() || external.port() == 0 {
+        return Err(MapError::NoPublicAddress(external.ip()));
     }
     Ok(PortLease {
         protocol,
-        external: g.external,
-        lifetime: g.lifetime,
+        external,
+        lifetime,
     })
 }
 
+/// Lease times in whole seconds, as all three protocols carry them.
+fn seconds(lifetime: Duration) -> u32 {
+    u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX)
+}
+
 impl Routers {
+    fn new() -> Result<Self, std::io::Error> {
+        Ok(Self {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()?,
+            pmp: None,
+            upnp: None,
+        })
+    }
+
     /// Maps `port` with `only` that protocol (renewal) or each in turn (search).
     fn map(
         &mut self,
@@ -248,32 +288,11 @@ impl Routers {
         let gateway = gateway();
         let mut last = MapError::NoGateway;
         if let Some((gw, local)) = gateway {
-            if wants(MapProtocol::Pcp) {
-                let request = wire::pcp_map_request(
-                    IpAddr::V4(local),
-                    self.nonce,
-                    port,
-                    external_port,
-                    lifetime,
-                );
-                let nonce = self.nonce;
-                match exchange(gw, &request, |b| {
-                    wire::parse_pcp_map_response(b, nonce, port)
-                })
-                .and_then(|g| lease(MapProtocol::Pcp, g))
-                {
+            if wants(MapProtocol::Pcp) || wants(MapProtocol::NatPmp) {
+                match self.pmp_map(gw, local, port, external_port, lifetime) {
                     Ok(l) => return Ok(l),
                     Err(e) => {
-                        debug!("port mapping: PCP: {e}");
-                        last = e;
-                    }
-                }
-            }
-            if wants(MapProtocol::NatPmp) {
-                match natpmp_map(gw, port, external_port, lifetime) {
-                    Ok(l) => return Ok(l),
-                    Err(e) => {
-                        debug!("port mapping: NAT-PMP: {e}");
+                        debug!("port mapping: PCP/NAT-PMP: {e}");
                         last = e;
                     }
                 }
@@ -283,7 +302,7 @@ impl Routers {
             // The address the router must forward to: ours on the route to it.
             let local = match gateway {
                 Some((_, local)) => Some(local),
-                None => match super::thread::route_source(wire::SSDP_ADDR) {
+                None => match super::thread::route_source(SSDP_ADDR) {
                     Some(IpAddr::V4(local)) => Some(local),
                     _ => None,
                 },
@@ -304,197 +323,138 @@ impl Routers {
         Err(last)
     }
 
+    /// PCP, falling back to NAT-PMP where the router answers only that (crab_nat's order), or
+    /// the renewal of the mapping we hold with the protocol that granted it.
+    fn pmp_map(
+        &mut self,
+        gw: Ipv4Addr,
+        local: Ipv4Addr,
+        port: u16,
+        external_port: u16,
+        lifetime: Duration,
+    ) -> Result<PortLease, MapError> {
+        let internal = NonZeroU16::new(port).ok_or(MapError::NoPublicAddress(local.into()))?;
+        let mapping = match self.pmp.take() {
+            Some(mut held) => {
+                let renewed = self.runtime.block_on(held.renew());
+                match renewed {
+                    Ok(()) => held,
+                    // The router forgot us (it restarted, say): ask anew.
+                    Err(_) => self.new_mapping(gw, local, internal, external_port, lifetime)?,
+                }
+            }
+            None => self.new_mapping(gw, local, internal, external_port, lifetime)?,
+        };
+        let (protocol, ip) = match mapping.mapping_type() {
+            crab_nat::PortMappingType::Pcp { external_ip, .. } => (MapProtocol::Pcp, external_ip),
+            crab_nat::PortMappingType::NatPmp => {
+                let ip = self.runtime.block_on(crab_nat::natpmp::external_address(
+                    gw.into(),
+                    Some(PMP_TIMEOUTS),
+                ));
+                let ip = ip.map_err(MappingFailure::from)?;
+                (MapProtocol::NatPmp, IpAddr::V4(ip))
+            }
+        };
+        let external = SocketAddr::new(ip, mapping.external_port().get());
+        let lifetime = Duration::from_secs(u64::from(mapping.lifetime()));
+        // Held even if the address is unusable, so that stopping still deletes it.
+        self.pmp = Some(mapping);
+        lease(protocol, external, lifetime)
+    }
+
+    /// A new PCP mapping, else a NAT-PMP one. crab_nat falls back by itself only when the
+    /// router answers PCP with NAT-PMP's version; a router that ignores PCP altogether (many
+    /// NAT-PMP-only ones) would get no NAT-PMP request from it, so we ask after any PCP failure.
+    fn new_mapping(
+        &self,
+        gw: Ipv4Addr,
+        local: Ipv4Addr,
+        internal: NonZeroU16,
+        external_port: u16,
+        lifetime: Duration,
+    ) -> Result<PortMapping, MappingFailure> {
+        let udp = InternetProtocol::Udp;
+        let asked = options(external_port, lifetime);
+        match self.runtime.block_on(PortMapping::new(
+            gw.into(),
+            local.into(),
+            udp,
+            internal,
+            asked,
+        )) {
+            Err(MappingFailure::Pcp(e)) => {
+                debug!("port mapping: PCP: {e}; trying NAT-PMP");
+                let natpmp = crab_nat::natpmp::port_mapping(gw.into(), udp, internal, asked);
+                Ok(self.runtime.block_on(natpmp)?)
+            }
+            other => other,
+        }
+    }
+
     fn upnp_map(
         &mut self,
         internal: SocketAddr,
         external_port: u16,
         lifetime: Duration,
     ) -> Result<PortLease, MapError> {
-        let service = match self.upnp.take() {
-            Some(s) => s,
-            None => upnp_search(internal.ip())?,
+        let gateway = match self.upnp.take() {
+            Some(g) => g,
+            None => igd_next::search_gateway(SearchOptions {
+                bind_addr: SocketAddr::new(internal.ip(), 0),
+                timeout: Some(SSDP_TIMEOUT),
+                single_search_timeout: Some(SSDP_TIMEOUT),
+                ..SearchOptions::default()
+            })?,
         };
-        let service = self.upnp.insert(service);
-        let ip = wire::parse_external_ip(&http(
-            service.control.addr,
-            &wire::external_ip_request(service),
-        )?)?;
-        let add = |port: u16, lifetime: Duration| {
-            http(
-                service.control.addr,
-                &wire::add_port_request(service, port, internal, lifetime, DESCRIPTION),
-            )
-            .map(|_| port)
+        let gateway = self.upnp.insert(gateway);
+        let ip = gateway.get_external_ip()?;
+        let wanted = if external_port == 0 {
+            internal.port()
+        } else {
+            external_port
         };
-        let port = match add(external_port, lifetime) {
-            Ok(port) => port,
+        let udp = PortMappingProtocol::UDP;
+        let add = |secs| gateway.add_port(udp, wanted, internal, secs, DESCRIPTION);
+        let port = match add(seconds(lifetime)) {
+            Ok(()) => wanted,
             // Old IGDv1 routers: a lease without end, which we still renew and remove.
-            Err(MapError::Wire(WireError::Upnp(725))) => add(external_port, Duration::ZERO)?,
-            // Our port is taken there (another host's mapping): a few others will do.
-            Err(MapError::Wire(WireError::Upnp(_))) => {
-                let mut result = Err(MapError::NoAnswer);
-                for _ in 0..4 {
-                    result = add(rand::thread_rng().gen_range(1024..=65535), lifetime);
-                    if result.is_ok() {
-                        break;
-                    }
-                }
-                result?
+            Err(AddPortError::OnlyPermanentLeasesSupported) => add(0).map(|()| wanted)?,
+            // Our port is taken there (another host's mapping): let the router pick one.
+            Err(AddPortError::PortInUse | AddPortError::SamePortValuesRequired) => {
+                gateway.add_any_port(udp, internal, seconds(lifetime), DESCRIPTION)?
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
-        lease(
-            MapProtocol::Upnp,
-            Granted {
-                external: SocketAddr::new(ip, port),
-                lifetime,
-            },
-        )
+        lease(MapProtocol::Upnp, SocketAddr::new(ip, port), lifetime)
     }
 
-    fn remove(&mut self, port: u16, lease: PortLease) -> Result<(), MapError> {
+    fn remove(&mut self, lease: PortLease) -> Result<(), MapError> {
         match lease.protocol {
-            MapProtocol::Pcp => {
-                let (gw, local) = gateway().ok_or(MapError::NoGateway)?;
-                let request =
-                    wire::pcp_map_request(IpAddr::V4(local), self.nonce, port, 0, Duration::ZERO);
-                let nonce = self.nonce;
-                exchange(gw, &request, |b| {
-                    wire::parse_pcp_map_response(b, nonce, port)
+            MapProtocol::Pcp | MapProtocol::NatPmp => {
+                let Some(mapping) = self.pmp.take() else {
+                    return Ok(());
+                };
+                let dropped = self.runtime.block_on(mapping.try_drop());
+                dropped.map_err(|(e, mapping)| {
+                    self.pmp = Some(mapping);
+                    MapError::from(e)
                 })
-                .map(|_| ())
-            }
-            MapProtocol::NatPmp => {
-                let (gw, _) = gateway().ok_or(MapError::NoGateway)?;
-                // RFC 6886: lifetime 0 and external port 0 delete the mapping.
-                let request = wire::natpmp_map_request(port, 0, Duration::ZERO);
-                exchange(gw, &request, |b| {
-                    wire::parse_natpmp_map_response(b, port, Ipv4Addr::UNSPECIFIED)
-                })
-                .map(|_| ())
             }
             MapProtocol::Upnp => {
-                let service = self.upnp.as_ref().ok_or(MapError::NoGateway)?;
-                http(
-                    service.control.addr,
-                    &wire::delete_port_request(service, lease.external.port()),
-                )
-                .map(|_| ())
+                let gateway = self.upnp.as_ref().ok_or(MapError::NoGateway)?;
+                gateway.remove_port(PortMappingProtocol::UDP, lease.external.port())?;
+                Ok(())
             }
         }
     }
 }
 
-/// One NAT-PMP mapping: the router's public address, then the mapping of our port.
-fn natpmp_map(
-    gateway: Ipv4Addr,
-    port: u16,
-    external_port: u16,
-    lifetime: Duration,
-) -> Result<PortLease, MapError> {
-    let public = exchange(
-        gateway,
-        &wire::NATPMP_ADDRESS_REQUEST,
-        wire::parse_natpmp_address_response,
-    )?;
-    let request = wire::natpmp_map_request(port, external_port, lifetime);
-    let granted = exchange(gateway, &request, |b| {
-        wire::parse_natpmp_map_response(b, port, public)
-    })?;
-    lease(MapProtocol::NatPmp, granted)
-}
-
-/// Sends `request` to the gateway's PCP/NAT-PMP port and returns the first answer `parse`
-/// accepts; resends once after 250 ms, gives up after [`PCP_TIMEOUT`]. A router without
-/// the service usually refuses at once (ICMP port unreachable).
-fn exchange<T>(
-    gateway: Ipv4Addr,
-    request: &[u8],
-    parse: impl Fn(&[u8]) -> Result<T, WireError>,
-) -> Result<T, MapError> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    socket.connect((gateway, wire::PCP_PORT))?;
-    let start = Instant::now();
-    let mut resend = Duration::from_millis(250);
-    socket.send(request)?;
-    let mut buf = [0u8; 1100];
-    loop {
-        let elapsed = start.elapsed();
-        if elapsed >= PCP_TIMEOUT {
-            return Err(MapError::NoAnswer);
-        }
-        if elapsed >= resend {
-            socket.send(request)?;
-            resend = PCP_TIMEOUT;
-        }
-        socket.set_read_timeout(Some(resend.min(PCP_TIMEOUT) - elapsed))?;
-        match socket.recv(&mut buf) {
-            Ok(n) => match parse(&buf[..n]) {
-                // Somebody else's answer (an earlier request's): keep waiting.
-                Err(WireError::Unrelated) => {}
-                other => return other.map_err(MapError::from),
-            },
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e.into()),
-        }
+/// What we ask crab_nat for: our port's number outside too if free, for `lifetime`.
+fn options(external_port: u16, lifetime: Duration) -> PortMappingOptions {
+    PortMappingOptions {
+        external_port: NonZeroU16::new(external_port),
+        lifetime_seconds: Some(seconds(lifetime)),
+        timeout_config: Some(PMP_TIMEOUTS),
     }
-}
-
-/// Finds the UPnP gateway's connection service: SSDP search from `local`, then its
-/// device description.
-fn upnp_search(local: IpAddr) -> Result<IgdService, MapError> {
-    let socket = UdpSocket::bind((local, 0))?;
-    for search in wire::ssdp_searches() {
-        socket.send_to(search.as_bytes(), wire::SSDP_ADDR)?;
-    }
-    let start = Instant::now();
-    let mut buf = [0u8; 2048];
-    loop {
-        let left = SSDP_TIMEOUT.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            return Err(MapError::NoAnswer);
-        }
-        socket.set_read_timeout(Some(left))?;
-        let n = match socket.recv_from(&mut buf) {
-            Ok((n, _)) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(MapError::NoAnswer)
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let Some(location) = wire::parse_ssdp_location(&String::from_utf8_lossy(&buf[..n])) else {
-            continue;
-        };
-        match http(location.addr, &wire::description_request(&location))
-            .and_then(|xml| Ok(wire::parse_igd_description(&xml, &location)?))
-        {
-            Ok(service) => return Ok(service),
-            Err(e) => debug!("port mapping: UPnP device at {}: {e}", location.addr),
-        }
-    }
-}
-
-/// One HTTP exchange (the request says `Connection: close`): the answer's body.
-fn http(addr: SocketAddr, request: &[u8]) -> Result<String, MapError> {
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    stream.write_all(request)?;
-    let mut raw = Vec::new();
-    if let Err(e) = stream.take(MAX_HTTP_ANSWER).read_to_end(&mut raw) {
-        // A router that keeps the connection open: what came before the timeout may be whole.
-        if raw.is_empty() {
-            return Err(e.into());
-        }
-    }
-    Ok(wire::parse_http_response(&raw)?)
 }

@@ -12,15 +12,15 @@
 //! - [`replay`]: the replay window, kept by the cipher per direction of each peer.
 //! - [`impair`]: a simulated lossy, jittery network for tests and `--impair`.
 //! - [`portmap`]: when to ask the router for a port mapping (PCP, NAT-PMP, UPnP-IGD), renew
-//!   it, announce it and remove it; [`portmap_wire`]: those protocols' messages. The requests
-//!   themselves run on `voice::port_mapping`'s thread.
+//!   it, announce it and remove it; [`gateway`]: which router to ask. The requests themselves
+//!   (crab_nat for PCP and NAT-PMP, igd-next for UPnP) run on `voice::port_mapping`'s thread.
 
 pub mod crypto;
+pub mod gateway;
 pub mod impair;
 pub mod link;
 pub mod peers;
 pub mod portmap;
-pub mod portmap_wire;
 pub mod received;
 pub mod relay;
 pub mod replay;

@@ -40,6 +40,10 @@ pub struct ControlLink {
     pub session: ControlSession,
     transport: Transport,
     start: Instant,
+    /// Where the identity key and the remembered peers live (`None`: this run only).
+    identity_dir: Option<std::path::PathBuf>,
+    /// Why our identity could not be loaded, if it could not (peers then refuse our voice).
+    pub identity_problem: Option<String>,
 }
 
 impl ControlLink {
@@ -55,6 +59,46 @@ impl ControlLink {
     /// The certificate fingerprint of the server we are connected to (checked against the pin).
     pub fn server_fingerprint(&self) -> Option<&str> {
         self.transport.fingerprint()
+    }
+
+    /// A session with our identity and the remembered peers of `dir` (the config directory):
+    /// the identity is created there on first run. Without a directory, an identity for this
+    /// run only. A key file that cannot be used leaves the session without one, and says why:
+    /// making a new key would show every peer a changed identity.
+    fn with_identity(transport: Transport, dir: Option<std::path::PathBuf>) -> Self {
+        let mut session = ControlSession::new();
+        let mut identity_problem = None;
+        match &dir {
+            Some(d) => match crate::identity::store::load_or_create_identity(d) {
+                Ok(key) => session.set_identity(key),
+                Err(e) => {
+                    let why = format!("no identity key, peers will refuse our voice: {e}");
+                    eprintln!("p2p-voice: {why}");
+                    identity_problem = Some(why);
+                }
+            },
+            None => session.set_identity(crate::identity::IdentityKey::generate()),
+        }
+        session.set_trust(crate::identity::store::load_trust(dir.as_deref()));
+        Self {
+            session,
+            transport,
+            start: Instant::now(),
+            identity_dir: dir,
+            identity_problem,
+        }
+    }
+
+    /// Writes the remembered peers if they changed.
+    fn save_trust(&mut self) {
+        let Some(trust) = self.session.trust_to_save() else {
+            return;
+        };
+        if let Some(dir) = &self.identity_dir {
+            if let Err(e) = crate::identity::store::save_trust(dir, trust) {
+                warn!("cannot remember peers' identities: {e}");
+            }
+        }
     }
 }
 
@@ -74,14 +118,13 @@ pub struct ClientNetPlugin {
 
 impl Plugin for ClientNetPlugin {
     fn build(&self, app: &mut App) {
-        app.insert_resource(ControlLink {
-            session: ControlSession::new(),
-            transport: Transport::new(
+        app.insert_resource(ControlLink::with_identity(
+            Transport::new(
                 crate::tls::PinStore::load(crate::config::ClientSettings::dir()),
                 self.accept_new_cert,
             ),
-            start: Instant::now(),
-        })
+            crate::config::ClientSettings::dir(),
+        ))
         .init_resource::<Directory>()
         .add_event::<ClientIntent>()
         .add_event::<ControlEvent>()
@@ -132,6 +175,8 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
         let progress = link.transport.poll();
         let busy = progress.connected || !progress.messages.is_empty();
         if progress.connected {
+            let fingerprint = link.transport.fingerprint().unwrap_or_default().to_string();
+            link.session.set_server_binding(&fingerprint);
             link.session.transport_connected(now);
         }
         for msg in progress.messages {
@@ -150,6 +195,7 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
     }
     // Queue whatever the last messages asked for; it is written on the next poll.
     apply_actions(link);
+    link.save_trust();
     while let Some(event) = link.session.poll_event() {
         events.write(ControlEvent(event));
     }
@@ -274,11 +320,7 @@ mod tests {
 
     fn world() -> World {
         let mut world = World::new();
-        world.insert_resource(ControlLink {
-            session: ControlSession::new(),
-            transport: Transport::default(),
-            start: Instant::now(),
-        });
+        world.insert_resource(ControlLink::with_identity(Transport::default(), None));
         world.init_resource::<Directory>();
         world.init_resource::<PersonSettings>();
         world.init_resource::<Events<ControlEvent>>();

@@ -1535,4 +1535,249 @@ mod tests {
             }
         ));
     }
+
+    // --- identities ---
+
+    use crate::identity::trust::PeerTrust;
+    use crate::identity::{sign_voice_key, verify_voice_key, IdentityKey, KeyBinding};
+
+    const SERVER_FP: &str = "AA:BB:CC";
+
+    /// A session of "me" (user 1) on server "h:7700" with an identity, ready.
+    fn with_identity() -> ControlSession {
+        let mut s = ControlSession::new();
+        s.set_identity(IdentityKey::from_secret_bytes([1; 32]));
+        s.connect(Duration::ZERO, "h:7700", "me");
+        s.set_server_binding(SERVER_FP);
+        ready(&mut s, Duration::ZERO, 1);
+        drain_actions(&mut s);
+        drain_events(&mut s);
+        s
+    }
+
+    /// Peer `id` ("alice") announcing `voice` signed by `identity` for this server.
+    fn signed_peer(id: UserId, identity: &IdentityKey, voice: [u8; 32]) -> PeerInfo {
+        let binding = KeyBinding {
+            server: SERVER_FP,
+            username: "alice",
+            user_id: id,
+        };
+        PeerInfo {
+            username: "alice".into(),
+            voice_key: Some(voice),
+            voice_key_proof: Some(sign_voice_key(identity, &binding, &voice)),
+            ..peer(id)
+        }
+    }
+
+    fn announce(s: &mut ControlSession, p: PeerInfo) -> Vec<SessionEvent> {
+        s.handle_message(Duration::ZERO, ServerMsg::PeerEndpoints { peer: p });
+        drain_events(s)
+    }
+
+    fn forwarded_key(events: &[SessionEvent]) -> Option<Option<[u8; 32]>> {
+        events.iter().find_map(|e| match e {
+            SessionEvent::PeerEndpoints(p) => Some(p.voice_key),
+            _ => None,
+        })
+    }
+
+    fn identity_news(events: &[SessionEvent]) -> Vec<PeerIdentityStatus> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::PeerIdentity { status, .. } => Some(status.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn our_voice_key_goes_out_signed_for_this_server_our_name_and_id() {
+        let mut s = with_identity();
+        s.set_local_endpoints(Duration::ZERO, vec![], Some([5; 32]));
+        let sent = drain_actions(&mut s);
+        let Some(Action::Send(ClientMsg::AnnounceEndpoints {
+            voice_key: Some(key),
+            voice_key_proof,
+            ..
+        })) = sent.last()
+        else {
+            panic!("{sent:?}");
+        };
+        let binding = KeyBinding {
+            server: SERVER_FP,
+            username: "me",
+            user_id: 1,
+        };
+        assert_eq!(
+            verify_voice_key(&binding, key, voice_key_proof.as_ref()),
+            Ok(s.identity_public().unwrap())
+        );
+    }
+
+    #[test]
+    fn an_unsigned_or_badly_signed_voice_key_is_refused_and_never_forwarded() {
+        let mut s = with_identity();
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        let unsigned = PeerInfo {
+            voice_key: Some([9; 32]),
+            username: "alice".into(),
+            ..peer(2)
+        };
+        let ev = announce(&mut s, unsigned);
+        assert_eq!(forwarded_key(&ev), Some(None), "the key is stripped");
+        assert!(matches!(
+            identity_news(&ev)[..],
+            [PeerIdentityStatus::Refused(
+                IdentityError::MissingProof { .. }
+            )]
+        ));
+        // A swapped key under Alice's genuine signature.
+        let mut swapped = signed_peer(2, &alice, [9; 32]);
+        swapped.voice_key = Some([8; 32]);
+        let ev = announce(&mut s, swapped);
+        assert_eq!(forwarded_key(&ev), Some(None));
+        assert!(matches!(
+            identity_news(&ev)[..],
+            [PeerIdentityStatus::Refused(
+                IdentityError::BadSignature { .. }
+            )]
+        ));
+        // Signed for another server (a replay from elsewhere).
+        let mut elsewhere = signed_peer(2, &alice, [9; 32]);
+        s.set_server_binding("OTHER");
+        let ev = announce(&mut s, elsewhere.clone());
+        assert_eq!(forwarded_key(&ev), Some(None));
+        s.set_server_binding(SERVER_FP);
+        elsewhere.local = vec!["10.0.0.1:5".parse().unwrap()];
+        let ev = announce(&mut s, elsewhere);
+        assert_eq!(
+            forwarded_key(&ev),
+            Some(Some([9; 32])),
+            "good once bound right"
+        );
+    }
+
+    #[test]
+    fn first_sight_is_trusted_and_remembered_and_a_changed_identity_is_held_until_accepted() {
+        let mut s = with_identity();
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        let ev = announce(&mut s, signed_peer(2, &alice, [9; 32]));
+        assert_eq!(forwarded_key(&ev), Some(Some([9; 32])));
+        assert_eq!(
+            identity_news(&ev),
+            vec![PeerIdentityStatus::Trusted {
+                identity: alice.public_key(),
+                first_seen: true,
+                verified: false
+            }]
+        );
+        assert!(s.trust_to_save().is_some(), "the shell must save it");
+        // A new voice key under the same identity (she rejoined) is no news.
+        let ev = announce(&mut s, signed_peer(2, &alice, [10; 32]));
+        assert_eq!(forwarded_key(&ev), Some(Some([10; 32])));
+        assert!(identity_news(&ev).is_empty());
+
+        let mallory = IdentityKey::from_secret_bytes([3; 32]);
+        let ev = announce(&mut s, signed_peer(2, &mallory, [11; 32]));
+        assert_eq!(forwarded_key(&ev), Some(None), "held back");
+        let changed = PeerIdentityStatus::Changed {
+            previous: alice.public_key(),
+            presented: mallory.public_key(),
+        };
+        assert_eq!(identity_news(&ev), vec![changed.clone()]);
+        assert_eq!(s.peer_identity(2), Some(&changed));
+        assert!(
+            !s.set_verified(2, true),
+            "a changed identity cannot be marked"
+        );
+
+        assert!(s.accept_identity(Duration::ZERO, 2));
+        let ev = drain_events(&mut s);
+        assert_eq!(forwarded_key(&ev), Some(Some([11; 32])));
+        assert_eq!(
+            identity_news(&ev),
+            vec![PeerIdentityStatus::Trusted {
+                identity: mallory.public_key(),
+                first_seen: false,
+                verified: false
+            }]
+        );
+        assert!(
+            !s.accept_identity(Duration::ZERO, 2),
+            "nothing held any more"
+        );
+    }
+
+    #[test]
+    fn a_verified_mark_is_kept_in_the_trust_store_and_a_changed_key_does_not_inherit_it() {
+        let mut s = with_identity();
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        announce(&mut s, signed_peer(2, &alice, [9; 32]));
+        assert!(s.set_verified(2, true));
+        assert!(matches!(
+            identity_news(&drain_events(&mut s))[..],
+            [PeerIdentityStatus::Trusted { verified: true, .. }]
+        ));
+        let saved = s.trust_to_save().cloned().unwrap();
+        assert!(saved.is_verified("h:7700", "alice", &alice.public_key()));
+
+        // The next run, from the saved store.
+        let mut next = with_identity();
+        next.set_trust(saved);
+        let ev = announce(&mut next, signed_peer(5, &alice, [12; 32]));
+        assert!(matches!(
+            identity_news(&ev)[..],
+            [PeerIdentityStatus::Trusted {
+                verified: true,
+                first_seen: false,
+                ..
+            }]
+        ));
+        let mallory = IdentityKey::from_secret_bytes([3; 32]);
+        announce(&mut next, signed_peer(5, &mallory, [13; 32]));
+        assert!(next.accept_identity(Duration::ZERO, 5));
+        assert!(matches!(
+            next.peer_identity(5),
+            Some(PeerIdentityStatus::Trusted {
+                verified: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn an_unreadable_trust_store_refuses_every_peer() {
+        let mut s = with_identity();
+        s.set_trust(PeerTrust::unreadable(
+            "known_peers.toml".into(),
+            "bad".into(),
+        ));
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        let ev = announce(&mut s, signed_peer(2, &alice, [9; 32]));
+        assert_eq!(forwarded_key(&ev), Some(None));
+        assert!(matches!(
+            identity_news(&ev)[..],
+            [PeerIdentityStatus::Refused(
+                IdentityError::TrustStoreUnreadable { .. }
+            )]
+        ));
+    }
+
+    #[test]
+    fn both_sides_compute_one_safety_number_from_the_identity_keys() {
+        let mut s = with_identity();
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        announce(&mut s, signed_peer(2, &alice, [9; 32]));
+        let ours = s.safety_number(2).unwrap();
+        let theirs =
+            crate::identity::safety_number(&alice.public_key(), &s.identity_public().unwrap());
+        assert_eq!(ours, theirs);
+        // Not from the voice keys: a new voice key leaves it as it is.
+        announce(&mut s, signed_peer(2, &alice, [10; 32]));
+        assert_eq!(s.safety_number(2), Some(ours));
+        s.handle_message(Duration::ZERO, ServerMsg::PeerGone { user_id: 2 });
+        assert_eq!(s.safety_number(2), None);
+    }
 }

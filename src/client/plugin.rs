@@ -27,6 +27,15 @@ pub enum ClientIntent {
     },
     Leave,
     Disconnect,
+    /// Mark member `user_id`'s identity verified or not (kept in the trust store).
+    SetVerified {
+        user_id: UserId,
+        verified: bool,
+    },
+    /// Accept member `user_id`'s changed identity key.
+    AcceptIdentity {
+        user_id: UserId,
+    },
 }
 
 /// Everything the control session reports, re-published for other plugins (voice, UI,
@@ -147,6 +156,12 @@ fn apply_intents(mut link: ResMut<ControlLink>, mut intents: EventReader<ClientI
             ClientIntent::Join { channel, password } => link.session.join(now, &channel, password),
             ClientIntent::Leave => link.session.leave(now),
             ClientIntent::Disconnect => link.session.disconnect(now),
+            ClientIntent::SetVerified { user_id, verified } => {
+                link.session.set_verified(user_id, verified);
+            }
+            ClientIntent::AcceptIdentity { user_id } => {
+                link.session.accept_identity(now, user_id);
+            }
         }
     }
 }

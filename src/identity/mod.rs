@@ -80,6 +80,7 @@ impl IdentityKey {
     }
 
     /// The secret seed, for the key file only.
+    #[cfg(feature = "app")]
     pub(crate) fn secret_bytes(&self) -> zeroize::Zeroizing<[u8; 32]> {
         zeroize::Zeroizing::new(self.signing.to_bytes())
     }

@@ -387,4 +387,78 @@ mod tests {
             })]
         );
     }
+
+    /// The shell's half of identities: the key is made in the config directory on first run
+    /// and the same the next time, and a Verified mark set through an intent is saved to
+    /// `known_peers.toml` and read back by the next run.
+    #[test]
+    fn the_identity_and_a_verified_mark_are_kept_in_the_config_directory() {
+        use crate::identity::{sign_voice_key, IdentityKey, KeyBinding};
+        use crate::protocol::{PeerInfo, ServerMsg, Status, PROTOCOL_VERSION};
+        let dir = std::env::temp_dir().join(format!("pv-plugin-identity-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut world = World::new();
+        let link = ControlLink::with_identity(Transport::default(), Some(dir.clone()));
+        let ours = link.session.identity_public().expect("made on first run");
+        world.insert_resource(link);
+        world.init_resource::<Events<ClientIntent>>();
+        {
+            let mut link = world.resource_mut::<ControlLink>();
+            let s = &mut link.session;
+            let now = Duration::ZERO;
+            s.connect(now, "h:7700", "me");
+            s.set_server_binding("FP");
+            s.transport_connected(now);
+            s.handle_message(
+                now,
+                ServerMsg::Welcome {
+                    protocol_version: PROTOCOL_VERSION,
+                    app_version: "t".into(),
+                    udp_token: 1,
+                    heartbeat_timeout_ms: 15_000,
+                    relay: false,
+                },
+            );
+            s.handle_message(
+                now,
+                ServerMsg::Identified {
+                    status: Status::Ok,
+                    user_id: Some(1),
+                    username: "me".into(),
+                },
+            );
+            let alice = IdentityKey::from_secret_bytes([2; 32]);
+            let binding = KeyBinding {
+                server: "FP",
+                username: "alice",
+                user_id: 2,
+            };
+            let peer = PeerInfo {
+                user_id: 2,
+                username: "alice".into(),
+                local: vec![],
+                public: None,
+                voice_key: Some([9; 32]),
+                voice_key_proof: Some(sign_voice_key(&alice, &binding, &[9; 32])),
+            };
+            s.handle_message(now, ServerMsg::PeerEndpoints { peer });
+        }
+        world.send_event(ClientIntent::SetVerified {
+            user_id: 2,
+            verified: true,
+        });
+        world.run_system_once(apply_intents).unwrap();
+        world.resource_mut::<ControlLink>().save_trust();
+
+        let next = ControlLink::with_identity(Transport::default(), Some(dir.clone()));
+        assert_eq!(
+            next.session.identity_public(),
+            Some(ours),
+            "the same identity"
+        );
+        let trust = crate::identity::store::load_trust(Some(&dir));
+        let alice = IdentityKey::from_secret_bytes([2; 32]).public_key();
+        assert!(trust.is_verified("h:7700", "alice", &alice));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -37,6 +37,8 @@ pub struct HeadlessOptions {
     pub start_muted: bool,
     /// Replace a server certificate pin that no longer matches.
     pub accept_new_cert: bool,
+    /// Accept a member's changed identity key (after the `identity_changed` line).
+    pub accept_new_identity: bool,
 }
 
 #[derive(Resource)]
@@ -187,7 +189,8 @@ fn identity_json(
 fn report_events(
     mut clock: ResMut<RunClock>,
     mut events: EventReader<ControlEvent>,
-    link: Res<ControlLink>,
+    mut link: ResMut<ControlLink>,
+    opts: Res<HeadlessOptions>,
 ) {
     for ControlEvent(event) in events.read() {
         let mut line = event_json(event);
@@ -207,12 +210,21 @@ fn report_events(
         {
             line["safety_number"] = json!(link.session.safety_number(*user_id));
             if let PeerIdentityStatus::Changed { .. } = status {
-                eprintln!(
-                    "p2p-voice: WARNING: {}",
-                    line["username"].as_str().map_or_else(String::new, |u| format!(
-                        "{u}'s identity key changed: the server may be listening in; their voice is not used"
-                    ))
-                );
+                let who = line["username"].as_str().unwrap_or_default();
+                if opts.accept_new_identity {
+                    eprintln!(
+                        "p2p-voice: WARNING: {who}'s identity key changed; accepted \
+                         (--accept-new-identity)"
+                    );
+                    let now = link.now();
+                    link.session.accept_identity(now, *user_id);
+                } else {
+                    eprintln!(
+                        "p2p-voice: WARNING: {who}'s identity key changed: the server may be \
+                         listening in; their voice is not used (run with --accept-new-identity \
+                         once you have checked the new safety number with them)"
+                    );
+                }
             }
         }
         emit(format_args!("{line}"));

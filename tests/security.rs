@@ -239,6 +239,17 @@ fn client_in(
     input: &[&str],
     secs: f64,
 ) -> HeadlessClient {
+    client_with(config, server, name, input, &[], secs)
+}
+
+fn client_with(
+    config: &std::path::Path,
+    server: &ServerProcess,
+    name: &str,
+    input: &[&str],
+    extra: &[&str],
+    secs: f64,
+) -> HeadlessClient {
     let output = temp_path(&format!("{name}.wav"));
     let child = Command::new(bin())
         .env("P2P_VOICE_CONFIG_DIR", config)
@@ -253,6 +264,7 @@ fn client_in(
         .args(["--duration", &secs.to_string(), "--output-wav"])
         .arg(&output)
         .args(input)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -282,13 +294,21 @@ fn event_about<'a>(
 fn identities_persist_and_a_changed_identity_is_reported_and_not_heard() {
     let server = ServerProcess::start();
     let (alice_dir, bob_dir) = (temp_path("alice-config"), temp_path("bob-config"));
-    let call = |alice_dir: &std::path::Path| {
+    let call_with = |alice_dir: &std::path::Path, bob_extra: &[&str]| {
         let a = client_in(alice_dir, &server, "alice", &["--input-tone", "700"], 3.0);
-        let b = client_in(&bob_dir, &server, "bob", &["--input-silence"], 3.0);
+        let b = client_with(
+            &bob_dir,
+            &server,
+            "bob",
+            &["--input-silence"],
+            bob_extra,
+            3.0,
+        );
         let (a_lines, _) = a.finish();
         let (b_lines, heard) = b.finish();
         (a_lines, b_lines, heard)
     };
+    let call = |alice_dir: &std::path::Path| call_with(alice_dir, &[]);
 
     let (a1, b1, heard1) = call(&alice_dir);
     let seen = event_about(&b1, "peer_identity", "alice").expect("bob checks alice");
@@ -333,7 +353,8 @@ fn identities_persist_and_a_changed_identity_is_reported_and_not_heard() {
     );
 
     // "alice" with another identity key.
-    let (_, b3, heard3) = call(&temp_path("impostor-config"));
+    let impostor_dir = temp_path("impostor-config");
+    let (_, b3, heard3) = call(&impostor_dir);
     let changed = event_about(&b3, "identity_changed", "alice").expect("a loud change");
     assert_eq!(
         changed["previous_fingerprint"],
@@ -344,5 +365,17 @@ fn identities_persist_and_a_changed_identity_is_reported_and_not_heard() {
     assert!(
         tone_level(&heard3, 700.0) < 0.01,
         "the changed identity's voice is not played"
+    );
+
+    // Bob checked with her: she reinstalled. Accepted, the new key is used and remembered.
+    let (_, b4, heard4) = call_with(&impostor_dir, &["--accept-new-identity"]);
+    assert!(event_about(&b4, "identity_changed", "alice").is_some());
+    assert!(tone_level(&heard4, 700.0) > 0.05, "accepted, she is heard");
+    let (_, b5, _) = call(&impostor_dir);
+    assert!(event_about(&b5, "identity_changed", "alice").is_none());
+    assert_eq!(
+        event_about(&b5, "peer_identity", "alice").map(|l| l["first_seen"].clone()),
+        Some(serde_json::Value::Bool(false)),
+        "the accepted key is the remembered one now"
     );
 }

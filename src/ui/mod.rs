@@ -473,6 +473,11 @@ fn draw_ui(
     let ctx = contexts.ctx_mut()?;
     let state = &mut *state;
     mirror_voice(state, &voice);
+    if let Some(problem) = &link.identity_problem {
+        state
+            .notices
+            .push_once(Topic::IdentityProblem, capitalize(problem));
+    }
     let status = status_view(state, &link, &voice);
     let actions = draw_panels(ctx, state, &link, &status, &channels, &users);
     for action in actions {

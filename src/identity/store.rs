@@ -58,7 +58,11 @@ pub fn load_or_create_identity(dir: &Path) -> Result<IdentityKey, IdentityStoreE
     })?;
     let tmp = dir.join(format!("{IDENTITY_FILE}.{}.tmp", std::process::id()));
     let written = write_private(&tmp, &key.secret_bytes()[..]);
-    let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
+    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, &path) {
+        // No hard links on this file system: a rename, which a racing process could undo.
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => std::fs::rename(&tmp, &path),
+        other => other,
+    });
     let _ = std::fs::remove_file(&tmp);
     match linked {
         Ok(()) => Ok(key),

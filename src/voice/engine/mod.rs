@@ -312,20 +312,24 @@ impl VoiceEngine {
             .peers
             .entry(id)
             .or_insert_with(|| Peer::new(remembered.remove(&id).unwrap_or_default()));
-        match info.voice_key {
+        let current = peer.cipher.as_ref().map(PeerCipher::peer_public);
+        if info.voice_key.is_some() && info.voice_key == current {
+            return;
+        }
+        // Whatever replaces a cipher, its key is retired: were it announced again, a new
+        // cipher from it would start an empty replay window.
+        if let Some(old) = current {
+            retire(&mut self.retired_peer_keys, old);
+        }
+        peer.cipher = match info.voice_key {
             Some(key) if self.retired_peer_keys.contains(&key) => {
                 self.reused_keys_refused += 1;
-                peer.cipher = None;
+                None
             }
-            Some(key) => {
-                let same = peer.cipher.as_ref().is_some_and(|c| c.peer_public() == key);
-                if !same {
-                    // A bad key (low order) means no voice with that peer, never plaintext.
-                    peer.cipher = PeerCipher::new(&self.keys, our_id, id, key).ok();
-                }
-            }
-            None => peer.cipher = None,
-        }
+            // A bad key (low order) means no voice with that peer, never plaintext.
+            Some(key) => PeerCipher::new(&self.keys, our_id, id, key).ok(),
+            None => None,
+        };
     }
 
     /// A member left the channel.
@@ -335,10 +339,7 @@ impl VoiceEngine {
         }
         if let Some(peer) = self.peers.remove(&id) {
             if let Some(cipher) = &peer.cipher {
-                if self.retired_peer_keys.len() >= MAX_RETIRED_PEER_KEYS {
-                    self.retired_peer_keys.pop_front();
-                }
-                self.retired_peer_keys.push_back(cipher.peer_public());
+                retire(&mut self.retired_peer_keys, cipher.peer_public());
             }
             self.remembered.insert(id, peer.settings);
         }
@@ -893,6 +894,18 @@ impl Gate<'_> {
             Received::Plain(datagram) => Some(datagram),
         }
     }
+}
+
+/// Remembers a peer key whose cipher under our current keys was dropped (bounded, the oldest
+/// forgotten first).
+fn retire(retired: &mut std::collections::VecDeque<[u8; 32]>, key: [u8; 32]) {
+    if retired.contains(&key) {
+        return;
+    }
+    if retired.len() >= MAX_RETIRED_PEER_KEYS {
+        retired.pop_front();
+    }
+    retired.push_back(key);
 }
 
 /// The address of relay `via`: a member's, or the server's.

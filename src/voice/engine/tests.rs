@@ -973,6 +973,27 @@ fn a_peer_back_with_a_voice_key_it_used_before_gets_no_cipher() {
     assert!(talk(&mut a, &mut b, &mut now, 50) > 0.1);
 }
 
+/// A server that announces A's next key and then A's earlier one again (both genuinely A's,
+/// so signatures check out) must not get a fresh cipher from the earlier key past the replay
+/// window: a key whose cipher was replaced is retired like one whose peer left.
+#[test]
+fn a_voice_key_swapped_back_to_an_earlier_one_gets_no_cipher() {
+    let (mut a, mut b, mut now) = linked_pair();
+    let first = a.public_key();
+    let recorded = record_voice_for_b(&mut a, &mut now, 20);
+    b.upsert_peer(now, &peer(1, 1000, [42; 32]));
+    b.upsert_peer(now, &peer(1, 1000, first));
+    assert_eq!(b.reused_keys_refused(), 1);
+    let before = b.snapshot(now).undecryptable;
+    for d in &recorded {
+        b.handle_datagram(now, addr(1000), d);
+    }
+    assert_eq!(
+        b.snapshot(now).undecryptable,
+        before + recorded.len() as u64
+    );
+}
+
 /// Keys drawn from a seed repeat (the simulation relies on it) and still change per join.
 #[test]
 fn seeded_key_rotation_repeats_and_changes_every_reset() {

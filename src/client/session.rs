@@ -14,11 +14,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use crate::identity::trust::{PeerTrust, TrustVerdict};
-use crate::identity::{
-    safety_number, sign_voice_key, verify_voice_key, IdentityError, IdentityKey, KeyBinding,
-    IDENTITY_KEY_LEN,
-};
+pub use crate::identity::gate::PeerIdentityStatus;
+use crate::identity::gate::{IdentityGate, IdentityNews};
+use crate::identity::trust::PeerTrust;
+use crate::identity::{IdentityKey, IDENTITY_KEY_LEN};
 use crate::protocol::{
     ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, Status, UserId, APP_VERSION,
     PROTOCOL_VERSION,
@@ -173,65 +172,6 @@ pub enum DisconnectReason {
     IdentifyRefused { username: String, status: Status },
 }
 
-/// What the control plane made of a peer's identity: whether its voice key may be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerIdentityStatus {
-    /// The voice key is signed by this identity key, which is the one remembered for the
-    /// peer's name on this server (or was seen here for the first time: `first_seen`).
-    /// `verified` if the user compared the safety number and said so.
-    Trusted {
-        identity: [u8; IDENTITY_KEY_LEN],
-        first_seen: bool,
-        verified: bool,
-    },
-    /// Signed, but by another identity key than the one remembered for this name: the server
-    /// may be in the middle, or the person reinstalled. Its voice keys are held back (no voice
-    /// with it) until the user accepts the new identity
-    /// ([`ControlSession::accept_identity`]).
-    Changed {
-        previous: [u8; IDENTITY_KEY_LEN],
-        presented: [u8; IDENTITY_KEY_LEN],
-    },
-    /// The voice key cannot be tied to an identity (no or a bad signature, or the trust file
-    /// is unreadable): refused, no voice with this peer.
-    Refused(IdentityError),
-}
-
-impl PeerIdentityStatus {
-    /// Whether the peer's voice key may be used.
-    pub fn is_trusted(&self) -> bool {
-        matches!(self, PeerIdentityStatus::Trusted { .. })
-    }
-
-    /// The peer's identity key, when one checked out (the new one, for a changed identity).
-    pub fn identity(&self) -> Option<[u8; IDENTITY_KEY_LEN]> {
-        match self {
-            PeerIdentityStatus::Trusted { identity, .. } => Some(*identity),
-            PeerIdentityStatus::Changed { presented, .. } => Some(*presented),
-            PeerIdentityStatus::Refused(_) => None,
-        }
-    }
-
-    /// Same standing (first sight or not is news once, not a new standing).
-    fn same_standing(&self, other: &Self) -> bool {
-        match (self, other) {
-            (
-                PeerIdentityStatus::Trusted {
-                    identity: a,
-                    verified: va,
-                    ..
-                },
-                PeerIdentityStatus::Trusted {
-                    identity: b,
-                    verified: vb,
-                    ..
-                },
-            ) => a == b && va == vb,
-            (a, b) => a == b,
-        }
-    }
-}
-
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -326,18 +266,8 @@ pub struct ControlSession {
     /// Datagrams the server tunnelled to us (relayed voice while our UDP is blocked), for
     /// the voice plane. Kept apart from `events`: they are data, ~50 a second, not news.
     tunnelled: VecDeque<Vec<u8>>,
-    /// Our long-term identity key, which signs every voice key we announce; `None`: we
-    /// announce unsigned keys, which peers refuse.
-    identity: Option<IdentityKey>,
-    /// The server's certificate fingerprint, which our signatures are bound to and our
-    /// peers' are checked against (see `identity::KeyBinding`).
-    server_binding: String,
-    /// Identity keys remembered per (server, username), and verified marks.
-    trust: PeerTrust,
-    /// What we made of each current peer's identity.
-    identities: HashMap<UserId, PeerIdentityStatus>,
-    /// Peers whose identity changed, as last announced, until the user accepts.
-    held: HashMap<UserId, PeerInfo>,
+    /// Our identity, and what we made of our peers' (see [`IdentityGate`]).
+    identity: IdentityGate,
 }
 
 /// Most tunnelled datagrams kept for a voice plane that is not draining (2 s of voice from
@@ -372,216 +302,95 @@ impl ControlSession {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             tunnelled: VecDeque::new(),
-            identity: None,
-            server_binding: String::new(),
-            trust: PeerTrust::new(),
-            identities: HashMap::new(),
-            held: HashMap::new(),
+            identity: IdentityGate::new(),
         }
     }
 
     /// Our identity key (from the config directory; see `identity::store`).
     pub fn set_identity(&mut self, identity: IdentityKey) {
-        self.identity = Some(identity);
+        self.identity.set_identity(identity);
     }
 
     /// Our identity's public key, if we have one.
     pub fn identity_public(&self) -> Option<[u8; IDENTITY_KEY_LEN]> {
-        self.identity.as_ref().map(IdentityKey::public_key)
+        self.identity.identity_public()
     }
 
     /// The remembered identities (loaded by the shell from the trust file).
     pub fn set_trust(&mut self, trust: PeerTrust) {
-        self.trust = trust;
+        self.identity.set_trust(trust);
     }
 
     /// The remembered identities, if they changed since the last call: the shell saves them.
     pub fn trust_to_save(&mut self) -> Option<&PeerTrust> {
-        if self.trust.take_dirty() {
-            Some(&self.trust)
-        } else {
-            None
-        }
+        self.identity.trust_to_save()
     }
 
     /// The certificate fingerprint of the server the transport just connected to: our voice
     /// key signatures are bound to it, and peers' are checked against it. Call before
     /// [`Self::transport_connected`].
     pub fn set_server_binding(&mut self, fingerprint: &str) {
-        self.server_binding = fingerprint.to_string();
-    }
-
-    /// The key the server is remembered under in the trust store: canonical `host:port`.
-    fn trust_server(&self) -> String {
-        crate::tls::pin_key(&self.server)
+        self.identity.set_server_binding(fingerprint);
     }
 
     /// What we made of peer `user_id`'s identity.
     pub fn peer_identity(&self, user_id: UserId) -> Option<&PeerIdentityStatus> {
-        self.identities.get(&user_id)
+        self.identity.status(user_id)
     }
 
-    /// The safety number of us and peer `user_id` (from both identity keys; for a changed
-    /// identity, from the new one): the same on both sides, to compare by other means.
+    /// The safety number of us and peer `user_id` (see [`IdentityGate::safety_number`]).
     pub fn safety_number(&self, user_id: UserId) -> Option<String> {
-        let ours = self.identity_public()?;
-        let theirs = self.identities.get(&user_id)?.identity()?;
-        Some(safety_number(&ours, &theirs))
+        self.identity.safety_number(user_id)
     }
 
-    /// The user accepts the changed identity of peer `user_id` (after checking the new safety
-    /// number, one hopes): it is remembered, unverified, and its voice key is used. False if
-    /// that peer's identity had not changed.
+    /// The user accepts the changed identity of peer `user_id`: it is remembered, unverified,
+    /// and its voice key passed on. False if that peer's identity had not changed.
     pub fn accept_identity(&mut self, _now: Duration, user_id: UserId) -> bool {
-        let Some(peer) = self.held.remove(&user_id) else {
+        let Some(peer) = self.identity.accept(user_id) else {
             return false;
         };
-        let Some(PeerIdentityStatus::Changed { presented, .. }) =
-            self.identities.get(&user_id).cloned()
-        else {
-            return false;
-        };
-        let server = self.trust_server();
-        if !self.trust.accept(&server, &peer.username, &presented) {
-            return false;
-        }
-        self.handle_peer_endpoints(peer);
+        self.take_identity_news();
+        self.peers.insert(peer.user_id, peer.clone());
+        self.events.push_back(SessionEvent::PeerEndpoints(peer));
         true
     }
 
-    /// Marks peer `user_id`'s current identity verified (or not). Kept per (server, username)
-    /// and identity key across restarts; a changed key does not inherit it. False if the peer
-    /// has no trusted identity.
+    /// Marks peer `user_id`'s current identity verified (or not); see
+    /// [`IdentityGate::set_verified`].
     pub fn set_verified(&mut self, user_id: UserId, verified: bool) -> bool {
-        let Some(PeerIdentityStatus::Trusted {
-            identity,
-            first_seen,
-            ..
-        }) = self.identities.get(&user_id).cloned()
-        else {
-            return false;
-        };
-        let Some(username) = self.peers.get(&user_id).map(|p| p.username.clone()) else {
-            return false;
-        };
-        let server = self.trust_server();
-        if !self
-            .trust
-            .set_verified(&server, &username, &identity, verified)
-        {
-            return false;
-        }
-        self.note_identity(
-            user_id,
-            &username,
-            PeerIdentityStatus::Trusted {
-                identity,
-                first_seen,
-                verified,
-            },
-        );
-        true
+        let done = self.identity.set_verified(user_id, verified);
+        self.take_identity_news();
+        done
     }
 
-    /// Records `status` for a peer and reports it if its standing changed.
-    fn note_identity(&mut self, user_id: UserId, username: &str, status: PeerIdentityStatus) {
-        if self
-            .identities
-            .get(&user_id)
-            .is_some_and(|old| old.same_standing(&status))
-        {
-            return;
-        }
-        self.identities.insert(user_id, status.clone());
-        self.events.push_back(SessionEvent::PeerIdentity {
+    /// The identity gate's news, as session events.
+    fn take_identity_news(&mut self) {
+        while let Some(IdentityNews {
             user_id,
-            username: username.to_string(),
+            username,
             status,
-        });
-    }
-
-    /// Checks a peer's voice key against its signature and the remembered identities, and
-    /// passes the peer on with its voice key only if both hold.
-    fn admit(&mut self, peer: PeerInfo) -> PeerInfo {
-        let Some(voice_key) = peer.voice_key else {
-            return peer;
-        };
-        let binding = KeyBinding {
-            server: &self.server_binding,
-            username: &peer.username,
-            user_id: peer.user_id,
-        };
-        let status = match verify_voice_key(&binding, &voice_key, peer.voice_key_proof.as_ref()) {
-            Err(e) => PeerIdentityStatus::Refused(e),
-            Ok(identity) => {
-                let server = self.trust_server();
-                match self.trust.check(&server, &peer.username, &identity) {
-                    TrustVerdict::FirstSeen => PeerIdentityStatus::Trusted {
-                        identity,
-                        first_seen: true,
-                        verified: false,
-                    },
-                    TrustVerdict::Known { verified } => PeerIdentityStatus::Trusted {
-                        identity,
-                        first_seen: false,
-                        verified,
-                    },
-                    TrustVerdict::Changed { previous } => PeerIdentityStatus::Changed {
-                        previous,
-                        presented: identity,
-                    },
-                    TrustVerdict::Unreadable { path, reason } => {
-                        PeerIdentityStatus::Refused(IdentityError::TrustStoreUnreadable {
-                            username: peer.username.clone(),
-                            path,
-                            reason,
-                        })
-                    }
-                }
-            }
-        };
-        if matches!(status, PeerIdentityStatus::Changed { .. }) {
-            self.held.insert(peer.user_id, peer.clone());
-        } else {
-            self.held.remove(&peer.user_id);
-        }
-        let trusted = status.is_trusted();
-        self.note_identity(peer.user_id, &peer.username, status);
-        if trusted {
-            peer
-        } else {
-            PeerInfo {
-                voice_key: None,
-                voice_key_proof: None,
-                ..peer
-            }
+        }) = self.identity.poll_news()
+        {
+            self.events.push_back(SessionEvent::PeerIdentity {
+                user_id,
+                username,
+                status,
+            });
         }
     }
 
+    /// A peer's endpoints, through the identity gate (its voice key only if it checks out).
     fn handle_peer_endpoints(&mut self, peer: PeerInfo) {
-        let peer = self.admit(peer);
+        let peer = self.identity.admit(peer);
+        self.take_identity_news();
         self.peers.insert(peer.user_id, peer.clone());
         self.events.push_back(SessionEvent::PeerEndpoints(peer));
     }
 
-    /// Forgets what we made of a peer that is gone.
-    fn forget_identity(&mut self, user_id: UserId) {
-        self.identities.remove(&user_id);
-        self.held.remove(&user_id);
-    }
-
     /// Our endpoint announcement, the voice key signed for this server, our name and id.
     fn announcement(&self) -> ClientMsg {
-        let voice_key_proof = match (&self.identity, self.voice_key, self.user_id) {
-            (Some(identity), Some(key), Some(user_id)) => Some(sign_voice_key(
-                identity,
-                &KeyBinding {
-                    server: &self.server_binding,
-                    username: &self.username,
-                    user_id,
-                },
-                &key,
-            )),
+        let voice_key_proof = match (self.voice_key, self.user_id) {
+            (Some(key), Some(user_id)) => self.identity.sign(&self.username, user_id, &key),
             _ => None,
         };
         ClientMsg::AnnounceEndpoints {
@@ -659,6 +468,8 @@ impl ControlSession {
         // of this one (the new server may even hand out the same user ids to other people).
         self.clear_membership();
         self.server = server.to_string();
+        self.identity
+            .set_trust_server(crate::tls::pin_key(&self.server));
         self.username = username.to_string();
         self.attempts = 0;
         self.ever_identified = false;
@@ -787,8 +598,7 @@ impl ControlSession {
                 .push_back(SessionEvent::PeerGone { user_id: id });
         }
         self.peers.clear();
-        self.identities.clear();
-        self.held.clear();
+        self.identity.forget_all();
     }
 
     fn schedule_retry(&mut self, now: Duration, reason: DisconnectReason) {
@@ -896,7 +706,7 @@ impl ControlSession {
                         // Introduced again: the server will announce the channel's members
                         // anew (with new ids); retire the ones from the previous session.
                         for (old, _) in std::mem::take(&mut self.stale_peers) {
-                            self.forget_identity(old);
+                            self.identity.forget(old);
                             self.events
                                 .push_back(SessionEvent::PeerGone { user_id: old });
                         }
@@ -1030,7 +840,7 @@ impl ControlSession {
                 self.handle_peer_endpoints(peer);
             }
             ServerMsg::PeerGone { user_id } => {
-                self.forget_identity(user_id);
+                self.identity.forget(user_id);
                 if self.peers.remove(&user_id).is_some() {
                     self.events.push_back(SessionEvent::PeerGone { user_id });
                 }
@@ -1539,7 +1349,9 @@ mod tests {
     // --- identities ---
 
     use crate::identity::trust::PeerTrust;
-    use crate::identity::{sign_voice_key, verify_voice_key, IdentityKey, KeyBinding};
+    use crate::identity::{
+        sign_voice_key, verify_voice_key, IdentityError, IdentityKey, KeyBinding,
+    };
 
     const SERVER_FP: &str = "AA:BB:CC";
 

@@ -14,6 +14,7 @@
 //!
 //! Pure: no I/O (the key file and the trust file are [`store`]'s, the shell's).
 
+pub mod gate;
 #[cfg(feature = "app")]
 pub mod store;
 pub mod trust;

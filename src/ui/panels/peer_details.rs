@@ -82,9 +82,14 @@ pub fn peer_details(ui: &mut Ui, member: &MemberView) {
                 ui.label(format_measure(link.buffer_ms, "ms"));
                 ui.end_row();
             }
-            ui.label("Fingerprint");
-            ui.monospace(member.fingerprint.as_deref().unwrap_or("–"));
-            ui.end_row();
+            // Our own row has no voice-key fingerprint to show; our identity stands there.
+            if !(member.fingerprint.is_none()
+                && matches!(member.identity, IdentityView::Own { .. }))
+            {
+                ui.label("Fingerprint");
+                ui.monospace(member.fingerprint.as_deref().unwrap_or("–"));
+                ui.end_row();
+            }
             identity_rows(ui, &member.identity);
         });
 }
@@ -333,6 +338,7 @@ mod tests {
         let h = Harness::new_ui(|ui| peer_details(ui, &me));
         h.get_by_label("Your identity");
         h.get_by_label("a1b2-c3d4");
+        assert!(h.query_by_label("–").is_none(), "no empty fingerprint row");
         let mut bob = MemberView::new(2, "bob");
         bob.identity = IdentityView::Trusted {
             safety_number: "12345 67890".into(),

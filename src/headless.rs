@@ -9,7 +9,9 @@ use bevy::app::AppExit;
 use bevy::prelude::*;
 use serde_json::json;
 
+use crate::client::session::PeerIdentityStatus;
 use crate::client::{ClientIntent, ControlEvent, ControlLink, SessionEvent};
+use crate::identity::identity_fingerprint;
 use crate::protocol::{Status, UserId};
 use crate::voice::{
     PeerSnapshot, PeerState, RelayVia, Voice, VoiceCommand, VoiceSetting, VoiceSnapshot,
@@ -35,6 +37,8 @@ pub struct HeadlessOptions {
     pub start_muted: bool,
     /// Replace a server certificate pin that no longer matches.
     pub accept_new_cert: bool,
+    /// Accept a member's changed identity key (after the `identity_changed` line).
+    pub accept_new_identity: bool,
 }
 
 #[derive(Resource)]
@@ -141,19 +145,87 @@ pub fn event_json(event: &SessionEvent) -> serde_json::Value {
         SessionEvent::Error { status, message } => json!({
             "event": "error", "status": status.map(|s| format!("{s:?}")), "message": message,
         }),
+        SessionEvent::PeerIdentity {
+            user_id,
+            username,
+            status,
+        } => identity_json(*user_id, username, status),
+    }
+}
+
+/// A peer's identity news: `peer_identity` while it checks out, `identity_changed` (loud:
+/// its voice is held back until accepted) or `peer_refused` with the reason.
+fn identity_json(
+    user_id: UserId,
+    username: &str,
+    status: &PeerIdentityStatus,
+) -> serde_json::Value {
+    match status {
+        PeerIdentityStatus::Trusted {
+            identity,
+            first_seen,
+            verified,
+        } => json!({
+            "event": "peer_identity", "user_id": user_id, "username": username,
+            "identity_fingerprint": identity_fingerprint(identity),
+            "first_seen": first_seen, "verified": verified,
+        }),
+        PeerIdentityStatus::Changed {
+            previous,
+            presented,
+        } => json!({
+            "event": "identity_changed", "user_id": user_id, "username": username,
+            "previous_fingerprint": identity_fingerprint(previous),
+            "presented_fingerprint": identity_fingerprint(presented),
+            "voice": "held until the new identity is accepted",
+        }),
+        PeerIdentityStatus::Refused(reason) => json!({
+            "event": "peer_refused", "user_id": user_id, "username": username,
+            "reason": reason.to_string(),
+        }),
     }
 }
 
 fn report_events(
     mut clock: ResMut<RunClock>,
     mut events: EventReader<ControlEvent>,
-    link: Res<ControlLink>,
+    mut link: ResMut<ControlLink>,
+    opts: Res<HeadlessOptions>,
 ) {
     for ControlEvent(event) in events.read() {
         let mut line = event_json(event);
         if matches!(event, SessionEvent::Welcome { .. }) {
             // What to compare with the server operator's fingerprint (pinned on first use).
             line["server_fingerprint"] = json!(link.server_fingerprint());
+        }
+        if matches!(event, SessionEvent::Identified { .. }) {
+            line["identity_fingerprint"] = json!(link
+                .session
+                .identity_public()
+                .map(|k| identity_fingerprint(&k)));
+        }
+        if let SessionEvent::PeerIdentity {
+            user_id, status, ..
+        } = event
+        {
+            line["safety_number"] = json!(link.session.safety_number(*user_id));
+            if let PeerIdentityStatus::Changed { .. } = status {
+                let who = line["username"].as_str().unwrap_or_default();
+                if opts.accept_new_identity {
+                    eprintln!(
+                        "p2p-voice: WARNING: {who}'s identity key changed; accepted \
+                         (--accept-new-identity)"
+                    );
+                    let now = link.now();
+                    link.session.accept_identity(now, *user_id);
+                } else {
+                    eprintln!(
+                        "p2p-voice: WARNING: {who}'s identity key changed: the server may be \
+                         listening in; their voice is not used (run with --accept-new-identity \
+                         once you have checked the new safety number with them)"
+                    );
+                }
+            }
         }
         emit(format_args!("{line}"));
         match event {

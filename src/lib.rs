@@ -72,6 +72,7 @@ pub mod client;
 pub mod config;
 #[cfg(feature = "app")]
 pub mod headless;
+pub mod identity;
 pub mod protocol;
 #[cfg(feature = "app")]
 pub mod server;

@@ -232,6 +232,11 @@ struct ClientArgs {
     /// (only after checking with the server's operator that it really changed).
     #[arg(long)]
     accept_new_cert: bool,
+    /// Headless: use the voice of a member whose identity key changed since it was first seen
+    /// here (the warning is still printed). Only after checking with them that it really
+    /// changed; the desktop app asks instead.
+    #[arg(long)]
+    accept_new_identity: bool,
     /// Input device name (desktop app, or headless without --input-*).
     #[arg(long)]
     input_device: Option<String>,
@@ -463,6 +468,7 @@ fn run() -> anyhow::Result<ExitCode> {
                     always_transmit: a.always_transmit,
                     start_muted: a.mute,
                     accept_new_cert: a.accept_new_cert,
+                    accept_new_identity: a.accept_new_identity,
                 };
                 return Ok(app::run_headless_client(opts));
             }

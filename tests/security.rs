@@ -229,3 +229,153 @@ fn a_server_whose_certificate_changed_is_refused_until_accepted() {
     assert!(run(&impostor, &["--accept-new-cert"]).status.success());
     assert!(run(&impostor, &[]).status.success(), "re-pinned");
 }
+
+/// A headless client in Lobby with its config directory (identity and remembered peers) at
+/// `config`, for `secs` seconds.
+fn client_in(
+    config: &std::path::Path,
+    server: &ServerProcess,
+    name: &str,
+    input: &[&str],
+    secs: f64,
+) -> HeadlessClient {
+    client_with(config, server, name, input, &[], secs)
+}
+
+fn client_with(
+    config: &std::path::Path,
+    server: &ServerProcess,
+    name: &str,
+    input: &[&str],
+    extra: &[&str],
+    secs: f64,
+) -> HeadlessClient {
+    let output = temp_path(&format!("{name}.wav"));
+    let child = Command::new(bin())
+        .env("P2P_VOICE_CONFIG_DIR", config)
+        .args(["client", "--headless", "--server", &server.addr.to_string()])
+        .args([
+            "--username",
+            name,
+            "--channel",
+            "Lobby",
+            "--always-transmit",
+        ])
+        .args(["--duration", &secs.to_string(), "--output-wav"])
+        .arg(&output)
+        .args(input)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn headless client");
+    HeadlessClient {
+        child,
+        output,
+        name: name.into(),
+    }
+}
+
+/// The first line of event `event` about `username`.
+fn event_about<'a>(
+    lines: &'a [serde_json::Value],
+    event: &str,
+    username: &str,
+) -> Option<&'a serde_json::Value> {
+    lines
+        .iter()
+        .find(|l| l["event"] == event && l["username"] == username)
+}
+
+/// Issue 13: identities persist in the config directory, both sides see one safety number,
+/// a second call recognises the peer, and another identity under a known name (an impostor,
+/// or a server swapping keys) is a loud `identity_changed` event whose voice is not played.
+#[test]
+fn identities_persist_and_a_changed_identity_is_reported_and_not_heard() {
+    let server = ServerProcess::start();
+    let (alice_dir, bob_dir) = (temp_path("alice-config"), temp_path("bob-config"));
+    let call_with = |alice_dir: &std::path::Path, bob_extra: &[&str]| {
+        let a = client_in(alice_dir, &server, "alice", &["--input-tone", "700"], 3.0);
+        let b = client_with(
+            &bob_dir,
+            &server,
+            "bob",
+            &["--input-silence"],
+            bob_extra,
+            3.0,
+        );
+        let (a_lines, _) = a.finish();
+        let (b_lines, heard) = b.finish();
+        (a_lines, b_lines, heard)
+    };
+    let call = |alice_dir: &std::path::Path| call_with(alice_dir, &[]);
+
+    let (a1, b1, heard1) = call(&alice_dir);
+    let seen = event_about(&b1, "peer_identity", "alice").expect("bob checks alice");
+    assert_eq!(seen["first_seen"], true, "{seen}");
+    let number = seen["safety_number"].as_str().unwrap().to_string();
+    assert_eq!(number.split(' ').count(), 8, "{number}");
+    let seen_by_alice = event_about(&a1, "peer_identity", "bob").expect("alice checks bob");
+    assert_eq!(
+        seen_by_alice["safety_number"],
+        number.as_str(),
+        "one number on both sides"
+    );
+    assert!(tone_level(&heard1, 700.0) > 0.05, "bob hears alice");
+    let alice_fp = a1
+        .iter()
+        .find(|l| l["event"] == "identified")
+        .and_then(|l| l["identity_fingerprint"].as_str())
+        .unwrap()
+        .to_string();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(alice_dir.join("identity.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let (a2, b2, _) = call(&alice_dir);
+    let again = event_about(&b2, "peer_identity", "alice").expect("bob checks alice again");
+    assert_eq!(again["first_seen"], false, "{again}");
+    assert_eq!(again["safety_number"], number.as_str());
+    let alice_fp2 = a2
+        .iter()
+        .find(|l| l["event"] == "identified")
+        .and_then(|l| l["identity_fingerprint"].as_str());
+    assert_eq!(
+        alice_fp2,
+        Some(alice_fp.as_str()),
+        "the same identity after a restart"
+    );
+
+    // "alice" with another identity key.
+    let impostor_dir = temp_path("impostor-config");
+    let (_, b3, heard3) = call(&impostor_dir);
+    let changed = event_about(&b3, "identity_changed", "alice").expect("a loud change");
+    assert_eq!(
+        changed["previous_fingerprint"],
+        alice_fp.as_str(),
+        "{changed}"
+    );
+    assert_ne!(changed["presented_fingerprint"], alice_fp.as_str());
+    assert!(
+        tone_level(&heard3, 700.0) < 0.01,
+        "the changed identity's voice is not played"
+    );
+
+    // Bob checked with her: she reinstalled. Accepted, the new key is used and remembered.
+    let (_, b4, heard4) = call_with(&impostor_dir, &["--accept-new-identity"]);
+    assert!(event_about(&b4, "identity_changed", "alice").is_some());
+    assert!(tone_level(&heard4, 700.0) > 0.05, "accepted, she is heard");
+    let (_, b5, _) = call(&impostor_dir);
+    assert!(event_about(&b5, "identity_changed", "alice").is_none());
+    assert_eq!(
+        event_about(&b5, "peer_identity", "alice").map(|l| l["first_seen"].clone()),
+        Some(serde_json::Value::Bool(false)),
+        "the accepted key is the remembered one now"
+    );
+}

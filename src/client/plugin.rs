@@ -27,6 +27,15 @@ pub enum ClientIntent {
     },
     Leave,
     Disconnect,
+    /// Mark member `user_id`'s identity verified or not (kept in the trust store).
+    SetVerified {
+        user_id: UserId,
+        verified: bool,
+    },
+    /// Accept member `user_id`'s changed identity key.
+    AcceptIdentity {
+        user_id: UserId,
+    },
 }
 
 /// Everything the control session reports, re-published for other plugins (voice, UI,
@@ -40,6 +49,10 @@ pub struct ControlLink {
     pub session: ControlSession,
     transport: Transport,
     start: Instant,
+    /// Where the identity key and the remembered peers live (`None`: this run only).
+    identity_dir: Option<std::path::PathBuf>,
+    /// Why our identity could not be loaded, if it could not (peers then refuse our voice).
+    pub identity_problem: Option<String>,
 }
 
 impl ControlLink {
@@ -55,6 +68,46 @@ impl ControlLink {
     /// The certificate fingerprint of the server we are connected to (checked against the pin).
     pub fn server_fingerprint(&self) -> Option<&str> {
         self.transport.fingerprint()
+    }
+
+    /// A session with our identity and the remembered peers of `dir` (the config directory):
+    /// the identity is created there on first run. Without a directory, an identity for this
+    /// run only. A key file that cannot be used leaves the session without one, and says why:
+    /// making a new key would show every peer a changed identity.
+    fn with_identity(transport: Transport, dir: Option<std::path::PathBuf>) -> Self {
+        let mut session = ControlSession::new();
+        let mut identity_problem = None;
+        match &dir {
+            Some(d) => match crate::identity::store::load_or_create_identity(d) {
+                Ok(key) => session.set_identity(key),
+                Err(e) => {
+                    let why = format!("no identity key, peers will refuse our voice: {e}");
+                    eprintln!("p2p-voice: {why}");
+                    identity_problem = Some(why);
+                }
+            },
+            None => session.set_identity(crate::identity::IdentityKey::generate()),
+        }
+        session.set_trust(crate::identity::store::load_trust(dir.as_deref()));
+        Self {
+            session,
+            transport,
+            start: Instant::now(),
+            identity_dir: dir,
+            identity_problem,
+        }
+    }
+
+    /// Writes the remembered peers if they changed.
+    fn save_trust(&mut self) {
+        let Some(trust) = self.session.trust_to_save() else {
+            return;
+        };
+        if let Some(dir) = &self.identity_dir {
+            if let Err(e) = crate::identity::store::save_trust(dir, trust) {
+                warn!("cannot remember peers' identities: {e}");
+            }
+        }
     }
 }
 
@@ -74,14 +127,13 @@ pub struct ClientNetPlugin {
 
 impl Plugin for ClientNetPlugin {
     fn build(&self, app: &mut App) {
-        app.insert_resource(ControlLink {
-            session: ControlSession::new(),
-            transport: Transport::new(
+        app.insert_resource(ControlLink::with_identity(
+            Transport::new(
                 crate::tls::PinStore::load(crate::config::ClientSettings::dir()),
                 self.accept_new_cert,
             ),
-            start: Instant::now(),
-        })
+            crate::config::ClientSettings::dir(),
+        ))
         .init_resource::<Directory>()
         .add_event::<ClientIntent>()
         .add_event::<ControlEvent>()
@@ -104,6 +156,12 @@ fn apply_intents(mut link: ResMut<ControlLink>, mut intents: EventReader<ClientI
             ClientIntent::Join { channel, password } => link.session.join(now, &channel, password),
             ClientIntent::Leave => link.session.leave(now),
             ClientIntent::Disconnect => link.session.disconnect(now),
+            ClientIntent::SetVerified { user_id, verified } => {
+                link.session.set_verified(user_id, verified);
+            }
+            ClientIntent::AcceptIdentity { user_id } => {
+                link.session.accept_identity(now, user_id);
+            }
         }
     }
 }
@@ -132,6 +190,8 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
         let progress = link.transport.poll();
         let busy = progress.connected || !progress.messages.is_empty();
         if progress.connected {
+            let fingerprint = link.transport.fingerprint().unwrap_or_default().to_string();
+            link.session.set_server_binding(&fingerprint);
             link.session.transport_connected(now);
         }
         for msg in progress.messages {
@@ -150,6 +210,7 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
     }
     // Queue whatever the last messages asked for; it is written on the next poll.
     apply_actions(link);
+    link.save_trust();
     while let Some(event) = link.session.poll_event() {
         events.write(ControlEvent(event));
     }
@@ -274,11 +335,7 @@ mod tests {
 
     fn world() -> World {
         let mut world = World::new();
-        world.insert_resource(ControlLink {
-            session: ControlSession::new(),
-            transport: Transport::default(),
-            start: Instant::now(),
-        });
+        world.insert_resource(ControlLink::with_identity(Transport::default(), None));
         world.init_resource::<Directory>();
         world.init_resource::<PersonSettings>();
         world.init_resource::<Events<ControlEvent>>();
@@ -329,5 +386,79 @@ mod tests {
                 muted: true
             })]
         );
+    }
+
+    /// The shell's half of identities: the key is made in the config directory on first run
+    /// and the same the next time, and a Verified mark set through an intent is saved to
+    /// `known_peers.toml` and read back by the next run.
+    #[test]
+    fn the_identity_and_a_verified_mark_are_kept_in_the_config_directory() {
+        use crate::identity::{sign_voice_key, IdentityKey, KeyBinding};
+        use crate::protocol::{PeerInfo, ServerMsg, Status, PROTOCOL_VERSION};
+        let dir = std::env::temp_dir().join(format!("pv-plugin-identity-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut world = World::new();
+        let link = ControlLink::with_identity(Transport::default(), Some(dir.clone()));
+        let ours = link.session.identity_public().expect("made on first run");
+        world.insert_resource(link);
+        world.init_resource::<Events<ClientIntent>>();
+        {
+            let mut link = world.resource_mut::<ControlLink>();
+            let s = &mut link.session;
+            let now = Duration::ZERO;
+            s.connect(now, "h:7700", "me");
+            s.set_server_binding("FP");
+            s.transport_connected(now);
+            s.handle_message(
+                now,
+                ServerMsg::Welcome {
+                    protocol_version: PROTOCOL_VERSION,
+                    app_version: "t".into(),
+                    udp_token: 1,
+                    heartbeat_timeout_ms: 15_000,
+                    relay: false,
+                },
+            );
+            s.handle_message(
+                now,
+                ServerMsg::Identified {
+                    status: Status::Ok,
+                    user_id: Some(1),
+                    username: "me".into(),
+                },
+            );
+            let alice = IdentityKey::from_secret_bytes([2; 32]);
+            let binding = KeyBinding {
+                server: "FP",
+                username: "alice",
+                user_id: 2,
+            };
+            let peer = PeerInfo {
+                user_id: 2,
+                username: "alice".into(),
+                local: vec![],
+                public: None,
+                voice_key: Some([9; 32]),
+                voice_key_proof: Some(sign_voice_key(&alice, &binding, &[9; 32])),
+            };
+            s.handle_message(now, ServerMsg::PeerEndpoints { peer });
+        }
+        world.send_event(ClientIntent::SetVerified {
+            user_id: 2,
+            verified: true,
+        });
+        world.run_system_once(apply_intents).unwrap();
+        world.resource_mut::<ControlLink>().save_trust();
+
+        let next = ControlLink::with_identity(Transport::default(), Some(dir.clone()));
+        assert_eq!(
+            next.session.identity_public(),
+            Some(ours),
+            "the same identity"
+        );
+        let trust = crate::identity::store::load_trust(Some(&dir));
+        let alice = IdentityKey::from_secret_bytes([2; 32]).public_key();
+        assert!(trust.is_verified("h:7700", "alice", &alice));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

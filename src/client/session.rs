@@ -14,6 +14,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+pub use crate::identity::gate::PeerIdentityStatus;
+use crate::identity::gate::{IdentityGate, IdentityNews};
+use crate::identity::trust::PeerTrust;
+use crate::identity::{IdentityKey, IDENTITY_KEY_LEN};
 use crate::protocol::{
     ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, Status, UserId, APP_VERSION,
     PROTOCOL_VERSION,
@@ -210,9 +214,18 @@ pub enum SessionEvent {
         channel: String,
         user_id: UserId,
     },
+    /// A peer's endpoints, with its voice key only if its identity checked out (see
+    /// [`SessionEvent::PeerIdentity`]); otherwise `voice_key` is `None`.
     PeerEndpoints(PeerInfo),
     PeerGone {
         user_id: UserId,
+    },
+    /// What we made of a peer's identity, whenever that changes (first check, a changed or
+    /// refused key, a verified mark set or cleared, a new identity accepted).
+    PeerIdentity {
+        user_id: UserId,
+        username: String,
+        status: PeerIdentityStatus,
     },
     /// The connection is gone; a new attempt follows after `retry_in` unless `None`.
     Disconnected {
@@ -253,6 +266,8 @@ pub struct ControlSession {
     /// Datagrams the server tunnelled to us (relayed voice while our UDP is blocked), for
     /// the voice plane. Kept apart from `events`: they are data, ~50 a second, not news.
     tunnelled: VecDeque<Vec<u8>>,
+    /// Our identity, and what we made of our peers' (see [`IdentityGate`]).
+    identity: IdentityGate,
 }
 
 /// Most tunnelled datagrams kept for a voice plane that is not draining (2 s of voice from
@@ -287,6 +302,101 @@ impl ControlSession {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             tunnelled: VecDeque::new(),
+            identity: IdentityGate::new(),
+        }
+    }
+
+    /// Our identity key (from the config directory; see `identity::store`).
+    pub fn set_identity(&mut self, identity: IdentityKey) {
+        self.identity.set_identity(identity);
+    }
+
+    /// Our identity's public key, if we have one.
+    pub fn identity_public(&self) -> Option<[u8; IDENTITY_KEY_LEN]> {
+        self.identity.identity_public()
+    }
+
+    /// The remembered identities (loaded by the shell from the trust file).
+    pub fn set_trust(&mut self, trust: PeerTrust) {
+        self.identity.set_trust(trust);
+    }
+
+    /// The remembered identities, if they changed since the last call: the shell saves them.
+    pub fn trust_to_save(&mut self) -> Option<&PeerTrust> {
+        self.identity.trust_to_save()
+    }
+
+    /// The certificate fingerprint of the server the transport just connected to: our voice
+    /// key signatures are bound to it, and peers' are checked against it. Call before
+    /// [`Self::transport_connected`].
+    pub fn set_server_binding(&mut self, fingerprint: &str) {
+        self.identity.set_server_binding(fingerprint);
+    }
+
+    /// What we made of peer `user_id`'s identity.
+    pub fn peer_identity(&self, user_id: UserId) -> Option<&PeerIdentityStatus> {
+        self.identity.status(user_id)
+    }
+
+    /// The safety number of us and peer `user_id` (see [`IdentityGate::safety_number`]).
+    pub fn safety_number(&self, user_id: UserId) -> Option<String> {
+        self.identity.safety_number(user_id)
+    }
+
+    /// The user accepts the changed identity of peer `user_id`: it is remembered, unverified,
+    /// and its voice key passed on. False if that peer's identity had not changed.
+    pub fn accept_identity(&mut self, _now: Duration, user_id: UserId) -> bool {
+        let Some(peer) = self.identity.accept(user_id) else {
+            return false;
+        };
+        self.take_identity_news();
+        self.peers.insert(peer.user_id, peer.clone());
+        self.events.push_back(SessionEvent::PeerEndpoints(peer));
+        true
+    }
+
+    /// Marks peer `user_id`'s current identity verified (or not); see
+    /// [`IdentityGate::set_verified`].
+    pub fn set_verified(&mut self, user_id: UserId, verified: bool) -> bool {
+        let done = self.identity.set_verified(user_id, verified);
+        self.take_identity_news();
+        done
+    }
+
+    /// The identity gate's news, as session events.
+    fn take_identity_news(&mut self) {
+        while let Some(IdentityNews {
+            user_id,
+            username,
+            status,
+        }) = self.identity.poll_news()
+        {
+            self.events.push_back(SessionEvent::PeerIdentity {
+                user_id,
+                username,
+                status,
+            });
+        }
+    }
+
+    /// A peer's endpoints, through the identity gate (its voice key only if it checks out).
+    fn handle_peer_endpoints(&mut self, peer: PeerInfo) {
+        let peer = self.identity.admit(peer);
+        self.take_identity_news();
+        self.peers.insert(peer.user_id, peer.clone());
+        self.events.push_back(SessionEvent::PeerEndpoints(peer));
+    }
+
+    /// Our endpoint announcement, the voice key signed for this server, our name and id.
+    fn announcement(&self) -> ClientMsg {
+        let voice_key_proof = match (self.voice_key, self.user_id) {
+            (Some(key), Some(user_id)) => self.identity.sign(&self.username, user_id, &key),
+            _ => None,
+        };
+        ClientMsg::AnnounceEndpoints {
+            local: self.local_endpoints.clone(),
+            voice_key: self.voice_key,
+            voice_key_proof,
         }
     }
 
@@ -358,6 +468,8 @@ impl ControlSession {
         // of this one (the new server may even hand out the same user ids to other people).
         self.clear_membership();
         self.server = server.to_string();
+        self.identity
+            .set_trust_server(crate::tls::pin_key(&self.server));
         self.username = username.to_string();
         self.attempts = 0;
         self.ever_identified = false;
@@ -417,10 +529,11 @@ impl ControlSession {
         local: Vec<std::net::SocketAddr>,
         voice_key: Option<[u8; 32]>,
     ) {
-        self.local_endpoints = local.clone();
+        self.local_endpoints = local;
         self.voice_key = voice_key;
         if self.phase == Phase::Ready {
-            self.send(now, ClientMsg::AnnounceEndpoints { local, voice_key });
+            let msg = self.announcement();
+            self.send(now, msg);
         }
     }
 
@@ -485,6 +598,7 @@ impl ControlSession {
                 .push_back(SessionEvent::PeerGone { user_id: id });
         }
         self.peers.clear();
+        self.identity.forget_all();
     }
 
     fn schedule_retry(&mut self, now: Duration, reason: DisconnectReason) {
@@ -591,7 +705,8 @@ impl ControlSession {
                     (Status::Ok, Some(id)) => {
                         // Introduced again: the server will announce the channel's members
                         // anew (with new ids); retire the ones from the previous session.
-                        for (old, _) in self.stale_peers.drain() {
+                        for (old, _) in std::mem::take(&mut self.stale_peers) {
+                            self.identity.forget(old);
                             self.events
                                 .push_back(SessionEvent::PeerGone { user_id: old });
                         }
@@ -605,9 +720,8 @@ impl ControlSession {
                             username,
                         });
                         if !self.local_endpoints.is_empty() || self.voice_key.is_some() {
-                            let local = self.local_endpoints.clone();
-                            let voice_key = self.voice_key;
-                            self.send(now, ClientMsg::AnnounceEndpoints { local, voice_key });
+                            let msg = self.announcement();
+                            self.send(now, msg);
                         }
                         if let Some((ch, pw)) = self.wanted_channel.clone() {
                             self.send(
@@ -723,10 +837,10 @@ impl ControlSession {
                 if Some(peer.user_id) == self.user_id {
                     return;
                 }
-                self.peers.insert(peer.user_id, peer.clone());
-                self.events.push_back(SessionEvent::PeerEndpoints(peer));
+                self.handle_peer_endpoints(peer);
             }
             ServerMsg::PeerGone { user_id } => {
+                self.identity.forget(user_id);
                 if self.peers.remove(&user_id).is_some() {
                     self.events.push_back(SessionEvent::PeerGone { user_id });
                 }
@@ -846,6 +960,7 @@ mod tests {
             local: vec![],
             public: None,
             voice_key: None,
+            voice_key_proof: None,
         }
     }
 
@@ -1063,7 +1178,7 @@ mod tests {
             ),
             (
                 DisconnectReason::VersionMismatch { server: 9 },
-                "server speaks protocol 9, this app speaks 4: update one of them",
+                "server speaks protocol 9, this app speaks 5: update one of them",
             ),
             (
                 DisconnectReason::VersionRefused("as said".into()),
@@ -1229,5 +1344,252 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    // --- identities ---
+
+    use crate::identity::trust::PeerTrust;
+    use crate::identity::{
+        sign_voice_key, verify_voice_key, IdentityError, IdentityKey, KeyBinding,
+    };
+
+    const SERVER_FP: &str = "AA:BB:CC";
+
+    /// A session of "me" (user 1) on server "h:7700" with an identity, ready.
+    fn with_identity() -> ControlSession {
+        let mut s = ControlSession::new();
+        s.set_identity(IdentityKey::from_secret_bytes([1; 32]));
+        s.connect(Duration::ZERO, "h:7700", "me");
+        s.set_server_binding(SERVER_FP);
+        ready(&mut s, Duration::ZERO, 1);
+        drain_actions(&mut s);
+        drain_events(&mut s);
+        s
+    }
+
+    /// Peer `id` ("alice") announcing `voice` signed by `identity` for this server.
+    fn signed_peer(id: UserId, identity: &IdentityKey, voice: [u8; 32]) -> PeerInfo {
+        let binding = KeyBinding {
+            server: SERVER_FP,
+            username: "alice",
+            user_id: id,
+        };
+        PeerInfo {
+            username: "alice".into(),
+            voice_key: Some(voice),
+            voice_key_proof: Some(sign_voice_key(identity, &binding, &voice)),
+            ..peer(id)
+        }
+    }
+
+    fn announce(s: &mut ControlSession, p: PeerInfo) -> Vec<SessionEvent> {
+        s.handle_message(Duration::ZERO, ServerMsg::PeerEndpoints { peer: p });
+        drain_events(s)
+    }
+
+    fn forwarded_key(events: &[SessionEvent]) -> Option<Option<[u8; 32]>> {
+        events.iter().find_map(|e| match e {
+            SessionEvent::PeerEndpoints(p) => Some(p.voice_key),
+            _ => None,
+        })
+    }
+
+    fn identity_news(events: &[SessionEvent]) -> Vec<PeerIdentityStatus> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::PeerIdentity { status, .. } => Some(status.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn our_voice_key_goes_out_signed_for_this_server_our_name_and_id() {
+        let mut s = with_identity();
+        s.set_local_endpoints(Duration::ZERO, vec![], Some([5; 32]));
+        let sent = drain_actions(&mut s);
+        let Some(Action::Send(ClientMsg::AnnounceEndpoints {
+            voice_key: Some(key),
+            voice_key_proof,
+            ..
+        })) = sent.last()
+        else {
+            panic!("{sent:?}");
+        };
+        let binding = KeyBinding {
+            server: SERVER_FP,
+            username: "me",
+            user_id: 1,
+        };
+        assert_eq!(
+            verify_voice_key(&binding, key, voice_key_proof.as_ref()),
+            Ok(s.identity_public().unwrap())
+        );
+    }
+
+    #[test]
+    fn an_unsigned_or_badly_signed_voice_key_is_refused_and_never_forwarded() {
+        let mut s = with_identity();
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        let unsigned = PeerInfo {
+            voice_key: Some([9; 32]),
+            username: "alice".into(),
+            ..peer(2)
+        };
+        let ev = announce(&mut s, unsigned);
+        assert_eq!(forwarded_key(&ev), Some(None), "the key is stripped");
+        assert!(matches!(
+            identity_news(&ev)[..],
+            [PeerIdentityStatus::Refused(
+                IdentityError::MissingProof { .. }
+            )]
+        ));
+        // A swapped key under Alice's genuine signature.
+        let mut swapped = signed_peer(2, &alice, [9; 32]);
+        swapped.voice_key = Some([8; 32]);
+        let ev = announce(&mut s, swapped);
+        assert_eq!(forwarded_key(&ev), Some(None));
+        assert!(matches!(
+            identity_news(&ev)[..],
+            [PeerIdentityStatus::Refused(
+                IdentityError::BadSignature { .. }
+            )]
+        ));
+        // Signed for another server (a replay from elsewhere).
+        let mut elsewhere = signed_peer(2, &alice, [9; 32]);
+        s.set_server_binding("OTHER");
+        let ev = announce(&mut s, elsewhere.clone());
+        assert_eq!(forwarded_key(&ev), Some(None));
+        s.set_server_binding(SERVER_FP);
+        elsewhere.local = vec!["10.0.0.1:5".parse().unwrap()];
+        let ev = announce(&mut s, elsewhere);
+        assert_eq!(
+            forwarded_key(&ev),
+            Some(Some([9; 32])),
+            "good once bound right"
+        );
+    }
+
+    #[test]
+    fn first_sight_is_trusted_and_remembered_and_a_changed_identity_is_held_until_accepted() {
+        let mut s = with_identity();
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        let ev = announce(&mut s, signed_peer(2, &alice, [9; 32]));
+        assert_eq!(forwarded_key(&ev), Some(Some([9; 32])));
+        assert_eq!(
+            identity_news(&ev),
+            vec![PeerIdentityStatus::Trusted {
+                identity: alice.public_key(),
+                first_seen: true,
+                verified: false
+            }]
+        );
+        assert!(s.trust_to_save().is_some(), "the shell must save it");
+        // A new voice key under the same identity (she rejoined) is no news.
+        let ev = announce(&mut s, signed_peer(2, &alice, [10; 32]));
+        assert_eq!(forwarded_key(&ev), Some(Some([10; 32])));
+        assert!(identity_news(&ev).is_empty());
+
+        let mallory = IdentityKey::from_secret_bytes([3; 32]);
+        let ev = announce(&mut s, signed_peer(2, &mallory, [11; 32]));
+        assert_eq!(forwarded_key(&ev), Some(None), "held back");
+        let changed = PeerIdentityStatus::Changed {
+            previous: alice.public_key(),
+            presented: mallory.public_key(),
+        };
+        assert_eq!(identity_news(&ev), vec![changed.clone()]);
+        assert_eq!(s.peer_identity(2), Some(&changed));
+        assert!(
+            !s.set_verified(2, true),
+            "a changed identity cannot be marked"
+        );
+
+        assert!(s.accept_identity(Duration::ZERO, 2));
+        let ev = drain_events(&mut s);
+        assert_eq!(forwarded_key(&ev), Some(Some([11; 32])));
+        assert_eq!(
+            identity_news(&ev),
+            vec![PeerIdentityStatus::Trusted {
+                identity: mallory.public_key(),
+                first_seen: false,
+                verified: false
+            }]
+        );
+        assert!(
+            !s.accept_identity(Duration::ZERO, 2),
+            "nothing held any more"
+        );
+    }
+
+    #[test]
+    fn a_verified_mark_is_kept_in_the_trust_store_and_a_changed_key_does_not_inherit_it() {
+        let mut s = with_identity();
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        announce(&mut s, signed_peer(2, &alice, [9; 32]));
+        assert!(s.set_verified(2, true));
+        assert!(matches!(
+            identity_news(&drain_events(&mut s))[..],
+            [PeerIdentityStatus::Trusted { verified: true, .. }]
+        ));
+        let saved = s.trust_to_save().cloned().unwrap();
+        assert!(saved.is_verified("h:7700", "alice", &alice.public_key()));
+
+        // The next run, from the saved store.
+        let mut next = with_identity();
+        next.set_trust(saved);
+        let ev = announce(&mut next, signed_peer(5, &alice, [12; 32]));
+        assert!(matches!(
+            identity_news(&ev)[..],
+            [PeerIdentityStatus::Trusted {
+                verified: true,
+                first_seen: false,
+                ..
+            }]
+        ));
+        let mallory = IdentityKey::from_secret_bytes([3; 32]);
+        announce(&mut next, signed_peer(5, &mallory, [13; 32]));
+        assert!(next.accept_identity(Duration::ZERO, 5));
+        assert!(matches!(
+            next.peer_identity(5),
+            Some(PeerIdentityStatus::Trusted {
+                verified: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn an_unreadable_trust_store_refuses_every_peer() {
+        let mut s = with_identity();
+        s.set_trust(PeerTrust::unreadable(
+            "known_peers.toml".into(),
+            "bad".into(),
+        ));
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        let ev = announce(&mut s, signed_peer(2, &alice, [9; 32]));
+        assert_eq!(forwarded_key(&ev), Some(None));
+        assert!(matches!(
+            identity_news(&ev)[..],
+            [PeerIdentityStatus::Refused(
+                IdentityError::TrustStoreUnreadable { .. }
+            )]
+        ));
+    }
+
+    #[test]
+    fn both_sides_compute_one_safety_number_from_the_identity_keys() {
+        let mut s = with_identity();
+        let alice = IdentityKey::from_secret_bytes([2; 32]);
+        announce(&mut s, signed_peer(2, &alice, [9; 32]));
+        let ours = s.safety_number(2).unwrap();
+        let theirs =
+            crate::identity::safety_number(&alice.public_key(), &s.identity_public().unwrap());
+        assert_eq!(ours, theirs);
+        // Not from the voice keys: a new voice key leaves it as it is.
+        announce(&mut s, signed_peer(2, &alice, [10; 32]));
+        assert_eq!(s.safety_number(2), Some(ours));
+        s.handle_message(Duration::ZERO, ServerMsg::PeerGone { user_id: 2 });
+        assert_eq!(s.safety_number(2), None);
     }
 }

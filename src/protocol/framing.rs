@@ -264,11 +264,27 @@ mod tests {
             Just(ClientMsg::Heartbeat),
             (
                 proptest::collection::vec(arb_addr(), 0..5),
-                proptest::option::of(any::<[u8; 32]>())
+                proptest::option::of(any::<[u8; 32]>()),
+                proptest::option::of(arb_proof()),
             )
-                .prop_map(|(local, voice_key)| ClientMsg::AnnounceEndpoints { local, voice_key }),
+                .prop_map(|(local, voice_key, voice_key_proof)| {
+                    ClientMsg::AnnounceEndpoints {
+                        local,
+                        voice_key,
+                        voice_key_proof,
+                    }
+                }),
             Just(ClientMsg::Disconnect),
         ]
+    }
+
+    fn arb_proof() -> impl Strategy<Value = crate::protocol::VoiceKeyProof> {
+        (any::<[u8; 32]>(), any::<[[u8; 32]; 2]>()).prop_map(|(identity_key, signature)| {
+            crate::protocol::VoiceKeyProof {
+                identity_key,
+                signature,
+            }
+        })
     }
 
     fn arb_member() -> impl Strategy<Value = MemberInfo> {
@@ -327,19 +343,23 @@ mod tests {
                 ".{0,20}",
                 proptest::collection::vec(arb_addr(), 0..3),
                 proptest::option::of(arb_addr()),
-                proptest::option::of(any::<[u8; 32]>())
+                proptest::option::of(any::<[u8; 32]>()),
+                proptest::option::of(arb_proof()),
             )
-                .prop_map(|(user_id, username, local, public, voice_key)| {
-                    ServerMsg::PeerEndpoints {
-                        peer: PeerInfo {
-                            user_id,
-                            username,
-                            local,
-                            public,
-                            voice_key,
-                        },
+                .prop_map(
+                    |(user_id, username, local, public, voice_key, voice_key_proof)| {
+                        ServerMsg::PeerEndpoints {
+                            peer: PeerInfo {
+                                user_id,
+                                username,
+                                local,
+                                public,
+                                voice_key,
+                                voice_key_proof,
+                            },
+                        }
                     }
-                }),
+                ),
             any::<u32>().prop_map(|user_id| ServerMsg::PeerGone { user_id }),
             Just(ServerMsg::HeartbeatAck),
             (arb_status(), ".{0,40}")

@@ -34,9 +34,13 @@ pub enum ClientMsg {
     /// The client's own local UDP addresses (LAN candidates for hole punching) and its voice
     /// public key (X25519, new every session): peers derive end-to-end voice keys from it, so
     /// the server relays the key but cannot decrypt voice.
+    ///
+    /// `voice_key_proof` signs the voice key with the client's long-term identity key (see
+    /// `identity`), so peers can tell the key is the member's and not one the server put in.
     AnnounceEndpoints {
         local: Vec<SocketAddr>,
         voice_key: Option<[u8; 32]>,
+        voice_key_proof: Option<VoiceKeyProof>,
     },
     /// Orderly goodbye; the server closes the connection.
     Disconnect,
@@ -75,6 +79,29 @@ pub struct PeerInfo {
     pub public: Option<SocketAddr>,
     /// The member's voice public key, once announced.
     pub voice_key: Option<[u8; 32]>,
+    /// The member's identity key and its signature over `voice_key`, as the member announced
+    /// them (the server passes them on unchanged and cannot forge them).
+    pub voice_key_proof: Option<VoiceKeyProof>,
+}
+
+/// A member's long-term Ed25519 identity key and its signature over the member's voice key
+/// for this server, name and user id (the binding is spelled out in `identity::KeyBinding`).
+/// Plain bytes here: the protocol carries them, `identity` checks them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoiceKeyProof {
+    pub identity_key: [u8; 32],
+    /// The 64-byte Ed25519 signature as its two halves (serde has no 64-byte arrays).
+    pub signature: [[u8; 32]; 2],
+}
+
+impl VoiceKeyProof {
+    /// The signature as one 64-byte array.
+    pub fn signature_bytes(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        out[..32].copy_from_slice(&self.signature[0]);
+        out[32..].copy_from_slice(&self.signature[1]);
+        out
+    }
 }
 
 impl PeerInfo {
@@ -163,6 +190,7 @@ mod tests {
             local: vec![a],
             public: Some(b),
             voice_key: None,
+            voice_key_proof: None,
         };
         assert_eq!(p.candidates(), vec![a, b]);
         let same = PeerInfo {

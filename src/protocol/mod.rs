@@ -15,13 +15,16 @@ pub mod status;
 pub mod transmit;
 
 pub use framing::{encode_frame, FrameDecoder, FramingError, MAX_FRAME_LEN};
-pub use messages::{ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, UserId};
+pub use messages::{
+    ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, UserId, VoiceKeyProof,
+};
 pub use status::Status;
 pub use transmit::Transmit;
 
 /// Version of the control protocol and datagram format. Bumped on any incompatible change;
 /// a client and server with different versions refuse each other with [`Status::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: voice keys travel with their identity signature (`VoiceKeyProof`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Version of this build, sent in `Hello` for diagnostics.
 pub const APP_VERSION: &str = env!("CARGO_PKG_VERSION");

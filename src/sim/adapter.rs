@@ -13,8 +13,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::audio::CHUNK_SAMPLES;
-use crate::client::session::{Action, ControlSession, SessionEvent, TransportError};
+use crate::client::session::{
+    Action, ControlSession, PeerIdentityStatus, SessionEvent, TransportError,
+};
 use crate::config::ChannelConfig;
+use crate::identity::IdentityKey;
 use crate::protocol::{ClientMsg, ServerMsg, UserId};
 use crate::server::{ConnectionAddrs, Output, RelayRules, ServerRules, ServerState, SessionId};
 use crate::voice::engine::{
@@ -206,7 +209,14 @@ pub struct SimClient {
     username: String,
     /// Session events in the order they happened, for the trace.
     log: VecDeque<String>,
+    /// The voice key last announced (the engine takes a new one per join; see
+    /// `voice/thread.rs`, which announces it again).
+    announced_key: Option<[u8; 32]>,
 }
+
+/// What the simulated clients bind voice-key signatures to, in place of the certificate
+/// fingerprint a real server's TLS shows.
+pub const SIM_SERVER_BINDING: &str = "sim-server";
 
 impl SimClient {
     /// A client whose voice socket is bound at `local`, all randomness drawn from `seed`.
@@ -230,9 +240,18 @@ impl SimClient {
             chunk.copy_from_slice(&s.to_le_bytes());
         }
         engine.set_keys(SessionKeys::from_secret_bytes(secret));
+        // Later keys (one pair per join) from the same seed, so runs repeat.
+        secret.reverse();
+        engine.set_key_seed(secret);
         engine.apply(Duration::ZERO, VoiceSetting::PushToTalk(true));
+        let mut session = ControlSession::new();
+        secret[0] ^= 0x5a;
+        session.set_identity(IdentityKey::from_secret_bytes(secret));
+        // No TLS in the simulation: every client binds its signatures to the same name.
+        session.set_server_binding(SIM_SERVER_BINDING);
         Self {
-            session: ControlSession::new(),
+            session,
+            announced_key: None,
             engine,
             local,
             mapped: None,
@@ -246,10 +265,26 @@ impl SimClient {
     /// as the voice thread does when the mapping thread reports one.
     pub fn announce_mapped(&mut self, now: Duration, mapped: Option<SocketAddr>) {
         self.mapped = mapped;
+        self.announce(now);
+    }
+
+    /// Our endpoints and current voice key, to the server.
+    fn announce(&mut self, now: Duration) {
         let key = self.engine.public_key();
+        self.announced_key = Some(key);
         let mut local = vec![self.local];
         local.extend(self.mapped);
         self.session.set_local_endpoints(now, local, Some(key));
+    }
+
+    /// Announces again if the engine took a new voice key, as the voice thread does.
+    fn announce_new_key(&mut self, now: Duration) {
+        if self
+            .announced_key
+            .is_some_and(|k| k != self.engine.public_key())
+        {
+            self.announce(now);
+        }
     }
 
     /// The router mapped our port at `mapped`: announce it too.
@@ -335,16 +370,17 @@ impl SimClient {
                 SessionEvent::Welcome { udp_token, relay } => {
                     self.engine.set_server(now, self.server, udp_token);
                     self.engine.set_server_relays(relay);
-                    let key = self.engine.public_key();
-                    let mut local = vec![self.local];
-                    local.extend(self.mapped);
-                    self.session.set_local_endpoints(now, local, Some(key));
+                    self.announce(now);
                 }
-                SessionEvent::Identified { user_id, .. } => self.engine.set_self_id(user_id),
+                SessionEvent::Identified { user_id, .. } => {
+                    self.engine.set_self_id(user_id);
+                    self.announce_new_key(now);
+                }
                 SessionEvent::PeerEndpoints(peer) => self.engine.upsert_peer(now, &peer),
                 SessionEvent::PeerGone { user_id } => self.engine.remove_peer(user_id),
                 SessionEvent::Left { .. } | SessionEvent::Disconnected { retry_in: None, .. } => {
-                    self.engine.clear_peers()
+                    self.engine.clear_peers();
+                    self.announce_new_key(now);
                 }
                 _ => {}
             }
@@ -407,6 +443,33 @@ impl SimClient {
     }
 
     // --- what the user sees ---
+
+    /// What our control session made of peer `id`'s identity.
+    pub fn peer_identity(&self, id: UserId) -> Option<PeerIdentityStatus> {
+        self.session.peer_identity(id).cloned()
+    }
+
+    /// The safety number of us and peer `id`.
+    pub fn safety_number(&self, id: UserId) -> Option<String> {
+        self.session.safety_number(id)
+    }
+
+    /// Our identity's public key.
+    pub fn identity_public(&self) -> Option<[u8; 32]> {
+        self.session.identity_public()
+    }
+
+    /// The user accepts peer `id`'s changed identity.
+    pub fn accept_identity(&mut self, now: Duration, id: UserId) -> bool {
+        let accepted = self.session.accept_identity(now, id);
+        self.forward_events(now);
+        accepted
+    }
+
+    /// Voice keys our engine refused because a peer had used them before.
+    pub fn reused_keys_refused(&self) -> u64 {
+        self.engine.reused_keys_refused()
+    }
 
     /// Our id as the control session knows it.
     pub fn user_id(&self) -> Option<UserId> {

@@ -36,6 +36,7 @@ use adapter::{
 use listen::Ear;
 use network::{LinkProfile, NatKind, NetStats, Network, Node, SimRng};
 
+use crate::client::session::PeerIdentityStatus;
 use crate::protocol::{ClientMsg, ServerMsg, UserId};
 
 /// The audio sample rate of every client.
@@ -191,7 +192,13 @@ pub struct World {
     digest: Digest,
     tx_buf: Vec<u8>,
     mix_buf: Vec<f32>,
+    /// A server that lies: rewrites each control message before it reaches a user (the
+    /// user's index and the message). `None`: an honest server.
+    hostile: Option<HostileServer>,
 }
+
+/// Rewrites a control message from the server to user `usize` (a key-swapping server).
+pub type HostileServer = Box<dyn FnMut(usize, &mut ServerMsg)>;
 
 impl World {
     /// An empty world with the server up (not relaying, as a dedicated `server` starts).
@@ -217,7 +224,36 @@ impl World {
             digest: Digest(0xcbf2_9ce4_8422_2325),
             tx_buf: vec![0u8; DATAGRAM_BUF],
             mix_buf: vec![0.0; PLAYOUT_SAMPLES],
+            hostile: None,
         }
+    }
+
+    /// From now on the server rewrites what it tells users with `f` (see [`HostileServer`]).
+    pub fn set_hostile_server(&mut self, f: impl FnMut(usize, &mut ServerMsg) + 'static) {
+        self.hostile = Some(Box::new(f));
+    }
+
+    /// What user `user`'s control session made of user `other`'s identity.
+    pub fn peer_identity(&self, user: usize, other: usize) -> Option<PeerIdentityStatus> {
+        let id = self.users[other].client.user_id()?;
+        self.users[user].client.peer_identity(id)
+    }
+
+    /// User `user`'s safety number with user `other`.
+    pub fn safety_number(&self, user: usize, other: usize) -> Option<String> {
+        let id = self.users[other].client.user_id()?;
+        self.users[user].client.safety_number(id)
+    }
+
+    /// User `user` accepts user `other`'s changed identity.
+    pub fn accept_identity(&mut self, user: usize, other: usize) -> bool {
+        let Some(id) = self.users[other].client.user_id() else {
+            return false;
+        };
+        let now = self.now;
+        let accepted = self.users[user].client.accept_identity(now, id);
+        self.pump(user);
+        accepted
     }
 
     pub fn now(&self) -> Duration {
@@ -635,8 +671,11 @@ impl World {
     fn server_outputs(&mut self, outs: Vec<ServerOut>) {
         for out in outs {
             match out {
-                ServerOut::Send(conn, msg) => {
+                ServerOut::Send(conn, mut msg) => {
                     if let Some(&user) = self.conn_owner.get(&conn) {
+                        if let Some(f) = &mut self.hostile {
+                            f(user, &mut msg);
+                        }
                         let lat = self.users[user].control_latency;
                         self.schedule(lat, Control::ToClient { user, conn, msg });
                     }

@@ -436,3 +436,107 @@ fn a_member_whose_udp_is_blocked_is_in_the_whole_call_through_the_tunnel() {
         );
     }
 }
+
+/// Alice and Bob in a call, hearing each other, identities first seen.
+fn alice_and_bob(seed: u64) -> (World, usize, usize) {
+    let mut w = World::new(seed);
+    let a = w.add_user(UserSpec::new("alice", 440.0).control_latency(secs(0.010)));
+    let b = w.add_user(UserSpec::new("bob", 660.0).control_latency(secs(0.020)));
+    start_call(&mut w, &[a, b], secs(1.0));
+    w.run_for(secs(2.0));
+    assert_hearing(&w, secs(2.0), secs(3.0), &all_hear_all(&[a, b]));
+    (w, a, b)
+}
+
+/// Alice leaves the channel and comes back (a new voice key, announced anew), and the call
+/// runs on for a while.
+fn alice_rejoins(w: &mut World, a: usize) {
+    w.leave(a);
+    w.run_for(secs(0.5));
+    w.join(a, "Lobby");
+    w.set_talking(a, true);
+    w.run_for(secs(2.5));
+}
+
+#[test]
+fn identities_are_remembered_across_a_rejoin_and_both_sides_see_one_safety_number() {
+    use crate::client::session::PeerIdentityStatus;
+    let (mut w, a, b) = alice_and_bob(31);
+    let ab = w.safety_number(a, b).expect("alice has bob's identity");
+    assert_eq!(Some(ab.clone()), w.safety_number(b, a));
+    assert_eq!(ab.split(' ').count(), 8);
+    assert!(matches!(
+        w.peer_identity(b, a),
+        Some(PeerIdentityStatus::Trusted { .. })
+    ));
+    alice_rejoins(&mut w, a);
+    let now = w.now();
+    assert_hearing(&w, now - secs(1.0), now, &all_hear_all(&[a, b]));
+    assert!(
+        matches!(
+            w.peer_identity(b, a),
+            Some(PeerIdentityStatus::Trusted { .. })
+        ),
+        "a new voice key under the same identity is no change: {:?}",
+        w.peer_identity(b, a)
+    );
+    assert_eq!(w.safety_number(b, a), Some(ab), "the safety number stays");
+}
+
+/// Issue 13: a server that swaps keys after first contact is detected. Here, when Alice
+/// rejoins, the server tells Bob a voice key of its own, signed by an identity key of its own
+/// (it cannot sign with Alice's): Bob reports Alice's identity as changed and uses no voice
+/// key of hers until he accepts, so the server hears nothing and Bob hears no one in Alice's
+/// name. The same server that keeps Alice's signature but swaps the key is refused outright.
+#[test]
+fn a_key_swapping_server_is_caught_after_first_contact() {
+    use crate::client::session::PeerIdentityStatus;
+    use crate::identity::{sign_voice_key, IdentityKey, KeyBinding};
+    use crate::protocol::ServerMsg;
+    use crate::voice::net::crypto::SessionKeys;
+
+    for keep_alices_signature in [false, true] {
+        let (mut w, a, b) = alice_and_bob(32);
+        let alice_identity = w.peer_identity(b, a).and_then(|s| s.identity()).unwrap();
+        let mallory = IdentityKey::from_secret_bytes([66; 32]);
+        let mallory_voice = SessionKeys::from_secret_bytes([77; 32]).public_key();
+        let signer = mallory.clone();
+        w.set_hostile_server(move |to, msg| {
+            let ServerMsg::PeerEndpoints { peer } = msg else {
+                return;
+            };
+            if to != b || peer.username != "alice" || peer.voice_key.is_none() {
+                return;
+            }
+            peer.voice_key = Some(mallory_voice);
+            if !keep_alices_signature {
+                let binding = KeyBinding {
+                    server: super::adapter::SIM_SERVER_BINDING,
+                    username: &peer.username,
+                    user_id: peer.user_id,
+                };
+                peer.voice_key_proof = Some(sign_voice_key(&signer, &binding, &mallory_voice));
+            }
+        });
+        alice_rejoins(&mut w, a);
+        let seen = w.peer_identity(b, a);
+        if keep_alices_signature {
+            assert!(
+                matches!(seen, Some(PeerIdentityStatus::Refused(_))),
+                "{seen:?}"
+            );
+        } else {
+            assert_eq!(
+                seen,
+                Some(PeerIdentityStatus::Changed {
+                    previous: alice_identity,
+                    presented: mallory.public_key(),
+                })
+            );
+            // Shown with the new identity's safety number, for the user to check.
+            assert!(w.safety_number(b, a).is_some());
+        }
+        let now = w.now();
+        assert_hearing(&w, now - secs(1.0), now, &[(b, a, false)]);
+    }
+}

@@ -50,4 +50,9 @@ pub enum UiAction {
     TogglePerfOverlay,
     /// Disconnect from the server.
     Disconnect,
+    /// Mark a member's identity verified (the safety number was compared) or not; remembered
+    /// across restarts for that name on this server and that identity key.
+    SetVerified { user_id: u32, verified: bool },
+    /// Accept a member's changed identity key (their voice is held back until then).
+    AcceptIdentity { user_id: u32 },
 }

@@ -387,6 +387,7 @@ pub fn build_overview(
                         link_view(link, is_self.is_some())
                     },
                     fingerprint: link.and_then(|l| l.fingerprint.clone()),
+                    identity: IdentityView::Unknown,
                 },
             )
             .collect();
@@ -403,6 +404,46 @@ pub fn build_overview(
         });
     }
     out
+}
+
+/// What the control session made of each member's identity, into the overview: our own
+/// fingerprint on our row, each peer's safety number and verified mark, or why not.
+pub fn fill_identities(overview: &mut OverviewView, session: &crate::client::ControlSession) {
+    use crate::client::session::PeerIdentityStatus;
+    use crate::identity::identity_fingerprint;
+    for member in overview
+        .channels
+        .iter_mut()
+        .flat_map(|c| c.members.iter_mut())
+    {
+        member.identity = if member.is_self {
+            session
+                .identity_public()
+                .map(|k| IdentityView::Own {
+                    fingerprint: identity_fingerprint(&k),
+                })
+                .unwrap_or_default()
+        } else {
+            match session.peer_identity(member.user_id) {
+                None => IdentityView::Unknown,
+                Some(PeerIdentityStatus::Trusted { verified, .. }) => IdentityView::Trusted {
+                    safety_number: session.safety_number(member.user_id).unwrap_or_default(),
+                    verified: *verified,
+                },
+                Some(PeerIdentityStatus::Changed {
+                    previous,
+                    presented,
+                }) => IdentityView::Changed {
+                    previous: identity_fingerprint(previous),
+                    presented: identity_fingerprint(presented),
+                    safety_number: session.safety_number(member.user_id),
+                },
+                Some(PeerIdentityStatus::Refused(reason)) => IdentityView::Refused {
+                    reason: reason.to_string(),
+                },
+            }
+        };
+    }
 }
 
 /// What the UI's systems write: intents for the control plane and the voice thread, entity
@@ -432,6 +473,11 @@ fn draw_ui(
     let ctx = contexts.ctx_mut()?;
     let state = &mut *state;
     mirror_voice(state, &voice);
+    if let Some(problem) = &link.identity_problem {
+        state
+            .notices
+            .push_once(Topic::IdentityProblem, capitalize(problem));
+    }
     let status = status_view(state, &link, &voice);
     let actions = draw_panels(ctx, state, &link, &status, &channels, &users);
     for action in actions {
@@ -579,7 +625,14 @@ fn draw_panels(
                 ui.label("Channel mix");
                 panels::waveform(ui, &state.mix, egui::vec2(ui.available_width(), 60.0));
             });
-        let overview = build_overview(channels, users, link.session.channel());
+        let mut overview = build_overview(channels, users, link.session.channel());
+        fill_identities(&mut overview, &link.session);
+        let alerts = panels::peer_details::identity_alerts(&overview);
+        if !alerts.is_empty() {
+            egui::TopBottomPanel::top("identity_alerts").show(ctx, |ui| {
+                actions.extend(panels::peer_details::identity_banner(ui, &alerts));
+            });
+        }
         egui::CentralPanel::default().show(ctx, |ui| {
             actions.extend(panels::overview(ui, &overview));
         });
@@ -696,6 +749,13 @@ fn dispatch(
                     name.clone(),
                 ))));
             out.settings.remember(SettingsChange::OutputDevice(name));
+        }
+        UiAction::SetVerified { user_id, verified } => {
+            out.intents
+                .write(ClientIntent::SetVerified { user_id, verified });
+        }
+        UiAction::AcceptIdentity { user_id } => {
+            out.intents.write(ClientIntent::AcceptIdentity { user_id });
         }
         UiAction::DismissError(i) => state.notices.dismiss(i),
         UiAction::ToggleHelp => state.show_help = !state.show_help,

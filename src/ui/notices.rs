@@ -19,6 +19,8 @@ pub enum Topic {
     VoiceDisabled,
     /// This network lets no UDP reach the server; withdrawn if it starts to.
     UdpBlocked,
+    /// Our identity key could not be loaded: peers refuse our voice.
+    IdentityProblem,
     /// Everything else: stays until the user dismisses it or newer notices push it out.
     Other,
 }

@@ -103,6 +103,33 @@ pub struct MemberView {
     pub link: LinkView,
     /// Key fingerprint of the peer, if the protocol exchanged one.
     pub fingerprint: Option<String>,
+    /// Who this member is, as far as their identity key tells (see `crate::identity`).
+    pub identity: IdentityView,
+}
+
+/// What the window shows of a member's identity. Exists so the panels can show the safety
+/// number, the verified mark and a changed identity without knowing about keys or trust files.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum IdentityView {
+    /// Not checked (yet): no voice key announced, or a member of another channel.
+    #[default]
+    Unknown,
+    /// The local user: the fingerprint of their own identity key, to read out to others.
+    Own { fingerprint: String },
+    /// The signature checked out and the identity is the one remembered (or new here).
+    Trusted {
+        safety_number: String,
+        verified: bool,
+    },
+    /// Another identity key than the one remembered for this name: their voice is held back
+    /// until the user accepts the new one.
+    Changed {
+        previous: String,
+        presented: String,
+        safety_number: Option<String>,
+    },
+    /// The voice key could not be tied to an identity: no voice with them.
+    Refused { reason: String },
 }
 
 impl MemberView {
@@ -118,6 +145,7 @@ impl MemberView {
             volume: 1.0,
             link: LinkView::default(),
             fingerprint: None,
+            identity: IdentityView::Unknown,
         }
     }
 }

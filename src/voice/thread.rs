@@ -214,6 +214,7 @@ impl VoiceThread {
                     impair: cfg.impair.map(Impairment::new),
                     server: None,
                     mapping: None,
+                    announced_key: None,
                 };
                 w.run();
             })
@@ -336,6 +337,9 @@ struct Worker {
     server: Option<SocketAddr>,
     /// The router's mapping of our port, announced as one more candidate.
     mapping: Option<AnnouncedMapping>,
+    /// The voice key last announced: the engine takes a new one for every join, which must
+    /// then be announced too.
+    announced_key: Option<[u8; 32]>,
 }
 
 impl Worker {
@@ -350,7 +354,7 @@ impl Worker {
 
     /// Tells ECS our candidates (for the server to announce): the local ones towards the
     /// server, then the router's mapping of our port.
-    fn announce_endpoints(&self) {
+    fn announce_endpoints(&mut self) {
         let (Some(server), Ok(local)) = (self.server, self.socket.local_addr()) else {
             return;
         };
@@ -360,10 +364,19 @@ impl Worker {
                 addrs.push(m.lease.external);
             }
         }
-        self.publish(VoiceEvent::LocalEndpoints {
-            addrs,
-            voice_key: self.engine.public_key(),
-        });
+        let voice_key = self.engine.public_key();
+        self.announced_key = Some(voice_key);
+        self.publish(VoiceEvent::LocalEndpoints { addrs, voice_key });
+    }
+
+    /// Announces our endpoints again if the engine took a new voice key (a new join).
+    fn announce_new_key(&mut self) {
+        if self
+            .announced_key
+            .is_some_and(|k| k != self.engine.public_key())
+        {
+            self.announce_endpoints();
+        }
     }
 
     fn publish(&self, ev: VoiceEvent) {
@@ -471,7 +484,10 @@ impl Worker {
 
     fn apply(&mut self, now: Duration, cmd: VoiceCommand) {
         match cmd {
-            VoiceCommand::SetSelfId(id) => self.engine.set_self_id(id),
+            VoiceCommand::SetSelfId(id) => {
+                self.engine.set_self_id(id);
+                self.announce_new_key();
+            }
             VoiceCommand::SetServer { addr, token, relay } => {
                 self.engine.set_server(now, addr, token);
                 self.engine.set_server_relays(relay);
@@ -487,7 +503,10 @@ impl Worker {
             }
             VoiceCommand::UpsertPeer(p) => self.engine.upsert_peer(now, &p),
             VoiceCommand::RemovePeer(id) => self.engine.remove_peer(id),
-            VoiceCommand::ClearPeers => self.engine.clear_peers(),
+            VoiceCommand::ClearPeers => {
+                self.engine.clear_peers();
+                self.announce_new_key();
+            }
             VoiceCommand::Tunnelled(datagram) => self.engine.handle_tunnelled(now, &datagram),
             VoiceCommand::Setting(s) => self.engine.apply(now, s),
             // Never wait for the device thread here: opening a device can take seconds, and

@@ -20,7 +20,7 @@ use crate::protocol::datagram::{
 use crate::protocol::messages::OVERVIEW_PART_MEMBERS;
 use crate::protocol::{
     username_key, validate_username, ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg,
-    Status, UserId, APP_VERSION, PROTOCOL_VERSION,
+    Status, UserId, VoiceKeyProof, APP_VERSION, PROTOCOL_VERSION,
 };
 
 mod output;
@@ -111,6 +111,8 @@ struct Session {
     local_endpoints: Vec<SocketAddr>,
     public_endpoint: Option<SocketAddr>,
     voice_key: Option<[u8; 32]>,
+    /// Passed on to peers unchanged: the server cannot forge it and does not check it.
+    voice_key_proof: Option<VoiceKeyProof>,
     pending_join: Option<PendingJoin>,
     wrong_passwords: VecDeque<Duration>,
     /// Token bucket for the message rate limit: tokens left and when they were counted.
@@ -292,6 +294,7 @@ impl ServerState {
                 local_endpoints: Vec::new(),
                 public_endpoint: None,
                 voice_key: None,
+                voice_key_proof: None,
                 pending_join: None,
                 wrong_passwords: VecDeque::new(),
                 tokens: self.rules.message_burst,
@@ -469,13 +472,18 @@ impl ServerState {
                 ClientMsg::AnnounceEndpoints {
                     mut local,
                     voice_key,
+                    voice_key_proof,
                 },
             ) => {
                 local.truncate(self.rules.max_local_endpoints);
                 local.dedup();
-                if session.local_endpoints != local || session.voice_key != voice_key {
+                if session.local_endpoints != local
+                    || session.voice_key != voice_key
+                    || session.voice_key_proof != voice_key_proof
+                {
                     session.local_endpoints = local;
                     session.voice_key = voice_key;
+                    session.voice_key_proof = voice_key_proof;
                     self.endpoints_changed(id);
                 }
             }
@@ -696,6 +704,7 @@ impl ServerState {
             local,
             public,
             voice_key: s.voice_key,
+            voice_key_proof: s.voice_key_proof.clone(),
         })
     }
 

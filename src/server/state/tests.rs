@@ -172,7 +172,7 @@ fn version_mismatch_is_refused_and_closed_with_a_reason() {
     )));
     assert!(out
         .iter()
-        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 4"))));
+        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 5"))));
 }
 
 #[test]
@@ -701,6 +701,7 @@ fn announced_local_endpoints_reach_peers_and_are_capped() {
         ClientMsg::AnnounceEndpoints {
             local: many,
             voice_key: Some([7; 32]),
+            voice_key_proof: None,
         },
     );
     let peer = out
@@ -845,6 +846,7 @@ fn a_guest_is_told_the_host_at_the_address_it_dialled_not_loopback() {
         ClientMsg::AnnounceEndpoints {
             local: vec![host_voice],
             voice_key: Some([7; 32]),
+            voice_key_proof: None,
         },
     );
     w.state.handle_datagram(w.now, host_voice, &register(1001));

@@ -8,7 +8,7 @@
 use egui::{Button, Label, RichText, ScrollArea, Sense, Slider, Stroke, Ui, Vec2};
 
 use super::meters::{level_meter, SPEAKING_COLOR};
-use super::peer_details::{link_color, peer_details};
+use super::peer_details::{identity_controls, link_color, peer_details};
 use crate::ui::actions::UiAction;
 use crate::ui::view::{ChannelView, MemberView, OverviewView};
 use crate::voice::VoiceSetting;
@@ -178,6 +178,7 @@ fn member_row(ui: &mut Ui, member: &MemberView, row_height: f32, actions: &mut V
                 level_meter(ui, member.level, Vec2::new(40.0, 6.0), member.speaking);
                 ui.label(RichText::new("●").color(link_color(&member.link.state)))
                     .on_hover_ui(|ui| peer_details(ui, member));
+                actions.extend(identity_controls(ui, member));
                 if !member.is_self {
                     let mut muted = member.muted_locally;
                     if ui

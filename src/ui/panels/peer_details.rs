@@ -1,10 +1,16 @@
 //! Link details of one channel member: state, round trip, loss both ways, jitter, buffer delay,
-//! fingerprint.
-//! Shown as the hover tooltip of a member in the overview.
+//! fingerprint, and who they are: your own identity fingerprint on your row, each peer's
+//! safety number and verified mark. Shown as the hover tooltip of a member in the overview;
+//! the verified checkbox ([`identity_controls`]) sits in the member's row, and a changed
+//! identity gets a banner above everything ([`identity_banner`]).
 
-use egui::{Color32, Grid, Ui};
+use egui::{Color32, Grid, RichText, Ui};
 
-use crate::ui::view::{MemberLink, MemberView};
+use crate::ui::actions::UiAction;
+use crate::ui::view::{IdentityView, MemberLink, MemberView, OverviewView};
+
+/// Colour of identity warnings.
+const WARNING_COLOR: Color32 = Color32::from_rgb(230, 70, 60);
 use crate::voice::PeerState;
 
 /// Short human text for a link state ("direct", "relayed via NAME", "punching…",
@@ -76,10 +82,174 @@ pub fn peer_details(ui: &mut Ui, member: &MemberView) {
                 ui.label(format_measure(link.buffer_ms, "ms"));
                 ui.end_row();
             }
-            ui.label("Fingerprint");
-            ui.monospace(member.fingerprint.as_deref().unwrap_or("–"));
-            ui.end_row();
+            // Our own row has no voice-key fingerprint to show; our identity stands there.
+            if !(member.fingerprint.is_none()
+                && matches!(member.identity, IdentityView::Own { .. }))
+            {
+                ui.label("Fingerprint");
+                ui.monospace(member.fingerprint.as_deref().unwrap_or("–"));
+                ui.end_row();
+            }
+            identity_rows(ui, &member.identity);
         });
+}
+
+/// The identity lines of the details grid.
+fn identity_rows(ui: &mut Ui, identity: &IdentityView) {
+    match identity {
+        IdentityView::Unknown => {}
+        IdentityView::Own { fingerprint } => {
+            ui.label("Your identity");
+            ui.monospace(fingerprint);
+            ui.end_row();
+        }
+        IdentityView::Trusted {
+            safety_number,
+            verified,
+        } => {
+            ui.label("Safety number");
+            ui.monospace(safety_number);
+            ui.end_row();
+            ui.label("Identity");
+            ui.label(if *verified {
+                "verified"
+            } else {
+                "not verified: compare the safety number by other means"
+            });
+            ui.end_row();
+        }
+        IdentityView::Changed {
+            previous,
+            presented,
+            safety_number,
+        } => {
+            ui.label("Identity");
+            ui.colored_label(WARNING_COLOR, "CHANGED: voice held back");
+            ui.end_row();
+            ui.label("Was");
+            ui.monospace(previous);
+            ui.end_row();
+            ui.label("Now");
+            ui.monospace(presented);
+            ui.end_row();
+            if let Some(n) = safety_number {
+                ui.label("New safety number");
+                ui.monospace(n);
+                ui.end_row();
+            }
+        }
+        IdentityView::Refused { reason } => {
+            ui.label("Identity");
+            ui.colored_label(WARNING_COLOR, reason);
+            ui.end_row();
+        }
+    }
+}
+
+/// The member row's identity control: a "Verified" checkbox for a peer whose identity checked
+/// out (ticking it says the safety number was compared; it is remembered), a warning mark
+/// for a changed or refused one, nothing for ourselves.
+pub fn identity_controls(ui: &mut Ui, member: &MemberView) -> Vec<UiAction> {
+    let mut actions = Vec::new();
+    match &member.identity {
+        IdentityView::Trusted {
+            safety_number,
+            verified,
+        } => {
+            let mut checked = *verified;
+            if ui
+                .checkbox(&mut checked, "Verified")
+                .on_hover_text(format!(
+                    "Tick once you compared this safety number with {} by other means:                      {safety_number}",
+                    member.name
+                ))
+                .changed()
+            {
+                actions.push(UiAction::SetVerified {
+                    user_id: member.user_id,
+                    verified: checked,
+                });
+            }
+        }
+        IdentityView::Changed { .. } => {
+            ui.label(RichText::new("⚠ identity changed").color(WARNING_COLOR))
+                .on_hover_ui(|ui| peer_details(ui, member));
+        }
+        IdentityView::Refused { reason } => {
+            ui.label(RichText::new("⚠ refused").color(WARNING_COLOR))
+                .on_hover_text(reason);
+        }
+        IdentityView::Own { .. } | IdentityView::Unknown => {}
+    }
+    actions
+}
+
+/// A member whose identity key changed, for the banner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityAlert {
+    pub user_id: u32,
+    pub name: String,
+    pub previous: String,
+    pub presented: String,
+    pub safety_number: Option<String>,
+}
+
+/// Every member of the overview whose identity changed.
+pub fn identity_alerts(overview: &OverviewView) -> Vec<IdentityAlert> {
+    overview
+        .channels
+        .iter()
+        .flat_map(|c| &c.members)
+        .filter_map(|m| match &m.identity {
+            IdentityView::Changed {
+                previous,
+                presented,
+                safety_number,
+            } => Some(IdentityAlert {
+                user_id: m.user_id,
+                name: m.name.clone(),
+                previous: previous.clone(),
+                presented: presented.clone(),
+                safety_number: safety_number.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A banner that cannot be missed, one line per member whose identity key changed: the server
+/// may be listening in, or the person reinstalled. Their voice is held back until the user
+/// accepts the new identity here (ideally after comparing the new safety number).
+pub fn identity_banner(ui: &mut Ui, alerts: &[IdentityAlert]) -> Vec<UiAction> {
+    let mut actions = Vec::new();
+    for alert in alerts {
+        ui.horizontal_wrapped(|ui| {
+            ui.label(
+                RichText::new(format!(
+                    "⚠ {}'s identity key changed (was {}, now {}). The server may be                      listening in, or they reinstalled. Their voice is not used.",
+                    alert.name, alert.previous, alert.presented
+                ))
+                .color(WARNING_COLOR)
+                .strong(),
+            );
+            if let Some(n) = &alert.safety_number {
+                ui.label(format!("New safety number: {n}"));
+            }
+            if ui
+                .button("Accept new identity")
+                .on_hover_text(format!(
+                    "Trust {}'s new key (compare the new safety number with them first)",
+                    alert.name
+                ))
+                .clicked()
+            {
+                actions.push(UiAction::AcceptIdentity {
+                    user_id: alert.user_id,
+                });
+            }
+        });
+    }
+    actions
 }
 
 #[cfg(test)]
@@ -156,5 +326,94 @@ mod tests {
         harness.get_by_label("7.3 %");
         harness.get_by_label("40 ms");
         harness.get_by_label("ab:cd:ef");
+    }
+
+    #[test]
+    fn details_show_our_fingerprint_and_a_peers_safety_number() {
+        let mut me = MemberView::new(1, "alice");
+        me.link.state = MemberLink::Local;
+        me.identity = IdentityView::Own {
+            fingerprint: "a1b2-c3d4".into(),
+        };
+        let h = Harness::new_ui(|ui| peer_details(ui, &me));
+        h.get_by_label("Your identity");
+        h.get_by_label("a1b2-c3d4");
+        assert!(h.query_by_label("–").is_none(), "no empty fingerprint row");
+        let mut bob = MemberView::new(2, "bob");
+        bob.identity = IdentityView::Trusted {
+            safety_number: "12345 67890".into(),
+            verified: true,
+        };
+        let h = Harness::new_ui(|ui| peer_details(ui, &bob));
+        h.get_by_label("Safety number");
+        h.get_by_label("12345 67890");
+        h.get_by_label("verified");
+    }
+
+    struct Clicked {
+        member: MemberView,
+        actions: Vec<UiAction>,
+    }
+
+    #[test]
+    fn ticking_verified_asks_to_remember_the_mark() {
+        let mut bob = MemberView::new(2, "bob");
+        bob.identity = IdentityView::Trusted {
+            safety_number: "12345".into(),
+            verified: false,
+        };
+        let mut h = Harness::new_ui_state(
+            |ui, s: &mut Clicked| {
+                let actions = identity_controls(ui, &s.member);
+                s.actions.extend(actions);
+            },
+            Clicked {
+                member: bob,
+                actions: Vec::new(),
+            },
+        );
+        h.get_by_label("Verified").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::SetVerified {
+                user_id: 2,
+                verified: true
+            }]
+        );
+    }
+
+    #[test]
+    fn a_changed_identity_gets_a_banner_whose_button_accepts_it() {
+        let mut bob = MemberView::new(2, "bob");
+        bob.identity = IdentityView::Changed {
+            previous: "aaaa-bbbb".into(),
+            presented: "cccc-dddd".into(),
+            safety_number: Some("55555".into()),
+        };
+        let overview = OverviewView {
+            channels: vec![crate::ui::view::ChannelView {
+                id: 0,
+                name: "Lobby".into(),
+                has_password: false,
+                members: vec![MemberView::new(1, "alice"), bob],
+                max_members: None,
+            }],
+            my_channel: Some(0),
+        };
+        let alerts = identity_alerts(&overview);
+        assert_eq!(alerts.len(), 1);
+        let mut h = Harness::new_ui_state(
+            |ui, s: &mut Vec<UiAction>| {
+                let actions = identity_banner(ui, &alerts);
+                s.extend(actions);
+            },
+            Vec::new(),
+        );
+        h.get_by_label_contains("bob's identity key changed (was aaaa-bbbb, now cccc-dddd)");
+        h.get_by_label("New safety number: 55555");
+        h.get_by_label("Accept new identity").click();
+        h.run();
+        assert_eq!(*h.state(), vec![UiAction::AcceptIdentity { user_id: 2 }]);
     }
 }

@@ -57,6 +57,9 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// A listener's Report counts for this long (they come every [`REPORT_INTERVAL`]).
 const REPORT_FRESH: Duration = Duration::from_secs(5);
 
+/// Retired peer keys remembered per key pair of ours (32 bytes each).
+const MAX_RETIRED_PEER_KEYS: usize = 1024;
+
 /// Settings of the voice plane.
 #[derive(Debug, Clone)]
 pub struct VoiceConfig {
@@ -123,8 +126,21 @@ pub struct VoiceEngine {
     targets: Vec<(u32, Route)>,
     /// Whether the server relays (told in its `Welcome`); kept across peer tables.
     server_relays: bool,
-    /// Our X25519 key pair for this run; peers derive per-direction voice keys from it.
+    /// Our X25519 key pair for this channel visit; peers derive per-direction voice keys from
+    /// it. Replaced whenever our peers are reset (we left the channel, or got a new id), so a
+    /// later join never derives the keys of an earlier one and no replay window restarts
+    /// under an old key (see [`Self::rotate_keys`]).
     keys: SessionKeys,
+    /// Where new key pairs come from: the operating system, or (simulation, tests) a seeded
+    /// generator so runs repeat exactly.
+    key_rng: Option<rand::rngs::StdRng>,
+    /// Peers' voice keys whose ciphers under our current `keys` were dropped (the peer left).
+    /// A fresh cipher from the same pair of keys would start an empty replay window, so
+    /// recorded voice of the earlier visit would be accepted again: such a key is refused
+    /// until our own keys change. Bounded, oldest forgotten first.
+    retired_peer_keys: std::collections::VecDeque<[u8; 32]>,
+    /// Voice keys refused because they had been retired (see `retired_peer_keys`).
+    reused_keys_refused: u64,
     sealed: Vec<u8>,
     opened: Vec<u8>,
     undecryptable: u64,
@@ -167,6 +183,9 @@ impl VoiceEngine {
             targets: Vec::with_capacity(32),
             server_relays: false,
             keys: SessionKeys::generate(),
+            key_rng: None,
+            retired_peer_keys: std::collections::VecDeque::new(),
+            reused_keys_refused: 0,
             sealed: vec![0u8; VOICE_HEADER_LEN + MAX_VOICE_PAYLOAD],
             opened: vec![0u8; MAX_VOICE_PAYLOAD],
             undecryptable: 0,
@@ -187,17 +206,48 @@ impl VoiceEngine {
     /// Replaces the key pair (tests use fixed keys). Drops every derived peer key.
     pub fn set_keys(&mut self, keys: SessionKeys) {
         self.keys = keys;
+        self.retired_peer_keys.clear();
         for peer in self.peers.values_mut() {
             peer.cipher = None;
         }
     }
 
+    /// Draws later key pairs (see [`Self::rotate_keys`]) from a generator seeded with `seed`
+    /// instead of the operating system: for the simulation and tests, which must repeat.
+    pub fn set_key_seed(&mut self, seed: [u8; 32]) {
+        use rand::SeedableRng;
+        self.key_rng = Some(rand::rngs::StdRng::from_seed(seed));
+    }
+
+    /// A new key pair for a new set of peers. Called whenever the peers are reset, so that
+    /// keys are fresh for every join: a peer table is never rebuilt under keys that an
+    /// earlier one used. The shell must announce the new [`Self::public_key`] (it compares it
+    /// with the one it announced after every command).
+    fn rotate_keys(&mut self) {
+        let keys = match &mut self.key_rng {
+            Some(rng) => {
+                let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+                rand::RngCore::fill_bytes(rng, &mut secret[..]);
+                SessionKeys::from_secret_bytes(*secret)
+            }
+            None => SessionKeys::generate(),
+        };
+        self.set_keys(keys);
+    }
+
+    /// Voice keys refused because a peer came back with a key it had used with us before.
+    pub fn reused_keys_refused(&self) -> u64 {
+        self.reused_keys_refused
+    }
+
     /// Our user id on the server (after identification). A new id (after a reconnect) starts a
     /// fresh peer table: peers are re-announced by the server. Their ciphers go with them: the
-    /// keys and the sender id they seal with are bound to our old id.
+    /// keys and the sender id they seal with are bound to our old id, and our key pair is
+    /// replaced too (fresh keys for every new set of peers).
     pub fn set_self_id(&mut self, id: UserId) {
         if self.table.as_ref().map(|t| t.our_id()) != Some(id) {
             self.forget_peers();
+            self.rotate_keys();
             let mut table = PeerTable::new(id, self.cfg.link.clone(), self.seed);
             table.set_server_relays(self.server_relays);
             self.table = Some(table);
@@ -243,7 +293,10 @@ impl VoiceEngine {
     }
 
     /// A member of our channel, announced (again) by the server: its link starts punching, and
-    /// a new voice key replaces the cipher.
+    /// a new voice key replaces the cipher. Without a voice key (none announced yet, or the
+    /// control plane refused the one announced: a bad identity signature, a changed identity)
+    /// the member has no cipher, so nothing is sent to it or accepted from it. The caller has
+    /// checked the key's signature (see `crate::identity`); the engine takes what it is given.
     pub fn upsert_peer(&mut self, now: Duration, info: &PeerInfo) {
         let Some(table) = &mut self.table else {
             return;
@@ -259,13 +312,24 @@ impl VoiceEngine {
             .peers
             .entry(id)
             .or_insert_with(|| Peer::new(remembered.remove(&id).unwrap_or_default()));
-        if let Some(key) = info.voice_key {
-            let same = peer.cipher.as_ref().is_some_and(|c| c.peer_public() == key);
-            if !same {
-                // A bad key (low order) means no voice with that peer, never plaintext.
-                peer.cipher = PeerCipher::new(&self.keys, our_id, id, key).ok();
-            }
+        let current = peer.cipher.as_ref().map(PeerCipher::peer_public);
+        if info.voice_key.is_some() && info.voice_key == current {
+            return;
         }
+        // Whatever replaces a cipher, its key is retired: were it announced again, a new
+        // cipher from it would start an empty replay window.
+        if let Some(old) = current {
+            retire(&mut self.retired_peer_keys, old);
+        }
+        peer.cipher = match info.voice_key {
+            Some(key) if self.retired_peer_keys.contains(&key) => {
+                self.reused_keys_refused += 1;
+                None
+            }
+            // A bad key (low order) means no voice with that peer, never plaintext.
+            Some(key) => PeerCipher::new(&self.keys, our_id, id, key).ok(),
+            None => None,
+        };
     }
 
     /// A member left the channel.
@@ -274,13 +338,18 @@ impl VoiceEngine {
             table.remove_peer(id);
         }
         if let Some(peer) = self.peers.remove(&id) {
+            if let Some(cipher) = &peer.cipher {
+                retire(&mut self.retired_peer_keys, cipher.peer_public());
+            }
             self.remembered.insert(id, peer.settings);
         }
     }
 
-    /// Forget every peer (we left the channel or lost the server's session).
+    /// Forget every peer (we left the channel or lost the server's session), and take a new
+    /// key pair for the next channel.
     pub fn clear_peers(&mut self) {
         self.forget_peers();
+        self.rotate_keys();
         if let Some(table) = &self.table {
             let id = table.our_id();
             let mut table = PeerTable::new(id, self.cfg.link.clone(), self.seed);
@@ -825,6 +894,18 @@ impl Gate<'_> {
             Received::Plain(datagram) => Some(datagram),
         }
     }
+}
+
+/// Remembers a peer key whose cipher under our current keys was dropped (bounded, the oldest
+/// forgotten first).
+fn retire(retired: &mut std::collections::VecDeque<[u8; 32]>, key: [u8; 32]) {
+    if retired.contains(&key) {
+        return;
+    }
+    if retired.len() >= MAX_RETIRED_PEER_KEYS {
+        retired.pop_front();
+    }
+    retired.push_back(key);
 }
 
 /// The address of relay `via`: a member's, or the server's.

@@ -72,6 +72,7 @@ fn peer(id: UserId, port: u16, key: [u8; 32]) -> PeerInfo {
         local: vec![addr(port)],
         public: None,
         voice_key: Some(key),
+        voice_key_proof: None,
     }
 }
 
@@ -898,4 +899,117 @@ fn pauses_in_speech_over_a_clean_link_are_not_loss() {
         "concealed, dropped, late, stretched: {p:?}"
     );
     assert!(p.frames_pause_concealed > 0, "{p:?}");
+}
+
+/// A's voice datagrams for B (at :2000) over `frames` frames of a tone, as sent.
+fn record_voice_for_b(a: &mut VoiceEngine, now: &mut Duration, frames: usize) -> Vec<Vec<u8>> {
+    let pcm = tone_frame(440.0);
+    let mut recorded = Vec::new();
+    for _ in 0..frames {
+        a.capture(*now, &pcm, |to, d| {
+            if to == addr(2000) && matches!(Datagram::parse(d), Ok(Datagram::Voice { .. })) {
+                recorded.push(d.to_vec())
+            }
+        });
+        *now += Duration::from_millis(20);
+    }
+    recorded
+}
+
+/// Found by reading the code (issue 13): the voice keys depended only on the per-run key
+/// pairs and the two ids, so after B left and rejoined (same ids) its new cipher had the old
+/// keys and an empty replay window, and voice recorded before was accepted again from a
+/// spoofed address. Now B takes a new key pair when it leaves, and the recording is refused.
+#[test]
+fn a_rejoin_takes_fresh_keys_so_voice_recorded_before_is_refused() {
+    let (mut a, mut b, mut now) = linked_pair();
+    let recorded = record_voice_for_b(&mut a, &mut now, 20);
+    assert!(recorded.len() > 10);
+    let old_key = b.public_key();
+    // B leaves and joins again; the server announces each to the other anew.
+    b.clear_peers();
+    a.remove_peer(2);
+    b.upsert_peer(now, &peer(1, 1000, a.public_key()));
+    a.upsert_peer(now, &peer(2, 2000, b.public_key()));
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+    let before = b.snapshot(now).undecryptable;
+    for d in &recorded {
+        b.handle_datagram(now, addr(1000), d);
+    }
+    let snap = b.snapshot(now);
+    assert_eq!(
+        snap.undecryptable,
+        before + recorded.len() as u64,
+        "every recorded datagram is refused: {snap:?}"
+    );
+    assert_eq!(snap.peers[0].frames_decoded, 0);
+    assert_ne!(b.public_key(), old_key, "a new key pair for the new join");
+    // And the call under the new keys works.
+    assert!(talk(&mut a, &mut b, &mut now, 50) > 0.1);
+}
+
+/// The other side of the same hole: B stays, A leaves and comes back announcing the voice
+/// key it had before (an old client, or a server replaying A's old announcement). A cipher
+/// from the same two keys would restart the replay window, so that key is refused.
+#[test]
+fn a_peer_back_with_a_voice_key_it_used_before_gets_no_cipher() {
+    let (mut a, mut b, mut now) = linked_pair();
+    let recorded = record_voice_for_b(&mut a, &mut now, 20);
+    b.remove_peer(1);
+    b.upsert_peer(now, &peer(1, 1000, a.public_key()));
+    assert_eq!(b.reused_keys_refused(), 1);
+    let before = b.snapshot(now).undecryptable;
+    for d in &recorded {
+        b.handle_datagram(now, addr(1000), d);
+    }
+    let snap = b.snapshot(now);
+    assert_eq!(snap.undecryptable, before + recorded.len() as u64);
+    assert_eq!(snap.peers[0].frames_decoded, 0);
+    // A new key from A (it rejoined for real) is taken.
+    a.clear_peers();
+    a.upsert_peer(now, &peer(2, 2000, b.public_key()));
+    b.upsert_peer(now, &peer(1, 1000, a.public_key()));
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+    assert!(talk(&mut a, &mut b, &mut now, 50) > 0.1);
+}
+
+/// A server that announces A's next key and then A's earlier one again (both genuinely A's,
+/// so signatures check out) must not get a fresh cipher from the earlier key past the replay
+/// window: a key whose cipher was replaced is retired like one whose peer left.
+#[test]
+fn a_voice_key_swapped_back_to_an_earlier_one_gets_no_cipher() {
+    let (mut a, mut b, mut now) = linked_pair();
+    let first = a.public_key();
+    let recorded = record_voice_for_b(&mut a, &mut now, 20);
+    b.upsert_peer(now, &peer(1, 1000, [42; 32]));
+    b.upsert_peer(now, &peer(1, 1000, first));
+    assert_eq!(b.reused_keys_refused(), 1);
+    let before = b.snapshot(now).undecryptable;
+    for d in &recorded {
+        b.handle_datagram(now, addr(1000), d);
+    }
+    assert_eq!(
+        b.snapshot(now).undecryptable,
+        before + recorded.len() as u64
+    );
+}
+
+/// Keys drawn from a seed repeat (the simulation relies on it) and still change per join.
+#[test]
+fn seeded_key_rotation_repeats_and_changes_every_reset() {
+    let keys = |seed| {
+        let mut e = engine(1);
+        e.set_key_seed([seed; 32]);
+        (0..3)
+            .map(|_| {
+                e.clear_peers();
+                e.public_key()
+            })
+            .collect::<Vec<_>>()
+    };
+    let k = keys(5);
+    assert_eq!(k, keys(5));
+    assert_ne!(k[0], k[1]);
+    assert_ne!(k[1], k[2]);
+    assert_ne!(k, keys(6));
 }

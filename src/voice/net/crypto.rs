@@ -26,8 +26,10 @@
 //!    authenticated, so forged packets cannot push the window forward and starve real ones.
 //!
 //! The metadata server relays public keys, so it could substitute its own (a man in the
-//! middle). The UI shows [`fingerprint`]s / a [`safety_number`] that people can compare by
-//! other means to rule that out. The server never holds a key that decrypts voice.
+//! middle). Each voice key is therefore signed by its owner's long-term identity key, and
+//! peers check the signature and remember identity keys (see `crate::identity`); the UI shows
+//! a [`safety_number`] over two identity keys that people can compare by other means. The
+//! server never holds a key that decrypts voice.
 
 use std::fmt;
 
@@ -59,7 +61,7 @@ const KDF_LABEL: &str = "p2p-voice v1 voice";
 const CONTROL_KDF_LABEL: &str = "p2p-voice v1 control";
 
 /// Domain separation for [`safety_number`].
-const SAFETY_LABEL: &[u8] = b"p2p-voice v1 safety number";
+const SAFETY_LABEL: &[u8] = b"p2p-voice v2 identity safety number";
 
 /// Sealed sequence numbers a key may cover before it must be replaced (all of `u32`).
 const SEQUENCE_SPACE: u64 = 1 << 32;
@@ -176,17 +178,20 @@ pub fn fingerprint(public_key: &[u8; PUBLIC_KEY_LEN]) -> String {
     s
 }
 
-/// One number for a pair of peers to compare (read aloud, say): five groups of five decimal
-/// digits from SHA-256 over both public keys in bytewise order. Both sides compute the same
-/// string; it changes if either key is substituted.
+/// One number for a pair of members to compare (read aloud, say): eight groups of five decimal
+/// digits (about 133 bits) from SHA-512 over both members' long-term identity keys in
+/// bytewise order. Both sides compute the same string; it changes if either key is
+/// substituted. Taken over identity keys, not the per-session voice keys (which are new on
+/// every join), so the number stays the same from one call to the next and comparing it once
+/// means something; the voice keys are tied to the identity keys by their signatures.
 pub fn safety_number(a: &[u8; PUBLIC_KEY_LEN], b: &[u8; PUBLIC_KEY_LEN]) -> String {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    let digest = Sha256::new()
+    let digest = sha2::Sha512::new()
         .chain_update(SAFETY_LABEL)
         .chain_update(lo)
         .chain_update(hi)
         .finalize();
-    let groups: Vec<String> = digest[..25]
+    let groups: Vec<String> = digest[..SAFETY_GROUPS * 5]
         .chunks(5)
         .map(|c| {
             // 40 bits reduced mod 10^5: the bias is below 10^-7, irrelevant for comparison.
@@ -196,6 +201,9 @@ pub fn safety_number(a: &[u8; PUBLIC_KEY_LEN], b: &[u8; PUBLIC_KEY_LEN]) -> Stri
         .collect();
     groups.join(" ")
 }
+
+/// Groups of five digits in a [`safety_number`]: 8 x log2(10^5) = 132.9 bits.
+pub const SAFETY_GROUPS: usize = 8;
 
 /// Send and receive keys derived for one peer. Wiped on drop.
 struct DirectionalKeys {
@@ -1045,7 +1053,8 @@ mod tests {
         let n = safety_number(&pa, &pb);
         assert_eq!(n, safety_number(&pb, &pa));
         let groups: Vec<&str> = n.split(' ').collect();
-        assert_eq!(groups.len(), 5);
+        assert_eq!(groups.len(), SAFETY_GROUPS);
+        assert!(SAFETY_GROUPS as f64 * 100_000f64.log2() >= 128.0);
         assert!(groups
             .iter()
             .all(|g| g.len() == 5 && g.chars().all(|c| c.is_ascii_digit())));

@@ -11,8 +11,10 @@
 //!
 //! Files: this one holds the public API and the datagram, capture and playout paths;
 //! `peer.rs` the per-member state, `registration.rs` the UDP registration with the server,
-//! `outbox.rs` the queue of sealed voice, `snapshot.rs` what the UI sees.
+//! `outbox.rs` the queue of sealed voice, `snapshot.rs` what the UI sees, `chat.rs` the text
+//! chat (sealed per member, on the path of that member's voice).
 
+mod chat;
 mod outbox;
 mod peer;
 mod registration;
@@ -26,6 +28,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use self::chat::{ChatEvent, ChatMessage, ChatSent};
 use self::outbox::Outbox;
 pub use self::outbox::{Transmit, MAX_DATAGRAM_LEN};
 use self::peer::Peer;
@@ -132,6 +135,8 @@ pub struct VoiceEngine {
     tunnel: Tunnel,
     /// The `seq` of the last Report we sent (to any peer).
     report_seq: u32,
+    /// Text chat: epochs, packet numbers, delivered messages (see `chat.rs`).
+    chat: chat::ChatPlane,
 }
 
 impl VoiceEngine {
@@ -172,6 +177,7 @@ impl VoiceEngine {
             undecryptable: 0,
             tunnel: Tunnel::default(),
             report_seq: 0,
+            chat: chat::ChatPlane::default(),
         })
     }
 
@@ -189,6 +195,7 @@ impl VoiceEngine {
         self.keys = keys;
         for peer in self.peers.values_mut() {
             peer.cipher = None;
+            peer.chat = None;
         }
     }
 
@@ -265,6 +272,7 @@ impl VoiceEngine {
                 // A bad key (low order) means no voice with that peer, never plaintext.
                 peer.cipher = PeerCipher::new(&self.keys, our_id, id, key).ok();
             }
+            self.update_chat_peer(our_id, id, key);
         }
     }
 
@@ -274,6 +282,7 @@ impl VoiceEngine {
             table.remove_peer(id);
         }
         if let Some(peer) = self.peers.remove(&id) {
+            self.chat.remember(id, peer.chat.as_ref());
             self.remembered.insert(id, peer.settings);
         }
     }
@@ -292,6 +301,7 @@ impl VoiceEngine {
     /// Drops every [`Peer`], keeping the settings chosen for them.
     fn forget_peers(&mut self) {
         for (id, peer) in std::mem::take(&mut self.peers) {
+            self.chat.remember(id, peer.chat.as_ref());
             self.remembered.insert(id, peer.settings);
         }
     }
@@ -381,6 +391,12 @@ impl VoiceEngine {
             }
             return;
         }
+        // Chat is opened by its own keys and needs no link: a sealed frame proves its author
+        // wherever it came from, and answers go on the peer's voice path, not to `from`.
+        if bytes.first() == Some(&DatagramKind::Chat.type_byte()) {
+            self.handle_chat(now, bytes, None);
+            return;
+        }
         let Some(table) = &mut self.table else {
             self.drops.unknown_sender += 1;
             return;
@@ -452,6 +468,10 @@ impl VoiceEngine {
     /// `inner`, a datagram of peer `origin` that `via` forwarded to us: authenticated by that
     /// peer's cipher like a direct one, then handled by its relay route.
     fn handle_relayed(&mut self, now: Duration, via: Via, origin: UserId, inner: &[u8]) {
+        if inner.first() == Some(&DatagramKind::Chat.type_byte()) {
+            self.handle_chat(now, inner, Some(origin));
+            return;
+        }
         let Some(table) = &mut self.table else {
             self.drops.unknown_sender += 1;
             return;
@@ -675,6 +695,8 @@ impl VoiceEngine {
             self.next_report = now + REPORT_INTERVAL;
             self.exchange_reports(now);
         }
+        // Retransmissions, and what waited for a path that just came up.
+        self.flush_chat(now);
     }
 
     /// The next datagram to send, written into `buf` (at least [`MAX_DATAGRAM_LEN`] bytes):
@@ -751,6 +773,10 @@ impl VoiceEngine {
             .as_ref()
             .and_then(|t| t.poll_timeout())
             .map(|t| t.min(self.next_report));
+        let link = match (link, self.chat_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let reg = self.registration.poll_timeout();
         match (link, reg) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -271,6 +271,9 @@ pub struct ChatStream {
     pending: VecDeque<Pending>,
     srtt: Option<Duration>,
     // Receiving half.
+    /// Epochs up to this one belong to streams of the peer that an earlier `ChatStream` of
+    /// ours received: refused.
+    floor: Option<u64>,
     peer_epoch: Option<u64>,
     next_expected: u32,
     held: BTreeMap<u32, Held>,
@@ -283,15 +286,17 @@ pub struct ChatStream {
 }
 
 impl ChatStream {
-    /// A stream whose sending half uses `epoch`; `peer_epoch` is the last epoch seen from this
-    /// peer (under the same key) by an earlier stream, whose frames must stay refused.
-    pub fn new(epoch: u64, peer_epoch: Option<u64>) -> Self {
+    /// A stream whose sending half uses `epoch`; `seen_epoch` is the last epoch an earlier
+    /// stream of ours received from this peer (under the same key): frames of that epoch or
+    /// older stay refused.
+    pub fn new(epoch: u64, seen_epoch: Option<u64>) -> Self {
         Self {
             epoch,
             next_seq: 0,
             pending: VecDeque::new(),
             srtt: None,
-            peer_epoch,
+            floor: seen_epoch,
+            peer_epoch: None,
             next_expected: 0,
             held: BTreeMap::new(),
             assembling: None,
@@ -301,9 +306,10 @@ impl ChatStream {
         }
     }
 
-    /// The epoch of the peer's stream we receive (kept by the engine when this stream goes).
+    /// The newest epoch of the peer's streams this one knows of (kept by the engine when this
+    /// stream goes, for the next one's `seen_epoch`).
     pub fn peer_epoch(&self) -> Option<u64> {
-        self.peer_epoch
+        self.peer_epoch.max(self.floor)
     }
 
     /// Fragments queued and not yet acknowledged.
@@ -351,6 +357,10 @@ impl ChatStream {
     }
 
     fn handle_data(&mut self, epoch: u64, seq: u32, more: bool, sent_ms: u64, text: &[u8]) {
+        if self.floor.is_some_and(|floor| epoch <= floor) {
+            self.stats.stale += 1;
+            return;
+        }
         match self.peer_epoch {
             Some(current) if epoch < current => {
                 self.stats.stale += 1;
@@ -831,7 +841,8 @@ mod tests {
         // The sender left and came back: a new stream, a larger epoch, seq 0 again.
         let mut new = ChatStream::new(3, None);
         new.push_message(0, "after").unwrap();
-        feed(&mut b, ms(1), &drain(&mut new, ms(1)));
+        let after = drain(&mut new, ms(1));
+        feed(&mut b, ms(1), &after);
         assert_eq!(delivered(&mut b), ["after"]);
         // The old stream's frame replayed now is stale, and draws no ack.
         drain(&mut b, ms(1));
@@ -840,9 +851,12 @@ mod tests {
         assert!(drain(&mut b, ms(2)).is_empty());
         assert_eq!(b.stats.stale, 1);
         // A stream made later for the same peer remembers the epoch: still refused.
+        // That includes the last epoch it received, not only older ones.
         let mut b2 = ChatStream::new(4, b.peer_epoch());
         feed(&mut b2, ms(3), &before);
+        feed(&mut b2, ms(3), &after);
         assert!(delivered(&mut b2).is_empty());
+        assert_eq!(b2.stats.stale, 2);
         // An ack for another epoch of ours does not ack anything.
         old.push_message(0, "x").unwrap();
         let stale_ack = ChatFrame::Ack {

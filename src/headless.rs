@@ -24,6 +24,8 @@ use crate::voice::{
     VoiceSnapshot, VoiceThreadConfig,
 };
 
+use crate::voice::plugin::unix_ms;
+
 /// Longest wait for the peers after joining before `--say` messages go to whoever is there.
 pub const SAY_WAIT: Duration = Duration::from_secs(10);
 
@@ -245,14 +247,6 @@ fn say_when_connected(opts: Res<HeadlessOptions>, voice: Res<Voice>, mut clock: 
             sent_ms: unix_ms(),
         });
     }
-}
-
-/// The wall clock in Unix milliseconds.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The JSON line of a chat event (`received_ms` is when it is printed).

@@ -50,4 +50,6 @@ pub enum UiAction {
     TogglePerfOverlay,
     /// Disconnect from the server.
     Disconnect,
+    /// Send this chat message (checked: not blank, within the length limit) to the channel.
+    SendChat(String),
 }

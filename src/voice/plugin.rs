@@ -176,6 +176,14 @@ pub fn record_chat(voice: &mut Voice, ev: &ChatEvent, own_name: &str) {
     }
 }
 
+/// The wall clock in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// dBFS to a 0..1 meter position (-60 dBFS and below is empty).
 pub fn meter_from_db(db: f32) -> f32 {
     ((db + 60.0) / 60.0).clamp(0.0, 1.0)

@@ -493,4 +493,10 @@ impl SimClient {
     pub fn undecryptable(&self, now: Duration) -> u64 {
         self.engine.snapshot(now).undecryptable
     }
+
+    /// `RelayTo` datagrams this client refused to forward for others (over a pair's budget,
+    /// mostly).
+    pub fn relay_refused(&self, now: Duration) -> u64 {
+        self.engine.snapshot(now).drops.relay_refused
+    }
 }

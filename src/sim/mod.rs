@@ -432,6 +432,11 @@ impl World {
         self.users[user].client.undecryptable(self.now)
     }
 
+    /// Datagrams `user` refused to forward as a member relay.
+    pub fn relay_refused(&self, user: usize) -> u64 {
+        self.users[user].client.relay_refused(self.now)
+    }
+
     pub fn net_stats(&self) -> NetStats {
         self.net.stats()
     }

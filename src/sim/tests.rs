@@ -511,3 +511,41 @@ fn chat_crosses_the_server_relay_over_a_lossy_link() {
     want.push(("a".to_string(), long));
     assert_eq!(texts(w.take_chat(b)), want);
 }
+
+/// A burst of the longest messages over a member relay, while both ends talk: the bridge's
+/// per-pair budget (`MEMBER_RELAY_BYTES_PER_SEC`) is shared with the voice, so chat on a
+/// relayed path is paced to leave room (nothing refused at the bridge, the voice unbroken),
+/// and every message arrives.
+#[test]
+fn a_burst_of_long_messages_over_a_member_relay_stays_within_its_budget() {
+    let mut w = World::with_server_relay(11, false);
+    let a = w.add_user(UserSpec::new("a", 440.0).nat(Symmetric));
+    let b = w.add_user(UserSpec::new("b", 660.0).nat(Symmetric));
+    let c = w.add_user(UserSpec::new("c", 880.0).nat(Public));
+    start_call(&mut w, &[a, b, c], secs(1.0));
+    w.run_for(secs(11.0));
+    let cid = w.user_id(c);
+    assert_eq!(w.path(a, b), Some(PeerPath::Relayed(cid)));
+    let refused_before = w.relay_refused(c);
+    let longest: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                "{i} {}",
+                "é".repeat(crate::voice::net::chat::MAX_CHAT_CHARS - 2)
+            )
+        })
+        .collect();
+    for text in &longest {
+        w.send_chat(a, text);
+    }
+    // 5 x 4 kB at 4 kB/s.
+    w.run_for(secs(8.0));
+    let got: Vec<String> = w.take_chat(b).into_iter().map(|(_, t, _)| t).collect();
+    assert_eq!(got, longest);
+    assert_eq!(
+        w.relay_refused(c),
+        refused_before,
+        "the bridge refused nothing"
+    );
+    assert_hearing(&w, secs(12.0), secs(20.0), &all_hear_all(&[a, b, c]));
+}

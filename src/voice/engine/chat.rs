@@ -8,19 +8,32 @@
 //! through a member or the server, which forward chat like any other sealed datagram (they
 //! check only its author, see `protocol::datagram::peer_sender`) and cannot read it. A path
 //! that comes up later carries what waited; while there is none, nothing is sent and no timer
-//! spins. Relays' byte budgets (a member forwards up to `MEMBER_RELAY_BYTES_PER_SEC` per pair,
-//! the server per client) may drop a chat datagram during a burst of voice; the stream sends
-//! it again on its retransmission timer, so that delays a message but never loses it.
+//! spins.
+//!
+//! Relays cap what they forward (a member `MEMBER_RELAY_BYTES_PER_SEC` per pair, about twice a
+//! voice stream; the server a budget per client) and drop what goes over. Chat shares that
+//! budget with the voice it travels next to, and a long message is several full datagrams at
+//! once, so on a relayed path chat is paced to [`RELAYED_CHAT_BYTES_PER_SEC`]: it never pushes
+//! the pair over the cap (which would drop voice as well as chat). A long message then takes a
+//! second or two through a relay; short ones go at once (the pacer's burst). If a datagram is
+//! dropped anyway, the stream sends it again on its retransmission timer: delayed, never lost.
+//! Direct paths are not paced.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use super::{route_target, VoiceEngine};
+use super::{route_target, Route, VoiceEngine};
 use crate::protocol::datagram::{relay_header, Datagram, DatagramKind};
 use crate::protocol::UserId;
 use crate::voice::net::chat::{check_text, ChatError, ChatFrame, ChatStream};
 use crate::voice::net::chat_cipher::{ChatCipher, ChatCryptoError, MAX_CHAT_FRAME_LEN};
 use crate::voice::net::crypto::PUBLIC_KEY_LEN;
+
+/// Chat bytes per second to one peer on a relayed path: what a member relay's per-pair cap
+/// leaves beside a 20 ms voice stream (about 6 kB/s of the 12 kB/s), with margin.
+pub const RELAYED_CHAT_BYTES_PER_SEC: f64 = 4000.0;
+/// What may go at once on a relayed path before pacing starts: one short message and its ack.
+const RELAYED_CHAT_BURST: Duration = Duration::from_millis(500);
 
 /// Most peers whose last chat epoch is remembered after they left (a long session sees many
 /// come and go; the oldest ids are forgotten first).
@@ -67,6 +80,30 @@ pub enum ChatEvent {
 pub(super) struct PeerChat {
     pub(super) cipher: ChatCipher,
     pub(super) stream: ChatStream,
+    pacer: Pacer,
+}
+
+/// Paces chat on a relayed path: a sent frame of `n` bytes books `n / rate` of the path's
+/// time; frames may go while less than [`RELAYED_CHAT_BURST`] is booked ahead. Pure.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pacer {
+    booked_until: Duration,
+}
+
+impl Pacer {
+    fn may_send(&self, now: Duration) -> bool {
+        now + RELAYED_CHAT_BURST >= self.booked_until
+    }
+
+    fn book(&mut self, now: Duration, len: usize) {
+        let cost = Duration::from_secs_f64(len as f64 / RELAYED_CHAT_BYTES_PER_SEC);
+        self.booked_until = self.booked_until.max(now) + cost;
+    }
+
+    /// When `may_send` is next true.
+    fn ready_at(&self) -> Duration {
+        self.booked_until.saturating_sub(RELAYED_CHAT_BURST)
+    }
 }
 
 /// The engine's chat state besides each peer's [`PeerChat`].
@@ -179,6 +216,7 @@ impl VoiceEngine {
         peer.chat = Some(PeerChat {
             cipher,
             stream: ChatStream::new(self.chat.next_epoch, seen),
+            pacer: Pacer::default(),
         });
     }
 
@@ -255,7 +293,17 @@ impl VoiceEngine {
             let (Some(addr), at) = route_target(table, &self.registration, route) else {
                 continue;
             };
-            while let Some(n) = chat.stream.poll_transmit(now, &mut self.chat.frame) {
+            let paced = at > 0;
+            while let Some(len) = chat.stream.next_len(now) {
+                if paced && !chat.pacer.may_send(now) {
+                    break;
+                }
+                let Some(n) = chat.stream.poll_transmit(now, &mut self.chat.frame) else {
+                    break;
+                };
+                if paced {
+                    chat.pacer.book(now, len);
+                }
                 let Some(packet) = self.chat.last_packet.checked_add(1) else {
                     // 2^32 chat datagrams in one run: no nonce left; say nothing more.
                     break;
@@ -276,12 +324,20 @@ impl VoiceEngine {
         }
     }
 
-    /// When a chat stream with a path next has something to send.
+    /// When a chat stream with a path next has something to send (and, on a relayed path,
+    /// its pacer lets it).
     pub(super) fn chat_timeout(&self) -> Option<Duration> {
         let table = self.table.as_ref()?;
         table
             .voice_targets()
-            .filter_map(|(id, _)| self.peers.get(&id)?.chat.as_ref()?.stream.poll_timeout())
+            .filter_map(|(id, route)| {
+                let chat = self.peers.get(&id)?.chat.as_ref()?;
+                let due = chat.stream.poll_timeout()?;
+                Some(match route {
+                    Route::Direct(_) => due,
+                    Route::Relayed(_) => due.max(chat.pacer.ready_at()),
+                })
+            })
             .min()
     }
 }

@@ -496,12 +496,7 @@ impl ChatStream {
                 return Some(ack.write(out));
             }
         }
-        let due =
-            |p: &Pending, rto: Duration| !p.acked && p.last_sent.is_none_or(|t| now >= t + rto);
-        let index = (0..self.pending.len().min(SEND_WINDOW)).find(|&i| {
-            let p = &self.pending[i];
-            due(p, self.rto(p.attempts))
-        })?;
+        let index = self.due_fragment(now)?;
         let epoch = self.epoch;
         let p = &mut self.pending[index];
         if p.attempts > 0 {
@@ -518,6 +513,25 @@ impl ChatStream {
             text: p.text.as_bytes(),
         };
         Some(frame.write(out))
+    }
+
+    /// The length of the frame [`ChatStream::poll_transmit`] would write at `now`, without
+    /// taking it: lets the caller pace a path (a relay's budget) before anything counts as
+    /// sent.
+    pub fn next_len(&self, now: Duration) -> Option<usize> {
+        if self.ack_due && self.peer_epoch.is_some() {
+            return Some(ACK_LEN);
+        }
+        let p = &self.pending[self.due_fragment(now)?];
+        Some(DATA_HEADER_LEN + p.text.len())
+    }
+
+    /// The first fragment in the window that is unsent, or unacked past its timeout.
+    fn due_fragment(&self, now: Duration) -> Option<usize> {
+        (0..self.pending.len().min(SEND_WINDOW)).find(|&i| {
+            let p = &self.pending[i];
+            !p.acked && p.last_sent.is_none_or(|t| now >= t + self.rto(p.attempts))
+        })
     }
 
     /// When [`ChatStream::poll_transmit`] has something next: `Duration::ZERO` (at once) for a
@@ -915,6 +929,19 @@ mod tests {
             assert_eq!(a.unacked(), 0, "seed {seed}: everything acked");
             assert!(a.stats.retransmitted > 0, "seed {seed}: the loss was real");
         }
+    }
+
+    #[test]
+    fn next_len_tells_what_poll_transmit_writes_without_taking_it() {
+        let (mut a, mut b) = (ChatStream::new(1, None), ChatStream::new(2, None));
+        a.push_message(0, "twelve bytes").unwrap();
+        assert_eq!(a.next_len(ms(0)), Some(DATA_HEADER_LEN + 12));
+        assert_eq!(a.next_len(ms(0)), Some(DATA_HEADER_LEN + 12), "not taken");
+        let out = drain(&mut a, ms(0));
+        assert_eq!(out[0].len(), DATA_HEADER_LEN + 12);
+        assert_eq!(a.next_len(ms(1)), None, "in flight, not yet due");
+        feed(&mut b, ms(1), &out);
+        assert_eq!(b.next_len(ms(1)), Some(ACK_LEN));
     }
 
     #[test]

@@ -108,7 +108,7 @@ pub fn chat(ui: &mut Ui, view: &ChatView<'_>, draft: &mut String) -> Vec<UiActio
             let send = ui.add_enabled(can_send, egui::Button::new("Send"));
             let label = ui.label("Message");
             let hint = if view.in_channel {
-                "Write to the channel, Enter to send"
+                "Enter sends to the channel"
             } else {
                 "Join a channel to chat"
             };

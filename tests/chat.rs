@@ -100,6 +100,17 @@ fn assert_everyone_heard_everyone(
             2 * script(me).len(),
             "nothing else, nothing twice"
         );
+        // At the end, every member acknowledged everything we sent it.
+        let sum = summary(lines);
+        for &other in NAMES.iter().filter(|n| **n != me) {
+            let p = peer_named(sum, other).unwrap_or_else(|| panic!("{me} knows {other}"));
+            assert_eq!(p["chat"]["unacked"], 0, "{me} -> {other}: {p}");
+            assert_eq!(
+                p["chat"]["delivered"],
+                script(other).len(),
+                "{other} -> {me}: {p}"
+            );
+        }
         for l in &got {
             let (time, received) = (
                 l["time"].as_u64().unwrap(),

@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use super::{route_target, Route, VoiceEngine};
+use super::{route_target, DropReason, Route, VoiceEngine};
 use crate::protocol::datagram::{relay_header, Datagram, DatagramKind};
 use crate::protocol::UserId;
 use crate::voice::net::chat::{check_text, ChatError, ChatFrame, ChatStream};
@@ -229,9 +229,16 @@ impl VoiceEngine {
         bytes: &[u8],
         relayed_origin: Option<UserId>,
     ) {
-        let Ok(Datagram::Chat { from, .. }) = Datagram::parse(bytes) else {
-            self.drops.unexpected_kind += 1;
-            return;
+        let from = match Datagram::parse(bytes) {
+            Ok(Datagram::Chat { from, .. }) => from,
+            Ok(_) => {
+                self.drops.unexpected_kind += 1;
+                return;
+            }
+            Err(e) => {
+                self.drops.count(&DropReason::Garbage(e));
+                return;
+            }
         };
         if relayed_origin.is_some_and(|origin| origin != from) {
             self.drops.unknown_sender += 1;

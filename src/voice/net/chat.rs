@@ -944,6 +944,38 @@ mod tests {
         assert_eq!(b.next_len(ms(1)), Some(ACK_LEN));
     }
 
+    proptest::proptest! {
+        /// A peer (authenticated, but broken or hostile) can send any frames: the stream never
+        /// panics, never holds more than its window, and delivers only whole messages within
+        /// the limits.
+        #[test]
+        fn arbitrary_frames_never_panic_or_overflow_the_bounds(
+            frames in proptest::collection::vec(
+                (0u8..3, 0u64..4, 0u32..80, proptest::bool::ANY, proptest::collection::vec(proptest::num::u8::ANY, 0..1400)),
+                0..200,
+            )
+        ) {
+            let mut s = ChatStream::new(1, None);
+            s.push_message(0, "ours").unwrap();
+            let mut buf = vec![0u8; MAX_CHAT_FRAME_LEN];
+            for (i, (kind, epoch, seq, more, text)) in frames.iter().enumerate() {
+                let now = ms(i as u64);
+                match kind {
+                    0 => s.handle_frame(now, ChatFrame::Data { epoch: *epoch, seq: *seq, more: *more, sent_ms: 0, text }),
+                    1 => s.handle_frame(now, ChatFrame::Ack { epoch: *epoch, next: *seq, held: u64::from(*seq) << 7 }),
+                    _ => {
+                        let _ = ChatFrame::parse(text);
+                    }
+                }
+                while s.poll_transmit(now, &mut buf).is_some() {}
+                proptest::prop_assert!(s.held.len() <= REORDER_WINDOW as usize);
+                while let Some(d) = s.poll_delivered() {
+                    proptest::prop_assert!(d.text.len() <= 3 * MAX_MESSAGE_BYTES);
+                }
+            }
+        }
+    }
+
     #[test]
     fn data_frames_are_identified() {
         let mut a = ChatStream::new(1, None);

@@ -302,3 +302,63 @@ fn receive_voice_events(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::voice::engine::{ChatMessage, ChatSent};
+    use crate::voice::net::chat::ChatError;
+
+    #[test]
+    fn chat_history_keeps_order_names_our_own_lines_and_shows_refusals() {
+        let mut voice = Voice::default();
+        let received = |i: u64| {
+            ChatEvent::Received(ChatMessage {
+                from: 2,
+                from_name: "bob".into(),
+                text: format!("m{i}"),
+                sent_ms: i,
+            })
+        };
+        record_chat(&mut voice, &received(1), "alice");
+        record_chat(
+            &mut voice,
+            &ChatEvent::Refused {
+                text: " ".into(),
+                reason: ChatError::Empty,
+            },
+            "alice",
+        );
+        assert_eq!(
+            voice.chat_notice.as_deref(),
+            Some("not sent: the message is empty")
+        );
+        record_chat(
+            &mut voice,
+            &ChatEvent::Sent {
+                text: "mine".into(),
+                sent_ms: 5,
+                result: ChatSent {
+                    to: vec![(2, "bob".into())],
+                    queue_full: vec![],
+                },
+            },
+            "alice",
+        );
+        assert_eq!(voice.chat_notice, None, "a message that went out clears it");
+        let lines: Vec<(&str, bool, &str)> = voice
+            .chat
+            .iter()
+            .map(|l| (l.from.as_str(), l.own, l.text.as_str()))
+            .collect();
+        assert_eq!(lines, [("bob", false, "m1"), ("alice", true, "mine")]);
+        for i in 0..(MAX_CHAT_LINES as u64 + 10) {
+            record_chat(&mut voice, &received(i), "alice");
+        }
+        assert_eq!(voice.chat.len(), MAX_CHAT_LINES);
+        assert_eq!(
+            voice.chat.back().unwrap().text,
+            format!("m{}", MAX_CHAT_LINES + 9)
+        );
+    }
+}

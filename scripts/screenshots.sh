@@ -36,14 +36,18 @@ echo "[screenshots] starting a server on 127.0.0.1:$PORT and two talking clients
 "$BIN" server --bind 127.0.0.1 --port "$PORT" >/dev/null 2>&1 &
 PIDS+=($!)
 sleep 0.5
+# bob and dave chat once the window's user (a third member) is in Lobby with them.
 "$BIN" client --headless --server "127.0.0.1:$PORT" --username bob --channel Lobby \
-    --input-tone 300 --always-transmit --duration 60 >/dev/null 2>&1 &
+    --input-tone 300 --always-transmit --duration 60 --say-peers 2 \
+    --say "Hi! Slides for tonight: https://example.org/slides/retro-2026" \
+    --say "I'll share my screen in five minutes, grab a coffee first if you like. Long messages wrap inside the panel, and the panel scrolls and sticks to the newest one." >/dev/null 2>&1 &
 PIDS+=($!)
 "$BIN" client --headless --server "127.0.0.1:$PORT" --username carol --channel Gaming \
     --input-silence --duration 60 >/dev/null 2>&1 &
 PIDS+=($!)
 "$BIN" client --headless --server "127.0.0.1:$PORT" --username dave --channel Lobby \
-    --input-tone 520 --always-transmit --duration 60 >/dev/null 2>&1 &
+    --input-tone 520 --always-transmit --duration 60 --say-peers 2 \
+    --say "Sounds good, I can hear you both fine :)" >/dev/null 2>&1 &
 PIDS+=($!)
 sleep 1
 
@@ -56,6 +60,8 @@ shot() {
 }
 
 shot connect client --server "127.0.0.1:$PORT"
+# First in Lobby: bob's and dave's --say messages go to alice's window (chat.png).
+shot chat client --server "127.0.0.1:$PORT" --username alice --channel Lobby
 shot overview client --server "127.0.0.1:$PORT" --username alice --channel Lobby
 shot password client --server "127.0.0.1:$PORT" --username erin --channel Private
 PERF=1 shot perf-overlay client --server "127.0.0.1:$PORT" --username frank --channel Lobby

@@ -1,6 +1,14 @@
 //! `HeadlessPlugin`: the windowless client used by tests, bots and benchmarks. It connects,
 //! joins the requested channel, prints every control event as one JSON line on stdout and
 //! exits after `--duration` (0), on a refused join (3) or on a fatal refusal (4).
+//!
+//! Chat: each `--say TEXT` is sent, in order, once we are in the channel and the peers are
+//! connected (at least `--say-peers` of them, and every peer we know of has a path), or
+//! [`SAY_WAIT`] after joining if that never happens. A message goes to the members in the
+//! channel at that moment; one who joins later does not get it (there is no history). Sent
+//! messages print as `{"event":"chat_sent",...}`, received ones as
+//! `{"event":"chat","from":NAME,"text":...,"time":...}` (`time`: the sender's clock when it
+//! wrote the message, Unix ms; `received_ms`: ours when we printed it).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -14,9 +22,14 @@ use crate::client::{ClientIntent, ControlEvent, ControlLink, SessionEvent};
 use crate::identity::identity_fingerprint;
 use crate::protocol::{Status, UserId};
 use crate::voice::{
-    PeerSnapshot, PeerState, RelayVia, Voice, VoiceCommand, VoiceSetting, VoiceSnapshot,
-    VoiceThreadConfig,
+    ChatEvent, ChatNews, PeerSnapshot, PeerState, RelayVia, Voice, VoiceCommand, VoiceSetting,
+    VoiceSnapshot, VoiceThreadConfig,
 };
+
+use crate::voice::plugin::unix_ms;
+
+/// Longest wait for the peers after joining before `--say` messages go to whoever is there.
+pub const SAY_WAIT: Duration = Duration::from_secs(10);
 
 /// Exit code when the server refuses to let us join the channel.
 pub const EXIT_JOIN_REFUSED: u8 = 3;
@@ -39,6 +52,10 @@ pub struct HeadlessOptions {
     pub accept_new_cert: bool,
     /// Accept a member's changed identity key (after the `identity_changed` line).
     pub accept_new_identity: bool,
+    /// Chat messages to send once joined and connected (`--say`), in order.
+    pub say: Vec<String>,
+    /// How many connected peers to wait for before sending them (`--say-peers`).
+    pub say_peers: usize,
 }
 
 #[derive(Resource)]
@@ -46,6 +63,9 @@ struct RunClock {
     start: Instant,
     stopping: Option<(Instant, u8)>,
     goodbye_sent: bool,
+    /// When we joined the channel (the `--say` wait starts then).
+    joined_at: Option<Instant>,
+    said: bool,
 }
 
 /// See the module docs.
@@ -58,12 +78,21 @@ impl Plugin for HeadlessPlugin {
                 start: Instant::now(),
                 stopping: None,
                 goodbye_sent: false,
+                joined_at: None,
+                said: false,
             })
             .add_systems(PostStartup, start_connect)
             .init_resource::<DepartedPeers>()
             .add_systems(
                 Update,
-                (report_events, track_departures, stop_when_done).chain(),
+                (
+                    report_events,
+                    say_when_connected,
+                    report_chat,
+                    track_departures,
+                    stop_when_done,
+                )
+                    .chain(),
             );
     }
 }
@@ -229,6 +258,9 @@ fn report_events(
         }
         emit(format_args!("{line}"));
         match event {
+            SessionEvent::Joined { .. } => {
+                clock.joined_at.get_or_insert_with(Instant::now);
+            }
             SessionEvent::JoinRefused { channel, status } => {
                 eprintln!("p2p-voice: cannot join {channel}: {}", status.message());
                 clock
@@ -257,6 +289,63 @@ fn report_events(
             } => {}
             _ => {}
         }
+    }
+}
+
+/// Whether the `--say` messages may go: at least `want` peers, and every peer known has a
+/// path (direct or relayed).
+pub fn peers_ready(peers: &[PeerSnapshot], want: usize) -> bool {
+    let connected =
+        |p: &&PeerSnapshot| matches!(p.state, PeerState::Direct(_) | PeerState::Relayed(_));
+    peers.len() >= want && peers.iter().filter(connected).count() == peers.len()
+}
+
+/// Sends the `--say` messages once, when we are in the channel and the peers are connected
+/// (or [`SAY_WAIT`] after joining).
+fn say_when_connected(opts: Res<HeadlessOptions>, voice: Res<Voice>, mut clock: ResMut<RunClock>) {
+    if clock.said || opts.say.is_empty() {
+        return;
+    }
+    let (Some(joined), Some(thread)) = (clock.joined_at, &voice.thread) else {
+        return;
+    };
+    if !peers_ready(&voice.last.peers, opts.say_peers) && joined.elapsed() < SAY_WAIT {
+        return;
+    }
+    clock.said = true;
+    for text in &opts.say {
+        thread.send(VoiceCommand::SendChat {
+            text: text.clone(),
+            sent_ms: unix_ms(),
+        });
+    }
+}
+
+/// The JSON line of a chat event (`received_ms` is when it is printed).
+pub fn chat_json(event: &ChatEvent, received_ms: u64) -> serde_json::Value {
+    match event {
+        ChatEvent::Received(m) => json!({
+            "event": "chat", "from": m.from_name, "from_id": m.from, "text": m.text,
+            "time": m.sent_ms, "received_ms": received_ms,
+        }),
+        ChatEvent::Sent {
+            text,
+            sent_ms,
+            result,
+        } => json!({
+            "event": "chat_sent", "text": text, "time": sent_ms,
+            "to": result.to.iter().map(|(_, name)| name).collect::<Vec<_>>(),
+            "queue_full": result.queue_full.iter().map(|(_, name)| name).collect::<Vec<_>>(),
+        }),
+        ChatEvent::Refused { text, reason } => json!({
+            "event": "chat_refused", "text": text, "reason": reason.to_string(),
+        }),
+    }
+}
+
+fn report_chat(mut news: EventReader<ChatNews>) {
+    for ChatNews(ev) in news.read() {
+        emit(format_args!("{}", chat_json(ev, unix_ms())));
     }
 }
 
@@ -371,6 +460,14 @@ pub fn summary_json(
             "frames_dropped": p.frames_dropped,
             "late": p.late,
             "duplicates": p.duplicates,
+            "chat": {
+                "unacked": p.chat_unacked,
+                "data_sent": p.chat.data_sent,
+                "retransmitted": p.chat.retransmitted,
+                "delivered": p.chat.messages_delivered,
+                "duplicates": p.chat.duplicates,
+                "stale": p.chat.stale,
+            },
             "fingerprint": p.fingerprint,
             "auth_failures": p.auth_failures,
             "forwarded": p.forwarded,

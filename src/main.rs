@@ -253,6 +253,14 @@ struct ClientArgs {
     /// removed on exit.
     #[arg(long, value_name = "on|off")]
     port_mapping: Option<OnOff>,
+    /// Headless: send this chat message to the channel once joined and the peers are
+    /// connected (repeatable, sent in order). Members who join later do not get it.
+    #[arg(long, value_name = "TEXT")]
+    say: Vec<String>,
+    /// Headless: how many connected peers to wait for before sending --say messages (at most
+    /// 10 s after joining; then they go to whoever is there).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    say_peers: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -469,6 +477,8 @@ fn run() -> anyhow::Result<ExitCode> {
                     start_muted: a.mute,
                     accept_new_cert: a.accept_new_cert,
                     accept_new_identity: a.accept_new_identity,
+                    say: a.say,
+                    say_peers: a.say_peers,
                 };
                 return Ok(app::run_headless_client(opts));
             }

@@ -15,11 +15,17 @@
 //! | 7    | RelayTo     | to u32, a sealed peer datagram for peer `to`          | 5 + n    |
 //! | 8    | RelayFrom   | from u32, a sealed peer datagram from peer `from`     | 5 + n    |
 //! | 9    | Report      | from u32, to u32, seq u32, loss u16 (per mille), jitter u16 (ms) | 17 |
+//! | 10   | Chat        | from u32, to u32, packet u32, sealed chat frame + tag  | 13 + n   |
 //!
 //! A Report tells a peer how its voice reaches us (loss over the last 128 packets, arrival
 //! jitter), about once a second, so its encoder can size the redundancy for the loss its
 //! listeners really see. Like the other fixed kinds between peers, it is followed by a tag; its
 //! `seq` (strictly increasing per sender) keeps the tag's nonce unique and stale copies out.
+//!
+//! A Chat datagram carries one frame of the per-pair text chat (`voice::net::chat`: a piece of
+//! a message, or an acknowledgement), sealed with the pair's chat keys, which are apart from
+//! the voice and control keys; `packet` counts the sender's chat datagrams to this peer and is
+//! the sealing nonce, so it never repeats under one key (`voice::net::chat_cipher`).
 //!
 //! The two relay kinds are envelopes: a peer that cannot reach another directly sends
 //! `RelayTo` to a relay (a member both reach, or the server), which checks who sent it and
@@ -47,6 +53,10 @@ pub const VOICE_HEADER_LEN: usize = 13;
 
 /// Largest Voice payload that fits in [`MAX_DATAGRAM_LEN`].
 pub const MAX_VOICE_PAYLOAD: usize = MAX_DATAGRAM_LEN - VOICE_HEADER_LEN;
+
+/// Length of the Chat header (type byte, sender id, recipient id, packet number) that precedes
+/// the sealed frame; it is the frame's associated data.
+pub const CHAT_HEADER_LEN: usize = 13;
 
 /// Length of the RelayTo / RelayFrom envelope header (type byte, peer id).
 pub const RELAY_HEADER_LEN: usize = 5;
@@ -76,6 +86,7 @@ pub enum DatagramKind {
     RelayTo = 7,
     RelayFrom = 8,
     Report = 9,
+    Chat = 10,
 }
 
 impl DatagramKind {
@@ -91,6 +102,7 @@ impl DatagramKind {
             7 => Self::RelayTo,
             8 => Self::RelayFrom,
             9 => Self::Report,
+            10 => Self::Chat,
             _ => return None,
         })
     }
@@ -143,6 +155,13 @@ pub enum Datagram<'a> {
     RelayTo { to: u32, inner: &'a [u8] },
     /// Relay to peer: `inner` (a sealed peer datagram) was handed to the relay by peer `from`.
     RelayFrom { from: u32, inner: &'a [u8] },
+    /// One sealed chat frame from `from` to `to`; `packet` is its sealing nonce.
+    Chat {
+        from: u32,
+        to: u32,
+        packet: u32,
+        sealed: &'a [u8],
+    },
 }
 
 /// What a Report datagram says about the voice its sender receives from its addressee.
@@ -211,6 +230,17 @@ pub fn voice_header(from: u32, seq: u32, timestamp: u32) -> [u8; VOICE_HEADER_LE
     h
 }
 
+/// The Chat header bytes for `(from, to, packet)`: exactly what [`Datagram::write`] puts before
+/// the sealed frame, and the frame's associated data.
+pub fn chat_header(from: u32, to: u32, packet: u32) -> [u8; CHAT_HEADER_LEN] {
+    let mut h = [0u8; CHAT_HEADER_LEN];
+    h[0] = DatagramKind::Chat.type_byte();
+    h[1..5].copy_from_slice(&from.to_be_bytes());
+    h[5..9].copy_from_slice(&to.to_be_bytes());
+    h[9..13].copy_from_slice(&packet.to_be_bytes());
+    h
+}
+
 /// The envelope header of a relay datagram of `kind` naming `peer`: what [`Datagram::write`]
 /// puts before the inner bytes. Lets a sender seal the inner datagram in place after it.
 pub fn relay_header(kind: DatagramKind, peer: u32) -> [u8; RELAY_HEADER_LEN] {
@@ -220,7 +250,8 @@ pub fn relay_header(kind: DatagramKind, peer: u32) -> [u8; RELAY_HEADER_LEN] {
     h
 }
 
-/// The sender id written in a peer datagram's bytes (Punch, PunchAck, Ping, Pong, Report, Voice),
+/// The sender id written in a peer datagram's bytes (Punch, PunchAck, Ping, Pong, Report, Voice,
+/// Chat),
 /// without parsing or authenticating the rest: what a relay checks against the address the
 /// datagram came from. `None` for any other kind or a truncated header.
 pub fn peer_sender(bytes: &[u8]) -> Option<u32> {
@@ -234,7 +265,8 @@ pub fn peer_sender(bytes: &[u8]) -> Option<u32> {
         | DatagramKind::Ping
         | DatagramKind::Pong
         | DatagramKind::Report
-        | DatagramKind::Voice => Some(be_u32(bytes, 1)),
+        | DatagramKind::Voice
+        | DatagramKind::Chat => Some(be_u32(bytes, 1)),
         _ => None,
     }
 }
@@ -371,6 +403,21 @@ impl<'a> Datagram<'a> {
                     payload: &bytes[VOICE_HEADER_LEN..],
                 })
             }
+            DatagramKind::Chat => {
+                if bytes.len() < CHAT_HEADER_LEN {
+                    return Err(DatagramError::Truncated {
+                        kind,
+                        needed: CHAT_HEADER_LEN,
+                        got: bytes.len(),
+                    });
+                }
+                Ok(Self::Chat {
+                    from: be_u32(bytes, 1),
+                    to: be_u32(bytes, 5),
+                    packet: be_u32(bytes, 9),
+                    sealed: &bytes[CHAT_HEADER_LEN..],
+                })
+            }
             DatagramKind::RelayTo | DatagramKind::RelayFrom => {
                 // An envelope always carries something: the smallest inner datagram is 9 bytes.
                 if bytes.len() <= RELAY_HEADER_LEN {
@@ -403,6 +450,7 @@ impl<'a> Datagram<'a> {
             Self::Voice { .. } => DatagramKind::Voice,
             Self::RelayTo { .. } => DatagramKind::RelayTo,
             Self::RelayFrom { .. } => DatagramKind::RelayFrom,
+            Self::Chat { .. } => DatagramKind::Chat,
         }
     }
 
@@ -419,7 +467,8 @@ impl<'a> Datagram<'a> {
             | Self::Ping { from, .. }
             | Self::Pong { from, .. }
             | Self::Report { from, .. }
-            | Self::Voice { from, .. } => Some(from),
+            | Self::Voice { from, .. }
+            | Self::Chat { from, .. } => Some(from),
         }
     }
 
@@ -431,7 +480,8 @@ impl<'a> Datagram<'a> {
             | Self::PunchAck { to, .. }
             | Self::Ping { to, .. }
             | Self::Pong { to, .. }
-            | Self::Report { to, .. } => Some(to),
+            | Self::Report { to, .. }
+            | Self::Chat { to, .. } => Some(to),
             _ => None,
         }
     }
@@ -455,6 +505,7 @@ impl<'a> Datagram<'a> {
             Self::RelayTo { inner, .. } | Self::RelayFrom { inner, .. } => {
                 RELAY_HEADER_LEN + inner.len()
             }
+            Self::Chat { sealed, .. } => CHAT_HEADER_LEN + sealed.len(),
         }
     }
 
@@ -528,6 +579,15 @@ impl<'a> Datagram<'a> {
             Self::RelayTo { to: peer, inner } | Self::RelayFrom { from: peer, inner } => {
                 out[..RELAY_HEADER_LEN].copy_from_slice(&relay_header(self.kind(), peer));
                 out[RELAY_HEADER_LEN..].copy_from_slice(inner);
+            }
+            Self::Chat {
+                from,
+                to,
+                packet,
+                sealed,
+            } => {
+                out[..CHAT_HEADER_LEN].copy_from_slice(&chat_header(from, to, packet));
+                out[CHAT_HEADER_LEN..].copy_from_slice(sealed);
             }
         }
         Ok(len)
@@ -632,8 +692,8 @@ mod tests {
     #[test]
     fn unknown_kind_is_refused() {
         assert_eq!(
-            Datagram::parse(&[(VERSION << 4) | 10, 0, 0]),
-            Err(DatagramError::UnknownKind { kind: 10 })
+            Datagram::parse(&[(VERSION << 4) | 11, 0, 0]),
+            Err(DatagramError::UnknownKind { kind: 11 })
         );
     }
 
@@ -751,7 +811,7 @@ mod tests {
     /// Owned description of a datagram so proptest can generate voice payloads.
     fn arb_datagram() -> impl Strategy<Value = (u8, u32, u32, u64, SocketAddr, Vec<u8>)> {
         (
-            0u8..10,
+            0u8..11,
             any::<u32>(),
             any::<u32>(),
             any::<u64>(),
@@ -802,10 +862,16 @@ mod tests {
                 from: a,
                 inner: relay_inner(payload),
             },
-            _ => Datagram::Report {
+            9 => Datagram::Report {
                 from: a,
                 to: b,
                 report: ReceiverReport::from_value(c),
+            },
+            _ => Datagram::Chat {
+                from: a,
+                to: b,
+                packet: c as u32,
+                sealed: &payload[..payload.len().min(MAX_DATAGRAM_LEN - CHAT_HEADER_LEN)],
             },
         }
     }
@@ -845,6 +911,40 @@ mod tests {
         ));
         // Any voice frame the engine sends still fits in an envelope.
         assert_eq!(MAX_RELAYED_LEN + RELAY_HEADER_LEN, MAX_DATAGRAM_LEN);
+    }
+
+    #[test]
+    fn chat_is_a_sealed_body_behind_a_header_naming_both_ends_and_relays_see_its_sender() {
+        let d = Datagram::Chat {
+            from: 0x0102_0304,
+            to: 0x0506_0708,
+            packet: 0x090a_0b0c,
+            sealed: &[0xaa, 0xbb],
+        };
+        let bytes = d.to_vec().unwrap();
+        assert_eq!(
+            bytes,
+            [0x3a, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0xaa, 0xbb]
+        );
+        assert_eq!(
+            &bytes[..CHAT_HEADER_LEN],
+            &chat_header(0x0102_0304, 0x0506_0708, 0x090a_0b0c)
+        );
+        assert_eq!(Datagram::parse(&bytes), Ok(d));
+        assert_eq!(
+            (d.sender(), d.recipient()),
+            (Some(0x0102_0304), Some(0x0506_0708))
+        );
+        // A relay (member or server) checks the inner datagram's author: chat must name it,
+        // or relays would refuse to forward chat as forged.
+        assert_eq!(peer_sender(&bytes), Some(0x0102_0304));
+        assert!(matches!(
+            Datagram::parse(&bytes[..CHAT_HEADER_LEN - 1]),
+            Err(DatagramError::Truncated {
+                kind: DatagramKind::Chat,
+                ..
+            })
+        ));
     }
 
     proptest! {

@@ -329,6 +329,25 @@ impl SimClient {
         self.engine.apply(now, VoiceSetting::PttPressed(talking));
     }
 
+    /// Sends a chat message to the channel; its wall-clock time is the simulated time.
+    pub fn send_chat(
+        &mut self,
+        now: Duration,
+        text: &str,
+    ) -> Result<crate::voice::engine::ChatSent, crate::voice::net::chat::ChatError> {
+        self.engine.send_chat(now, now.as_millis() as u64, text)
+    }
+
+    /// Chat messages delivered since the last call, in order.
+    pub fn take_chat(&mut self) -> Vec<crate::voice::engine::ChatMessage> {
+        std::iter::from_fn(|| self.engine.poll_chat_event())
+            .filter_map(|ev| match ev {
+                crate::voice::engine::ChatEvent::Received(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
     // --- control transport news ---
 
     pub fn transport_connected(&mut self, now: Duration) {
@@ -536,5 +555,11 @@ impl SimClient {
     /// Datagrams that failed authentication or had no key.
     pub fn undecryptable(&self, now: Duration) -> u64 {
         self.engine.snapshot(now).undecryptable
+    }
+
+    /// `RelayTo` datagrams this client refused to forward for others (over a pair's budget,
+    /// mostly).
+    pub fn relay_refused(&self, now: Duration) -> u64 {
+        self.engine.snapshot(now).drops.relay_refused
     }
 }

@@ -344,6 +344,28 @@ impl World {
         u.client.set_talking(now, talking);
     }
 
+    /// `user` sends a chat message to its channel (to the members it knows now); returns how
+    /// many members it was queued for.
+    pub fn send_chat(&mut self, user: usize, text: &str) -> usize {
+        let now = self.now;
+        let sent = self.users[user]
+            .client
+            .send_chat(now, text)
+            .expect("a valid chat message");
+        self.pump(user);
+        sent.to.len()
+    }
+
+    /// The chat messages `user` received since the last call: (sender's name, text, sent ms).
+    pub fn take_chat(&mut self, user: usize) -> Vec<(String, String, u64)> {
+        self.users[user]
+            .client
+            .take_chat()
+            .into_iter()
+            .map(|m| (m.from_name, m.text, m.sent_ms))
+            .collect()
+    }
+
     pub fn set_control_latency(&mut self, user: usize, d: Duration) {
         self.users[user].control_latency = d;
     }
@@ -444,6 +466,11 @@ impl World {
 
     pub fn undecryptable(&self, user: usize) -> u64 {
         self.users[user].client.undecryptable(self.now)
+    }
+
+    /// Datagrams `user` refused to forward as a member relay.
+    pub fn relay_refused(&self, user: usize) -> u64 {
+        self.users[user].client.relay_refused(self.now)
     }
 
     pub fn net_stats(&self) -> NetStats {

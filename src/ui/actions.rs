@@ -55,4 +55,6 @@ pub enum UiAction {
     SetVerified { user_id: u32, verified: bool },
     /// Accept a member's changed identity key (their voice is held back until then).
     AcceptIdentity { user_id: u32 },
+    /// Send this chat message (checked: not blank, within the length limit) to the channel.
+    SendChat(String),
 }

@@ -66,6 +66,10 @@ pub struct UiState {
     /// dismissed notice does not come back while the episode lasts).
     unreachable_reported: std::collections::HashSet<u32>,
     auto_join: Option<(String, Option<String>)>,
+    /// The chat input line.
+    chat_draft: String,
+    /// Local time's offset from UTC (read once at start), for message times.
+    utc_offset_minutes: i32,
 }
 
 /// Adds the panels to a windowed app (requires `EguiPlugin`).
@@ -117,6 +121,8 @@ impl Plugin for UiPlugin {
             auto_connect: o.auto_connect && username.is_some(),
             audio_shown: Vec::new(),
             auto_join: o.join.clone(),
+            chat_draft: String::new(),
+            utc_offset_minutes: local_utc_offset_minutes(),
         })
         .insert_resource(SettingsWriter::spawn(ClientSettings::path()))
         .add_systems(
@@ -459,6 +465,24 @@ struct UiOutputs<'w, 's> {
     people: ResMut<'w, PersonSettings>,
 }
 
+/// The local time zone's offset from UTC now, in minutes (0 where it cannot be read).
+fn local_utc_offset_minutes() -> i32 {
+    #[cfg(unix)]
+    {
+        let now = crate::voice::plugin::unix_ms() as libc::time_t / 1000;
+        // SAFETY: localtime_r only reads `now` and writes the struct we hand it.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        if unsafe { libc::localtime_r(&now, &mut tm) }.is_null() {
+            return 0;
+        }
+        (tm.tm_gmtoff / 60) as i32
+    }
+    #[cfg(not(unix))]
+    {
+        0
+    }
+}
+
 /// One frame of the window: mirror the voice plane's facts into the views, draw the panels,
 /// carry out what the user asked for.
 fn draw_ui(
@@ -479,7 +503,7 @@ fn draw_ui(
             .push_once(Topic::IdentityProblem, capitalize(problem));
     }
     let status = status_view(state, &link, &voice);
-    let actions = draw_panels(ctx, state, &link, &status, &channels, &users);
+    let actions = draw_panels(ctx, state, &link, &voice, &status, &channels, &users);
     for action in actions {
         dispatch(action, state, &channels, &users, &mut out);
     }
@@ -594,6 +618,7 @@ fn draw_panels(
     ctx: &egui::Context,
     state: &mut UiState,
     link: &ControlLink,
+    voice: &Voice,
     status: &StatusView,
     channels: &Query<(Entity, &Channel)>,
     users: &Query<UserRow>,
@@ -633,6 +658,19 @@ fn draw_panels(
                 actions.extend(panels::peer_details::identity_banner(ui, &alerts));
             });
         }
+        egui::SidePanel::left("chat")
+            .resizable(true)
+            .default_width(300.0)
+            .min_width(200.0)
+            .show(ctx, |ui| {
+                let view = panels::chat::ChatView {
+                    lines: &voice.chat,
+                    notice: voice.chat_notice.as_deref(),
+                    in_channel: link.session.channel().is_some(),
+                    utc_offset_minutes: state.utc_offset_minutes,
+                };
+                actions.extend(panels::chat(ui, &view, &mut state.chat_draft));
+            });
         egui::CentralPanel::default().show(ctx, |ui| {
             actions.extend(panels::overview(ui, &overview));
         });
@@ -759,6 +797,12 @@ fn dispatch(
         }
         UiAction::DismissError(i) => state.notices.dismiss(i),
         UiAction::ToggleHelp => state.show_help = !state.show_help,
+        UiAction::SendChat(text) => {
+            out.voice.write(VoiceCommand::SendChat {
+                text,
+                sent_ms: crate::voice::plugin::unix_ms(),
+            });
+        }
         UiAction::TogglePerfOverlay => {
             state.show_perf = !state.show_perf;
             out.perf.visible = state.show_perf;

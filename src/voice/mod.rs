@@ -38,11 +38,11 @@ pub mod tx;
 pub use audio_problem::AudioProblem;
 #[cfg(feature = "app")]
 pub use engine::{
-    PeerSettings, PeerSnapshot, PeerState, RelayVia, Unreachable, VoiceConfig, VoiceEngine,
-    VoiceSetting, VoiceSnapshot,
+    ChatEvent, ChatMessage, ChatSent, PeerSettings, PeerSnapshot, PeerState, RelayVia, Unreachable,
+    VoiceConfig, VoiceEngine, VoiceSetting, VoiceSnapshot,
 };
 pub use net::link::UnreachableReason;
 #[cfg(feature = "app")]
-pub use plugin::{Voice, VoicePlugin};
+pub use plugin::{ChatLine, ChatNews, Voice, VoicePlugin};
 #[cfg(feature = "app")]
 pub use thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};

@@ -1,11 +1,12 @@
 //! `VoicePlugin`: bridges ECS and the voice thread. Control events (our id, the server's UDP
 //! token, peers' endpoints) become voice commands; voice snapshots become `Speaking`,
-//! `VoiceLevel` and `LinkStatus` components on the user entities the UI draws.
+//! `VoiceLevel` and `LinkStatus` components on the user entities the UI draws; chat events
+//! become the session's chat history ([`Voice::chat`]) and [`ChatNews`] events.
 
 use bevy::prelude::*;
 
 use super::audio_problem::AudioProblem;
-use super::engine::VoiceSnapshot;
+use super::engine::{ChatEvent, VoiceSnapshot};
 use super::thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};
 use crate::audio::AudioEvent;
 use crate::client::{
@@ -25,7 +26,30 @@ pub struct Voice {
     pub output_desc: Option<String>,
     /// Mix level history (dBFS), newest last, for the waveform.
     pub mix_history: std::collections::VecDeque<f32>,
+    /// This session's chat, oldest first (at most [`MAX_CHAT_LINES`]); kept in memory only.
+    pub chat: std::collections::VecDeque<ChatLine>,
+    /// Why the last message we tried to send was refused, for the chat panel.
+    pub chat_notice: Option<String>,
 }
+
+/// Most chat lines kept for the window; older ones scroll away for good.
+pub const MAX_CHAT_LINES: usize = 1000;
+
+/// One line of the chat history as the window shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatLine {
+    /// Who wrote it (our own name for our messages).
+    pub from: String,
+    /// Whether we wrote it.
+    pub own: bool,
+    pub text: String,
+    /// The writer's wall clock when it was written (Unix ms).
+    pub sent_ms: u64,
+}
+
+/// Every chat event from the voice thread, as it came (the headless client prints them).
+#[derive(Event, Debug, Clone, PartialEq, Eq)]
+pub struct ChatNews(pub ChatEvent);
 
 impl Voice {
     fn send(&self, cmd: VoiceCommand) {
@@ -48,6 +72,7 @@ impl Plugin for VoicePlugin {
         app.insert_resource(VoiceStartConfig(self.0.clone()))
             .init_resource::<Voice>()
             .add_event::<VoiceCommand>()
+            .add_event::<ChatNews>()
             .add_systems(Startup, start_voice)
             .add_systems(
                 Update,
@@ -121,6 +146,44 @@ fn forward_commands(voice: Res<Voice>, mut commands: EventReader<VoiceCommand>) 
     }
 }
 
+/// Adds a chat event to the session's history: messages in the order they came (ours when
+/// the voice thread sent them), a refusal as the notice to show.
+pub fn record_chat(voice: &mut Voice, ev: &ChatEvent, own_name: &str) {
+    let line = match ev {
+        ChatEvent::Received(m) => ChatLine {
+            from: m.from_name.clone(),
+            own: false,
+            text: m.text.clone(),
+            sent_ms: m.sent_ms,
+        },
+        ChatEvent::Sent { text, sent_ms, .. } => {
+            voice.chat_notice = None;
+            ChatLine {
+                from: own_name.to_string(),
+                own: true,
+                text: text.clone(),
+                sent_ms: *sent_ms,
+            }
+        }
+        ChatEvent::Refused { reason, .. } => {
+            voice.chat_notice = Some(format!("not sent: {reason}"));
+            return;
+        }
+    };
+    voice.chat.push_back(line);
+    while voice.chat.len() > MAX_CHAT_LINES {
+        voice.chat.pop_front();
+    }
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// dBFS to a 0..1 meter position (-60 dBFS and below is empty).
 pub fn meter_from_db(db: f32) -> f32 {
     ((db + 60.0) / 60.0).clamp(0.0, 1.0)
@@ -130,6 +193,7 @@ pub fn meter_from_db(db: f32) -> f32 {
 fn receive_voice_events(
     mut voice: ResMut<Voice>,
     mut link: ResMut<ControlLink>,
+    mut chat_news: EventWriter<ChatNews>,
     mut users: Query<(
         &User,
         Option<&IsSelf>,
@@ -197,6 +261,11 @@ fn receive_voice_events(
                 let now = link.now();
                 link.session.send_tunnel(now, datagram);
             }
+            VoiceEvent::Chat(ev) => {
+                let own_name = link.session.username().to_string();
+                record_chat(&mut voice, &ev, &own_name);
+                chat_news.write(ChatNews(ev));
+            }
         }
     }
     let len = voice.audio_status.len();
@@ -231,5 +300,65 @@ fn receive_voice_events(
             pl.buffer_ms = p.buffer_ms;
             pl.fingerprint = p.fingerprint.clone();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::voice::engine::{ChatMessage, ChatSent};
+    use crate::voice::net::chat::ChatError;
+
+    #[test]
+    fn chat_history_keeps_order_names_our_own_lines_and_shows_refusals() {
+        let mut voice = Voice::default();
+        let received = |i: u64| {
+            ChatEvent::Received(ChatMessage {
+                from: 2,
+                from_name: "bob".into(),
+                text: format!("m{i}"),
+                sent_ms: i,
+            })
+        };
+        record_chat(&mut voice, &received(1), "alice");
+        record_chat(
+            &mut voice,
+            &ChatEvent::Refused {
+                text: " ".into(),
+                reason: ChatError::Empty,
+            },
+            "alice",
+        );
+        assert_eq!(
+            voice.chat_notice.as_deref(),
+            Some("not sent: the message is empty")
+        );
+        record_chat(
+            &mut voice,
+            &ChatEvent::Sent {
+                text: "mine".into(),
+                sent_ms: 5,
+                result: ChatSent {
+                    to: vec![(2, "bob".into())],
+                    queue_full: vec![],
+                },
+            },
+            "alice",
+        );
+        assert_eq!(voice.chat_notice, None, "a message that went out clears it");
+        let lines: Vec<(&str, bool, &str)> = voice
+            .chat
+            .iter()
+            .map(|l| (l.from.as_str(), l.own, l.text.as_str()))
+            .collect();
+        assert_eq!(lines, [("bob", false, "m1"), ("alice", true, "mine")]);
+        for i in 0..(MAX_CHAT_LINES as u64 + 10) {
+            record_chat(&mut voice, &received(i), "alice");
+        }
+        assert_eq!(voice.chat.len(), MAX_CHAT_LINES);
+        assert_eq!(
+            voice.chat.back().unwrap().text,
+            format!("m{}", MAX_CHAT_LINES + 9)
+        );
     }
 }

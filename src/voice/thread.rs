@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use thiserror::Error;
 
 use super::engine::VoiceSetting;
-use super::engine::{VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
+use super::engine::{ChatEvent, VoiceConfig, VoiceEngine, VoiceSnapshot, MAX_DATAGRAM_LEN};
 use super::net::impair::{ImpairConfig, Impairment};
 use super::net::portmap::{AnnouncedMapping, MapEvent};
 use super::port_mapping::PortMapper;
@@ -66,6 +66,10 @@ pub enum VoiceCommand {
     /// The port-mapping thread's news: the router mapped our port (announce that address as
     /// a candidate) or the mapping is gone. Sent by that thread, not by ECS.
     PortMapping(MapEvent),
+    /// Send a chat message to the channel's members, written at `sent_ms` (Unix ms, the
+    /// sender's wall clock: the time shown with it). The outcome comes back as
+    /// [`VoiceEvent::Chat`].
+    SendChat { text: String, sent_ms: u64 },
 }
 
 /// What the voice thread reports.
@@ -84,7 +88,14 @@ pub enum VoiceEvent {
     /// A datagram for the server to send through the control connection (our UDP to the
     /// server is blocked).
     Tunnel(Vec<u8>),
+    /// A chat message arrived, or ours was sent or refused.
+    Chat(ChatEvent),
 }
+
+/// Most chat events held back while the events channel is full (ECS not reading); beyond it
+/// the oldest go. Chat is not dropped at the first full channel like a snapshot: a message
+/// the sender saw acknowledged must still reach the screen.
+const MAX_CHAT_BACKLOG: usize = 1024;
 
 #[derive(Debug, Error)]
 pub enum VoiceError {
@@ -215,6 +226,7 @@ impl VoiceThread {
                     server: None,
                     mapping: None,
                     announced_key: None,
+                    chat_backlog: std::collections::VecDeque::new(),
                 };
                 w.run();
             })
@@ -340,6 +352,8 @@ struct Worker {
     /// The voice key last announced: the engine takes a new one for every join, which must
     /// then be announced too.
     announced_key: Option<[u8; 32]>,
+    /// Chat events waiting for room in the events channel.
+    chat_backlog: std::collections::VecDeque<ChatEvent>,
 }
 
 impl Worker {
@@ -382,6 +396,24 @@ impl Worker {
     fn publish(&self, ev: VoiceEvent) {
         // Bounded: if ECS is not reading (window minimised, app exiting), drop rather than block.
         if let Err(TrySendError::Full(_)) = self.events.try_send(ev) {}
+    }
+
+    /// Hands the engine's chat events to ECS, keeping what does not fit for later.
+    fn publish_chat(&mut self) {
+        while let Some(ev) = self.engine.poll_chat_event() {
+            self.chat_backlog.push_back(ev);
+        }
+        while self.chat_backlog.len() > MAX_CHAT_BACKLOG {
+            self.chat_backlog.pop_front();
+        }
+        while let Some(ev) = self.chat_backlog.pop_front() {
+            if let Err(e) = self.events.try_send(VoiceEvent::Chat(ev)) {
+                if let VoiceEvent::Chat(ev) = e.into_inner() {
+                    self.chat_backlog.push_front(ev);
+                }
+                break;
+            }
+        }
     }
 
     /// Sends every datagram the engine has ready.
@@ -458,6 +490,7 @@ impl Worker {
                 self.engine.playout_frame(now, &mut mix);
                 self.playback.push(&mix);
             }
+            self.publish_chat();
             if now >= next_snapshot {
                 next_snapshot = now + SNAPSHOT_INTERVAL;
                 self.publish(VoiceEvent::Snapshot(Box::new(self.snapshot(now))));
@@ -509,6 +542,17 @@ impl Worker {
             }
             VoiceCommand::Tunnelled(datagram) => self.engine.handle_tunnelled(now, &datagram),
             VoiceCommand::Setting(s) => self.engine.apply(now, s),
+            VoiceCommand::SendChat { text, sent_ms } => {
+                let ev = match self.engine.send_chat(now, sent_ms, &text) {
+                    Ok(result) => ChatEvent::Sent {
+                        text,
+                        sent_ms,
+                        result,
+                    },
+                    Err(reason) => ChatEvent::Refused { text, reason },
+                };
+                self.chat_backlog.push_back(ev);
+            }
             // Never wait for the device thread here: opening a device can take seconds, and
             // meanwhile nothing would be played, sent or kept alive. The outcome comes back
             // as an audio event.

@@ -6,6 +6,7 @@
 //!
 //! [`UiAction`]: crate::ui::actions::UiAction
 
+pub mod chat;
 pub mod connect;
 pub mod controls;
 pub mod help;
@@ -16,6 +17,7 @@ pub mod peer_details;
 pub mod status_bar;
 pub mod waveform;
 
+pub use chat::chat;
 pub use connect::connect;
 pub use controls::controls;
 pub use help::{help_window, keyboard_shortcuts};

@@ -11,8 +11,10 @@
 //!
 //! Files: this one holds the public API and the datagram, capture and playout paths;
 //! `peer.rs` the per-member state, `registration.rs` the UDP registration with the server,
-//! `outbox.rs` the queue of sealed voice, `snapshot.rs` what the UI sees.
+//! `outbox.rs` the queue of sealed voice, `snapshot.rs` what the UI sees, `chat.rs` the text
+//! chat (sealed per member, on the path of that member's voice).
 
+mod chat;
 mod outbox;
 mod peer;
 mod registration;
@@ -26,6 +28,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use self::chat::{ChatEvent, ChatMessage, ChatSent};
 use self::outbox::Outbox;
 pub use self::outbox::{Transmit, MAX_DATAGRAM_LEN};
 use self::peer::Peer;
@@ -148,6 +151,8 @@ pub struct VoiceEngine {
     tunnel: Tunnel,
     /// The `seq` of the last Report we sent (to any peer).
     report_seq: u32,
+    /// Text chat: epochs, packet numbers, delivered messages (see `chat.rs`).
+    chat: chat::ChatPlane,
 }
 
 impl VoiceEngine {
@@ -191,6 +196,7 @@ impl VoiceEngine {
             undecryptable: 0,
             tunnel: Tunnel::default(),
             report_seq: 0,
+            chat: chat::ChatPlane::default(),
         })
     }
 
@@ -209,6 +215,7 @@ impl VoiceEngine {
         self.retired_peer_keys.clear();
         for peer in self.peers.values_mut() {
             peer.cipher = None;
+            peer.chat = None;
         }
     }
 
@@ -330,6 +337,15 @@ impl VoiceEngine {
             Some(key) => PeerCipher::new(&self.keys, our_id, id, key).ok(),
             None => None,
         };
+        // Chat follows the voice cipher: keys from the same installed voice key, or none (a
+        // refused or held-back identity gets no chat either).
+        match (peer.cipher.is_some(), info.voice_key) {
+            (true, Some(key)) => self.update_chat_peer(our_id, id, key),
+            _ => {
+                self.chat.remember(id, peer.chat.as_ref());
+                peer.chat = None;
+            }
+        }
     }
 
     /// A member left the channel.
@@ -341,6 +357,7 @@ impl VoiceEngine {
             if let Some(cipher) = &peer.cipher {
                 retire(&mut self.retired_peer_keys, cipher.peer_public());
             }
+            self.chat.remember(id, peer.chat.as_ref());
             self.remembered.insert(id, peer.settings);
         }
     }
@@ -361,6 +378,7 @@ impl VoiceEngine {
     /// Drops every [`Peer`], keeping the settings chosen for them.
     fn forget_peers(&mut self) {
         for (id, peer) in std::mem::take(&mut self.peers) {
+            self.chat.remember(id, peer.chat.as_ref());
             self.remembered.insert(id, peer.settings);
         }
     }
@@ -450,6 +468,12 @@ impl VoiceEngine {
             }
             return;
         }
+        // Chat is opened by its own keys and needs no link: a sealed frame proves its author
+        // wherever it came from, and answers go on the peer's voice path, not to `from`.
+        if bytes.first() == Some(&DatagramKind::Chat.type_byte()) {
+            self.handle_chat(now, bytes, None);
+            return;
+        }
         let Some(table) = &mut self.table else {
             self.drops.unknown_sender += 1;
             return;
@@ -521,6 +545,10 @@ impl VoiceEngine {
     /// `inner`, a datagram of peer `origin` that `via` forwarded to us: authenticated by that
     /// peer's cipher like a direct one, then handled by its relay route.
     fn handle_relayed(&mut self, now: Duration, via: Via, origin: UserId, inner: &[u8]) {
+        if inner.first() == Some(&DatagramKind::Chat.type_byte()) {
+            self.handle_chat(now, inner, Some(origin));
+            return;
+        }
         let Some(table) = &mut self.table else {
             self.drops.unknown_sender += 1;
             return;
@@ -744,6 +772,8 @@ impl VoiceEngine {
             self.next_report = now + REPORT_INTERVAL;
             self.exchange_reports(now);
         }
+        // Retransmissions, and what waited for a path that just came up.
+        self.flush_chat(now);
     }
 
     /// The next datagram to send, written into `buf` (at least [`MAX_DATAGRAM_LEN`] bytes):
@@ -820,6 +850,10 @@ impl VoiceEngine {
             .as_ref()
             .and_then(|t| t.poll_timeout())
             .map(|t| t.min(self.next_report));
+        let link = match (link, self.chat_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let reg = self.registration.poll_timeout();
         match (link, reg) {
             (Some(a), Some(b)) => Some(a.min(b)),

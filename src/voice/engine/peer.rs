@@ -54,6 +54,9 @@ pub(super) struct Peer {
     pub(super) settings: PeerSettings,
     /// Its last report on how our voice reaches it, and when that came.
     pub(super) heard: Option<(ReceiverReport, Duration)>,
+    /// Text chat with this member: its own keys and its reliable stream (`None` while no
+    /// valid key is known, like `cipher`).
+    pub(super) chat: Option<super::chat::PeerChat>,
 }
 
 impl Peer {
@@ -63,6 +66,7 @@ impl Peer {
             rx: None,
             settings,
             heard: None,
+            chat: None,
         }
     }
 

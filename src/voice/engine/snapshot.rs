@@ -120,6 +120,10 @@ pub struct PeerSnapshot {
     pub frames_dropped: u64,
     pub late: u64,
     pub duplicates: u64,
+    /// Text chat with this peer: what our stream sent, retransmitted, delivered and refused.
+    pub chat: crate::voice::net::chat::ChatStats,
+    /// Our chat fragments to this peer not yet acknowledged.
+    pub chat_unacked: usize,
     pub speaking: bool,
     pub level_db: f32,
     /// Short fingerprint of the peer's voice key, to compare by other means.
@@ -248,6 +252,13 @@ impl VoiceEngine {
                     frames_dropped: rx.map(|r| r.jitter.dropped).unwrap_or(0),
                     late: rx.map(|r| r.jitter.late).unwrap_or(0),
                     duplicates: rx.map(|r| r.jitter.duplicates).unwrap_or(0),
+                    chat: peer
+                        .and_then(|p| p.chat.as_ref())
+                        .map(|c| c.stream.stats)
+                        .unwrap_or_default(),
+                    chat_unacked: peer
+                        .and_then(|p| p.chat.as_ref())
+                        .map_or(0, |c| c.stream.unacked()),
                     speaking: audio.is_some_and(|a| a.speaking(now)),
                     level_db: audio.map(|a| a.level_db).unwrap_or(-120.0),
                     fingerprint: cipher.map(|c| fingerprint(&c.peer_public())),

@@ -1013,3 +1013,139 @@ fn seeded_key_rotation_repeats_and_changes_every_reset() {
     assert_ne!(k[1], k[2]);
     assert_ne!(k, keys(6));
 }
+
+/// Every chat message an engine has delivered so far.
+fn chat_received(e: &mut VoiceEngine) -> Vec<ChatMessage> {
+    std::iter::from_fn(|| e.poll_chat_event())
+        .filter_map(|ev| match ev {
+            ChatEvent::Received(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Chat between two linked engines: delivered once, in order, with sender and time; the wire
+/// holds no text; and a message sent before the link is up waits for it.
+#[test]
+fn chat_is_sealed_on_the_wire_delivered_in_order_once_and_acked() {
+    let (mut a, mut b, mut now) = linked_pair();
+    let sent = a
+        .send_chat(now, 1_700_000_000_123, "first: see https://example.org")
+        .unwrap();
+    assert_eq!(sent.to, vec![(2, "u2".to_string())]);
+    a.send_chat(now, 1_700_000_000_456, "second").unwrap();
+    let mut wire = Vec::new();
+    a.drain(now, |to, d| {
+        assert_eq!(to, addr(2000));
+        wire.push(d.to_vec());
+    });
+    let chat: Vec<&Vec<u8>> = wire
+        .iter()
+        .filter(|d| d[0] == DatagramKind::Chat.type_byte())
+        .collect();
+    assert_eq!(chat.len(), 2);
+    for d in &wire {
+        for needle in [&b"first"[..], b"example", b"second"] {
+            assert!(
+                !d.windows(needle.len()).any(|w| w == needle),
+                "plaintext on the wire"
+            );
+        }
+    }
+    // Duplicated and reordered on the way: still once, in order.
+    for d in [chat[1], chat[0], chat[1], chat[0]] {
+        b.handle_datagram(now, addr(1000), d);
+    }
+    let got = chat_received(&mut b);
+    let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["first: see https://example.org", "second"]);
+    assert_eq!((got[0].from, got[0].from_name.as_str()), (1, "u1"));
+    assert_eq!(got[0].sent_ms, 1_700_000_000_123);
+    // B acks; A has nothing left to send after the ack.
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 5);
+    assert_eq!(a.peers[&2].chat.as_ref().unwrap().stream.unacked(), 0);
+    assert!(chat_received(&mut b).is_empty());
+
+    // A third engine whose link is not up yet: the message waits, then arrives.
+    let mut c = engine(3);
+    a.upsert_peer(now, &peer(3, 3000, c.public_key()));
+    c.upsert_peer(now, &peer(1, 1000, a.public_key()));
+    let sent = a.send_chat(now, 1, "to both").unwrap();
+    assert_eq!(sent.to.len(), 2);
+    for _ in 0..40 {
+        let (mut to_c, mut to_a) = (Vec::new(), Vec::new());
+        a.drain(now, |to, d| {
+            if to == addr(3000) {
+                to_c.push(d.to_vec())
+            }
+        });
+        c.drain(now, |_, d| to_a.push(d.to_vec()));
+        to_c.iter()
+            .for_each(|d| c.handle_datagram(now, addr(1000), d));
+        to_a.iter()
+            .for_each(|d| a.handle_datagram(now, addr(3000), d));
+        now += Duration::from_millis(20);
+    }
+    let got = chat_received(&mut c);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].text, "to both");
+}
+
+/// A member who leaves and comes back (same keys, so the same chat keys) gets a new stream:
+/// new messages arrive, and a recording of the old stream's datagrams replayed to it is not
+/// delivered again.
+#[test]
+fn chat_recorded_before_a_rejoin_is_not_delivered_again() {
+    let (mut a, mut b, mut now) = linked_pair();
+    a.send_chat(now, 1, "before").unwrap();
+    let mut recorded = Vec::new();
+    a.drain(now, |_, d| {
+        if d[0] == DatagramKind::Chat.type_byte() {
+            recorded.push(d.to_vec())
+        }
+    });
+    recorded
+        .iter()
+        .for_each(|d| b.handle_datagram(now, addr(1000), d));
+    assert_eq!(chat_received(&mut b).len(), 1);
+    // A leaves and rejoins (with a fresh key pair, as every join takes): B forgets and
+    // relearns it, A forgets and relearns B.
+    b.remove_peer(1);
+    a.clear_peers();
+    b.upsert_peer(now, &peer(1, 1000, a.public_key()));
+    a.upsert_peer(now, &peer(2, 2000, b.public_key()));
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 20);
+    // Replayed before A's new stream said anything: sealed under A's old keys, and from an
+    // older epoch, the recording opens under nothing B now holds.
+    recorded
+        .iter()
+        .for_each(|d| b.handle_datagram(now, addr(1000), d));
+    assert!(chat_received(&mut b).is_empty(), "the replay is refused");
+    a.send_chat(now, 2, "after").unwrap();
+    exchange((&mut a, addr(1000)), (&mut b, addr(2000)), &mut now, 3);
+    let got: Vec<String> = chat_received(&mut b).into_iter().map(|m| m.text).collect();
+    assert_eq!(got, ["after"]);
+    recorded
+        .iter()
+        .for_each(|d| b.handle_datagram(now, addr(1000), d));
+    assert!(chat_received(&mut b).is_empty(), "and refused again later");
+}
+
+#[test]
+fn blank_and_overlong_chat_is_refused_before_anything_is_sent() {
+    let (mut a, _b, now) = linked_pair();
+    assert_eq!(
+        a.send_chat(now, 0, " "),
+        Err(crate::voice::net::chat::ChatError::Empty)
+    );
+    let long = "y".repeat(crate::voice::net::chat::MAX_CHAT_CHARS + 1);
+    assert!(matches!(
+        a.send_chat(now, 0, &long),
+        Err(crate::voice::net::chat::ChatError::TooLong { .. })
+    ));
+    let mut sent = 0;
+    a.drain(now, |_, d| {
+        sent += usize::from(d[0] == DatagramKind::Chat.type_byte())
+    });
+    assert_eq!(sent, 0);
+}

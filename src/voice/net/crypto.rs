@@ -248,6 +248,41 @@ fn derive_keys(
     })
 }
 
+/// The send and receive keys of one pair under `label`, derived exactly like the voice keys
+/// (same salt and directional info string, `"{label} {sender}->{receiver}"`), for planes that
+/// keep keys of their own (the text chat, `super::chat_cipher`). A distinct label gives keys
+/// independent of every other label's, so nonces of one plane never meet another's key.
+pub(super) fn pair_keys(
+    keys: &SessionKeys,
+    our_id: u32,
+    peer_id: u32,
+    peer_public: &[u8; PUBLIC_KEY_LEN],
+    label: &str,
+) -> Result<(Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>), CryptoError> {
+    if our_id == peer_id {
+        return Err(CryptoError::SamePeerId { id: our_id });
+    }
+    let shared = keys.shared_secret(peer_id, peer_public)?;
+    let ours = keys.public_key();
+    let (lo, hi) = if ours <= *peer_public {
+        (ours, *peer_public)
+    } else {
+        (*peer_public, ours)
+    };
+    let mut salt = [0u8; 2 * PUBLIC_KEY_LEN];
+    salt[..PUBLIC_KEY_LEN].copy_from_slice(&lo);
+    salt[PUBLIC_KEY_LEN..].copy_from_slice(&hi);
+    let hkdf = Hkdf::<Sha256>::new(Some(&salt), &shared[..]);
+    let expand = |sender: u32, receiver: u32| {
+        let info = format!("{label} {sender}->{receiver}");
+        let mut okm = Zeroizing::new([0u8; 32]);
+        hkdf.expand(info.as_bytes(), &mut okm[..])
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        okm
+    };
+    Ok((expand(our_id, peer_id), expand(peer_id, our_id)))
+}
+
 /// The fields of a voice header that the cipher needs.
 struct HeaderFields {
     from: u32,

@@ -6,6 +6,8 @@
 //! - [`peers`]: the table of every peer's link behind our one UDP socket; routes each
 //!   datagram by sender id and counts what it drops.
 //! - [`crypto`]: per-peer keys, sealing and opening of voice, tags on control datagrams.
+//! - [`chat`]: per-peer reliable, ordered text chat ([`ChatStream`]); [`chat_cipher`]: its
+//!   own per-pair keys and the sealing of chat datagrams.
 //! - [`relay`]: reaching a peer through a member or the server while no direct path works
 //!   ([`RelayRoute`]), and the [`Via`] naming the relay.
 //! - [`received`]: a datagram from the socket, parsed once, waiting for its cipher.
@@ -15,6 +17,8 @@
 //!   it, announce it and remove it; [`gateway`]: which router to ask. The requests themselves
 //!   (crab_nat for PCP and NAT-PMP, igd-next for UPnP) run on `voice::port_mapping`'s thread.
 
+pub mod chat;
+pub mod chat_cipher;
 pub mod crypto;
 pub mod gateway;
 pub mod impair;
@@ -25,6 +29,7 @@ pub mod received;
 pub mod relay;
 pub mod replay;
 
+pub use chat::ChatStream;
 pub use link::{LinkConfig, LinkState, PeerLink};
 pub use peers::{DropCounters, DropReason, Incoming, PeerTable};
 pub use relay::{RelayRoute, Via};

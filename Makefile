@@ -22,7 +22,7 @@ TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2
 
 # Seconds each fuzz target runs for `make fuzz` (`make test` runs a 10 s pass of each).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := control_frames voice_datagrams sealed_voice
+FUZZ_TARGETS := control_frames voice_datagrams sealed_voice voice_engine control_session
 
 help:
 	@echo "make run          build (release) and start the desktop app with its embedded server"

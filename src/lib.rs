@@ -64,9 +64,9 @@
 
 #[cfg(feature = "app")]
 pub mod app;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod audio;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod client;
 #[cfg(feature = "app")]
 pub mod config;

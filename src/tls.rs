@@ -18,6 +18,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::protocol::server_key;
+
 /// Errors setting up TLS, worded for the operator or user.
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -220,23 +222,6 @@ pub struct PinStore {
     unreadable: Option<String>,
 }
 
-/// The key a server is pinned under: `host:port` with the host lower-cased and an IP address
-/// in its canonical form, so "Example.org:7700" and "example.org:7700", or "[::1]:7700" and
-/// "[0:0::1]:7700", are one server. Anything unparsable is kept as typed.
-pub fn pin_key(server: &str) -> String {
-    let Some((host, port)) = server.trim().rsplit_once(':') else {
-        return server.trim().to_lowercase();
-    };
-    let Ok(port) = port.parse::<u16>() else {
-        return server.trim().to_lowercase();
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => std::net::SocketAddr::new(ip.to_canonical(), port).to_string(),
-        Err(_) => format!("{}:{port}", host.to_lowercase()),
-    }
-}
-
 impl PinStore {
     /// In-memory only (tests, or when there is no config directory).
     pub fn in_memory() -> Self {
@@ -278,7 +263,7 @@ impl PinStore {
                 reason: reason.clone(),
             };
         }
-        let key = pin_key(server);
+        let key = server_key(server);
         // Pins written before keys were normalised are under the text as typed: adopt them.
         if !self.pins.contains_key(&key) {
             if let Some(old) = self.pins.remove(server) {
@@ -392,9 +377,9 @@ mod tests {
 
     #[test]
     fn one_server_written_two_ways_is_one_pin() {
-        assert_eq!(pin_key("Example.ORG:7700"), "example.org:7700");
-        assert_eq!(pin_key("[0:0::1]:7700"), "[::1]:7700");
-        assert_eq!(pin_key("[::ffff:127.0.0.1]:7700"), "127.0.0.1:7700");
+        assert_eq!(server_key("Example.ORG:7700"), "example.org:7700");
+        assert_eq!(server_key("[0:0::1]:7700"), "[::1]:7700");
+        assert_eq!(server_key("[::ffff:127.0.0.1]:7700"), "127.0.0.1:7700");
         let mut pins = PinStore::in_memory();
         assert_eq!(
             pins.check("Example.org:7700", "AA", false),

@@ -469,7 +469,7 @@ impl ControlSession {
         self.clear_membership();
         self.server = server.to_string();
         self.identity
-            .set_trust_server(crate::tls::pin_key(&self.server));
+            .set_trust_server(crate::protocol::server_key(&self.server));
         self.username = username.to_string();
         self.attempts = 0;
         self.ever_identified = false;

@@ -104,6 +104,24 @@ pub fn username_key(name: &str) -> String {
     unicode_security::skeleton(&name.to_lowercase()).collect()
 }
 
+/// The one name of a server, under which its certificate is pinned and its members'
+/// identities are remembered: `host:port` with the host lower-cased and an IP address
+/// in its canonical form, so "Example.org:7700" and "example.org:7700", or "[::1]:7700" and
+/// "[0:0::1]:7700", are one server. Anything unparsable is kept as typed.
+pub fn server_key(server: &str) -> String {
+    let Some((host, port)) = server.trim().rsplit_once(':') else {
+        return server.trim().to_lowercase();
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return server.trim().to_lowercase();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip.to_canonical(), port).to_string(),
+        Err(_) => format!("{}:{port}", host.to_lowercase()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

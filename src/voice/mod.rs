@@ -18,25 +18,25 @@
 
 #[cfg(feature = "app")]
 pub mod audio_problem;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod codec;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod engine;
 pub mod net;
 #[cfg(feature = "app")]
 pub mod plugin;
 #[cfg(feature = "app")]
 pub mod port_mapping;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod rx;
 #[cfg(feature = "app")]
 pub mod thread;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod tx;
 
 #[cfg(feature = "app")]
 pub use audio_problem::AudioProblem;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub use engine::{
     ChatEvent, ChatMessage, ChatSent, PeerSettings, PeerSnapshot, PeerState, RelayVia, Unreachable,
     VoiceConfig, VoiceEngine, VoiceSetting, VoiceSnapshot,

@@ -185,6 +185,13 @@ struct ClientArgs {
     /// to every local user in the process list and stays in the shell's history.
     #[arg(long, env = "P2P_VOICE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Read the channel password from the first line of this file instead (make it readable
+    /// only by you: `chmod 600`). Wins over `--password` and the environment.
+    #[arg(long, value_name = "PATH")]
+    password_file: Option<std::path::PathBuf>,
+    /// Ask for the channel password on the terminal, without echoing it.
+    #[arg(long)]
+    ask_password: bool,
     /// No window: print events as JSON lines; audio from/to files or a tone.
     #[arg(long)]
     headless: bool,
@@ -450,6 +457,7 @@ fn run() -> anyhow::Result<ExitCode> {
                         a.capture.processing(ProcessingConfig::MICROPHONE),
                     )
                 };
+                let password = channel_password(&a)?;
                 let opts = HeadlessOptions {
                     server: a
                         .server
@@ -458,7 +466,7 @@ fn run() -> anyhow::Result<ExitCode> {
                         .username
                         .context("--username is required with --headless")?,
                     channel: a.channel,
-                    password: a.password,
+                    password,
                     duration: a.duration.map(std::time::Duration::from_secs_f64),
                     voice: with_audio_host(
                         {
@@ -505,7 +513,8 @@ fn run() -> anyhow::Result<ExitCode> {
                 },
                 a.audio_host,
             );
-            let join = a.channel.map(|c| (c, a.password));
+            let password = channel_password(&a)?;
+            let join = a.channel.map(|c| (c, password));
             let choices = window_choices(a.normalize_loudness, &a.capture);
             Ok(app::run_desktop(
                 None,
@@ -544,6 +553,28 @@ fn run() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The channel password, from the first place that has one: `--password-file`, then
+/// `--ask-password` (a terminal prompt without echo), then `--password` or `P2P_VOICE_PASSWORD`.
+fn channel_password(a: &ClientArgs) -> anyhow::Result<Option<String>> {
+    if let Some(path) = &a.password_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the password file {}", path.display()))?;
+        let password = text.lines().next().unwrap_or_default().to_string();
+        let mut text = text;
+        zeroize::Zeroize::zeroize(&mut text);
+        if password.is_empty() {
+            anyhow::bail!("the password file {} is empty", path.display());
+        }
+        return Ok(Some(password));
+    }
+    if a.ask_password {
+        let password = rpassword::prompt_password("Channel password: ")
+            .context("cannot read the password from the terminal")?;
+        return Ok(Some(password));
+    }
+    Ok(a.password.clone())
 }
 
 /// A password typed as `--password X` can be read by every local user (`ps`) and stays in the

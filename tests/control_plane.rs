@@ -275,6 +275,63 @@ fn the_channel_password_can_come_from_the_environment() {
     assert!(!stderr.contains("warning: --password"), "{stderr}");
 }
 
+/// `--password-file` (issue 13): the password comes from the file's first line, out of the
+/// process list, and wins over a wrong one in the environment.
+#[test]
+fn the_channel_password_can_come_from_a_file() {
+    let server = ServerProcess::start();
+    let dir = std::env::temp_dir().join(format!("p2p-voice-pwfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("password");
+    std::fs::write(&file, "letmein\n").unwrap();
+    let out = p2p()
+        .env("P2P_VOICE_PASSWORD", "wrong")
+        .args(["client", "--headless", "--server"])
+        .arg(server.addr.to_string())
+        .args([
+            "--username",
+            "eve",
+            "--channel",
+            "Private",
+            "--duration",
+            "1.5",
+        ])
+        .arg("--password-file")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| e["event"] == "joined" && e["channel"] == "Private"),
+        "{stdout}"
+    );
+    // A file that is missing is a clear error, not an empty password.
+    let missing = p2p()
+        .args(["client", "--headless", "--server"])
+        .arg(server.addr.to_string())
+        .args([
+            "--username",
+            "eve2",
+            "--channel",
+            "Private",
+            "--duration",
+            "1",
+        ])
+        .arg("--password-file")
+        .arg(dir.join("nope"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("cannot read the password file"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn headless_client_exits_non_zero_with_the_servers_message_on_refusal() {
     let server = ServerProcess::start();

@@ -87,6 +87,8 @@ pub fn run_headless_client(opts: HeadlessOptions) -> ExitCode {
         log_plugin(),
         ClientNetPlugin {
             accept_new_cert: opts.accept_new_cert,
+            // Nobody to ask: trust on first use, as scripts expect.
+            ask_first_use: false,
         },
         VoicePlugin(opts.voice.clone()),
         HeadlessPlugin(opts),
@@ -149,6 +151,9 @@ pub fn run_desktop(
             })
             .set(log_plugin()),
     );
+    // A person is there to compare a new server's fingerprint before trusting it, except in
+    // host mode, whose client connects to its own embedded server.
+    let ask_first_use = server.is_none();
     if let Some(cfg) = server {
         raise_fd_limit();
         let port = cfg.port;
@@ -167,7 +172,10 @@ pub fn run_desktop(
     }
     app.add_plugins((
         EguiPlugin::default(),
-        ClientNetPlugin { accept_new_cert },
+        ClientNetPlugin {
+            accept_new_cert,
+            ask_first_use,
+        },
         VoicePlugin(voice),
         UiPlugin(ui),
         PerfPlugin,

@@ -208,9 +208,36 @@ pub enum PinCheck {
     Pinned,
     /// A different certificate than the one pinned: refuse.
     Changed { pinned: String, presented: String },
+    /// Never seen, and the user wants to be asked first (the desktop app): refuse until they
+    /// accept this fingerprint.
+    Unknown { presented: String },
     /// The pin file exists but cannot be read or parsed: nothing can be checked, so refuse
     /// rather than trust whatever answers (and leave the file as it is for the user to see).
     Unreadable { path: String, reason: String },
+}
+
+/// What the user allows for a server certificate that is not pinned yet, or not the one
+/// pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustChoice {
+    /// Pin a server seen for the first time without asking (trust on first use: headless
+    /// clients and scripts, which have nobody to ask).
+    pub pin_first_use: bool,
+    /// Replace a pin that no longer matches (`--accept-new-cert`).
+    pub accept_any_change: bool,
+    /// The one fingerprint the user accepted in the window, after comparing it: pinned
+    /// whether it is the first or a changed one.
+    pub accepted: Option<String>,
+}
+
+impl Default for TrustChoice {
+    fn default() -> Self {
+        Self {
+            pin_first_use: true,
+            accept_any_change: false,
+            accepted: None,
+        }
+    }
 }
 
 /// Known server fingerprints per address, kept in `known_servers.toml` next to the settings.
@@ -254,9 +281,11 @@ impl PinStore {
         self.path.as_deref()
     }
 
-    /// Checks (and on first use pins) `fingerprint` for `server`. With `accept_change`, a
-    /// changed certificate replaces the pin (the user said they trust the new one).
-    pub fn check(&mut self, server: &str, fingerprint: &str, accept_change: bool) -> PinCheck {
+    /// Checks `fingerprint` for `server` and pins it where `trust` allows: a server seen for
+    /// the first time when `trust.pin_first_use` (headless clients, scripts) or when the user
+    /// accepted exactly this fingerprint; a changed certificate only with
+    /// `trust.accept_any_change` (`--accept-new-cert`) or that same explicit acceptance.
+    pub fn check(&mut self, server: &str, fingerprint: &str, trust: &TrustChoice) -> PinCheck {
         if let Some(reason) = &self.unreadable {
             return PinCheck::Unreadable {
                 path: self.path_text(),
@@ -270,18 +299,25 @@ impl PinStore {
                 self.pins.insert(key.clone(), old);
             }
         }
+        let accepted = trust.accepted.as_deref() == Some(fingerprint);
         match self.pins.get(&key) {
-            Some(p) if p == fingerprint => PinCheck::Known,
-            Some(p) if !accept_change => PinCheck::Changed {
-                pinned: p.clone(),
-                presented: fingerprint.to_string(),
-            },
-            _ => {
-                self.pins.insert(key, fingerprint.to_string());
-                self.save();
-                PinCheck::Pinned
+            Some(p) if p == fingerprint => return PinCheck::Known,
+            Some(p) if !trust.accept_any_change && !accepted => {
+                return PinCheck::Changed {
+                    pinned: p.clone(),
+                    presented: fingerprint.to_string(),
+                }
             }
+            None if !trust.pin_first_use && !accepted => {
+                return PinCheck::Unknown {
+                    presented: fingerprint.to_string(),
+                }
+            }
+            _ => {}
         }
+        self.pins.insert(key, fingerprint.to_string());
+        self.save();
+        PinCheck::Pinned
     }
 
     fn path_text(&self) -> String {
@@ -321,31 +357,75 @@ impl PinStore {
 mod tests {
     use super::*;
 
+    const TOFU: TrustChoice = TrustChoice {
+        pin_first_use: true,
+        accept_any_change: false,
+        accepted: None,
+    };
+    const ACCEPT_CHANGE: TrustChoice = TrustChoice {
+        pin_first_use: true,
+        accept_any_change: true,
+        accepted: None,
+    };
+
+    /// The desktop app asks before it trusts a server it has never seen (issue 13), and a
+    /// fingerprint the user accepted is pinned whether it is new or changed; another one is not.
+    #[test]
+    fn asking_first_pins_only_the_fingerprint_the_user_accepted() {
+        let mut pins = PinStore::in_memory();
+        let mut ask = TrustChoice {
+            pin_first_use: false,
+            ..TOFU
+        };
+        assert_eq!(
+            pins.check("h:1", "AA", &ask),
+            PinCheck::Unknown {
+                presented: "AA".into()
+            }
+        );
+        ask.accepted = Some("BB".into());
+        assert!(matches!(
+            pins.check("h:1", "AA", &ask),
+            PinCheck::Unknown { .. }
+        ));
+        ask.accepted = Some("AA".into());
+        assert_eq!(pins.check("h:1", "AA", &ask), PinCheck::Pinned);
+        ask.accepted = None;
+        assert_eq!(pins.check("h:1", "AA", &ask), PinCheck::Known);
+        assert!(matches!(
+            pins.check("h:1", "CC", &ask),
+            PinCheck::Changed { .. }
+        ));
+        ask.accepted = Some("CC".into());
+        assert_eq!(pins.check("h:1", "CC", &ask), PinCheck::Pinned);
+        assert_eq!(pins.check("h:1", "CC", &TOFU), PinCheck::Known);
+    }
+
     #[test]
     fn first_use_pins_then_same_is_known_and_change_is_refused_unless_accepted() {
         let mut pins = PinStore::in_memory();
-        assert_eq!(pins.check("h:1", "AA", false), PinCheck::Pinned);
-        assert_eq!(pins.check("h:1", "AA", false), PinCheck::Known);
+        assert_eq!(pins.check("h:1", "AA", &TOFU), PinCheck::Pinned);
+        assert_eq!(pins.check("h:1", "AA", &TOFU), PinCheck::Known);
         assert_eq!(
-            pins.check("h:1", "BB", false),
+            pins.check("h:1", "BB", &TOFU),
             PinCheck::Changed {
                 pinned: "AA".into(),
                 presented: "BB".into()
             }
         );
-        assert_eq!(pins.check("h:1", "BB", true), PinCheck::Pinned);
-        assert_eq!(pins.check("h:1", "BB", false), PinCheck::Known);
+        assert_eq!(pins.check("h:1", "BB", &ACCEPT_CHANGE), PinCheck::Pinned);
+        assert_eq!(pins.check("h:1", "BB", &TOFU), PinCheck::Known);
         // Pins are per address.
-        assert_eq!(pins.check("h:2", "CC", false), PinCheck::Pinned);
+        assert_eq!(pins.check("h:2", "CC", &TOFU), PinCheck::Pinned);
     }
 
     #[test]
     fn pins_survive_a_restart() {
         let dir = std::env::temp_dir().join(format!("pv-pins-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        PinStore::load(Some(dir.clone())).check("h:1", "AA", false);
+        PinStore::load(Some(dir.clone())).check("h:1", "AA", &TOFU);
         assert_eq!(
-            PinStore::load(Some(dir.clone())).check("h:1", "AA", false),
+            PinStore::load(Some(dir.clone())).check("h:1", "AA", &TOFU),
             PinCheck::Known
         );
         let _ = std::fs::remove_dir_all(&dir);
@@ -360,12 +440,12 @@ mod tests {
         std::fs::write(&file, "this is = = not toml").unwrap();
         let mut pins = PinStore::load(Some(dir.clone()));
         assert!(matches!(
-            pins.check("h:1", "AA", false),
+            pins.check("h:1", "AA", &TOFU),
             PinCheck::Unreadable { .. }
         ));
         // Not even --accept-new-cert pins over it: the user must look at the file.
         assert!(matches!(
-            pins.check("h:1", "AA", true),
+            pins.check("h:1", "AA", &ACCEPT_CHANGE),
             PinCheck::Unreadable { .. }
         ));
         assert_eq!(
@@ -382,11 +462,11 @@ mod tests {
         assert_eq!(server_key("[::ffff:127.0.0.1]:7700"), "127.0.0.1:7700");
         let mut pins = PinStore::in_memory();
         assert_eq!(
-            pins.check("Example.org:7700", "AA", false),
+            pins.check("Example.org:7700", "AA", &TOFU),
             PinCheck::Pinned
         );
         assert!(matches!(
-            pins.check("example.org:7700", "BB", false),
+            pins.check("example.org:7700", "BB", &TOFU),
             PinCheck::Changed { .. }
         ));
     }
@@ -403,15 +483,15 @@ mod tests {
         .unwrap();
         let mut pins = PinStore::load(Some(dir.clone()));
         assert!(matches!(
-            pins.check("Example.org:7700", "BB", false),
+            pins.check("Example.org:7700", "BB", &TOFU),
             PinCheck::Changed { .. }
         ));
-        assert_eq!(pins.check("example.org:7700", "AA", false), PinCheck::Known);
+        assert_eq!(pins.check("example.org:7700", "AA", &TOFU), PinCheck::Known);
         // Saved atomically: no temporary file left behind.
-        pins.check("other:1", "CC", false);
+        pins.check("other:1", "CC", &TOFU);
         assert!(!dir.join("known_servers.toml.tmp").exists());
         assert_eq!(
-            PinStore::load(Some(dir.clone())).check("other:1", "CC", false),
+            PinStore::load(Some(dir.clone())).check("other:1", "CC", &TOFU),
             PinCheck::Known
         );
         let _ = std::fs::remove_dir_all(&dir);

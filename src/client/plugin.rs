@@ -36,6 +36,11 @@ pub enum ClientIntent {
     AcceptIdentity {
         user_id: UserId,
     },
+    /// The user compared the server's certificate fingerprint and trusts it: pin it on the
+    /// next connection (a new server, or one whose certificate changed).
+    TrustCertificate {
+        fingerprint: String,
+    },
 }
 
 /// Everything the control session reports, re-published for other plugins (voice, UI,
@@ -123,15 +128,22 @@ pub struct Directory {
 pub struct ClientNetPlugin {
     /// Replace a server certificate pin that no longer matches (`--accept-new-cert`).
     pub accept_new_cert: bool,
+    /// Refuse a server never seen before until the user accepts its fingerprint
+    /// ([`ClientIntent::TrustCertificate`]); otherwise pin it on first use.
+    pub ask_first_use: bool,
 }
 
 impl Plugin for ClientNetPlugin {
     fn build(&self, app: &mut App) {
+        let mut transport = Transport::new(
+            crate::tls::PinStore::load(crate::config::ClientSettings::dir()),
+            self.accept_new_cert,
+        );
+        if self.ask_first_use {
+            transport.ask_before_first_use();
+        }
         app.insert_resource(ControlLink::with_identity(
-            Transport::new(
-                crate::tls::PinStore::load(crate::config::ClientSettings::dir()),
-                self.accept_new_cert,
-            ),
+            transport,
             crate::config::ClientSettings::dir(),
         ))
         .init_resource::<Directory>()
@@ -155,6 +167,9 @@ fn apply_intents(mut link: ResMut<ControlLink>, mut intents: EventReader<ClientI
             }
             ClientIntent::Join { channel, password } => link.session.join(now, &channel, password),
             ClientIntent::Leave => link.session.leave(now),
+            ClientIntent::TrustCertificate { fingerprint } => {
+                link.transport.accept_certificate(fingerprint)
+            }
             ClientIntent::Disconnect => link.session.disconnect(now),
             ClientIntent::SetVerified { user_id, verified } => {
                 link.session.set_verified(user_id, verified);

@@ -100,6 +100,14 @@ pub enum TransportError {
         /// Where the pin lives, for the user to edit.
         pin_store: String,
     },
+    /// First connection to this server, and the user wants to check its certificate before
+    /// trusting it (the desktop app asks, showing `presented`).
+    #[error(
+        "first connection to this server: check its certificate fingerprint {} with its \
+         operator (the server prints it at start) before you trust it",
+        fingerprint_prefix(.presented)
+    )]
+    NotYetTrusted { presented: String },
     /// The file of pinned server certificates is corrupt or unreadable, so no server's
     /// identity can be checked.
     #[error(
@@ -133,6 +141,7 @@ impl TransportError {
         matches!(
             self,
             TransportError::NoCertificate
+                | TransportError::NotYetTrusted { .. }
                 | TransportError::CertificateChanged { .. }
                 | TransportError::PinStoreUnreadable { .. }
         )

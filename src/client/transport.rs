@@ -15,7 +15,7 @@ use rustls::ClientConnection;
 
 use super::session::TransportError;
 use crate::protocol::{encode_frame, ClientMsg, FrameDecoder, ServerMsg, DEFAULT_PORT};
-use crate::tls::{cert_fingerprint, server_name, PinCheck, PinStore};
+use crate::tls::{cert_fingerprint, server_name, PinCheck, PinStore, TrustChoice};
 
 /// What one poll of the transport produced.
 #[derive(Debug, Default)]
@@ -49,7 +49,7 @@ pub struct Transport {
     server: String,
     tls: Arc<rustls::ClientConfig>,
     pins: PinStore,
-    accept_new_cert: bool,
+    trust: TrustChoice,
     fingerprint: Option<String>,
 }
 
@@ -192,9 +192,24 @@ impl Transport {
             server: String::new(),
             tls: crate::tls::client_config(),
             pins,
-            accept_new_cert,
+            trust: TrustChoice {
+                accept_any_change: accept_new_cert,
+                ..TrustChoice::default()
+            },
             fingerprint: None,
         }
+    }
+
+    /// Refuse a server never seen before with [`TransportError::NotYetTrusted`] instead of
+    /// pinning it: the desktop app shows the fingerprint and asks.
+    pub fn ask_before_first_use(&mut self) {
+        self.trust.pin_first_use = false;
+    }
+
+    /// The user compared and accepted `fingerprint`: pin it on the next connection, whether
+    /// the server is new or its certificate changed.
+    pub fn accept_certificate(&mut self, fingerprint: String) {
+        self.trust.accepted = Some(fingerprint);
     }
 
     pub fn remote(&self) -> Option<SocketAddr> {
@@ -339,8 +354,9 @@ impl Transport {
         };
         let fp = cert_fingerprint(cert);
         self.fingerprint = Some(fp.clone());
-        match self.pins.check(&self.server, &fp, self.accept_new_cert) {
+        match self.pins.check(&self.server, &fp, &self.trust) {
             PinCheck::Known | PinCheck::Pinned => Ok(()),
+            PinCheck::Unknown { presented } => Err(TransportError::NotYetTrusted { presented }),
             PinCheck::Unreadable { path, reason } => {
                 Err(TransportError::PinStoreUnreadable { path, reason })
             }

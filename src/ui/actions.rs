@@ -50,6 +50,14 @@ pub enum UiAction {
     TogglePerfOverlay,
     /// Disconnect from the server.
     Disconnect,
+    /// Trust this server certificate fingerprint (checked with the operator) and connect.
+    TrustCertificate {
+        fingerprint: String,
+        address: String,
+        username: String,
+    },
+    /// Do not trust the certificate shown: close the prompt.
+    DistrustCertificate,
     /// Mark a member's identity verified (the safety number was compared) or not; remembered
     /// across restarts for that name on this server and that identity key.
     SetVerified { user_id: u32, verified: bool },

@@ -300,6 +300,24 @@ fn track_control_events(
                         )
                     ) {
                         state.connect.address_problem = Some(text);
+                    } else if let DisconnectReason::Transport(TransportError::NotYetTrusted {
+                        presented,
+                    }) = reason
+                    {
+                        state.connect.trust_prompt = Some(crate::ui::view::TrustPrompt {
+                            presented: presented.clone(),
+                            pinned: None,
+                        });
+                    } else if let DisconnectReason::Transport(
+                        TransportError::CertificateChanged {
+                            pinned, presented, ..
+                        },
+                    ) = reason
+                    {
+                        state.connect.trust_prompt = Some(crate::ui::view::TrustPrompt {
+                            presented: presented.clone(),
+                            pinned: Some(pinned.clone()),
+                        });
                     } else {
                         state.connect.refusal = Some(text);
                     }
@@ -697,7 +715,24 @@ fn dispatch(
     out: &mut UiOutputs,
 ) {
     match action {
+        UiAction::TrustCertificate {
+            fingerprint,
+            address,
+            username,
+        } => {
+            state.connect.trust_prompt = None;
+            state.connect.connecting = true;
+            state.connect.refusal = None;
+            out.intents
+                .write(ClientIntent::TrustCertificate { fingerprint });
+            out.intents.write(ClientIntent::Connect {
+                server: address,
+                username,
+            });
+        }
+        UiAction::DistrustCertificate => state.connect.trust_prompt = None,
         UiAction::Connect { address, username } => {
+            state.connect.trust_prompt = None;
             state.connect.connecting = true;
             state.connect.refusal = None;
             state.connect.address_problem = None;

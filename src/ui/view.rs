@@ -29,6 +29,17 @@ pub struct ConnectView {
     pub connecting: bool,
     /// The username used last time (from the config directory), offered as a one-click fill-in.
     pub remembered_username: Option<String>,
+    /// The server's certificate waits for the user's decision: a new server, or a changed one.
+    pub trust_prompt: Option<TrustPrompt>,
+}
+
+/// A server certificate to check before trusting it: the user compares `presented` with the
+/// fingerprint its operator sees (the server prints it at start). `pinned` is the one trusted
+/// before, when the certificate changed (a reinstall, or someone impersonating the server).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrustPrompt {
+    pub presented: String,
+    pub pinned: Option<String>,
 }
 
 impl ConnectView {

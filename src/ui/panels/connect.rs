@@ -5,7 +5,7 @@ use thiserror::Error;
 
 use crate::protocol::{validate_username, UsernameError, MAX_USERNAME_CHARS};
 use crate::ui::actions::UiAction;
-use crate::ui::view::ConnectView;
+use crate::ui::view::{ConnectView, TrustPrompt};
 
 /// The panel's inline wording for a refused username: a hint next to the field, in the
 /// imperative, where the server's [`UsernameError`] `Display` is a sentence about the name
@@ -168,12 +168,60 @@ pub fn connect(ui: &mut Ui, view: &mut ConnectView) -> Vec<UiAction> {
         }
     });
 
+    if let Some(prompt) = view.trust_prompt.clone() {
+        ui.add_space(8.0);
+        actions.extend(trust_prompt(ui, &prompt, view));
+    }
+
     if submit && can_connect {
         actions.push(UiAction::Connect {
             address: view.server_address.trim().to_owned(),
             username: view.username.clone(),
         });
     }
+    actions
+}
+
+/// The server's certificate to check before trusting it, with both fingerprints when it
+/// changed. Nothing is trusted until "Trust and connect" is clicked.
+fn trust_prompt(ui: &mut Ui, prompt: &TrustPrompt, view: &ConnectView) -> Vec<UiAction> {
+    let mut actions = Vec::new();
+    ui.group(|ui| {
+        match &prompt.pinned {
+            None => {
+                ui.strong("First connection to this server: check its identity");
+                ui.label(
+                    "Ask its operator for the certificate fingerprint the server printed at \
+                     start, and compare it with this one before you trust it:",
+                );
+            }
+            Some(pinned) => {
+                ui.colored_label(
+                    ui.visuals().error_fg_color,
+                    RichText::new("This server's certificate changed").strong(),
+                );
+                ui.label(
+                    "It may have been reinstalled, or someone may be impersonating it. \
+                     Trusted before:",
+                );
+                ui.monospace(pinned);
+                ui.label("Presented now (compare it with its operator before you trust it):");
+            }
+        }
+        ui.monospace(&prompt.presented);
+        ui.horizontal(|ui| {
+            if ui.button("Trust and connect").clicked() {
+                actions.push(UiAction::TrustCertificate {
+                    fingerprint: prompt.presented.clone(),
+                    address: view.server_address.trim().to_owned(),
+                    username: view.username.clone(),
+                });
+            }
+            if ui.button("Don't trust").clicked() {
+                actions.push(UiAction::DistrustCertificate);
+            }
+        });
+    });
     actions
 }
 
@@ -213,6 +261,45 @@ mod tests {
                 actions: Vec::new(),
             },
         )
+    }
+
+    /// Issue 13: the first connection shows the fingerprint and trusts nothing until asked;
+    /// a changed certificate shows both fingerprints.
+    #[test]
+    fn a_new_or_changed_certificate_is_shown_and_trusted_only_on_request() {
+        let mut view = ConnectView::new("example.org:7700", Some("alice".into()));
+        view.trust_prompt = Some(TrustPrompt {
+            presented: "AB:CD:EF".into(),
+            pinned: None,
+        });
+        let mut h = harness(view);
+        h.run();
+        h.get_by_label("AB:CD:EF");
+        assert!(h.state().actions.is_empty(), "nothing trusted by itself");
+        h.get_by_label("Trust and connect").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::TrustCertificate {
+                fingerprint: "AB:CD:EF".into(),
+                address: "example.org:7700".into(),
+                username: "alice".into(),
+            }]
+        );
+
+        let mut view = ConnectView::new("example.org:7700", Some("alice".into()));
+        view.trust_prompt = Some(TrustPrompt {
+            presented: "11:22".into(),
+            pinned: Some("AB:CD:EF".into()),
+        });
+        let mut h = harness(view);
+        h.run();
+        h.get_by_label("This server's certificate changed");
+        h.get_by_label("AB:CD:EF");
+        h.get_by_label("11:22");
+        h.get_by_label("Don't trust").click();
+        h.run();
+        assert_eq!(h.state().actions, vec![UiAction::DistrustCertificate]);
     }
 
     #[test]

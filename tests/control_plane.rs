@@ -262,8 +262,14 @@ fn the_channel_password_can_come_from_the_environment() {
         ])
         .output()
         .unwrap();
+    let stderr = assert_joined_private(&out);
+    assert!(!stderr.contains("warning: --password"), "{stderr}");
+}
+
+/// Asserts a headless run succeeded and joined Private; returns its stderr.
+fn assert_joined_private(out: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
         stdout
@@ -272,7 +278,7 @@ fn the_channel_password_can_come_from_the_environment() {
             .any(|e| e["event"] == "joined" && e["channel"] == "Private"),
         "{stdout}"
     );
-    assert!(!stderr.contains("warning: --password"), "{stderr}");
+    stderr
 }
 
 /// `--password-file` (issue 13): the password comes from the file's first line, out of the
@@ -300,16 +306,7 @@ fn the_channel_password_can_come_from_a_file() {
         .arg(&file)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(
-        stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .any(|e| e["event"] == "joined" && e["channel"] == "Private"),
-        "{stdout}"
-    );
+    assert_joined_private(&out);
     // A file that is missing is a clear error, not an empty password.
     let missing = p2p()
         .args(["client", "--headless", "--server"])

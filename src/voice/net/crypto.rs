@@ -219,32 +219,12 @@ fn derive_keys(
     peer_id: u32,
     peer_public: &[u8; PUBLIC_KEY_LEN],
 ) -> Result<DirectionalKeys, CryptoError> {
-    if our_id == peer_id {
-        return Err(CryptoError::SamePeerId { id: our_id });
-    }
-    let shared = keys.shared_secret(peer_id, peer_public)?;
-    let ours = keys.public_key();
-    let (lo, hi) = if ours <= *peer_public {
-        (ours, *peer_public)
-    } else {
-        (*peer_public, ours)
-    };
-    let mut salt = [0u8; 2 * PUBLIC_KEY_LEN];
-    salt[..PUBLIC_KEY_LEN].copy_from_slice(&lo);
-    salt[PUBLIC_KEY_LEN..].copy_from_slice(&hi);
-    let hkdf = Hkdf::<Sha256>::new(Some(&salt), &shared[..]);
-    let expand = |label: &str, sender: u32, receiver: u32| {
-        let info = format!("{label} {sender}->{receiver}");
-        let mut okm = Zeroizing::new([0u8; 32]);
-        hkdf.expand(info.as_bytes(), &mut okm[..])
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        okm
-    };
+    let hkdf = pair_hkdf(keys, our_id, peer_id, peer_public)?;
     Ok(DirectionalKeys {
-        send: expand(KDF_LABEL, our_id, peer_id),
-        recv: expand(KDF_LABEL, peer_id, our_id),
-        control_send: expand(CONTROL_KDF_LABEL, our_id, peer_id),
-        control_recv: expand(CONTROL_KDF_LABEL, peer_id, our_id),
+        send: expand(&hkdf, KDF_LABEL, our_id, peer_id),
+        recv: expand(&hkdf, KDF_LABEL, peer_id, our_id),
+        control_send: expand(&hkdf, CONTROL_KDF_LABEL, our_id, peer_id),
+        control_recv: expand(&hkdf, CONTROL_KDF_LABEL, peer_id, our_id),
     })
 }
 
@@ -259,6 +239,21 @@ pub(super) fn pair_keys(
     peer_public: &[u8; PUBLIC_KEY_LEN],
     label: &str,
 ) -> Result<(Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>), CryptoError> {
+    let hkdf = pair_hkdf(keys, our_id, peer_id, peer_public)?;
+    Ok((
+        expand(&hkdf, label, our_id, peer_id),
+        expand(&hkdf, label, peer_id, our_id),
+    ))
+}
+
+/// HKDF over the pair's X25519 secret, salted with both public keys in bytewise order (so
+/// both sides agree): the one root every key of the pair is expanded from.
+fn pair_hkdf(
+    keys: &SessionKeys,
+    our_id: u32,
+    peer_id: u32,
+    peer_public: &[u8; PUBLIC_KEY_LEN],
+) -> Result<Hkdf<Sha256>, CryptoError> {
     if our_id == peer_id {
         return Err(CryptoError::SamePeerId { id: our_id });
     }
@@ -272,15 +267,16 @@ pub(super) fn pair_keys(
     let mut salt = [0u8; 2 * PUBLIC_KEY_LEN];
     salt[..PUBLIC_KEY_LEN].copy_from_slice(&lo);
     salt[PUBLIC_KEY_LEN..].copy_from_slice(&hi);
-    let hkdf = Hkdf::<Sha256>::new(Some(&salt), &shared[..]);
-    let expand = |sender: u32, receiver: u32| {
-        let info = format!("{label} {sender}->{receiver}");
-        let mut okm = Zeroizing::new([0u8; 32]);
-        hkdf.expand(info.as_bytes(), &mut okm[..])
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        okm
-    };
-    Ok((expand(our_id, peer_id), expand(peer_id, our_id)))
+    Ok(Hkdf::<Sha256>::new(Some(&salt), &shared[..]))
+}
+
+/// One directional key: `info = "{label} {sender}->{receiver}"`.
+fn expand(hkdf: &Hkdf<Sha256>, label: &str, sender: u32, receiver: u32) -> Zeroizing<[u8; 32]> {
+    let info = format!("{label} {sender}->{receiver}");
+    let mut okm = Zeroizing::new([0u8; 32]);
+    hkdf.expand(info.as_bytes(), &mut okm[..])
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    okm
 }
 
 /// The fields of a voice header that the cipher needs.

@@ -228,6 +228,9 @@ fn derive_keys(
     })
 }
 
+/// A pair's send key and receive key, in that order. Wiped on drop.
+pub(super) type SendAndReceive = (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>);
+
 /// The send and receive keys of one pair under `label`, derived exactly like the voice keys
 /// (same salt and directional info string, `"{label} {sender}->{receiver}"`), for planes that
 /// keep keys of their own (the text chat, `super::chat_cipher`). A distinct label gives keys
@@ -238,7 +241,7 @@ pub(super) fn pair_keys(
     peer_id: u32,
     peer_public: &[u8; PUBLIC_KEY_LEN],
     label: &str,
-) -> Result<(Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>), CryptoError> {
+) -> Result<SendAndReceive, CryptoError> {
     let hkdf = pair_hkdf(keys, our_id, peer_id, peer_public)?;
     Ok((
         expand(&hkdf, label, our_id, peer_id),

@@ -161,6 +161,11 @@ pub fn run_desktop(
         let port = plugin.local_addr().map(|a| a.port()).unwrap_or(port);
         app.add_plugins(plugin);
         ui.host_address = Some(advertised_address(port));
+        ui.host_port = Some(port);
+        // This machine's addresses as the voice plane finds its own (the route's source
+        // address, and one of the other family); a documentation address stands for "a
+        // guest somewhere", so loopback is not the answer.
+        ui.host_local = crate::voice::thread::local_candidates(port, ([192, 0, 2, 1], 9).into());
         ui.server = format!("127.0.0.1:{port}");
         ui.auto_connect = true;
     } else {

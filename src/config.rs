@@ -148,6 +148,8 @@ pub struct ClientSettings {
     pub push_to_talk: Option<bool>,
     /// Push-to-talk key, an egui key name such as "Space", "F5" or "T".
     pub ptt_key: Option<String>,
+    /// Join, leave and mute sounds (on unless turned off).
+    pub sounds: Option<bool>,
 }
 
 impl ClientSettings {
@@ -189,11 +191,31 @@ impl ClientSettings {
             })?;
         }
         let text = toml::to_string(self).unwrap_or_default();
-        std::fs::write(path, text).map_err(|source| ConfigError::Write {
+        write_atomically(path, text.as_bytes()).map_err(|source| ConfigError::Write {
             path: path.to_path_buf(),
             source,
         })
     }
+}
+
+/// Writes `bytes` to `path` so that a reader (or a crash, or a full disk) sees the old file or
+/// the new one, never half of one: a temporary file beside it, synced, then renamed over it.
+/// The directory is created if needed.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    let renamed = written.and_then(|()| std::fs::rename(&tmp, path));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    renamed
 }
 
 #[cfg(test)]

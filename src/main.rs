@@ -79,6 +79,10 @@ struct HostArgs {
     port_mapping: OnOff,
     #[command(flatten)]
     capture: CaptureFlags,
+    /// Join, leave and mute sounds; when absent, what was last chosen in the window (on at
+    /// first).
+    #[arg(long, value_name = "on|off")]
+    sounds: Option<OnOff>,
 }
 
 /// The capture chain's stages, each switchable. When a flag is absent: on for a microphone
@@ -264,6 +268,11 @@ struct ClientArgs {
     /// connected (repeatable, sent in order). Members who join later do not get it.
     #[arg(long, value_name = "TEXT")]
     say: Vec<String>,
+    /// Join, leave and mute sounds, mixed into what you hear: off by default headless
+    /// (scripts and tests want only the call in --output-wav); in the window, what was last
+    /// chosen there (on at first).
+    #[arg(long, value_name = "on|off")]
+    sounds: Option<OnOff>,
     /// Headless: how many connected peers to wait for before sending --say messages (at most
     /// 10 s after joining; then they go to whoever is there).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -341,10 +350,15 @@ fn voice_config(
 
 /// The voice settings the command line gives explicitly, which win over what the window
 /// remembers.
-fn window_choices(normalize_loudness: Option<OnOff>, capture: &CaptureFlags) -> Vec<VoiceSetting> {
+fn window_choices(
+    normalize_loudness: Option<OnOff>,
+    sounds: Option<OnOff>,
+    capture: &CaptureFlags,
+) -> Vec<VoiceSetting> {
     normalize_loudness
         .map(|v| VoiceSetting::NormalizeLoudness(v == OnOff::On))
         .into_iter()
+        .chain(sounds.map(|v| VoiceSetting::Sounds(v == OnOff::On)))
         .chain(capture.choices())
         .collect()
 }
@@ -375,6 +389,7 @@ fn run() -> anyhow::Result<ExitCode> {
         normalize_loudness: None,
         capture: CaptureFlags::default(),
         port_mapping: OnOff::On,
+        sounds: None,
     }));
     match mode {
         Mode::Server(a) => {
@@ -407,7 +422,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 );
                 return app::run_server(cfg);
             }
-            let choices = window_choices(a.normalize_loudness, &a.capture);
+            let choices = window_choices(a.normalize_loudness, a.sounds, &a.capture);
             let mut voice = VoiceThreadConfig::default();
             voice.voice.capture.denoise = a.capture.denoise(true);
             voice.voice.capture.processing = a.capture.processing(ProcessingConfig::MICROPHONE);
@@ -477,6 +492,7 @@ fn run() -> anyhow::Result<ExitCode> {
                             };
                             voice.voice.normalize_loudness =
                                 a.normalize_loudness == Some(OnOff::On);
+                            voice.voice.sounds = a.sounds == Some(OnOff::On);
                             voice
                         },
                         a.audio_host,
@@ -515,7 +531,7 @@ fn run() -> anyhow::Result<ExitCode> {
             );
             let password = channel_password(&a)?;
             let join = a.channel.map(|c| (c, password));
-            let choices = window_choices(a.normalize_loudness, &a.capture);
+            let choices = window_choices(a.normalize_loudness, a.sounds, &a.capture);
             Ok(app::run_desktop(
                 None,
                 a.username,

@@ -233,6 +233,8 @@ fn drive_transport(mut link: ResMut<ControlLink>, mut events: EventWriter<Contro
 
 /// Where a member entity's settings come from and where the voice engine hears of them.
 struct Members<'a, 'w> {
+    /// The server we are on, as typed: half of each person's key.
+    server: &'a str,
     people: &'a PersonSettings,
     voice: &'a mut EventWriter<'w, VoiceCommand>,
 }
@@ -260,7 +262,7 @@ fn spawn_member(
     if Some(member.user_id) == self_id {
         e.insert((IsSelf, Muted::default(), Volume::default()));
     } else {
-        let chosen = members.people.get(&member.username);
+        let chosen = members.people.get(members.server, &member.username);
         e.insert((
             LinkStatus::default(),
             Muted(chosen.muted),
@@ -268,7 +270,7 @@ fn spawn_member(
         ));
         for cmd in members
             .people
-            .commands_for(&member.username, member.user_id)
+            .commands_for(members.server, &member.username, member.user_id)
         {
             members.voice.write(cmd);
         }
@@ -315,6 +317,7 @@ fn mirror_overview(
 ) {
     let self_id = link.session.user_id();
     let mut members = Members {
+        server: link.session.server(),
         people: &people,
         voice: &mut voice,
     };
@@ -364,20 +367,62 @@ mod tests {
                 name: "Lobby".into(),
                 has_password: false,
                 max_members: 16,
-                members: vec![MemberInfo {
-                    user_id: bob_id,
-                    username: "bob".into(),
-                }],
+                members: vec![bob(bob_id)],
             }],
         })
+    }
+
+    /// A world on server `h:7700` (the session's server is half of a person's key).
+    fn world_on_server() -> World {
+        let mut world = world();
+        world
+            .resource_mut::<ControlLink>()
+            .session
+            .connect(Duration::ZERO, "h:7700", "me");
+        world
+    }
+
+    /// Runs the mirror once over the events sent so far, then drops them (a one-shot
+    /// system's reader starts from the oldest event still buffered).
+    fn mirror(world: &mut World) {
+        world.run_system_once(mirror_overview).unwrap();
+        world.resource_mut::<Events<ControlEvent>>().clear();
+    }
+
+    fn bob(user_id: UserId) -> MemberInfo {
+        MemberInfo {
+            user_id,
+            username: "bob".into(),
+        }
+    }
+
+    fn bobs_row(world: &mut World) -> (UserId, bool, f32) {
+        let mut q = world.query::<(&User, &Muted, &Volume)>();
+        let (user, muted, volume) = q.single(world).unwrap();
+        (user.id, muted.0, volume.0)
+    }
+
+    fn sent(world: &mut World) -> Vec<VoiceCommand> {
+        world
+            .resource_mut::<Events<VoiceCommand>>()
+            .drain()
+            .collect()
+    }
+
+    fn told(user_id: UserId, volume: f32, muted: bool) -> Vec<VoiceCommand> {
+        vec![
+            VoiceCommand::Setting(VoiceSetting::PeerVolume { user_id, volume }),
+            VoiceCommand::Setting(VoiceSetting::PeerMuted { user_id, muted }),
+        ]
     }
 
     /// Found in the desktop app: a rebuilt member entity showed "unmuted, 100 %" for someone
     /// the engine still muted, and after a reconnect (new id) the engine forgot the choice.
     #[test]
     fn a_rebuilt_member_keeps_the_chosen_settings_and_the_engine_hears_them_under_the_new_id() {
-        let mut world = world();
+        let mut world = world_on_server();
         world.resource_mut::<PersonSettings>().remember(
+            "h:7700",
             "bob",
             &VoiceSetting::PeerMuted {
                 user_id: 2,
@@ -387,19 +432,147 @@ mod tests {
         // A reconnect: the overview now lists bob as user 9.
         world.send_event(overview(9));
         world.run_system_once(mirror_overview).unwrap();
-        let mut q = world.query::<(&User, &Muted, &Volume)>();
-        let (user, muted, volume) = q.single(&world).unwrap();
-        assert_eq!((user.id, muted.0, volume.0), (9, true, 1.0));
-        let sent: Vec<VoiceCommand> = world
-            .resource_mut::<Events<VoiceCommand>>()
-            .drain()
-            .collect();
+        assert_eq!(bobs_row(&mut world), (9, true, 1.0));
+        assert_eq!(sent(&mut world), told(9, 1.0, true));
+    }
+
+    /// Item 3 of issue 14 end to end in ECS: bob muted at 40 % in the window, leaves, rejoins
+    /// under a new id, and the app restarts (the settings go through `people.toml`); each
+    /// time his row shows the choice and the engine is told it under his id of the moment.
+    /// Someone else who gets bob's old id is told the defaults, so the engine's per-id memory
+    /// cannot mute them.
+    #[test]
+    fn a_mute_survives_a_rejoin_under_a_new_id_and_a_restart() {
+        use super::super::person_settings::{load_people, save_people};
+        let dir = std::env::temp_dir().join(format!("pv-plugin-people-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut world = world_on_server();
+        world.send_event(overview(2));
+        mirror(&mut world);
+        // What the window's dispatch does for a click on bob's Mute and his slider.
+        for setting in [
+            VoiceSetting::PeerMuted {
+                user_id: 2,
+                muted: true,
+            },
+            VoiceSetting::PeerVolume {
+                user_id: 2,
+                volume: 0.4,
+            },
+        ] {
+            world
+                .resource_mut::<PersonSettings>()
+                .remember("h:7700", "bob", &setting);
+        }
+        sent(&mut world);
+
+        world.send_event(ControlEvent(SessionEvent::MemberLeft {
+            channel: "Lobby".into(),
+            user_id: 2,
+        }));
+        world.send_event(ControlEvent(SessionEvent::MemberJoined {
+            channel: "Lobby".into(),
+            member: bob(5),
+        }));
+        mirror(&mut world);
+        assert_eq!(bobs_row(&mut world), (5, true, 0.4), "rejoined as 5");
+        assert_eq!(sent(&mut world), told(5, 0.4, true));
+
+        // Carol gets bob's old id 2 (bob left again): the engine hears her defaults.
+        world.send_event(ControlEvent(SessionEvent::MemberLeft {
+            channel: "Lobby".into(),
+            user_id: 5,
+        }));
+        world.send_event(ControlEvent(SessionEvent::MemberJoined {
+            channel: "Lobby".into(),
+            member: MemberInfo {
+                user_id: 2,
+                username: "carol".into(),
+            },
+        }));
+        mirror(&mut world);
+        assert_eq!(sent(&mut world), told(2, 1.0, false));
+
+        save_people(&dir, world.resource::<PersonSettings>()).unwrap();
+        drop(world);
+
+        // The next run: a fresh world that loads the file, bob now user 12.
+        let mut world = world_on_server();
+        world.insert_resource(load_people(Some(&dir)));
+        world.send_event(overview(12));
+        mirror(&mut world);
+        assert_eq!(bobs_row(&mut world), (12, true, 0.4), "after a restart");
+        assert_eq!(sent(&mut world), told(12, 0.4, true));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The window's side of item 3, with egui_kittest: after bob rejoins under a new id, the
+    /// member row drawn from the rebuilt entities shows his Mute on and his volume at 40 %.
+    #[test]
+    fn the_member_row_shows_the_kept_setting_after_a_rejoin() {
+        use crate::ui::view::OverviewView;
+        use egui::accesskit::Role;
+        use egui_kittest::kittest::{NodeT, Queryable};
+        let mut world = world_on_server();
+        let mut people = world.resource_mut::<PersonSettings>();
+        people.remember(
+            "h:7700",
+            "bob",
+            &VoiceSetting::PeerMuted {
+                user_id: 2,
+                muted: true,
+            },
+        );
+        people.remember(
+            "h:7700",
+            "bob",
+            &VoiceSetting::PeerVolume {
+                user_id: 2,
+                volume: 0.4,
+            },
+        );
+        world.send_event(overview(31));
+        mirror(&mut world);
+        type Row<'a> = (
+            Entity,
+            &'a User,
+            &'a MemberOf,
+            &'a Speaking,
+            &'a VoiceLevel,
+            &'a Muted,
+            &'a Volume,
+            Option<&'a LinkStatus>,
+            Option<&'a IsSelf>,
+        );
+        let view: OverviewView = world
+            .run_system_once(|channels: Query<(Entity, &Channel)>, users: Query<Row>| {
+                crate::ui::build_overview(&channels, &users, Some("Lobby"))
+            })
+            .unwrap();
+        let mut h = egui_kittest::Harness::builder()
+            .with_size(egui::Vec2::new(700.0, 300.0))
+            .build_ui_state(
+                move |ui, actions: &mut Vec<crate::ui::actions::UiAction>| {
+                    actions.extend(crate::ui::panels::overview(ui, &view));
+                },
+                Vec::new(),
+            );
+        h.get_by_label("bob");
+        let slider = h.get_by_role(Role::Slider).accesskit_node();
+        let value = slider.numeric_value().expect("a slider has a value");
+        assert!((value - 0.4).abs() < 1e-6, "volume shown {value}");
+        // egui does not tell accesskit a toggle's state; what a click asks for does: the
+        // toggle shows bob muted when clicking it unmutes him (under his new id).
+        h.get_by_label("Mute").click();
+        h.run();
         assert_eq!(
-            sent,
-            vec![VoiceCommand::Setting(VoiceSetting::PeerMuted {
-                user_id: 9,
-                muted: true
-            })]
+            h.state(),
+            &vec![crate::ui::actions::UiAction::Voice(
+                VoiceSetting::PeerMuted {
+                    user_id: 31,
+                    muted: false
+                }
+            )]
         );
     }
 

@@ -32,6 +32,10 @@ use view::*;
 pub struct UiOptions {
     /// Host mode: the address others should use to reach our embedded server.
     pub host_address: Option<String>,
+    /// Host mode: the embedded server's port, and this machine's addresses guests may reach
+    /// it at (see `panels::share`).
+    pub host_port: Option<u16>,
+    pub host_local: Vec<std::net::SocketAddr>,
     /// Prefilled server address.
     pub server: String,
     /// Prefilled username (else the remembered one).
@@ -56,6 +60,9 @@ pub struct UiState {
     pub notices: Notices,
     pub controls: ControlsView,
     pub host_address: Option<String>,
+    /// Host mode: the server's port and this machine's addresses (the invitation).
+    pub host_port: Option<u16>,
+    pub host_local: Vec<std::net::SocketAddr>,
     pub mix: MixHistory,
     /// Channel we asked to join (name), for matching the answer.
     pending_join: Option<String>,
@@ -95,6 +102,7 @@ impl Plugin for UiPlugin {
             echo_cancellation: settings.echo_cancellation.unwrap_or(true),
             gain_control: settings.gain_control.unwrap_or(true),
             high_pass: settings.high_pass.unwrap_or(false),
+            sounds: settings.sounds.unwrap_or(true),
             ptt_enabled: settings.push_to_talk.unwrap_or(false),
             input_devices: o.input_devices.clone(),
             output_devices: o.output_devices.clone(),
@@ -116,6 +124,8 @@ impl Plugin for UiPlugin {
             unreachable_reported: Default::default(),
             controls,
             host_address: o.host_address.clone(),
+            host_port: o.host_port,
+            host_local: o.host_local.clone(),
             mix: MixHistory::default(),
             pending_join: None,
             auto_connect: o.auto_connect && username.is_some(),
@@ -125,6 +135,11 @@ impl Plugin for UiPlugin {
             utc_offset_minutes: local_utc_offset_minutes(),
         })
         .insert_resource(SettingsWriter::spawn(ClientSettings::path()))
+        // Volumes and mutes chosen for people in earlier runs (the headless client keeps
+        // none: the client plugin's empty map stays).
+        .insert_resource(crate::client::person_settings::load_people(
+            ClientSettings::dir().as_deref(),
+        ))
         .add_systems(
             Startup,
             (setup_camera, auto_connect, start_with_shown_settings),
@@ -159,6 +174,7 @@ fn start_with_shown_settings(state: Res<UiState>, mut voice: EventWriter<VoiceCo
         VoiceSetting::EchoCancellation(c.echo_cancellation),
         VoiceSetting::GainControl(c.gain_control),
         VoiceSetting::HighPass(c.high_pass),
+        VoiceSetting::Sounds(c.sounds),
     ] {
         voice.write(VoiceCommand::Setting(setting));
     }
@@ -523,7 +539,14 @@ fn draw_ui(
     let status = status_view(state, &link, &voice);
     let actions = draw_panels(ctx, state, &link, &voice, &status, &channels, &users);
     for action in actions {
-        dispatch(action, state, &channels, &users, &mut out);
+        dispatch(
+            action,
+            state,
+            &channels,
+            &users,
+            link.session.server(),
+            &mut out,
+        );
     }
     Ok(())
 }
@@ -537,6 +560,7 @@ fn mirror_voice(state: &mut UiState, voice: &Voice) {
     state.controls.vad_threshold_db = snap.vad_threshold_db;
     state.controls.echo = snap.echo.map(|e| (e.erle_db, e.delay_ms));
     state.controls.speaking = snap.transmitting && !snap.muted;
+    state.controls.talking_while_muted = snap.talking_while_muted;
     state
         .mix
         .push(crate::voice::plugin::meter_from_db(snap.mix_level_db));
@@ -663,6 +687,12 @@ fn draw_panels(
             .resizable(false)
             .min_width(260.0)
             .show(ctx, |ui| {
+                if let Some(port) = state.host_port {
+                    let public = voice.last.port_mapping.map(|m| m.lease.external.ip());
+                    let invite = panels::share::share_addresses(&state.host_local, port, public);
+                    panels::share_panel(ui, &invite);
+                    ui.separator();
+                }
                 actions.extend(panels::controls(ui, &state.controls));
                 ui.separator();
                 ui.label("Channel mix");
@@ -712,6 +742,7 @@ fn dispatch(
     state: &mut UiState,
     channels: &Query<(Entity, &Channel)>,
     users: &Query<UserRow>,
+    server: &str,
     out: &mut UiOutputs,
 ) {
     match action {
@@ -788,7 +819,9 @@ fn dispatch(
                     for (e, u, ..) in users.iter() {
                         if u.id == user_id {
                             out.commands.entity(e).insert(Volume(volume));
-                            out.people.remember(&u.name, &setting);
+                            if out.people.remember(server, &u.name, &setting) {
+                                out.settings.remember_people(&out.people);
+                            }
                         }
                     }
                 }
@@ -796,7 +829,9 @@ fn dispatch(
                     for (e, u, ..) in users.iter() {
                         if u.id == user_id {
                             out.commands.entity(e).insert(Muted(muted));
-                            out.people.remember(&u.name, &setting);
+                            if out.people.remember(server, &u.name, &setting) {
+                                out.settings.remember_people(&out.people);
+                            }
                         }
                     }
                 }
@@ -957,6 +992,20 @@ mod tests {
                 .any(|t| t.contains("does not relay") && t.contains("--relay")),
             "{texts:?}"
         );
+    }
+
+    /// The voice plane's "heard you while muted" reaches the controls' hint, and goes with it.
+    #[test]
+    fn talking_while_muted_reaches_the_controls_hint() {
+        let mut state = UiState::default();
+        let mut voice = Voice::default();
+        voice.last.muted = true;
+        voice.last.talking_while_muted = true;
+        mirror_voice(&mut state, &voice);
+        assert!(state.controls.talking_while_muted);
+        voice.last.talking_while_muted = false;
+        mirror_voice(&mut state, &voice);
+        assert!(!state.controls.talking_while_muted);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Remembers the user's choices in `settings.toml` from a thread of its own, so a click never
-//! waits for the disk (a slow or network home directory would otherwise stall a frame).
-//! Changes are applied in order; several queued at once cost one write.
+//! Remembers the user's choices in `settings.toml`, and the per-person volume and mute in
+//! `people.toml` beside it, from a thread of its own, so a click never waits for the disk (a
+//! slow or network home directory would otherwise stall a frame). Changes are applied in
+//! order; several queued at once cost one write of each file. Both files are written
+//! atomically ([`crate::config::write_atomically`]).
 
 use std::path::PathBuf;
 use std::thread::JoinHandle;
@@ -8,6 +10,7 @@ use std::thread::JoinHandle;
 use bevy::prelude::*;
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::client::person_settings::{save_people, PersonSettings};
 use crate::config::ClientSettings;
 use crate::voice::VoiceSetting;
 
@@ -27,6 +30,15 @@ pub enum SettingsChange {
     HighPass(bool),
     InputDevice(String),
     OutputDevice(String),
+    /// Join, leave and mute sounds on or off.
+    Sounds(bool),
+}
+
+/// What the writer thread is asked to do.
+enum Job {
+    Settings(SettingsChange),
+    /// The whole per-person map as it is now (the newest one queued wins).
+    People(PersonSettings),
 }
 
 impl SettingsChange {
@@ -40,6 +52,7 @@ impl SettingsChange {
             VoiceSetting::EchoCancellation(on) => Some(Self::EchoCancellation(on)),
             VoiceSetting::GainControl(on) => Some(Self::GainControl(on)),
             VoiceSetting::HighPass(on) => Some(Self::HighPass(on)),
+            VoiceSetting::Sounds(on) => Some(Self::Sounds(on)),
             _ => None,
         }
     }
@@ -58,6 +71,7 @@ impl SettingsChange {
             Self::HighPass(on) => s.high_pass = Some(on),
             Self::InputDevice(name) => s.input_device = Some(name),
             Self::OutputDevice(name) => s.output_device = Some(name),
+            Self::Sounds(on) => s.sounds = Some(on),
         }
     }
 }
@@ -65,30 +79,44 @@ impl SettingsChange {
 /// The UI's handle on the writer thread.
 #[derive(Resource)]
 pub struct SettingsWriter {
-    tx: Option<Sender<SettingsChange>>,
+    tx: Option<Sender<Job>>,
     errors: Receiver<String>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl SettingsWriter {
     /// Starts the writer for the settings file at `path` (`None`: no config directory on this
-    /// system, so nothing is remembered).
+    /// system, so nothing is remembered); `people.toml` goes into the same directory.
     pub fn spawn(path: Option<PathBuf>) -> Self {
-        let (tx, rx) = crossbeam_channel::unbounded::<SettingsChange>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (err_tx, errors) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("settings-writer".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let Some(path) = &path else { continue };
-                    // Read what is on disk so a change made by another instance is kept.
-                    let mut settings = ClientSettings::load_from(path);
-                    first.apply(&mut settings);
-                    for more in rx.try_iter() {
-                        more.apply(&mut settings);
+                    let mut changes = Vec::new();
+                    let mut people = None;
+                    for job in std::iter::once(first).chain(rx.try_iter()) {
+                        match job {
+                            Job::Settings(change) => changes.push(change),
+                            Job::People(p) => people = Some(p),
+                        }
                     }
-                    if let Err(e) = settings.save_to(path) {
-                        let _ = err_tx.send(format!("cannot remember settings: {e}"));
+                    if !changes.is_empty() {
+                        // Read what is on disk so a change made by another instance is kept.
+                        let mut settings = ClientSettings::load_from(path);
+                        for change in changes {
+                            change.apply(&mut settings);
+                        }
+                        if let Err(e) = settings.save_to(path) {
+                            let _ = err_tx.send(format!("cannot remember settings: {e}"));
+                        }
+                    }
+                    if let (Some(people), Some(dir)) = (people, path.parent()) {
+                        if let Err(e) = save_people(dir, &people) {
+                            let _ = err_tx.send(format!("cannot remember volumes and mutes: {e}"));
+                        }
                     }
                 }
             })
@@ -103,7 +131,14 @@ impl SettingsWriter {
     /// Queues a change; returns at once.
     pub fn remember(&self, change: SettingsChange) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(change);
+            let _ = tx.send(Job::Settings(change));
+        }
+    }
+
+    /// Queues the per-person settings as they are now, for `people.toml`; returns at once.
+    pub fn remember_people(&self, people: &PersonSettings) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Job::People(people.clone()));
         }
     }
 
@@ -164,6 +199,26 @@ mod tests {
             Some("F5"),
             "untouched settings are kept"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn per_person_settings_go_to_people_toml_beside_the_settings() {
+        let dir = temp_dir("people");
+        let w = SettingsWriter::spawn(Some(dir.join("settings.toml")));
+        let mut people = PersonSettings::default();
+        let mute = VoiceSetting::PeerMuted {
+            user_id: 3,
+            muted: true,
+        };
+        people.remember("h:7700", "bob", &mute);
+        w.remember_people(&people);
+        w.remember(SettingsChange::Sounds(false));
+        drop(w);
+        let loaded = crate::client::person_settings::load_people(Some(&dir));
+        assert!(loaded.get("h:7700", "bob").muted);
+        let s = ClientSettings::load_from(&dir.join("settings.toml"));
+        assert_eq!(s.sounds, Some(false));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -275,6 +275,10 @@ pub struct ControlsView {
     pub vad_threshold_db: f32,
     /// The VAD currently says "speaking".
     pub speaking: bool,
+    /// The VAD hears us although the microphone is muted: show "you are muted".
+    pub talking_while_muted: bool,
+    /// Join, leave and mute sounds play.
+    pub sounds: bool,
 }
 
 impl ControlsView {
@@ -290,6 +294,7 @@ impl ControlsView {
             VoiceSetting::EchoCancellation(on) => self.echo_cancellation = on,
             VoiceSetting::GainControl(on) => self.gain_control = on,
             VoiceSetting::HighPass(on) => self.high_pass = on,
+            VoiceSetting::Sounds(on) => self.sounds = on,
             // The threshold and the peers' settings are drawn from the voice snapshot and
             // the user entities; the key press has no lasting state.
             VoiceSetting::VadThreshold(_)

@@ -34,6 +34,9 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
             actions.push(UiAction::Voice(VoiceSetting::Deafened(deafened)));
         }
     });
+    if view.muted && view.talking_while_muted {
+        muted_hint(ui, &mut actions);
+    }
 
     let mut ptt = view.ptt_enabled;
     let ptt_label = if view.ptt_key.is_empty() {
@@ -56,6 +59,14 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
         .changed()
     {
         actions.push(UiAction::Voice(VoiceSetting::NormalizeLoudness(even)));
+    }
+    let mut sounds = view.sounds;
+    if ui
+        .checkbox(&mut sounds, "Sounds")
+        .on_hover_text("A short sound when someone joins or leaves, and when you mute or unmute")
+        .changed()
+    {
+        actions.push(UiAction::Voice(VoiceSetting::Sounds(sounds)));
     }
 
     ui.add_space(4.0);
@@ -103,6 +114,24 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
         actions.push(UiAction::Voice(VoiceSetting::VadThreshold(threshold)));
     }
     actions
+}
+
+/// The words shown while the voice detector hears us talk into a muted microphone.
+pub const MUTED_HINT: &str = "You are muted: nobody hears you";
+
+/// "You are muted", in the warning colour, with a button to unmute right there: people who
+/// talk into a muted microphone look at the window to find out why nobody answers.
+fn muted_hint(ui: &mut Ui, actions: &mut Vec<UiAction>) {
+    ui.horizontal(|ui| {
+        ui.label(egui::RichText::new(format!("🎤 {MUTED_HINT}")).color(ui.visuals().warn_fg_color));
+        if ui
+            .small_button("Unmute")
+            .on_hover_text("Send your voice again (M)")
+            .clicked()
+        {
+            actions.push(UiAction::Voice(VoiceSetting::Muted(false)));
+        }
+    });
 }
 
 /// One capture stage's checkbox: whether it is on, its label, its hover text, its setting.
@@ -217,6 +246,43 @@ mod tests {
             speaking: true,
             ..ControlsView::default()
         }
+    }
+
+    /// Issue 14 item 6: talking into a muted microphone shows the hint, whose button
+    /// unmutes; not muted, or muted and silent, no hint.
+    #[test]
+    fn talking_while_muted_shows_the_hint_and_its_button_unmutes() {
+        let mut v = view();
+        v.muted = true;
+        v.talking_while_muted = true;
+        let mut h = harness(v.clone());
+        h.get_by_label_contains(MUTED_HINT);
+        h.get_by_label("Unmute").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::Muted(false))]
+        );
+        v.talking_while_muted = false;
+        assert!(harness(v.clone())
+            .query_by_label_contains(MUTED_HINT)
+            .is_none());
+        v.muted = false;
+        v.talking_while_muted = true;
+        assert!(harness(v).query_by_label_contains(MUTED_HINT).is_none());
+    }
+
+    #[test]
+    fn the_sounds_checkbox_turns_the_sounds_off_and_on() {
+        let mut v = view();
+        v.sounds = true;
+        let mut h = harness(v);
+        h.get_by_label("Sounds").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::Sounds(false))]
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod meters;
 pub mod overview;
 pub mod password;
 pub mod peer_details;
+pub mod share;
 pub mod status_bar;
 pub mod waveform;
 
@@ -23,5 +24,6 @@ pub use controls::controls;
 pub use help::{help_window, keyboard_shortcuts};
 pub use overview::overview;
 pub use password::password_prompt;
+pub use share::share_panel;
 pub use status_bar::status_bar;
 pub use waveform::waveform;

@@ -43,6 +43,7 @@ use super::net::link::LinkConfig;
 use super::net::peers::{DropCounters, DropReason, Incoming, Outgoing, PeerTable, Route, Upsert};
 use super::net::received::Received;
 use super::net::relay::Via;
+use super::rx::cues::{Cue, CuePlayer, CueSounds};
 use super::rx::mixer::{MixInput, Mixer};
 use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::tx::levels::rms_dbfs;
@@ -74,6 +75,9 @@ pub struct VoiceConfig {
     /// Bring every peer's speech to the same level before the per-peer volume (off by
     /// default: some people want to hear who speaks up).
     pub normalize_loudness: bool,
+    /// Join, leave and mute sounds in the playout (off by default: headless clients, tests
+    /// and benchmarks want only the call in their output; the window turns them on).
+    pub sounds: bool,
 }
 
 impl Default for VoiceConfig {
@@ -90,6 +94,7 @@ impl VoiceConfig {
             capture: CaptureConfig::for_frame(frame),
             link: LinkConfig::default(),
             normalize_loudness: false,
+            sounds: false,
         }
     }
 }
@@ -153,7 +158,15 @@ pub struct VoiceEngine {
     report_seq: u32,
     /// Text chat: epochs, packet numbers, delivered messages (see `chat.rs`).
     chat: chat::ChatPlane,
+    /// Join, leave and mute sounds, mixed into the playout.
+    cues: CuePlayer,
+    /// Until when "you are talking while muted" holds (the detector heard speech while the
+    /// microphone was muted); held so the hint does not flicker between words.
+    muted_speech_until: Option<Duration>,
 }
+
+/// How long the "you are muted" hint stays after the voice detector last heard us muted.
+pub const MUTED_SPEECH_HOLD: Duration = Duration::from_millis(1500);
 
 impl VoiceEngine {
     pub fn new(cfg: VoiceConfig, seed: u64) -> Result<Self, CodecError> {
@@ -167,7 +180,6 @@ impl VoiceEngine {
             capture,
             mixer: Mixer::with_frame_samples(CHUNK_SAMPLES),
             encoder,
-            cfg,
             table: None,
             peers: BTreeMap::new(),
             remembered: BTreeMap::new(),
@@ -197,6 +209,9 @@ impl VoiceEngine {
             tunnel: Tunnel::default(),
             report_seq: 0,
             chat: chat::ChatPlane::default(),
+            cues: CuePlayer::new(CueSounds::embedded(), cfg.sounds),
+            muted_speech_until: None,
+            cfg,
         })
     }
 
@@ -314,6 +329,9 @@ impl VoiceEngine {
             return;
         }
         let our_id = table.our_id();
+        if !self.peers.contains_key(&id) {
+            self.cues.play(Cue::Join);
+        }
         let remembered = &mut self.remembered;
         let peer = self
             .peers
@@ -359,12 +377,17 @@ impl VoiceEngine {
             }
             self.chat.remember(id, peer.chat.as_ref());
             self.remembered.insert(id, peer.settings);
+            self.cues.play(Cue::Leave);
         }
     }
 
     /// Forget every peer (we left the channel or lost the server's session), and take a new
     /// key pair for the next channel.
     pub fn clear_peers(&mut self) {
+        // We left people: the same sound as someone leaving us.
+        if !self.peers.is_empty() {
+            self.cues.play(Cue::Leave);
+        }
         self.forget_peers();
         self.rotate_keys();
         if let Some(table) = &self.table {
@@ -383,8 +406,23 @@ impl VoiceEngine {
         }
     }
 
+    /// Mutes or unmutes the microphone; a change is heard (its cue), a repeat is not.
     pub fn set_muted(&mut self, muted: bool) {
+        if muted != self.capture.is_muted() {
+            self.cues.play(if muted { Cue::Mute } else { Cue::Unmute });
+        }
+        if !muted {
+            self.muted_speech_until = None;
+        }
         self.capture.set_muted(muted);
+    }
+    /// Turns the join, leave and mute sounds on or off.
+    pub fn set_sounds(&mut self, on: bool) {
+        self.cues.set_enabled(on);
+    }
+    /// Plays `cue` now (if sounds are on).
+    pub fn play_cue(&mut self, cue: Cue) {
+        self.cues.play(cue);
     }
     pub fn set_deafened(&mut self, deafened: bool) {
         self.mixer.set_deafened(deafened);
@@ -593,11 +631,15 @@ impl VoiceEngine {
     /// One captured frame (exactly `frame().samples()` samples). The encoded frame is sealed
     /// once per connected peer and queued for [`VoiceEngine::poll_transmit`].
     pub fn handle_capture(&mut self, now: Duration, pcm: &[f32]) {
+        let muted = self.capture.is_muted();
         let out = self.capture.process(now, pcm);
         self.input_level_db = out.level_db;
         self.vad_threshold_db = out.threshold_db;
         self.speaking = out.speaking;
         self.transmitting = out.transmitting;
+        if out.speaking && muted {
+            self.muted_speech_until = Some(now + MUTED_SPEECH_HOLD);
+        }
         let samples = self.cfg.frame.samples() as u64;
         let Some(table) = &mut self.table else {
             return;
@@ -683,6 +725,9 @@ impl VoiceEngine {
         out[..n].copy_from_slice(&mixed[..n]);
         out[n..].fill(0.0);
         self.mix_level_db = rms_dbfs(&out[..n]);
+        // After the level (the trace shows the call), before the echo canceller's reference
+        // (a cue the speaker plays must not reach the others through our microphone).
+        self.cues.mix_into(out);
         // What goes to the speaker is what the echo canceller must take out of the microphone.
         self.capture.analyze_render(out);
     }

@@ -49,6 +49,8 @@ pub enum VoiceSetting {
         /// The new local-mute state.
         muted: bool,
     },
+    /// Play (or stop playing) the join, leave and mute sounds.
+    Sounds(bool),
 }
 
 impl VoiceEngine {
@@ -76,6 +78,7 @@ impl VoiceEngine {
             VoiceSetting::VadThreshold(db) => self.set_vad_threshold_abs(db),
             VoiceSetting::PeerVolume { user_id, volume } => self.set_peer_volume(user_id, volume),
             VoiceSetting::PeerMuted { user_id, muted } => self.set_peer_muted(user_id, muted),
+            VoiceSetting::Sounds(on) => self.set_sounds(on),
         }
     }
 }

@@ -143,6 +143,11 @@ pub struct VoiceSnapshot {
     pub speaking: bool,
     pub transmitting: bool,
     pub muted: bool,
+    /// The voice detector heard us while muted, within the last [`super::MUTED_SPEECH_HOLD`]:
+    /// the window says "you are muted".
+    pub talking_while_muted: bool,
+    /// Whether the join, leave and mute sounds play.
+    pub sounds: bool,
     pub deafened: bool,
     pub frames_sent: u64,
     pub bytes_sent: u64,
@@ -280,6 +285,9 @@ impl VoiceEngine {
             speaking: self.speaking,
             transmitting: self.transmitting,
             muted: self.capture.is_muted(),
+            talking_while_muted: self.capture.is_muted()
+                && self.muted_speech_until.is_some_and(|until| now < until),
+            sounds: self.cues.is_enabled(),
             deafened: self.mixer.is_deafened(),
             frames_sent: self.frames_sent,
             bytes_sent: self.bytes_sent,

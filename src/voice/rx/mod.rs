@@ -3,6 +3,7 @@
 //! PCM with the Opus [`decoder`] (decode, FEC recovery, rebuilding from deep redundancy, or concealment), and the [`mixer`] sums
 //! every peer into what the speaker plays. Pure: time is passed in.
 
+pub mod cues;
 pub mod decoder;
 pub mod dred;
 pub mod jitter;

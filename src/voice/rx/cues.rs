@@ -57,11 +57,16 @@ impl Cue {
 }
 
 /// One partial of a note: frequency ratio to the note's pitch, and relative amplitude.
-const BELL: [(f64, f64); 3] = [(1.0, 1.0), (2.0, 0.35), (3.0, 0.12)];
-const SOFT: [(f64, f64); 2] = [(1.0, 1.0), (2.0, 0.15)];
+const BELL: [Partial; 3] = [(1.0, 1.0), (2.0, 0.35), (3.0, 0.12)];
+const SOFT: [Partial; 2] = [(1.0, 1.0), (2.0, 0.15)];
 
-/// The notes of a cue: (start in s, pitch in Hz, length in s), and its timbre.
-fn score(cue: Cue) -> (&'static [(f64, f64, f64)], &'static [(f64, f64)], f64) {
+/// One note: (start in s, pitch in Hz, length in s).
+type Note = (f64, f64, f64);
+/// One partial: (frequency ratio to the pitch, relative amplitude).
+type Partial = (f64, f64);
+
+/// The notes of a cue, its timbre and its peak level.
+fn score(cue: Cue) -> (&'static [Note], &'static [Partial], f64) {
     // A rising fourth for joining, the same falling for leaving (E5, A5); a quieter, softer
     // falling/rising fifth an octave lower for mute and unmute (C5, G4), shorter.
     match cue {

@@ -5,10 +5,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
-# Build: cmake builds the bundled libopus; ALSA headers for cpal.
-BUILD_PKGS := build-essential pkg-config cmake libasound2-dev
+# Build: cmake builds the bundled libopus; ALSA headers for cpal; Wayland and xkbcommon headers
+# for the window on Wayland desktops (X11 is loaded at run time).
+BUILD_PKGS := build-essential pkg-config cmake libasound2-dev libwayland-dev libxkbcommon-dev
 # The window: X11 client libraries and a Vulkan driver (software fallback: lavapipe).
-RUN_PKGS := $(BUILD_PKGS) libx11-6 libxcursor1 libxrandr2 libxi6 libxkbcommon-x11-0 libvulkan1 mesa-vulkan-drivers
+RUN_PKGS := $(BUILD_PKGS) libwayland-client0 libwayland-cursor0 libwayland-egl1 libx11-6 libxcursor1 libxrandr2 libxi6 libxkbcommon-x11-0 libvulkan1 mesa-vulkan-drivers
 # Real recorded speech for the PESQ-WB benchmark (benches/voice_quality.rs): alsa-utils ships a
 # voice reading the speaker names (48 kHz), codec2-examples ships wideband (16 kHz) and
 # narrowband (8 kHz) test speech.

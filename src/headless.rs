@@ -516,6 +516,9 @@ pub fn summary_json(
             "paced_chunks_skipped": snap.audio.paced_chunks_skipped,
             "stream_restarts": snap.audio.stream_restarts,
             "devices_lost": snap.audio.devices_lost,
+            "capture_block_max_frames": snap.audio.capture_block_max_frames,
+            "capture_missing_ms": snap.audio.capture_missing_ms,
+            "playback_block_max_frames": snap.audio.playback_block_max_frames,
         },
         "process": {
             // This process's CPU time so far (all threads), for benchmarks: what a member

@@ -488,6 +488,17 @@ fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
     ] {
         assert_eq!(audio[counter], 0, "{counter} in {audio:#}");
     }
+    // Audio the microphone never delivered. cpal's own PulseAudio capture stream let the
+    // server keep only 10 ms for us, so a busy machine lost seconds of each call this way
+    // (3.8 s of 31 s on a loaded 2-core VM), silently: no overrun, no error, just time
+    // without samples, which listeners hear as jumps and buffer against.
+    let missing = audio["capture_missing_ms"]
+        .as_u64()
+        .expect("capture_missing_ms");
+    assert!(
+        missing <= 100,
+        "the microphone failed to deliver {missing} ms of audio: {audio:#}"
+    );
 
     // Capture direction: the 660 Hz microphone tone, as the other member recorded it.
     let (level, gaps) = tone_gaps(&heard_by_peer, MIC_HZ, 3.0, CALL_S - 1.0);
@@ -719,6 +730,7 @@ fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
     for (who, c) in [("ear", ear), ("mouth", mouth)] {
         let lines = member_lines(c.wait_with_output().expect("device member"), who);
         let summary = common::summary(&lines);
+        println!("{who}: audio {}", summary["audio"]);
         let other = if who == "ear" { "mouth" } else { "ear" };
         // The other may have left a moment earlier: `peer_named` looks in both lists.
         if let Some(p) = common::peer_named(summary, other) {

@@ -18,6 +18,7 @@ use crossbeam_channel::Sender;
 use ringbuf::traits::{Consumer, Observer, Producer};
 use ringbuf::{HeapCons, HeapProd};
 
+use super::pulse_capture::{CaptureCounts, PulseCapture};
 use super::resample::StreamResampler;
 use super::ring::sample_ring;
 use super::{AudioConfig, AudioError, AudioEvent, AudioHost, Counters, Direction, SAMPLE_RATE};
@@ -75,6 +76,10 @@ pub fn list_devices(host: AudioHost) -> Result<DeviceList, AudioError> {
         inputs,
         outputs,
     })
+}
+
+fn device_host(d: &cpal::Device) -> Option<cpal::HostId> {
+    d.id().ok().map(|id| id.host())
 }
 
 fn device_id(d: &cpal::Device) -> Option<String> {
@@ -413,7 +418,13 @@ fn build_with_fallback<S>(
 ///
 /// Invariant: the callback is the only producer of `ring`, the engine thread its only consumer.
 pub(super) struct InputDevice {
-    _stream: cpal::Stream,
+    /// When the first block arrived, and device frames delivered since (that block excluded):
+    /// the audio a device should have delivered by now against what it did (see
+    /// [`InputDevice::pump`]).
+    first_block: Option<Instant>,
+    delivered_frames: u64,
+    device_rate: u32,
+    _stream: CaptureStream,
     ring: HeapCons<f32>,
     resampler: StreamResampler,
     scratch: Vec<f32>,
@@ -431,6 +442,9 @@ impl InputDevice {
         counters: &Arc<Counters>,
     ) -> Result<Self, AudioError> {
         let (device, host_name) = find_device(cfg.host, name, Direction::Input)?;
+        if device_host(&device) == Some(cpal::HostId::PulseAudio) {
+            return Self::open_pulse(&device, counters);
+        }
         let supported = choose_config(&device, Direction::Input, cfg.preferred_device_rate)?;
         let rate = supported.sample_rate();
         let channels = usize::from(supported.channels().max(1));
@@ -471,7 +485,41 @@ impl InputDevice {
             resampler: StreamResampler::new(rate, SAMPLE_RATE, rate as usize / 100)?,
             scratch: vec![0.0; capacity],
             desc: describe(&device, host_name, &config, format),
-            _stream: stream,
+            first_block: None,
+            delivered_frames: 0,
+            device_rate: rate,
+            _stream: CaptureStream::Cpal(stream),
+            ring,
+            shared,
+            watchdog: Watchdog::new(Instant::now()),
+        })
+    }
+
+    /// A PulseAudio source, recorded natively with small blocks and a large server buffer
+    /// (see [`super::pulse_capture`] for why cpal's own stream is not used there).
+    fn open_pulse(device: &cpal::Device, counters: &Arc<Counters>) -> Result<Self, AudioError> {
+        let source = device_id(device).ok_or_else(|| AudioError::Device {
+            device: device_name(device),
+            reason: "PulseAudio source without a name".into(),
+        })?;
+        let shared = Arc::new(StreamShared::default());
+        // Half a second, as for cpal streams; the blocks are 10 ms.
+        let capacity = SAMPLE_RATE as usize / 2;
+        let (prod, ring) = sample_ring(capacity);
+        let counts = Arc::new(PulseCounts {
+            shared: Arc::clone(&shared),
+            counters: Arc::clone(counters),
+        });
+        let capture =
+            PulseCapture::open(&source, &device_name(device), prod, counts, OPEN_TIMEOUT)?;
+        Ok(Self {
+            resampler: StreamResampler::new(SAMPLE_RATE, SAMPLE_RATE, SAMPLE_RATE as usize / 100)?,
+            scratch: vec![0.0; capacity],
+            desc: capture.desc().to_string(),
+            first_block: None,
+            delivered_frames: 0,
+            device_rate: SAMPLE_RATE,
+            _stream: CaptureStream::Pulse(capture),
             ring,
             shared,
             watchdog: Watchdog::new(Instant::now()),
@@ -489,12 +537,27 @@ impl InputDevice {
     }
 
     /// Moves everything captured so far to `out` at 48 kHz; samples that do not fit are
-    /// dropped and counted as capture overruns.
-    pub(super) fn pump(&mut self, out: &mut HeapProd<f32>, counters: &Counters) {
+    /// dropped and counted as capture overruns. Also records how far the device has fallen
+    /// behind real time since its first block (`capture_missing_ms`, the latest figure: a
+    /// block that is merely late is made up when it comes): audio a device or its server
+    /// threw away never shows up as an overrun here, only as time without samples.
+    pub(super) fn pump(&mut self, out: &mut HeapProd<f32>, counters: &Counters, now: Instant) {
         loop {
             let n = self.ring.pop_slice(&mut self.scratch);
             if n == 0 {
+                if let Some(first) = self.first_block {
+                    let expected = now.saturating_duration_since(first).as_secs_f64();
+                    let got = self.delivered_frames as f64 / f64::from(self.device_rate);
+                    let missing_ms = ((expected - got) * 1000.0).max(0.0) as u64;
+                    counters
+                        .capture_missing_ms
+                        .store(missing_ms, Ordering::Relaxed);
+                }
                 return;
+            }
+            match self.first_block {
+                None => self.first_block = Some(now),
+                Some(_) => self.delivered_frames += n as u64,
             }
             let mut dropped = 0;
             self.resampler.process(&self.scratch[..n], |block| {
@@ -505,6 +568,35 @@ impl InputDevice {
                     .capture_overrun_samples
                     .fetch_add(dropped as u64, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// What keeps a capture device running: a cpal stream, or our own PulseAudio record stream.
+enum CaptureStream {
+    Cpal(#[allow(dead_code)] cpal::Stream),
+    Pulse(#[allow(dead_code)] PulseCapture),
+}
+
+/// The PulseAudio callback's counters: the watchdog's callback count and the glitch stats.
+struct PulseCounts {
+    shared: Arc<StreamShared>,
+    counters: Arc<Counters>,
+}
+
+impl CaptureCounts for PulseCounts {
+    fn delivered(&self, frames: usize, dropped: usize) {
+        self.shared
+            .last_callback_frames
+            .store(frames, Ordering::Relaxed);
+        self.shared.callbacks.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .capture_block_max_frames
+            .fetch_max(frames as u64, Ordering::Relaxed);
+        if dropped > 0 {
+            self.counters
+                .capture_overrun_samples
+                .fetch_add(dropped as u64, Ordering::Relaxed);
         }
     }
 }
@@ -525,6 +617,9 @@ where
         let (frames, dropped) = downmix_into(data, channels, &mut prod);
         shared.last_callback_frames.store(frames, Ordering::Relaxed);
         shared.callbacks.fetch_add(1, Ordering::Relaxed);
+        counters
+            .capture_block_max_frames
+            .fetch_max(frames as u64, Ordering::Relaxed);
         if dropped > 0 {
             counters
                 .capture_overrun_samples
@@ -679,6 +774,9 @@ where
         let (frames, missing) = fill_output(data, channels, &mut cons);
         shared.last_callback_frames.store(frames, Ordering::Relaxed);
         shared.callbacks.fetch_add(1, Ordering::Relaxed);
+        counters
+            .playback_block_max_frames
+            .fetch_max(frames as u64, Ordering::Relaxed);
         if missing > 0 {
             counters
                 .playback_underrun_samples

@@ -441,7 +441,7 @@ impl Engine {
                     .fetch_add(pacer.skipped() - skipped, Ordering::Relaxed);
             }
             Capture::Device(dev) => match dev.liveness(now) {
-                Liveness::Alive => dev.pump(&mut self.capture_prod, counters),
+                Liveness::Alive => dev.pump(&mut self.capture_prod, counters, now),
                 // DeviceLost was already sent by the stream's error callback.
                 Liveness::Lost => capture_lost = true,
                 Liveness::Stalled => {

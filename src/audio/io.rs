@@ -111,6 +111,9 @@ pub(super) struct Counters {
     pub(super) paced_chunks_skipped: AtomicU64,
     pub(super) stream_restarts: AtomicU64,
     pub(super) devices_lost: AtomicU64,
+    pub(super) capture_block_max_frames: AtomicU64,
+    pub(super) capture_missing_ms: AtomicU64,
+    pub(super) playback_block_max_frames: AtomicU64,
 }
 
 impl Counters {
@@ -123,6 +126,9 @@ impl Counters {
             paced_chunks_skipped: self.paced_chunks_skipped.load(Ordering::Relaxed),
             stream_restarts: self.stream_restarts.load(Ordering::Relaxed),
             devices_lost: self.devices_lost.load(Ordering::Relaxed),
+            capture_block_max_frames: self.capture_block_max_frames.load(Ordering::Relaxed),
+            capture_missing_ms: self.capture_missing_ms.load(Ordering::Relaxed),
+            playback_block_max_frames: self.playback_block_max_frames.load(Ordering::Relaxed),
         }
     }
 }

@@ -30,6 +30,8 @@ mod io;
 #[cfg(feature = "app")]
 mod pacer;
 #[cfg(feature = "app")]
+mod pulse_capture;
+#[cfg(feature = "app")]
 mod resample;
 #[cfg(feature = "app")]
 mod ring;
@@ -80,4 +82,14 @@ pub struct AudioStats {
     pub stream_restarts: u64,
     /// Devices that failed while running and were closed (unplugged, server gone).
     pub devices_lost: u64,
+    /// Largest block one capture callback delivered, in device frames: a device that hands
+    /// over audio in bursts makes its sender's packets leave in bursts, and every listener's
+    /// jitter buffer then waits for the burst (mouth-to-ear latency).
+    pub capture_block_max_frames: u64,
+    /// Audio the capture device has failed to deliver so far, against real time since its
+    /// first block (a device or sound server that drops audio when its reader is late; a
+    /// stream whose clock runs slow). A healthy device stays within a block or two.
+    pub capture_missing_ms: u64,
+    /// Largest block one playback callback asked for, in device frames.
+    pub playback_block_max_frames: u64,
 }

@@ -791,11 +791,17 @@ impl ControlSession {
                         ));
                     }
                     self.events.push_back(SessionEvent::Joined { channel });
+                } else if status == Status::PasswordCheckPending {
+                    // A repeated request while the first one's password is being checked:
+                    // nothing changed, that one's answer follows.
                 } else {
-                    if self
-                        .wanted_channel
-                        .as_ref()
-                        .is_some_and(|(w, _)| w.eq_ignore_ascii_case(&channel))
+                    // "Busy, retry" refuses nothing for good: the channel stays the one to
+                    // rejoin. Any other refusal makes our current channel the target again.
+                    if status != Status::ServerBusy
+                        && self
+                            .wanted_channel
+                            .as_ref()
+                            .is_some_and(|(w, _)| w.eq_ignore_ascii_case(&channel))
                     {
                         self.wanted_channel = self.channel.clone().map(|c| (c, None));
                     }
@@ -1087,6 +1093,53 @@ mod tests {
         assert!(rejoin);
     }
 
+    /// Issue 13: a second Join while the first one's password was checked came back as
+    /// `RateLimited`, and the client then made its old channel the one to rejoin.
+    #[test]
+    fn a_pending_or_busy_password_check_keeps_the_channel_to_rejoin() {
+        for status in [Status::PasswordCheckPending, Status::ServerBusy] {
+            let mut s = ControlSession::new();
+            s.connect(Duration::ZERO, "h:1", "me");
+            s.join(Duration::ZERO, "Lobby", None);
+            ready(&mut s, MS, 7);
+            s.handle_message(
+                MS,
+                ServerMsg::Joined {
+                    status: Status::Ok,
+                    channel: "Lobby".into(),
+                },
+            );
+            s.join(MS, "Private", Some("pw".into()));
+            s.handle_message(
+                MS,
+                ServerMsg::Joined {
+                    status,
+                    channel: "Private".into(),
+                },
+            );
+            let events = drain_events(&mut s);
+            assert_eq!(
+                events
+                    .iter()
+                    .any(|e| matches!(e, SessionEvent::JoinRefused { .. })),
+                status == Status::ServerBusy,
+                "{status:?}: {events:?}"
+            );
+            drain_actions(&mut s);
+            s.transport_lost(
+                Duration::from_secs(1),
+                TransportError::Lost("connection reset".into()),
+            );
+            s.handle_timeout(Duration::from_secs(2));
+            ready(&mut s, Duration::from_secs(2), 12);
+            let rejoin = drain_actions(&mut s).into_iter().find_map(|a| match a {
+                Action::Send(ClientMsg::Join { channel, .. }) => Some(channel),
+                _ => None,
+            });
+            assert_eq!(rejoin.as_deref(), Some("Private"), "{status:?}");
+        }
+    }
+
     #[test]
     fn a_silent_server_is_declared_lost() {
         let mut s = ControlSession::new();
@@ -1187,7 +1240,7 @@ mod tests {
             ),
             (
                 DisconnectReason::VersionMismatch { server: 9 },
-                "server speaks protocol 9, this app speaks 5: update one of them",
+                "server speaks protocol 9, this app speaks 6: update one of them",
             ),
             (
                 DisconnectReason::VersionRefused("as said".into()),

@@ -69,8 +69,40 @@ impl ServerProcess {
         let _old = std::mem::replace(self, next);
     }
 
+    /// A server that may open at most `nofile` files (sockets included), as under a typical
+    /// service manager's limit, with extra command-line flags.
+    pub fn start_with_fd_limit(channels: Option<&str>, extra: &[&str], nofile: u64) -> Self {
+        Self::start_limited(channels, 0, temp_path("server-data"), extra, Some(nofile))
+    }
+
     fn start_in(channels: Option<&str>, port: u16, data_dir: PathBuf, extra: &[&str]) -> Self {
+        Self::start_limited(channels, port, data_dir, extra, None)
+    }
+
+    fn start_limited(
+        channels: Option<&str>,
+        port: u16,
+        data_dir: PathBuf,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Self {
         let mut cmd = Command::new(bin());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args([
             "server",
             "--bind",
@@ -155,9 +187,16 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> Self {
+        Self::connect_with_timeout(addr, Duration::from_millis(100))
+    }
+
+    /// Connects with `read_timeout` on the socket. The TLS handshake runs inside the first
+    /// `send`, so a server slower than the timeout to answer it makes that send fail: a
+    /// client measuring a loaded server needs a realistic timeout, not the 100 ms of
+    /// [`RawClient::connect`].
+    pub fn connect_with_timeout(addr: SocketAddr, read_timeout: Duration) -> Self {
         let tcp = TcpStream::connect(addr).expect("connect");
-        tcp.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        tcp.set_read_timeout(Some(read_timeout)).unwrap();
         tcp.set_nodelay(true).unwrap();
         let tls = rustls::ClientConnection::new(
             p2p_voice::tls::client_config(),

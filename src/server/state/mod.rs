@@ -8,7 +8,7 @@
 //! drive it in simulated time.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::close_reason::CloseReason;

@@ -2,6 +2,7 @@ use super::*;
 use crate::config::hash_password;
 use crate::protocol::datagram::voice_header;
 use crate::server::relay::RelayRules;
+use std::net::IpAddr;
 
 const S: Duration = Duration::from_secs(1);
 

@@ -1,0 +1,152 @@
+//! The server's per-client limits through real sockets (issue 13 item 4): every per-address
+//! cap counts by address prefix, new connections per second are limited, and TLS handshakes
+//! are bounded in number and in time. Clients come from many loopback addresses (all of
+//! 127.0.0.0/8 is loopback on Linux); the limits are set small in the channels file's
+//! `[limits]` table so that the tests stay quick.
+
+mod common;
+
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::Duration;
+
+use common::*;
+use p2p_voice::protocol::Status;
+
+/// The built-in channels with a `[limits]` table.
+fn with_limits(limits: &str) -> String {
+    format!(
+        "{}\n[limits]\n{limits}\n",
+        p2p_voice::config::DEFAULT_CHANNELS_TOML
+    )
+}
+
+fn loopback(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+/// These tests bind to 127.0.0.x, which needs Linux's whole-127/8 loopback.
+fn many_loopback_addresses() -> bool {
+    if UdpSocket::bind((loopback(77), 0)).is_ok() {
+        return true;
+    }
+    skip_unless_ci("binding to 127.0.0.77 needs Linux's whole-127/8 loopback");
+    false
+}
+
+fn login_from(from: Ipv4Addr, server: &ServerProcess, name: &str) -> Option<RawClient> {
+    std::panic::catch_unwind(|| {
+        let mut c = RawClient::connect_from(from, server.addr);
+        c.hello();
+        c.send(&p2p_voice::protocol::ClientMsg::Identify {
+            username: name.into(),
+        });
+        c.expect(|m| matches!(m, p2p_voice::protocol::ServerMsg::Identified { .. }));
+        c
+    })
+    .ok()
+}
+
+/// Issue 13: the cap keyed on the exact address, so a host with a whole prefix (an IPv6 /64,
+/// 127.0.0.0/8) had no cap at all.
+#[test]
+fn connections_from_one_prefix_share_one_cap_whatever_address_they_use() {
+    if !many_loopback_addresses() {
+        return;
+    }
+    let server = ServerProcess::start_args_with(
+        Some(&with_limits("ipv4_prefix = 24")),
+        &["--max-connections-per-ip", "3"],
+    );
+    let in_one_24 = |i: u8| Ipv4Addr::new(127, 0, 5, i);
+    let kept: Vec<RawClient> = (2..5)
+        .map(|i| login_from(in_one_24(i), &server, &format!("u{i}")).expect("under the cap"))
+        .collect();
+    assert!(
+        login_from(in_one_24(5), &server, "fourth").is_none(),
+        "a fourth address of the same /24 was served"
+    );
+    // Another /24 (127.0.0.1's) has its own cap.
+    let (mut other, st, _) = RawClient::login(server.addr, "elsewhere");
+    assert_eq!(st, Status::Ok);
+    assert_eq!(other.join("Lobby", None), Status::Ok);
+    drop(kept);
+}
+
+/// Issue 13: only connections open at once were limited, not how fast they are opened.
+#[test]
+fn new_connections_beyond_the_rate_are_refused_and_the_prefix_recovers() {
+    if !many_loopback_addresses() {
+        return;
+    }
+    let server = ServerProcess::start_with(Some(&with_limits(
+        "new_connections_per_sec = 1.0\nnew_connections_burst = 5.0",
+    )));
+    let from = loopback(9);
+    let burst: Vec<RawClient> = (0..5)
+        .map(|i| login_from(from, &server, &format!("b{i}")).expect("within the burst"))
+        .collect();
+    assert!(
+        login_from(from, &server, "sixth").is_none(),
+        "the sixth connection within a moment was served"
+    );
+    // Others are not affected, and a second later the address may connect again.
+    assert_eq!(RawClient::login(server.addr, "other").1, Status::Ok);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(login_from(from, &server, "later").is_some());
+    drop(burst);
+}
+
+/// Issue 13: a connection that never finished its TLS handshake held its slot until the
+/// 15 s heartbeat timeout.
+#[test]
+fn a_handshake_that_does_not_finish_in_time_is_closed() {
+    if !many_loopback_addresses() {
+        return;
+    }
+    let server = ServerProcess::start_with(Some(&with_limits("handshake_timeout_ms = 300")));
+    let mut silent = tcp_connect_from(loopback(11), server.addr).unwrap();
+    assert!(
+        closed_by_server(&mut silent, Duration::from_secs(3)),
+        "a silent connection was still open after 3 s"
+    );
+    // A real client has all the time it needs.
+    let (mut c, st, _) = RawClient::login(server.addr, "real");
+    assert_eq!(st, Status::Ok);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.join("Lobby", None), Status::Ok);
+}
+
+/// Issue 13: half-open handshakes were not bounded: a host could hold as many as its
+/// connection cap, and many hosts every descriptor the server has.
+#[test]
+fn handshakes_in_progress_are_capped_per_prefix_and_in_all() {
+    if !many_loopback_addresses() {
+        return;
+    }
+    let server = ServerProcess::start_with(Some(&with_limits(
+        "max_handshakes_per_prefix = 2\nmax_handshakes = 4",
+    )));
+    // Two half-open handshakes from one address are kept; a third is closed at once.
+    let mut a1 = tcp_connect_from(loopback(21), server.addr).unwrap();
+    let a2 = tcp_connect_from(loopback(21), server.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut a3 = tcp_connect_from(loopback(21), server.addr).unwrap();
+    assert!(
+        closed_by_server(&mut a3, Duration::from_secs(1)),
+        "a third half-open handshake from one address was kept"
+    );
+    // Two more from another address fill the table; the next one pushes out the oldest.
+    let _b1 = tcp_connect_from(loopback(22), server.addr).unwrap();
+    let _b2 = tcp_connect_from(loopback(22), server.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let _c1 = tcp_connect_from(loopback(23), server.addr).unwrap();
+    assert!(
+        closed_by_server(&mut a1, Duration::from_secs(1)),
+        "the oldest half-open handshake was kept with the table full"
+    );
+    // A real client still gets in, past the full table.
+    let (mut c, st, _) = RawClient::login(server.addr, "real");
+    assert_eq!(st, Status::Ok);
+    assert_eq!(c.join("Lobby", None), Status::Ok);
+    drop(a2);
+}

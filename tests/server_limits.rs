@@ -109,6 +109,13 @@ fn a_handshake_that_does_not_finish_in_time_is_closed() {
         closed_by_server(&mut silent, Duration::from_secs(3)),
         "a silent connection was still open after 3 s"
     );
+    // Its place was given back: the address may start its 8 handshakes again.
+    let mut again: Vec<_> = (0..8)
+        .map(|_| tcp_connect_from(loopback(11), server.addr).unwrap())
+        .collect();
+    // A refusal closes at once; the deadline (300 ms) is not near yet.
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(!closed_by_server(&mut again[7], Duration::from_millis(60)));
     // A real client has all the time it needs.
     let (mut c, st, _) = RawClient::login(server.addr, "real");
     assert_eq!(st, Status::Ok);
@@ -149,4 +156,60 @@ fn handshakes_in_progress_are_capped_per_prefix_and_in_all() {
     assert_eq!(st, Status::Ok);
     assert_eq!(c.join("Lobby", None), Status::Ok);
     drop(a2);
+}
+
+/// Slots never leak: however a connection ends (it sends garbage, it hangs up in the middle of
+/// the handshake or after logging in), its place under the per-prefix caps is given back at
+/// once, so the same address can fill them again. All of it takes less than the 5 s handshake
+/// deadline, which would otherwise hide a leaked handshake place.
+#[test]
+fn slots_are_given_back_however_a_connection_ends() {
+    use std::io::Write;
+    if !many_loopback_addresses() {
+        return;
+    }
+    let server = ServerProcess::start_args_with(
+        Some(&with_limits(
+            "max_handshakes_per_prefix = 3\n\
+             new_connections_per_sec = 1000.0\nnew_connections_burst = 1000.0",
+        )),
+        &["--max-connections-per-ip", "3"],
+    );
+    let from = loopback(31);
+    let fill = |round: &str| -> Vec<RawClient> {
+        (0..3)
+            .map(|i| {
+                login_from(from, &server, &format!("{round}{i}"))
+                    .unwrap_or_else(|| panic!("{round}: slot {i} was not free"))
+            })
+            .collect()
+    };
+    for round in 0..3 {
+        // Garbage instead of a ClientHello: a TLS error.
+        let mut garbage: Vec<_> = (0..3)
+            .map(|_| tcp_connect_from(from, server.addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        for s in &mut garbage {
+            let _ = s.write_all(&[0x42; 64]);
+            assert!(closed_by_server(s, Duration::from_secs(3)), "round {round}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        drop(fill(&format!("b{round}-")));
+        // Half a ClientHello, then the client hangs up.
+        for _ in 0..3 {
+            let mut s = tcp_connect_from(from, server.addr).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x80, 0x01]);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        drop(fill(&format!("c{round}-")));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let kept = fill("last");
+    assert!(
+        login_from(from, &server, "fourth").is_none(),
+        "the cap still holds"
+    );
+    drop(kept);
 }

@@ -65,7 +65,8 @@ pub struct ServerLimits {
     pub new_connections_burst: f64,
     /// TLS handshakes in progress per prefix.
     pub max_handshakes_per_prefix: usize,
-    /// TLS handshakes in progress in all; when full, the oldest stalled one is closed.
+    /// TLS handshakes in progress in all; when full, the one that has gone longest without
+    /// progress is closed.
     pub max_handshakes: usize,
     /// Time a TLS handshake may take before the connection is closed.
     pub handshake_timeout_ms: u64,

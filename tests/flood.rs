@@ -62,8 +62,9 @@ fn client_hello() -> Vec<u8> {
 }
 
 /// Opens HANDSHAKES connections over the flood time from SOURCES addresses; each sends
-/// nothing, half a ClientHello, or all but its last byte, and then nothing more. All stay
-/// open until `stop`. Returns how many connects were started.
+/// nothing, half a ClientHello, all but its last byte, or all of it (the server answers and
+/// waits for a Finished that never comes), and then nothing more. All stay open until `stop`.
+/// Returns how many connects were started.
 fn half_open_handshakes(server: SocketAddr, stop: Arc<AtomicBool>) -> usize {
     let hello = client_hello();
     let mut open = Vec::with_capacity(HANDSHAKES);
@@ -75,7 +76,7 @@ fn half_open_handshakes(server: SocketAddr, stop: Arc<AtomicBool>) -> usize {
             std::thread::sleep(wait);
         }
         if let Ok(stream) = tcp_connect_from(flood_source(i % SOURCES), server) {
-            open.push((stream, i % 3));
+            open.push((stream, i % 4));
         }
         // Connects finish in the background: write to those started a moment ago.
         if i % 100 == 99 {
@@ -83,6 +84,7 @@ fn half_open_handshakes(server: SocketAddr, stop: Arc<AtomicBool>) -> usize {
                 let part = match *kind {
                     1 => &hello[..hello.len() / 2],
                     2 => &hello[..hello.len() - 1],
+                    3 => &hello[..],
                     _ => continue,
                 };
                 // Not connected yet, or refused: try again with the next hundred.

@@ -7,11 +7,14 @@
 //! all, each for at most `deadline`.
 //!
 //! When the global table is full, a new connection does not wait and is not refused: the
-//! oldest handshake that has not yet sent a complete ClientHello (a *stalled* one: it has
-//! cost the attacker one TCP connect) makes room for it. A real client sends its ClientHello
-//! at once and is answered within one read, so it leaves the stalled set before the flood
-//! behind it can push it out; only when no handshake is stalled is the oldest answered one
-//! evicted.
+//! handshake that has gone longest without progress makes room for it. Progress is being
+//! accepted, then having a complete ClientHello read and answered. A real client sends its
+//! ClientHello at once and its Finished one round trip after the answer, so it is always
+//! among the most recent to progress, and the whole table has to turn over before it can be
+//! pushed out; an attacker's handshake stops progressing (nothing sent, half a ClientHello, or
+//! no Finished after the answer) and goes first. Preferring only the handshakes that never
+//! sent a complete ClientHello would not do: a flood of complete ClientHellos fills the table
+//! with answered attackers, and every newcomer would then be the first to go.
 //!
 //! Pure: time is an argument; the shell closes what [`HandshakeLimit::admit`] evicts and
 //! [`HandshakeLimit::expired`] returns.
@@ -59,6 +62,8 @@ pub struct TooManyHandshakes {
 struct Handshake {
     prefix: Prefix,
     started: Duration,
+    /// When it last made progress (accepted, answered).
+    progressed: Duration,
     answered: bool,
 }
 
@@ -69,10 +74,10 @@ pub struct HandshakeLimit {
     by_session: HashMap<SessionId, Handshake>,
     /// Only prefixes with a handshake in progress: an entry never holds 0.
     per_prefix: HashMap<Prefix, usize>,
-    /// (started, session) of handshakes without a complete ClientHello, oldest first.
-    stalled: BTreeSet<(Duration, SessionId)>,
-    /// (started, session) of answered handshakes, oldest first.
-    answered: BTreeSet<(Duration, SessionId)>,
+    /// (started, session), oldest first: the deadline order.
+    by_start: BTreeSet<(Duration, SessionId)>,
+    /// (last progress, session), least recent first: the eviction order.
+    by_progress: BTreeSet<(Duration, SessionId)>,
 }
 
 impl HandshakeLimit {
@@ -86,8 +91,8 @@ impl HandshakeLimit {
             },
             by_session: HashMap::new(),
             per_prefix: HashMap::new(),
-            stalled: BTreeSet::new(),
-            answered: BTreeSet::new(),
+            by_start: BTreeSet::new(),
+            by_progress: BTreeSet::new(),
         }
     }
 
@@ -106,8 +111,9 @@ impl HandshakeLimit {
     }
 
     /// A new connection `id` from `prefix` starts its handshake at `now`. Refused when the
-    /// prefix is at its cap; when the global table is full, the handshake that has to make
-    /// room is returned: the shell closes it (it is already forgotten here).
+    /// prefix is at its cap; when the global table is full, the handshake that has gone
+    /// longest without progress makes room and is returned: the shell closes it (it is
+    /// already forgotten here).
     pub fn admit(
         &mut self,
         now: Duration,
@@ -121,11 +127,7 @@ impl HandshakeLimit {
             });
         }
         let evicted = if self.by_session.len() >= self.rules.global {
-            let oldest = self
-                .stalled
-                .first()
-                .or_else(|| self.answered.first())
-                .map(|&(_, id)| id);
+            let oldest = self.by_progress.first().map(|&(_, id)| id);
             if let Some(old) = oldest {
                 self.finished(old);
             }
@@ -138,22 +140,26 @@ impl HandshakeLimit {
             Handshake {
                 prefix,
                 started: now,
+                progressed: now,
                 answered: false,
             },
         );
         *self.per_prefix.entry(prefix).or_default() += 1;
-        self.stalled.insert((now, id));
+        self.by_start.insert((now, id));
+        self.by_progress.insert((now, id));
         Ok(evicted)
     }
 
-    /// `id` sent a complete ClientHello and was answered: it is no longer first in line for
-    /// eviction. Unknown sessions are ignored.
-    pub fn answered(&mut self, id: SessionId) {
+    /// `id` sent a complete ClientHello and was answered at `now`: it goes to the back of the
+    /// eviction line. Only the first answer counts (a handshake has one ClientHello); unknown
+    /// sessions are ignored.
+    pub fn answered(&mut self, now: Duration, id: SessionId) {
         if let Some(h) = self.by_session.get_mut(&id) {
             if !h.answered {
                 h.answered = true;
-                self.stalled.remove(&(h.started, id));
-                self.answered.insert((h.started, id));
+                self.by_progress.remove(&(h.progressed, id));
+                h.progressed = now;
+                self.by_progress.insert((now, id));
             }
         }
     }
@@ -164,8 +170,8 @@ impl HandshakeLimit {
         let Some(h) = self.by_session.remove(&id) else {
             return;
         };
-        self.stalled.remove(&(h.started, id));
-        self.answered.remove(&(h.started, id));
+        self.by_start.remove(&(h.started, id));
+        self.by_progress.remove(&(h.progressed, id));
         if let Some(n) = self.per_prefix.get_mut(&h.prefix) {
             *n -= 1;
             if *n == 0 {
@@ -181,25 +187,20 @@ impl HandshakeLimit {
 
     /// When the oldest handshake runs out of time; `None` with none in progress.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let first = |s: &BTreeSet<(Duration, SessionId)>| s.first().map(|&(t, _)| t);
-        let oldest = match (first(&self.stalled), first(&self.answered)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        oldest.map(|t| t + self.rules.deadline)
+        self.by_start
+            .first()
+            .map(|&(started, _)| started + self.rules.deadline)
     }
 
     /// Handshakes older than the deadline at `now`, forgotten here: the shell closes them.
     pub fn expired(&mut self, now: Duration) -> Vec<SessionId> {
         let deadline = self.rules.deadline;
-        let late = |s: &BTreeSet<(Duration, SessionId)>| -> Vec<SessionId> {
-            s.iter()
-                .take_while(|(t, _)| now.saturating_sub(*t) >= deadline)
-                .map(|&(_, id)| id)
-                .collect()
-        };
-        let mut out = late(&self.stalled);
-        out.extend(late(&self.answered));
+        let out: Vec<SessionId> = self
+            .by_start
+            .iter()
+            .take_while(|(t, _)| now.saturating_sub(*t) >= deadline)
+            .map(|&(_, id)| id)
+            .collect();
         for &id in &out {
             self.finished(id);
         }
@@ -247,37 +248,61 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_evicts_the_oldest_stalled_handshake_not_an_answered_one() {
+    fn a_full_table_evicts_the_handshake_that_progressed_least_recently() {
         let mut hs = limit(8, 3);
         hs.admit(Duration::ZERO, 1, prefix(1)).unwrap();
         hs.admit(MS, 2, prefix(2)).unwrap();
         hs.admit(2 * MS, 3, prefix(3)).unwrap();
-        // The oldest sent its ClientHello: it is kept, the next oldest goes.
-        hs.answered(1);
-        assert_eq!(hs.admit(3 * MS, 4, prefix(4)), Ok(Some(2)));
+        // The oldest is answered now: it goes to the back of the line.
+        hs.answered(3 * MS, 1);
+        assert_eq!(hs.admit(4 * MS, 4, prefix(4)), Ok(Some(2)));
         assert!(!hs.contains(2));
-        assert_eq!(hs.admit(4 * MS, 5, prefix(5)), Ok(Some(3)));
-        assert_eq!(hs.admit(5 * MS, 6, prefix(6)), Ok(Some(4)));
-        // Only answered ones left after the stalled go: then the oldest answered.
-        hs.answered(5);
-        hs.answered(6);
-        assert_eq!(hs.admit(6 * MS, 7, prefix(7)), Ok(Some(1)));
+        assert_eq!(hs.admit(5 * MS, 5, prefix(5)), Ok(Some(3)));
+        assert_eq!(hs.admit(6 * MS, 6, prefix(6)), Ok(Some(1)));
+        // A second answer does not move it again.
+        hs.answered(7 * MS, 4);
+        hs.answered(8 * MS, 4);
+        assert_eq!(hs.admit(9 * MS, 7, prefix(7)), Ok(Some(5)));
         assert_eq!(hs.len(), 3);
     }
 
+    /// A flood of stalled handshakes (nothing sent) and one of answered ones (a complete
+    /// ClientHello, then nothing): either way a newcomer that answers within a few hundred
+    /// arrivals is never the one evicted.
     #[test]
-    fn ten_thousand_stalled_handshakes_cannot_push_out_an_answered_one() {
-        let mut hs = limit(8, 512);
-        hs.admit(Duration::ZERO, 0, prefix(1)).unwrap();
-        hs.answered(0);
-        for i in 1..10_000u64 {
-            let evicted = hs
-                .admit(i as u32 * MS / 10, i, prefix(2 + i as u32 / 8))
-                .unwrap();
-            assert_ne!(evicted, Some(0), "the real client was evicted at {i}");
+    fn ten_thousand_stalled_or_answered_handshakes_cannot_push_out_a_progressing_one() {
+        for flood_answers in [false, true] {
+            let mut hs = limit(8, 512);
+            let mut t = Duration::ZERO;
+            let mut next_id = 1u64;
+            let mut arrive = |hs: &mut HandshakeLimit, t: Duration| {
+                let id = next_id;
+                next_id += 1;
+                let evicted = hs.admit(t, id, prefix(2 + id as u32 / 8)).unwrap();
+                if flood_answers {
+                    hs.answered(t, id);
+                }
+                evicted
+            };
+            for _ in 0..1_000 {
+                t += MS / 10;
+                arrive(&mut hs, t);
+            }
+            // A newcomer arrives, is answered 100 arrivals later, finishes 100 after that.
+            hs.admit(t, 0, prefix(1)).unwrap();
+            for step in 0..9_000 {
+                t += MS / 10;
+                assert_ne!(arrive(&mut hs, t), Some(0), "flood_answers {flood_answers}");
+                if step == 100 {
+                    hs.answered(t, 0);
+                }
+                if step == 200 {
+                    assert!(hs.contains(0));
+                    hs.finished(0);
+                }
+            }
+            assert_eq!(hs.len(), 512);
         }
-        assert!(hs.contains(0));
-        assert_eq!(hs.len(), 512);
     }
 
     #[test]
@@ -285,7 +310,7 @@ mod tests {
         let mut hs = limit(8, 100);
         hs.admit(Duration::ZERO, 1, prefix(1)).unwrap();
         hs.admit(Duration::from_secs(1), 2, prefix(1)).unwrap();
-        hs.answered(2);
+        hs.answered(Duration::from_secs(2), 2);
         assert_eq!(hs.poll_timeout(), Some(Duration::from_secs(5)));
         assert!(hs.expired(Duration::from_secs(4)).is_empty());
         assert_eq!(hs.expired(Duration::from_secs(5)), vec![1]);

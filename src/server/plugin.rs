@@ -439,7 +439,7 @@ fn read_connections(
                 net.handshakes.finished(id);
             } else if conn.has_output() {
                 // A complete ClientHello was read and answered.
-                net.handshakes.answered(id);
+                net.handshakes.answered(t, id);
             }
         }
         // Heartbeats change nothing the ECS mirror shows; skip the refresh for them.

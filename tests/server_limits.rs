@@ -213,3 +213,31 @@ fn slots_are_given_back_however_a_connection_ends() {
     );
     drop(kept);
 }
+
+/// Issue 13: every session could queue a password check, so the argon2 queue had no bound,
+/// and a join sent while a check was running was answered "too many attempts". Now a full
+/// queue answers "busy" at once and a repeated join "pending"; neither counts as a guess.
+#[test]
+fn a_full_password_queue_answers_busy_and_a_repeated_join_pending() {
+    use p2p_voice::protocol::{ClientMsg, ServerMsg};
+    let server = ServerProcess::start_with(Some(&with_limits("max_password_checks = 1")));
+    let (mut a, _, _) = RawClient::login(server.addr, "a");
+    let (mut b, _, _) = RawClient::login(server.addr, "b");
+    let join = ClientMsg::Join {
+        channel: "Private".into(),
+        password: Some("letmein".into()),
+    };
+    // argon2 takes tens of milliseconds: the second and third arrive while it runs.
+    a.send(&join);
+    a.send(&join);
+    b.send(&join);
+    let status = |c: &mut RawClient| match c.expect(|m| matches!(m, ServerMsg::Joined { .. })) {
+        ServerMsg::Joined { status, .. } => status,
+        _ => unreachable!(),
+    };
+    assert_eq!(status(&mut a), Status::PasswordCheckPending);
+    assert_eq!(status(&mut a), Status::Ok);
+    assert_eq!(status(&mut b), Status::ServerBusy);
+    // Once the check is done there is room, and the right password still works.
+    assert_eq!(b.join("Private", Some("letmein")), Status::Ok);
+}

@@ -4,8 +4,9 @@
 //! `poll_timeout` is due, and carries out what they queue (`poll_output`, `poll_transmit`,
 //! `poll_event`). The decisions live in pure modules: [`super::limits`] (connections open per
 //! prefix), [`super::connect_rate`] (new connections per second per prefix),
-//! [`super::handshakes`] (TLS handshakes in progress), [`super::slow_clients`], [`super::close_timing`], [`super::fanout`]; password hashes are
-//! checked by [`super::password_pool`] so argon2 never stalls the tick.
+//! [`super::handshakes`] (TLS handshakes in progress), [`super::slow_clients`],
+//! [`super::close_timing`], [`super::fanout`]; password hashes are checked by
+//! [`super::password_pool`] so argon2 never stalls the tick.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};

@@ -188,6 +188,12 @@ impl ServerGuard {
                 params.max_members
             ));
         }
+        // All simulated clients come from 127.0.0.1 and connect at once: lift the per-prefix
+        // connection rate and handshake caps (the connection cap is lifted below).
+        toml.push_str(
+            "[limits]\nnew_connections_per_sec = 1e9\nnew_connections_burst = 1e9\n\
+             max_handshakes_per_prefix = 1000000\nmax_handshakes = 1000000\n",
+        );
         std::fs::write(&channels_file, toml).expect("write channels file");
         let data_dir = std::env::temp_dir().join(format!(
             "p2p-voice-scale-{}-server-data",

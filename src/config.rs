@@ -47,15 +47,158 @@ fn default_max_members() -> u32 {
     DEFAULT_MAX_MEMBERS
 }
 
+/// The optional `[limits]` table of the channels file: how much of the server one client may
+/// take. Every per-address limit counts by address prefix (`ipv4_prefix`, `ipv6_prefix` bits;
+/// see `server::prefix`). Absent keys keep their defaults, which are what the README states.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerLimits {
+    /// Leading bits of an IPv4 address that say who it is (32: the address itself).
+    pub ipv4_prefix: u8,
+    /// Leading bits of an IPv6 address that say who it is (64: one host or home network).
+    pub ipv6_prefix: u8,
+    /// Connections open at once per prefix (`--max-connections-per-ip` overrides it).
+    pub max_connections_per_prefix: usize,
+    /// New connections per second per prefix, sustained...
+    pub new_connections_per_sec: f64,
+    /// ...after a burst of this many.
+    pub new_connections_burst: f64,
+    /// TLS handshakes in progress per prefix.
+    pub max_handshakes_per_prefix: usize,
+    /// TLS handshakes in progress in all; when full, the one that has gone longest without
+    /// progress is closed.
+    pub max_handshakes: usize,
+    /// Time a TLS handshake may take before the connection is closed.
+    pub handshake_timeout_ms: u64,
+    /// Password checks (argon2) in flight in all; a join beyond it is told "busy, retry".
+    pub max_password_checks: usize,
+    /// Password checks in flight per prefix.
+    pub max_password_checks_per_prefix: usize,
+    /// Wrong passwords per prefix and channel before the lockout starts.
+    pub free_password_failures: u32,
+    /// First lockout after the free failures; it doubles with each further failure...
+    pub lockout_base_ms: u64,
+    /// ...up to this.
+    pub lockout_max_ms: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        use crate::server::{connect_rate, handshakes, limits, password_limits, prefix};
+        Self {
+            ipv4_prefix: prefix::DEFAULT_IPV4_PREFIX,
+            ipv6_prefix: prefix::DEFAULT_IPV6_PREFIX,
+            max_connections_per_prefix: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
+            new_connections_per_sec: connect_rate::DEFAULT_NEW_CONNECTIONS_PER_SEC,
+            new_connections_burst: connect_rate::DEFAULT_NEW_CONNECTIONS_BURST,
+            max_handshakes_per_prefix: handshakes::DEFAULT_HANDSHAKES_PER_PREFIX,
+            max_handshakes: handshakes::DEFAULT_HANDSHAKES,
+            handshake_timeout_ms: handshakes::DEFAULT_HANDSHAKE_DEADLINE.as_millis() as u64,
+            max_password_checks: password_limits::DEFAULT_MAX_CHECKS,
+            max_password_checks_per_prefix: password_limits::DEFAULT_MAX_CHECKS_PER_PREFIX,
+            free_password_failures: password_limits::DEFAULT_FREE_FAILURES,
+            lockout_base_ms: password_limits::DEFAULT_LOCKOUT_BASE.as_millis() as u64,
+            lockout_max_ms: password_limits::DEFAULT_LOCKOUT_MAX.as_millis() as u64,
+        }
+    }
+}
+
+impl ServerLimits {
+    /// How addresses are grouped for every per-address limit.
+    pub fn prefix_widths(&self) -> crate::server::prefix::PrefixWidths {
+        crate::server::prefix::PrefixWidths {
+            ipv4: self.ipv4_prefix,
+            ipv6: self.ipv6_prefix,
+        }
+    }
+
+    /// The TLS handshake caps.
+    pub fn handshake_rules(&self) -> crate::server::handshakes::HandshakeRules {
+        crate::server::handshakes::HandshakeRules {
+            per_prefix: self.max_handshakes_per_prefix,
+            global: self.max_handshakes,
+            deadline: std::time::Duration::from_millis(self.handshake_timeout_ms),
+        }
+    }
+
+    /// The password-check caps and the lockout.
+    pub fn password_rules(&self) -> crate::server::password_limits::PasswordRules {
+        use std::time::Duration;
+        crate::server::password_limits::PasswordRules {
+            max_checks: self.max_password_checks,
+            max_checks_per_prefix: self.max_password_checks_per_prefix,
+            free_failures: self.free_password_failures,
+            lockout_base: Duration::from_millis(self.lockout_base_ms),
+            lockout_max: Duration::from_millis(self.lockout_max_ms),
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=32).contains(&self.ipv4_prefix) {
+            return Err(format!(
+                "[limits] ipv4_prefix must be 1..32, not {}",
+                self.ipv4_prefix
+            ));
+        }
+        if !(1..=128).contains(&self.ipv6_prefix) {
+            return Err(format!(
+                "[limits] ipv6_prefix must be 1..128, not {}",
+                self.ipv6_prefix
+            ));
+        }
+        let positive = [
+            (
+                "max_connections_per_prefix",
+                self.max_connections_per_prefix as f64,
+            ),
+            ("new_connections_per_sec", self.new_connections_per_sec),
+            ("new_connections_burst", self.new_connections_burst),
+            (
+                "max_handshakes_per_prefix",
+                self.max_handshakes_per_prefix as f64,
+            ),
+            ("max_handshakes", self.max_handshakes as f64),
+            ("handshake_timeout_ms", self.handshake_timeout_ms as f64),
+            ("max_password_checks", self.max_password_checks as f64),
+            (
+                "max_password_checks_per_prefix",
+                self.max_password_checks_per_prefix as f64,
+            ),
+        ];
+        for (name, value) in positive {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("[limits] {name} must be above 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything the channels file configures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerFile {
+    pub channels: Vec<ChannelConfig>,
+    pub limits: ServerLimits,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChannelsFile {
     #[serde(rename = "channel", default)]
     channels: Vec<ChannelConfig>,
+    #[serde(default)]
+    limits: ServerLimits,
 }
 
-/// Parses a channels file. `origin` names the file in error messages.
+/// Parses a channels file's channels. `origin` names the file in error messages.
 pub fn parse_channels(text: &str, origin: &str) -> Result<Vec<ChannelConfig>, ConfigError> {
+    parse_server_file(text, origin).map(|f| f.channels)
+}
+
+/// Parses a channels file: its channels and its `[limits]`. `origin` names the file in error
+/// messages.
+pub fn parse_server_file(text: &str, origin: &str) -> Result<ServerFile, ConfigError> {
     let file: ChannelsFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: origin.to_string(),
         message: e.to_string(),
@@ -67,6 +210,7 @@ pub fn parse_channels(text: &str, origin: &str) -> Result<Vec<ChannelConfig>, Co
     if file.channels.is_empty() {
         return Err(invalid("no [[channel]] defined".into()));
     }
+    file.limits.validate().map_err(invalid)?;
     let mut seen = std::collections::HashSet::new();
     for ch in &file.channels {
         let name = ch.name.trim();
@@ -94,19 +238,28 @@ pub fn parse_channels(text: &str, origin: &str) -> Result<Vec<ChannelConfig>, Co
             }
         }
     }
-    Ok(file.channels)
+    Ok(ServerFile {
+        channels: file.channels,
+        limits: file.limits,
+    })
 }
 
 /// Loads the channels file at `path`, or the built-in list when `path` is `None`.
 pub fn load_channels(path: Option<&Path>) -> Result<Vec<ChannelConfig>, ConfigError> {
+    load_server_file(path).map(|f| f.channels)
+}
+
+/// Loads the channels file (channels and `[limits]`) at `path`, or the built-in channels with
+/// default limits when `path` is `None`.
+pub fn load_server_file(path: Option<&Path>) -> Result<ServerFile, ConfigError> {
     match path {
-        None => parse_channels(DEFAULT_CHANNELS_TOML, "built-in channels"),
+        None => parse_server_file(DEFAULT_CHANNELS_TOML, "built-in channels"),
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                 path: p.to_path_buf(),
                 source,
             })?;
-            parse_channels(&text, &p.display().to_string())
+            parse_server_file(&text, &p.display().to_string())
         }
     }
 }
@@ -249,6 +402,31 @@ mod tests {
             .contains("hash-password"));
         assert!(parse_channels("", "t").is_err());
         assert!(parse_channels("[[channel]]\nnom='x'", "t").is_err());
+    }
+
+    #[test]
+    fn a_limits_table_sets_what_it_names_and_keeps_the_other_defaults() {
+        let text = "[[channel]]\nname='A'\n[limits]\nipv6_prefix = 56\nmax_handshakes = 100\n";
+        let file = parse_server_file(text, "t").unwrap();
+        assert_eq!(file.limits.ipv6_prefix, 56);
+        assert_eq!(file.limits.max_handshakes, 100);
+        assert_eq!(file.limits.ipv4_prefix, 32);
+        assert_eq!(file.limits.max_password_checks, 32);
+        assert_eq!(
+            parse_server_file("[[channel]]\nname='A'\n", "t")
+                .unwrap()
+                .limits,
+            ServerLimits::default()
+        );
+        for bad in [
+            "ipv4_prefix = 33",
+            "ipv6_prefix = 0",
+            "max_handshakes = 0",
+            "burst = 3",
+        ] {
+            let text = format!("[[channel]]\nname='A'\n[limits]\n{bad}\n");
+            assert!(parse_server_file(&text, "t").is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use p2p_voice::app::{self, HeadlessOptions};
 use p2p_voice::audio::{AudioHost, InputSource, OutputSink};
-use p2p_voice::config::{hash_password, load_channels};
+use p2p_voice::config::{hash_password, load_server_file};
 use p2p_voice::protocol::DEFAULT_PORT;
 use p2p_voice::server::relay::DEFAULT_RELAY_KBPS;
 use p2p_voice::server::{RelayRules, ServerConfig, ServerRules};
@@ -162,9 +162,10 @@ struct ServerArgs {
     /// Where the server keeps its TLS certificate (default: the platform data directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Most simultaneous connections from one IP address.
-    #[arg(long, default_value_t = p2p_voice::server::plugin::DEFAULT_MAX_CONNECTIONS_PER_IP)]
-    max_connections_per_ip: usize,
+    /// Most simultaneous connections from one IP address (IPv6: one /64); overrides the
+    /// channels file's `[limits] max_connections_per_prefix` (default 64).
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
     /// Relay sealed voice between members that cannot reach each other directly (symmetric
     /// or carrier NATs). Off by default: the server then never carries voice. It can never
     /// read what it relays.
@@ -298,21 +299,27 @@ fn server_config(
     channels: Option<&PathBuf>,
     json: bool,
     data_dir: Option<PathBuf>,
-    max_connections_per_ip: usize,
+    max_connections_per_ip: Option<usize>,
     relay: Option<RelayRules>,
 ) -> anyhow::Result<ServerConfig> {
-    let channels = load_channels(channels.map(|p| p.as_path()))?;
+    let file = load_server_file(channels.map(|p| p.as_path()))?;
+    let mut limits = file.limits;
+    if let Some(max) = max_connections_per_ip {
+        limits.max_connections_per_prefix = max;
+    }
     Ok(ServerConfig {
         bind,
         port,
-        channels,
+        channels: file.channels,
         rules: ServerRules {
             relay,
+            prefixes: limits.prefix_widths(),
+            passwords: limits.password_rules(),
             ..ServerRules::default()
         },
         announce_json: json,
         data_dir: data_dir.or_else(p2p_voice::tls::default_data_dir),
-        max_connections_per_ip,
+        limits,
     })
 }
 
@@ -411,7 +418,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 a.channels.as_ref(),
                 false,
                 a.data_dir.clone(),
-                p2p_voice::server::plugin::DEFAULT_MAX_CONNECTIONS_PER_IP,
+                None,
                 (!a.no_relay).then(|| RelayRules::per_client_kbps(a.relay_kbps)),
             )?;
             if !has_display() {

@@ -30,6 +30,11 @@ pub const SERVER_SILENCE_TIMEOUT: Duration = Duration::from_secs(12);
 /// Giving up on a connect attempt that neither succeeds nor fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// A join the server answered "busy, retry" (`Status::ServerBusy`: it checks as many
+/// passwords as it may) is sent again after this, doubling, at most [`BUSY_RETRIES`] times
+/// before the refusal is reported.
+const BUSY_RETRY_AFTER: Duration = Duration::from_millis(500);
+const BUSY_RETRIES: u32 = 4;
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 /// Where the session stands, for status displays.
@@ -259,6 +264,10 @@ pub struct ControlSession {
     channel: Option<String>,
     /// Channel (and password) to be in after a reconnect, or requested and not yet answered.
     wanted_channel: Option<(String, Option<String>)>,
+    /// When the wanted channel's join is sent again after a "busy, retry"...
+    busy_retry: Option<Duration>,
+    /// ...and how many times it was, since the user asked.
+    busy_retries: u32,
     channels: Vec<ChannelInfo>,
     peers: HashMap<UserId, PeerInfo>,
     /// Peers from before a lost connection, still talking to us directly.
@@ -298,6 +307,8 @@ impl ControlSession {
             user_id: None,
             channel: None,
             wanted_channel: None,
+            busy_retry: None,
+            busy_retries: 0,
             channels: Vec::new(),
             peers: HashMap::new(),
             stale_peers: HashMap::new(),
@@ -497,6 +508,8 @@ impl ControlSession {
     /// User intent: join `channel` (leaving the current one).
     pub fn join(&mut self, now: Duration, channel: &str, password: Option<String>) {
         self.wanted_channel = Some((channel.to_string(), password.clone()));
+        self.busy_retry = None;
+        self.busy_retries = 0;
         if self.phase == Phase::Ready {
             self.send(
                 now,
@@ -654,6 +667,7 @@ impl ControlSession {
                 } else if now.saturating_sub(self.last_sent) >= HEARTBEAT_INTERVAL {
                     self.send(now, ClientMsg::Heartbeat);
                 }
+                self.retry_busy_join(now);
             }
             Phase::Reconnecting { retry_at, .. } if now >= retry_at => self.open(now),
             _ => {}
@@ -665,11 +679,24 @@ impl ControlSession {
     pub fn poll_timeout(&self) -> Option<Duration> {
         match &self.phase {
             Phase::Connecting => Some(self.phase_since + CONNECT_TIMEOUT),
-            Phase::Handshake | Phase::Identifying | Phase::Ready => Some(
-                (self.last_sent + HEARTBEAT_INTERVAL).min(self.last_heard + SERVER_SILENCE_TIMEOUT),
-            ),
+            Phase::Handshake | Phase::Identifying | Phase::Ready => {
+                let due = (self.last_sent + HEARTBEAT_INTERVAL)
+                    .min(self.last_heard + SERVER_SILENCE_TIMEOUT);
+                Some(self.busy_retry.map_or(due, |at| due.min(at)))
+            }
             Phase::Reconnecting { retry_at, .. } => Some(*retry_at),
             _ => None,
+        }
+    }
+
+    /// Sends the wanted channel's join again once a "busy, retry" has waited long enough.
+    fn retry_busy_join(&mut self, now: Duration) {
+        if self.phase != Phase::Ready || self.busy_retry.is_none_or(|at| now < at) {
+            return;
+        }
+        self.busy_retry = None;
+        if let Some((channel, password)) = self.wanted_channel.clone() {
+            self.send(now, ClientMsg::Join { channel, password });
         }
     }
 
@@ -733,6 +760,8 @@ impl ControlSession {
                             self.send(now, msg);
                         }
                         if let Some((ch, pw)) = self.wanted_channel.clone() {
+                            // This join replaces any retry still waiting.
+                            self.busy_retry = None;
                             self.send(
                                 now,
                                 ClientMsg::Join {
@@ -791,11 +820,28 @@ impl ControlSession {
                         ));
                     }
                     self.events.push_back(SessionEvent::Joined { channel });
-                } else {
-                    if self
+                } else if status == Status::PasswordCheckPending {
+                    // A repeated request while the first one's password is being checked:
+                    // nothing changed, that one's answer follows.
+                } else if status == Status::ServerBusy
+                    && self.busy_retries < BUSY_RETRIES
+                    && self
                         .wanted_channel
                         .as_ref()
                         .is_some_and(|(w, _)| w.eq_ignore_ascii_case(&channel))
+                {
+                    // Nothing was refused for good: ask again in a moment, unseen.
+                    let wait = BUSY_RETRY_AFTER * 2u32.pow(self.busy_retries);
+                    self.busy_retries += 1;
+                    self.busy_retry = Some(now + wait);
+                } else {
+                    // "Busy, retry" refuses nothing for good: the channel stays the one to
+                    // rejoin. Any other refusal makes our current channel the target again.
+                    if status != Status::ServerBusy
+                        && self
+                            .wanted_channel
+                            .as_ref()
+                            .is_some_and(|(w, _)| w.eq_ignore_ascii_case(&channel))
                     {
                         self.wanted_channel = self.channel.clone().map(|c| (c, None));
                     }
@@ -1087,6 +1133,109 @@ mod tests {
         assert!(rejoin);
     }
 
+    /// Issue 13: a second Join while the first one's password was checked came back as
+    /// `RateLimited`, and the client then made its old channel the one to rejoin.
+    #[test]
+    fn a_pending_or_busy_password_check_keeps_the_channel_to_rejoin() {
+        for status in [Status::PasswordCheckPending, Status::ServerBusy] {
+            let mut s = ControlSession::new();
+            s.connect(Duration::ZERO, "h:1", "me");
+            s.join(Duration::ZERO, "Lobby", None);
+            ready(&mut s, MS, 7);
+            s.handle_message(
+                MS,
+                ServerMsg::Joined {
+                    status: Status::Ok,
+                    channel: "Lobby".into(),
+                },
+            );
+            s.join(MS, "Private", Some("pw".into()));
+            s.handle_message(
+                MS,
+                ServerMsg::Joined {
+                    status,
+                    channel: "Private".into(),
+                },
+            );
+            let events = drain_events(&mut s);
+            assert!(
+                !events
+                    .iter()
+                    .any(|e| matches!(e, SessionEvent::JoinRefused { .. })),
+                "{status:?}: {events:?}"
+            );
+            drain_actions(&mut s);
+            s.transport_lost(
+                Duration::from_secs(1),
+                TransportError::Lost("connection reset".into()),
+            );
+            s.handle_timeout(Duration::from_secs(2));
+            ready(&mut s, Duration::from_secs(2), 12);
+            let joins: Vec<String> = drain_actions(&mut s)
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Send(ClientMsg::Join { channel, .. }) => Some(channel),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(joins, ["Private"], "{status:?}");
+            // The retry that was waiting does not send a second join.
+            s.handle_timeout(Duration::from_secs(3));
+            assert!(!drain_actions(&mut s)
+                .iter()
+                .any(|a| matches!(a, Action::Send(ClientMsg::Join { .. }))));
+        }
+    }
+
+    /// "Busy, retry" is retried, after 0.5 s doubling, and reported only when it persists.
+    #[test]
+    fn a_busy_server_is_asked_again_then_the_refusal_is_reported() {
+        let mut s = ControlSession::new();
+        s.connect(Duration::ZERO, "h:1", "me");
+        ready(&mut s, MS, 7);
+        s.join(MS, "Private", Some("pw".into()));
+        drain_actions(&mut s);
+        drain_events(&mut s);
+        let busy = |s: &mut ControlSession, now: Duration| {
+            s.handle_message(
+                now,
+                ServerMsg::Joined {
+                    status: Status::ServerBusy,
+                    channel: "Private".into(),
+                },
+            );
+        };
+        let joined_again = |s: &mut ControlSession| {
+            drain_actions(s).into_iter().any(|a| {
+                matches!(a, Action::Send(ClientMsg::Join { channel, password: Some(p) }) if channel == "Private" && p == "pw")
+            })
+        };
+        let mut now = MS;
+        for wait_ms in [500, 1000, 2000, 4000] {
+            busy(&mut s, now);
+            assert!(drain_events(&mut s).is_empty());
+            let due = now + Duration::from_millis(wait_ms);
+            assert_eq!(s.poll_timeout(), Some(due));
+            s.handle_timeout(due - MS);
+            assert!(!joined_again(&mut s), "too early");
+            s.handle_timeout(due);
+            assert!(joined_again(&mut s), "retry after {wait_ms} ms");
+            now = due;
+        }
+        busy(&mut s, now);
+        let events = drain_events(&mut s);
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                SessionEvent::JoinRefused {
+                    status: Status::ServerBusy,
+                    ..
+                }
+            )),
+            "{events:?}"
+        );
+    }
+
     #[test]
     fn a_silent_server_is_declared_lost() {
         let mut s = ControlSession::new();
@@ -1187,7 +1336,7 @@ mod tests {
             ),
             (
                 DisconnectReason::VersionMismatch { server: 9 },
-                "server speaks protocol 9, this app speaks 5: update one of them",
+                "server speaks protocol 9, this app speaks 6: update one of them",
             ),
             (
                 DisconnectReason::VersionRefused("as said".into()),

@@ -24,7 +24,9 @@ pub use transmit::Transmit;
 /// Version of the control protocol and datagram format. Bumped on any incompatible change;
 /// a client and server with different versions refuse each other with [`Status::VersionMismatch`].
 /// 5: voice keys travel with their identity signature (`VoiceKeyProof`).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `Status::PasswordCheckPending` and `Status::ServerBusy` (a pending or busy password check
+/// is no longer reported as `RateLimited`).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Version of this build, sent in `Hello` for diagnostics.
 pub const APP_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -17,8 +17,14 @@ pub enum Status {
     AlreadyInChannel,
     NotInChannel,
     VersionMismatch,
+    /// Refused after too many wrong passwords (or other requests over a limit): wait.
     RateLimited,
     ServerFull,
+    /// A join with a password is still being checked; this request changed nothing and the
+    /// earlier one's answer follows.
+    PasswordCheckPending,
+    /// The server checks as many passwords as it may right now; nothing was counted, retry.
+    ServerBusy,
 }
 
 impl Status {
@@ -38,6 +44,8 @@ impl Status {
             Status::VersionMismatch => "client and server speak different protocol versions",
             Status::RateLimited => "too many attempts, wait a moment",
             Status::ServerFull => "server is full",
+            Status::PasswordCheckPending => "the password is still being checked",
+            Status::ServerBusy => "the server is busy checking passwords, try again in a moment",
         }
     }
 

@@ -79,7 +79,7 @@ mod tests {
             ),
             (
                 CloseReason::VersionMismatch { client: 99 },
-                "client and server speak different protocol versions: server speaks protocol 5, client speaks 99",
+                "client and server speak different protocol versions: server speaks protocol 6, client speaks 99",
             ),
             (
                 CloseReason::HelloFirst,

@@ -10,6 +10,7 @@ use rustls::ServerConnection;
 use std::time::Duration;
 
 use super::close_reason::CloseReason;
+use super::prefix::Prefix;
 use super::slow_clients::{admit_output, MAX_QUEUED_OUTPUT};
 use crate::protocol::{ClientMsg, FrameDecoder, FramingError};
 
@@ -31,6 +32,8 @@ pub struct ReadOutcome {
 pub struct Conn {
     pub stream: TcpStream,
     pub peer: SocketAddr,
+    /// What the per-address limits count this connection under.
+    pub prefix: Prefix,
     tls: ServerConnection,
     decoder: FrameDecoder,
     /// Set when the server closed the session: close once the queued output is flushed (or
@@ -48,12 +51,18 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr, mut tls: ServerConnection) -> Self {
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        prefix: Prefix,
+        mut tls: ServerConnection,
+    ) -> Self {
         // Bounds what a client that does not read can make us buffer.
         tls.set_buffer_limit(Some(MAX_QUEUED_OUTPUT));
         Self {
             stream,
             peer,
+            prefix,
             tls,
             decoder: FrameDecoder::new(),
             closing_since: None,
@@ -125,6 +134,11 @@ impl Conn {
             into.push(msg);
         }
         Ok(())
+    }
+
+    /// Whether the TLS handshake is still going on.
+    pub fn is_handshaking(&self) -> bool {
+        self.tls.is_handshaking()
     }
 
     pub fn is_closing(&self) -> bool {

@@ -1,25 +1,28 @@
-//! How many connections one IP address may hold open at once.
+//! How many connections one address prefix (see [`super::prefix`]) may hold open at once.
 //!
 //! One host must not be able to take all of the server's file descriptors, but a household or
-//! an office behind one NAT shares an address, so the cap is per address and generous. The
+//! an office behind one NAT shares an address, so the cap is per prefix and generous. It keys
+//! on the prefix, not the exact address: a host owning an IPv6 /64 (or 127.0.0.0/8) would
+//! otherwise get one cap per address it cares to use. The
 //! count has to stay exact over the server's lifetime: a leak (a connection that failed to set
 //! up after being counted) slowly locks an address out, an underflow lets it open unlimited
 //! connections. [`ConnectionLimit::admit`] ties the count to the setup so neither can happen.
 //!
-//! Pure: no sockets; the shell says which address connected and when it left.
+//! Pure: no sockets; the shell says which prefix connected and when it left.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+
+use super::prefix::Prefix;
 
 /// Default cap: a household or office behind one NAT fits, one host cannot take the server's
 /// file descriptors.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
 
-/// The address already holds the maximum; the connection is refused (and counted).
+/// The prefix already holds the maximum; the connection is refused (and counted).
 #[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
-#[error("{ip} already has {max} connections open")]
+#[error("{prefix} already has {max} connections open")]
 pub struct OverLimit {
-    pub ip: IpAddr,
+    pub prefix: Prefix,
     pub max: usize,
 }
 
@@ -33,12 +36,12 @@ pub enum AdmitError<E> {
     Setup(E),
 }
 
-/// Open connections per IP address, capped.
+/// Open connections per prefix, capped.
 #[derive(Debug)]
 pub struct ConnectionLimit {
     max_per_ip: usize,
-    /// Only addresses with at least one connection: an entry never holds 0.
-    open: HashMap<IpAddr, usize>,
+    /// Only prefixes with at least one connection: an entry never holds 0.
+    open: HashMap<Prefix, usize>,
 }
 
 impl ConnectionLimit {
@@ -54,17 +57,22 @@ impl ConnectionLimit {
         self.max_per_ip
     }
 
-    /// Connections `ip` holds now.
-    pub fn open(&self, ip: IpAddr) -> usize {
-        self.open.get(&ip).copied().unwrap_or(0)
+    /// Connections `prefix` holds now.
+    pub fn open(&self, prefix: Prefix) -> usize {
+        self.open.get(&prefix).copied().unwrap_or(0)
     }
 
-    /// Counts a new connection from `ip`, or refuses it when `ip` is at the cap.
-    pub fn try_acquire(&mut self, ip: IpAddr) -> Result<(), OverLimit> {
-        let count = self.open.entry(ip).or_default();
+    /// Whether `prefix` is at the cap (a new connection from it would be refused).
+    pub fn is_full(&self, prefix: Prefix) -> bool {
+        self.open(prefix) >= self.max_per_ip
+    }
+
+    /// Counts a new connection from `prefix`, or refuses it when `prefix` is at the cap.
+    pub fn try_acquire(&mut self, prefix: Prefix) -> Result<(), OverLimit> {
+        let count = self.open.entry(prefix).or_default();
         if *count >= self.max_per_ip {
             return Err(OverLimit {
-                ip,
+                prefix,
                 max: self.max_per_ip,
             });
         }
@@ -72,28 +80,28 @@ impl ConnectionLimit {
         Ok(())
     }
 
-    /// One connection from `ip` is gone. A release with nothing acquired is ignored, so a
-    /// double release cannot open the cap for that address.
-    pub fn release(&mut self, ip: IpAddr) {
-        if let Some(n) = self.open.get_mut(&ip) {
+    /// One connection from `prefix` is gone. A release with nothing acquired is ignored, so
+    /// a double release cannot open the cap for that prefix.
+    pub fn release(&mut self, prefix: Prefix) {
+        if let Some(n) = self.open.get_mut(&prefix) {
             *n -= 1;
             if *n == 0 {
-                self.open.remove(&ip);
+                self.open.remove(&prefix);
             }
         }
     }
 
-    /// Counts a connection from `ip` and runs `setup` for it; if `setup` fails the count is
-    /// given back, so only connections that were really set up hold a slot (each must later
-    /// be [`released`](Self::release)).
+    /// Counts a connection from `prefix` and runs `setup` for it; if `setup` fails the count
+    /// is given back, so only connections that were really set up hold a slot (each must
+    /// later be [`released`](Self::release)).
     pub fn admit<T, E>(
         &mut self,
-        ip: IpAddr,
+        prefix: Prefix,
         setup: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, AdmitError<E>> {
-        self.try_acquire(ip)?;
+        self.try_acquire(prefix)?;
         setup().map_err(|e| {
-            self.release(ip);
+            self.release(prefix);
             AdmitError::Setup(e)
         })
     }
@@ -103,8 +111,24 @@ impl ConnectionLimit {
 mod tests {
     use super::*;
 
-    fn ip(last: u8) -> IpAddr {
-        IpAddr::from([203, 0, 113, last])
+    use crate::server::prefix::PrefixWidths;
+
+    fn ip(last: u8) -> Prefix {
+        PrefixWidths::default().prefix_of(std::net::IpAddr::from([203, 0, 113, last]))
+    }
+
+    #[test]
+    fn addresses_of_one_ipv6_slash_64_share_one_cap() {
+        let mut limit = ConnectionLimit::new(2);
+        let widths = PrefixWidths::default();
+        for host in 1..=2u16 {
+            let addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, host);
+            assert!(limit.try_acquire(widths.prefix_of(addr.into())).is_ok());
+        }
+        let third = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0xffff, 0, 0, 3);
+        assert!(limit.try_acquire(widths.prefix_of(third.into())).is_err());
+        let next_net = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 1);
+        assert!(limit.try_acquire(widths.prefix_of(next_net.into())).is_ok());
     }
 
     #[test]
@@ -114,7 +138,10 @@ mod tests {
         assert!(limit.try_acquire(ip(1)).is_ok());
         assert_eq!(
             limit.try_acquire(ip(1)),
-            Err(OverLimit { ip: ip(1), max: 2 })
+            Err(OverLimit {
+                prefix: ip(1),
+                max: 2
+            })
         );
         assert!(limit.try_acquire(ip(2)).is_ok(), "another address");
         assert_eq!(limit.open(ip(1)), 2);
@@ -160,7 +187,10 @@ mod tests {
         });
         assert_eq!(
             refused,
-            Err(AdmitError::OverLimit(OverLimit { ip: ip(1), max: 1 }))
+            Err(AdmitError::OverLimit(OverLimit {
+                prefix: ip(1),
+                max: 1
+            }))
         );
         assert!(!ran);
     }

@@ -4,7 +4,10 @@
 //! A shell: [`ServerState`](super::state::ServerState) decides when a password needs checking
 //! ([`Output::VerifyPassword`](super::state::Output::VerifyPassword)) and what a result means
 //! ([`ServerState::handle_password_checked`](super::state::ServerState::handle_password_checked));
-//! this only runs the hash on other threads and hands results back.
+//! this only runs the hash on other threads and hands results back. The queue to the workers
+//! is bounded by the rules, not here: [`ServerState`](super::state::ServerState) hands out at
+//! most `PasswordRules::max_checks` checks before their results come back (see
+//! [`super::password_limits`]), so at most that many jobs ever wait.
 
 use crossbeam_channel::{Receiver, Sender};
 

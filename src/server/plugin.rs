@@ -2,9 +2,11 @@
 //! accepts connections, reads the sockets that mio reports ready (non-blocking, zero-timeout
 //! poll), feeds what arrived to the rules (`handle_*`), fires their timers when
 //! `poll_timeout` is due, and carries out what they queue (`poll_output`, `poll_transmit`,
-//! `poll_event`). The decisions live in pure modules: [`super::limits`] (connections per IP),
-//! [`super::slow_clients`], [`super::close_timing`], [`super::fanout`]; password hashes are
-//! checked by [`super::password_pool`] so argon2 never stalls the tick.
+//! `poll_event`). The decisions live in pure modules: [`super::limits`] (connections open per
+//! prefix), [`super::connect_rate`] (new connections per second per prefix),
+//! [`super::handshakes`] (TLS handshakes in progress), [`super::slow_clients`],
+//! [`super::close_timing`], [`super::fanout`]; password hashes are checked by
+//! [`super::password_pool`] so argon2 never stalls the tick.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -19,12 +21,15 @@ use rand::RngCore;
 use super::close_timing::{after_flush, AfterFlush, SweepClock};
 use super::components::*;
 use super::conn::Conn;
+use super::connect_rate::ConnectRate;
 use super::fanout::{Batches, BATCH_CHUNK};
+use super::handshakes::HandshakeLimit;
 use super::limits::{AdmitError, ConnectionLimit};
 use super::password_pool::{PasswordJob, PasswordPool, PASSWORD_WORKERS};
+use super::prefix::PrefixWidths;
 use super::slow_clients;
 use super::state::{ConnectionAddrs, Output, ServerEvent, ServerRules, ServerState, SessionId};
-use crate::config::ChannelConfig;
+use crate::config::{ChannelConfig, ServerLimits};
 use crate::protocol::addr;
 use crate::protocol::datagram::MAX_DATAGRAM_LEN;
 use crate::protocol::{encode_frame, ClientMsg, ServerMsg};
@@ -46,8 +51,10 @@ pub struct ServerConfig {
     pub announce_json: bool,
     /// Where the TLS identity is kept; `None` makes a throwaway one for this run.
     pub data_dir: Option<std::path::PathBuf>,
-    /// Connections accepted from one IP address at once; more are closed on accept.
-    pub max_connections_per_ip: usize,
+    /// What one client (an address prefix) may take of the server: connections open, new
+    /// connections per second, TLS handshakes in progress (the password limits travel in
+    /// `rules`). Connections over a limit are closed on accept.
+    pub limits: ServerLimits,
 }
 
 /// Counters for logs, benches and the host UI.
@@ -67,8 +74,16 @@ pub struct ServerStats {
     /// Tunnelled datagrams dropped because their client's connection was backed up.
     pub tunnel_dropped: u64,
     pub protocol_errors: u64,
-    /// Connections refused because their IP already had the maximum.
+    /// Connections refused because their prefix already had the maximum open.
     pub refused_per_ip: u64,
+    /// Connections refused because their prefix opened them too fast.
+    pub refused_rate: u64,
+    /// Connections refused because their prefix had the maximum of TLS handshakes going.
+    pub refused_handshakes: u64,
+    /// Half-open TLS handshakes closed to make room for a new connection (the global cap).
+    pub handshakes_evicted: u64,
+    /// TLS handshakes closed because they took too long.
+    pub handshakes_expired: u64,
 }
 
 /// Errors starting the server, worded for the operator.
@@ -121,6 +136,9 @@ struct ServerNet {
     channel_entities: HashMap<String, Entity>,
     tls: Arc<rustls::ServerConfig>,
     limit: ConnectionLimit,
+    prefixes: PrefixWidths,
+    connect_rate: ConnectRate,
+    handshakes: HandshakeLimit,
 }
 
 #[derive(Resource)]
@@ -266,7 +284,13 @@ impl Plugin for ServerPlugin {
             passwords: PasswordPool::spawn(PASSWORD_WORKERS),
             channel_entities,
             tls: self.tls.clone(),
-            limit: ConnectionLimit::new(self.config.max_connections_per_ip),
+            limit: ConnectionLimit::new(self.config.limits.max_connections_per_prefix),
+            prefixes: self.config.limits.prefix_widths(),
+            connect_rate: ConnectRate::new(
+                self.config.limits.new_connections_per_sec,
+                self.config.limits.new_connections_burst,
+            ),
+            handshakes: HandshakeLimit::new(self.config.limits.handshake_rules()),
         })
         .insert_resource(Rules(ServerState::new(
             self.config.channels.clone(),
@@ -284,6 +308,7 @@ impl Plugin for ServerPlugin {
                 read_udp,
                 collect_password_results,
                 fire_timers,
+                expire_handshakes,
                 apply_outputs,
                 flush_connections,
                 mirror_sessions,
@@ -311,14 +336,34 @@ fn accept_connections(
                 // Which of our addresses the client dialled: in host mode, what it can reach
                 // the host's own voice socket at.
                 let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
+                let prefix = net.prefixes.prefix_of(peer.ip());
+                // Cheap refusals first, before anything is counted: dropping the stream closes
+                // it, nothing was read, nothing to answer.
+                if net.limit.is_full(prefix) {
+                    stats.refused_per_ip += 1;
+                    continue;
+                }
+                if net.handshakes.is_full(prefix) {
+                    stats.refused_handshakes += 1;
+                    continue;
+                }
+                if net.connect_rate.try_admit(t, prefix).is_err() {
+                    stats.refused_rate += 1;
+                    continue;
+                }
                 let id = net.next_id;
                 net.next_id += 1;
                 let (poll, tls) = (&net.poll, &net.tls);
                 match net
                     .limit
-                    .admit(peer.ip(), || set_up_connection(poll, tls, stream, id))
+                    .admit(prefix, || set_up_connection(poll, tls, stream, id))
                 {
                     Ok((stream, tls)) => {
+                        // Not full (checked above), so this only ever evicts another's.
+                        if let Ok(Some(evicted)) = net.handshakes.admit(t, id, prefix) {
+                            stats.handshakes_evicted += 1;
+                            drop_connection(net, evicted);
+                        }
                         let token = rand::rngs::OsRng.next_u64();
                         rules.0.handle_connected(
                             t,
@@ -327,13 +372,13 @@ fn accept_connections(
                             token,
                         );
                         let entity = commands.spawn(Session(id)).id();
-                        net.conns.insert(id, (entity, Conn::new(stream, peer, tls)));
+                        net.conns
+                            .insert(id, (entity, Conn::new(stream, peer, prefix, tls)));
                         // Data may already be waiting: edge-triggered readiness would not
                         // report it again.
                         net.still_readable.insert(id);
                         stats.accepted += 1;
                     }
-                    // Dropping the stream closed it; nothing was read, nothing to answer.
                     Err(AdmitError::OverLimit(_)) => stats.refused_per_ip += 1,
                     Err(AdmitError::Setup(e)) => warn!("connection from {peer}: {e}"),
                 }
@@ -390,6 +435,14 @@ fn read_connections(
             continue;
         }
         let outcome = conn.read(&mut net.scratch);
+        if net.handshakes.contains(id) {
+            if !conn.is_handshaking() {
+                net.handshakes.finished(id);
+            } else if conn.has_output() {
+                // A complete ClientHello was read and answered.
+                net.handshakes.answered(t, id);
+            }
+        }
         // Heartbeats change nothing the ECS mirror shows; skip the refresh for them.
         let mut news = outcome.closed.is_some();
         for msg in outcome.messages {
@@ -648,10 +701,7 @@ fn flush_connections(
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            if let Some((_, mut conn)) = net.conns.remove(&id) {
-                net.limit.release(conn.peer.ip());
-                let _ = net.poll.registry().deregister(&mut conn.stream);
-            }
+            remove_conn(net, id);
         }
     }
     // Open connections that died under a write: the rules forget them (their channel hears
@@ -681,12 +731,49 @@ fn flush_one(net: &mut ServerNet, id: SessionId, now: Duration) {
             if !conn.is_closing() {
                 net.lost.push((id, *entity));
             }
-            if let Some((_, mut conn)) = net.conns.remove(&id) {
-                net.limit.release(conn.peer.ip());
-                let _ = net.poll.registry().deregister(&mut conn.stream);
-                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-            }
+            remove_conn(net, id);
         }
+    }
+}
+
+/// Forgets connection `id` in the shell: its slot per prefix, its handshake place, its
+/// registration with the poller; dropping it closes the socket. The one place a connection
+/// is removed, so no slot can leak.
+fn remove_conn(net: &mut ServerNet, id: SessionId) {
+    net.handshakes.finished(id);
+    if let Some((_, mut conn)) = net.conns.remove(&id) {
+        net.limit.release(conn.prefix);
+        let _ = net.poll.registry().deregister(&mut conn.stream);
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    }
+    net.still_readable.remove(&id);
+    net.dirty.remove(&id);
+    net.urgent.remove(&id);
+}
+
+/// Closes a connection still in its TLS handshake at once: there is no session to say goodbye
+/// to, and a flood of them must not wait for a flush. The rules and the ECS mirror forget it
+/// with the lost connections.
+fn drop_connection(net: &mut ServerNet, id: SessionId) {
+    if let Some((entity, conn)) = net.conns.get(&id) {
+        // A closing connection is already forgotten by the rules and the mirror.
+        if !conn.is_closing() {
+            net.lost.push((id, *entity));
+        }
+    }
+    remove_conn(net, id);
+}
+
+/// Closes TLS handshakes that ran out of time.
+fn expire_handshakes(mut net: ResMut<ServerNet>, mut stats: ResMut<ServerStats>) {
+    let net = &mut *net;
+    let t = now(net);
+    if net.handshakes.poll_timeout().is_none_or(|due| due > t) {
+        return;
+    }
+    for id in net.handshakes.expired(t) {
+        stats.handshakes_expired += 1;
+        drop_connection(net, id);
     }
 }
 

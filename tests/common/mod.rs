@@ -69,8 +69,45 @@ impl ServerProcess {
         let _old = std::mem::replace(self, next);
     }
 
+    /// A server with a channels file and extra command-line flags.
+    pub fn start_args_with(channels: Option<&str>, extra: &[&str]) -> Self {
+        Self::start_in(channels, 0, temp_path("server-data"), extra)
+    }
+
+    /// A server that may open at most `nofile` files (sockets included), as under a typical
+    /// service manager's limit, with extra command-line flags.
+    pub fn start_with_fd_limit(channels: Option<&str>, extra: &[&str], nofile: u64) -> Self {
+        Self::start_limited(channels, 0, temp_path("server-data"), extra, Some(nofile))
+    }
+
     fn start_in(channels: Option<&str>, port: u16, data_dir: PathBuf, extra: &[&str]) -> Self {
+        Self::start_limited(channels, port, data_dir, extra, None)
+    }
+
+    fn start_limited(
+        channels: Option<&str>,
+        port: u16,
+        data_dir: PathBuf,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Self {
         let mut cmd = Command::new(bin());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args([
             "server",
             "--bind",
@@ -155,9 +192,32 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> Self {
-        let tcp = TcpStream::connect(addr).expect("connect");
-        tcp.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        Self::connect_with_timeout(addr, Duration::from_millis(100))
+    }
+
+    /// Connects from the loopback address `from` (any of 127.0.0.0/8 on Linux), so a test can
+    /// be many clients at many addresses.
+    pub fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> Self {
+        let tcp = tcp_connect_from(from, addr).expect("connect");
+        tcp.set_nonblocking(false).unwrap();
+        // Wait for the connect to finish: a blocking write of nothing returns at once, so poll.
+        let deadline = Instant::now() + WAIT;
+        while tcp.peer_addr().is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Self::over(tcp, Duration::from_millis(500))
+    }
+
+    /// Connects with `read_timeout` on the socket. The TLS handshake runs inside the first
+    /// `send`, so a server slower than the timeout to answer it makes that send fail: a
+    /// client measuring a loaded server needs a realistic timeout, not the 100 ms of
+    /// [`RawClient::connect`].
+    pub fn connect_with_timeout(addr: SocketAddr, read_timeout: Duration) -> Self {
+        Self::over(TcpStream::connect(addr).expect("connect"), read_timeout)
+    }
+
+    fn over(tcp: TcpStream, read_timeout: Duration) -> Self {
+        tcp.set_read_timeout(Some(read_timeout)).unwrap();
         tcp.set_nodelay(true).unwrap();
         let tls = rustls::ClientConnection::new(
             p2p_voice::tls::client_config(),
@@ -279,6 +339,74 @@ impl RawClient {
         }
         false
     }
+}
+
+/// Starts a non-blocking TCP connect to `to` from the loopback address `from` (port chosen by
+/// the kernel); the connection may still be in progress when this returns. std cannot bind a
+/// TCP socket before connecting, hence libc.
+pub fn tcp_connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::net::SocketAddrV4;
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = to else {
+        panic!("the test server listens on IPv4")
+    };
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor we own; the addresses live across the calls.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(SocketAddrV4::new(from, 0));
+        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(to);
+        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
+        }
+        Ok(stream)
+    }
+}
+
+/// Whether the server closed `stream` (end of stream or reset) within `within`, reading and
+/// discarding anything it sent.
+pub fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
 }
 
 /// A headless client process that talks (tone/WAV) and records what it hears.

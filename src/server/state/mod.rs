@@ -8,10 +8,12 @@
 //! drive it in simulated time.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::close_reason::CloseReason;
+use super::password_limits::{CheckRefusal, PasswordChecks, PasswordRules};
+use super::prefix::PrefixWidths;
 use super::relay::{RelayBudget, RelayRefusal, RelayRules};
 use crate::config::ChannelConfig;
 use crate::protocol::datagram::{
@@ -41,10 +43,12 @@ pub struct ServerRules {
     pub identify_timeout: Duration,
     /// Wrong passwords allowed per session within `wrong_password_window`.
     pub max_wrong_passwords: usize,
-    /// Wrong passwords allowed per IP address (all its sessions) within the same window, so
-    /// reconnecting does not reset the count.
-    pub max_wrong_passwords_per_ip: usize,
     pub wrong_password_window: Duration,
+    /// How addresses are grouped for the per-address limits (see `super::prefix`).
+    pub prefixes: PrefixWidths,
+    /// Password checks in flight, and the lockout per (prefix, channel) after wrong guesses,
+    /// which survives reconnects (see `super::password_limits`).
+    pub passwords: PasswordRules,
     /// Local endpoints accepted per announcement.
     pub max_local_endpoints: usize,
     /// Sustained control messages per second one session may send (token bucket rate)...
@@ -63,8 +67,9 @@ impl Default for ServerRules {
             heartbeat_timeout: Duration::from_secs(15),
             identify_timeout: Duration::from_secs(30),
             max_wrong_passwords: 5,
-            max_wrong_passwords_per_ip: 20,
             wrong_password_window: Duration::from_secs(60),
+            prefixes: PrefixWidths::default(),
+            passwords: PasswordRules::default(),
             max_local_endpoints: 8,
             message_rate: 20.0,
             message_burst: 60.0,
@@ -172,8 +177,8 @@ pub struct ServerState {
     by_endpoint: HashMap<SocketAddr, SessionId>,
     /// Relayed datagrams owed to members: (destination, the whole `RelayFrom` datagram).
     relayed: VecDeque<(SocketAddr, Vec<u8>)>,
-    /// Recent wrong-password times per client address.
-    wrong_by_ip: HashMap<IpAddr, VecDeque<Duration>>,
+    /// Password checks in flight and wrong-password lockouts per (prefix, channel).
+    password_checks: PasswordChecks,
     next_user_id: UserId,
     next_ticket: u64,
     /// When the silence and identify timers are next checked.
@@ -186,6 +191,7 @@ pub struct ServerState {
 
 impl ServerState {
     pub fn new(channels: Vec<ChannelConfig>, rules: ServerRules) -> Self {
+        let password_checks = PasswordChecks::new(rules.passwords);
         let channel_index = channels
             .iter()
             .enumerate()
@@ -206,7 +212,7 @@ impl ServerState {
             tokens: HashMap::new(),
             by_endpoint: HashMap::new(),
             relayed: VecDeque::new(),
-            wrong_by_ip: HashMap::new(),
+            password_checks,
             next_user_id: 1,
             next_ticket: 1,
             next_expiry_check: Duration::ZERO,
@@ -268,8 +274,17 @@ impl ServerState {
     /// When [`Self::handle_timeout`] next has something to check; `None` while there is
     /// nothing to time out.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        (!self.sessions.is_empty() || !self.wrong_by_ip.is_empty())
-            .then_some(self.next_expiry_check)
+        match self.password_checks.poll_timeout() {
+            _ if !self.sessions.is_empty() => Some(self.next_expiry_check),
+            // Only lockouts to forget: no need to wake every check interval.
+            Some(forget) => Some(forget.max(self.next_expiry_check)),
+            None => None,
+        }
+    }
+
+    /// Password checks handed to the shell and not answered yet.
+    pub fn password_checks_in_flight(&self) -> usize {
+        self.password_checks.in_flight()
     }
 
     /// A new connection from `ip`. `udp_token` must be unpredictable (the shell draws it from
@@ -581,7 +596,8 @@ impl ServerState {
             return;
         }
         if session.pending_join.is_some() {
-            refuse(Status::RateLimited, canonical);
+            // Not a refusal of the channel: the earlier join's answer is still to come.
+            refuse(Status::PasswordCheckPending, canonical);
             return;
         }
         while session
@@ -599,21 +615,7 @@ impl ServerState {
         match &ch.config.password_hash {
             None => self.enter_channel(id, index),
             Some(hash) => {
-                let ip_failures =
-                    self.wrong_by_ip
-                        .get_mut(&session.addrs.peer)
-                        .map(|q| {
-                            while q.front().is_some_and(|t| {
-                                now.saturating_sub(*t) > rules.wrong_password_window
-                            }) {
-                                q.pop_front();
-                            }
-                            q.len()
-                        })
-                        .unwrap_or(0);
-                if session.wrong_passwords.len() >= rules.max_wrong_passwords
-                    || ip_failures >= rules.max_wrong_passwords_per_ip
-                {
+                if session.wrong_passwords.len() >= rules.max_wrong_passwords {
                     refuse(Status::RateLimited, canonical);
                     return;
                 }
@@ -621,8 +623,21 @@ impl ServerState {
                     refuse(Status::WrongPassword, canonical);
                     return;
                 };
+                let prefix = rules.prefixes.prefix_of(session.addrs.peer);
+                match self.password_checks.may_check(now, prefix, index) {
+                    Ok(()) => {}
+                    Err(CheckRefusal::LockedOut { .. }) => {
+                        refuse(Status::RateLimited, canonical);
+                        return;
+                    }
+                    Err(CheckRefusal::Busy) => {
+                        refuse(Status::ServerBusy, canonical);
+                        return;
+                    }
+                }
                 let ticket = self.next_ticket;
                 self.next_ticket += 1;
+                self.password_checks.start(ticket, prefix, index);
                 session.pending_join = Some(PendingJoin {
                     ticket,
                     channel: index,
@@ -638,9 +653,11 @@ impl ServerState {
     }
 
     /// The result of an [`Output::VerifyPassword`] request: `ok` when the password matched.
-    /// A result for a join that is no longer pending (another ticket, a closed session) is
-    /// ignored.
+    /// Every result frees its place among the checks in flight and a wrong password counts
+    /// against its prefix and channel, even when the session is gone; otherwise a result for
+    /// a join that is no longer pending (another ticket, a closed session) is ignored.
     pub fn handle_password_checked(&mut self, now: Duration, id: SessionId, ticket: u64, ok: bool) {
+        self.password_checks.finish(now, ticket, ok);
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -651,10 +668,6 @@ impl ServerState {
         let canonical = self.channels[index].config.name.clone();
         if !ok {
             session.wrong_passwords.push_back(now);
-            self.wrong_by_ip
-                .entry(session.addrs.peer)
-                .or_default()
-                .push_back(now);
             self.outputs.push_back(Output::Send(
                 id,
                 ServerMsg::Joined {
@@ -991,9 +1004,7 @@ impl ServerState {
         }
         self.next_expiry_check = now + EXPIRY_CHECK_INTERVAL;
         self.announce_pending_endpoints(now);
-        let window = self.rules.wrong_password_window;
-        self.wrong_by_ip
-            .retain(|_, q| q.back().is_some_and(|t| now.saturating_sub(*t) <= window));
+        self.password_checks.handle_timeout(now);
         let mut expired = Vec::new();
         for (&id, s) in &self.sessions {
             let silent = now.saturating_sub(s.last_seen);

@@ -2,6 +2,7 @@ use super::*;
 use crate::config::hash_password;
 use crate::protocol::datagram::voice_header;
 use crate::server::relay::RelayRules;
+use std::net::IpAddr;
 
 const S: Duration = Duration::from_secs(1);
 
@@ -172,7 +173,7 @@ fn version_mismatch_is_refused_and_closed_with_a_reason() {
     )));
     assert!(out
         .iter()
-        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 5"))));
+        .any(|o| matches!(o, Output::Close(1, r) if r.to_string().contains("protocol 6"))));
 }
 
 #[test]
@@ -751,14 +752,29 @@ fn a_flooding_session_is_closed_and_normal_use_is_not() {
     );
 }
 
+/// Channels with two protected ones, for the lockout tests.
+fn two_vaults() -> World {
+    let mut chans = channels();
+    chans.push(ChannelConfig {
+        name: "Vault".into(),
+        password_hash: Some(hash_password("opensesame").unwrap()),
+        max_members: 4,
+    });
+    World {
+        state: ServerState::new(chans, ServerRules::default()),
+        now: Duration::ZERO,
+    }
+}
+
 #[test]
-fn wrong_passwords_are_rate_limited_per_ip_across_reconnects() {
-    let mut w = World::new();
-    let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
-    for round in 0..4u64 {
+fn wrong_passwords_lock_out_their_prefix_and_channel_across_reconnects() {
+    let mut w = two_vaults();
+    let ip: IpAddr = "2001:db8:0:1::5".parse().unwrap();
+    // Five free failures over two connections, then the sixth starts a lockout of 1 s.
+    for (round, guesses) in [(0u64, 5), (1, 1)] {
         let id = 10 + round;
         w.login_from(id, &format!("guess{round}"), ip);
-        for _ in 0..5 {
+        for _ in 0..guesses {
             assert_eq!(
                 join_status(&w.join(id, "Private", Some("x")), id),
                 Some(Status::WrongPassword)
@@ -767,18 +783,137 @@ fn wrong_passwords_are_rate_limited_per_ip_across_reconnects() {
         w.state.handle_closed(w.now, id);
         w.drain();
     }
-    // A fresh connection from the same address is still limited...
-    w.login_from(20, "fresh", ip);
+    // A fresh connection from the same /64 is locked out of that channel...
+    w.login_from(20, "fresh", "2001:db8:0:1::ffff".parse().unwrap());
     assert_eq!(
         join_status(&w.join(20, "Private", Some("letmein")), 20),
         Some(Status::RateLimited)
     );
-    // ...but another address is not.
-    w.login_from(21, "other", "198.51.100.1".parse().unwrap());
+    // ...but not of another one, and another /64 is not locked out at all.
+    assert_eq!(
+        join_status(&w.join(20, "Vault", Some("opensesame")), 20),
+        Some(Status::Ok)
+    );
+    w.login_from(21, "other", "2001:db8:0:2::5".parse().unwrap());
     assert_eq!(
         join_status(&w.join(21, "Private", Some("letmein")), 21),
         Some(Status::Ok)
     );
+    // The lockout ends.
+    w.now += S;
+    w.login_from(22, "later", ip);
+    assert_eq!(
+        join_status(&w.join(22, "Private", Some("letmein")), 22),
+        Some(Status::Ok)
+    );
+}
+
+/// Issue 13: the lockout was per IP address across all channels, so one attacker behind a
+/// shared NAT or CGNAT locked everyone there out of every protected channel.
+#[test]
+fn a_guesser_behind_a_shared_address_does_not_lock_out_its_neighbours_elsewhere() {
+    let mut w = two_vaults();
+    let nat: IpAddr = "100.64.0.1".parse().unwrap();
+    // 25 guesses at Private within a minute, one connection each (the old per-address limit
+    // locked the address out of every channel after 20).
+    for i in 0..25u64 {
+        w.now += S;
+        w.login_from(100 + i, &format!("attacker{i}"), nat);
+        w.join(100 + i, "Private", Some("guess"));
+        w.state.handle_closed(w.now, 100 + i);
+        w.drain();
+    }
+    w.login_from(1, "neighbour", nat);
+    assert_eq!(
+        join_status(&w.join(1, "Vault", Some("opensesame")), 1),
+        Some(Status::Ok)
+    );
+}
+
+/// Issue 13: a check still running was answered `RateLimited`, as if the client had guessed
+/// too often.
+#[test]
+fn a_join_while_its_password_is_checked_is_told_pending_not_rate_limited() {
+    let mut w = World::new();
+    w.login(1, "alice");
+    let join = |w: &mut World| {
+        w.state.handle_message(
+            w.now,
+            1,
+            ClientMsg::Join {
+                channel: "Private".into(),
+                password: Some("letmein".into()),
+            },
+        );
+        std::iter::from_fn(|| w.state.poll_output()).collect::<Vec<_>>()
+    };
+    let first = join(&mut w);
+    let Some(Output::VerifyPassword { ticket, .. }) = first.first() else {
+        panic!("{first:?}");
+    };
+    let ticket = *ticket;
+    assert_eq!(
+        join_status(&join(&mut w), 1),
+        Some(Status::PasswordCheckPending)
+    );
+    w.state.handle_password_checked(w.now, 1, ticket, true);
+    assert_eq!(join_status(&w.drain(), 1), Some(Status::Ok));
+}
+
+/// Issue 13: every session could have a check queued, so the argon2 queue had no bound and
+/// one address could run one guess per connection in parallel (64 with the connection cap).
+#[test]
+fn password_checks_in_flight_are_capped_globally_and_per_prefix_and_the_rest_told_busy() {
+    let mut w = World::new();
+    let ask = |w: &mut World, id: SessionId| {
+        w.state.handle_message(
+            w.now,
+            id,
+            ClientMsg::Join {
+                channel: "Private".into(),
+                password: Some("guess".into()),
+            },
+        );
+        std::iter::from_fn(|| w.state.poll_output()).collect::<Vec<_>>()
+    };
+    // Five sessions from one address: four checks go out, the fifth is told to retry.
+    let nat: IpAddr = "203.0.113.9".parse().unwrap();
+    let mut tickets = Vec::new();
+    for id in 1..=5u64 {
+        w.login_from(id, &format!("n{id}"), nat);
+        let out = ask(&mut w, id);
+        match out.first() {
+            Some(Output::VerifyPassword { ticket, .. }) => tickets.push((id, *ticket)),
+            _ => assert_eq!(join_status(&out, id), Some(Status::ServerBusy), "{id}"),
+        }
+    }
+    assert_eq!(tickets.len(), 4);
+    // 40 more from as many addresses: 32 in flight in all.
+    let mut busy = 0;
+    for id in 100..140u64 {
+        w.login(id, &format!("u{id}"));
+        let out = ask(&mut w, id);
+        match out.first() {
+            Some(Output::VerifyPassword { ticket, .. }) => tickets.push((id, *ticket)),
+            _ => {
+                assert_eq!(join_status(&out, id), Some(Status::ServerBusy));
+                busy += 1;
+            }
+        }
+    }
+    assert_eq!(tickets.len(), 32);
+    assert_eq!(busy, 12);
+    assert_eq!(w.state.password_checks_in_flight(), 32);
+    // An answer frees a place even when its session has gone meanwhile.
+    let (gone, ticket) = tickets[0];
+    w.state.handle_closed(w.now, gone);
+    w.state.handle_password_checked(w.now, gone, ticket, false);
+    assert_eq!(w.state.password_checks_in_flight(), 31);
+    w.drain();
+    assert!(matches!(
+        ask(&mut w, 139).first(),
+        Some(Output::VerifyPassword { .. })
+    ));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use bevy::prelude::*;
 use crate::client::ClientNetPlugin;
 pub use crate::headless::HeadlessOptions;
 use crate::headless::HeadlessPlugin;
+use crate::protocol::Password;
 use crate::server::{ServerConfig, ServerPlugin};
 use crate::ui::perf::PerfPlugin;
 use crate::ui::screenshot::{ScreenshotPlan, ScreenshotPlugin};
@@ -114,7 +115,7 @@ pub fn run_desktop(
     server: Option<ServerConfig>,
     username: Option<String>,
     connect_to: Option<String>,
-    join: Option<(String, Option<String>)>,
+    join: Option<(String, Option<Password>)>,
     voice: VoiceThreadConfig,
     voice_choices: Vec<crate::voice::VoiceSetting>,
     accept_new_cert: bool,

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::client::session::PeerIdentityStatus;
 use crate::client::{ClientIntent, ControlEvent, ControlLink, SessionEvent};
 use crate::identity::identity_fingerprint;
-use crate::protocol::{Status, UserId};
+use crate::protocol::{Password, Status, UserId};
 use crate::voice::{
     ChatEvent, ChatNews, PeerSnapshot, PeerState, RelayVia, Voice, VoiceCommand, VoiceSetting,
     VoiceSnapshot, VoiceThreadConfig,
@@ -42,7 +42,7 @@ pub struct HeadlessOptions {
     pub server: String,
     pub username: String,
     pub channel: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Password>,
     pub duration: Option<Duration>,
     pub voice: VoiceThreadConfig,
     /// Send continuously instead of following the voice activity detector.

@@ -9,13 +9,14 @@ use clap::{Args, Parser, Subcommand};
 use p2p_voice::app::{self, HeadlessOptions};
 use p2p_voice::audio::{AudioHost, InputSource, OutputSink};
 use p2p_voice::config::{hash_password, load_server_file};
-use p2p_voice::protocol::DEFAULT_PORT;
+use p2p_voice::protocol::{Password, DEFAULT_PORT};
 use p2p_voice::server::relay::DEFAULT_RELAY_KBPS;
 use p2p_voice::server::{RelayRules, ServerConfig, ServerRules};
 use p2p_voice::voice::codec::FrameDuration;
 use p2p_voice::voice::net::impair::ImpairConfig;
 use p2p_voice::voice::tx::ProcessingConfig;
 use p2p_voice::voice::{VoiceConfig, VoiceSetting, VoiceThreadConfig};
+use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(name = "p2p-voice", version, about = "Peer-to-peer voice chat", long_about = None)]
@@ -550,7 +551,7 @@ fn run() -> anyhow::Result<ExitCode> {
             )?)
         }
         Mode::HashPassword(a) => {
-            let password = match a.password {
+            let password = Zeroizing::new(match a.password {
                 Some(p) => p,
                 // On a terminal the password is not echoed (nor left on screen or in a
                 // recording); piped in by a script, it is read as one line.
@@ -560,9 +561,11 @@ fn run() -> anyhow::Result<ExitCode> {
                 None => {
                     let mut line = String::new();
                     std::io::stdin().read_line(&mut line)?;
-                    line.trim_end_matches(['\r', '\n']).to_string()
+                    let password = line.trim_end_matches(['\r', '\n']).to_string();
+                    zeroize::Zeroize::zeroize(&mut line);
+                    password
                 }
-            };
+            });
             if password.is_empty() {
                 anyhow::bail!("the password is empty");
             }
@@ -580,13 +583,13 @@ fn run() -> anyhow::Result<ExitCode> {
 
 /// The channel password, from the first place that has one: `--password-file`, then
 /// `--ask-password` (a terminal prompt without echo), then `--password` or `P2P_VOICE_PASSWORD`.
-fn channel_password(a: &ClientArgs) -> anyhow::Result<Option<String>> {
+fn channel_password(a: &ClientArgs) -> anyhow::Result<Option<Password>> {
     if let Some(path) = &a.password_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the password file {}", path.display()))?;
-        let password = text.lines().next().unwrap_or_default().to_string();
-        let mut text = text;
-        zeroize::Zeroize::zeroize(&mut text);
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the password file {}", path.display()))?,
+        );
+        let password = Password::from(text.lines().next().unwrap_or_default());
         if password.is_empty() {
             anyhow::bail!("the password file {} is empty", path.display());
         }
@@ -595,9 +598,9 @@ fn channel_password(a: &ClientArgs) -> anyhow::Result<Option<String>> {
     if a.ask_password {
         let password = rpassword::prompt_password("Channel password: ")
             .context("cannot read the password from the terminal")?;
-        return Ok(Some(password));
+        return Ok(Some(Password::new(password)));
     }
-    Ok(a.password.clone())
+    Ok(a.password.clone().map(Password::new))
 }
 
 /// A password typed as `--password X` can be read by every local user (`ps`) and stays in the

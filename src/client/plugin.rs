@@ -11,7 +11,7 @@ use super::components::*;
 use super::person_settings::PersonSettings;
 use super::session::{Action, ControlSession, SessionEvent};
 use super::transport::Transport;
-use crate::protocol::{ChannelInfo, MemberInfo, UserId};
+use crate::protocol::{ChannelInfo, MemberInfo, Password, UserId};
 use crate::voice::VoiceCommand;
 
 /// User intents for the control plane (from the UI, the CLI or tests).
@@ -23,7 +23,7 @@ pub enum ClientIntent {
     },
     Join {
         channel: String,
-        password: Option<String>,
+        password: Option<Password>,
     },
     Leave,
     Disconnect,

@@ -19,7 +19,7 @@ use crate::identity::gate::{IdentityGate, IdentityNews};
 use crate::identity::trust::PeerTrust;
 use crate::identity::{IdentityKey, IDENTITY_KEY_LEN};
 use crate::protocol::{
-    ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, Status, UserId, APP_VERSION,
+    ChannelInfo, ClientMsg, MemberInfo, Password, PeerInfo, ServerMsg, Status, UserId, APP_VERSION,
     PROTOCOL_VERSION,
 };
 
@@ -263,7 +263,7 @@ pub struct ControlSession {
     /// The channel we are in (server's spelling).
     channel: Option<String>,
     /// Channel (and password) to be in after a reconnect, or requested and not yet answered.
-    wanted_channel: Option<(String, Option<String>)>,
+    wanted_channel: Option<(String, Option<Password>)>,
     /// When the wanted channel's join is sent again after a "busy, retry"...
     busy_retry: Option<Duration>,
     /// ...and how many times it was, since the user asked.
@@ -506,7 +506,7 @@ impl ControlSession {
     }
 
     /// User intent: join `channel` (leaving the current one).
-    pub fn join(&mut self, now: Duration, channel: &str, password: Option<String>) {
+    pub fn join(&mut self, now: Duration, channel: &str, password: Option<Password>) {
         self.wanted_channel = Some((channel.to_string(), password.clone()));
         self.busy_retry = None;
         self.busy_retries = 0;
@@ -1128,7 +1128,7 @@ mod tests {
             .iter()
             .any(|e| matches!(e, SessionEvent::PeerGone { user_id: 9 })));
         let rejoin = drain_actions(&mut s).into_iter().any(|a| {
-            matches!(a, Action::Send(ClientMsg::Join { channel, password: Some(p) }) if channel == "Private" && p == "pw")
+            matches!(a, Action::Send(ClientMsg::Join { channel, password: Some(p) }) if channel == "Private" && p.as_str() == "pw")
         });
         assert!(rejoin);
     }
@@ -1207,7 +1207,7 @@ mod tests {
         };
         let joined_again = |s: &mut ControlSession| {
             drain_actions(s).into_iter().any(|a| {
-                matches!(a, Action::Send(ClientMsg::Join { channel, password: Some(p) }) if channel == "Private" && p == "pw")
+                matches!(a, Action::Send(ClientMsg::Join { channel, password: Some(p) }) if channel == "Private" && p.as_str() == "pw")
             })
         };
         let mut now = MS;

@@ -12,6 +12,7 @@ use mio::net::TcpStream;
 use std::sync::Arc;
 
 use rustls::ClientConnection;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::session::TransportError;
 use crate::protocol::{encode_frame, ClientMsg, FrameDecoder, ServerMsg, DEFAULT_PORT};
@@ -259,8 +260,10 @@ impl Transport {
 
     /// Queues a message; it is written on the next poll.
     pub fn send(&mut self, msg: &ClientMsg) {
-        if let Ok(frame) = encode_frame(msg) {
+        if let Ok(mut frame) = encode_frame(msg) {
             self.out.extend_from_slice(&frame);
+            // Frames may carry a password: no copy outlives its sending.
+            frame.zeroize();
         }
     }
 
@@ -325,7 +328,15 @@ impl Transport {
             if !self.out.is_empty() {
                 match tls.writer().write(&self.out) {
                     Ok(n) => {
-                        self.out.drain(..n);
+                        // Written bytes are wiped (a Join carries a password); a partial
+                        // write keeps the rest in a fresh buffer so no stale copy stays behind.
+                        if n == self.out.len() {
+                            self.out.zeroize();
+                        } else {
+                            let rest = Zeroizing::new(self.out[n..].to_vec());
+                            self.out.zeroize();
+                            self.out.extend_from_slice(&rest);
+                        }
                     }
                     Err(e) => p.lost = Some(TransportError::Lost(e.to_string())),
                 }
@@ -402,6 +413,7 @@ fn pump_tls(
                         Ok(0) => return Err(TransportError::Closed),
                         Ok(n) => {
                             decoder.push(&scratch[..n]);
+                            scratch[..n].zeroize();
                             while let Some(msg) = decoder
                                 .next::<ServerMsg>()
                                 .map_err(|e| TransportError::BadData(e.to_string()))?

@@ -4,6 +4,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Largest accepted frame body, in bytes.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
@@ -35,11 +36,15 @@ pub enum FramingError {
 /// Encodes one message as a complete frame (header + body).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FramingError> {
     let mut out = vec![0u8; HEADER_LEN];
-    let body = bincode::serde::encode_to_vec(msg, bincode_config())
-        .map_err(|e| FramingError::Malformed(e.to_string()))?;
+    // Wiped after use: a body may hold a password (see `super::password`).
+    let body = Zeroizing::new(
+        bincode::serde::encode_to_vec(msg, bincode_config())
+            .map_err(|e| FramingError::Malformed(e.to_string()))?,
+    );
     if body.len() > MAX_FRAME_LEN {
         return Err(FramingError::TooLarge { len: body.len() });
     }
+    out.reserve_exact(body.len());
     out[..HEADER_LEN].copy_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
     Ok(out)
@@ -78,6 +83,10 @@ impl FrameDecoder {
         } else if self.start > 16 * 1024 {
             self.buf.drain(..self.start);
             self.start = 0;
+            // The shift left copies of the undecoded bytes behind the new end.
+            for b in self.buf.spare_capacity_mut() {
+                b.write(0);
+            }
         }
         self.buf.extend_from_slice(bytes);
     }
@@ -113,6 +122,8 @@ impl FrameDecoder {
         }
         let body = &pending[HEADER_LEN..HEADER_LEN + len];
         let result = bincode::serde::decode_from_slice::<T, _>(body, bincode_config());
+        // A decoded frame's bytes are wiped: it may have carried a password.
+        self.buf[self.start..self.start + HEADER_LEN + len].zeroize();
         self.start += HEADER_LEN + len;
         match result {
             Ok((msg, used)) if used == len => Ok(Some(msg)),
@@ -133,6 +144,23 @@ mod tests {
     use super::super::messages::{ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg};
     use super::super::status::Status;
     use super::*;
+
+    #[test]
+    fn a_decoded_frame_leaves_no_password_behind_in_the_decoder() {
+        let join = ClientMsg::Join {
+            channel: "Private".into(),
+            password: Some(crate::protocol::Password::from("correct horse")),
+        };
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&encode_frame(&join).unwrap());
+        decoder.push(&encode_frame(&ClientMsg::Heartbeat).unwrap()[..2]);
+        assert_eq!(decoder.next::<ClientMsg>().unwrap(), Some(join));
+        let needle = b"correct horse";
+        assert!(
+            !decoder.buf.windows(needle.len()).any(|w| w == needle),
+            "the password is still in the decoder's buffer"
+        );
+    }
     use proptest::prelude::*;
 
     fn sample_messages() -> Vec<ServerMsg> {
@@ -258,7 +286,7 @@ mod tests {
             ".{0,40}".prop_map(|u| ClientMsg::Identify { username: u }),
             (".{0,40}", proptest::option::of(".{0,40}")).prop_map(|(c, p)| ClientMsg::Join {
                 channel: c,
-                password: p
+                password: p.map(crate::protocol::Password::new)
             }),
             Just(ClientMsg::Leave),
             Just(ClientMsg::Heartbeat),

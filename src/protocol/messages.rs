@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use super::password::Password;
 use super::status::Status;
 
 /// Server-assigned identifier of a connected user; also the sender id in voice datagrams.
@@ -25,7 +26,7 @@ pub enum ClientMsg {
     /// Enter a channel; leaves the current one first. The password only matters for protected channels.
     Join {
         channel: String,
-        password: Option<String>,
+        password: Option<Password>,
     },
     /// Leave the current channel but stay connected.
     Leave,

@@ -10,6 +10,7 @@ pub mod addr;
 pub mod datagram;
 pub mod framing;
 pub mod messages;
+pub mod password;
 pub mod relay_budget;
 pub mod status;
 pub mod transmit;
@@ -18,6 +19,7 @@ pub use framing::{encode_frame, FrameDecoder, FramingError, MAX_FRAME_LEN};
 pub use messages::{
     ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg, UserId, VoiceKeyProof,
 };
+pub use password::Password;
 pub use status::Status;
 pub use transmit::Transmit;
 

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use mio::net::TcpStream;
 use rustls::ServerConnection;
+use zeroize::Zeroize;
 
 use std::time::Duration;
 
@@ -121,6 +122,8 @@ impl Conn {
                 Ok(0) => return Err(CloseReason::PeerClosed),
                 Ok(n) => {
                     self.decoder.push(&scratch[..n]);
+                    // Plaintext may hold a password; the decoder wipes its own copy.
+                    scratch[..n].zeroize();
                     self.drain(into)?;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::state::SessionId;
 use crate::config::verify_password;
+use crate::protocol::Password;
 
 /// Threads checking passwords. Two keep a burst of joins to a protected channel moving without
 /// taking the machine from the tick.
@@ -23,7 +24,7 @@ pub struct PasswordJob {
     pub session: SessionId,
     pub ticket: u64,
     pub hash: String,
-    pub password: String,
+    pub password: Password,
 }
 
 /// The outcome of a [`PasswordJob`].
@@ -55,7 +56,7 @@ impl PasswordPool {
                         let result = PasswordResult {
                             session: job.session,
                             ticket: job.ticket,
-                            ok: verify_password(&job.hash, &job.password),
+                            ok: verify_password(&job.hash, job.password.as_str()),
                         };
                         if results_tx.send(result).is_err() {
                             break;

@@ -3,6 +3,7 @@
 //! Panels never perform I/O: they return `UiAction`s and the UI plugin turns each into the
 //! matching Bevy event for the network, voice or audio systems.
 
+use crate::protocol::Password;
 use crate::voice::VoiceSetting;
 
 /// One user intent produced by a panel during a frame.
@@ -28,8 +29,8 @@ pub enum UiAction {
     SubmitPassword {
         /// Channel to join.
         channel_id: u32,
-        /// Password as typed.
-        password: String,
+        /// Password as typed (taken out of the text field, which is wiped).
+        password: Password,
     },
     /// Close the password prompt without joining.
     CancelPassword,

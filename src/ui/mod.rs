@@ -20,7 +20,7 @@ use crate::client::{
     PersonSettings, Phase, SessionEvent, Speaking, User, VoiceLevel, Volume,
 };
 use crate::config::ClientSettings;
-use crate::protocol::Status;
+use crate::protocol::{Password, Status};
 use crate::voice::{AudioProblem, PeerState, Voice, VoiceCommand, VoiceSetting};
 use actions::UiAction;
 use notices::{Notices, Topic};
@@ -45,7 +45,7 @@ pub struct UiOptions {
     pub input_devices: Vec<String>,
     pub output_devices: Vec<String>,
     /// Channel (and password) to join once connected (`client --channel`).
-    pub join: Option<(String, Option<String>)>,
+    pub join: Option<(String, Option<Password>)>,
     /// Voice settings the command line gave explicitly: they win over the remembered ones.
     pub voice_choices: Vec<VoiceSetting>,
 }
@@ -72,7 +72,7 @@ pub struct UiState {
     /// Peers whose unreachability was already reported, so each episode is said once (a
     /// dismissed notice does not come back while the episode lasts).
     unreachable_reported: std::collections::HashSet<u32>,
-    auto_join: Option<(String, Option<String>)>,
+    auto_join: Option<(String, Option<Password>)>,
     /// The chat input line.
     chat_draft: String,
     /// Local time's offset from UTC (read once at start), for message times.

@@ -266,7 +266,7 @@ impl RawClient {
     pub fn join(&mut self, channel: &str, password: Option<&str>) -> Status {
         self.send(&ClientMsg::Join {
             channel: channel.into(),
-            password: password.map(String::from),
+            password: password.map(p2p_voice::protocol::Password::from),
         });
         match self.expect(|m| matches!(m, ServerMsg::Joined { .. })) {
             ServerMsg::Joined { status, .. } => status,

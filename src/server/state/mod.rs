@@ -21,8 +21,8 @@ use crate::protocol::datagram::{
 };
 use crate::protocol::messages::OVERVIEW_PART_MEMBERS;
 use crate::protocol::{
-    username_key, validate_username, ChannelInfo, ClientMsg, MemberInfo, PeerInfo, ServerMsg,
-    Status, UserId, VoiceKeyProof, APP_VERSION, PROTOCOL_VERSION,
+    username_key, validate_username, ChannelInfo, ClientMsg, MemberInfo, Password, PeerInfo,
+    ServerMsg, Status, UserId, VoiceKeyProof, APP_VERSION, PROTOCOL_VERSION,
 };
 
 mod output;
@@ -579,7 +579,7 @@ impl ServerState {
         }
     }
 
-    fn join(&mut self, now: Duration, id: SessionId, channel: String, password: Option<String>) {
+    fn join(&mut self, now: Duration, id: SessionId, channel: String, password: Option<Password>) {
         let outputs = &mut self.outputs;
         let mut refuse = |status: Status, channel: String| {
             outputs.push_back(Output::Send(id, ServerMsg::Joined { status, channel }));

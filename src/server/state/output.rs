@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use super::{CloseReason, SessionId};
 use crate::protocol::datagram::DatagramError;
-use crate::protocol::ServerMsg;
+use crate::protocol::{Password, ServerMsg};
 
 /// What the shell must do for a session, drained with
 /// [`poll_output`](super::ServerState::poll_output) in the order the rules produced them.
@@ -35,7 +35,7 @@ pub enum Output {
         session: SessionId,
         ticket: u64,
         hash: String,
-        password: String,
+        password: Password,
     },
 }
 

@@ -69,7 +69,7 @@ impl World {
                 password,
             } = &o
             {
-                let ok = crate::config::verify_password(hash, password);
+                let ok = crate::config::verify_password(hash, password.as_str());
                 self.state
                     .handle_password_checked(self.now, *session, *ticket, ok);
             }
@@ -113,7 +113,7 @@ impl World {
             id,
             ClientMsg::Join {
                 channel: channel.into(),
-                password: pw.map(str::to_string),
+                password: pw.map(Password::from),
             },
         )
     }

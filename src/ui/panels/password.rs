@@ -2,6 +2,7 @@
 
 use egui::{Button, Context, Id, Key, Modal, RichText, TextEdit};
 
+use crate::protocol::Password;
 use crate::ui::actions::UiAction;
 use crate::ui::view::PasswordPromptView;
 
@@ -46,7 +47,7 @@ pub fn password_prompt(ctx: &Context, view: &mut PasswordPromptView) -> Vec<UiAc
         if submit && !view.pending {
             actions.push(UiAction::SubmitPassword {
                 channel_id: view.channel_id,
-                password: view.password.clone(),
+                password: Password::take_from(&mut view.password),
             });
         }
     });

@@ -54,7 +54,7 @@ sleep 1
 shot() {
     local name=$1; shift
     echo "[screenshots] $name"
-    env ${PERF:+P2P_VOICE_PERF_OVERLAY=1} DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG/$name" \
+    env ${PERF:+P2P_VOICE_PERF_OVERLAY=1} ${MESH:+P2P_VOICE_MESH_VIEW=1} DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG/$name" \
         P2P_VOICE_SCREENSHOT="$OUT/$name.png" P2P_VOICE_SCREENSHOT_AFTER="${AFTER:-5}" \
         "$BIN" "$@" >/dev/null 2>&1 || echo "[screenshots] $name: app exited with $?"
 }
@@ -66,4 +66,21 @@ shot overview client --server "127.0.0.1:$PORT" --username alice --channel Lobby
 shot password client --server "127.0.0.1:$PORT" --username erin --channel Private
 PERF=1 shot perf-overlay client --server "127.0.0.1:$PORT" --username frank --channel Lobby
 AFTER=6 shot host host --port $((PORT + 1)) --username host-user
+
+# The mesh view: the window's user in Music with five headless members. Three talk (their
+# nodes pulse), mallory receives nothing (--impair loss=1: no answer to punching, so
+# unreachable after 10 s), and the window itself loses 4 % with 15 ms jitter so the lines'
+# loss figures are not all zero.
+echo "[screenshots] starting five members in Music"
+for m in "grace --input-tone 330 --always-transmit" "heidi --input-tone 440 --always-transmit" \
+    "ivan --input-silence" "judy --input-tone 600 --always-transmit" \
+    "mallory --input-silence --impair loss=1"; do
+    # shellcheck disable=SC2086
+    "$BIN" client --headless --server "127.0.0.1:$PORT" --channel Music --duration 40 \
+        --username $m >/dev/null 2>&1 &
+    PIDS+=($!)
+done
+sleep 1
+MESH=1 AFTER=14 shot mesh client --server "127.0.0.1:$PORT" --username you --channel Music \
+    --impair loss=0.04,jitter_ms=15,seed=7
 ls -l "$OUT"

@@ -163,16 +163,28 @@ mod tests {
                 ..LinkStatus::default()
             })
             .id();
-        app.update(); // adds the history
-        app.update(); // first sample (time 0 is due)
-        app.update(); // same instant: not due again
-        let h = &app.world().get::<PeerLinkHistory>(bob).unwrap().0;
-        assert_eq!(h.loss_pct().collect::<Vec<_>>(), vec![2.0]);
-        app.world_mut()
-            .resource_mut::<Time<Real>>()
-            .update_with_duration(SAMPLE_EVERY);
+        let advance = |app: &mut App| {
+            app.world_mut()
+                .resource_mut::<Time<Real>>()
+                .update_with_duration(SAMPLE_EVERY);
+        };
+        let history = |app: &App| {
+            let h = &app.world().get::<PeerLinkHistory>(bob).unwrap().0;
+            (
+                h.loss_pct().collect::<Vec<_>>(),
+                h.jitter_ms().collect::<Vec<_>>(),
+            )
+        };
+        app.update(); // adds the history; the next sample is a second away
         app.update();
-        let h = &app.world().get::<PeerLinkHistory>(bob).unwrap().0;
-        assert_eq!(h.jitter_ms().collect::<Vec<_>>(), vec![5.0, 5.0]);
+        assert_eq!(history(&app), (vec![], vec![]));
+        advance(&mut app);
+        app.update();
+        app.update(); // the same instant: not due again
+        assert_eq!(history(&app), (vec![2.0], vec![5.0]));
+        app.world_mut().get_mut::<LinkStatus>(bob).unwrap().loss_pct = 3.0;
+        advance(&mut app);
+        app.update();
+        assert_eq!(history(&app), (vec![2.0, 3.0], vec![5.0, 5.0]));
     }
 }

@@ -121,7 +121,7 @@ impl MeshLink {
         }
     }
 
-    /// The text beside the line: "42 ms · 1.5 %", "via carol · 80 ms · 0.0 %", "punching",
+    /// The text beside the line: "42 ms, 1.5 %", "via carol, 80 ms, 0.0 %", "punching",
     /// "unreachable". Rounded so it does not change (and get laid out again) every frame.
     pub fn label(&self) -> String {
         let mut parts: Vec<String> = Vec::with_capacity(3);
@@ -140,7 +140,7 @@ impl MeshLink {
                 }
             }
         }
-        parts.join(" · ")
+        parts.join(", ")
     }
 }
 
@@ -192,17 +192,38 @@ impl PlacedLink {
         (center, self.from.distance(self.to), angle)
     }
 
-    /// Where the label goes: beside the line's outer half, pushed off the line sideways so
-    /// labels of neighbouring lines do not sit on each other's line.
-    pub fn label_position(&self) -> Point {
+    /// Where the label goes: beside the line a little past its middle, above a mostly level
+    /// line and to the right of a mostly upright one, so it never sits on its own line and
+    /// keeps clear of the name under the far node.
+    pub fn label_position(&self) -> (Point, LabelSide) {
         let (dx, dy) = (self.to.x - self.from.x, self.to.y - self.from.y);
         let len = dx.hypot(dy).max(f32::EPSILON);
-        // 60 % of the way out, 9 px to the left of the direction of travel.
-        Point::new(
-            self.from.x + dx * 0.6 - dy / len * 9.0,
-            self.from.y + dy * 0.6 + dx / len * 9.0,
-        )
+        let (mut nx, mut ny) = (-dy / len, dx / len);
+        let side = if ny.abs() >= nx.abs() {
+            if ny < 0.0 {
+                (nx, ny) = (-nx, -ny);
+            }
+            LabelSide::Above
+        } else {
+            if nx < 0.0 {
+                (nx, ny) = (-nx, -ny);
+            }
+            LabelSide::Right
+        };
+        let at = Point::new(
+            self.from.x + dx * 0.55 + nx * 4.0,
+            self.from.y + dy * 0.55 + ny * 4.0,
+        );
+        (at, side)
     }
+}
+
+/// Which side of its line a label is on: the systems anchor the text at its bottom centre
+/// (above) or at its left edge (right), so it grows away from the line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelSide {
+    Above,
+    Right,
 }
 
 /// The whole picture for one frame.
@@ -368,11 +389,11 @@ mod tests {
         assert_eq!(
             labels,
             vec![
-                "42 ms · 1.3 %",
-                "via carol · 42 ms · 1.3 %",
+                "42 ms, 1.3 %",
+                "via carol, 42 ms, 1.3 %",
                 "punching",
                 "unreachable",
-                "via server · 42 ms · 1.3 %",
+                "via server, 42 ms, 1.3 %",
             ]
         );
         // Four distinct colours: none of the states can be mistaken for another.
@@ -424,9 +445,18 @@ mod tests {
             (angle + std::f32::consts::FRAC_PI_2).abs() < 1e-4,
             "{angle}"
         );
-        // The label sits beside the line, not on it.
-        let p = link.label_position();
-        assert!(p.x.abs() > 5.0, "{p:?}");
+        // The label sits beside the line, not on it: right of an upright line, above a
+        // level one.
+        let (p, side) = link.label_position();
+        assert_eq!(side, LabelSide::Right);
+        assert!(p.x > 3.0, "{p:?}");
+        let level = PlacedLink {
+            to: Point::new(-40.0, 5.0),
+            ..link
+        };
+        let (p, side) = level.label_position();
+        assert_eq!(side, LabelSide::Above);
+        assert!(p.y > 5.0 * 0.55 + 3.0, "{p:?}");
     }
 
     #[test]
@@ -440,6 +470,6 @@ mod tests {
         let l = MeshLink::new(&PeerState::Punching, Some(30.0), 50.0);
         assert_eq!((l.rtt_ms, l.loss_pct), (None, None));
         let l = MeshLink::new(&PeerState::Direct(([10, 0, 0, 2], 1).into()), None, 0.0);
-        assert_eq!(l.label(), "– ms · 0.0 %");
+        assert_eq!(l.label(), "– ms, 0.0 %");
     }
 }

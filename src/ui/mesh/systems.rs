@@ -10,9 +10,11 @@ use std::collections::HashMap;
 use bevy::asset::RenderAssetUsages;
 use bevy::prelude::*;
 use bevy::render::render_resource::{Extent3d, TextureDimension, TextureFormat};
+use bevy::sprite::Anchor;
 
 use super::layout::{
-    circle_radius, layout, LinkKind, MeshLink, MeshMember, PlacedLink, PlacedNode, LINE_WIDTH,
+    circle_radius, layout, LabelSide, LinkKind, MeshLink, MeshMember, PlacedLink, PlacedNode,
+    LINE_WIDTH,
 };
 use crate::client::{IsSelf, LinkStatus, MemberOf, Speaking, User, VoiceLevel};
 
@@ -277,9 +279,13 @@ fn line_transform(link: &PlacedLink) -> (Transform, Vec2) {
     )
 }
 
-fn label_position(link: &PlacedLink) -> Vec3 {
-    let p = link.label_position();
-    Vec3::new(p.x, p.y, Z_TEXT)
+fn label_position(link: &PlacedLink) -> (Vec3, Anchor) {
+    let (p, side) = link.label_position();
+    let anchor = match side {
+        LabelSide::Above => Anchor::BottomCenter,
+        LabelSide::Right => Anchor::CenterLeft,
+    };
+    (Vec3::new(p.x, p.y, Z_TEXT), anchor)
 }
 
 fn spawn_member(
@@ -321,7 +327,7 @@ fn spawn_member(
             Text2d::new(name),
             TextFont::from_font_size(13.0),
             TextColor(NAME_COLOR),
-            bevy::sprite::Anchor::TopCenter,
+            Anchor::TopCenter,
             Transform::from_translation(name_position(node)),
             ChildOf(root),
         ))
@@ -336,13 +342,15 @@ fn spawn_member(
                 ChildOf(root),
             ))
             .id();
+        let (at, anchor) = label_position(link);
         let label = commands
             .spawn((
                 MeshPart::LineLabel(id),
                 Text2d::new(link.label.clone()),
                 TextFont::from_font_size(11.0),
                 TextColor(rgb(link.kind)),
-                Transform::from_translation(label_position(link)),
+                anchor,
+                Transform::from_translation(at),
                 ChildOf(root),
             ))
             .id();
@@ -369,6 +377,7 @@ type Texts<'w, 's> = Query<
         &'static mut Transform,
         &'static mut Text2d,
         &'static mut TextColor,
+        &'static mut Anchor,
     ),
     (With<MeshPart>, Without<Sprite>, Without<MeshRoot>),
 >;
@@ -412,8 +421,10 @@ fn update_line(
         t.set_if_neq(transform);
         sprite_set(&mut s, rgb(link.kind), size);
     }
-    if let Ok((mut t, mut text, mut color)) = texts.get_mut(label) {
-        t.set_if_neq(Transform::from_translation(label_position(link)));
+    if let Ok((mut t, mut text, mut color, mut anchor)) = texts.get_mut(label) {
+        let (at, wanted) = label_position(link);
+        t.set_if_neq(Transform::from_translation(at));
+        anchor.set_if_neq(wanted);
         if text.0 != link.label {
             text.0.clone_from(&link.label);
         }
@@ -551,7 +562,7 @@ mod tests {
             .world()
             .get::<Text2d>(parts[&MeshPart::LineLabel(4)])
             .unwrap();
-        assert_eq!(label.0, "34 ms · 1.0 %");
+        assert_eq!(label.0, "34 ms, 1.0 %");
         let root = app.world().resource::<MeshEntities>().root.unwrap();
         assert_eq!(
             app.world().get::<Transform>(root).unwrap().translation,

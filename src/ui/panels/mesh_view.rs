@@ -54,7 +54,13 @@ pub fn overview_and_mesh(ui: &mut Ui, view: &OverviewView) -> (Rect, Vec<UiActio
 pub fn mesh_legend(ui: &mut Ui) {
     ui.horizontal(|ui| {
         for kind in LinkKind::ALL {
-            ui.colored_label(kind_color(kind), "━━");
+            // Painted: the default fonts have no box-drawing glyphs.
+            let (rect, _) = ui.allocate_exact_size(Vec2::new(18.0, 10.0), Sense::hover());
+            ui.painter().rect_filled(
+                Rect::from_center_size(rect.center(), Vec2::new(18.0, 3.0)),
+                0.0,
+                kind_color(kind),
+            );
             ui.label(kind.word());
             ui.add_space(6.0);
         }

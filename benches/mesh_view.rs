@@ -2,8 +2,9 @@
 //! every frame (the nodes pulse), round trips every 5th frame, and one link changes state
 //! every 10th (direct, relayed, punching, unreachable in turn). Headless: one `App::update`
 //! with Bevy's minimal plugins, transform propagation and the mesh systems, no window or GPU
-//! (sprite extraction and drawing are the renderer's, text layout is bevy_text's; neither is
-//! in here). `empty_frame` is the same App without the mesh, to subtract.
+//! (sprite extraction and drawing are the renderer's and not in here; bevy_text's layout of
+//! the labels is, in the `_with_text_layout` case). `empty_frame` is the same App without the
+//! mesh, to subtract.
 
 use std::hint::black_box;
 
@@ -34,10 +35,27 @@ fn state(turn: u32) -> PeerState {
     }
 }
 
-/// An App with a call of [`MEMBERS`] (user 0 is us), with or without the mesh view.
-fn call(with_mesh: bool) -> (App, Vec<Entity>) {
+/// What the App has besides the call.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    /// Bevy's minimal plugins and transform propagation only.
+    Empty,
+    /// Plus the mesh view.
+    Mesh,
+    /// Plus bevy_text, which lays out the labels the mesh changes (the default font).
+    MeshAndText,
+}
+
+/// An App with a call of [`MEMBERS`] (user 0 is us).
+fn call(setup: Setup) -> (App, Vec<Entity>) {
+    let with_mesh = setup != Setup::Empty;
     let mut app = App::new();
     app.add_plugins((MinimalPlugins, bevy::transform::TransformPlugin));
+    if setup == Setup::MeshAndText {
+        app.add_plugins((bevy::asset::AssetPlugin::default(), bevy::text::TextPlugin))
+            .init_asset::<Image>()
+            .init_asset::<TextureAtlasLayout>();
+    }
     if with_mesh {
         app.add_plugins(MeshViewPlugin)
             .insert_resource(MeshViewArea {
@@ -82,6 +100,12 @@ fn call(with_mesh: bool) -> (App, Vec<Entity>) {
         .collect();
     app.update();
     app.update();
+    if setup == Setup::MeshAndText {
+        // The labels really are laid out (with the default font), not skipped.
+        let mut q = app.world_mut().query::<&bevy::text::TextLayoutInfo>();
+        let laid_out = q.iter(app.world()).filter(|l| l.size.x > 0.0).count();
+        assert_eq!(laid_out, 2 * MEMBERS as usize - 1, "names and link labels");
+    }
     if with_mesh {
         assert_eq!(
             app.world().resource::<MeshEntities>().len(),
@@ -111,8 +135,15 @@ fn live_call_frame(app: &mut App, users: &[Entity], frame: u32) {
 }
 
 fn mesh_frame(c: &mut Criterion) {
-    for (name, with_mesh) in [("mesh_view_frame_16_members", true), ("empty_frame", false)] {
-        let (mut app, users) = call(with_mesh);
+    for (name, setup) in [
+        ("mesh_view_frame_16_members", Setup::Mesh),
+        (
+            "mesh_view_frame_16_members_with_text_layout",
+            Setup::MeshAndText,
+        ),
+        ("empty_frame", Setup::Empty),
+    ] {
+        let (mut app, users) = call(setup);
         let mut frame = 0;
         c.bench_function(name, |b| {
             b.iter(|| {

@@ -76,8 +76,10 @@ for m in "grace --input-tone 330 --always-transmit" "heidi --input-tone 440 --al
     "ivan --input-silence" "judy --input-tone 600 --always-transmit" \
     "mallory --input-silence --impair loss=1"; do
     # shellcheck disable=SC2086
-    "$BIN" client --headless --server "127.0.0.1:$PORT" --channel Music --duration 40 \
-        --username $m >/dev/null 2>&1 &
+    # Each with a config directory of its own: a fresh identity that remembers nobody, so
+    # the window's new identity is not taken for a changed one (which holds voice back).
+    P2P_VOICE_CONFIG_DIR="$CFG/member-${m%% *}" "$BIN" client --headless \
+        --server "127.0.0.1:$PORT" --channel Music --duration 40 --username $m >/dev/null 2>&1 &
     PIDS+=($!)
 done
 sleep 1

@@ -211,8 +211,8 @@ impl PlacedLink {
             LabelSide::Right
         };
         let at = Point::new(
-            self.from.x + dx * 0.55 + nx * 4.0,
-            self.from.y + dy * 0.55 + ny * 4.0,
+            self.from.x + dx * 0.55 + nx * 7.0,
+            self.from.y + dy * 0.55 + ny * 7.0,
         );
         (at, side)
     }

@@ -252,14 +252,15 @@ fn node_color(node: &PlacedNode) -> Color {
     }
 }
 
-/// The glow: invisible when silent, brighter and wider with the level while speaking.
+/// The glow: wider and brighter with the level, brightest while the member's voice detector
+/// says they speak; none in silence.
 fn halo(node: &PlacedNode) -> (Color, f32) {
     let (r, g, b) = SPEAKING_RGB;
     let level = node.level.clamp(0.0, 1.0);
-    let alpha = if node.speaking {
-        0.25 + 0.5 * level
-    } else {
-        0.0
+    let alpha = match (node.speaking, level > 0.05) {
+        (true, _) => 0.2 + 0.35 * level,
+        (false, true) => 0.45 * level,
+        (false, false) => 0.0,
     };
     (
         Color::srgba(r, g, b, alpha),

@@ -54,6 +54,13 @@ sleep 1
 shot() {
     local name=$1; shift
     echo "[screenshots] $name"
+    # The window asks before trusting a server it has never seen; a headless client (which
+    # pins on first use) run once with the same config directory has it seen already. Not
+    # for the connect screen, which shows the prompt-free form.
+    if [ "$name" != connect ]; then
+        P2P_VOICE_CONFIG_DIR="$CFG/$name" "$BIN" client --headless --server "127.0.0.1:$PORT" \
+            --username "pin-$name" --input-silence --duration 1 >/dev/null 2>&1 || true
+    fi
     env ${PERF:+P2P_VOICE_PERF_OVERLAY=1} ${MESH:+P2P_VOICE_MESH_VIEW=1} DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG/$name" \
         P2P_VOICE_SCREENSHOT="$OUT/$name.png" P2P_VOICE_SCREENSHOT_AFTER="${AFTER:-5}" \
         "$BIN" "$@" >/dev/null 2>&1 || echo "[screenshots] $name: app exited with $?"
@@ -75,9 +82,9 @@ echo "[screenshots] starting five members in Music"
 for m in "grace --input-tone 330 --always-transmit" "heidi --input-tone 440 --always-transmit" \
     "ivan --input-silence" "judy --input-tone 600 --always-transmit" \
     "mallory --input-silence --impair loss=1"; do
-    # shellcheck disable=SC2086
     # Each with a config directory of its own: a fresh identity that remembers nobody, so
     # the window's new identity is not taken for a changed one (which holds voice back).
+    # shellcheck disable=SC2086
     P2P_VOICE_CONFIG_DIR="$CFG/member-${m%% *}" "$BIN" client --headless \
         --server "127.0.0.1:$PORT" --channel Music --duration 40 --username $m >/dev/null 2>&1 &
     PIDS+=($!)

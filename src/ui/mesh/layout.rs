@@ -133,7 +133,8 @@ impl MeshLink {
             LinkKind::Direct | LinkKind::Relayed => {
                 parts.push(match self.rtt_ms {
                     Some(rtt) if rtt.is_finite() => format!("{rtt:.0} ms"),
-                    _ => "– ms".to_owned(),
+                    // ASCII: Bevy's default font (a FiraMono subset) has no dash.
+                    _ => "? ms".to_owned(),
                 });
                 if let Some(loss) = self.loss_pct.filter(|l| l.is_finite()) {
                     parts.push(format!("{loss:.1} %"));
@@ -470,6 +471,6 @@ mod tests {
         let l = MeshLink::new(&PeerState::Punching, Some(30.0), 50.0);
         assert_eq!((l.rtt_ms, l.loss_pct), (None, None));
         let l = MeshLink::new(&PeerState::Direct(([10, 0, 0, 2], 1).into()), None, 0.0);
-        assert_eq!(l.label(), "– ms, 0.0 %");
+        assert_eq!(l.label(), "? ms, 0.0 %");
     }
 }

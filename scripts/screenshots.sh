@@ -36,16 +36,19 @@ echo "[screenshots] starting a server on 127.0.0.1:$PORT and two talking clients
 "$BIN" server --bind 127.0.0.1 --port "$PORT" >/dev/null 2>&1 &
 PIDS+=($!)
 sleep 0.5
-# bob and dave chat once the window's user (a third member) is in Lobby with them.
-"$BIN" client --headless --server "127.0.0.1:$PORT" --username bob --channel Lobby \
+# bob and dave chat once the window's user (a third member) is in Lobby with them. Each
+# member has a config directory of its own in $CFG: a fresh identity remembering nobody, so
+# the window's user (new each run) is not taken for a changed identity, whose voice is held
+# back.
+P2P_VOICE_CONFIG_DIR="$CFG/member-bob" "$BIN" client --headless --server "127.0.0.1:$PORT" --username bob --channel Lobby \
     --input-tone 300 --always-transmit --duration 60 --say-peers 2 \
     --say "Hi! Slides for tonight: https://example.org/slides/retro-2026" \
     --say "I'll share my screen in five minutes, grab a coffee first if you like. Long messages wrap inside the panel, and the panel scrolls and sticks to the newest one." >/dev/null 2>&1 &
 PIDS+=($!)
-"$BIN" client --headless --server "127.0.0.1:$PORT" --username carol --channel Gaming \
+P2P_VOICE_CONFIG_DIR="$CFG/member-carol" "$BIN" client --headless --server "127.0.0.1:$PORT" --username carol --channel Gaming \
     --input-silence --duration 60 >/dev/null 2>&1 &
 PIDS+=($!)
-"$BIN" client --headless --server "127.0.0.1:$PORT" --username dave --channel Lobby \
+P2P_VOICE_CONFIG_DIR="$CFG/member-dave" "$BIN" client --headless --server "127.0.0.1:$PORT" --username dave --channel Lobby \
     --input-tone 520 --always-transmit --duration 60 --say-peers 2 \
     --say "Sounds good, I can hear you both fine :)" >/dev/null 2>&1 &
 PIDS+=($!)
@@ -54,7 +57,15 @@ sleep 1
 shot() {
     local name=$1; shift
     echo "[screenshots] $name"
-    env ${PERF:+P2P_VOICE_PERF_OVERLAY=1} DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$CFG/$name" \
+    # The window asks before trusting a server it has never seen; a headless client (which
+    # pins on first use) run once with the same config directory has it seen already. Not
+    # for the connect screen, which shows the prompt-free form.
+    local dir="$CFG/${CFGNAME:-$name}"
+    if [ "$name" != connect ]; then
+        P2P_VOICE_CONFIG_DIR="$dir" "$BIN" client --headless --server "127.0.0.1:$PORT" \
+            --username "pin-$name" --input-silence --duration 1 >/dev/null 2>&1 || true
+    fi
+    env ${PERF:+P2P_VOICE_PERF_OVERLAY=1} ${MESH:+P2P_VOICE_MESH_VIEW=1} DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$dir" \
         P2P_VOICE_SCREENSHOT="$OUT/$name.png" P2P_VOICE_SCREENSHOT_AFTER="${AFTER:-5}" \
         "$BIN" "$@" >/dev/null 2>&1 || echo "[screenshots] $name: app exited with $?"
 }
@@ -62,8 +73,28 @@ shot() {
 shot connect client --server "127.0.0.1:$PORT"
 # First in Lobby: bob's and dave's --say messages go to alice's window (chat.png).
 shot chat client --server "127.0.0.1:$PORT" --username alice --channel Lobby
-shot overview client --server "127.0.0.1:$PORT" --username alice --channel Lobby
+# The same alice as in chat.png (one identity): the members must not see hers change.
+CFGNAME=chat shot overview client --server "127.0.0.1:$PORT" --username alice --channel Lobby
 shot password client --server "127.0.0.1:$PORT" --username erin --channel Private
 PERF=1 shot perf-overlay client --server "127.0.0.1:$PORT" --username frank --channel Lobby
 AFTER=6 shot host host --port $((PORT + 1)) --username host-user
+
+# The mesh view: the window's user in Music with five headless members. Three talk (their
+# nodes pulse), mallory receives nothing (--impair loss=1: no answer to punching, so
+# unreachable after 10 s), and the window itself loses 4 % with 15 ms jitter so the lines'
+# loss figures are not all zero.
+echo "[screenshots] starting five members in Music"
+for m in "grace --input-tone 330 --always-transmit" "heidi --input-tone 440 --always-transmit" \
+    "ivan --input-silence" "judy --input-tone 600 --always-transmit" \
+    "mallory --input-silence --impair loss=1"; do
+    # Each with a config directory of its own: a fresh identity that remembers nobody, so
+    # the window's new identity is not taken for a changed one (which holds voice back).
+    # shellcheck disable=SC2086
+    P2P_VOICE_CONFIG_DIR="$CFG/member-${m%% *}" "$BIN" client --headless \
+        --server "127.0.0.1:$PORT" --channel Music --duration 40 --username $m >/dev/null 2>&1 &
+    PIDS+=($!)
+done
+sleep 1
+MESH=1 AFTER=14 shot mesh client --server "127.0.0.1:$PORT" --username you --channel Music \
+    --impair loss=0.04,jitter_ms=15,seed=7
 ls -l "$OUT"

@@ -533,21 +533,12 @@ mod tests {
         );
         world.send_event(overview(31));
         mirror(&mut world);
-        type Row<'a> = (
-            Entity,
-            &'a User,
-            &'a MemberOf,
-            &'a Speaking,
-            &'a VoiceLevel,
-            &'a Muted,
-            &'a Volume,
-            Option<&'a LinkStatus>,
-            Option<&'a IsSelf>,
-        );
         let view: OverviewView = world
-            .run_system_once(|channels: Query<(Entity, &Channel)>, users: Query<Row>| {
-                crate::ui::build_overview(&channels, &users, Some("Lobby"))
-            })
+            .run_system_once(
+                |channels: Query<(Entity, &Channel)>, users: Query<crate::ui::UserRow>| {
+                    crate::ui::build_overview(&channels, &users, Some("Lobby"))
+                },
+            )
             .unwrap();
         let mut h = egui_kittest::Harness::builder()
             .with_size(egui::Vec2::new(700.0, 300.0))

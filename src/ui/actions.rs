@@ -49,6 +49,8 @@ pub enum UiAction {
     ToggleHelp,
     /// Show or hide the performance overlay.
     TogglePerfOverlay,
+    /// Show or hide the mesh view (the channel's links as a graph under the overview).
+    ToggleMeshView,
     /// Disconnect from the server.
     Disconnect,
     /// Trust this server certificate fingerprint (checked with the operator) and connect.

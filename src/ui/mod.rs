@@ -3,6 +3,8 @@
 //! frame and turns the actions into control and voice intents. The UI never touches sockets.
 
 pub mod actions;
+pub mod link_history;
+pub mod mesh;
 pub mod notices;
 pub mod panels;
 pub mod perf;
@@ -57,6 +59,8 @@ pub struct UiState {
     pub password: Option<PasswordPromptView>,
     pub show_help: bool,
     pub show_perf: bool,
+    /// The mesh view is on (drawn while in a channel).
+    pub show_mesh: bool,
     pub notices: Notices,
     pub controls: ControlsView,
     pub host_address: Option<String>,
@@ -120,6 +124,8 @@ impl Plugin for UiPlugin {
             password: None,
             show_help: false,
             show_perf: false,
+            // `make screenshots` starts with it shown.
+            show_mesh: std::env::var_os("P2P_VOICE_MESH_VIEW").is_some(),
             notices: Notices::default(),
             unreachable_reported: Default::default(),
             controls,
@@ -144,7 +150,15 @@ impl Plugin for UiPlugin {
             Startup,
             (setup_camera, auto_connect, start_with_shown_settings),
         )
-        .add_systems(Update, (track_control_events, release_ptt_when_unfocused))
+        .add_plugins(mesh::MeshViewPlugin)
+        .add_systems(
+            Update,
+            (
+                track_control_events,
+                release_ptt_when_unfocused,
+                link_history::record_link_history,
+            ),
+        )
         .add_systems(EguiPrimaryContextPass, draw_ui);
     }
 }
@@ -384,7 +398,8 @@ fn link_view(p: Option<&LinkStatus>, is_self: bool) -> LinkView {
     }
 }
 
-type UserRow<'a> = (
+/// The user entity as the overview reads it (the tests build views from it too).
+pub type UserRow<'a> = (
     Entity,
     &'a User,
     &'a MemberOf,
@@ -394,6 +409,7 @@ type UserRow<'a> = (
     &'a Volume,
     Option<&'a LinkStatus>,
     Option<&'a IsSelf>,
+    Option<&'a link_history::PeerLinkHistory>,
 );
 
 /// Builds the overview from the mirrored entities.
@@ -410,7 +426,7 @@ pub fn build_overview(
             .iter()
             .filter(|u| u.2 .0 == e)
             .map(
-                |(_, user, _, speaking, level, muted, volume, link, is_self)| MemberView {
+                |(_, user, _, speaking, level, muted, volume, link, is_self, history)| MemberView {
                     user_id: user.id,
                     name: user.name.clone(),
                     speaking: speaking.0,
@@ -428,6 +444,9 @@ pub fn build_overview(
                     },
                     fingerprint: link.and_then(|l| l.fingerprint.clone()),
                     identity: IdentityView::Unknown,
+                    history: history
+                        .filter(|_| my_channel == Some(c.name.as_str()))
+                        .map(|h| h.0.clone()),
                 },
             )
             .collect();
@@ -526,6 +545,7 @@ fn draw_ui(
     voice: Res<Voice>,
     channels: Query<(Entity, &Channel)>,
     users: Query<UserRow>,
+    mut mesh_area: ResMut<mesh::MeshViewArea>,
     mut out: UiOutputs,
 ) -> Result {
     let ctx = contexts.ctx_mut()?;
@@ -537,7 +557,18 @@ fn draw_ui(
             .push_once(Topic::IdentityProblem, capitalize(problem));
     }
     let status = status_view(state, &link, &voice);
-    let actions = draw_panels(ctx, state, &link, &voice, &status, &channels, &users);
+    let mut mesh_rect = None;
+    let actions = draw_panels(
+        ctx,
+        state,
+        &link,
+        &voice,
+        &status,
+        &channels,
+        &users,
+        &mut mesh_rect,
+    );
+    mesh_area.set_if_neq(mesh_view_area(ctx, mesh_rect));
     for action in actions {
         dispatch(
             action,
@@ -549,6 +580,30 @@ fn draw_ui(
         );
     }
     Ok(())
+}
+
+/// Where the mesh goes, from egui's screen coordinates (points, y down, origin top left) to
+/// Bevy's 2D world (logical pixels, y up, origin at the centre); egui's points are the
+/// window's logical pixels (bevy_egui's scale factor is 1).
+fn mesh_view_area(ctx: &egui::Context, rect: Option<egui::Rect>) -> mesh::MeshViewArea {
+    let screen = ctx.screen_rect();
+    let [r, g, b, _] = ctx.style().visuals.panel_fill.to_array();
+    let backdrop = Some(Color::srgb_u8(r, g, b));
+    match rect {
+        Some(rect) => mesh::MeshViewArea {
+            shown: true,
+            center: Vec2::new(
+                rect.center().x - screen.center().x,
+                screen.center().y - rect.center().y,
+            ),
+            size: Vec2::new(rect.width(), rect.height()),
+            backdrop,
+        },
+        None => mesh::MeshViewArea {
+            backdrop,
+            ..Default::default()
+        },
+    }
 }
 
 /// The voice plane's facts into the views: meters, the mix trace, and notices for audio
@@ -655,7 +710,8 @@ fn status_view(state: &UiState, link: &ControlLink, voice: &Voice) -> StatusView
 }
 
 /// Draws the connect screen or the call (controls, overview, password prompt) and the help
-/// window; returns what the user did.
+/// window; returns what the user did, and in `mesh_rect` where the mesh view goes when shown.
+#[allow(clippy::too_many_arguments)]
 fn draw_panels(
     ctx: &egui::Context,
     state: &mut UiState,
@@ -664,6 +720,7 @@ fn draw_panels(
     status: &StatusView,
     channels: &Query<(Entity, &Channel)>,
     users: &Query<UserRow>,
+    mesh_rect: &mut Option<egui::Rect>,
 ) -> Vec<UiAction> {
     let phase = link.session.phase();
     let mut actions = Vec::new();
@@ -719,8 +776,24 @@ fn draw_panels(
                 };
                 actions.extend(panels::chat(ui, &view, &mut state.chat_draft));
             });
-        egui::CentralPanel::default().show(ctx, |ui| {
-            actions.extend(panels::overview(ui, &overview));
+        let in_channel = link.session.channel().is_some();
+        let mesh_shown = state.show_mesh && in_channel;
+        let mut frame = egui::Frame::central_panel(&ctx.style());
+        if mesh_shown {
+            // Bevy draws the mesh under egui: this panel lets it show through.
+            frame = frame.fill(egui::Color32::TRANSPARENT);
+        }
+        egui::CentralPanel::default().frame(frame).show(ctx, |ui| {
+            if in_channel {
+                actions.extend(panels::mesh_view::mesh_toggle(ui, state.show_mesh));
+            }
+            if mesh_shown {
+                let (area, more) = panels::mesh_view::overview_and_mesh(ui, &overview);
+                actions.extend(more);
+                *mesh_rect = Some(area);
+            } else {
+                actions.extend(panels::overview(ui, &overview));
+            }
         });
         if let Some(p) = &mut state.password {
             actions.extend(panels::password_prompt(ctx, p));
@@ -873,6 +946,7 @@ fn dispatch(
                 sent_ms: crate::voice::plugin::unix_ms(),
             });
         }
+        UiAction::ToggleMeshView => state.show_mesh = !state.show_mesh,
         UiAction::TogglePerfOverlay => {
             state.show_perf = !state.show_perf;
             out.perf.visible = state.show_perf;

@@ -49,6 +49,9 @@ fn show_or_hide(mut overlay: ResMut<PerfOverlay>, mut commands: Commands) {
                         clear_color: ClearColorConfig::None,
                         ..default()
                     },
+                    // Sees no sprites (they are on layer 0): the mesh view is drawn once,
+                    // under egui, not again over it. bevy_ui ignores render layers.
+                    bevy::render::view::RenderLayers::layer(1),
                 ))
                 .id();
             // The root is a UI node from its first frame: iyes_perf_ui adds the `Node` itself

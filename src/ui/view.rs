@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 
+pub use crate::ui::link_history::LinkHistory;
 use crate::voice::{PeerState, VoiceSetting};
 
 /// State of the connect screen: the two text fields the user edits in place plus what the
@@ -116,6 +117,9 @@ pub struct MemberView {
     pub fingerprint: Option<String>,
     /// Who this member is, as far as their identity key tells (see `crate::identity`).
     pub identity: IdentityView,
+    /// The last minute of our link's loss and jitter, for the sparklines; `None` for
+    /// ourselves and for members of other channels.
+    pub history: Option<LinkHistory>,
 }
 
 /// What the window shows of a member's identity. Exists so the panels can show the safety
@@ -157,6 +161,7 @@ impl MemberView {
             link: LinkView::default(),
             fingerprint: None,
             identity: IdentityView::Unknown,
+            history: None,
         }
     }
 }

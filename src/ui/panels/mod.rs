@@ -10,11 +10,13 @@ pub mod chat;
 pub mod connect;
 pub mod controls;
 pub mod help;
+pub mod mesh_view;
 pub mod meters;
 pub mod overview;
 pub mod password;
 pub mod peer_details;
 pub mod share;
+pub mod sparkline;
 pub mod status_bar;
 pub mod waveform;
 

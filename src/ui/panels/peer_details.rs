@@ -6,7 +6,10 @@
 
 use egui::{Color32, Grid, RichText, Ui};
 
+use super::sparkline::{scale_max, sparkline};
 use crate::ui::actions::UiAction;
+use crate::ui::link_history::{LinkHistory, HISTORY_LEN};
+use crate::ui::mesh::layout::LinkKind;
 use crate::ui::view::{IdentityView, MemberLink, MemberView, OverviewView};
 
 /// Colour of identity warnings.
@@ -28,14 +31,18 @@ pub fn link_state_text(state: &MemberLink) -> String {
 
 /// Colour of the small link dot: green direct, teal relayed, amber punching, red unreachable,
 /// grey for self.
+/// The same palette as the mesh view's lines ([`LinkKind::rgb`]).
 pub fn link_color(state: &MemberLink) -> Color32 {
     match state {
-        MemberLink::Peer(PeerState::Direct(_)) => Color32::from_rgb(60, 200, 90),
-        MemberLink::Peer(PeerState::Relayed(_)) => Color32::from_rgb(60, 170, 200),
-        MemberLink::Peer(PeerState::Punching) => Color32::from_rgb(230, 170, 40),
-        MemberLink::Peer(PeerState::Unreachable(_)) => Color32::from_rgb(220, 60, 60),
+        MemberLink::Peer(s) => kind_color(LinkKind::of(s)),
         MemberLink::Local | MemberLink::OtherChannel => Color32::GRAY,
     }
+}
+
+/// The colour of a kind of link, as egui wants it.
+pub fn kind_color(kind: LinkKind) -> Color32 {
+    let [r, g, b] = kind.rgb();
+    Color32::from_rgb(r, g, b)
 }
 
 /// Formats an optional measurement, a dash when not measured yet.
@@ -81,6 +88,9 @@ pub fn peer_details(ui: &mut Ui, member: &MemberView) {
                 ui.label("Buffer delay");
                 ui.label(format_measure(link.buffer_ms, "ms"));
                 ui.end_row();
+                if let Some(history) = member.history.as_ref().filter(|h| !h.is_empty()) {
+                    history_rows(ui, history);
+                }
             }
             // Our own row has no voice-key fingerprint to show; our identity stands there.
             if !(member.fingerprint.is_none()
@@ -92,6 +102,49 @@ pub fn peer_details(ui: &mut Ui, member: &MemberView) {
             }
             identity_rows(ui, &member.identity);
         });
+}
+
+/// Loss and jitter charts of the last minute; the scale's floor keeps a quiet link flat.
+fn history_rows(ui: &mut Ui, history: &LinkHistory) {
+    let size = egui::vec2(120.0, 24.0);
+    let loss: Vec<f32> = history.loss_pct().collect();
+    let top = scale_max(loss.iter().copied(), 5.0);
+    ui.label("Loss, last minute");
+    ui.horizontal(|ui| {
+        let peak = scale_max(loss.iter().copied(), 0.0);
+        let color = kind_color(LinkKind::Unreachable);
+        let text = format!("peak {peak:.1} %");
+        sparkline(
+            ui,
+            &loss,
+            HISTORY_LEN,
+            top,
+            size,
+            color,
+            &format!("loss, last minute, {text}"),
+        );
+        ui.weak(text);
+    });
+    ui.end_row();
+    let jitter: Vec<f32> = history.jitter_ms().collect();
+    let top = scale_max(jitter.iter().copied(), 20.0);
+    ui.label("Jitter, last minute");
+    ui.horizontal(|ui| {
+        let peak = scale_max(jitter.iter().copied(), 0.0);
+        let text = format!("peak {peak:.0} ms");
+        let color = ui.visuals().hyperlink_color;
+        sparkline(
+            ui,
+            &jitter,
+            HISTORY_LEN,
+            top,
+            size,
+            color,
+            &format!("jitter, last minute, {text}"),
+        );
+        ui.weak(text);
+    });
+    ui.end_row();
 }
 
 /// The identity lines of the details grid.
@@ -326,6 +379,34 @@ mod tests {
         harness.get_by_label("7.3 %");
         harness.get_by_label("40 ms");
         harness.get_by_label("ab:cd:ef");
+    }
+
+    #[test]
+    fn details_chart_the_last_minute_of_loss_and_jitter() {
+        let mut bob = MemberView::new(7, "bob");
+        bob.link.state = MemberLink::Peer(PeerState::Direct(([192, 0, 2, 7], 7700).into()));
+        let mut history = LinkHistory::default();
+        for second in 0..30 {
+            let loss = if second == 20 { 4.0 } else { 0.5 };
+            history.push(Some((loss, 10.0 + second as f32 / 3.0)));
+        }
+        history.push(None); // a second without voice: a gap, not a zero
+        bob.history = Some(history);
+        let h = Harness::new_ui(|ui| peer_details(ui, &bob));
+        h.get_by_label("Loss, last minute");
+        h.get_by_label("loss, last minute, peak 4.0 %");
+        h.get_by_label("Jitter, last minute");
+        h.get_by_label("jitter, last minute, peak 20 ms");
+        drop(h);
+        // No history yet, or an empty one: no charts.
+        let mut young = bob.clone();
+        young.history = Some(LinkHistory::default());
+        let h = Harness::new_ui(|ui| peer_details(ui, &young));
+        assert!(h.query_by_label("Loss, last minute").is_none());
+        let mut none = bob.clone();
+        none.history = None;
+        let h = Harness::new_ui(|ui| peer_details(ui, &none));
+        assert!(h.query_by_label("Jitter, last minute").is_none());
     }
 
     #[test]

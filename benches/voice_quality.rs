@@ -6,6 +6,12 @@
 //! listener's output by cross-correlation, cut out, resampled to 16 kHz and scored with PESQ-WB
 //! (ITU-T P.862.2, MOS-LQO, the pure-Rust `pesq` crate).
 //!
+//! The "PulseAudio devices" condition runs the same speech through PulseAudio virtual devices
+//! at both ends instead (a null sink's monitor as the microphone, with a device's default
+//! capture chain; a null sink as the speaker), recorded so that mouth to ear includes both
+//! device paths and their queues (see `PulseRig`). It needs `pulseaudio`, `pactl`, `pacat`
+//! and `parecord` (Debian: pulseaudio, pulseaudio-utils).
+//!
 //! Also reported per call: the wire bit rate while transmitting (IPv4 + UDP headers included,
 //! from the talker's summary), the mouth-to-ear latency of each utterance (cross-correlation lag
 //! lined up with both clients' `audio_started` wall clocks), the listener's jitter-buffer
@@ -571,6 +577,9 @@ struct Case {
     mic_chain: bool,
     /// The PESQ-WB goal for this condition.
     goal: Option<f64>,
+    /// Through PulseAudio virtual devices at both ends instead of WAV files (see
+    /// `PulseRig`): the talker gets a device's default capture chain.
+    devices: bool,
 }
 
 struct CallResult {
@@ -598,7 +607,12 @@ fn clock_slip_ms(summary: &Value, audio_started_us: f64, wav_samples: usize) -> 
 /// Slip above which a call's figures are marked invalid.
 const MAX_CLOCK_SLIP_MS: f64 = 30.0;
 
+include!("voice_quality/devices.rs");
+
 fn run_call(scratch: &Scratch, case: &Case, utterances: &[Utterance]) -> CallResult {
+    if case.devices {
+        return run_device_call(scratch, case, utterances);
+    }
     let (_server, addr) = start_server(scratch);
     let (input, starts) = script(utterances);
     let tag = case.label.replace([' ', '%', ','], "_");
@@ -888,6 +902,7 @@ fn smoke() {
         bursty: false,
         mic_chain: false,
         goal: None,
+        devices: false,
     };
     let scratch = Scratch::new();
     let utterances = [u];
@@ -933,6 +948,7 @@ fn full() {
         bursty,
         mic_chain: false,
         goal,
+        devices: false,
     };
     let cases = [
         vad("20 ms, VAD, 0 %", 20, None, 0, false, Some(4.2)),
@@ -972,6 +988,17 @@ fn full() {
             mic_chain: true,
             ..vad(
                 "20 ms, VAD, 0 %, microphone chain",
+                20,
+                None,
+                0,
+                false,
+                None,
+            )
+        },
+        Case {
+            devices: true,
+            ..vad(
+                "20 ms, VAD, 0 %, PulseAudio devices",
                 20,
                 None,
                 0,

@@ -140,6 +140,16 @@ pub fn run_desktop(
         ..Default::default()
     };
     let mut app = App::new();
+    // Devices plugged in later show up in the pickers (and a picked one that comes back is
+    // used again); without a device list to start from there is nothing to follow.
+    if let Some(shown) = devices.clone() {
+        match crate::audio::device_watch::DeviceWatch::spawn(voice.audio.host, shown.clone()) {
+            Ok(watch) => {
+                app.insert_resource(crate::ui::devices::WatchedDevices { watch, shown });
+            }
+            Err(e) => warn!("device list will not follow hot-plugging: {e}"),
+        }
+    }
     app.add_plugins(
         DefaultPlugins
             .set(WindowPlugin {

@@ -813,3 +813,86 @@ fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
         "the speech did not come through the call ({ear_decoded} frames decoded)"
     );
 }
+
+/// A headset unplugged mid-call: the device member picked it by name for both directions;
+/// when its sink (and the monitor that is its microphone) disappears, the microphone falls
+/// back to the system default (our capture stream ends with its source, and the engine
+/// reopens the default and reports it), PulseAudio moves the playback stream to the default
+/// sink itself, the call goes on, and the member still hears its peer to the end.
+#[test]
+fn an_unplugged_headset_gives_way_to_the_default_device_and_the_call_goes_on() {
+    let _pulse = match PulseGuard::ensure() {
+        Ok(guard) => guard,
+        Err(reason) => {
+            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
+            return;
+        }
+    };
+    let pulse_server = pulse_server().expect("PulseAudio server address");
+    let load = Command::new("pactl")
+        .args([
+            "load-module",
+            "module-null-sink",
+            "sink_name=p2pv_usb",
+            "rate=48000",
+            "sink_properties=device.description=USB-Headset",
+        ])
+        .output()
+        .expect("pactl load-module");
+    assert!(load.status.success(), "headset sink: {load:?}");
+    let headset = String::from_utf8_lossy(&load.stdout).trim().to_string();
+    // Unloaded by the test itself; this only covers a panic before that.
+    let headset_guard = NullSinks(vec![headset.clone()]);
+
+    const CALL_S: f64 = 12.0;
+    let server = common::ServerProcess::start();
+    let peer = common::HeadlessClient::spawn(
+        server.addr,
+        "tone",
+        "Lobby",
+        &["--input-tone", "440"],
+        &["--always-transmit"],
+        CALL_S,
+    );
+    let member = pulse_member(
+        server.addr,
+        &pulse_server,
+        "headset",
+        CALL_S,
+        &[
+            "--input-device",
+            "USB-Headset",
+            "--output-device",
+            "USB-Headset",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let unplug = Command::new("pactl")
+        .args(["unload-module", &headset])
+        .status()
+        .expect("pactl unload-module");
+    assert!(unplug.success(), "unplugging the headset");
+    std::mem::forget(headset_guard);
+
+    let lines = member_lines(member.wait_with_output().expect("device member"), "headset");
+    let _ = peer.finish();
+    let summary = common::summary(&lines);
+    let audio = &summary["audio"];
+    println!("after the unplug: {audio:#}");
+    assert!(
+        audio["devices_lost"].as_u64().unwrap_or(0) >= 1,
+        "the unplug was not noticed: {audio:#}"
+    );
+    let input = audio["input"].as_str().unwrap_or_default();
+    assert!(
+        !input.contains("USB-Headset") && input.contains("on PulseAudio"),
+        "the microphone did not move to the default device: {input:?}"
+    );
+    // The peer's tone kept coming out: about one decoded frame per 20 ms of the call.
+    let heard = common::peer_named(summary, "tone").expect("the member hears the tone");
+    let decoded = heard["frames_decoded"].as_u64().unwrap_or(0);
+    assert!(
+        decoded as f64 > (CALL_S - 3.0) * 50.0,
+        "only {decoded} frames decoded: the call did not go on after the unplug: {heard}"
+    );
+}

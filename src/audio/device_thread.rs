@@ -571,7 +571,12 @@ impl Engine {
     }
 
     /// Tries to reopen devices that failed while running, every [`REOPEN_DELAY`] until it
-    /// works or the user switches to something else.
+    /// works or the user switches to something else. A device the user picked by name that
+    /// cannot be reopened (unplugged) gives way to the system default at the first failed try
+    /// ([`AudioEvent::FellBackToDefault`]): the call goes on through the default device, and
+    /// retrying stops (each try enumerates devices on this thread, which would stall the
+    /// running fallback). The user's choice is kept, so switching to it again when it comes
+    /// back (the window does this when the device list shows it) needs nothing else.
     fn reopen_lost_devices(&mut self, now: Instant) {
         if self.reopen_input_at.is_some_and(|t| now >= t) {
             let input = self.input.clone();
@@ -584,7 +589,20 @@ impl Engine {
                         desc,
                     });
                 }
-                Err(_) => self.reopen_input_at = Some(now + REOPEN_DELAY),
+                Err(_) => {
+                    self.reopen_input_at = Some(now + REOPEN_DELAY);
+                    if let InputSource::Device(Some(lost)) = &input {
+                        if let Ok((capture, desc)) = self.open_capture(&InputSource::Device(None)) {
+                            self.capture = capture;
+                            self.reopen_input_at = None;
+                            self.emit(AudioEvent::FellBackToDefault {
+                                which: Direction::Input,
+                                lost: lost.clone(),
+                                desc,
+                            });
+                        }
+                    }
+                }
             }
         }
         if self.reopen_output_at.is_some_and(|t| now >= t) {
@@ -598,7 +616,21 @@ impl Engine {
                         desc,
                     });
                 }
-                Err(_) => self.reopen_output_at = Some(now + REOPEN_DELAY),
+                Err(_) => {
+                    self.reopen_output_at = Some(now + REOPEN_DELAY);
+                    if let OutputSink::Device(Some(lost)) = &output {
+                        if let Ok((playback, desc)) = self.open_playback(&OutputSink::Device(None))
+                        {
+                            self.playback = playback;
+                            self.reopen_output_at = None;
+                            self.emit(AudioEvent::FellBackToDefault {
+                                which: Direction::Output,
+                                lost: lost.clone(),
+                                desc,
+                            });
+                        }
+                    }
+                }
             }
         }
     }

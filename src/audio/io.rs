@@ -155,6 +155,13 @@ pub enum AudioEvent {
     DeviceLost { which: Direction, reason: String },
     /// A lost device was reopened; description of it.
     DeviceRestored { which: Direction, desc: String },
+    /// A device picked by name was lost and could not be reopened (unplugged): the system
+    /// default took its place (`desc`). Switching to `lost` again brings it back.
+    FellBackToDefault {
+        which: Direction,
+        lost: String,
+        desc: String,
+    },
     /// A switch asked for with [`AudioIo::request_input`] / [`AudioIo::request_output`]
     /// failed; the previous device keeps running (or the fallback, as after a failed switch).
     SwitchFailed { which: Direction, reason: String },

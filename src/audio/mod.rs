@@ -22,6 +22,8 @@ mod cpal_backend;
 #[cfg(feature = "app")]
 mod device_thread;
 #[cfg(feature = "app")]
+pub mod device_watch;
+#[cfg(feature = "app")]
 mod file;
 #[cfg(feature = "app")]
 mod host;

@@ -134,6 +134,10 @@ fn record_params(source_name: CString) -> protocol::RecordStreamParams {
         },
         flags: protocol::stream::StreamFlags {
             adjust_latency: true,
+            // When the source goes away (a headset unplugged) the stream ends instead of
+            // being moved to another source behind our back: the engine then falls back to
+            // the default itself, says so, and returns to the headset when it is back.
+            no_move: true,
             ..Default::default()
         },
         ..Default::default()
@@ -234,6 +238,7 @@ mod tests {
         assert_eq!(p.buffer_attr.fragment_size, 480 * 4);
         assert_eq!(p.buffer_attr.max_length, 48_000 * 4);
         assert!(p.flags.adjust_latency);
+        assert!(p.flags.no_move);
         assert_eq!(p.sample_spec.channels, 1);
     }
 }

@@ -3,6 +3,7 @@
 //! frame and turns the actions into control and voice intents. The UI never touches sockets.
 
 pub mod actions;
+pub mod devices;
 pub mod link_history;
 pub mod mesh;
 pub mod notices;
@@ -156,6 +157,7 @@ impl Plugin for UiPlugin {
             (
                 track_control_events,
                 release_ptt_when_unfocused,
+                devices::follow_device_list,
                 link_history::record_link_history,
             ),
         )

@@ -18,6 +18,14 @@ pub enum AudioProblem {
     /// A running device failed; the device thread retries until it is back.
     #[error("{which:?} device lost: {reason}")]
     DeviceLost { which: Direction, reason: String },
+    /// The device the user picked is gone (unplugged); the system default plays or records
+    /// instead until it is back.
+    #[error("{which:?} device {lost} is gone: using the system default, {desc}")]
+    FellBack {
+        which: Direction,
+        lost: String,
+        desc: String,
+    },
     /// The user picked a device that could not be opened; the old one keeps running.
     #[error("could not switch device: {0}")]
     SwitchFailed(String),

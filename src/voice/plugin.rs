@@ -8,7 +8,7 @@ use bevy::prelude::*;
 use super::audio_problem::AudioProblem;
 use super::engine::{ChatEvent, VoiceSnapshot};
 use super::thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};
-use crate::audio::AudioEvent;
+use crate::audio::{AudioEvent, Direction};
 use crate::client::{
     ControlEvent, ControlLink, IsSelf, LinkStatus, SessionEvent, Speaking, User, VoiceLevel,
 };
@@ -228,8 +228,25 @@ fn receive_voice_events(
                     voice.input_desc = Some(input_desc);
                     voice.output_desc = Some(output_desc);
                 }
-                AudioEvent::InputChanged(d) => voice.input_desc = Some(d),
-                AudioEvent::OutputChanged(d) => voice.output_desc = Some(d),
+                AudioEvent::InputChanged(d) => {
+                    voice.input_desc = Some(d);
+                    clear_device_problems(&mut voice.audio_status, Direction::Input);
+                }
+                AudioEvent::OutputChanged(d) => {
+                    voice.output_desc = Some(d);
+                    clear_device_problems(&mut voice.audio_status, Direction::Output);
+                }
+                AudioEvent::FellBackToDefault { which, lost, desc } => {
+                    warn!("{which:?} device {lost} is gone: using the system default, {desc}");
+                    match which {
+                        Direction::Input => voice.input_desc = Some(desc.clone()),
+                        Direction::Output => voice.output_desc = Some(desc.clone()),
+                    }
+                    clear_device_problems(&mut voice.audio_status, which);
+                    voice
+                        .audio_status
+                        .push(AudioProblem::FellBack { which, lost, desc });
+                }
                 AudioEvent::NoMicrophone(why) => {
                     voice.audio_status.push(AudioProblem::NoMicrophone(why))
                 }
@@ -239,10 +256,12 @@ fn receive_voice_events(
                     .push(AudioProblem::DeviceLost { which, reason }),
                 AudioEvent::DeviceRestored { which, desc } => {
                     info!("{which:?} device back: {desc}");
+                    match which {
+                        Direction::Input => voice.input_desc = Some(desc),
+                        Direction::Output => voice.output_desc = Some(desc),
+                    }
                     // The loss message has served its purpose; keep the list to live problems.
-                    voice.audio_status.retain(
-                        |p| !matches!(p, AudioProblem::DeviceLost { which: w, .. } if *w == which),
-                    );
+                    clear_device_problems(&mut voice.audio_status, which);
                 }
                 // The sound goes on (a rerouted default device, a quietly restarted stream):
                 // worth a log line, not a red message.
@@ -361,4 +380,11 @@ mod tests {
             format!("m{}", MAX_CHAT_LINES + 9)
         );
     }
+}
+
+/// Drops the loss and fallback messages of one direction: its device runs again.
+fn clear_device_problems(problems: &mut Vec<AudioProblem>, which: Direction) {
+    problems.retain(|p| {
+        !matches!(p, AudioProblem::DeviceLost { which: w, .. } | AudioProblem::FellBack { which: w, .. } if *w == which)
+    });
 }

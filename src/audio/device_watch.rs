@@ -9,7 +9,7 @@
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::Receiver;
 
 use super::{list_devices, AudioHost, DeviceList, Direction};
 
@@ -82,10 +82,7 @@ impl DeviceWatch {
 
     /// The newest list that differs from the one before, if one came.
     pub fn try_latest(&self) -> Option<DeviceList> {
-        match self.lists.try_recv() {
-            Ok(list) => Some(list),
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-        }
+        self.lists.try_recv().ok()
     }
 }
 

@@ -249,10 +249,8 @@ mod tests {
         fail(&mut checks, now, 1, p, 0);
         fail(&mut checks, now, 2, p, 0);
         assert_eq!(checks.may_check(now, p, 0), Ok(()), "two free failures");
-        let mut ticket = 3;
-        for expected in [1, 2, 4, 4] {
+        for (ticket, expected) in (3..).zip([1, 2, 4, 4]) {
             fail(&mut checks, now, ticket, p, 0);
-            ticket += 1;
             let until = now + expected * S;
             assert_eq!(
                 checks.may_check(now, p, 0),

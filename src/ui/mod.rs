@@ -518,6 +518,8 @@ struct UiOutputs<'w, 's> {
     settings: Res<'w, SettingsWriter>,
     /// Per-person volume and mute, so rebuilt member entities start from them.
     people: ResMut<'w, PersonSettings>,
+    /// The part of the window the Bevy mesh view may draw in.
+    mesh_area: ResMut<'w, mesh::MeshViewArea>,
 }
 
 /// The local time zone's offset from UTC now, in minutes (0 where it cannot be read).
@@ -547,7 +549,6 @@ fn draw_ui(
     voice: Res<Voice>,
     channels: Query<(Entity, &Channel)>,
     users: Query<UserRow>,
-    mut mesh_area: ResMut<mesh::MeshViewArea>,
     mut out: UiOutputs,
 ) -> Result {
     let ctx = contexts.ctx_mut()?;
@@ -570,7 +571,7 @@ fn draw_ui(
         &users,
         &mut mesh_rect,
     );
-    mesh_area.set_if_neq(mesh_view_area(ctx, mesh_rect));
+    out.mesh_area.set_if_neq(mesh_view_area(ctx, mesh_rect));
     for action in actions {
         dispatch(
             action,

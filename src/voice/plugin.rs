@@ -322,6 +322,13 @@ fn receive_voice_events(
     }
 }
 
+/// Drops the loss and fallback messages of one direction: its device runs again.
+fn clear_device_problems(problems: &mut Vec<AudioProblem>, which: Direction) {
+    problems.retain(|p| {
+        !matches!(p, AudioProblem::DeviceLost { which: w, .. } | AudioProblem::FellBack { which: w, .. } if *w == which)
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,11 +387,4 @@ mod tests {
             format!("m{}", MAX_CHAT_LINES + 9)
         );
     }
-}
-
-/// Drops the loss and fallback messages of one direction: its device runs again.
-fn clear_device_problems(problems: &mut Vec<AudioProblem>, which: Direction) {
-    problems.retain(|p| {
-        !matches!(p, AudioProblem::DeviceLost { which: w, .. } | AudioProblem::FellBack { which: w, .. } if *w == which)
-    });
 }

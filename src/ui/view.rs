@@ -284,6 +284,8 @@ pub struct ControlsView {
     pub talking_while_muted: bool,
     /// Join, leave and mute sounds play.
     pub sounds: bool,
+    /// The microphone test is on: you hear yourself as the others do.
+    pub mic_test: bool,
 }
 
 impl ControlsView {
@@ -300,6 +302,7 @@ impl ControlsView {
             VoiceSetting::GainControl(on) => self.gain_control = on,
             VoiceSetting::HighPass(on) => self.high_pass = on,
             VoiceSetting::Sounds(on) => self.sounds = on,
+            VoiceSetting::MicTest(on) => self.mic_test = on,
             // The threshold and the peers' settings are drawn from the voice snapshot and
             // the user entities; the key press has no lasting state.
             VoiceSetting::VadThreshold(_)

@@ -88,6 +88,21 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
     }
 
     ui.add_space(4.0);
+    let label = if view.mic_test {
+        "Stop the microphone test"
+    } else {
+        "Test microphone"
+    };
+    if ui
+        .selectable_label(view.mic_test, label)
+        .on_hover_text(
+            "Hear yourself as the others hear you: through the whole capture chain, the voice \
+             threshold and the codec. Works before you join a call.",
+        )
+        .clicked()
+    {
+        actions.push(UiAction::Voice(VoiceSetting::MicTest(!view.mic_test)));
+    }
     ui.label(if view.speaking {
         "Input level (speaking)"
     } else {
@@ -246,6 +261,29 @@ mod tests {
             speaking: true,
             ..ControlsView::default()
         }
+    }
+
+    /// Issue 14 item 4: the microphone test starts and stops from one button whose label says
+    /// which it will do.
+    #[test]
+    fn the_microphone_test_button_starts_and_stops_the_test() {
+        let mut h = harness(view());
+        h.get_by_label("Test microphone").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::MicTest(true))]
+        );
+        let mut on = view();
+        on.mic_test = true;
+        let mut h = harness(on);
+        assert!(h.query_by_label("Test microphone").is_none());
+        h.get_by_label("Stop the microphone test").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::MicTest(false))]
+        );
     }
 
     /// Issue 14 item 6: talking into a muted microphone shows the hint, whose button

@@ -15,6 +15,7 @@
 //! chat (sealed per member, on the path of that member's voice).
 
 mod chat;
+mod mic_test;
 mod outbox;
 mod peer;
 mod registration;
@@ -163,6 +164,8 @@ pub struct VoiceEngine {
     /// Until when "you are talking while muted" holds (the detector heard speech while the
     /// microphone was muted); held so the hint does not flicker between words.
     muted_speech_until: Option<Duration>,
+    /// Playing our own processed voice back to us (the microphone test), when on.
+    mic_test: Option<mic_test::MicTest>,
 }
 
 /// How long the "you are muted" hint stays after the voice detector last heard us muted.
@@ -211,6 +214,7 @@ impl VoiceEngine {
             chat: chat::ChatPlane::default(),
             cues: CuePlayer::new(CueSounds::embedded(), cfg.sounds),
             muted_speech_until: None,
+            mic_test: None,
             cfg,
         })
     }
@@ -265,11 +269,17 @@ impl VoiceEngine {
     /// Our user id on the server (after identification). A new id (after a reconnect) starts a
     /// fresh peer table: peers are re-announced by the server. Their ciphers go with them: the
     /// keys and the sender id they seal with are bound to our old id, and our key pair is
-    /// replaced too (fresh keys for every new set of peers).
+    /// replaced too (fresh keys for every new set of peers). The first id keeps the key pair
+    /// the engine started with: no peer has seen it yet, and the server may already have
+    /// handed it to the channel, so replacing it then only made the first datagrams fail
+    /// authentication at every peer until the new key caught up.
     pub fn set_self_id(&mut self, id: UserId) {
         if self.table.as_ref().map(|t| t.our_id()) != Some(id) {
+            let earlier_id = self.table.is_some();
             self.forget_peers();
-            self.rotate_keys();
+            if earlier_id {
+                self.rotate_keys();
+            }
             let mut table = PeerTable::new(id, self.cfg.link.clone(), self.seed);
             table.set_server_relays(self.server_relays);
             self.table = Some(table);
@@ -628,6 +638,21 @@ impl VoiceEngine {
         }
     }
 
+    /// Starts or stops the microphone test (see [`mic_test`]).
+    pub fn set_mic_test(&mut self, on: bool) {
+        match (on, self.mic_test.is_some()) {
+            // A decoder that cannot be made leaves the test off; nothing else depends on it.
+            (true, false) => self.mic_test = mic_test::MicTest::new().ok(),
+            (false, true) => self.mic_test = None,
+            _ => {}
+        }
+    }
+
+    /// Whether the microphone test is on.
+    pub fn mic_test(&self) -> bool {
+        self.mic_test.is_some()
+    }
+
     /// One captured frame (exactly `frame().samples()` samples). The encoded frame is sealed
     /// once per connected peer and queued for [`VoiceEngine::poll_transmit`].
     pub fn handle_capture(&mut self, now: Duration, pcm: &[f32]) {
@@ -641,9 +666,15 @@ impl VoiceEngine {
             self.muted_speech_until = Some(now + MUTED_SPEECH_HOLD);
         }
         let samples = self.cfg.frame.samples() as u64;
-        let Some(table) = &mut self.table else {
+        if out.frames().len() == 0 {
+            if let Some(test) = &mut self.mic_test {
+                test.push_silence(pcm.len());
+            }
+        }
+        // Out of a call nothing is encoded, unless the microphone test wants to hear it.
+        if self.table.is_none() && self.mic_test.is_none() {
             return;
-        };
+        }
         for frame in out.frames() {
             // Leave room for the AEAD tag and a relay envelope inside the datagram size limit,
             // so any frame can take any path.
@@ -652,8 +683,17 @@ impl VoiceEngine {
                 continue;
             };
             if is_dtx_payload(len) {
+                if let Some(test) = &mut self.mic_test {
+                    test.push_silence(frame.samples.len());
+                }
                 continue;
             }
+            if let Some(test) = &mut self.mic_test {
+                test.push_packet(&self.packet[..len]);
+            }
+            let Some(table) = &mut self.table else {
+                continue;
+            };
             let timestamp = (frame.index.wrapping_mul(samples)) as u32;
             let seq = self.seq;
             self.seq = self.seq.wrapping_add(1);
@@ -728,6 +768,10 @@ impl VoiceEngine {
         // After the level (the trace shows the call), before the echo canceller's reference
         // (a cue the speaker plays must not reach the others through our microphone).
         self.cues.mix_into(out);
+        // Ourselves, in the microphone test: also part of what the speaker plays.
+        if let Some(test) = &mut self.mic_test {
+            test.mix_into(out);
+        }
         // What goes to the speaker is what the echo canceller must take out of the microphone.
         self.capture.analyze_render(out);
     }

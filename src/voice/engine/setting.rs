@@ -51,6 +51,8 @@ pub enum VoiceSetting {
     },
     /// Play (or stop playing) the join, leave and mute sounds.
     Sounds(bool),
+    /// Hear yourself as the others hear you (the microphone test), or stop.
+    MicTest(bool),
 }
 
 impl VoiceEngine {
@@ -79,6 +81,7 @@ impl VoiceEngine {
             VoiceSetting::PeerVolume { user_id, volume } => self.set_peer_volume(user_id, volume),
             VoiceSetting::PeerMuted { user_id, muted } => self.set_peer_muted(user_id, muted),
             VoiceSetting::Sounds(on) => self.set_sounds(on),
+            VoiceSetting::MicTest(on) => self.set_mic_test(on),
         }
     }
 }

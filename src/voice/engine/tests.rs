@@ -1248,3 +1248,56 @@ fn talking_while_muted_is_reported_for_the_hint_and_nothing_is_sent() {
     e.set_muted(false);
     assert!(!e.snapshot(now).talking_while_muted, "unmuted: no hint");
 }
+
+/// Root mean square of `x` (the test tone restarts its phase every frame, which a Goertzel
+/// filter over several frames would read as a much weaker tone).
+fn rms(x: &[f32]) -> f32 {
+    (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt()
+}
+
+/// Captures `frames` frames of a 440 Hz tone, playing out between them; returns what played.
+fn speak_and_listen(e: &mut VoiceEngine, now: &mut Duration, frames: usize) -> Vec<f32> {
+    let mut played = Vec::new();
+    let mut mix = vec![0.0f32; 960];
+    for _ in 0..frames {
+        e.handle_capture(*now, &tone_frame(440.0));
+        e.playout_frame(*now, &mut mix);
+        played.extend_from_slice(&mix);
+        *now += ms(20);
+    }
+    played
+}
+
+/// The microphone test plays back what the others would hear, before any call (the engine
+/// has no channel here), and nothing once it is off again.
+#[test]
+fn the_microphone_test_plays_your_voice_back_out_of_a_call_and_stops_when_off() {
+    // Short runs: the voice detector takes a tone that goes on for seconds for background
+    // noise, and the test then (rightly) plays silence.
+    let mut e = engine(1);
+    let mut now = Duration::ZERO;
+    let off = speak_and_listen(&mut e, &mut now, 20);
+    assert!(rms(&off) < 0.01, "heard itself with the test off");
+    e.apply(now, VoiceSetting::MicTest(true));
+    assert!(e.mic_test());
+    let on = speak_and_listen(&mut e, &mut now, 40);
+    let level = rms(&on[10 * 960..]);
+    assert!(level > 0.1, "the test plays back only {level}");
+    e.apply(now, VoiceSetting::MicTest(false));
+    let after = speak_and_listen(&mut e, &mut now, 20);
+    assert!(
+        rms(&after[5 * 960..]) < 0.01,
+        "still heard itself after the test stopped"
+    );
+}
+
+/// Muted, the test plays silence: you hear what the others hear, which is nothing.
+#[test]
+fn the_microphone_test_is_silent_while_muted() {
+    let mut e = engine(1);
+    let mut now = Duration::ZERO;
+    e.apply(now, VoiceSetting::MicTest(true));
+    e.apply(now, VoiceSetting::Muted(true));
+    let played = speak_and_listen(&mut e, &mut now, 100);
+    assert!(rms(&played) < 0.01);
+}

@@ -225,9 +225,15 @@ fn run_device_call(scratch: &Scratch, case: &Case, utterances: &[Utterance]) -> 
         / (frames_sent * frame_s).max(1e-9)
         / 1000.0;
     let mouth_audio = &mouth_summary["audio"];
+    let ear_audio = &ear_summary["audio"];
     eprintln!(
-        "voice_quality: device call: talker's capture {}, missing {} ms; listener's output {}",
-        mouth_audio["input"], mouth_audio["capture_missing_ms"], ear_summary["audio"]["output"]
+        "voice_quality: device call: talker's capture {}, missing {} ms; listener's output {}, \
+         underrun {} samples, largest callback {} frames",
+        mouth_audio["input"],
+        mouth_audio["capture_missing_ms"],
+        ear_audio["output"],
+        ear_audio["playback_underrun_samples"],
+        ear_audio["playback_block_max_frames"]
     );
     CallResult {
         scores,

@@ -685,7 +685,7 @@ impl OutputDevice {
         let shared = Arc::new(StreamShared::default());
         let capacity = (rate as usize / 2).max(4 * CALLBACK_BLOCK);
         let mut prod_slot = None;
-        let (stream, config) = build_with_fallback(&supported, cfg.device_buffer_frames, |sc| {
+        let (stream, config) = build_with_fallback(&supported, cfg.playback_buffer_frames, |sc| {
             let (prod, cons) = sample_ring(capacity);
             let on_error = error_callback(
                 Direction::Output,

@@ -56,11 +56,17 @@ pub struct AudioConfig {
     /// Device rate to ask for when the device supports it (default 48 kHz: no resampling).
     /// Other rates are converted with rubato on the engine thread.
     pub preferred_device_rate: u32,
-    /// Fixed device buffer in frames, if the device accepts it (default 480); `None` lets the
-    /// backend choose. A refused size falls back to the backend's choice.
+    /// Fixed capture buffer in frames, if the device accepts it (default 480); `None` lets the
+    /// backend choose. A refused size falls back to the backend's choice. (On PulseAudio the
+    /// capture stream is our own, with 10 ms blocks; see `pulse_capture`.)
     pub device_buffer_frames: Option<u32>,
-    /// Audio kept queued on the device side of playback, in milliseconds (default 20); more
-    /// is kept automatically when the device's callbacks are larger.
+    /// Fixed playback buffer in frames (default 240, 5 ms): on PulseAudio the server keeps two
+    /// of them for our stream, and our queue in front of it follows the callback size. Through
+    /// PulseAudio devices 240 instead of 480 took mouth to ear from 102-104 ms to 86 ms with
+    /// PESQ-WB unchanged (4.16 against 4.05-4.07); 120 left audible underruns (3.67).
+    pub playback_buffer_frames: Option<u32>,
+    /// Audio kept queued on the device side of playback, in milliseconds (default 10); more
+    /// is kept automatically when the device's callbacks are larger (two callbacks).
     pub playback_queue_ms: u32,
     /// Capacity of the event channel; events beyond it are dropped (default 64).
     pub event_capacity: usize,
@@ -94,7 +100,8 @@ impl Default for AudioConfig {
             playback_ring_samples: 9_600,
             preferred_device_rate: SAMPLE_RATE,
             device_buffer_frames: Some(480),
-            playback_queue_ms: 20,
+            playback_buffer_frames: Some(240),
+            playback_queue_ms: 10,
             event_capacity: 64,
             ring_wake: None,
         }

@@ -712,12 +712,8 @@ fn run_call(scratch: &Scratch, case: &Case, utterances: &[Utterance]) -> CallRes
         a_start,
         mouth_len,
     ));
-    let frames_sent = f(&mouth_summary["frames_sent"]);
-    let bytes_sent = f(&mouth_summary["bytes_sent"]);
+    let (wire_kbps, frames_sent) = wire_kbps(&mouth_summary, case.frame_ms);
     let frame_s = f64::from(case.frame_ms) / 1000.0;
-    let wire_kbps = (bytes_sent + frames_sent * IPV4_UDP_OVERHEAD) * 8.0
-        / (frames_sent * frame_s).max(1e-9)
-        / 1000.0;
     let sent_share = frames_sent * frame_s / mouth_s;
     CallResult {
         scores,
@@ -727,6 +723,18 @@ fn run_call(scratch: &Scratch, case: &Case, utterances: &[Utterance]) -> CallRes
         slip_ms,
         ear: ear_summary["peers"][0].clone(),
     }
+}
+
+/// The talker's voice datagrams with IPv4 + UDP headers, in kb/s while it transmitted, and
+/// the frames it sent (from its summary).
+fn wire_kbps(talker: &Value, frame_ms: u32) -> (f64, f64) {
+    let frames_sent = f(&talker["frames_sent"]);
+    let bytes_sent = f(&talker["bytes_sent"]);
+    let frame_s = f64::from(frame_ms) / 1000.0;
+    let kbps = (bytes_sent + frames_sent * IPV4_UDP_OVERHEAD) * 8.0
+        / (frames_sent * frame_s).max(1e-9)
+        / 1000.0;
+    (kbps, frames_sent)
 }
 
 fn f(v: &Value) -> f64 {

@@ -97,6 +97,18 @@ impl Drop for PulseGuard {
     }
 }
 
+/// A running PulseAudio daemon for this test, or `None` after saying why not (a failure
+/// under `CI`, see `skip_unless_ci`).
+fn pulse_or_skip() -> Option<PulseGuard> {
+    match PulseGuard::ensure() {
+        Ok(guard) => Some(guard),
+        Err(reason) => {
+            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
+            None
+        }
+    }
+}
+
 /// What one run of the device loop observed.
 struct LoopResult {
     /// Seconds from start until the tone was first recognised in the capture, if ever.
@@ -153,12 +165,8 @@ fn loop_tone_through_devices(cfg: AudioConfig, deadline: Duration) -> LoopResult
 
 #[test]
 fn tone_played_to_the_default_output_comes_back_on_the_default_input() {
-    let _pulse = match PulseGuard::ensure() {
-        Ok(guard) => guard,
-        Err(reason) => {
-            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
-            return;
-        }
+    let Some(_pulse) = pulse_or_skip() else {
+        return;
     };
     match list_devices(AudioHost::Auto) {
         Ok(list) => println!("{list:#?}"),
@@ -348,12 +356,8 @@ fn member_lines(out: std::process::Output, who: &str) -> Vec<serde_json::Value> 
 /// later, when excess delay is taken out by time-scaling.
 #[test]
 fn a_30_s_call_on_the_native_pulseaudio_host_has_no_restart_error_or_gap() {
-    let _pulse = match PulseGuard::ensure() {
-        Ok(guard) => guard,
-        Err(reason) => {
-            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
-            return;
-        }
+    let Some(_pulse) = pulse_or_skip() else {
+        return;
     };
     let pulse_server = pulse_server().expect("PulseAudio server address");
     let _sinks = NullSinks::load(&["p2pv_mic", "p2pv_spk"]);
@@ -585,12 +589,8 @@ const SPEECH: &str = "/usr/share/codec2/raw/speech_orig_16k.wav";
 /// than with it off, and with it off it does hear itself (the control: the loop is real).
 #[test]
 fn a_speaker_looped_into_the_microphone_does_not_send_the_talker_its_own_voice_back() {
-    let _pulse = match PulseGuard::ensure() {
-        Ok(guard) => guard,
-        Err(reason) => {
-            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
-            return;
-        }
+    let Some(_pulse) = pulse_or_skip() else {
+        return;
     };
     if !std::path::Path::new(SPEECH).exists() {
         skip_unless_ci(&format!(
@@ -643,12 +643,8 @@ fn correlate(clip: &[f32], x: &[f32], step: usize) -> Vec<(usize, f32)> {
 /// the speech came through, not a time.
 #[test]
 fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
-    let _pulse = match PulseGuard::ensure() {
-        Ok(guard) => guard,
-        Err(reason) => {
-            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
-            return;
-        }
+    let Some(_pulse) = pulse_or_skip() else {
+        return;
     };
     const CLIP: &str = "/usr/share/sounds/alsa/Front_Center.wav";
     if !std::path::Path::new(CLIP).exists() {
@@ -821,12 +817,8 @@ fn mouth_to_ear_through_pulseaudio_devices_is_measured() {
 /// sink itself, the call goes on, and the member still hears its peer to the end.
 #[test]
 fn an_unplugged_headset_gives_way_to_the_default_device_and_the_call_goes_on() {
-    let _pulse = match PulseGuard::ensure() {
-        Ok(guard) => guard,
-        Err(reason) => {
-            skip_unless_ci(&format!("PulseAudio is not available: {reason}"));
-            return;
-        }
+    let Some(_pulse) = pulse_or_skip() else {
+        return;
     };
     let pulse_server = pulse_server().expect("PulseAudio server address");
     let load = Command::new("pactl")

@@ -753,7 +753,14 @@ fn a_call_outlives_25_s_of_silence_through_routers_that_forget_udp_mappings_afte
     let s = summary(&results[1].0);
     let alice = peer_named(s, "alice").unwrap_or_else(|| panic!("bob: {}", results[1].1));
     assert_eq!(alice["link"]["state"], "direct", "bob: {alice}");
-    assert_eq!(alice["frames_concealed"], 0, "{alice}");
+    // Nothing lost when speech resumes through the renewed mappings (a mapping that had to be
+    // punched again loses the first 100 ms or more: five frames and up).
+    assert_eq!(alice["packets_lost"], 0, "{alice}");
+    // A frame or two may be concealed at that moment under load: with the 13 other namespace
+    // tests of this file running beside it on 2 cores, one frame was (the packets had all
+    // come, late); alone it is none.
+    let concealed = alice["frames_concealed"].as_u64().unwrap_or(u64::MAX);
+    assert!(concealed <= 2, "{concealed} frames concealed: {alice}");
 }
 
 /// An IPv6-only network: the server and two hosts on one segment with global addresses

@@ -218,12 +218,8 @@ fn run_device_call(scratch: &Scratch, case: &Case, utterances: &[Utterance]) -> 
     }
     let mouth_summary = mouth.summary();
     let ear_summary = ear.summary();
-    let frames_sent = f(&mouth_summary["frames_sent"]);
-    let bytes_sent = f(&mouth_summary["bytes_sent"]);
+    let (wire_kbps, frames_sent) = wire_kbps(&mouth_summary, case.frame_ms);
     let frame_s = f64::from(case.frame_ms) / 1000.0;
-    let wire_kbps = (bytes_sent + frames_sent * IPV4_UDP_OVERHEAD) * 8.0
-        / (frames_sent * frame_s).max(1e-9)
-        / 1000.0;
     let mouth_audio = &mouth_summary["audio"];
     let ear_audio = &ear_summary["audio"];
     eprintln!(

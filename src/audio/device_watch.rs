@@ -86,23 +86,25 @@ impl DeviceWatch {
     }
 }
 
+/// A device list of these names (id = name), for tests here and in the window's.
+#[cfg(test)]
+pub(crate) fn test_list(inputs: &[&str], outputs: &[&str]) -> DeviceList {
+    let info = |n: &&str| super::DeviceInfo {
+        id: n.to_string(),
+        name: n.to_string(),
+        is_default: false,
+    };
+    DeviceList {
+        host: "test".into(),
+        inputs: inputs.iter().map(info).collect(),
+        outputs: outputs.iter().map(info).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_list as list;
     use super::*;
-    use crate::audio::DeviceInfo;
-
-    fn list(inputs: &[&str], outputs: &[&str]) -> DeviceList {
-        let info = |n: &&str| DeviceInfo {
-            id: n.to_lowercase(),
-            name: n.to_string(),
-            is_default: false,
-        };
-        DeviceList {
-            host: "test".into(),
-            inputs: inputs.iter().map(info).collect(),
-            outputs: outputs.iter().map(info).collect(),
-        }
-    }
 
     #[test]
     fn a_plugged_in_headset_and_an_unplugged_speaker_are_both_reported() {

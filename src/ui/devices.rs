@@ -95,20 +95,7 @@ pub fn follow_device_list(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audio::DeviceInfo;
-
-    fn list(inputs: &[&str], outputs: &[&str]) -> DeviceList {
-        let info = |n: &&str| DeviceInfo {
-            id: n.to_string(),
-            name: n.to_string(),
-            is_default: false,
-        };
-        DeviceList {
-            host: "PulseAudio".into(),
-            inputs: inputs.iter().map(info).collect(),
-            outputs: outputs.iter().map(info).collect(),
-        }
-    }
+    use crate::audio::device_watch::test_list as list;
 
     #[test]
     fn a_new_headset_appears_in_the_pickers_with_a_notice() {

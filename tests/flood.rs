@@ -210,19 +210,7 @@ fn a_flood_of_garbage_replays_and_half_open_handshakes_disturbs_neither_the_call
     let pid = server.child.id();
     let secs = 13.0;
     let tones = [("ann", 440.0f32), ("ben", 660.0), ("cat", 990.0)];
-    let clients: Vec<HeadlessClient> = tones
-        .iter()
-        .map(|(name, hz)| {
-            HeadlessClient::spawn(
-                server.addr,
-                name,
-                "Lobby",
-                &["--input-tone", &hz.to_string()],
-                &["--always-transmit"],
-                secs,
-            )
-        })
-        .collect();
+    let clients = HeadlessClient::tone_members(server.addr, &tones, &["--always-transmit"], secs);
     // A member whose real Register datagram the flood replays, and who watches the joins.
     let (mut watcher, st, _) = RawClient::login(server.addr, "watcher");
     assert_eq!(st, Status::Ok);

@@ -17,19 +17,7 @@ fn unix_us(t: SystemTime) -> i64 {
 fn killing_the_server_mid_call_does_not_stop_the_voice() {
     let mut server = ServerProcess::start();
     let tones = [("ann", 440.0f32), ("ben", 660.0), ("cat", 990.0)];
-    let clients: Vec<HeadlessClient> = tones
-        .iter()
-        .map(|(name, hz)| {
-            HeadlessClient::spawn(
-                server.addr,
-                name,
-                "Lobby",
-                &["--input-tone", &hz.to_string()],
-                &["--always-transmit"],
-                12.0,
-            )
-        })
-        .collect();
+    let clients = HeadlessClient::tone_members(server.addr, &tones, &["--always-transmit"], 12.0);
     std::thread::sleep(Duration::from_secs(3));
     let killed_at = SystemTime::now();
     // Same port, same TLS identity: the clients' pinned certificate still matches.

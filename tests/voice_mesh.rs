@@ -10,19 +10,7 @@ const TONES: [(&str, f32); 3] = [("ann", 440.0), ("ben", 660.0), ("cat", 990.0)]
 #[test]
 fn three_clients_each_hear_the_other_two_and_not_themselves() {
     let server = ServerProcess::start();
-    let clients: Vec<HeadlessClient> = TONES
-        .iter()
-        .map(|(name, hz)| {
-            HeadlessClient::spawn(
-                server.addr,
-                name,
-                "Lobby",
-                &["--input-tone", &hz.to_string()],
-                &[],
-                7.0,
-            )
-        })
-        .collect();
+    let clients = HeadlessClient::tone_members(server.addr, &TONES, &[], 7.0);
     let mut most_peers = 0;
     for (client, (name, own)) in clients.into_iter().zip(TONES) {
         let (lines, audio) = client.finish();

@@ -417,6 +417,29 @@ pub struct HeadlessClient {
 }
 
 impl HeadlessClient {
+    /// One member per `(name, hz)` in Lobby, each playing its tone for `secs` (`extra` as for
+    /// [`HeadlessClient::spawn`]): the usual cast of a call test.
+    pub fn tone_members(
+        server: SocketAddr,
+        tones: &[(&str, f32)],
+        extra: &[&str],
+        secs: f64,
+    ) -> Vec<HeadlessClient> {
+        tones
+            .iter()
+            .map(|(name, hz)| {
+                HeadlessClient::spawn(
+                    server,
+                    name,
+                    "Lobby",
+                    &["--input-tone", &hz.to_string()],
+                    extra,
+                    secs,
+                )
+            })
+            .collect()
+    }
+
     pub fn spawn(
         server: SocketAddr,
         name: &str,

@@ -17,7 +17,7 @@ SPEECH_PKGS := alsa-utils codec2-examples
 # Tests: PulseAudio null sink for the real-device test, iproute2/nftables for the NAT test,
 # miniupnpd (PCP, NAT-PMP, UPnP-IGD; the nftables build, which starts no service) for the
 # port-mapping test, Xvfb for screenshots.
-TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables miniupnpd-nftables tcpdump xvfb xauth $(SPEECH_PKGS)
+TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables miniupnpd-nftables tcpdump xvfb xauth xdotool $(SPEECH_PKGS)
 
 .PHONY: help deps-run deps-test run server test lint bench screenshots fmt fuzz
 

@@ -301,6 +301,9 @@ pub struct ClientSettings {
     pub push_to_talk: Option<bool>,
     /// Push-to-talk key, an egui key name such as "Space", "F5" or "T".
     pub ptt_key: Option<String>,
+    /// Push-to-talk also while another window has focus, where the desktop allows it (on
+    /// unless turned off).
+    pub ptt_outside_window: Option<bool>,
     /// Join, leave and mute sounds (on unless turned off).
     pub sounds: Option<bool>,
 }

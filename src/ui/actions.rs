@@ -39,6 +39,12 @@ pub enum UiAction {
     /// Change a voice setting (mute, deafen, push-to-talk, a peer's volume ...); handed to the
     /// voice thread unchanged.
     Voice(VoiceSetting),
+    /// Push-to-talk also while other windows have focus (where the desktop allows it).
+    SetPttOutsideWindow(bool),
+    /// Start (true) or cancel (false) choosing the push-to-talk key: the next key pressed.
+    ChoosePttKey(bool),
+    /// Use this key (an egui key name) for push-to-talk.
+    SetPttKey(String),
     /// Use this input device (by name).
     SelectInput(String),
     /// Use this output device (by name).

@@ -4,11 +4,13 @@
 
 pub mod actions;
 pub mod devices;
+pub mod global_ptt;
 pub mod link_history;
 pub mod mesh;
 pub mod notices;
 pub mod panels;
 pub mod perf;
+pub mod ptt_scope;
 pub mod screenshot;
 pub mod settings_writer;
 pub mod view;
@@ -109,6 +111,7 @@ impl Plugin for UiPlugin {
             high_pass: settings.high_pass.unwrap_or(false),
             sounds: settings.sounds.unwrap_or(true),
             ptt_enabled: settings.push_to_talk.unwrap_or(false),
+            ptt_outside_window: settings.ptt_outside_window.unwrap_or(true),
             input_devices: o.input_devices.clone(),
             output_devices: o.output_devices.clone(),
             selected_input: settings.input_device.clone(),
@@ -157,6 +160,7 @@ impl Plugin for UiPlugin {
             (
                 track_control_events,
                 release_ptt_when_unfocused,
+                follow_global_ptt,
                 devices::follow_device_list,
                 link_history::record_link_history,
             ),
@@ -198,13 +202,77 @@ fn start_with_shown_settings(state: Res<UiState>, mut voice: EventWriter<VoiceCo
 
 /// Push-to-talk is read from the window's key events, so a key let go while another window
 /// has focus is never seen and would leave the microphone open: losing focus releases it.
+/// A window that loses focus never sees the push-to-talk key's release, so the microphone
+/// would stay open: release it then. Not while the key is grabbed for the whole desktop: the
+/// grab sees the release wherever it happens, and the user may be talking into another window.
 fn release_ptt_when_unfocused(
     mut focus: EventReader<bevy::window::WindowFocused>,
     state: Res<UiState>,
     mut voice: EventWriter<VoiceCommand>,
 ) {
-    if focus.read().any(|f| !f.focused) && state.controls.ptt_enabled {
+    let c = &state.controls;
+    if focus.read().any(|f| !f.focused)
+        && c.ptt_enabled
+        && c.ptt_scope != ptt_scope::PttScope::Everywhere
+    {
         voice.write(VoiceCommand::Setting(VoiceSetting::PttPressed(false)));
+    }
+}
+
+/// Keeps the desktop-wide grab of the push-to-talk key in line with the controls: the key
+/// grabbed when push-to-talk is on with "outside this window" and a key that may be grabbed,
+/// none otherwise; the grab's answer shows in the controls. The grab thread starts with the
+/// first grab and sends presses straight to the voice thread.
+fn follow_global_ptt(
+    mut state: ResMut<UiState>,
+    voice: Res<Voice>,
+    mut grab: Local<Option<global_ptt::GlobalPtt>>,
+    mut display: Local<Option<ptt_scope::DisplayServer>>,
+) {
+    use ptt_scope::{global_key, DisplayServer, PttScope, WindowOnly};
+    let display = *display.get_or_insert_with(DisplayServer::current);
+    let c = &state.controls;
+    let scope = match global_key(c.ptt_enabled, c.ptt_outside_window, &c.ptt_key, display) {
+        Ok(code) => {
+            if grab.is_none() {
+                let Some(thread) = &voice.thread else {
+                    return;
+                };
+                let commander = thread.commander();
+                match global_ptt::GlobalPtt::spawn(move |pressed| {
+                    commander.send(VoiceCommand::Setting(VoiceSetting::PttPressed(pressed)));
+                }) {
+                    Ok(g) => *grab = Some(g),
+                    Err(e) => {
+                        let why = WindowOnly::GrabFailed(format!("cannot start: {e}"));
+                        set_ptt_scope(&mut state, PttScope::WindowOnly(why));
+                        return;
+                    }
+                }
+            }
+            let Some(g) = grab.as_mut() else { return };
+            if g.want(Some(code)) {
+                Some(PttScope::Pending)
+            } else {
+                g.poll_scope()
+            }
+        }
+        Err(scope) => {
+            if let Some(g) = grab.as_mut() {
+                g.want(None);
+            }
+            Some(scope)
+        }
+    };
+    if let Some(scope) = scope {
+        set_ptt_scope(&mut state, scope);
+    }
+}
+
+/// Changes the shown scope only when it differs (this runs every frame).
+fn set_ptt_scope(state: &mut ResMut<UiState>, scope: ptt_scope::PttScope) {
+    if state.controls.ptt_scope != scope {
+        state.controls.ptt_scope = scope;
     }
 }
 
@@ -917,6 +985,21 @@ fn dispatch(
                 out.settings.remember(change);
             }
             out.voice.write(VoiceCommand::Setting(setting));
+        }
+        UiAction::SetPttOutsideWindow(on) => {
+            state.controls.ptt_outside_window = on;
+            out.settings.remember(SettingsChange::PttOutsideWindow(on));
+        }
+        UiAction::ChoosePttKey(on) => state.controls.choosing_ptt_key = on,
+        UiAction::SetPttKey(key) => {
+            state.controls.choosing_ptt_key = false;
+            if key != state.controls.ptt_key {
+                // A press of the old key may still be held: its release would not count.
+                out.voice
+                    .write(VoiceCommand::Setting(VoiceSetting::PttPressed(false)));
+                state.controls.ptt_key = key.clone();
+                out.settings.remember(SettingsChange::PttKey(key));
+            }
         }
         UiAction::SelectInput(name) => {
             state.controls.selected_input = Some(name.clone());

@@ -23,6 +23,10 @@ pub enum SettingsChange {
         server: String,
     },
     PushToTalk(bool),
+    /// The push-to-talk key (an egui key name).
+    PttKey(String),
+    /// Push-to-talk also while other windows have focus.
+    PttOutsideWindow(bool),
     NoiseSuppression(bool),
     NormalizeLoudness(bool),
     EchoCancellation(bool),
@@ -64,6 +68,8 @@ impl SettingsChange {
                 s.server = Some(server);
             }
             Self::PushToTalk(on) => s.push_to_talk = Some(on),
+            Self::PttKey(key) => s.ptt_key = Some(key),
+            Self::PttOutsideWindow(on) => s.ptt_outside_window = Some(on),
             Self::NoiseSuppression(on) => s.noise_suppression = Some(on),
             Self::NormalizeLoudness(on) => s.normalize_loudness = Some(on),
             Self::EchoCancellation(on) => s.echo_cancellation = Some(on),

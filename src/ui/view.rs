@@ -254,6 +254,12 @@ pub struct ControlsView {
     pub ptt_enabled: bool,
     /// Human label of the push-to-talk key, e.g. "Space" (an egui key name).
     pub ptt_key: String,
+    /// Push-to-talk should also work while another window has focus.
+    pub ptt_outside_window: bool,
+    /// Where the push-to-talk key works now (decided in `ptt_scope`, answered by the grab).
+    pub ptt_scope: crate::ui::ptt_scope::PttScope,
+    /// The next key pressed becomes the push-to-talk key (Escape cancels).
+    pub choosing_ptt_key: bool,
     /// Noise suppression on the capture chain.
     pub noise_suppression: bool,
     /// Every speaker brought to the same loudness.

@@ -45,4 +45,4 @@ pub use net::link::UnreachableReason;
 #[cfg(feature = "app")]
 pub use plugin::{ChatLine, ChatNews, Voice, VoicePlugin};
 #[cfg(feature = "app")]
-pub use thread::{VoiceCommand, VoiceEvent, VoiceThread, VoiceThreadConfig};
+pub use thread::{VoiceCommand, VoiceCommander, VoiceEvent, VoiceThread, VoiceThreadConfig};

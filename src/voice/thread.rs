@@ -124,6 +124,22 @@ pub struct VoiceThread {
     port_mapper: Option<PortMapper>,
 }
 
+/// Sends commands to the voice thread from any thread.
+#[derive(Clone)]
+pub struct VoiceCommander {
+    commands: Sender<VoiceCommand>,
+    waker: Arc<mio::Waker>,
+}
+
+impl VoiceCommander {
+    /// Sends a command and wakes the thread; false if it is gone or hopelessly behind.
+    pub fn send(&self, cmd: VoiceCommand) -> bool {
+        let sent = self.commands.try_send(cmd).is_ok();
+        let _ = self.waker.wake();
+        sent
+    }
+}
+
 /// Options of the voice thread.
 #[derive(Debug, Clone)]
 pub struct VoiceThreadConfig {
@@ -257,9 +273,16 @@ impl VoiceThread {
 
     /// Sends a command; false if the thread is gone or hopelessly behind.
     pub fn send(&self, cmd: VoiceCommand) -> bool {
-        let sent = self.commands.try_send(cmd).is_ok();
-        let _ = self.waker.wake();
-        sent
+        self.commander().send(cmd)
+    }
+
+    /// A handle other threads can send commands with, without going through a Bevy frame
+    /// (the global push-to-talk key must reach the voice thread while the window is hidden).
+    pub fn commander(&self) -> VoiceCommander {
+        VoiceCommander {
+            commands: self.commands.clone(),
+            waker: Arc::clone(&self.waker),
+        }
     }
 
     pub fn events(&self) -> &Receiver<VoiceEvent> {

@@ -51,6 +51,9 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
     {
         actions.push(UiAction::Voice(VoiceSetting::PushToTalk(ptt)));
     }
+    if view.ptt_enabled {
+        push_to_talk_key(ui, view, &mut actions);
+    }
     microphone_processing(ui, view, &mut actions);
     let mut even = view.normalize_loudness;
     if ui
@@ -145,6 +148,42 @@ fn muted_hint(ui: &mut Ui, actions: &mut Vec<UiAction>) {
             .clicked()
         {
             actions.push(UiAction::Voice(VoiceSetting::Muted(false)));
+        }
+    });
+}
+
+/// The push-to-talk key and where it works: a button that takes the next key pressed, the
+/// "outside this window" switch, and a line saying where the key works and why.
+fn push_to_talk_key(ui: &mut egui::Ui, view: &ControlsView, actions: &mut Vec<UiAction>) {
+    ui.indent("ptt", |ui| {
+        ui.horizontal(|ui| {
+            ui.label("Key:");
+            let text = if view.choosing_ptt_key {
+                "Press a key (Esc cancels)".to_owned()
+            } else {
+                view.ptt_key.clone()
+            };
+            if ui
+                .selectable_label(view.choosing_ptt_key, text)
+                .on_hover_text("Click, then press the key to hold while you talk")
+                .clicked()
+            {
+                actions.push(UiAction::ChoosePttKey(!view.choosing_ptt_key));
+            }
+        });
+        let mut outside = view.ptt_outside_window;
+        if ui
+            .checkbox(&mut outside, "Also while other windows have focus")
+            .on_hover_text(
+                "The key is taken from other applications while push-to-talk is on, so only \
+                 function keys and Insert can be used this way",
+            )
+            .changed()
+        {
+            actions.push(UiAction::SetPttOutsideWindow(outside));
+        }
+        if let Some(hint) = view.ptt_scope.hint(&view.ptt_key) {
+            ui.label(egui::RichText::new(hint).small().weak());
         }
     });
 }
@@ -373,6 +412,47 @@ mod tests {
                 UiAction::Voice(VoiceSetting::EchoCancellation(true)),
                 UiAction::Voice(VoiceSetting::GainControl(true)),
             ]
+        );
+    }
+
+    #[test]
+    fn push_to_talk_shows_its_key_where_it_works_and_lets_both_change() {
+        use crate::ui::ptt_scope::{PttScope, WindowOnly};
+        let mut v = view();
+        v.ptt_enabled = true;
+        v.ptt_outside_window = true;
+        v.ptt_scope = PttScope::WindowOnly(WindowOnly::TypingKey);
+        let mut h = harness(v.clone());
+        h.get_by_label_contains("it is a typing key");
+        h.get_by_label("Space").click();
+        h.run();
+        h.get_by_label("Also while other windows have focus")
+            .click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![
+                UiAction::ChoosePttKey(true),
+                UiAction::SetPttOutsideWindow(false)
+            ]
+        );
+
+        v.ptt_key = "F9".into();
+        v.ptt_scope = PttScope::Everywhere;
+        let h = harness(v.clone());
+        h.get_by_label("F9 works in every window");
+
+        v.choosing_ptt_key = true;
+        let mut h = harness(v);
+        h.get_by_label("Press a key (Esc cancels)").click();
+        h.run();
+        assert_eq!(h.state().actions, vec![UiAction::ChoosePttKey(false)]);
+
+        let h = harness(view());
+        assert!(
+            h.query_by_label("Also while other windows have focus")
+                .is_none(),
+            "the key row shows only with push-to-talk on"
         );
     }
 

@@ -77,6 +77,9 @@ pub fn help_window(ctx: &Context, shortcuts: &[Shortcut]) -> Vec<UiAction> {
 /// "m" must not mute); the function keys and the push-to-talk release always work. Key repeats
 /// are ignored.
 pub fn keyboard_shortcuts(ctx: &Context, controls: &ControlsView) -> Vec<UiAction> {
+    if controls.choosing_ptt_key {
+        return chosen_ptt_key(ctx).into_iter().collect();
+    }
     let typing = ctx.wants_keyboard_input();
     let ptt_key = controls
         .ptt_enabled
@@ -116,6 +119,28 @@ pub fn keyboard_shortcuts(ctx: &Context, controls: &ControlsView) -> Vec<UiActio
         }
     });
     actions
+}
+
+/// While the push-to-talk key is being chosen: the first key pressed (with no modifier)
+/// becomes it, Escape cancels; no other shortcut acts meanwhile.
+fn chosen_ptt_key(ctx: &Context) -> Option<UiAction> {
+    ctx.input(|input| {
+        input.events.iter().find_map(|event| match event {
+            Event::Key {
+                key: Key::Escape,
+                pressed: true,
+                ..
+            } => Some(UiAction::ChoosePttKey(false)),
+            Event::Key {
+                key,
+                pressed: true,
+                repeat: false,
+                modifiers,
+                ..
+            } if !modifiers.any() => Some(UiAction::SetPttKey(key.name().to_owned())),
+            _ => None,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -222,6 +247,40 @@ mod tests {
         h.key_press(Key::Space);
         h.run();
         assert!(h.state().actions.is_empty());
+    }
+
+    #[test]
+    fn while_choosing_the_key_the_next_key_is_taken_and_shortcuts_rest() {
+        let choosing = ControlsView {
+            ptt_enabled: true,
+            ptt_key: "Space".into(),
+            choosing_ptt_key: true,
+            ..ControlsView::default()
+        };
+        let mut h = harness(choosing.clone(), false);
+        h.key_press(Key::F9);
+        h.run();
+        assert_eq!(
+            h.state().actions.first(),
+            Some(&UiAction::SetPttKey("F9".into())),
+            "{:?}",
+            h.state().actions
+        );
+        // M would mute in the normal mode: here it is the new key, not a mute.
+        let mut h = harness(choosing.clone(), false);
+        h.key_press(Key::M);
+        h.run();
+        assert_eq!(
+            h.state().actions.first(),
+            Some(&UiAction::SetPttKey("M".into()))
+        );
+        let mut h = harness(choosing, false);
+        h.key_press(Key::Escape);
+        h.run();
+        assert_eq!(
+            h.state().actions.first(),
+            Some(&UiAction::ChoosePttKey(false))
+        );
     }
 
     #[test]

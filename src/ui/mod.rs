@@ -82,6 +82,8 @@ pub struct UiState {
     auto_join: Option<(String, Option<Password>)>,
     /// The chat input line.
     chat_draft: String,
+    /// The echo test as the last voice snapshot had it.
+    echo_test_seen: Option<crate::voice::EchoTestStatus>,
     /// Local time's offset from UTC (read once at start), for message times.
     utc_offset_minutes: i32,
 }
@@ -142,6 +144,7 @@ impl Plugin for UiPlugin {
             audio_shown: Vec::new(),
             auto_join: o.join.clone(),
             chat_draft: String::new(),
+            echo_test_seen: None,
             utc_offset_minutes: local_utc_offset_minutes(),
         })
         .insert_resource(SettingsWriter::spawn(ClientSettings::path()))
@@ -685,6 +688,11 @@ fn mirror_voice(state: &mut UiState, voice: &Voice) {
     state.controls.input_level_db = snap.input_level_db;
     state.controls.vad_threshold_db = snap.vad_threshold_db;
     state.controls.echo = snap.echo.map(|e| (e.erle_db, e.delay_ms));
+    // Only news from the voice thread: a snapshot taken before a click must not undo it.
+    if state.echo_test_seen != snap.echo_test {
+        state.echo_test_seen = snap.echo_test;
+        state.controls.echo_test = snap.echo_test;
+    }
     state.controls.speaking = snap.transmitting && !snap.muted;
     state.controls.talking_while_muted = snap.talking_while_muted;
     state

@@ -292,6 +292,8 @@ pub struct ControlsView {
     pub sounds: bool,
     /// The microphone test is on: you hear yourself as the others do.
     pub mic_test: bool,
+    /// The echo test: running (with its progress), or the last one's result.
+    pub echo_test: Option<crate::voice::EchoTestStatus>,
 }
 
 impl ControlsView {
@@ -308,7 +310,23 @@ impl ControlsView {
             VoiceSetting::GainControl(on) => self.gain_control = on,
             VoiceSetting::HighPass(on) => self.high_pass = on,
             VoiceSetting::Sounds(on) => self.sounds = on,
-            VoiceSetting::MicTest(on) => self.mic_test = on,
+            VoiceSetting::MicTest(on) => {
+                self.mic_test = on;
+                if on
+                    && matches!(
+                        self.echo_test,
+                        Some(crate::voice::EchoTestStatus::Running(_))
+                    )
+                {
+                    self.echo_test = None;
+                }
+            }
+            VoiceSetting::EchoTest(on) => {
+                self.echo_test = on.then_some(crate::voice::EchoTestStatus::Running(0.0));
+                if on {
+                    self.mic_test = false;
+                }
+            }
             // The threshold and the peers' settings are drawn from the voice snapshot and
             // the user entities; the key press has no lasting state.
             VoiceSetting::VadThreshold(_)

@@ -37,6 +37,7 @@ pub mod tx;
 #[cfg(feature = "app")]
 pub use audio_problem::AudioProblem;
 #[cfg(feature = "engine")]
+pub use engine::echo_test::{EchoTestResult, EchoTestStatus, EchoVerdict};
 pub use engine::{
     ChatEvent, ChatMessage, ChatSent, PeerSettings, PeerSnapshot, PeerState, RelayVia, Unreachable,
     VoiceConfig, VoiceEngine, VoiceSetting, VoiceSnapshot,

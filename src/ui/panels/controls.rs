@@ -6,7 +6,7 @@ use egui::{ComboBox, Slider, Ui, Vec2};
 use super::meters::{db_meter_with_threshold, METER_FLOOR_DB};
 use crate::ui::actions::UiAction;
 use crate::ui::view::ControlsView;
-use crate::voice::VoiceSetting;
+use crate::voice::{EchoTestResult, EchoTestStatus, EchoVerdict, VoiceSetting};
 
 /// Text shown in a device picker when no specific device is chosen.
 pub const SYSTEM_DEFAULT_DEVICE: &str = "System default";
@@ -106,6 +106,7 @@ pub fn controls(ui: &mut Ui, view: &ControlsView) -> Vec<UiAction> {
     {
         actions.push(UiAction::Voice(VoiceSetting::MicTest(!view.mic_test)));
     }
+    echo_test(ui, view, &mut actions);
     ui.label(if view.speaking {
         "Input level (speaking)"
     } else {
@@ -150,6 +151,75 @@ fn muted_hint(ui: &mut Ui, actions: &mut Vec<UiAction>) {
             actions.push(UiAction::Voice(VoiceSetting::Muted(false)));
         }
     });
+}
+
+/// The echo test's button, its progress while it runs and what it found.
+fn echo_test(ui: &mut egui::Ui, view: &ControlsView, actions: &mut Vec<UiAction>) {
+    let running = match view.echo_test {
+        Some(EchoTestStatus::Running(p)) => Some(p),
+        _ => None,
+    };
+    let label = if running.is_some() {
+        "Stop the echo test"
+    } else {
+        "Echo test"
+    };
+    if ui
+        .selectable_label(running.is_some(), label)
+        .on_hover_text(
+            "Plays a test sound through your speakers for a few seconds and measures how much \
+             of it your microphone picks up, and how much the echo canceller takes out",
+        )
+        .clicked()
+    {
+        actions.push(UiAction::Voice(VoiceSetting::EchoTest(running.is_none())));
+    }
+    match view.echo_test {
+        Some(EchoTestStatus::Running(p)) => {
+            let doing = if p < 0.13 {
+                "Listening to the room"
+            } else {
+                "Playing a test sound"
+            };
+            ui.add(egui::ProgressBar::new(p).text(doing).desired_width(200.0));
+        }
+        Some(EchoTestStatus::Done(result)) => {
+            let text = echo_test_summary(&result);
+            let text = match result.verdict {
+                EchoVerdict::Remains => egui::RichText::new(text).color(ui.visuals().warn_fg_color),
+                _ => egui::RichText::new(text),
+            };
+            ui.label(text);
+        }
+        None => {}
+    }
+}
+
+/// What the echo test found, in words and figures.
+pub fn echo_test_summary(r: &EchoTestResult) -> String {
+    match r.verdict {
+        EchoVerdict::NoEcho => "Echo test: your microphone does not hear your speakers \
+                                (headphones?), so there is no echo to cancel."
+            .to_owned(),
+        EchoVerdict::Cancelled => format!(
+            "Echo test: your microphone hears your speakers at {:.0} dB; the echo canceller \
+             takes out {:.0} dB, down to the room's background. Others won't hear themselves.",
+            r.coupling_db(),
+            r.removed_db()
+        ),
+        EchoVerdict::Remains if !r.echo_cancellation => format!(
+            "Echo test: your microphone hears your speakers at {:.0} dB and echo cancellation \
+             is off: others hear themselves. Turn it on or use headphones.",
+            r.coupling_db()
+        ),
+        EchoVerdict::Remains => format!(
+            "Echo test: your microphone hears your speakers at {:.0} dB; the echo canceller \
+             takes out only {:.0} dB, so others may hear themselves. Turn the speakers down or \
+             use headphones.",
+            r.coupling_db(),
+            r.removed_db()
+        ),
+    }
 }
 
 /// The push-to-talk key and where it works: a button that takes the next key pressed, the
@@ -454,6 +524,50 @@ mod tests {
                 .is_none(),
             "the key row shows only with push-to-talk on"
         );
+    }
+
+    #[test]
+    fn the_echo_test_starts_shows_progress_and_says_what_it_found() {
+        use crate::voice::{EchoTestResult, EchoTestStatus, EchoVerdict};
+        let mut h = harness(view());
+        h.get_by_label("Echo test").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::EchoTest(true))]
+        );
+
+        let mut v = view();
+        v.echo_test = Some(EchoTestStatus::Running(0.5));
+        let mut h = harness(v.clone());
+        h.get_by_label("Stop the echo test").click();
+        h.run();
+        assert_eq!(
+            h.state().actions,
+            vec![UiAction::Voice(VoiceSetting::EchoTest(false))]
+        );
+
+        let result = EchoTestResult {
+            background_db: -65.0,
+            played_db: -22.0,
+            picked_up_db: -32.0,
+            after_cancel_db: -66.0,
+            echo_cancellation: true,
+            verdict: EchoVerdict::Cancelled,
+        };
+        v.echo_test = Some(EchoTestStatus::Done(result));
+        let h = harness(v.clone());
+        h.get_by_label_contains(
+            "hears your speakers at -10 dB; the echo canceller takes out 34 dB",
+        );
+        v.echo_test = Some(EchoTestStatus::Done(EchoTestResult {
+            after_cancel_db: -32.0,
+            echo_cancellation: false,
+            verdict: EchoVerdict::Remains,
+            ..result
+        }));
+        let h = harness(v);
+        h.get_by_label_contains("echo cancellation is off");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! chat (sealed per member, on the path of that member's voice).
 
 mod chat;
+pub mod echo_test;
 mod mic_test;
 mod outbox;
 mod peer;
@@ -166,6 +167,9 @@ pub struct VoiceEngine {
     muted_speech_until: Option<Duration>,
     /// Playing our own processed voice back to us (the microphone test), when on.
     mic_test: Option<mic_test::MicTest>,
+    /// The echo test while it runs, and the result of the last one.
+    echo_test: Option<echo_test::EchoTest>,
+    echo_test_result: Option<echo_test::EchoTestResult>,
 }
 
 /// How long the "you are muted" hint stays after the voice detector last heard us muted.
@@ -215,6 +219,8 @@ impl VoiceEngine {
             cues: CuePlayer::new(CueSounds::embedded(), cfg.sounds),
             muted_speech_until: None,
             mic_test: None,
+            echo_test: None,
+            echo_test_result: None,
             cfg,
         })
     }
@@ -642,9 +648,33 @@ impl VoiceEngine {
     pub fn set_mic_test(&mut self, on: bool) {
         match (on, self.mic_test.is_some()) {
             // A decoder that cannot be made leaves the test off; nothing else depends on it.
-            (true, false) => self.mic_test = mic_test::MicTest::new().ok(),
+            (true, false) => {
+                self.echo_test = None;
+                self.mic_test = mic_test::MicTest::new().ok();
+            }
             (false, true) => self.mic_test = None,
             _ => {}
+        }
+    }
+
+    /// Starts the echo test (see [`echo_test`]), forgetting the last result, or stops it. The
+    /// microphone test stops meanwhile: hearing yourself would be measured as echo.
+    pub fn set_echo_test(&mut self, on: bool) {
+        if on {
+            self.mic_test = None;
+            self.echo_test = Some(echo_test::EchoTest::new());
+            self.echo_test_result = None;
+        } else {
+            self.echo_test = None;
+        }
+    }
+
+    /// Where the echo test stands: running, or the last one's result.
+    pub fn echo_test(&self) -> Option<echo_test::EchoTestStatus> {
+        match (&self.echo_test, self.echo_test_result) {
+            (Some(t), _) => Some(echo_test::EchoTestStatus::Running(t.progress())),
+            (None, Some(r)) => Some(echo_test::EchoTestStatus::Done(r)),
+            (None, None) => None,
         }
     }
 
@@ -657,6 +687,7 @@ impl VoiceEngine {
     /// once per connected peer and queued for [`VoiceEngine::poll_transmit`].
     pub fn handle_capture(&mut self, now: Duration, pcm: &[f32]) {
         let muted = self.capture.is_muted();
+        let echo_cancellation = self.capture.processing().echo_cancel;
         let out = self.capture.process(now, pcm);
         self.input_level_db = out.level_db;
         self.vad_threshold_db = out.threshold_db;
@@ -664,6 +695,15 @@ impl VoiceEngine {
         self.transmitting = out.transmitting;
         if out.speaking && muted {
             self.muted_speech_until = Some(now + MUTED_SPEECH_HOLD);
+        }
+        if let Some(test) = &mut self.echo_test {
+            let raw = crate::voice::tx::levels::rms(pcm).powi(2);
+            if let Some(result) =
+                test.capture(raw, out.after_echo_power, pcm.len(), echo_cancellation)
+            {
+                self.echo_test_result = Some(result);
+                self.echo_test = None;
+            }
         }
         let samples = self.cfg.frame.samples() as u64;
         if out.frames().len() == 0 {
@@ -771,6 +811,10 @@ impl VoiceEngine {
         // Ourselves, in the microphone test: also part of what the speaker plays.
         if let Some(test) = &mut self.mic_test {
             test.mix_into(out);
+        }
+        // The echo test's sound, which the canceller must see like any other.
+        if let Some(test) = &mut self.echo_test {
+            test.render(out);
         }
         // What goes to the speaker is what the echo canceller must take out of the microphone.
         self.capture.analyze_render(out);

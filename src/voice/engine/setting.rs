@@ -53,6 +53,8 @@ pub enum VoiceSetting {
     Sounds(bool),
     /// Hear yourself as the others hear you (the microphone test), or stop.
     MicTest(bool),
+    /// Run the echo test (see `echo_test`), or stop it.
+    EchoTest(bool),
 }
 
 impl VoiceEngine {
@@ -82,6 +84,7 @@ impl VoiceEngine {
             VoiceSetting::PeerMuted { user_id, muted } => self.set_peer_muted(user_id, muted),
             VoiceSetting::Sounds(on) => self.set_sounds(on),
             VoiceSetting::MicTest(on) => self.set_mic_test(on),
+            VoiceSetting::EchoTest(on) => self.set_echo_test(on),
         }
     }
 }

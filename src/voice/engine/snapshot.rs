@@ -163,6 +163,8 @@ pub struct VoiceSnapshot {
     /// The echo canceller's figures (how much echo it takes out, the delay it found), while
     /// it runs and once it has some.
     pub echo: Option<EchoStats>,
+    /// The echo test: running, or the last one's result.
+    pub echo_test: Option<super::echo_test::EchoTestStatus>,
     /// Fingerprint of our own voice key.
     pub fingerprint: String,
     /// Voice and peer-control datagrams dropped because no key was known for their sender or
@@ -288,6 +290,7 @@ impl VoiceEngine {
             talking_while_muted: self.capture.is_muted()
                 && self.muted_speech_until.is_some_and(|until| now < until),
             sounds: self.cues.is_enabled(),
+            echo_test: self.echo_test(),
             deafened: self.mixer.is_deafened(),
             frames_sent: self.frames_sent,
             bytes_sent: self.bytes_sent,

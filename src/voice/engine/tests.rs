@@ -1301,3 +1301,82 @@ fn the_microphone_test_is_silent_while_muted() {
     let played = speak_and_listen(&mut e, &mut now, 100);
     assert!(rms(&played) < 0.01);
 }
+
+/// Runs the echo test through the engine and the real echo canceller, with a made-up room
+/// between what the engine plays and what it captures: the direct sound after 60 ms at
+/// `coupling`, three weaker reflections, and a faint steady hiss.
+fn echo_test_in_a_room(echo_cancel: bool, coupling: f32) -> crate::voice::EchoTestResult {
+    use crate::voice::EchoTestStatus;
+    let mut cfg = VoiceConfig::default();
+    cfg.capture.denoise = false;
+    cfg.capture.processing = crate::voice::tx::ProcessingConfig {
+        echo_cancel,
+        ..crate::voice::tx::ProcessingConfig::NONE
+    };
+    let mut e = VoiceEngine::new(cfg, 1).unwrap();
+    let taps = [
+        (2_880usize, 1.0f32),
+        (3_400, 0.4),
+        (4_100, 0.2),
+        (5_300, 0.1),
+    ];
+    let mut played: Vec<f32> = vec![0.0; 6_000];
+    let mut mix = vec![0.0f32; 960];
+    let mut mic = vec![0.0f32; 960];
+    let mut hiss = 12_345u32;
+    let mut now = Duration::ZERO;
+    e.apply(now, VoiceSetting::EchoTest(true));
+    for _ in 0..500 {
+        e.playout_frame(now, &mut mix);
+        played.extend_from_slice(&mix);
+        let start = played.len() - 960;
+        for (i, m) in mic.iter_mut().enumerate() {
+            let echo: f32 = taps.iter().map(|&(d, g)| g * played[start + i - d]).sum();
+            hiss ^= hiss << 13;
+            hiss ^= hiss >> 17;
+            hiss ^= hiss << 5;
+            let noise = (hiss as f32 / u32::MAX as f32 - 0.5) * 0.002;
+            *m = coupling * echo + noise;
+        }
+        e.handle_capture(now, &mic);
+        now += ms(20);
+        if let Some(EchoTestStatus::Done(r)) = e.snapshot(now).echo_test {
+            return r;
+        }
+    }
+    panic!("the echo test did not finish in 10 s");
+}
+
+/// The echo test tells the three rooms apart: speakers the microphone hears, with the echo
+/// canceller on and off, and headphones (nothing reaches the microphone).
+#[test]
+fn the_echo_test_measures_what_the_canceller_takes_out_of_a_room() {
+    use crate::voice::EchoVerdict;
+    let on = echo_test_in_a_room(true, 0.3);
+    assert_eq!(on.verdict, EchoVerdict::Cancelled, "{on:?}");
+    assert!(on.removed_db() >= 20.0, "{on:?}");
+    assert!((-14.0..-4.0).contains(&on.coupling_db()), "{on:?}");
+
+    let off = echo_test_in_a_room(false, 0.3);
+    assert_eq!(off.verdict, EchoVerdict::Remains, "{off:?}");
+    assert!(off.removed_db().abs() < 1.0, "{off:?}");
+    assert!(!off.echo_cancellation);
+
+    let headphones = echo_test_in_a_room(true, 0.0);
+    assert_eq!(headphones.verdict, EchoVerdict::NoEcho, "{headphones:?}");
+}
+
+/// Starting the echo test stops the microphone test (hearing yourself would count as echo),
+/// and the other way round.
+#[test]
+fn the_echo_test_and_the_microphone_test_exclude_each_other() {
+    use crate::voice::EchoTestStatus;
+    let mut e = engine(1);
+    e.apply(ms(0), VoiceSetting::MicTest(true));
+    e.apply(ms(0), VoiceSetting::EchoTest(true));
+    assert!(!e.mic_test());
+    assert!(matches!(e.echo_test(), Some(EchoTestStatus::Running(_))));
+    e.apply(ms(0), VoiceSetting::MicTest(true));
+    assert!(e.mic_test());
+    assert_eq!(e.echo_test(), None);
+}

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nnnoiseless::DenoiseState;
 
-use super::levels::rms_dbfs;
+use super::levels::{rms, rms_dbfs};
 use super::processing::{EchoAndGain, EchoStats, ProcessingConfig};
 use super::vad::{Vad, VadConfig};
 use crate::voice::codec::FrameDuration;
@@ -117,6 +117,9 @@ pub struct CaptureOutput<'a> {
     pub transmitting: bool,
     /// This frame starts a talkspurt (the first frames released follow a pause).
     pub talkspurt_start: bool,
+    /// Mean square of the frame just after echo cancellation (and the high-pass filter),
+    /// before noise suppression: what the echo test compares with the raw microphone.
+    pub after_echo_power: f32,
 }
 
 impl<'a> CaptureOutput<'a> {
@@ -299,6 +302,7 @@ impl CaptureChain {
         self.head = (self.head + 1) % self.history.len();
         let index = self.next_index;
         self.next_index += 1;
+        let after_echo_power;
         {
             let entry = &mut self.history[slot];
             entry.index = index;
@@ -310,6 +314,7 @@ impl CaptureChain {
                 };
             }
             self.processing.process_front(&mut entry.samples);
+            after_echo_power = rms(&entry.samples).powi(2);
             if self.denoise {
                 for chunk in entry.samples.chunks_mut(DENOISE_FRAME) {
                     for (dst, &s) in self.scratch_in.iter_mut().zip(chunk.iter()) {
@@ -386,6 +391,7 @@ impl CaptureChain {
             threshold_db: decision.threshold_db,
             transmitting: send,
             talkspurt_start,
+            after_echo_power,
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct HeadlessOptions {
     pub say: Vec<String>,
     /// How many connected peers to wait for before sending them (`--say-peers`).
     pub say_peers: usize,
+    /// Run the echo test at start and print its result (`--echo-test`).
+    pub echo_test: bool,
 }
 
 #[derive(Resource)]
@@ -89,6 +91,7 @@ impl Plugin for HeadlessPlugin {
                     report_events,
                     say_when_connected,
                     report_chat,
+                    report_echo_test,
                     track_departures,
                     stop_when_done,
                 )
@@ -114,6 +117,9 @@ fn start_connect(opts: Res<HeadlessOptions>, voice: Res<Voice>, mut link: ResMut
         }
         if opts.start_muted {
             t.send(VoiceCommand::Setting(VoiceSetting::Muted(true)));
+        }
+        if opts.echo_test {
+            t.send(VoiceCommand::Setting(VoiceSetting::EchoTest(true)));
         }
     }
     if let Some(e) = &voice.error {
@@ -341,6 +347,35 @@ pub fn chat_json(event: &ChatEvent, received_ms: u64) -> serde_json::Value {
             "event": "chat_refused", "text": text, "reason": reason.to_string(),
         }),
     }
+}
+
+/// Prints the echo test's result once, when the voice thread has it.
+fn report_echo_test(voice: Res<Voice>, mut reported: Local<bool>) {
+    let Some(crate::voice::EchoTestStatus::Done(r)) = voice.last.echo_test else {
+        return;
+    };
+    if std::mem::replace(&mut *reported, true) {
+        return;
+    }
+    let verdict = match r.verdict {
+        crate::voice::EchoVerdict::NoEcho => "no_echo",
+        crate::voice::EchoVerdict::Cancelled => "cancelled",
+        crate::voice::EchoVerdict::Remains => "remains",
+    };
+    emit(format_args!(
+        "{}",
+        json!({
+            "event": "echo_test",
+            "verdict": verdict,
+            "echo_cancellation": r.echo_cancellation,
+            "background_db": r.background_db,
+            "played_db": r.played_db,
+            "picked_up_db": r.picked_up_db,
+            "after_cancel_db": r.after_cancel_db,
+            "coupling_db": r.coupling_db(),
+            "removed_db": r.removed_db(),
+        })
+    ));
 }
 
 fn report_chat(mut news: EventReader<ChatNews>) {

@@ -279,6 +279,11 @@ struct ClientArgs {
     /// 10 s after joining; then they go to whoever is there).
     #[arg(long, value_name = "N", default_value_t = 1)]
     say_peers: usize,
+    /// Headless: run the echo test at start (about 5 s: a test sound through the speaker,
+    /// measured in the microphone before and after echo cancellation) and print its result
+    /// as an `{"event":"echo_test",...}` line.
+    #[arg(long)]
+    echo_test: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -511,6 +516,7 @@ fn run() -> anyhow::Result<ExitCode> {
                     accept_new_identity: a.accept_new_identity,
                     say: a.say,
                     say_peers: a.say_peers,
+                    echo_test: a.echo_test,
                 };
                 return Ok(app::run_headless_client(opts));
             }

@@ -888,3 +888,84 @@ fn an_unplugged_headset_gives_way_to_the_default_device_and_the_call_goes_on() {
         "only {decoded} frames decoded: the call did not go on after the unplug: {heard}"
     );
 }
+
+/// The echo test (`--echo-test`) on real PulseAudio devices, with the speaker fed back into
+/// the microphone: the member plays into p2pv_espk, whose monitor a loopback carries with
+/// 60 ms of delay into p2pv_eroom at half volume, whose monitor is the microphone. With echo
+/// cancellation on (the default for devices) the test must find the echo and see it taken out
+/// down to the background; with it off, find it left standing.
+#[test]
+fn the_echo_test_finds_a_pulseaudio_loopback_echo_and_the_canceller_removing_it() {
+    let Some(_pulse) = pulse_or_skip() else {
+        return;
+    };
+    let pulse_server = pulse_server().expect("PulseAudio server address");
+    let _sinks = NullSinks::load(&["p2pv_espk", "p2pv_eroom", "p2pv_espk2", "p2pv_eroom2"]);
+    let mut loopbacks = Vec::new();
+    for (from, to) in [("p2pv_espk", "p2pv_eroom"), ("p2pv_espk2", "p2pv_eroom2")] {
+        let out = Command::new("pactl")
+            .args(["load-module", "module-loopback"])
+            .arg(format!("source={from}.monitor"))
+            .arg(format!("sink={to}"))
+            .args([
+                "latency_msec=60",
+                "source_dont_move=true",
+                "sink_dont_move=true",
+            ])
+            .output()
+            .expect("pactl load-module module-loopback");
+        assert!(out.status.success(), "loading the loopback: {out:?}");
+        loopbacks.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        let status = Command::new("pactl")
+            .args(["set-sink-volume", to, "50%"])
+            .status()
+            .expect("pactl set-sink-volume");
+        assert!(status.success());
+    }
+    struct Unload(Vec<String>);
+    impl Drop for Unload {
+        fn drop(&mut self) {
+            for m in &self.0 {
+                let _ = Command::new("pactl").args(["unload-module", m]).status();
+            }
+        }
+    }
+    let _loopbacks = Unload(loopbacks);
+
+    let server = common::ServerProcess::start();
+    let member = |name: &str, speaker: &str, room: &str, aec: &str| {
+        pulse_member(
+            server.addr,
+            &pulse_server,
+            name,
+            9.0,
+            &[
+                "--input-device",
+                &format!("{room}.monitor"),
+                "--output-device",
+                speaker,
+                "--echo-cancellation",
+                aec,
+                "--echo-test",
+            ],
+        )
+    };
+    let with = member("aec-on", "p2pv_espk", "p2pv_eroom", "on");
+    let without = member("aec-off", "p2pv_espk2", "p2pv_eroom2", "off");
+    let result = |child: std::process::Child, who: &str| {
+        let lines = member_lines(child.wait_with_output().expect("member exits"), who);
+        lines
+            .into_iter()
+            .find(|l| l["event"] == "echo_test")
+            .unwrap_or_else(|| panic!("{who} printed no echo_test line"))
+    };
+    let on = result(with, "aec-on");
+    let off = result(without, "aec-off");
+    println!("echo test, canceller on: {on}\necho test, canceller off: {off}");
+    assert_eq!(on["verdict"], "cancelled", "{on}");
+    assert!(on["removed_db"].as_f64().unwrap() >= 20.0, "{on}");
+    let coupling = on["coupling_db"].as_f64().unwrap();
+    assert!((-20.0..0.0).contains(&coupling), "half volume: {on}");
+    assert_eq!(off["verdict"], "remains", "{off}");
+    assert!(off["removed_db"].as_f64().unwrap().abs() < 2.0, "{off}");
+}

@@ -325,17 +325,22 @@ impl ClientSettings {
 
     /// Loads settings; a missing or unreadable file gives defaults (settings are a convenience).
     pub fn load() -> Self {
-        Self::path()
-            .map(|p| Self::load_from(&p))
-            .unwrap_or_default()
+        Self::load_checked().0
     }
 
-    /// Loads settings from `path`; missing or unreadable gives defaults.
+    /// Like [`Self::load`], and says whether a file that was there could not be read (it is
+    /// then set aside: see [`load_toml`]).
+    pub fn load_checked() -> (Self, Option<SetAside>) {
+        match Self::path() {
+            Some(p) => load_toml(&p),
+            None => (Self::default(), None),
+        }
+    }
+
+    /// Loads settings from `path`; missing gives defaults, and so does unreadable, after
+    /// setting the file aside (see [`load_toml`]).
     pub fn load_from(path: &std::path::Path) -> Self {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| toml::from_str(&t).ok())
-            .unwrap_or_default()
+        load_toml(path).0
     }
 
     /// Writes the settings to `path`, creating its directory.
@@ -352,6 +357,56 @@ impl ClientSettings {
             source,
         })
     }
+}
+
+/// A remembered-settings file that was there but could not be read or parsed. It is renamed
+/// (`settings.toml` to `settings.toml.unreadable-<unix seconds>`) before anything is saved, so
+/// the next save cannot replace what the user had: a typo made by hand costs the defaults for
+/// one run, never the file.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{} could not be read ({reason}); {}", path.display(), match kept_as {
+    Some(k) => format!("it was kept as {} and defaults are used", k.display()),
+    None => "it could not be moved aside either, so nothing will be saved over it".to_owned(),
+})]
+pub struct SetAside {
+    pub path: PathBuf,
+    /// Where the file now is (`None`: it could not be renamed and stays where it was).
+    pub kept_as: Option<PathBuf>,
+    pub reason: String,
+}
+
+/// Reads a TOML settings file: a missing file gives the defaults; one that cannot be read or
+/// parsed gives the defaults too, and is set aside ([`SetAside`]).
+pub fn load_toml<T: serde::de::DeserializeOwned + Default>(path: &Path) -> (T, Option<SetAside>) {
+    let reason = match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (T::default(), None),
+        Err(e) => e.to_string(),
+        Ok(text) => match toml::from_str(&text) {
+            Ok(value) => return (value, None),
+            Err(e) => match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}: {}", e.message())
+                }
+                None => e.message().to_owned(),
+            },
+        },
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".unreadable-{secs}"));
+    let aside = PathBuf::from(name);
+    // Only a file is moved (a directory in its place is not ours to move).
+    let kept_as = (path.is_file() && std::fs::rename(path, &aside).is_ok()).then_some(aside);
+    let set_aside = SetAside {
+        path: path.to_path_buf(),
+        kept_as,
+        reason,
+    };
+    (T::default(), Some(set_aside))
 }
 
 /// Writes `bytes` to `path` so that a reader (or a crash, or a full disk) sees the old file or

@@ -165,17 +165,16 @@ struct PeopleFile {
     person: Vec<PersonEntry>,
 }
 
-/// The people kept in `dir/people.toml` (`None`: no config directory). A missing or
-/// unreadable file keeps nobody: these are conveniences, not security, so a broken file costs
-/// the user some volume choices, never the call.
-pub fn load_people(dir: Option<&Path>) -> PersonSettings {
-    let Some(text) = dir.and_then(|d| std::fs::read_to_string(d.join(PEOPLE_FILE)).ok()) else {
-        return PersonSettings::default();
+/// The people kept in `dir/people.toml` (`None`: no config directory). A missing file keeps
+/// nobody; so does an unreadable one, which is set aside first (renamed, so the next save
+/// cannot overwrite the user's choices) and reported: these are conveniences, so a broken file
+/// costs a run without them, never the call and never the file.
+pub fn load_people(dir: Option<&Path>) -> (PersonSettings, Option<crate::config::SetAside>) {
+    let Some(dir) = dir else {
+        return (PersonSettings::default(), None);
     };
-    let Ok(file) = toml::from_str::<PeopleFile>(&text) else {
-        return PersonSettings::default();
-    };
-    PersonSettings::from_entries(file.person.into_iter().map(|p| {
+    let (file, set_aside) = crate::config::load_toml::<PeopleFile>(&dir.join(PEOPLE_FILE));
+    let people = PersonSettings::from_entries(file.person.into_iter().map(|p| {
         let volume = if p.volume.is_finite() { p.volume } else { 1.0 };
         (
             p.server,
@@ -185,7 +184,8 @@ pub fn load_people(dir: Option<&Path>) -> PersonSettings {
                 muted: p.muted,
             },
         )
-    }))
+    }));
+    (people, set_aside)
 }
 
 /// Writes `people` to `dir/people.toml` atomically (see [`crate::config::write_atomically`]).
@@ -317,7 +317,8 @@ mod tests {
         p.remember("Example.org:7700", "Bob", &muted(true));
         p.remember("example.org:7700", "carol", &volume(0.25));
         save_people(&dir, &p).unwrap();
-        let loaded = load_people(Some(&dir));
+        let (loaded, set_aside) = load_people(Some(&dir));
+        assert_eq!(set_aside, None);
         assert_eq!(loaded, p);
         assert!(loaded.get("example.org:7700", "bob").muted);
         assert_eq!(loaded.get("example.org:7700", "carol").volume, 0.25);
@@ -327,10 +328,22 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [PEOPLE_FILE]);
-        // A broken file keeps nobody, and does not stop the app.
-        std::fs::write(dir.join(PEOPLE_FILE), "[[person]\nbroken").unwrap();
-        assert_eq!(load_people(Some(&dir)), PersonSettings::default());
-        assert_eq!(load_people(None), PersonSettings::default());
+        // A broken file keeps nobody and does not stop the app; it is set aside whole, so
+        // the next save cannot replace what the user had, and the reason names the line.
+        let broken = "[[person]]\nserver = \"h:7700\"\nusername = \"bob\"\nvolume = \"loud\"\n";
+        std::fs::write(dir.join(PEOPLE_FILE), broken).unwrap();
+        let (loaded, set_aside) = load_people(Some(&dir));
+        assert_eq!(loaded, PersonSettings::default());
+        let set_aside = set_aside.expect("reported");
+        assert!(set_aside.reason.starts_with("line 4"), "{set_aside}");
+        let kept = set_aside.kept_as.clone().expect("moved aside");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), broken);
+        assert!(!dir.join(PEOPLE_FILE).exists());
+        assert!(
+            set_aside.to_string().contains("it was kept as"),
+            "{set_aside}"
+        );
+        assert_eq!(load_people(None), (PersonSettings::default(), None));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -498,7 +498,7 @@ mod tests {
 
         // The next run: a fresh world that loads the file, bob now user 12.
         let mut world = world_on_server();
-        world.insert_resource(load_people(Some(&dir)));
+        world.insert_resource(load_people(Some(&dir)).0);
         world.send_event(overview(12));
         mirror(&mut world);
         assert_eq!(bobs_row(&mut world), (12, true, 0.4), "after a restart");

@@ -93,7 +93,14 @@ pub struct UiPlugin(pub UiOptions);
 
 impl Plugin for UiPlugin {
     fn build(&self, app: &mut App) {
-        let settings = ClientSettings::load();
+        let (settings, settings_set_aside) = ClientSettings::load_checked();
+        let (people, people_set_aside) =
+            crate::client::person_settings::load_people(ClientSettings::dir().as_deref());
+        let mut notices = Notices::default();
+        for set_aside in [settings_set_aside, people_set_aside].into_iter().flatten() {
+            warn!("{set_aside}");
+            notices.push(Topic::Other, capitalize(&set_aside.to_string()));
+        }
         let o = &self.0;
         let username = o.username.clone().or(settings.username.clone());
         let mut connect = ConnectView::new(o.server.clone(), settings.username.clone());
@@ -132,7 +139,7 @@ impl Plugin for UiPlugin {
             show_perf: false,
             // `make screenshots` starts with it shown.
             show_mesh: std::env::var_os("P2P_VOICE_MESH_VIEW").is_some(),
-            notices: Notices::default(),
+            notices,
             unreachable_reported: Default::default(),
             controls,
             host_address: o.host_address.clone(),
@@ -150,9 +157,7 @@ impl Plugin for UiPlugin {
         .insert_resource(SettingsWriter::spawn(ClientSettings::path()))
         // Volumes and mutes chosen for people in earlier runs (the headless client keeps
         // none: the client plugin's empty map stays).
-        .insert_resource(crate::client::person_settings::load_people(
-            ClientSettings::dir().as_deref(),
-        ))
+        .insert_resource(people)
         .add_systems(
             Startup,
             (setup_camera, auto_connect, start_with_shown_settings),

@@ -111,12 +111,23 @@ impl SettingsWriter {
                     }
                     if !changes.is_empty() {
                         // Read what is on disk so a change made by another instance is kept.
-                        let mut settings = ClientSettings::load_from(path);
+                        let (mut settings, set_aside) = crate::config::load_toml(path);
+                        // A file that could not be read nor moved aside is not saved over.
+                        let blocked = set_aside.as_ref().is_some_and(|e| e.kept_as.is_none());
+                        if let Some(e) = set_aside {
+                            let _ = err_tx.send(if blocked {
+                                format!("cannot remember settings: {e}")
+                            } else {
+                                format!("settings: {e}")
+                            });
+                        }
                         for change in changes {
                             change.apply(&mut settings);
                         }
-                        if let Err(e) = settings.save_to(path) {
-                            let _ = err_tx.send(format!("cannot remember settings: {e}"));
+                        if !blocked {
+                            if let Err(e) = settings.save_to(path) {
+                                let _ = err_tx.send(format!("cannot remember settings: {e}"));
+                            }
                         }
                     }
                     if let (Some(people), Some(dir)) = (people, path.parent()) {
@@ -221,10 +232,43 @@ mod tests {
         w.remember_people(&people);
         w.remember(SettingsChange::Sounds(false));
         drop(w);
-        let loaded = crate::client::person_settings::load_people(Some(&dir));
+        let loaded = crate::client::person_settings::load_people(Some(&dir)).0;
         assert!(loaded.get("h:7700", "bob").muted);
         let s = ClientSettings::load_from(&dir.join("settings.toml"));
         assert_eq!(s.sounds, Some(false));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A settings file broken by hand is not overwritten by the next change: it is set aside
+    /// whole, the change goes to a new file, and the window is told.
+    #[test]
+    fn a_broken_settings_file_is_set_aside_not_overwritten() {
+        let dir = temp_dir("broken");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("settings.toml");
+        let broken = "username = \"alice\"\nptt_key = F9\n";
+        std::fs::write(&path, broken).unwrap();
+        let w = SettingsWriter::spawn(Some(path.clone()));
+        w.remember(SettingsChange::Sounds(false));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut errors = Vec::new();
+        while errors.is_empty() && std::time::Instant::now() < deadline {
+            errors.extend(w.errors());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(w);
+        assert!(
+            errors[0].starts_with("settings: ") && errors[0].contains("line 2"),
+            "{errors:?}"
+        );
+        let kept: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("settings.toml.unreadable-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), broken);
+        assert_eq!(ClientSettings::load_from(&path).sounds, Some(false));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -65,7 +65,7 @@ shot() {
         P2P_VOICE_CONFIG_DIR="$dir" "$BIN" client --headless --server "127.0.0.1:$PORT" \
             --username "pin-$name" --input-silence --duration 1 >/dev/null 2>&1 || true
     fi
-    env ${PERF:+P2P_VOICE_PERF_OVERLAY=1} ${MESH:+P2P_VOICE_MESH_VIEW=1} DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$dir" \
+    env ${PERF:+P2P_VOICE_PERF_OVERLAY=1} ${MESH:+P2P_VOICE_MESH_VIEW=1} ${ECHO:+P2P_VOICE_ECHO_TEST=1} DISPLAY="$DISPLAY_NUM" WGPU_BACKEND=vulkan P2P_VOICE_CONFIG_DIR="$dir" \
         P2P_VOICE_SCREENSHOT="$OUT/$name.png" P2P_VOICE_SCREENSHOT_AFTER="${AFTER:-5}" \
         "$BIN" "$@" >/dev/null 2>&1 || echo "[screenshots] $name: app exited with $?"
 }
@@ -78,6 +78,11 @@ CFGNAME=chat shot overview client --server "127.0.0.1:$PORT" --username alice --
 shot password client --server "127.0.0.1:$PORT" --username erin --channel Private
 PERF=1 shot perf-overlay client --server "127.0.0.1:$PORT" --username frank --channel Lobby
 AFTER=6 shot host host --port $((PORT + 1)) --username host-user
+# Audio setup: push-to-talk on F9 (grabbed for the whole desktop) and the echo test's result.
+# The virtual sound card's microphone is its speaker's monitor: an echo with no room at all.
+mkdir -p "$CFG/audio-setup"
+printf 'push_to_talk = true\nptt_key = "F9"\n' > "$CFG/audio-setup/settings.toml"
+ECHO=1 AFTER=9 shot audio-setup client --server "127.0.0.1:$PORT" --username grace --channel Gaming
 
 # The mesh view: the window's user in Music with five headless members. Three talk (their
 # nodes pulse), mallory receives nothing (--impair loss=1: no answer to punching, so

@@ -193,7 +193,13 @@ fn setup_camera(
 /// The voice plane starts with what the controls show: the remembered settings (push-to-talk,
 /// the capture chain's stages, loudness), overridden by the command line. Before this the window showed
 /// a remembered "push-to-talk" or "noise suppression off" that the voice thread did not know.
-fn start_with_shown_settings(state: Res<UiState>, mut voice: EventWriter<VoiceCommand>) {
+fn start_with_shown_settings(mut state: ResMut<UiState>, mut voice: EventWriter<VoiceCommand>) {
+    // `make screenshots` shows the echo test's result.
+    if std::env::var_os("P2P_VOICE_ECHO_TEST").is_some() {
+        let test = VoiceSetting::EchoTest(true);
+        state.controls.reflect(&test);
+        voice.write(VoiceCommand::Setting(test));
+    }
     let c = &state.controls;
     for setting in [
         VoiceSetting::PushToTalk(c.ptt_enabled),
@@ -208,8 +214,6 @@ fn start_with_shown_settings(state: Res<UiState>, mut voice: EventWriter<VoiceCo
     }
 }
 
-/// Push-to-talk is read from the window's key events, so a key let go while another window
-/// has focus is never seen and would leave the microphone open: losing focus releases it.
 /// A window that loses focus never sees the push-to-talk key's release, so the microphone
 /// would stay open: release it then. Not while the key is grabbed for the whole desktop: the
 /// grab sees the release wherever it happens, and the user may be talking into another window.

@@ -16,8 +16,9 @@ RUN_PKGS := $(BUILD_PKGS) libwayland-client0 libwayland-cursor0 libwayland-egl1 
 SPEECH_PKGS := alsa-utils codec2-examples
 # Tests: PulseAudio null sink for the real-device test, iproute2/nftables for the NAT test,
 # miniupnpd (PCP, NAT-PMP, UPnP-IGD; the nftables build, which starts no service) for the
-# port-mapping test, Xvfb for screenshots.
-TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables miniupnpd-nftables tcpdump xvfb xauth xdotool $(SPEECH_PKGS)
+# port-mapping test, Xvfb and xdotool for screenshots, the window test and global push-to-talk,
+# Weston (headless) for the window on Wayland.
+TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables miniupnpd-nftables tcpdump xvfb xauth xdotool weston $(SPEECH_PKGS)
 
 .PHONY: help deps-run deps-test run server test lint bench screenshots fmt fuzz
 

@@ -2,6 +2,7 @@
 //! port, and a raw protocol client over a real socket.
 #![allow(dead_code)]
 
+pub mod display;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};

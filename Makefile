@@ -17,8 +17,9 @@ SPEECH_PKGS := alsa-utils codec2-examples
 # Tests: PulseAudio null sink for the real-device test, iproute2/nftables for the NAT test,
 # miniupnpd (PCP, NAT-PMP, UPnP-IGD; the nftables build, which starts no service) for the
 # port-mapping test, Xvfb and xdotool for screenshots, the window test and global push-to-talk,
-# Weston (headless) for the window on Wayland.
-TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables miniupnpd-nftables tcpdump xvfb xauth xdotool weston $(SPEECH_PKGS)
+# Weston (headless) for the window on Wayland, PipeWire with WirePlumber and pipewire-pulse
+# for the real-device tests on PipeWire.
+TEST_PKGS := $(RUN_PKGS) pulseaudio pulseaudio-utils libasound2-plugins iproute2 nftables miniupnpd-nftables tcpdump xvfb xauth xdotool weston pipewire pipewire-pulse wireplumber dbus-daemon $(SPEECH_PKGS)
 
 .PHONY: help deps-run deps-test run server test lint bench screenshots fmt fuzz
 
@@ -64,6 +65,8 @@ test: deps-test
 	@echo "[test] building and running all tests (unit, integration, doc, bench smoke runs)"
 	$(CARGO) test --locked --all-targets
 	$(CARGO) test --locked --doc
+	@echo "[test] the real-device tests again, on PipeWire (its own PipeWire, WirePlumber and pipewire-pulse)"
+	bash scripts/with-pipewire.sh $(CARGO) test --locked --test audio_devices
 	@echo "[test] short fuzzing pass of the wire decoders"
 	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10
 

@@ -46,6 +46,23 @@ impl PulseGuard {
         let serial = PULSE_LOCK
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // `scripts/with-pipewire.sh` runs these tests on PipeWire: they must use that server,
+        // never start a PulseAudio beside it.
+        if let Ok(expected) = std::env::var("P2P_VOICE_EXPECT_SOUND_SERVER") {
+            let info = Command::new("pactl")
+                .arg("info")
+                .output()
+                .map_err(|e| format!("pactl: {e}"))?;
+            let info = String::from_utf8_lossy(&info.stdout);
+            let name = info
+                .lines()
+                .find_map(|l| l.strip_prefix("Server Name: "))
+                .unwrap_or("none");
+            assert!(
+                name.contains(&expected),
+                "expected the sound server {expected}, found {name}"
+            );
+        }
         if pulse_is_up() {
             return Ok(Self {
                 started_here: false,

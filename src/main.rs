@@ -381,9 +381,14 @@ fn with_audio_host(mut voice: VoiceThreadConfig, host: AudioHost) -> VoiceThread
     voice
 }
 
-fn has_display() -> bool {
-    std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty())
-        || std::env::var_os("WAYLAND_DISPLAY").is_some_and(|d| !d.is_empty())
+/// Why no window can open, if none can (see `ui::display_check`).
+fn no_display() -> Option<String> {
+    use p2p_voice::ui::display_check::{check_display, DisplayCheck};
+    match check_display() {
+        DisplayCheck::Reachable(_) => None,
+        DisplayCheck::Unset => Some("no display found (DISPLAY/WAYLAND_DISPLAY unset)".into()),
+        DisplayCheck::Unreachable(why) => Some(why),
+    }
 }
 
 fn run() -> anyhow::Result<ExitCode> {
@@ -427,9 +432,9 @@ fn run() -> anyhow::Result<ExitCode> {
                 None,
                 (!a.no_relay).then(|| RelayRules::per_client_kbps(a.relay_kbps)),
             )?;
-            if !has_display() {
+            if let Some(why) = no_display() {
                 eprintln!(
-                    "p2p-voice host: no display found (DISPLAY/WAYLAND_DISPLAY unset), so no window can open; \
+                    "p2p-voice host: {why}, so no window can open; \
                      running the metadata server only on port {}.",
                     a.port
                 );
@@ -520,10 +525,8 @@ fn run() -> anyhow::Result<ExitCode> {
                 };
                 return Ok(app::run_headless_client(opts));
             }
-            if !has_display() {
-                anyhow::bail!(
-                    "no display found (DISPLAY/WAYLAND_DISPLAY unset); use `p2p-voice client --headless` to run without a window"
-                );
+            if let Some(why) = no_display() {
+                anyhow::bail!("{why}; use `p2p-voice client --headless` to run without a window");
             }
             let stages = (
                 a.capture.denoise(true),

@@ -89,3 +89,26 @@ fn the_window_joins_a_call_and_draws_on_wayland() {
         Err(e) => common::skip_unless_ci(&e),
     }
 }
+
+/// A display variable that names nothing (a stale one over SSH, a compositor that crashed)
+/// gets a sentence, not a panic from deep inside the windowing library; host mode goes on as
+/// a server.
+#[test]
+fn a_display_that_is_not_there_gets_a_clear_error() {
+    let out = common::p2p()
+        .args(["client", "--server", "127.0.0.1:9", "--username", "nobody"])
+        .env("WAYLAND_DISPLAY", "wayland-nowhere")
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env("DISPLAY", ":4321")
+        .output()
+        .expect("run the client");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no display server answers")
+            && err.contains("WAYLAND_DISPLAY=wayland-nowhere")
+            && err.contains("--headless"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

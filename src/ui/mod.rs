@@ -4,6 +4,7 @@
 
 pub mod actions;
 pub mod devices;
+pub mod display_check;
 pub mod global_ptt;
 pub mod link_history;
 pub mod mesh;

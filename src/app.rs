@@ -206,6 +206,12 @@ pub fn run_desktop(
 pub fn print_devices(host: crate::audio::AudioHost) -> anyhow::Result<()> {
     let list = crate::audio::list_devices(host)?;
     println!("audio host: {}", list.host);
+    if list.host.contains("Pulse") {
+        match crate::audio::sound_server_name() {
+            Some(name) => println!("sound server: {name}"),
+            None => println!("sound server: none answers on the PulseAudio protocol"),
+        }
+    }
     println!(
         "available hosts: {} (pick one with --audio-host)",
         crate::audio::AudioHost::available().join(", ")

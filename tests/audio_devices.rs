@@ -986,3 +986,31 @@ fn the_echo_test_finds_a_pulseaudio_loopback_echo_and_the_canceller_removing_it(
     assert_eq!(off["verdict"], "remains", "{off}");
     assert!(off["removed_db"].as_f64().unwrap().abs() < 2.0, "{off}");
 }
+
+/// `p2p-voice devices` names the host and the sound server behind it: on a PipeWire desktop
+/// the host is "PulseAudio", and the server line says it is PipeWire.
+#[test]
+fn devices_names_the_host_and_the_sound_server_behind_it() {
+    let Some(_pulse) = pulse_or_skip() else {
+        return;
+    };
+    let pulse_server = pulse_server().expect("PulseAudio server address");
+    let out = common::p2p()
+        .args(["devices", "--audio-host", "pulseaudio"])
+        .env("PULSE_SERVER", &pulse_server)
+        .output()
+        .expect("p2p-voice devices");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("audio host: PulseAudio"), "{text}");
+    let server = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sound server: "))
+        .unwrap_or_else(|| panic!("no sound server line: {text}"));
+    let expected = std::env::var("P2P_VOICE_EXPECT_SOUND_SERVER").unwrap_or("PulseAudio".into());
+    // PulseAudio calls itself "pulseaudio 16.1", PipeWire "PulseAudio (on PipeWire 0.3.65)".
+    assert!(
+        server.to_lowercase().contains(&expected.to_lowercase()),
+        "{server}"
+    );
+}

@@ -84,6 +84,27 @@ pub struct ServerStats {
     pub handshakes_evicted: u64,
     /// TLS handshakes closed because they took too long.
     pub handshakes_expired: u64,
+    /// Connections from other machines, by the address of ours they dialled: host mode's
+    /// invitation shows which of the addresses it offers guests really came in on. At most
+    /// [`MAX_ARRIVAL_ADDRESSES`] addresses are counted.
+    pub arrivals: std::collections::BTreeMap<IpAddr, u64>,
+}
+
+/// A machine has a handful of addresses; a cap keeps a strange setup from growing the map.
+pub const MAX_ARRIVAL_ADDRESSES: usize = 16;
+
+impl ServerStats {
+    /// Counts a connection that came in on our address `dialled` from `peer` (not loopback:
+    /// that is our own client in host mode, or a guest on this machine).
+    pub fn count_arrival(&mut self, dialled: IpAddr, peer: IpAddr) {
+        if peer.to_canonical().is_loopback() {
+            return;
+        }
+        let dialled = dialled.to_canonical();
+        if self.arrivals.len() < MAX_ARRIVAL_ADDRESSES || self.arrivals.contains_key(&dialled) {
+            *self.arrivals.entry(dialled).or_default() += 1;
+        }
+    }
 }
 
 /// Errors starting the server, worded for the operator.
@@ -378,6 +399,7 @@ fn accept_connections(
                         // report it again.
                         net.still_readable.insert(id);
                         stats.accepted += 1;
+                        stats.count_arrival(local, peer.ip());
                     }
                     Err(AdmitError::OverLimit(_)) => stats.refused_per_ip += 1,
                     Err(AdmitError::Setup(e)) => warn!("connection from {peer}: {e}"),
@@ -805,5 +827,37 @@ fn mirror_sessions(mut net: ResMut<ServerNet>, rules: Res<Rules>, mut commands: 
             local: view.local_endpoints,
             public: view.public_endpoint,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrivals_count_other_machines_by_the_address_they_dialled() {
+        let mut stats = ServerStats::default();
+        let lan: IpAddr = "192.168.1.20".parse().unwrap();
+        stats.count_arrival(lan, "192.168.1.31".parse().unwrap());
+        stats.count_arrival(
+            "::ffff:192.168.1.20".parse().unwrap(),
+            "::ffff:192.168.1.32".parse().unwrap(),
+        );
+        // Our own client in host mode, over loopback (either family): not a guest.
+        stats.count_arrival("127.0.0.1".parse().unwrap(), "127.0.0.1".parse().unwrap());
+        stats.count_arrival("::1".parse().unwrap(), "::ffff:127.0.0.1".parse().unwrap());
+        assert_eq!(stats.arrivals, std::collections::BTreeMap::from([(lan, 2)]));
+    }
+
+    #[test]
+    fn arrivals_keep_a_bounded_number_of_addresses() {
+        let mut stats = ServerStats::default();
+        let peer: IpAddr = "203.0.113.1".parse().unwrap();
+        for i in 0..100u8 {
+            stats.count_arrival(IpAddr::from([10, 0, 0, i]), peer);
+        }
+        assert_eq!(stats.arrivals.len(), MAX_ARRIVAL_ADDRESSES);
+        stats.count_arrival(IpAddr::from([10, 0, 0, 0]), peer);
+        assert_eq!(stats.arrivals[&IpAddr::from([10, 0, 0, 0])], 2);
     }
 }

@@ -83,6 +83,8 @@ pub struct UiState {
     auto_join: Option<(String, Option<Password>)>,
     /// The chat input line.
     chat_draft: String,
+    /// Host mode: guests' connections by the address of ours they dialled.
+    host_arrivals: std::collections::BTreeMap<std::net::IpAddr, u64>,
     /// The echo test as the last voice snapshot had it.
     echo_test_seen: Option<crate::voice::EchoTestStatus>,
     /// Local time's offset from UTC (read once at start), for message times.
@@ -153,6 +155,7 @@ impl Plugin for UiPlugin {
             auto_join: o.join.clone(),
             chat_draft: String::new(),
             echo_test_seen: None,
+            host_arrivals: Default::default(),
             utc_offset_minutes: local_utc_offset_minutes(),
         })
         .insert_resource(SettingsWriter::spawn(ClientSettings::path()))
@@ -170,6 +173,7 @@ impl Plugin for UiPlugin {
                 track_control_events,
                 release_ptt_when_unfocused,
                 follow_global_ptt,
+                mirror_arrivals,
                 devices::follow_device_list,
                 link_history::record_link_history,
             ),
@@ -279,6 +283,15 @@ fn follow_global_ptt(
     };
     if let Some(scope) = scope {
         set_ptt_scope(&mut state, scope);
+    }
+}
+
+/// Host mode: which of our addresses guests came in on, from the embedded server.
+fn mirror_arrivals(stats: Option<Res<crate::server::ServerStats>>, mut state: ResMut<UiState>) {
+    if let Some(stats) = stats {
+        if state.host_arrivals != stats.arrivals {
+            state.host_arrivals = stats.arrivals.clone();
+        }
     }
 }
 
@@ -835,7 +848,11 @@ fn draw_panels(
             .show(ctx, |ui| {
                 if let Some(port) = state.host_port {
                     let public = voice.last.port_mapping.map(|m| m.lease.external.ip());
-                    let invite = panels::share::share_addresses(&state.host_local, port, public);
+                    let invite = panels::share::with_arrivals(
+                        panels::share::share_addresses(&state.host_local, port, public),
+                        &state.host_arrivals,
+                        port,
+                    );
                     panels::share_panel(ui, &invite);
                     ui.separator();
                 }

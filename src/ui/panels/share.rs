@@ -20,6 +20,8 @@ pub struct ShareAddress {
     pub address: String,
     /// A condition, shown on hover (e.g. the port forwarding it needs).
     pub hint: Option<String>,
+    /// Guests who connected to this address so far (it works: tell the next ones the same).
+    pub guests: u64,
 }
 
 /// The addresses to show for a server on `port`: `local` are this machine's addresses (any
@@ -48,6 +50,7 @@ pub fn share_addresses(
             label: label.into(),
             address: SocketAddr::new(ip, port).to_string(),
             hint: None,
+            guests: 0,
         });
     }
     if let Some(ip) = public.map(|ip| ip.to_canonical()).filter(usable) {
@@ -59,6 +62,7 @@ pub fn share_addresses(
                     "Your router's public address. Guests outside your network reach you \
                      there only if the router forwards TCP and UDP port {port} to this machine."
                 )),
+                guests: 0,
             });
         }
     }
@@ -69,9 +73,34 @@ pub fn share_addresses(
             hint: Some(
                 "No network address found: only a client on this machine can connect.".into(),
             ),
+            guests: 0,
         });
     }
     out
+}
+
+/// Marks each address with the guests who came in on it (`arrivals`: connections from other
+/// machines by the address of ours they dialled, see `ServerStats::arrivals`), and adds the
+/// addresses guests used that the list did not offer (a second network card, an address the
+/// router forwards to), so the host sees which address works before telling the next guest.
+pub fn with_arrivals(
+    mut shown: Vec<ShareAddress>,
+    arrivals: &std::collections::BTreeMap<IpAddr, u64>,
+    port: u16,
+) -> Vec<ShareAddress> {
+    for (&ip, &count) in arrivals {
+        let address = SocketAddr::new(ip.to_canonical(), port).to_string();
+        match shown.iter_mut().find(|a| a.address == address) {
+            Some(a) => a.guests += count,
+            None => shown.push(ShareAddress {
+                label: "Guests came in at".into(),
+                address,
+                hint: Some("An address of this machine that guests connected to".into()),
+                guests: count,
+            }),
+        }
+    }
+    shown
 }
 
 /// Draws the invitation. Copying goes straight to the clipboard through egui; nothing else
@@ -96,6 +125,14 @@ pub fn share_panel(ui: &mut Ui, addresses: &[ShareAddress]) {
                     .clicked()
                 {
                     ui.ctx().copy_text(a.address.clone());
+                }
+                if a.guests > 0 {
+                    let who = if a.guests == 1 { "guest" } else { "guests" };
+                    ui.label(
+                        RichText::new(format!("✓ {} {who} came in here", a.guests))
+                            .small()
+                            .color(egui::Color32::from_rgb(90, 190, 110)),
+                    );
                 }
             });
         });
@@ -128,6 +165,31 @@ mod tests {
         assert_eq!(addresses, ["192.168.1.20:7700", "[2001:db8::5]:7700"]);
         assert_eq!(shown[0].label, "On your network");
         assert_eq!(shown[1].label, "Over IPv6");
+    }
+
+    #[test]
+    fn guests_mark_the_address_they_used_and_an_unoffered_one_is_added() {
+        let shown = share_addresses(&[addr("192.168.1.20:1")], 7700, None);
+        let arrivals = std::collections::BTreeMap::from([
+            ("192.168.1.20".parse().unwrap(), 2),
+            ("::ffff:10.0.0.7".parse().unwrap(), 1),
+        ]);
+        let shown = with_arrivals(shown, &arrivals, 7700);
+        assert_eq!(shown.len(), 2);
+        assert_eq!(
+            (shown[0].address.as_str(), shown[0].guests),
+            ("192.168.1.20:7700", 2)
+        );
+        assert_eq!(
+            (shown[1].address.as_str(), shown[1].guests),
+            ("10.0.0.7:7700", 1)
+        );
+        assert_eq!(shown[1].label, "Guests came in at");
+
+        let mut h = Harness::new_ui(|ui| share_panel(ui, &shown));
+        h.run();
+        h.get_by_label("✓ 2 guests came in here");
+        h.get_by_label("✓ 1 guest came in here");
     }
 
     #[test]

@@ -33,7 +33,7 @@ fn window_joins_and_draws(display: Display, kind: &str) {
         .args(["--username", &format!("on-{kind}"), "--channel", "Lobby"])
         .env("P2P_VOICE_CONFIG_DIR", &config)
         .env("P2P_VOICE_SCREENSHOT", &shot)
-        .env("P2P_VOICE_SCREENSHOT_AFTER", "8")
+        .env("P2P_VOICE_SCREENSHOT_AFTER", "10")
         .env("WGPU_BACKEND", "vulkan")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());

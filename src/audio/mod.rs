@@ -33,6 +33,7 @@ mod io;
 mod pacer;
 #[cfg(feature = "app")]
 mod pulse_capture;
+#[cfg(feature = "app")]
 pub use pulse_capture::sound_server_name;
 #[cfg(feature = "app")]
 mod resample;

@@ -196,6 +196,21 @@ impl BlockDecoder {
     }
 }
 
+/// The sound server behind the PulseAudio protocol, as it names itself ("PulseAudio (on
+/// PipeWire 0.3.65) 15.0.0" under pipewire-pulse), or `None` when none answers. For `p2p-voice
+/// devices`: on a PipeWire desktop the host says "PulseAudio", and this says what runs.
+pub fn sound_server_name() -> Option<String> {
+    let app = CString::new("p2p-voice").expect("no NUL");
+    let client = pulseaudio::Client::from_env(app).ok()?;
+    let info = futures::executor::block_on(client.server_info()).ok()?;
+    let text = |s: Option<CString>| s.map(|s| s.to_string_lossy().into_owned());
+    let name = text(info.server_name)?;
+    Some(match text(info.server_version) {
+        Some(version) => format!("{name} {version}"),
+        None => name,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,19 +256,4 @@ mod tests {
         assert!(p.flags.no_move);
         assert_eq!(p.sample_spec.channels, 1);
     }
-}
-
-/// The sound server behind the PulseAudio protocol, as it names itself ("PulseAudio (on
-/// PipeWire 0.3.65) 15.0.0" under pipewire-pulse), or `None` when none answers. For `p2p-voice
-/// devices`: on a PipeWire desktop the host says "PulseAudio", and this says what runs.
-pub fn sound_server_name() -> Option<String> {
-    let app = CString::new("p2p-voice").expect("no NUL");
-    let client = pulseaudio::Client::from_env(app).ok()?;
-    let info = futures::executor::block_on(client.server_info()).ok()?;
-    let text = |s: Option<CString>| s.map(|s| s.to_string_lossy().into_owned());
-    let name = text(info.server_name)?;
-    Some(match text(info.server_version) {
-        Some(version) => format!("{name} {version}"),
-        None => name,
-    })
 }

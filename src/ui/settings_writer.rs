@@ -241,6 +241,17 @@ mod tests {
 
     /// A settings file broken by hand is not overwritten by the next change: it is set aside
     /// whole, the change goes to a new file, and the window is told.
+    /// The writer's first reported errors (waits up to 10 s for one).
+    fn first_errors(w: &SettingsWriter) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut errors = Vec::new();
+        while errors.is_empty() && std::time::Instant::now() < deadline {
+            errors.extend(w.errors());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        errors
+    }
+
     #[test]
     fn a_broken_settings_file_is_set_aside_not_overwritten() {
         let dir = temp_dir("broken");
@@ -250,12 +261,7 @@ mod tests {
         std::fs::write(&path, broken).unwrap();
         let w = SettingsWriter::spawn(Some(path.clone()));
         w.remember(SettingsChange::Sounds(false));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut errors = Vec::new();
-        while errors.is_empty() && std::time::Instant::now() < deadline {
-            errors.extend(w.errors());
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let errors = first_errors(&w);
         drop(w);
         assert!(
             errors[0].starts_with("settings: ") && errors[0].contains("line 2"),
@@ -281,12 +287,7 @@ mod tests {
         std::fs::create_dir_all(&path).unwrap();
         let w = SettingsWriter::spawn(Some(path));
         w.remember(SettingsChange::NoiseSuppression(false));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut errors = Vec::new();
-        while errors.is_empty() && std::time::Instant::now() < deadline {
-            errors.extend(w.errors());
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let errors = first_errors(&w);
         assert!(
             errors[0].starts_with("cannot remember settings"),
             "{errors:?}"

@@ -14,11 +14,11 @@
 //! | 6    | Voice       | from u32, seq u32, timestamp u32 (48 kHz), payload    | 13 + n   |
 //! | 7    | RelayTo     | to u32, a sealed peer datagram for peer `to`          | 5 + n    |
 //! | 8    | RelayFrom   | from u32, a sealed peer datagram from peer `from`     | 5 + n    |
-//! | 9    | Report      | from u32, to u32, seq u32, loss u16 (per mille), jitter u16 (ms) | 17 |
+//! | 9    | Report      | from u32, to u32, seq u32, loss u16 (per mille), loss run u4, jitter u12 (ms) | 17 |
 //! | 10   | Chat        | from u32, to u32, packet u32, sealed chat frame + tag  | 13 + n   |
 //!
-//! A Report tells a peer how its voice reaches us (loss over the last 128 packets, arrival
-//! jitter), about once a second, so its encoder can size the redundancy for the loss its
+//! A Report tells a peer how its voice reaches us (loss over the last 128 packets, how long
+//! its runs of loss typically are, arrival jitter), about once a second, so its encoder can size the redundancy for the loss its
 //! listeners really see. Like the other fixed kinds between peers, it is followed by a tag; its
 //! `seq` (strictly increasing per sender) keeps the tag's nonce unique and stale copies out.
 //!
@@ -171,22 +171,33 @@ pub struct ReceiverReport {
     pub seq: u32,
     /// Packets lost of the last 128, in per mille (0..=1000).
     pub loss_permille: u16,
-    /// Arrival jitter in milliseconds (saturating).
+    /// Typical length (packets, 2..=15) of the recent runs of loss when they come in bursts; 0
+    /// when losses are single (or none). Bursts want deep redundancy rather than in-band FEC,
+    /// which covers one packet. Written in the top 4 bits of the jitter field, which builds
+    /// before it never read from a report: they take such a report as before.
+    pub loss_run: u8,
+    /// Arrival jitter in milliseconds (saturating at [`Self::MAX_JITTER_MS`]).
     pub jitter_ms: u16,
 }
 
 impl ReceiverReport {
+    /// The largest jitter a report can carry (12 bits).
+    pub const MAX_JITTER_MS: u16 = 0x0fff;
+    /// The longest loss run a report can carry (4 bits).
+    pub const MAX_LOSS_RUN: u8 = 15;
+
     fn to_value(self) -> u64 {
-        (u64::from(self.seq) << 32)
-            | (u64::from(self.loss_permille) << 16)
-            | u64::from(self.jitter_ms)
+        let run = u64::from(self.loss_run.min(Self::MAX_LOSS_RUN));
+        let jitter = u64::from(self.jitter_ms.min(Self::MAX_JITTER_MS));
+        (u64::from(self.seq) << 32) | (u64::from(self.loss_permille) << 16) | (run << 12) | jitter
     }
 
     fn from_value(value: u64) -> Self {
         Self {
             seq: (value >> 32) as u32,
             loss_permille: (value >> 16) as u16,
-            jitter_ms: value as u16,
+            loss_run: ((value >> 12) & 0xf) as u8,
+            jitter_ms: (value & 0x0fff) as u16,
         }
     }
 }
@@ -657,14 +668,29 @@ mod tests {
             report: ReceiverReport {
                 seq: 0x0102_0304,
                 loss_permille: 1000,
-                jitter_ms: 0xabcd,
+                loss_run: 5,
+                jitter_ms: 0xbcd,
             },
         };
         let bytes = d.to_vec().unwrap();
         assert_eq!(bytes.len(), PEER_CONTROL_LEN);
         assert_eq!(bytes[0], DatagramKind::Report.type_byte());
-        assert_eq!(&bytes[9..], &[1, 2, 3, 4, 0x03, 0xe8, 0xab, 0xcd]);
+        assert_eq!(&bytes[9..], &[1, 2, 3, 4, 0x03, 0xe8, 0x5b, 0xcd]);
         assert_eq!(Datagram::parse(&bytes).unwrap(), d);
+        // A report from a build before loss runs (a 16-bit jitter under 4096 ms) reads as
+        // single losses; values too large for their bits saturate.
+        let old = [&bytes[..13], &[0x03, 0xe8, 0x00, 0x2a]].concat();
+        let Datagram::Report { report, .. } = Datagram::parse(&old).unwrap() else {
+            panic!("a report")
+        };
+        assert_eq!((report.loss_run, report.jitter_ms), (0, 42));
+        let big = ReceiverReport {
+            loss_run: 200,
+            jitter_ms: u16::MAX,
+            ..ReceiverReport::default()
+        };
+        let back = ReceiverReport::from_value(big.to_value());
+        assert_eq!((back.loss_run, back.jitter_ms), (15, 0x0fff));
         assert_eq!((d.sender(), d.recipient()), (Some(7), Some(9)));
     }
 

@@ -50,7 +50,7 @@ use super::rx::mixer::{MixInput, Mixer};
 use super::tx::capture::{CaptureChain, CaptureConfig, TransmitMode};
 use super::tx::levels::rms_dbfs;
 use super::tx::ProcessingConfig;
-use super::tx::{bitrate_for_loss, OpusEncoder};
+use super::tx::{bitrate_for_loss, LossShape, OpusEncoder};
 use crate::audio::CHUNK_SAMPLES;
 use crate::protocol::datagram::{
     relay_header, Datagram, DatagramKind, ReceiverReport, MAX_VOICE_PAYLOAD, PEER_CONTROL_LEN,
@@ -847,7 +847,12 @@ impl VoiceEngine {
             let report = ReceiverReport {
                 seq,
                 loss_permille: (stats.loss_fraction * 1000.0).round().clamp(0.0, 1000.0) as u16,
-                jitter_ms: stats.jitter.as_millis().min(u128::from(u16::MAX)) as u16,
+                loss_run: stats.loss_run.min(ReceiverReport::MAX_LOSS_RUN),
+                jitter_ms: stats
+                    .jitter
+                    .as_millis()
+                    .min(u128::from(ReceiverReport::MAX_JITTER_MS))
+                    as u16,
             };
             let datagram = Datagram::Report {
                 from: our_id,
@@ -886,8 +891,25 @@ impl VoiceEngine {
                 .map(|rx| rx.receiver.stats().jitter.loss_fraction * 100.0)
                 .fold(0.0f32, f32::max)
         });
+        // Bursts from any listener: deep redundancy rather than FEC (see `LossShape`).
+        let loss_run = self
+            .peers
+            .values()
+            .filter_map(|p| p.reported_loss_run(now, REPORT_FRESH))
+            .max()
+            .or_else(|| {
+                self.peers
+                    .values()
+                    .filter_map(|p| p.rx.as_ref())
+                    .map(|rx| rx.receiver.stats().jitter.loss_run)
+                    .max()
+            })
+            .unwrap_or(0);
         let pct = loss_pct.round().clamp(0.0, 50.0) as u8;
         let _ = self.encoder.set_expected_loss_percent(pct.max(5));
+        let _ = self
+            .encoder
+            .set_loss_shape(LossShape::from_loss_run(loss_run));
         let _ = self
             .encoder
             .set_bitrate(bitrate_for_loss(self.cfg.bitrate_bps, pct));

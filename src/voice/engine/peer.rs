@@ -85,6 +85,14 @@ impl Peer {
             .map(|(r, _)| f32::from(r.loss_permille.min(1000)) / 10.0)
     }
 
+    /// The typical loss run (packets; 0: single losses) this member reported for our voice
+    /// within the last `fresh`.
+    pub(super) fn reported_loss_run(&self, now: Duration, fresh: Duration) -> Option<u8> {
+        self.heard
+            .filter(|(_, at)| now.saturating_sub(*at) <= fresh)
+            .map(|(r, _)| r.loss_run)
+    }
+
     /// The receive path for voice frames of `frame` duration, made (anew) if needed.
     pub(super) fn receive_path(
         &mut self,

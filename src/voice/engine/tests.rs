@@ -169,12 +169,29 @@ fn the_talker_tunes_its_redundancy_to_the_loss_its_listener_reports() {
     );
     let hint = talker.encoder.expected_loss_percent();
     assert!((12..30).contains(&hint), "expected-loss hint {hint}");
+    // Random loss comes in single packets: in-band FEC stays on.
+    assert_eq!(talker.encoder.loss_shape(), LossShape::Scattered);
 
     // The same call without loss: the floor, and nothing reported lost.
     let (_, _, clean) = call_keeping_talker(440.0, 4.0, None);
     assert_eq!(clean.encoder.expected_loss_percent(), 5);
     let reported = clean.snapshot(Duration::from_secs(4)).peers[0].reported_loss_pct;
     assert_eq!(reported, Some(0.0));
+}
+
+/// Loss in bursts (mean 3 packets): the listener reports the runs, and the talker trades
+/// in-band FEC (one packet) for deep redundancy (a whole burst) while they last; the
+/// listener's buffer holds the delay that lets that redundancy arrive in time.
+#[test]
+fn bursty_loss_reported_by_the_listener_turns_fec_into_deep_redundancy() {
+    let cfg: ImpairConfig = "loss=0.1,burst=3,seed=13".parse().unwrap();
+    let (out, listener, talker) = call_keeping_talker(440.0, 12.0, Some(cfg));
+    let level = goertzel_amplitude(&out[8 * 48_000..], 440.0, 48_000);
+    assert!(level > 0.1, "level {level} after the talker adapted");
+    assert_eq!(talker.encoder.loss_shape(), LossShape::Bursty);
+    let heard = &listener.peers[0];
+    assert!(heard.frames_rebuilt > 10, "{heard:?}");
+    assert!(heard.target_ms >= 60.0, "{heard:?}");
 }
 
 /// A quiet talker plays at its own level, or, with loudness normalisation on, near the
@@ -204,7 +221,7 @@ fn stale_and_misaddressed_reports_are_ignored() {
     let report = |seq, loss_permille| ReceiverReport {
         seq,
         loss_permille,
-        jitter_ms: 0,
+        ..ReceiverReport::default()
     };
     p.handle_report(ms(1_000), report(5, 100));
     p.handle_report(ms(1_100), report(4, 900));

@@ -392,6 +392,45 @@ mod tests {
         );
     }
 
+    /// The same bursts of three on a link with the default tuning (10 ms floor): after the
+    /// first bursts the buffer holds enough delay that every later burst is rebuilt from the
+    /// deep redundancy of the packet after it (FEC for its last frame), with nothing
+    /// concealed. At the one-frame FEC lookahead the first two frames of each were concealed.
+    #[test]
+    fn repeated_bursts_raise_the_delay_until_each_burst_is_rebuilt() {
+        let frame = FrameDuration::Ms20;
+        let n = frame.samples();
+        let frames = 400;
+        let packets = voiced_packets(frames, 32_000, Some(30));
+        let lost = |i: usize| i % 25 < 3 && i >= 25;
+        let mut rx = PeerReceiver::new(frame).unwrap();
+        let mut kinds = Vec::new();
+        let mut out = vec![0.0f32; n];
+        for i in 0..frames {
+            let now = Duration::from_millis(i as u64 * 20);
+            if !lost(i) {
+                rx.push(now, i as u32, (i * n) as u32, &packets[i]);
+            }
+            kinds.push(rx.pop_pcm(now + Duration::from_millis(1), &mut out));
+        }
+        // From 4.5 s on (the delay grew during the first bursts): nothing concealed, and
+        // most of each burst rebuilt from DRED (the last frame may come from FEC).
+        let later = &kinds[225..];
+        let concealed = later
+            .iter()
+            .filter(|&&k| k == PlayoutKind::Concealed)
+            .count();
+        let rebuilt = later.iter().filter(|&&k| k == PlayoutKind::Rebuilt).count();
+        let bursts = (225..frames).filter(|&i| i % 25 == 0).count();
+        assert_eq!(concealed, 0, "{later:?}");
+        assert!(
+            rebuilt >= 2 * bursts,
+            "{rebuilt} rebuilt in {bursts} bursts: {later:?}"
+        );
+        let stats = rx.stats().jitter;
+        assert!(stats.burst_cover >= Duration::from_millis(60), "{stats:?}");
+    }
+
     /// A talker whose clock runs 3 % fast sends more audio than we play; the excess delay must
     /// go. Time-scaled (`pop_scaled`, what the engine uses), it goes by shortening voiced
     /// frames by a pitch period and no frame of speech is dropped; without time-scaling

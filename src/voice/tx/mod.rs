@@ -10,5 +10,5 @@ pub mod levels;
 pub mod processing;
 pub mod vad;
 
-pub use encoder::{bitrate_for_loss, OpusEncoder};
+pub use encoder::{bitrate_for_loss, LossShape, OpusEncoder};
 pub use processing::{EchoAndGain, EchoStats, ProcessingConfig};

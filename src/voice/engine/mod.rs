@@ -891,25 +891,25 @@ impl VoiceEngine {
                 .map(|rx| rx.receiver.stats().jitter.loss_fraction * 100.0)
                 .fold(0.0f32, f32::max)
         });
-        // Bursts from any listener: deep redundancy rather than FEC (see `LossShape`).
-        let loss_run = self
-            .peers
-            .values()
-            .filter_map(|p| p.reported_loss_run(now, REPORT_FRESH))
-            .max()
-            .or_else(|| {
-                self.peers
-                    .values()
-                    .filter_map(|p| p.rx.as_ref())
-                    .map(|rx| rx.receiver.stats().jitter.loss_run)
-                    .max()
-            })
-            .unwrap_or(0);
+        // Deep redundancy rather than FEC when every listener who loses our voice loses it in
+        // bursts (see `LossShape::for_listeners`); before any report, how we lose theirs.
+        let reports = self.peers.values().filter_map(|p| {
+            Some((
+                p.reported_loss_percent(now, REPORT_FRESH)?,
+                p.reported_loss_run(now, REPORT_FRESH)?,
+            ))
+        });
+        let shape = if reports.clone().next().is_none() {
+            LossShape::for_listeners(self.peers.values().filter_map(|p| p.rx.as_ref()).map(|rx| {
+                let jitter = &rx.receiver.stats().jitter;
+                (jitter.loss_fraction * 100.0, jitter.loss_run)
+            }))
+        } else {
+            LossShape::for_listeners(reports)
+        };
         let pct = loss_pct.round().clamp(0.0, 50.0) as u8;
         let _ = self.encoder.set_expected_loss_percent(pct.max(5));
-        let _ = self
-            .encoder
-            .set_loss_shape(LossShape::from_loss_run(loss_run));
+        let _ = self.encoder.set_loss_shape(shape);
         let _ = self
             .encoder
             .set_bitrate(bitrate_for_loss(self.cfg.bitrate_bps, pct));

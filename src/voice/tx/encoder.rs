@@ -48,6 +48,10 @@ pub enum LossShape {
     Bursty,
 }
 
+/// Listeners losing less than this much of our voice do not count for the shape: they need
+/// little redundancy of either kind, and their runs say little.
+pub const SHAPE_MIN_LOSS_PERCENT: f32 = 1.0;
+
 impl LossShape {
     /// The shape of losses whose typical run is `loss_run` packets (0 or 1: single).
     pub fn from_loss_run(loss_run: u8) -> Self {
@@ -56,6 +60,25 @@ impl LossShape {
         } else {
             Self::Scattered
         }
+    }
+
+    /// The shape to encode for, from each listener's `(loss percent, typical run)`. One
+    /// encoder serves every listener, and FEC is worth far more than deep redundancy to one
+    /// who loses single packets (3.85 against 3.13 PESQ-WB at 10 %), so the loss counts as
+    /// bursty only when every listener who loses a noticeable share
+    /// ([`SHAPE_MIN_LOSS_PERCENT`]) loses it in runs.
+    pub fn for_listeners(listeners: impl IntoIterator<Item = (f32, u8)>) -> Self {
+        let mut shape = None;
+        for (loss, run) in listeners {
+            if loss < SHAPE_MIN_LOSS_PERCENT {
+                continue;
+            }
+            match Self::from_loss_run(run) {
+                Self::Scattered => return Self::Scattered,
+                Self::Bursty => shape = Some(Self::Bursty),
+            }
+        }
+        shape.unwrap_or(Self::Scattered)
     }
 }
 
@@ -173,6 +196,19 @@ impl OpusEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loss_is_bursty_only_when_every_listener_who_loses_loses_in_runs() {
+        use LossShape::*;
+        assert_eq!(LossShape::for_listeners([]), Scattered);
+        assert_eq!(LossShape::for_listeners([(10.0, 3)]), Bursty);
+        // A clean listener does not count either way.
+        assert_eq!(LossShape::for_listeners([(10.0, 3), (0.2, 0)]), Bursty);
+        // One who loses single packets keeps FEC for everyone.
+        assert_eq!(LossShape::for_listeners([(10.0, 3), (8.0, 1)]), Scattered);
+        assert_eq!(LossShape::for_listeners([(8.0, 1), (10.0, 3)]), Scattered);
+        assert_eq!(LossShape::for_listeners([(0.5, 4)]), Scattered);
+    }
 
     #[test]
     fn lossy_links_get_the_boost_and_clean_ones_do_not() {

@@ -406,10 +406,10 @@ mod tests {
         let mut rx = PeerReceiver::new(frame).unwrap();
         let mut kinds = Vec::new();
         let mut out = vec![0.0f32; n];
-        for i in 0..frames {
+        for (i, packet) in packets.iter().enumerate().take(frames) {
             let now = Duration::from_millis(i as u64 * 20);
             if !lost(i) {
-                rx.push(now, i as u32, (i * n) as u32, &packets[i]);
+                rx.push(now, i as u32, (i * n) as u32, packet);
             }
             kinds.push(rx.pop_pcm(now + Duration::from_millis(1), &mut out));
         }
